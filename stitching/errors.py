@@ -1,0 +1,28 @@
+"""One exception type for every mistake a user can make.
+
+Entry points catch :class:`StitchingError` and print its message on one line, so bad
+input never ends in a stack trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class StitchingError(Exception):
+    """A problem with the user's input, stated so that it says what to do."""
+
+
+def exit_on_user_error(fn):
+    """Turn a :class:`StitchingError` raised by ``fn`` into ``error: …`` and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StitchingError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,172 @@
+"""One thin LightningModule per objective; the math lives in :mod:`.losses`."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+
+from stitching.models.cutting import Head, Tail, cut_point_activations
+from stitching.objectives import losses
+from stitching.stitch import Stitch
+
+
+class StitchedNetwork(nn.Module):
+    """``h = g_{>j} ∘ T ∘ f_{≤i}`` with frozen front and end.
+
+    The front head and end tail keep ``requires_grad=False``. In training mode their
+    BatchNorm layers use batch statistics and update their running statistics, as in the
+    papers; ``update_bn=False`` keeps them in eval mode instead, buffers untouched.
+    """
+
+    def __init__(self, front: Head, stitch: Stitch, end: Tail, update_bn: bool = True):
+        super().__init__()
+        self.front = front
+        self.stitch = stitch
+        self.end = end
+        self.update_bn = update_bn
+        for part in (front, end):
+            part.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.update_bn:
+            self.front.eval()
+            self.end.eval()
+        return self
+
+    def stitched_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stitch(self.front(x))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """Logits, or ``(logits, [a, later cut-point activations…])`` with features."""
+        a = self.stitched_activation(x)
+        if not return_features:
+            return self.end(a)
+        logits, later = self.end(a, return_features=True)
+        return logits, [a, *later]
+
+
+class StitchingModule(L.LightningModule):
+    """Shared base: optimiser over the stitch only, accuracy metrics, test loop.
+
+    Args:
+        network: the stitched network.
+        reference: an untouched copy of the end model, kept in eval mode, for targets.
+        end_layer: 1-based cut point j of the end model.
+        lr, weight_decay: Adam settings for the stitch.
+        num_classes: for the accuracy metrics.
+    """
+
+    def __init__(self, network: StitchedNetwork, reference: nn.Module, end_layer: int,
+                 num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4):
+        super().__init__()
+        self.network = network
+        self.reference = reference.eval().requires_grad_(False)
+        self.end_layer = end_layer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        metric = lambda: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")  # noqa: E731
+        self.train_acc = metric()
+        self.test_acc = metric()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()
+        return self
+
+    @torch.no_grad()
+    def reference_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The reference end model's logits and its activations at cut points ``j..k``."""
+        logits, activations = cut_point_activations(self.reference, x)
+        return logits, activations[self.end_layer - 1 :]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(loss, stitched logits)`` for one batch."""
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.network.stitch.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss, logits = self.loss(x, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.network(x)
+        self.test_acc(logits, y)
+        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+
+
+class DMModule(StitchingModule):
+    """Direct matching: the closed-form initialisation is the answer; nothing to train."""
+
+    trainable = False
+
+
+class HintModule(StitchingModule):
+    """Structural hint at the stitching point, trained by SGD on the whole training set."""
+
+    trainable = True
+
+    def loss(self, x, y):
+        _, targets = self.reference_targets(x)
+        a = self.network.stitched_activation(x)
+        with torch.no_grad():  # the tail still runs, so its BN statistics see stitched data
+            logits = self.network.end(a)
+        return losses.hint_loss(a, targets[0]), logits
+
+
+class FulaModule(StitchingModule):
+    """Functional latent alignment: hints at the stitching point and every later cut point."""
+
+    trainable = True
+
+    def __init__(self, *args, weights="uniform", **kwargs):
+        super().__init__(*args, **kwargs)
+        num_terms = len(self.reference.cut_points) - self.end_layer + 1
+        self.register_buffer("weights", losses.fula_weights(weights, num_terms))
+
+    def loss(self, x, y):
+        _, targets = self.reference_targets(x)
+        logits, stitched = self.network(x, return_features=True)
+        return losses.fula_loss(stitched, targets, self.weights), logits
+
+
+class SlmModule(StitchingModule):
+    """Soft-label matching: cross-entropy against the end model's predictions."""
+
+    trainable = True
+
+    def loss(self, x, y):
+        with torch.no_grad():
+            teacher = self.reference(x)
+        logits = self.network(x)
+        return losses.slm_loss(logits, teacher), logits
+
+
+class TlmModule(StitchingModule):
+    """Task-loss matching: cross-entropy against the true labels."""
+
+    trainable = True
+
+    def loss(self, x, y):
+        logits = self.network(x)
+        return losses.tlm_loss(logits, y), logits
+
+
+OBJECTIVES: dict[str, type[StitchingModule]] = {
+    "dm": DMModule,
+    "hint": HintModule,
+    "fula": FulaModule,
+    "slm": SlmModule,
+    "tlm": TlmModule,
+}

@@ -1,0 +1,109 @@
+"""Lightning plumbing shared by every entry point: trainer, logger, timing, versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import torch
+
+# Lightning announces devices and advertises services at every Trainer; keep runs readable.
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+# The reference end model sits in eval mode on purpose (and so do front/end with update_bn=false).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+from stitching.errors import StitchingError
+
+_TRAINER_KEYS = {
+    "accelerator", "devices", "strategy", "num_nodes", "precision", "max_epochs", "max_steps",
+    "log_every_n_steps", "deterministic", "benchmark", "enable_progress_bar", "limit_train_batches",
+    "limit_test_batches", "gradient_clip_val", "accumulate_grad_batches", "fast_dev_run",
+}
+
+
+def build_trainer(options: dict, run_dir: Path, logger=False, **overrides) -> L.Trainer:
+    """A Lightning Trainer from the ``trainer`` config group (``None`` values dropped)."""
+    settings = {k: v for k, v in {**options, **overrides}.items() if v is not None}
+    unknown = set(settings) - _TRAINER_KEYS
+    if unknown:
+        raise StitchingError(f"unknown trainer setting(s) {sorted(unknown)}; known: {sorted(_TRAINER_KEYS)}")
+    return L.Trainer(
+        default_root_dir=str(run_dir), logger=logger, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, **settings,
+    )
+
+
+def build_logger(options: dict, run_dir: Path, run_name: str, config: dict | None = None):
+    """``csv`` (default), ``wandb`` (offline unless a key is configured) or ``none``."""
+    kind = options.get("kind", "csv")
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = options.get("offline", "auto")
+        if offline == "auto":
+            offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
+        logger = WandbLogger(
+            project=options.get("project", "stitching"), group=options.get("group"), name=run_name,
+            save_dir=str(run_dir), offline=bool(offline), tags=list(options.get("tags") or []),
+        )
+        if config is not None:
+            logger.log_hyperparams(config)
+        return logger
+    raise StitchingError(f"unknown logger kind '{kind}'; use csv, wandb or none")
+
+
+class Stopwatch:
+    """Named wall-clock sections, reported in seconds."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.sections: dict[str, float] = {}
+
+    @contextmanager
+    def section(self, name: str):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sections[name] = round(self.sections.get(name, 0.0) + time.perf_counter() - begin, 3)
+
+    def report(self) -> dict[str, float]:
+        return {**self.sections, "total_s": round(time.perf_counter() - self.start, 3)}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "torch": str(torch.__version__)}
+    for package in ("lightning", "hydra-core", "torchvision", "stitching-similarity"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    found["cuda"] = str(torch.version.cuda or "none")
+    found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return found
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,86 @@
+"""The stitch layer and its closed-form direct-matching (DM) solution."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def positions_as_samples(activation: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` (conv map) or ``[N, T, D]`` (tokens) → ``[N·positions, channels]``."""
+    if activation.dim() == 4:
+        return activation.permute(0, 2, 3, 1).reshape(-1, activation.shape[1])
+    if activation.dim() == 3:
+        return activation.reshape(-1, activation.shape[-1])
+    if activation.dim() == 2:
+        return activation
+    raise ValueError(f"cannot stitch activations of shape {tuple(activation.shape)}")
+
+
+class Stitch(nn.Module):
+    """A 1×1 convolution with bias, after bilinear resizing of the front map if needed.
+
+    Args:
+        in_channels: channels of the front model's activation at cut point i.
+        out_channels: channels of the end model's activation at cut point j.
+        out_size: the end map's spatial size ``(H, W)``; the front map is resized to it
+            (bilinear, as in Balogh & Jelasity 2025) when the sizes differ.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, out_size: tuple[int, int] | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
+        self.out_size = tuple(out_size) if out_size is not None else None
+
+    def resize(self, a: torch.Tensor) -> torch.Tensor:
+        if self.out_size is not None and tuple(a.shape[-2:]) != self.out_size:
+            a = F.interpolate(a, size=self.out_size, mode="bilinear", align_corners=False)
+        return a
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.resize(a))
+
+    @torch.no_grad()
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Load a ``[out, in]`` matrix and an ``[out]`` bias into the 1×1 convolution."""
+        self.conv.weight.copy_(weight.reshape_as(self.conv.weight).to(self.conv.weight))
+        self.conv.bias.copy_(bias.to(self.conv.bias))
+
+
+def dm_solution(front: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares affine map from front to end activations, by the pseudo-inverse.
+
+    Every spatial position (or token) of every sample is one equation, so the solution
+    minimises ``Σ_n Σ_p ‖W a_{n,p} + b − t_{n,p}‖²``; computed in float64.
+
+    Args:
+        front: ``[N, C_in, H, W]`` front activations, already at the end map's size.
+        end: ``[N, C_out, H, W]`` end activations.
+
+    Returns:
+        ``(weight [C_out, C_in], bias [C_out])`` in ``front``'s dtype.
+    """
+    x = positions_as_samples(front).double()
+    y = positions_as_samples(end).double()
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+    solution = torch.linalg.pinv(x1) @ y  # [C_in + 1, C_out]
+    return solution[:-1].T.to(front.dtype), solution[-1].to(front.dtype)
+
+
+@torch.no_grad()
+def fit_dm(stitch: Stitch, front_head: nn.Module, end_head: nn.Module, images: torch.Tensor, batch_size: int = 100) -> None:
+    """Initialise ``stitch`` with the DM solution on ``images`` (both heads in eval mode)."""
+    modes = [m.training for m in (front_head, end_head)]
+    front_head.eval()
+    end_head.eval()
+    device = stitch.conv.weight.device
+    fronts, ends = [], []
+    for chunk in images.split(batch_size):
+        chunk = chunk.to(device)
+        fronts.append(stitch.resize(front_head(chunk)).float())
+        ends.append(end_head(chunk).float())
+    weight, bias = dm_solution(torch.cat(fronts), torch.cat(ends))
+    stitch.set_affine(weight, bias)
+    for module, mode in zip((front_head, end_head), modes):
+        module.train(mode)

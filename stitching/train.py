@@ -1,0 +1,212 @@
+"""``python -m stitching.train`` — stitch two base models at one pair of layers.
+
+Reads top to bottom: data → base models from the zoo → cut → DM initialisation → train
+the stitch under the objective → test → ``results.json`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from stitching.data import ImageDataModule
+from stitching.errors import StitchingError
+from stitching.models import cut_point_names, resolve_layer, split
+from stitching.objectives import OBJECTIVES, StitchedNetwork
+from stitching.runtime import Stopwatch, build_logger, build_trainer, versions, write_json_atomic
+from stitching.stitch import Stitch, fit_dm
+from stitching.zoo import ModelSpec, ModelZoo
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def dataset_config(cfg: DictConfig, name: str) -> dict:
+    """The resolved ``dataset`` group for ``name`` (the run's own one when it matches)."""
+    if name == cfg.dataset.name:
+        return OmegaConf.to_container(cfg.dataset, resolve=True)
+    path = CONF_DIR / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))
+        raise StitchingError(f"unknown dataset '{name}'; choose one of {known}")
+    merged = OmegaConf.merge({"paths": cfg.paths}, {"dataset": OmegaConf.load(path)})
+    return OmegaConf.to_container(merged.dataset, resolve=True)
+
+
+def build_zoo(cfg: DictConfig) -> ModelZoo:
+    def datamodule_for(name: str) -> ImageDataModule:
+        # base models always see their full training split
+        options = {**dataset_config(cfg, name), "num_classes_train": None, "train_subset": None}
+        return ImageDataModule(**options)
+
+    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+               if k not in ("max_epochs", "limit_train_batches", "limit_test_batches")}
+    return ModelZoo(cfg.zoo.dir, OmegaConf.to_container(cfg.zoo.recipe, resolve=True), datamodule_for,
+                    trainer_options=trainer, train_missing=cfg.zoo.train_missing)
+
+
+def model_spec(side: DictConfig) -> ModelSpec:
+    return ModelSpec(arch=side.arch, width=int(side.width), dataset=side.dataset, seed=int(side.seed),
+                     robust=bool(side.robust))
+
+
+def check_compatible(front, end, datamodule: ImageDataModule, probe: torch.Tensor) -> None:
+    """Fail early, in one line, on pairs that cannot be stitched on these data."""
+    for side, model in (("front", front), ("end", end)):
+        try:
+            with torch.no_grad():
+                model.eval()(probe)
+        except RuntimeError as err:
+            raise StitchingError(
+                f"the {side} model cannot read {datamodule.name} images of shape {tuple(probe.shape[1:])} "
+                f"({str(err).splitlines()[0][:100]}); pick base models trained on compatible inputs"
+            ) from None
+    classes = end.blocks[-1].fc.out_features if hasattr(end.blocks[-1], "fc") else None
+    if classes is not None and classes != datamodule.num_classes:
+        raise StitchingError(
+            f"the end model predicts {classes} classes but {datamodule.name} has {datamodule.num_classes}; "
+            f"the stitching data must be the end model's task"
+        )
+
+
+def build_stitched(front, end, front_layer: int, end_layer: int, probe: torch.Tensor, update_bn: bool):
+    """Deep-copied front head and end tail joined by a fresh stitch."""
+    front_head, _ = split(copy.deepcopy(front), front_layer)
+    _, end_tail = split(copy.deepcopy(end), end_layer)
+    reference_head, _ = split(end, end_layer)
+    with torch.no_grad():
+        a_front = front_head.eval()(probe)
+        a_end = reference_head.eval()(probe)
+    stitch = Stitch(a_front.shape[1], a_end.shape[1], tuple(a_end.shape[-2:]))
+    return StitchedNetwork(front_head, stitch, end_tail, update_bn=update_bn), reference_head
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """One stitching run; returns the record also written to ``run_dir/results.json``."""
+    watch = Stopwatch()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    objective = cfg.objective.name
+    if objective not in OBJECTIVES:
+        raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    with watch.section("data_s"):
+        datamodule = ImageDataModule(**dataset_config(cfg, cfg.dataset.name))
+        datamodule.setup()
+        samples = datamodule.sample_train_images(cfg.stitch.dm_samples, seed=cfg.seed)
+    with watch.section("zoo_s"):
+        zoo = build_zoo(cfg)
+        front, front_record = zoo.get(model_spec(cfg.front), cfg.front.checkpoint)
+        end, end_record = zoo.get(model_spec(cfg.end), cfg.end.checkpoint)
+    check_compatible(front, end, datamodule, samples[:2])
+    i = resolve_layer(front, cfg.stitch.front_layer)
+    j = resolve_layer(end, cfg.stitch.end_layer)
+
+    with watch.section("dm_init_s"):
+        network, reference_head = build_stitched(front, end, i, j, samples[:2], cfg.stitch.update_bn)
+        fit_dm(network.stitch, network.front, reference_head, samples)
+    extra = {"weights": OmegaConf.to_container(cfg.objective.weights)
+             if OmegaConf.is_config(cfg.objective.get("weights")) else cfg.objective.get("weights")}
+    module_cls = OBJECTIVES[objective]
+    module = module_cls(network, end, j, datamodule.num_classes, lr=cfg.stitch.lr,
+                        weight_decay=cfg.stitch.weight_decay,
+                        **({k: v for k, v in extra.items() if v is not None} if objective == "fula" else {}))
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
+                          run_name=f"{objective}_f{i}_e{j}", config=config)
+    trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    train_metrics = {}
+    with watch.section("fit_s"):
+        if module_cls.trainable and trainer_options.get("max_epochs", 0) != 0:
+            fitter = build_trainer(trainer_options, run_dir, logger=logger)
+            fitter.fit(module, datamodule=datamodule)
+            train_metrics = {k.removesuffix("_epoch"): float(v) for k, v in fitter.callback_metrics.items()
+                             if k.startswith("train/") and not k.endswith("_step")}
+    with watch.section("test_s"):
+        tester = build_trainer(trainer_options, run_dir, logger=logger, enable_progress_bar=False)
+        test_metrics = tester.test(module, datamodule=datamodule, verbose=False)[0]
+    torch.save(network.stitch.state_dict(), run_dir / "stitch.pt")
+
+    metrics = {**{k: float(v) for k, v in test_metrics.items()}, **train_metrics}
+    record = {
+        "status": "ok",
+        "objective": objective,
+        "front_layer": i, "end_layer": j,
+        "front_layer_name": cut_point_names(front)[i - 1], "end_layer_name": cut_point_names(end)[j - 1],
+        "metrics": metrics,
+        "base": {
+            "front": {"key": front_record["key"], "test_acc": front_record["test_acc"], "dataset": cfg.front.dataset},
+            "end": {"key": end_record["key"], "test_acc": end_record["test_acc"], "dataset": cfg.end.dataset},
+        },
+        "stitch": {"parameters": sum(p.numel() for p in network.stitch.parameters()),
+                   "in_channels": network.stitch.conv.in_channels,
+                   "out_channels": network.stitch.conv.out_channels,
+                   "out_size": list(network.stitch.out_size)},
+        "timings": watch.report(),
+        "versions": versions(),
+        "config": config,
+    }
+    write_json_atomic(run_dir / "results.json", record)
+    if logger:
+        logger.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        if hasattr(logger, "experiment") and cfg.logger.kind == "wandb":
+            logger.experiment.finish()
+    return record
+
+
+def summary(record: dict, run_dir: Path) -> str:
+    base = record["base"]
+    m = record["metrics"]
+    lines = [
+        f"stitching  {record['objective'].upper()}  front layer {record['front_layer']} ({record['front_layer_name']})"
+        f" → end layer {record['end_layer']} ({record['end_layer_name']})",
+        f"  front {base['front']['key']:<40} test acc {base['front']['test_acc']:.4f}",
+        f"  end   {base['end']['key']:<40} test acc {base['end']['test_acc']:.4f}",
+        f"  stitched test acc {m['test/acc']:.4f}   test loss {m['test/loss']:.4f}"
+        + (f"   train loss {m['train/loss']:.4f}" if "train/loss" in m else ""),
+        f"  time {record['timings']['total_s']:.1f}s   record {run_dir / 'results.json'}",
+    ]
+    return "\n".join(lines)
+
+
+def _failure_record(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "results.json", {
+        "status": "failed", "error": f"{type(err).__name__}: {err}",
+        "traceback": traceback.format_exc(), "objective": cfg.objective.name,
+        "config": OmegaConf.to_container(cfg, resolve=False),
+    })
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig):
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        record = run(cfg, run_dir)
+    except Exception as err:
+        _failure_record(cfg, run_dir, err)
+        if sweeping:  # one bad cell must not end the sweep
+            print(f"[sweep] run {run_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return None
+        if isinstance(err, StitchingError):
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    print(summary(record, run_dir))
+    return record["metrics"]["test/acc"]
+
+
+if __name__ == "__main__":
+    main()
