@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
 from stitching.models import cut_point_names, resolve_layer, split
-from stitching.objectives import OBJECTIVES, StitchedNetwork
+from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
 from stitching.runtime import Stopwatch, build_logger, build_trainer, versions, write_json_atomic
 from stitching.stitch import Stitch, fit_dm
 from stitching.zoo import ModelSpec, ModelZoo
@@ -89,16 +90,27 @@ def build_stitched(front, end, front_layer: int, end_layer: int, probe: torch.Te
     return StitchedNetwork(front_head, stitch, end_tail, update_bn=update_bn), reference_head
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """One stitching run; returns the record also written to ``run_dir/results.json``."""
-    watch = Stopwatch()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Prepared:
+    """Everything a stitching run needs before training."""
+
+    datamodule: ImageDataModule
+    front: torch.nn.Module
+    end: torch.nn.Module
+    front_record: dict
+    end_record: dict
+    front_layer: int
+    end_layer: int
+    module: StitchingModule
+
+
+def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Prepared:
+    """Data, base models, cut, DM initialisation and the objective's LightningModule."""
+    watch = watch or Stopwatch()
     objective = cfg.objective.name
     if objective not in OBJECTIVES:
         raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-
     with watch.section("data_s"):
         datamodule = ImageDataModule(**dataset_config(cfg, cfg.dataset.name))
         datamodule.setup()
@@ -110,24 +122,35 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     check_compatible(front, end, datamodule, samples[:2])
     i = resolve_layer(front, cfg.stitch.front_layer)
     j = resolve_layer(end, cfg.stitch.end_layer)
-
     with watch.section("dm_init_s"):
         network, reference_head = build_stitched(front, end, i, j, samples[:2], cfg.stitch.update_bn)
         fit_dm(network.stitch, network.front, reference_head, samples)
-    extra = {"weights": OmegaConf.to_container(cfg.objective.weights)
-             if OmegaConf.is_config(cfg.objective.get("weights")) else cfg.objective.get("weights")}
-    module_cls = OBJECTIVES[objective]
-    module = module_cls(network, end, j, datamodule.num_classes, lr=cfg.stitch.lr,
-                        weight_decay=cfg.stitch.weight_decay,
-                        **({k: v for k, v in extra.items() if v is not None} if objective == "fula" else {}))
+    options = {}
+    if objective == "fula":
+        weights = cfg.objective.get("weights", "uniform")
+        options["weights"] = OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights
+    module = OBJECTIVES[objective](network, end, j, datamodule.num_classes, lr=cfg.stitch.lr,
+                                   weight_decay=cfg.stitch.weight_decay, **options)
+    return Prepared(datamodule, front, end, front_record, end_record, i, j, module)
 
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """One stitching run; returns the record also written to ``run_dir/results.json``."""
+    watch = Stopwatch()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prep = prepare(cfg, watch)
+    datamodule, front, end, module = prep.datamodule, prep.front, prep.end, prep.module
+    i, j = prep.front_layer, prep.end_layer
+    network, objective = module.network, cfg.objective.name
+    front_record, end_record = prep.front_record, prep.end_record
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
                           run_name=f"{objective}_f{i}_e{j}", config=config)
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
     train_metrics = {}
     with watch.section("fit_s"):
-        if module_cls.trainable and trainer_options.get("max_epochs", 0) != 0:
+        if module.trainable and trainer_options.get("max_epochs", 0) != 0:
             fitter = build_trainer(trainer_options, run_dir, logger=logger)
             fitter.fit(module, datamodule=datamodule)
             train_metrics = {k.removesuffix("_epoch"): float(v) for k, v in fitter.callback_metrics.items()

@@ -60,6 +60,8 @@ class StitchingModule(L.LightningModule):
         num_classes: for the accuracy metrics.
     """
 
+    trainable = True  # False: the DM initialisation is final
+
     def __init__(self, network: StitchedNetwork, reference: nn.Module, end_layer: int,
                  num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4):
         super().__init__()
@@ -76,6 +78,11 @@ class StitchingModule(L.LightningModule):
         super().train(mode)
         self.reference.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps each submodule's mode at fit start and the zoo hands out eval-mode
+        # models, so switch explicitly: BN statistics update unless update_bn=False.
+        self.train()
 
     @torch.no_grad()
     def reference_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -115,8 +122,6 @@ class DMModule(StitchingModule):
 class HintModule(StitchingModule):
     """Structural hint at the stitching point, trained by SGD on the whole training set."""
 
-    trainable = True
-
     def loss(self, x, y):
         _, targets = self.reference_targets(x)
         a = self.network.stitched_activation(x)
@@ -127,8 +132,6 @@ class HintModule(StitchingModule):
 
 class FulaModule(StitchingModule):
     """Functional latent alignment: hints at the stitching point and every later cut point."""
-
-    trainable = True
 
     def __init__(self, *args, weights="uniform", **kwargs):
         super().__init__(*args, **kwargs)
@@ -144,8 +147,6 @@ class FulaModule(StitchingModule):
 class SlmModule(StitchingModule):
     """Soft-label matching: cross-entropy against the end model's predictions."""
 
-    trainable = True
-
     def loss(self, x, y):
         with torch.no_grad():
             teacher = self.reference(x)
@@ -155,8 +156,6 @@ class SlmModule(StitchingModule):
 
 class TlmModule(StitchingModule):
     """Task-loss matching: cross-entropy against the true labels."""
-
-    trainable = True
 
     def loss(self, x, y):
         logits = self.network(x)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real Hydra config, shrunk to tiny CPU runs on embedded data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from stitching.train import CONF_DIR  # noqa: E402
+
+TINY = [
+    "dataset=digits",
+    "model=resnet18_narrow",
+    "model.width=8",
+    "zoo.recipe.epochs=4",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
+
+
+def compose_config(*overrides: str):
+    """The project's own config with ``overrides`` applied (no Hydra run directory)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory) -> Path:
+    """One base-model cache for the whole session: tiny models are trained once."""
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture()
+def tiny_config(zoo_dir, tmp_path):
+    """``tiny_config(*overrides)`` → a composed tiny config writing under ``tmp_path``."""
+
+    def make(*overrides: str):
+        return compose_config(*TINY, f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}",
+                              f"paths.data_dir={tmp_path / 'data'}", *overrides)
+
+    return make

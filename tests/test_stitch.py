@@ -1,0 +1,49 @@
+import torch
+from torch.nn import functional as F
+
+from stitching.stitch import Stitch, dm_solution, fit_dm
+
+
+def test_dm_equals_an_independent_lstsq_solve():
+    torch.manual_seed(0)
+    front = torch.randn(20, 6, 5, 5)
+    end = torch.randn(20, 4, 5, 5)
+    weight, bias = dm_solution(front, end)
+    # the same least-squares problem written independently: one row per (sample, y, x)
+    rows = front.double().movedim(1, -1).reshape(-1, 6)
+    targets = end.double().movedim(1, -1).reshape(-1, 4)
+    design = torch.cat([rows, torch.ones(len(rows), 1, dtype=torch.double)], 1)
+    expected = torch.linalg.lstsq(design, targets, driver="gelsd").solution
+    torch.testing.assert_close(weight.double(), expected[:6].T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bias.double(), expected[6], atol=1e-5, rtol=1e-5)
+
+
+def test_dm_recovers_an_exact_affine_relation():
+    torch.manual_seed(1)
+    true_w, true_b = torch.randn(3, 5), torch.randn(3)
+    front = torch.randn(10, 5, 4, 4)
+    end = torch.einsum("oc,nchw->nohw", true_w, front) + true_b.view(1, 3, 1, 1)
+    weight, bias = dm_solution(front, end)
+    torch.testing.assert_close(weight, true_w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bias, true_b, atol=1e-4, rtol=1e-4)
+
+
+def test_stitch_is_a_1x1_conv_after_bilinear_resizing():
+    torch.manual_seed(2)
+    stitch = Stitch(5, 3, out_size=(4, 4))
+    a = torch.randn(2, 5, 8, 8)
+    resized = F.interpolate(a, size=(4, 4), mode="bilinear", align_corners=False)
+    expected = torch.einsum("oc,nchw->nohw", stitch.conv.weight[:, :, 0, 0], resized)
+    expected = expected + stitch.conv.bias.view(1, 3, 1, 1)
+    torch.testing.assert_close(stitch(a), expected)
+    assert stitch(torch.randn(2, 5, 4, 4)).shape == (2, 3, 4, 4)
+    assert Stitch(5, 3, out_size=(16, 16))(torch.randn(1, 5, 4, 4)).shape == (1, 3, 16, 16)
+
+
+def test_fit_dm_maps_a_network_onto_itself_as_identity():
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Tanh())
+    stitch = Stitch(6, 6, out_size=(8, 8))
+    fit_dm(stitch, net, net, torch.rand(30, 3, 8, 8))
+    torch.testing.assert_close(stitch.conv.weight[:, :, 0, 0], torch.eye(6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(stitch.conv.bias, torch.zeros(6), atol=1e-4, rtol=0)

@@ -1,0 +1,123 @@
+"""Stitching end to end on tiny real configs (digits, narrow ResNet18, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from stitching.errors import StitchingError
+from stitching.models import cut_point_activations
+from stitching.objectives import hint_loss
+from stitching.runtime import build_trainer
+from stitching.train import prepare, run
+
+RECORD_KEYS = {"status", "objective", "front_layer", "end_layer", "metrics", "base", "stitch", "timings",
+               "versions", "config"}
+
+
+@pytest.mark.parametrize("objective", ["dm", "hint", "fula", "slm", "tlm"])
+def test_each_objective_trains_and_writes_a_complete_record(tiny_config, tmp_path, objective):
+    record = run(tiny_config(f"objective={objective}", "stitch.layer=4"), tmp_path / objective)
+    saved = json.loads((tmp_path / objective / "results.json").read_text())
+    assert RECORD_KEYS <= set(saved) and saved["status"] == "ok"
+    assert saved["objective"] == objective and saved["front_layer"] == saved["end_layer"] == 4
+    assert 0.0 <= saved["metrics"]["test/acc"] <= 1.0
+    assert {"train/loss", "train/acc"} <= set(saved["metrics"]) or objective == "dm"
+    assert saved["base"]["front"]["key"].endswith("-s0-e4") and saved["base"]["end"]["key"].endswith("-s1-e4")
+    assert 0.0 < saved["base"]["end"]["test_acc"] <= 1.0
+    assert {"zoo_s", "dm_init_s", "fit_s", "test_s", "total_s"} <= set(saved["timings"])
+    assert saved["config"]["objective"]["name"] == objective and saved["versions"]["torch"]
+    assert (tmp_path / objective / "stitch.pt").is_file()
+    assert record["metrics"] == saved["metrics"]
+
+
+@pytest.mark.parametrize("layer", [1, 5, 9])
+def test_dm_self_stitch_reproduces_the_model(tiny_config, tmp_path, layer):
+    cfg = tiny_config("objective=dm", "end.seed=0", f"stitch.layer={layer}")
+    prep = prepare(cfg)
+    # the stitch is (numerically) the identity, so hint and fula losses vanish
+    x = prep.datamodule.sample_train_images(64, seed=5)
+    module = prep.module.eval()
+    with torch.no_grad():
+        _, targets = module.reference_targets(x)
+        logits, stitched = module.network(x, return_features=True)
+    assert hint_loss(stitched[0], targets[0]).item() < 1e-3
+    from stitching.objectives import fula_loss, fula_weights
+    assert fula_loss(stitched, targets, fula_weights("uniform", len(targets))).item() < 1e-3
+    record = run(cfg, tmp_path / "dm")
+    assert abs(record["metrics"]["test/acc"] - record["base"]["end"]["test_acc"]) <= 0.005
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("update_bn", [True, False])
+def test_front_and_end_stay_frozen_while_the_stitch_trains(tiny_config, tmp_path, update_bn):
+    cfg = tiny_config("objective=fula", "stitch.layer=3", f"stitch.update_bn={update_bn}")
+    prep = prepare(cfg)
+    network = prep.module.network
+    front, end, stitch = _snapshot(network.front), _snapshot(network.end), _snapshot(network.stitch)
+    reference = _snapshot(prep.module.reference)
+    build_trainer(dict(cfg.trainer), tmp_path).fit(prep.module, datamodule=prep.datamodule)
+
+    for before, part in ((front, network.front), (end, network.end), (reference, prep.module.reference)):
+        for name, tensor in part.named_parameters():
+            assert torch.equal(tensor, before[name]), f"parameter {name} changed"
+    buffers_changed = [name for part, before in ((network.front, front), (network.end, end))
+                       for name, tensor in part.named_buffers()
+                       if "running" in name and not torch.equal(tensor, before[name])]
+    if update_bn:
+        assert buffers_changed, "running statistics should follow the stitching data"
+    else:
+        assert not buffers_changed
+    for name, tensor in prep.module.reference.named_buffers():
+        assert torch.equal(tensor, reference[name]), "the reference end model must stay untouched"
+    assert any(not torch.equal(t, stitch[n]) for n, t in network.stitch.state_dict().items())
+    optimizer = prep.module.configure_optimizers()
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in network.stitch.parameters()}
+
+
+def test_fula_targets_are_the_end_models_own_activations(tiny_config):
+    prep = prepare(tiny_config("objective=fula", "stitch.layer=6"))
+    x = prep.datamodule.sample_train_images(8)
+    _, targets = prep.module.reference_targets(x)
+    with torch.no_grad():
+        _, own = cut_point_activations(prep.end.eval(), x)
+    assert len(targets) == 4
+    for got, want in zip(targets, own[5:]):
+        torch.testing.assert_close(got, want)
+
+
+def test_cross_layer_stitch_resizes_front_maps(tiny_config, tmp_path):
+    record = run(tiny_config("objective=hint", "stitch.front_layer=2", "stitch.end_layer=8"), tmp_path)
+    assert record["stitch"]["out_size"] == [2, 2] and record["stitch"]["in_channels"] == 8
+    assert record["stitch"]["out_channels"] == 64
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stitch.layer=12"], "layer 12 is out of range"),
+    (["stitch.front_layer=layer7.0"], "unknown layer 'layer7.0'"),
+    (["front.arch=vgg11"], "unknown architecture 'vgg11'"),
+    (["front.dataset=imagenet21k"], "unknown dataset 'imagenet21k'"),
+    (["objective=fula", "objective.weights=[0.5,-0.5,1,0,0]"], "non-negative"),
+    (["objective=fula", "objective.weights=[1,1]"], "has 2 entries but this end layer has 5 hint terms"),
+    (["front.checkpoint=/nowhere/model.pt"], "checkpoint /nowhere/model.pt does not exist"),
+    (["zoo.train_missing=false", "front.seed=77"], "no base model resnet18-w8-digits-s77-e4.pt"),
+    (["dataset.num_classes_train=11"], "num_classes_train=11 must lie in 1..10"),
+])
+def test_bad_input_gets_a_clear_error(tiny_config, tmp_path, overrides, message):
+    with pytest.raises(StitchingError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        run(tiny_config("stitch.layer=5", *overrides), tmp_path)
+
+
+def test_incompatible_pair_is_refused(tiny_config, tmp_path, zoo_dir):
+    # an end model with 5 classes cannot be stitched on 10-class data
+    from stitching.models import build_model
+    bad = build_model("resnet18", num_classes=5, width=8)
+    record = {"key": "five-classes", "test_acc": 0.0,
+              "model_kwargs": {"arch": "resnet18", "num_classes": 5, "width": 8}}
+    path = tmp_path / "five.pt"
+    torch.save({"record": record, "state_dict": bad.state_dict()}, path)
+    with pytest.raises(StitchingError, match="end model predicts 5 classes but digits has 10"):
+        run(tiny_config(f"end.checkpoint={path}"), tmp_path / "run")
