@@ -89,7 +89,9 @@ def stitching_plot(frame: pd.DataFrame, path: Path, metric: str = "test_acc", ti
     ax.set_xticks(range(0, last + 2))
     ax.set_xlabel("front layer (stitching point)")
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
-    ax.set_ylim(0, 102)
+    values = [*(same[metric] * 100), end_acc, front_acc]
+    low = max(0.0, min(values) - 0.15 * max(5.0, max(values) - min(values)))  # differences stay visible
+    ax.set_ylim(low, min(101.0, max(values) + 2.0))
     ax.grid(alpha=0.3)
     ax.set_title(title or f"{same.front_model.iloc[0]} → {same.end_model.iloc[0]}", fontsize=9)
     ax.legend(fontsize=8, loc="lower left")

@@ -1,0 +1,58 @@
+"""``python -m stitching.pretrain`` — train base models into the zoo, or list it.
+
+    python -m stitching.pretrain [--seeds 0 1 2] [hydra overrides…]   train what is missing
+    python -m stitching.pretrain --list [hydra overrides…]             show the cache
+
+Overrides are those of ``stitching.train`` (``model=…``, ``dataset=…``, ``zoo.recipe.epochs=…``);
+without ``--seeds`` it prepares the run's front and end models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hydra import compose, initialize_config_dir
+
+from stitching.errors import StitchingError, exit_on_user_error
+from stitching.train import CONF_DIR, build_zoo, model_spec
+
+
+def _table(records: list[dict]) -> str:
+    if not records:
+        return "(the zoo is empty)"
+    lines = [f"{'model':<44} {'test acc':>8} {'train s':>8}  path"]
+    for r in records:
+        acc = f"{r['test_acc'] * 100:7.2f}%" if "test_acc" in r else "   error"
+        lines.append(f"{r['key']:<44} {acc:>8} {r.get('train_time_s', 0):>8}  {r['path']}")
+        if "error" in r:
+            lines.append(f"    {r['error']}")
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stitching.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="list the cached base models and exit")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train these seeds of the front model's spec")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train")
+    args = parser.parse_args(argv)
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=args.overrides)
+    except Exception as err:  # Hydra's own message is already one clear sentence
+        raise StitchingError(str(err).splitlines()[0]) from None
+    zoo = build_zoo(cfg)
+    if not args.list:
+        specs = [model_spec(cfg.front), model_spec(cfg.end)]
+        if args.seeds:
+            base = model_spec(cfg.front)
+            specs = [type(base)(**{**base.__dict__, "seed": seed}) for seed in args.seeds]
+        for spec in dict.fromkeys(specs):
+            zoo.get(spec)
+    print(f"zoo: {zoo.root.resolve()}")
+    print(_table([{**r, "path": r["path"]} for r in zoo.list()]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

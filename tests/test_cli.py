@@ -1,0 +1,84 @@
+"""The command lines as a user runs them: one-line errors, sweeps, reports."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stitching.report import collect, layer_table, report
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train(tmp_path, zoo_dir, *overrides, multirun=False):
+    env = {**os.environ, "STITCHING_ZOO": str(zoo_dir), "STITCHING_OUTPUTS": str(tmp_path / "out"),
+           "STITCHING_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "stitching.train", *(["-m"] if multirun else []), *TINY, *overrides]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stitch.layer=10"], "error: layer 10 is out of range: this model has cut points 1..9"),
+    (["objective=fula", "objective.weights=[1,-1,1,1,1]"], "error: objective.weights must be non-negative"),
+    (["dataset=cifar10", "dataset.source.download=false"], "error: CIFAR-10 not found in"),
+])
+def test_bad_input_exits_non_zero_with_one_line(tmp_path, zoo_dir, overrides, message):
+    result = _train(tmp_path, zoo_dir, *overrides)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+
+
+@pytest.mark.parametrize("override, group", [("objective=distill", "objective"), ("model=vgg", "model"),
+                                              ("dataset=imagenet21k", "dataset")])
+def test_unknown_group_choice_is_refused_by_name(tmp_path, zoo_dir, override, group):
+    result = _train(tmp_path, zoo_dir, override)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"Could not find '{group}/{override.split('=')[1]}'" in result.stderr
+
+
+def test_a_sweep_survives_a_failing_run_and_the_report_names_it(tmp_path, zoo_dir):
+    sweep = tmp_path / "sweep"
+    result = _train(tmp_path, zoo_dir, "objective=dm,tlm", "stitch.layer=2,10", f"hydra.sweep.dir={sweep}",
+                    multirun=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    frame, failed = collect(sweep)
+    assert sorted(zip(frame.objective, frame.front_layer)) == [("dm", 2), ("tlm", 2)]
+    assert len(failed) == 2 and all("layer 10 is out of range" in f["error"] for f in failed)
+    made = report(sweep)
+    assert made["plot"].is_file() and made["csv"].is_file()
+    summary = subprocess.run([sys.executable, "-m", "stitching.report", str(sweep)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0
+    assert summary.stdout.count("FAILED") == 2 and summary.stdout.strip().splitlines()[-1].startswith("results in ")
+
+
+def _record(tmp, name, objective, layer, acc, status="ok"):
+    folder = tmp / name
+    folder.mkdir(parents=True)
+    record = {"status": status, "objective": objective, "front_layer": layer, "end_layer": layer,
+              "metrics": {"test/acc": acc}, "base": {"front": {"test_acc": 0.9, "key": "f"},
+                                                      "end": {"test_acc": 0.8, "key": "e"}},
+              "timings": {"total_s": 1.0}}
+    if status != "ok":
+        record = {"status": status, "error": "boom"}
+    (folder / "results.json").write_text(json.dumps(record))
+
+
+def test_report_table_orders_objectives_and_skips_broken_records(tmp_path):
+    _record(tmp_path, "a", "tlm", 1, 0.5)
+    _record(tmp_path, "b", "dm", 1, 0.25)
+    _record(tmp_path, "c", "dm", 2, 0.75)
+    _record(tmp_path, "d", "dm", 3, 0.0, status="failed")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.json").write_text("{half a reco")
+    frame, failed = collect(tmp_path)
+    assert sorted(f["run"] for f in failed) == ["d", "e"]
+    table = layer_table(frame)
+    assert list(table.columns) == ["dm", "tlm"]
+    assert table.loc[1, "dm"] == 25.0 and table.loc[2, "dm"] == 75.0 and table.loc[1, "tlm"] == 50.0

@@ -1,0 +1,98 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from stitching.data import ImageDataModule, ImageTensorDataset, load_source
+from stitching.errors import StitchingError
+
+
+def test_mnist5k_is_real_embedded_data_with_a_deterministic_split():
+    arrays = load_source("mnist5k")
+    assert arrays.train_x.shape == (4000, 3, 32, 32) and arrays.test_x.shape == (1000, 3, 32, 32)
+    assert arrays.train_x.dtype == torch.uint8
+    assert torch.bincount(arrays.test_y).tolist() == [100] * 10
+    assert arrays.train_x[:, :, :2].max() == 0  # the 28×28 digits are padded, not stretched
+    again = load_source("mnist5k")
+    assert torch.equal(arrays.test_x, again.test_x) and torch.equal(arrays.train_y, again.train_y)
+    other = load_source("mnist5k", split_seed=1)
+    assert not torch.equal(arrays.test_x, other.test_x)
+
+
+def test_digits_upsampled_to_the_configured_size():
+    arrays = load_source("digits", image_size=16)
+    assert arrays.train_x.shape[1:] == (3, 16, 16)
+    assert len(arrays.train_y) + len(arrays.test_y) == 1797
+
+
+def test_augmentation_crops_with_padding_and_flips():
+    image = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(1, 3, 1, 1)
+    plain = ImageTensorDataset(image, torch.tensor([0]))
+    assert torch.equal(plain[0][0], image[0].float() / 255)
+    torch.manual_seed(0)
+    shifted = ImageTensorDataset(image, torch.tensor([0]), crop_padding=2)
+    outputs = {tuple(shifted[0][0][0].flatten().tolist()) for _ in range(40)}
+    assert len(outputs) > 5  # different crops
+    assert any(0.0 in out for out in outputs)  # zero padding shows up
+    flips = ImageTensorDataset(image, torch.tensor([0]), hflip=True)
+    seen = {tuple(flips[0][0][0, 0].tolist()) for _ in range(40)}
+    assert seen == {tuple((torch.arange(4.0) / 255).tolist()), tuple((torch.arange(3.0, -1, -1) / 255).tolist())}
+
+
+def test_class_subset_and_normalisation():
+    full = ImageDataModule("digits", num_classes=10, source={"image_size": 16})
+    subset = ImageDataModule("digits", num_classes=10, num_classes_train=3, source={"image_size": 16})
+    subset.setup()
+    assert set(subset.arrays.train_y.tolist()) == {0, 1, 2}
+    assert set(subset.arrays.test_y.tolist()) == set(range(10))  # evaluation keeps every class
+    mean, std = full.normalization()
+    x = full.train_dataset(augment=False)
+    stacked = torch.stack([x[i][0] for i in range(len(x))])
+    assert mean == pytest.approx(stacked.mean(dim=(0, 2, 3)).tolist(), abs=1e-5)
+    assert std == pytest.approx(stacked.std(dim=(0, 2, 3)).tolist(), abs=1e-4)
+
+
+def test_dm_samples_are_seeded_and_unaugmented():
+    dm = ImageDataModule("digits", num_classes=10, augment={"crop_padding": 2}, source={"image_size": 16})
+    a, b = dm.sample_train_images(100, seed=3), dm.sample_train_images(100, seed=3)
+    assert a.shape == (100, 3, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a, dm.sample_train_images(100, seed=4))
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+@pytest.mark.parametrize("name, expected", [("cifar10", "cifar-10-batches-py"), ("svhn", "train_32x32.mat")])
+def test_offline_torchvision_dataset_names_the_expected_folder(tmp_path, name, expected):
+    with pytest.raises(StitchingError, match=expected) as info:
+        load_source(name, data_dir=tmp_path, download=False)
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def _write_batch(path, labels, rng):
+    data = rng.integers(0, 256, size=(len(labels), 3 * 8 * 8), dtype=np.uint8)
+    with open(path, "wb") as fh:
+        pickle.dump({"data": data, "labels": list(labels), "mean": data.mean(0)}, fh)
+    return data
+
+
+def test_ls_imagenet10_reads_batch_files_and_draws_classes_by_seed(tmp_path):
+    folder = tmp_path / "imagenet8"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(1, 21), 3)  # 20 source classes, 1-based, 3 images each
+    train = _write_batch(folder / "train_data_batch_1", labels, rng)
+    _write_batch(folder / "train_data_batch_2", labels, rng)
+    _write_batch(folder / "val_data", labels, rng)
+    arrays = load_source("ls_imagenet10", data_dir=tmp_path, image_size=8, num_source_classes=20, class_seed=0)
+    chosen = np.sort(np.random.default_rng(0).choice(20, size=10, replace=False)) + 1
+    assert arrays.train_x.shape == (60, 3, 8, 8) and arrays.test_x.shape == (30, 3, 8, 8)
+    assert sorted(set(arrays.train_y.tolist())) == list(range(10))
+    first = np.flatnonzero(labels == chosen[0])[0]
+    assert torch.equal(arrays.train_x[0], torch.from_numpy(train[first].reshape(3, 8, 8)))
+    other = load_source("ls_imagenet10", data_dir=tmp_path, image_size=8, num_source_classes=20, class_seed=1)
+    assert not torch.equal(arrays.train_x, other.train_x)
+
+
+def test_ls_imagenet10_missing_folder_says_what_to_do(tmp_path):
+    with pytest.raises(StitchingError, match="imagenet32 and it could not be downloaded.*train_data_batch_"):
+        load_source("ls_imagenet10", data_dir=tmp_path)

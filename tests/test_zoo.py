@@ -1,0 +1,80 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from stitching.errors import StitchingError
+from stitching.pretrain import main as pretrain_main
+from stitching.zoo import ModelSpec, load_checkpoint
+
+SPEC = ModelSpec(arch="resnet18", width=4, dataset="digits", seed=3)
+
+
+def _zoo(tmp_path, capsys=None):
+    from stitching.train import build_zoo
+    from tests.conftest import TINY, compose_config
+
+    cfg = compose_config(*TINY, f"paths.zoo_dir={tmp_path}", "zoo.recipe.epochs=1")
+    return build_zoo(cfg)
+
+
+def test_a_missing_model_is_trained_once_then_reused(tmp_path, capsys):
+    zoo = _zoo(tmp_path)
+    model, record = zoo.get(SPEC)
+    assert "training base model resnet18-w4-digits-s3-e1" in capsys.readouterr().out
+    assert 0.0 < record["test_acc"] <= 1.0 and record["spec"]["seed"] == 3
+    assert (tmp_path / "resnet18-w4-digits-s3-e1.json").is_file()
+    mtime = zoo.path(SPEC).stat().st_mtime_ns
+    again, record_again = zoo.get(SPEC)
+    assert "training" not in capsys.readouterr().out
+    assert zoo.path(SPEC).stat().st_mtime_ns == mtime and record_again == record
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert (a == b).all(), name
+
+
+def test_seeds_give_different_models(tmp_path):
+    zoo = _zoo(tmp_path)
+    a, _ = zoo.get(SPEC)
+    b, _ = zoo.get(ModelSpec(**{**SPEC.__dict__, "seed": 4}))
+    assert not (a.blocks[0].conv.weight == b.blocks[0].conv.weight).all()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(StitchingError, match="cannot be loaded .*delete it to retrain"):
+        load_checkpoint(path)
+
+
+def test_concurrent_requests_train_the_model_once(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parent.parent)!r})
+        from tests.test_zoo import _zoo, SPEC
+        from pathlib import Path
+        model, record = _zoo(Path({str(tmp_path)!r})).get(SPEC)
+        print("created", record["created"], record["test_acc"])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sum(out.count("[zoo] training base model") for out in outputs) == 1, outputs
+    created = {line for out in outputs for line in out.splitlines() if line.startswith("created")}
+    assert len(created) == 1  # both loaded the very same checkpoint
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_pretrain_cli_trains_and_lists(tmp_path, capsys):
+    from tests.conftest import TINY
+
+    overrides = [*TINY, f"paths.zoo_dir={tmp_path}", "zoo.recipe.epochs=1", "model.width=4"]
+    pretrain_main(["--seeds", "5", "6", "--", *overrides])
+    pretrain_main(["--list", "--", *overrides])
+    out = capsys.readouterr().out
+    assert "resnet18-w4-digits-s5-e1" in out and "resnet18-w4-digits-s6-e1" in out
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(["--", "model=nonexistent"])
+    assert exit_info.value.code == 2
+    assert "Could not find 'model/nonexistent'" in capsys.readouterr().err
