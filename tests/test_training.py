@@ -121,3 +121,20 @@ def test_incompatible_pair_is_refused(tiny_config, tmp_path, zoo_dir):
     torch.save({"record": record, "state_dict": bad.state_dict()}, path)
     with pytest.raises(StitchingError, match="end model predicts 5 classes but digits has 10"):
         run(tiny_config(f"end.checkpoint={path}"), tmp_path / "run")
+
+
+def test_cross_task_front_from_another_dataset(tiny_config, tmp_path):
+    # front trained on MNIST-5k (32×32), end and stitching data on digits (16×16)
+    record = run(tiny_config("objective=fula", "front.dataset=mnist5k", "zoo.recipe.epochs=1",
+                             "stitch.layer=7"), tmp_path)
+    assert record["base"]["front"]["key"] == "resnet18-w8-mnist5k-s0-e1"
+    assert record["base"]["end"]["key"] == "resnet18-w8-digits-s1-e1"
+    assert record["base"]["front"]["dataset"] == "mnist5k" and record["status"] == "ok"
+
+
+def test_wandb_logger_runs_offline_without_a_key(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    record = run(tiny_config("objective=tlm", "logger=wandb", "stitch.layer=8"), tmp_path)
+    assert record["status"] == "ok"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -1,0 +1,163 @@
+"""The LightningDataModule every run uses, whatever the source."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import lightning as L
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from stitching.data.sources import ImageArrays, load_source
+from stitching.errors import StitchingError
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images in memory → float images in [0, 1], with the paper's augmentation.
+
+    Args:
+        images: ``[N, C, H, W]`` uint8.
+        labels: ``[N]`` int64.
+        crop_padding: zero padding before a random crop back to the original size (0: off).
+        hflip: random horizontal flip with probability 0.5.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop_padding: int = 0, hflip: bool = False):
+        self.images = images
+        self.labels = labels
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index].float().div_(255)
+        if self.crop_padding:
+            p = self.crop_padding
+            height, width = image.shape[-2:]
+            padded = F.pad(image, (p, p, p, p))
+            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            image = padded[:, top : top + height, left : left + width]
+        if self.hflip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, self.labels[index]
+
+
+@lru_cache(maxsize=4)
+def _cached_source(name: str, frozen_options: tuple) -> ImageArrays:
+    return load_source(name, **dict(frozen_options))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/test splits of one dataset, deterministic for a given configuration.
+
+    Args:
+        name: a source of :mod:`stitching.data.sources`.
+        num_classes: classes of the full dataset.
+        batch_size, num_workers: loader settings.
+        augment: ``{"crop_padding": int, "hflip": bool}`` for the training split.
+        mean, std: per-channel normalisation; ``None`` computes it from the training split.
+        num_classes_train: keep only classes ``0..k-1`` in the training split (the test
+            split keeps every class).
+        train_subset: keep only this many training images (seeded draw; ``None``: all).
+        source: options passed to the source loader (``data_dir``, ``image_size``, …).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        augment: dict | None = None,
+        mean=None,
+        std=None,
+        num_classes_train: int | None = None,
+        train_subset: int | None = None,
+        seed: int = 0,
+        source: dict | None = None,
+        **_ignored,
+    ):
+        super().__init__()
+        self.name = name
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = dict(augment or {})
+        self._mean, self._std = mean, std
+        self.num_classes_train = num_classes_train
+        self.train_subset = train_subset
+        self.seed = seed
+        self.source = dict(source or {})
+        if num_classes_train is not None and not 1 <= num_classes_train <= num_classes:
+            raise StitchingError(
+                f"dataset.num_classes_train={num_classes_train} must lie in 1..{num_classes}"
+            )
+        self.arrays: ImageArrays | None = None
+
+    # -- loading ---------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.arrays is not None:
+            return
+        arrays = _cached_source(self.name, tuple(sorted(self.source.items())))
+        train_x, train_y = arrays.train_x, arrays.train_y
+        if self.num_classes_train is not None:
+            keep = train_y < self.num_classes_train
+            train_x, train_y = train_x[keep], train_y[keep]
+        if self.train_subset is not None and self.train_subset < len(train_y):
+            generator = torch.Generator().manual_seed(self.seed)
+            pick = torch.randperm(len(train_y), generator=generator)[: self.train_subset]
+            train_x, train_y = train_x[pick], train_y[pick]
+        self.arrays = ImageArrays(train_x, train_y, arrays.test_x, arrays.test_y)
+
+    # -- facts the models need ---------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        self.setup()
+        return self.arrays.train_x.shape[1]
+
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training images in [0, 1] (or the configured ones)."""
+        if self._mean is not None and self._std is not None:
+            return list(self._mean), list(self._std)
+        self.setup()
+        x = self.arrays.train_x.float().div(255)
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+    # -- datasets and loaders ------------------------------------------------------------
+    def train_dataset(self, augment: bool = True) -> ImageTensorDataset:
+        self.setup()
+        options = self.augment if augment else {}
+        return ImageTensorDataset(
+            self.arrays.train_x, self.arrays.train_y,
+            crop_padding=int(options.get("crop_padding", 0)), hflip=bool(options.get("hflip", False)),
+        )
+
+    def test_dataset(self) -> ImageTensorDataset:
+        self.setup()
+        return ImageTensorDataset(self.arrays.test_x, self.arrays.test_y)
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(augment=True), shuffle=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset(), shuffle=False)
+
+    def sample_train_images(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` un-augmented training images in [0, 1] (the DM initialisation's samples)."""
+        self.setup()
+        count = len(self.arrays.train_y)
+        generator = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(count, generator=generator)[: min(n, count)]
+        return self.arrays.train_x[pick].float().div(255)
