@@ -120,6 +120,9 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Prepared:
         front, front_record = zoo.get(model_spec(cfg.front), cfg.front.checkpoint)
         end, end_record = zoo.get(model_spec(cfg.end), cfg.end.checkpoint)
     check_compatible(front, end, datamodule, samples[:2])
+    # training a missing base model consumes random numbers: reseed so that a run does not
+    # depend on whether its base models were cached
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     i = resolve_layer(front, cfg.stitch.front_layer)
     j = resolve_layer(end, cfg.stitch.end_layer)
     with watch.section("dm_init_s"):

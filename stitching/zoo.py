@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchmetrics
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import nn
 from torch.nn import functional as F
 
@@ -110,11 +110,16 @@ class ModelZoo:
             )
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path) + ".lock")
-        if lock.is_locked:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
             print(f"[zoo] waiting for another run to finish training {path.name}", flush=True)
-        with lock:
+            lock.acquire()
+        try:
             if not path.is_file():  # someone else may have finished while we waited
                 self._train(spec, path)
+        finally:
+            lock.release()
         return load_checkpoint(path)
 
     def _train(self, spec: ModelSpec, path: Path) -> None:

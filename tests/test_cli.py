@@ -82,3 +82,25 @@ def test_report_table_orders_objectives_and_skips_broken_records(tmp_path):
     table = layer_table(frame)
     assert list(table.columns) == ["dm", "tlm"]
     assert table.loc[1, "dm"] == 25.0 and table.loc[2, "dm"] == 75.0 and table.loc[1, "tlm"] == 50.0
+
+
+def test_demo_preset_composes_to_the_documented_job():
+    from tests.conftest import compose_config
+
+    cfg = compose_config("experiment=demo")
+    assert (cfg.model.arch, cfg.model.width, cfg.dataset.name) == ("resnet18", 16, "mnist5k")
+    assert cfg.zoo.recipe.epochs == 8 and cfg.trainer.max_epochs == 1
+    assert (cfg.front.seed, cfg.end.seed) == (0, 1)
+
+
+@pytest.mark.slow
+def test_demo_preset_runs_one_cell_at_full_demo_size(tmp_path):
+    """The `make run` configuration for one cell (trains the two width-16 MNIST-5k models)."""
+    from stitching.train import run
+    from tests.conftest import compose_config
+
+    cfg = compose_config("experiment=demo", "objective=fula", "stitch.layer=9", "trainer.enable_progress_bar=false",
+                         f"paths.zoo_dir={tmp_path / 'zoo'}", "logger=none")
+    record = run(cfg, tmp_path / "run")
+    assert record["base"]["front"]["test_acc"] > 0.9 and record["base"]["end"]["test_acc"] > 0.9
+    assert record["metrics"]["test/acc"] > 0.85

@@ -138,3 +138,9 @@ def test_wandb_logger_runs_offline_without_a_key(tiny_config, tmp_path, monkeypa
     record = run(tiny_config("objective=tlm", "logger=wandb", "stitch.layer=8"), tmp_path)
     assert record["status"] == "ok"
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_a_run_does_not_depend_on_whether_base_models_were_cached(tiny_config, tmp_path):
+    fresh = run(tiny_config("objective=tlm", "stitch.layer=6", f"paths.zoo_dir={tmp_path / 'zoo'}"), tmp_path / "a")
+    cached = run(tiny_config("objective=tlm", "stitch.layer=6", f"paths.zoo_dir={tmp_path / 'zoo'}"), tmp_path / "b")
+    assert fresh["metrics"] == cached["metrics"]

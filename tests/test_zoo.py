@@ -78,3 +78,23 @@ def test_pretrain_cli_trains_and_lists(tmp_path, capsys):
         pretrain_main(["--", "model=nonexistent"])
     assert exit_info.value.code == 2
     assert "Could not find 'model/nonexistent'" in capsys.readouterr().err
+
+
+def test_a_run_waits_for_the_lock_holder_and_then_trains(tmp_path, capsys):
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    zoo = _zoo(tmp_path)
+    holder = FileLock(str(zoo.path(SPEC)) + ".lock", thread_local=False)
+    holder.acquire()
+    worker = threading.Thread(target=zoo.get, args=(SPEC,))
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive() and not zoo.path(SPEC).exists()  # blocked behind the holder
+    holder.release()
+    worker.join(timeout=120)
+    out = capsys.readouterr().out
+    assert "waiting for another run to finish training resnet18-w4-digits-s3-e1.pt" in out
+    assert zoo.path(SPEC).is_file()
