@@ -19,7 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stitching.data import ImageDataModule
+from stitching.data import ImageDataModule, save_examples
+from stitching.evaluate import cached_robust_metrics, evaluation_settings, robust_metrics, testbed_metrics
 from stitching.errors import StitchingError
 from stitching.models import cut_point_names, resolve_layer, split
 from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
@@ -112,7 +113,8 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Prepared:
         raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with watch.section("data_s"):
-        datamodule = ImageDataModule(**dataset_config(cfg, cfg.dataset.name))
+        datamodule = ImageDataModule(**dataset_config(cfg, cfg.dataset.name),
+                                     shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True))
         datamodule.setup()
         samples = datamodule.sample_train_images(cfg.stitch.dm_samples, seed=cfg.seed)
     with watch.section("zoo_s"):
@@ -133,7 +135,8 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Prepared:
         weights = cfg.objective.get("weights", "uniform")
         options["weights"] = OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights
     module = OBJECTIVES[objective](network, end, j, datamodule.num_classes, lr=cfg.stitch.lr,
-                                   weight_decay=cfg.stitch.weight_decay, **options)
+                                   weight_decay=cfg.stitch.weight_decay,
+                                   adversarial=OmegaConf.to_container(cfg.attack, resolve=True), **options)
     return Prepared(datamodule, front, end, front_record, end_record, i, j, module)
 
 
@@ -163,17 +166,36 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         test_metrics = tester.test(module, datamodule=datamodule, verbose=False)[0]
     torch.save(network.stitch.state_dict(), run_dir / "stitch.pt")
 
-    metrics = {**{k: float(v) for k, v in test_metrics.items()}, **train_metrics}
+    attack = OmegaConf.to_container(cfg.attack, resolve=True)
+    device = _eval_device(cfg)
+    base = {
+        "front": {"key": front_record["key"], "test_acc": front_record["test_acc"], "dataset": cfg.front.dataset},
+        "end": {"key": end_record["key"], "test_acc": end_record["test_acc"], "dataset": cfg.end.dataset},
+    }
+    with watch.section("eval_s"):
+        extra = testbed_metrics(network, datamodule, device)
+        extra.update({f"test/{k}": v for k, v in robust_metrics(network, datamodule, attack, device, cfg.seed).items()})
+        for side, model, record in (("front", front, front_record), ("end", end, end_record)):
+            if base[side]["dataset"] == cfg.dataset.name and (attack["eval_pgd"] or attack["eval_autoattack"]):
+                # base models are attacked on their own task only, once per attack setting
+                base[side].update(cached_robust_metrics(copy.deepcopy(model), record["path"], datamodule,
+                                                        attack, device, cfg.seed))
+        if datamodule.shortcut is not None:
+            example = Path(cfg.paths.output_dir) / "shortcut_examples" / (
+                f"{datamodule.name}-{cfg.shortcut.kind}-{cfg.shortcut.placement}-s{cfg.shortcut.seed}.png")
+            if not example.is_file():
+                save_examples(datamodule.shortcut, datamodule.arrays.train_x, datamodule.arrays.train_y, example)
+
+    metrics = {**{k: float(v) for k, v in test_metrics.items()}, **train_metrics, **extra}
     record = {
         "status": "ok",
         "objective": objective,
         "front_layer": i, "end_layer": j,
         "front_layer_name": cut_point_names(front)[i - 1], "end_layer_name": cut_point_names(end)[j - 1],
         "metrics": metrics,
-        "base": {
-            "front": {"key": front_record["key"], "test_acc": front_record["test_acc"], "dataset": cfg.front.dataset},
-            "end": {"key": end_record["key"], "test_acc": end_record["test_acc"], "dataset": cfg.end.dataset},
-        },
+        "base": base,
+        "evaluation": {**evaluation_settings(attack, cfg.shortcut, datamodule),
+                       **({"shortcut_examples": str(example)} if datamodule.shortcut is not None else {})},
         "stitch": {"parameters": sum(p.numel() for p in network.stitch.parameters()),
                    "in_channels": network.stitch.conv.in_channels,
                    "out_channels": network.stitch.conv.out_channels,
@@ -190,6 +212,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return record
 
 
+def _eval_device(cfg: DictConfig) -> torch.device:
+    wants_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
 def summary(record: dict, run_dir: Path) -> str:
     base = record["base"]
     m = record["metrics"]
@@ -200,8 +227,15 @@ def summary(record: dict, run_dir: Path) -> str:
         f"  end   {base['end']['key']:<40} test acc {base['end']['test_acc']:.4f}",
         f"  stitched test acc {m['test/acc']:.4f}   test loss {m['test/loss']:.4f}"
         + (f"   train loss {m['train/loss']:.4f}" if "train/loss" in m else ""),
-        f"  time {record['timings']['total_s']:.1f}s   record {run_dir / 'results.json'}",
     ]
+    extra = {k: v for k, v in m.items() if k.startswith("test/") and k not in ("test/acc", "test/loss")}
+    if extra:
+        lines.append("  " + "   ".join(f"{k.removeprefix('test/')} {v:.4f}" for k, v in extra.items()))
+    for side in ("front", "end"):
+        robust = {k: v for k, v in base[side].items() if k.startswith("robust_acc")}
+        if robust:
+            lines.append(f"  {side} " + "   ".join(f"{k} {v:.4f}" for k, v in robust.items()))
+    lines += [f"  time {record['timings']['total_s']:.1f}s   record {run_dir / 'results.json'}"]
     return "\n".join(lines)
 
 

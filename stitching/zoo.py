@@ -19,6 +19,7 @@ from filelock import FileLock, Timeout
 from torch import nn
 from torch.nn import functional as F
 
+from stitching.attacks import pgd
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
 from stitching.models import build_model
@@ -39,13 +40,18 @@ class ModelSpec:
 
 
 class ClassifierModule(L.LightningModule):
-    """Supervised training of a base model: SGD with momentum, lr ×0.1 at each third."""
+    """Supervised training of a base model: SGD with momentum, lr ×0.1 at each third.
+
+    With ``adversarial`` (``alpha``, ``eps``, ``step_size``, ``steps``) the loss is the
+    FuLA paper's Eq. (4): ``(1 − α)·CE(x) + α·CE(PGD(x))``.
+    """
 
     def __init__(self, model: nn.Module, num_classes: int, epochs: int, lr: float = 0.1,
-                 momentum: float = 0.9, weight_decay: float = 1e-4):
+                 momentum: float = 0.9, weight_decay: float = 1e-4, adversarial: dict | None = None):
         super().__init__()
         self.model = model
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
+        self.adversarial = dict(adversarial) if adversarial else None
         metric = lambda: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")  # noqa: E731
         self.train_acc, self.test_acc = metric(), metric()
 
@@ -53,7 +59,11 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        if self.adversarial:
+            attack = {k: v for k, v in self.adversarial.items() if k != "alpha"}
+            alpha = float(self.adversarial["alpha"])
+            x_adv = pgd(self.model, x, y, **attack)
+            loss = (1 - alpha) * loss + alpha * F.cross_entropy(self.model(x_adv), y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
@@ -123,8 +133,11 @@ class ModelZoo:
         return load_checkpoint(path)
 
     def _train(self, spec: ModelSpec, path: Path) -> None:
+        adversarial = None
         if spec.robust:
-            raise StitchingError("robust base models need adversarial training, which this version does not provide yet")
+            if "robust" not in self.recipe:
+                raise StitchingError("robust=true needs zoo.recipe.robust (alpha, eps, step_size, steps)")
+            adversarial = self.recipe["robust"]
         epochs = int(self.recipe["epochs"])
         datamodule = self.datamodule_for(spec.dataset)
         datamodule.batch_size = int(self.recipe.get("batch_size", datamodule.batch_size))
@@ -134,7 +147,8 @@ class ModelZoo:
         L.seed_everything(spec.seed, workers=True, verbose=False)
         model = build_model(**model_kwargs)
         module = ClassifierModule(model, datamodule.num_classes, epochs, lr=self.recipe["lr"],
-                                  momentum=self.recipe["momentum"], weight_decay=self.recipe["weight_decay"])
+                                  momentum=self.recipe["momentum"], weight_decay=self.recipe["weight_decay"],
+                                  adversarial=adversarial)
         print(f"[zoo] training base model {path.stem} ({epochs} epochs)", flush=True)
         started = time.perf_counter()
         trainer = build_trainer(self.trainer_options, self.root, max_epochs=epochs)
@@ -177,4 +191,4 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
         raise StitchingError(
             f"checkpoint {path} cannot be loaded ({type(err).__name__}); delete it to retrain"
         ) from None
-    return model.eval(), record
+    return model.eval(), {**record, "path": str(path)}

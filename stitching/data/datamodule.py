@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from stitching.data.shortcuts import Shortcut
 from stitching.data.sources import ImageArrays, load_source
 from stitching.errors import StitchingError
 
@@ -21,13 +22,16 @@ class ImageTensorDataset(Dataset):
         labels: ``[N]`` int64.
         crop_padding: zero padding before a random crop back to the original size (0: off).
         hflip: random horizontal flip with probability 0.5.
+        shortcut: adds the class's shortcut marker after augmentation (so it is never cropped).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop_padding: int = 0, hflip: bool = False):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop_padding: int = 0, hflip: bool = False,
+                 shortcut: Shortcut | None = None):
         self.images = images
         self.labels = labels
         self.crop_padding = crop_padding
         self.hflip = hflip
+        self.shortcut = shortcut
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -42,6 +46,8 @@ class ImageTensorDataset(Dataset):
             image = padded[:, top : top + height, left : left + width]
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
+        if self.shortcut is not None:
+            image = self.shortcut(image, self.labels[index], index)
         return image, self.labels[index]
 
 
@@ -63,6 +69,8 @@ class ImageDataModule(L.LightningDataModule):
             split keeps every class).
         train_subset: keep only this many training images (seeded draw; ``None``: all).
         source: options passed to the source loader (``data_dir``, ``image_size``, …).
+        shortcut: ``{kind, placement, size, seed}`` marks every training image with its
+            class's shortcut (see :mod:`stitching.data.shortcuts`); ``None`` or kind null: off.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class ImageDataModule(L.LightningDataModule):
         train_subset: int | None = None,
         seed: int = 0,
         source: dict | None = None,
+        shortcut: dict | None = None,
         **_ignored,
     ):
         super().__init__()
@@ -91,6 +100,8 @@ class ImageDataModule(L.LightningDataModule):
         self.train_subset = train_subset
         self.seed = seed
         self.source = dict(source or {})
+        self.shortcut_options = dict(shortcut) if shortcut and shortcut.get("kind") else None
+        self.shortcut: Shortcut | None = None
         if num_classes_train is not None and not 1 <= num_classes_train <= num_classes:
             raise StitchingError(
                 f"dataset.num_classes_train={num_classes_train} must lie in 1..{num_classes}"
@@ -114,6 +125,9 @@ class ImageDataModule(L.LightningDataModule):
             pick = torch.randperm(len(train_y), generator=generator)[: self.train_subset]
             train_x, train_y = train_x[pick], train_y[pick]
         self.arrays = ImageArrays(train_x, train_y, arrays.test_x, arrays.test_y)
+        if self.shortcut_options:
+            self.shortcut = Shortcut(num_classes=self.num_classes, image_size=train_x.shape[-1],
+                                     channels=train_x.shape[1], **self.shortcut_options)
 
     # -- facts the models need ---------------------------------------------------------
     @property
@@ -136,11 +150,14 @@ class ImageDataModule(L.LightningDataModule):
         return ImageTensorDataset(
             self.arrays.train_x, self.arrays.train_y,
             crop_padding=int(options.get("crop_padding", 0)), hflip=bool(options.get("hflip", False)),
+            shortcut=self.shortcut,
         )
 
-    def test_dataset(self) -> ImageTensorDataset:
+    def test_dataset(self, with_shortcut: bool = False) -> ImageTensorDataset:
+        """The test split, clean or (``with_shortcut``) carrying every image's class marker."""
         self.setup()
-        return ImageTensorDataset(self.arrays.test_x, self.arrays.test_y)
+        return ImageTensorDataset(self.arrays.test_x, self.arrays.test_y,
+                                  shortcut=self.shortcut if with_shortcut else None)
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -155,9 +172,22 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.test_dataset(), shuffle=False)
 
     def sample_train_images(self, n: int, seed: int = 0) -> torch.Tensor:
-        """``n`` un-augmented training images in [0, 1] (the DM initialisation's samples)."""
+        """``n`` un-augmented training images in [0, 1] (the DM initialisation's samples).
+
+        With a shortcut configured they carry it, like every other stitching image.
+        """
         self.setup()
         count = len(self.arrays.train_y)
         generator = torch.Generator().manual_seed(seed)
         pick = torch.randperm(count, generator=generator)[: min(n, count)]
-        return self.arrays.train_x[pick].float().div(255)
+        images = self.arrays.train_x[pick].float().div(255)
+        if self.shortcut is not None:
+            images = torch.stack([self.shortcut(img, self.arrays.train_y[i], int(i)) for img, i in zip(images, pick)])
+        return images
+
+    def test_tensors(self, n: int | None = None, with_shortcut: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` test images (all when ``None``) and labels, as tensors."""
+        dataset = self.test_dataset(with_shortcut)
+        count = len(dataset) if n is None else min(n, len(dataset))
+        pairs = [dataset[i] for i in range(count)]
+        return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])

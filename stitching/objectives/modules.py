@@ -8,6 +8,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
+from stitching.attacks import mix_adversarial
 from stitching.models.cutting import Head, Tail, cut_point_activations
 from stitching.objectives import losses
 from stitching.stitch import Stitch
@@ -58,13 +59,17 @@ class StitchingModule(L.LightningModule):
         end_layer: 1-based cut point j of the end model.
         lr, weight_decay: Adam settings for the stitch.
         num_classes: for the accuracy metrics.
+        adversarial: ``alpha`` (share of each batch replaced by PGD examples generated
+            against the stitched network) and the PGD settings; ``None`` or α = 0: clean.
     """
 
     trainable = True  # False: the DM initialisation is final
 
     def __init__(self, network: StitchedNetwork, reference: nn.Module, end_layer: int,
-                 num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4):
+                 num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 adversarial: dict | None = None):
         super().__init__()
+        self.adversarial = dict(adversarial or {})
         self.network = network
         self.reference = reference.eval().requires_grad_(False)
         self.end_layer = end_layer
@@ -99,6 +104,10 @@ class StitchingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        alpha = float(self.adversarial.get("alpha", 0.0))
+        if alpha > 0:
+            attack = {k: self.adversarial[k] for k in ("eps", "step_size", "steps", "random_start")}
+            x = mix_adversarial(self.network, x, y, alpha, **attack)
         loss, logits = self.loss(x, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
