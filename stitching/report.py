@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from stitching.errors import StitchingError, exit_on_user_error
@@ -69,6 +70,66 @@ def layer_table(frame: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
     return table.round(2)
 
 
+def self_accuracy(grid, directional: bool = True) -> float:
+    """How often a layer is most similar to itself: the share of rows whose diagonal cell
+    is (one of) the row's best.
+
+    Non-directional mode first averages both stitching directions, ``(G + Gᵀ) / 2``, as
+    the FuLA paper does. Rows without any value are skipped.
+    """
+    g = np.asarray(grid, dtype=float)
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise StitchingError(f"self-accuracy needs a square grid, got shape {g.shape}")
+    if not directional:
+        g = np.nanmean(np.stack([g, g.T]), axis=0)
+    hits = rows = 0
+    for i, row in enumerate(g):
+        if np.isnan(row).all():
+            continue
+        rows += 1
+        hits += bool(not np.isnan(row[i]) and row[i] >= np.nanmax(row))
+    return hits / rows if rows else float("nan")
+
+
+def layer_grid(frame: pd.DataFrame, objective: str, metric: str = "test_acc") -> pd.DataFrame:
+    """Front layer (rows) × end layer (columns) for one objective."""
+    runs = frame[frame.objective == objective]
+    grid = runs.pivot_table(index="front_layer", columns="end_layer", values=metric, aggfunc="mean")
+    layers = sorted(set(grid.index) | set(grid.columns))
+    return grid.reindex(index=layers, columns=layers)
+
+
+def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple[Path, dict]:
+    """One annotated heatmap per objective, titled with directional (non-directional) self-accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objectives = _objectives(frame)
+    fig, axes = plt.subplots(1, len(objectives), figsize=(4.3 * len(objectives), 4.4), squeeze=False)
+    scores = {}
+    for ax, objective in zip(axes[0], objectives):
+        grid = layer_grid(frame, objective, metric)
+        values = grid.to_numpy() * 100
+        directional, averaged = self_accuracy(values), self_accuracy(values, directional=False)
+        scores[objective] = {"self_accuracy": directional, "self_accuracy_nondirectional": averaged}
+        ax.imshow(values, cmap="viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
+        for (r, c), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if v < np.nanmean(values) else "black")
+        ax.set_xticks(range(len(grid.columns)), grid.columns)
+        ax.set_yticks(range(len(grid.index)), grid.index)
+        ax.set_xlabel("end layer")
+        ax.set_ylabel("front layer")
+        ax.set_title(f"{objective.upper()}  self-acc {directional:.2f} ({averaged:.2f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path, scores
+
+
 def stitching_plot(frame: pd.DataFrame, path: Path, metric: str = "test_acc", title: str | None = None) -> Path:
     """Metric vs front depth; x = 0 is the end model alone, x = K + 1 the front model alone."""
     import matplotlib
@@ -115,6 +176,11 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         (out / "table.md").write_text(table.to_markdown() if _has_tabulate() else table.to_string())
         made["table"] = table
         made["plot"] = stitching_plot(frame, out / "stitching_plot.png")
+    if (frame.front_layer != frame.end_layer).any():
+        made["heatmap"], made["self_accuracy"] = heatmaps(frame, out / "heatmap.png")
+        (out / "self_accuracy.json").write_text(json.dumps(made["self_accuracy"], indent=2))
+        for objective in _objectives(frame):
+            layer_grid(frame, objective).to_csv(out / f"grid_{objective}.csv")
     return made
 
 
@@ -144,6 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"base models: front {first.front_acc * 100:.2f}%, end {first.end_acc * 100:.2f}%\n")
         print(made["table"].to_string())
         print(f"\nfigure: {made['plot']}")
+    if "heatmap" in made:
+        print("\nself-accuracy (directional / non-directional)")
+        for objective, score in made["self_accuracy"].items():
+            print(f"  {objective:<6} {score['self_accuracy']:.2f} / {score['self_accuracy_nondirectional']:.2f}")
+        print(f"heatmaps: {made['heatmap']}")
     print(f"table:  {made['csv']}")
     print(f"results in {Path(args.out or args.sweep_dir).resolve()}")
 

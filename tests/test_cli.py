@@ -104,3 +104,64 @@ def test_demo_preset_runs_one_cell_at_full_demo_size(tmp_path):
     record = run(cfg, tmp_path / "run")
     assert record["base"]["front"]["test_acc"] > 0.9 and record["base"]["end"]["test_acc"] > 0.9
     assert record["metrics"]["test/acc"] > 0.85
+
+
+def test_self_accuracy_on_hand_built_grids():
+    import numpy as np
+
+    from stitching.report import self_accuracy
+
+    diagonal = np.eye(4) + 0.1
+    assert self_accuracy(diagonal) == 1.0 and self_accuracy(diagonal, directional=False) == 1.0
+    # rows 0 and 2 peak on the diagonal; row 1 peaks at column 3; row 3 peaks at column 0
+    grid = np.array([[9, 1, 1, 1],
+                     [1, 5, 1, 8],
+                     [1, 1, 7, 2],
+                     [6, 1, 1, 4]], dtype=float)
+    assert self_accuracy(grid) == 2 / 4
+    # averaged directions: (G + Gᵀ)/2 rows → row 1: [1, 5, 1, 4.5] peaks at 1 (diagonal);
+    # row 3: [7.5, 4.5, 1.5, 4] peaks at 0 → 3 of 4 rows
+    assert self_accuracy(grid, directional=False) == 3 / 4
+    # ties count for the diagonal; empty rows are skipped
+    assert self_accuracy(np.array([[2.0, 2.0], [np.nan, np.nan]])) == 1.0
+
+
+def test_report_draws_heatmaps_for_cross_layer_sweeps(tmp_path):
+    for front in (1, 2, 3):
+        for end in (1, 2, 3):
+            folder = tmp_path / f"f{front}e{end}"
+            folder.mkdir()
+            acc = 0.9 if front == end else 0.5 + 0.1 * (front > end)
+            (folder / "results.json").write_text(json.dumps({
+                "status": "ok", "objective": "hint", "front_layer": front, "end_layer": end,
+                "metrics": {"test/acc": acc}, "timings": {"total_s": 1},
+                "base": {"front": {"test_acc": 0.9, "key": "f"}, "end": {"test_acc": 0.9, "key": "e"}}}))
+    made = report(tmp_path)
+    assert made["heatmap"].is_file()
+    assert made["self_accuracy"]["hint"] == {"self_accuracy": 1.0, "self_accuracy_nondirectional": 1.0}
+    assert (tmp_path / "grid_hint.csv").is_file() and (tmp_path / "self_accuracy.json").is_file()
+
+
+def test_launcher_configs_compose():
+    from hydra import compose, initialize_config_dir
+
+    from stitching.train import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        slurm = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                        return_hydra_config=True)
+        local = compose("config", overrides=["hydra/launcher=local"], return_hydra_config=True)
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.partition == "gpu"
+    assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
+
+
+def test_parallel_sweep_shares_base_models(tmp_path):
+    """Two joblib workers ask the zoo for the same missing models at once."""
+    zoo = tmp_path / "zoo"
+    sweep = tmp_path / "sweep"
+    result = _train(tmp_path, zoo, "objective=dm", "stitch.layer=3,7", "hydra/launcher=local",
+                    "model.width=4", f"hydra.sweep.dir={sweep}", multirun=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    frame, failed = collect(sweep)
+    assert not failed and sorted(frame.front_layer) == [3, 7]
+    assert len(set(frame.front_model)) == 1 and len(list(zoo.glob("*.pt"))) == 2
