@@ -4,15 +4,25 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
-DEMO_DIR ?= outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+DEMO_DIR ?= outputs/demo/$(STAMP)
+SWEEPS ?= outputs/sweeps
+ARGS ?=
+FIGURES := fig4 fig5 fig8 fig9 fig10 fig11
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-full clean
+.PHONY: help setup run test test-full clean $(FIGURES) $(FIGURES:=-small)
+
+# $(call sweep,PRESET): run the preset's sweep, then render its figures
+define sweep
+	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP) $(ARGS)
+	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP)
+endef
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: $(READY) ## create .venv with the pinned dependencies
 
@@ -32,6 +42,31 @@ test: $(READY) ## fast tests (what CI runs)
 
 test-full: $(READY) ## every test, slow ones included
 	$(PY) -m pytest
+
+fig4: $(READY) ## FuLA Fig. 4 (paper size, GPU): cross-task stitching under adversarial training
+	$(call sweep,fig4)
+fig4-small: $(READY) ## Fig. 4 on MNIST-5k, CPU-sized
+	$(call sweep,fig4_small)
+fig5: $(READY) ## FuLA Fig. 5 (paper size): same-task adversarial stitching, alpha = 1
+	$(call sweep,fig5)
+fig5-small: $(READY) ## Fig. 5 on MNIST-5k, CPU-sized
+	$(call sweep,fig5_small)
+fig8: $(READY) ## FuLA Fig. 8 (paper size): stitching under shortcuts
+	$(call sweep,fig8)
+fig8-small: $(READY) ## Fig. 8 on MNIST-5k, CPU-sized
+	$(call sweep,fig8_small)
+fig9: $(READY) ## FuLA Fig. 9 (paper size): stitching on a subset of classes
+	$(call sweep,fig9)
+fig9-small: $(READY) ## Fig. 9 on MNIST-5k, CPU-sized
+	$(call sweep,fig9_small)
+fig10: $(READY) ## FuLA Fig. 10 (paper size): 9x9 cross-layer grids, self and between seeds
+	$(call sweep,fig10)
+fig10-small: $(READY) ## Fig. 10 on MNIST-5k: self-stitching grid, Hint/FuLA/TLM
+	$(call sweep,fig10_small)
+fig11: $(READY) ## FuLA Fig. 11 (paper size): FuLA grids with progressively deeper hints
+	$(call sweep,fig11)
+fig11-small: $(READY) ## Fig. 11 on MNIST-5k, CPU-sized
+	$(call sweep,fig11_small)
 
 clean: ## remove run outputs (keeps .venv, the zoo and downloaded data)
 	rm -rf outputs multirun lightning_logs

@@ -1,8 +1,15 @@
-"""``python -m stitching.report SWEEP_DIR`` — a sweep's records → tidy table → figure.
+"""``python -m stitching.report SWEEP_DIR`` — a sweep's records → tidy table → figures.
 
 Reads every ``results.json`` under SWEEP_DIR (failed or unreadable runs are listed, not
-fatal), writes ``results.csv`` and ``table.md``, and draws the stitching plot
-(accuracy vs layer, one line per objective, base models as end points).
+fatal) and writes ``results.csv`` (one row per run, with the conditions that define it).
+Then, for whatever the sweep varied besides objective and layer (α, robustness,
+shortcut, class subset, FuLA weights, seeds…), one panel per condition:
+
+* corresponding layers → ``stitching_plot.png`` (metric vs layer, base models as end
+  points; one row per metric: clean, robust, shortcut accuracy) and ``table.md``;
+* front ≠ end layers → ``heatmap.png`` (annotated 9×9 grids) and ``self_accuracy.json``
+  (how often a row's best cell is on the diagonal, directional and non-directional);
+* class subsets → ``subsets.png`` (accuracy vs number of stitching classes).
 """
 
 from __future__ import annotations
@@ -18,6 +25,28 @@ import pandas as pd
 from stitching.errors import StitchingError, exit_on_user_error
 
 OBJECTIVE_ORDER = ["dm", "hint", "fula", "slm", "tlm"]
+#: condition columns, read from each run's resolved config
+CONDITIONS = {
+    "front_dataset": ("front", "dataset"), "end_dataset": ("end", "dataset"),
+    "front_arch": ("front", "arch"), "end_arch": ("end", "arch"),
+    "front_seed": ("front", "seed"), "end_seed": ("end", "seed"),
+    "front_robust": ("front", "robust"), "end_robust": ("end", "robust"),
+    "alpha": ("attack", "alpha"), "classes_train": ("dataset", "num_classes_train"),
+    "weights": ("objective", "weights"),
+}
+METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust accuracy (PGD)",
+                 "test_robust_acc_autoattack": "robust accuracy (AutoAttack)",
+                 "test_acc_shortcut": "accuracy with shortcut"}
+
+
+def _condition_values(config: dict) -> dict:
+    values = {}
+    for column, (group, key) in CONDITIONS.items():
+        value = (config.get(group) or {}).get(key)
+        values[column] = json.dumps(value) if isinstance(value, list) else value
+    shortcut = config.get("shortcut") or {}
+    values["shortcut"] = f"{shortcut['kind']}/{shortcut['placement']}" if shortcut.get("kind") else "none"
+    return values
 
 
 def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
@@ -36,16 +65,21 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
         if record.get("status") != "ok":
             failed.append({"run": run, "error": record.get("error", "unknown failure")})
             continue
+        base = record["base"]
         rows.append({
             "run": run,
             "objective": record["objective"],
             "front_layer": record["front_layer"],
             "end_layer": record["end_layer"],
+            **_condition_values(record.get("config", {})),
+            "num_classes": (record.get("config", {}).get("dataset") or {}).get("num_classes"),
             **{k.replace("/", "_"): v for k, v in record["metrics"].items()},
-            "front_acc": record["base"]["front"]["test_acc"],
-            "end_acc": record["base"]["end"]["test_acc"],
-            "front_model": record["base"]["front"]["key"],
-            "end_model": record["base"]["end"]["key"],
+            "front_acc": base["front"]["test_acc"],
+            "end_acc": base["end"]["test_acc"],
+            **{f"front_{k.replace('/', '_')}": v for k, v in base["front"].items() if k.startswith("robust")},
+            **{f"end_{k.replace('/', '_')}": v for k, v in base["end"].items() if k.startswith("robust")},
+            "front_model": base["front"]["key"],
+            "end_model": base["end"]["key"],
             "seconds": record["timings"]["total_s"],
         })
     frame = pd.DataFrame(rows)
@@ -59,6 +93,26 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
 def _objectives(frame: pd.DataFrame) -> list[str]:
     present = list(dict.fromkeys(frame["objective"]))
     return [o for o in OBJECTIVE_ORDER if o in present] + [o for o in present if o not in OBJECTIVE_ORDER]
+
+
+def varying_conditions(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Condition columns that take more than one value in this sweep."""
+    columns = [c for c in [*CONDITIONS, "shortcut"] if c in frame and c not in exclude]
+    return [c for c in columns if frame[c].astype(str).nunique() > 1]
+
+
+def facets(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
+    """``(label, rows)`` per combination of the varying conditions (one facet if none vary)."""
+    varying = varying_conditions(frame, exclude)
+    if not varying:
+        return [("", frame)]
+    groups = frame.groupby([frame[c].astype(str) for c in varying], sort=True)
+    return [(", ".join(f"{c}={v}" for c, v in zip(varying, key if isinstance(key, tuple) else (key,))), rows)
+            for key, rows in groups]
+
+
+def plotted_metrics(frame: pd.DataFrame) -> list[str]:
+    return [m for m in METRIC_LABELS if m in frame and frame[m].notna().any()]
 
 
 def layer_table(frame: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
@@ -99,63 +153,116 @@ def layer_grid(frame: pd.DataFrame, objective: str, metric: str = "test_acc") ->
     return grid.reindex(index=layers, columns=layers)
 
 
-def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple[Path, dict]:
-    """One annotated heatmap per objective, titled with directional (non-directional) self-accuracy."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    objectives = _objectives(frame)
-    fig, axes = plt.subplots(1, len(objectives), figsize=(4.3 * len(objectives), 4.4), squeeze=False)
-    scores = {}
-    for ax, objective in zip(axes[0], objectives):
-        grid = layer_grid(frame, objective, metric)
-        values = grid.to_numpy() * 100
-        directional, averaged = self_accuracy(values), self_accuracy(values, directional=False)
-        scores[objective] = {"self_accuracy": directional, "self_accuracy_nondirectional": averaged}
-        ax.imshow(values, cmap="viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
-        for (r, c), v in np.ndenumerate(values):
-            if not np.isnan(v):
-                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6.5,
-                        color="white" if v < np.nanmean(values) else "black")
-        ax.set_xticks(range(len(grid.columns)), grid.columns)
-        ax.set_yticks(range(len(grid.index)), grid.index)
-        ax.set_xlabel("end layer")
-        ax.set_ylabel("front layer")
-        ax.set_title(f"{objective.upper()}  self-acc {directional:.2f} ({averaged:.2f})", fontsize=9)
+    return plt
+
+
+def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple[Path, dict]:
+    """Annotated grids (rows: conditions, columns: objectives), titled with self-accuracy."""
+    plt = _pyplot()
+    panels, objectives = facets(frame), _objectives(frame)
+    fig, axes = plt.subplots(len(panels), len(objectives), figsize=(4.3 * len(objectives), 4.4 * len(panels)),
+                             squeeze=False)
+    scores: dict = {}
+    for row, (label, rows) in enumerate(panels):
+        for col, objective in enumerate(objectives):
+            ax = axes[row][col]
+            grid = layer_grid(rows, objective, metric)
+            values = grid.to_numpy() * 100
+            if not np.isfinite(values).any():
+                ax.axis("off")
+                continue
+            directional, averaged = self_accuracy(values), self_accuracy(values, directional=False)
+            scores.setdefault(label or "all", {})[objective] = {
+                "self_accuracy": directional, "self_accuracy_nondirectional": averaged}
+            ax.imshow(values, cmap="viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
+            for (r, c), v in np.ndenumerate(values):
+                if not np.isnan(v):
+                    ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6.5,
+                            color="white" if v < np.nanmean(values) else "black")
+            ax.set_xticks(range(len(grid.columns)), grid.columns)
+            ax.set_yticks(range(len(grid.index)), grid.index)
+            ax.set_xlabel("end layer")
+            ax.set_ylabel("front layer")
+            ax.set_title(f"{objective.upper()}  self-acc {directional:.2f} ({averaged:.2f})"
+                         + (f"\n{label}" if label else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path, scores
 
 
-def stitching_plot(frame: pd.DataFrame, path: Path, metric: str = "test_acc", title: str | None = None) -> Path:
-    """Metric vs front depth; x = 0 is the end model alone, x = K + 1 the front model alone."""
-    import matplotlib
+def _grid(plt, panels: int, width: float, height: float, columns: int = 4):
+    ncols = min(columns, panels)
+    nrows = -(-panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[panels:]:
+        ax.axis("off")
+    return fig, flat
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) -> list[Path]:
+    """Metric vs front depth, one panel per condition; x = 0 is the end model alone,
+    x = K + 1 the front model alone. One file per metric: ``path`` for clean accuracy,
+    ``<stem>_<metric>.png`` for the others."""
+    plt = _pyplot()
     same = frame[frame.front_layer == frame.end_layer]
+    panels = facets(same)
     last = int(same.front_layer.max())
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for objective in _objectives(same):
-        runs = same[same.objective == objective].groupby("front_layer")[metric].mean()
-        ax.plot(runs.index, runs.values * 100, marker="o", label=objective.upper())
-    end_acc, front_acc = same.end_acc.mean() * 100, same.front_acc.mean() * 100
-    ax.scatter([0, last + 1], [end_acc, front_acc], color="black", marker="s", zorder=5, label="base models")
-    ax.annotate("end", (0, end_acc), textcoords="offset points", xytext=(0, 8), ha="center")
-    ax.annotate("front", (last + 1, front_acc), textcoords="offset points", xytext=(0, 8), ha="center")
-    ax.set_xticks(range(0, last + 2))
-    ax.set_xlabel("front layer (stitching point)")
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
-    values = [*(same[metric] * 100), end_acc, front_acc]
-    low = max(0.0, min(values) - 0.15 * max(5.0, max(values) - min(values)))  # differences stay visible
-    ax.set_ylim(low, min(101.0, max(values) + 2.0))
-    ax.grid(alpha=0.3)
-    ax.set_title(title or f"{same.front_model.iloc[0]} → {same.end_model.iloc[0]}", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    written = []
+    for metric in plotted_metrics(same):
+        fig, axes = _grid(plt, len(panels), 6.2, 3.9)
+        for ax, (label, rows) in zip(axes, panels):
+            for objective in _objectives(rows):
+                runs = rows[rows.objective == objective].groupby("front_layer")[metric].mean()
+                ax.plot(runs.index, runs.values * 100, marker="o", label=objective.upper())
+            base_metric = "acc" if metric in ("test_acc", "test_acc_shortcut") else metric.removeprefix("test_")
+            ends = [rows.get(f"{side}_{base_metric}") for side in ("end", "front")]
+            if all(e is not None and e.notna().any() for e in ends):
+                end_value, front_value = (e.mean() * 100 for e in ends)
+                ax.scatter([0, last + 1], [end_value, front_value], color="black", marker="s", zorder=5,
+                           label="base models")
+                ax.annotate("end", (0, end_value), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+                ax.annotate("front", (last + 1, front_value), textcoords="offset points", xytext=(0, 7),
+                            ha="center", fontsize=8)
+            ax.set_xticks(range(0, last + 2))
+            ax.set_xlim(-0.5, last + 1.5)
+            ax.set_xlabel("front layer (stitching point)")
+            ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
+            ax.grid(alpha=0.3)
+            heading = title or f"{rows.front_model.iloc[0]} → {rows.end_model.iloc[0]}"
+            ax.set_title(heading + (f"\n{label}" if label else ""), fontsize=8)
+            ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        target = path if metric == "test_acc" else path.with_name(f"{path.stem}_{metric.removeprefix('test_')}.png")
+        fig.savefig(target, dpi=150)
+        plt.close(fig)
+        written.append(target)
+    return written
+
+
+def subsets_plot(frame: pd.DataFrame, path: Path) -> Path:
+    """Accuracy on all classes vs the number of stitching classes, per objective."""
+    plt = _pyplot()
+    panels = facets(frame, exclude=("classes_train",))
+    fig, axes = _grid(plt, len(panels), 6.0, 4.0)
+    for ax, (label, rows) in zip(axes, panels):
+        k = rows.classes_train.fillna(rows.num_classes).astype(int)  # no subset: every class
+        for objective in _objectives(rows):
+            mine = rows[rows.objective == objective]
+            curve = mine.groupby(k[mine.index])["test_acc"].mean()
+            ax.plot(curve.index, curve.values * 100, marker="o", label=objective.upper())
+        ax.set_xlabel("classes seen while stitching (k)")
+        ax.set_ylabel("accuracy on all classes (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(label or "class subsets", fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -163,7 +270,7 @@ def stitching_plot(frame: pd.DataFrame, path: Path, metric: str = "test_acc", ti
 
 
 def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Write ``results.csv``, ``table.md`` and ``stitching_plot.png``; return what was made."""
+    """Write the tidy table and the figures the sweep calls for; return what was made."""
     frame, failed = collect(sweep_dir)
     out = Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,25 +278,19 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         raise StitchingError(f"no successful run under {sweep_dir} ({len(failed)} failed)")
     frame.to_csv(out / "results.csv", index=False)
     made = {"csv": out / "results.csv", "failed": failed, "frame": frame}
-    if (frame.front_layer == frame.end_layer).any():
-        table = layer_table(frame)
-        (out / "table.md").write_text(table.to_markdown() if _has_tabulate() else table.to_string())
-        made["table"] = table
-        made["plot"] = stitching_plot(frame, out / "stitching_plot.png")
+    if "classes_train" in varying_conditions(frame):
+        made["subsets"] = subsets_plot(frame, out / "subsets.png")
+    elif (frame.front_layer == frame.end_layer).any():
+        made["table"] = layer_table(frame)
+        (out / "table.md").write_text(made["table"].to_string())
+        made["plots"] = stitching_plot(frame, out / "stitching_plot.png")
+        made["plot"] = made["plots"][0]
     if (frame.front_layer != frame.end_layer).any():
         made["heatmap"], made["self_accuracy"] = heatmaps(frame, out / "heatmap.png")
         (out / "self_accuracy.json").write_text(json.dumps(made["self_accuracy"], indent=2))
         for objective in _objectives(frame):
             layer_grid(frame, objective).to_csv(out / f"grid_{objective}.csv")
     return made
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @exit_on_user_error
@@ -204,16 +305,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f", {len(made['failed'])} failed:" if made["failed"] else "")
     for failure in made["failed"]:
         print(f"  FAILED {failure['run']}: {failure['error']}")
+    varying = varying_conditions(frame)
+    if varying:
+        print(f"conditions varied: {', '.join(varying)}")
     if "table" in made:
         first = frame.iloc[0]
-        print(f"\nstitched test accuracy (%), {first.front_model} → {first.end_model}")
-        print(f"base models: front {first.front_acc * 100:.2f}%, end {first.end_acc * 100:.2f}%\n")
+        print(f"\nstitched test accuracy (%), {first.front_model} → {first.end_model}"
+              + (" (averaged over conditions)" if varying else ""))
+        print(f"base models: front {frame.front_acc.mean() * 100:.2f}%, end {frame.end_acc.mean() * 100:.2f}%\n")
         print(made["table"].to_string())
-        print(f"\nfigure: {made['plot']}")
+        print("\nfigures: " + ", ".join(str(p) for p in made["plots"]))
+    if "subsets" in made:
+        print(f"figure: {made['subsets']}")
     if "heatmap" in made:
         print("\nself-accuracy (directional / non-directional)")
-        for objective, score in made["self_accuracy"].items():
-            print(f"  {objective:<6} {score['self_accuracy']:.2f} / {score['self_accuracy_nondirectional']:.2f}")
+        for condition, scores in made["self_accuracy"].items():
+            for objective, score in scores.items():
+                print(f"  {condition:<24} {objective:<6} {score['self_accuracy']:.2f} / "
+                      f"{score['self_accuracy_nondirectional']:.2f}")
         print(f"heatmaps: {made['heatmap']}")
     print(f"table:  {made['csv']}")
     print(f"results in {Path(args.out or args.sweep_dir).resolve()}")

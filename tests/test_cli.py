@@ -138,7 +138,7 @@ def test_report_draws_heatmaps_for_cross_layer_sweeps(tmp_path):
                 "base": {"front": {"test_acc": 0.9, "key": "f"}, "end": {"test_acc": 0.9, "key": "e"}}}))
     made = report(tmp_path)
     assert made["heatmap"].is_file()
-    assert made["self_accuracy"]["hint"] == {"self_accuracy": 1.0, "self_accuracy_nondirectional": 1.0}
+    assert made["self_accuracy"]["all"]["hint"] == {"self_accuracy": 1.0, "self_accuracy_nondirectional": 1.0}
     assert (tmp_path / "grid_hint.csv").is_file() and (tmp_path / "self_accuracy.json").is_file()
 
 

@@ -44,6 +44,9 @@ def test_fula_with_first_weight_only_is_hint():
 def test_fula_weights_from_config():
     assert fula_weights("uniform", 4).tolist() == pytest.approx([0.25] * 4)
     assert fula_weights("last", 3).tolist() == [0.0, 0.0, 1.0]
+    assert fula_weights("first:2", 4).tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert fula_weights("first:7", 3).tolist() == pytest.approx([1 / 3] * 3)
+    assert fula_weights("first:1", 3).tolist() == fula_weights("first", 3).tolist()
     assert fula_weights([1, 3], 2).tolist() == pytest.approx([0.25, 0.75])
     with pytest.raises(StitchingError, match="non-negative"):
         fula_weights([1.0, -0.5, 0.5], 3)

@@ -59,15 +59,20 @@ def fula_weights(spec, num_terms: int) -> torch.Tensor:
     """Turn a config value into the weight vector ``C`` over ``num_terms`` hints.
 
     ``spec`` is ``"uniform"`` (the paper's default), ``"first"`` (only the structural
-    hint: Hint), ``"last"`` (only the penultimate layer's hint, FuLA paper Fig. 6), or an
-    explicit list of ``num_terms`` non-negative numbers (normalised to sum to 1).
+    hint: Hint), ``"first:n"`` (uniform over the first n hints — progressively deeper
+    guidance, FuLA paper Fig. 11; capped at ``num_terms``), ``"last"`` (only the
+    penultimate layer's hint, Fig. 6), or an explicit list of ``num_terms`` non-negative
+    numbers (normalised to sum to 1).
     """
+    if isinstance(spec, str) and spec.startswith("first:") and spec[6:].isdigit() and int(spec[6:]) > 0:
+        n = min(int(spec[6:]), num_terms)
+        spec = [1.0] * n + [0.0] * (num_terms - n)
     if isinstance(spec, str):
         named = {"uniform": [1.0] * num_terms, "first": [1.0] + [0.0] * (num_terms - 1),
                  "last": [0.0] * (num_terms - 1) + [1.0]}
         if spec not in named:
             raise StitchingError(
-                f"objective.weights='{spec}' is not understood; use uniform, first, last or a list of {num_terms} numbers"
+                f"objective.weights='{spec}' is not understood; use uniform, first, first:N, last or a list of {num_terms} numbers"
             )
         values = named[spec]
     else:

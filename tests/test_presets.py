@@ -1,0 +1,55 @@
+"""Every paper preset composes; every CPU-sized preset runs as a (shrunken) sweep and draws its figure."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from stitching.report import collect, report
+from stitching.train import CONF_DIR
+from tests.test_cli import _train
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem != "small")
+
+# tiny stand-ins for each CPU preset's axes: same kinds of sweep, a few cells
+SHRINK = {
+    "fig4_small": (["stitch.layer=8", "attack.alpha=0,1", "end.robust=false,true", "objective=fula"],
+                   "stitching_plot_robust_acc_pgd.png"),
+    "fig5_small": (["stitch.layer=8", "end.robust=false,true", "objective=tlm"], "stitching_plot_robust_acc_pgd.png"),
+    "fig8_small": (["stitch.layer=1,9", "shortcut.placement=pattern,both", "objective=dm,tlm"],
+                   "stitching_plot_acc_shortcut.png"),
+    "fig9_small": (["dataset.num_classes_train=1,5", "objective=dm,tlm"], "subsets.png"),
+    "fig10_small": (["stitch.front_layer=1,9", "stitch.end_layer=1,9", "objective=hint,tlm"], "heatmap.png"),
+    "fig11_small": (["stitch.front_layer=1,9", "stitch.end_layer=1,9", "objective.weights=first,uniform"],
+                    "heatmap.png"),
+    "demo": (["stitch.layer=1,9", "objective=dm,hint"], "stitching_plot.png"),
+}
+TINY_PRESET = ["dataset=digits", "model.width=4", "zoo.recipe.epochs=1", "trainer.limit_train_batches=2",
+               "attack.eval_images=16", "front.dataset=digits", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_with_its_sweep(preset):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params, preset
+    assert "objective" in params or preset in ("fig11", "fig11_small", "demo")
+
+
+def test_every_cpu_preset_has_a_paper_sized_twin():
+    small = [p for p in PRESETS if p.endswith("_small")]
+    assert small and all(p.removesuffix("_small") in PRESETS for p in small)
+    assert set(SHRINK) == set(small) | {"demo"}
+
+
+@pytest.mark.parametrize("preset", sorted(SHRINK))
+def test_cpu_preset_runs_as_a_sweep_and_draws_its_figure(tmp_path, zoo_dir, preset):
+    overrides, figure = SHRINK[preset]
+    sweep = tmp_path / "sweep"
+    result = _train(tmp_path, tmp_path / "zoo", f"experiment={preset}", *TINY_PRESET, *overrides,
+                    f"hydra.sweep.dir={sweep}", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame, failed = collect(sweep)
+    assert not failed, failed
+    made = report(sweep)
+    assert (sweep / figure).is_file(), sorted(p.name for p in sweep.iterdir())
+    assert len(frame) >= 2 and made["csv"].is_file()
