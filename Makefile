@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-full clean $(FIGURES) $(FIGURES:=-small)
+.PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small)
 
 # $(call sweep,PRESET): run the preset's sweep, then render its figures
 define sweep
@@ -67,6 +67,9 @@ fig11: $(READY) ## FuLA Fig. 11 (paper size): FuLA grids with progressively deep
 	$(call sweep,fig11)
 fig11-small: $(READY) ## Fig. 11 on MNIST-5k, CPU-sized
 	$(call sweep,fig11_small)
+
+bench: $(READY) ## wall time and peak memory: one epoch per objective + a 9x9 grid (MNIST-5k)
+	$(PY) -m stitching.bench $(ARGS)
 
 clean: ## remove run outputs (keeps .venv, the zoo and downloaded data)
 	rm -rf outputs multirun lightning_logs

@@ -293,13 +293,42 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     return made
 
 
+def log_to_wandb(made: dict, sweep_dir: Path, project: str = "stitching", group: str | None = None) -> Path:
+    """Log the tidy table, self-accuracies and every figure to one W&B run of the sweep's group."""
+    import wandb
+
+    from stitching.runtime import wandb_offline
+
+    sweep_dir = Path(sweep_dir)
+    run = wandb.init(project=project, group=group or sweep_dir.name, job_type="report", name=f"report-{sweep_dir.name}",
+                     dir=str(sweep_dir), mode="offline" if wandb_offline() else "online", reinit="finish_previous")
+    payload = {"results": wandb.Table(dataframe=made["frame"])}
+    for key in ("plots",):
+        for path in made.get(key, []):
+            payload[f"figures/{Path(path).stem}"] = wandb.Image(str(path))
+    for key in ("heatmap", "subsets"):
+        if key in made:
+            payload[f"figures/{key}"] = wandb.Image(str(made[key]))
+    for condition, scores in made.get("self_accuracy", {}).items():
+        for objective, score in scores.items():
+            for name, value in score.items():
+                payload[f"{name}/{condition}/{objective}"] = value
+    run.log(payload)
+    run.finish()
+    return Path(run.dir)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stitching.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a sweep directory (hydra.sweep.dir) or any folder of runs")
     parser.add_argument("--out", default=None, help="where to write the table and figures (default: SWEEP_DIR)")
+    parser.add_argument("--wandb", action="store_true", help="also log table and figures to W&B (offline without a key)")
+    parser.add_argument("--wandb-project", default="stitching")
     args = parser.parse_args(argv)
     made = report(args.sweep_dir, args.out)
+    if args.wandb:
+        print(f"W&B: {log_to_wandb(made, Path(args.out or args.sweep_dir), args.wandb_project)}")
     frame = made["frame"]
     print(f"{len(frame)} runs", end="")
     print(f", {len(made['failed'])} failed:" if made["failed"] else "")

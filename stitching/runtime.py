@@ -55,17 +55,22 @@ def build_logger(options: dict, run_dir: Path, run_name: str, config: dict | Non
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        offline = options.get("offline", "auto")
-        if offline == "auto":
-            offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
         logger = WandbLogger(
             project=options.get("project", "stitching"), group=options.get("group"), name=run_name,
-            save_dir=str(run_dir), offline=bool(offline), tags=list(options.get("tags") or []),
+            save_dir=str(run_dir), offline=wandb_offline(options.get("offline", "auto")),
+            tags=list(options.get("tags") or []),
         )
         if config is not None:
             logger.log_hyperparams(config)
         return logger
     raise StitchingError(f"unknown logger kind '{kind}'; use csv, wandb or none")
+
+
+def wandb_offline(setting="auto") -> bool:
+    """``auto``: offline unless a key is configured or ``WANDB_MODE=online``."""
+    if setting == "auto":
+        return not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
+    return bool(setting)
 
 
 class Stopwatch:

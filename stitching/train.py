@@ -140,7 +140,7 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Prepared:
     return Prepared(datamodule, front, end, front_record, end_record, i, j, module)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
     """One stitching run; returns the record also written to ``run_dir/results.json``."""
     watch = Stopwatch()
     run_dir = Path(run_dir)
@@ -151,8 +151,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     network, objective = module.network, cfg.objective.name
     front_record, end_record = prep.front_record, prep.end_record
     config = OmegaConf.to_container(cfg, resolve=True)
-    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
-                          run_name=f"{objective}_f{i}_e{j}", config=config)
+    logger_options = OmegaConf.to_container(cfg.logger, resolve=True)
+    if logger_options.get("group") is None and sweep_name:
+        logger_options["group"] = sweep_name  # the runs of one sweep share a W&B group
+    logger = build_logger(logger_options, run_dir, run_name=f"{objective}_f{i}_e{j}", config=config)
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
     train_metrics = {}
     with watch.section("fit_s"):
@@ -254,7 +256,7 @@ def main(cfg: DictConfig):
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        record = run(cfg, run_dir)
+        record = run(cfg, run_dir, sweep_name=Path(hydra_cfg.sweep.dir).name if sweeping else None)
     except Exception as err:
         _failure_record(cfg, run_dir, err)
         if sweeping:  # one bad cell must not end the sweep

@@ -165,3 +165,41 @@ def test_parallel_sweep_shares_base_models(tmp_path):
     frame, failed = collect(sweep)
     assert not failed and sorted(frame.front_layer) == [3, 7]
     assert len(set(frame.front_model)) == 1 and len(list(zoo.glob("*.pt"))) == 2
+
+
+def test_bench_measures_each_objective(tmp_path, zoo_dir, capsys):
+    from stitching.bench import main as bench_main
+
+    bench_main(["--no-grid", "--out", str(tmp_path), "--", *TINY, f"paths.zoo_dir={zoo_dir}",
+                f"paths.output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    saved = json.loads(next(tmp_path.rglob("bench.json")).read_text())
+    assert [row["what"] for row in saved["rows"]] == [f"{o} epoch" for o in ("dm", "hint", "fula", "slm", "tlm")]
+    assert all(row["seconds"] >= 0 and row["peak_mib"] > 0 for row in saved["rows"])
+    assert "fula epoch" in out and out.strip().splitlines()[-1].startswith("results in ")
+
+
+def test_wandb_groups_a_sweep_and_receives_its_figures(tmp_path, zoo_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    sweep = tmp_path / "mysweep"
+    result = _train(tmp_path, zoo_dir, "objective=dm", "stitch.layer=2,9", "logger=wandb",
+                    f"hydra.sweep.dir={sweep}", multirun=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list(sweep.rglob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 2
+    for data in (r.read_bytes() for r in runs):
+        assert b"dm_samples" in data and b"final/test/acc" in data  # config and metrics
+    # the group is the sweep's name (checked with a name that appears in no path)
+    from stitching.train import run
+    from tests.conftest import compose_config
+
+    cfg = compose_config(*TINY, "logger=wandb", "objective=dm", f"paths.zoo_dir={zoo_dir}")
+    run(cfg, tmp_path / "single", sweep_name="group-7f3a")
+    (single,) = (tmp_path / "single").rglob("run-*.wandb")
+    assert b"group-7f3a" in single.read_bytes()
+    from stitching.report import log_to_wandb
+
+    log_to_wandb(report(sweep), sweep)
+    report_runs = [r for r in sweep.glob("wandb/offline-run-*/run-*.wandb")]
+    assert report_runs and b"stitching_plot" in report_runs[0].read_bytes()

@@ -1,0 +1,141 @@
+"""``python -m stitching.bench`` — wall time and peak memory, so changes can be compared.
+
+Measures, on the configured data and models (default: the `make run` setup on MNIST-5k):
+
+* one stitch-training epoch per objective (DM: the closed-form solve), and its test pass;
+* a 9×9 cross-layer grid (every front × end layer pair, DM initialisation + a few
+  training batches + test per cell).
+
+Peak memory is the process's peak resident set size during each measurement on CPU, and
+``torch.cuda.max_memory_allocated`` on a GPU. Prints a table and writes ``bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from stitching.errors import StitchingError, exit_on_user_error
+from stitching.runtime import build_trainer, versions, write_json_atomic
+from stitching.train import CONF_DIR, prepare
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextmanager
+def measure(result: dict):
+    """Fill ``result`` with ``seconds`` and ``peak_mib`` for the enclosed block."""
+    cuda = torch.cuda.is_available()
+    peak = [_rss_mib()]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], _rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        stop.set()
+        sampler.join()
+        result["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20 if cuda else peak[0], 1)
+        result["memory"] = "cuda allocated" if cuda else "process RSS"
+
+
+def bench_objectives(overrides: list[str], layer: int, run_dir: Path) -> list[dict]:
+    rows = []
+    for objective in ("dm", "hint", "fula", "slm", "tlm"):
+        cfg = _compose([*overrides, f"objective={objective}", f"stitch.layer={layer}", "trainer.max_epochs=1"])
+        prep = prepare(cfg)  # base models come from (or go into) the zoo before timing
+        options = dict(cfg.trainer)
+        row = {"what": f"{objective} epoch", "layer": layer, "images": len(prep.datamodule.arrays.train_y)}
+        with measure(row):
+            if prep.module.trainable:
+                build_trainer(options, run_dir, enable_progress_bar=False).fit(prep.module, datamodule=prep.datamodule)
+        test = {}
+        with measure(test):
+            build_trainer(options, run_dir, enable_progress_bar=False).test(prep.module, datamodule=prep.datamodule,
+                                                                             verbose=False)
+        row["test_seconds"] = test["seconds"]
+        rows.append(row)
+        print(_line(row), flush=True)
+    return rows
+
+
+def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path) -> dict:
+    row = {"what": f"9x9 grid ({objective}, {batches} batches/cell)", "layer": "all", "images": batches}
+    with measure(row):
+        for front in range(1, 10):
+            for end in range(1, 10):
+                cfg = _compose([*overrides, f"objective={objective}", f"stitch.front_layer={front}",
+                                f"stitch.end_layer={end}", "trainer.max_epochs=1",
+                                f"trainer.limit_train_batches={batches}"])
+                prep = prepare(cfg)
+                trainer = build_trainer(dict(cfg.trainer), run_dir, enable_progress_bar=False)
+                if prep.module.trainable:
+                    trainer.fit(prep.module, datamodule=prep.datamodule)
+                trainer.test(prep.module, datamodule=prep.datamodule, verbose=False)
+    row["images"] = f"{batches} batches x 81"
+    print(_line(row), flush=True)
+    return row
+
+
+def _compose(overrides: list[str]):
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=overrides)
+    except Exception as err:  # Hydra's own message names the bad override
+        raise StitchingError(str(err).splitlines()[0]) from None
+
+
+def _line(row: dict) -> str:
+    test = f"{row['test_seconds']:>8.2f}" if "test_seconds" in row else f"{'':>8}"
+    return f"{row['what']:<34} {str(row['layer']):>5} {row['seconds']:>9.2f} {test} {row['peak_mib']:>10.1f}"
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stitching.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=5, help="stitching layer for the per-objective epochs")
+    parser.add_argument("--grid-objective", default="hint", help="objective for the 9x9 grid")
+    parser.add_argument("--grid-batches", type=int, default=4, help="training batches per grid cell")
+    parser.add_argument("--no-grid", action="store_true", help="skip the 9x9 grid")
+    parser.add_argument("--out", default="outputs/bench", help="folder for bench.json")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=demo)")
+    args = parser.parse_args(argv)
+    overrides = args.overrides or ["experiment=demo"]
+    overrides = [*overrides, "logger=none", "trainer.enable_progress_bar=false"]
+    run_dir = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{'measurement':<34} {'layer':>5} {'fit s':>9} {'test s':>8} {'peak MiB':>10}")
+    rows = bench_objectives(overrides, args.layer, run_dir)
+    if not args.no_grid:
+        rows.append(bench_grid(overrides, args.grid_objective, args.grid_batches, run_dir))
+    write_json_atomic(run_dir / "bench.json", {"overrides": overrides, "rows": rows, "versions": versions(),
+                                               "threads": torch.get_num_threads()})
+    print(f"results in {run_dir.resolve() / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
