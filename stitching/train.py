@@ -149,7 +149,6 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
     datamodule, front, end, module = prep.datamodule, prep.front, prep.end, prep.module
     i, j = prep.front_layer, prep.end_layer
     network, objective = module.network, cfg.objective.name
-    front_record, end_record = prep.front_record, prep.end_record
     config = OmegaConf.to_container(cfg, resolve=True)
     logger_options = OmegaConf.to_container(cfg.logger, resolve=True)
     if logger_options.get("group") is None and sweep_name:
@@ -168,25 +167,8 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
         test_metrics = tester.test(module, datamodule=datamodule, verbose=False)[0]
     torch.save(network.stitch.state_dict(), run_dir / "stitch.pt")
 
-    attack = OmegaConf.to_container(cfg.attack, resolve=True)
-    device = _eval_device(cfg)
-    base = {
-        "front": {"key": front_record["key"], "test_acc": front_record["test_acc"], "dataset": cfg.front.dataset},
-        "end": {"key": end_record["key"], "test_acc": end_record["test_acc"], "dataset": cfg.end.dataset},
-    }
     with watch.section("eval_s"):
-        extra = testbed_metrics(network, datamodule, device)
-        extra.update({f"test/{k}": v for k, v in robust_metrics(network, datamodule, attack, device, cfg.seed).items()})
-        for side, model, record in (("front", front, front_record), ("end", end, end_record)):
-            if base[side]["dataset"] == cfg.dataset.name and (attack["eval_pgd"] or attack["eval_autoattack"]):
-                # base models are attacked on their own task only, once per attack setting
-                base[side].update(cached_robust_metrics(copy.deepcopy(model), record["path"], datamodule,
-                                                        attack, device, cfg.seed))
-        if datamodule.shortcut is not None:
-            example = Path(cfg.paths.output_dir) / "shortcut_examples" / (
-                f"{datamodule.name}-{cfg.shortcut.kind}-{cfg.shortcut.placement}-s{cfg.shortcut.seed}.png")
-            if not example.is_file():
-                save_examples(datamodule.shortcut, datamodule.arrays.train_x, datamodule.arrays.train_y, example)
+        extra, base, evaluation = evaluate_testbeds(cfg, prep)
 
     metrics = {**{k: float(v) for k, v in test_metrics.items()}, **train_metrics, **extra}
     record = {
@@ -196,8 +178,7 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
         "front_layer_name": cut_point_names(front)[i - 1], "end_layer_name": cut_point_names(end)[j - 1],
         "metrics": metrics,
         "base": base,
-        "evaluation": {**evaluation_settings(attack, cfg.shortcut, datamodule),
-                       **({"shortcut_examples": str(example)} if datamodule.shortcut is not None else {})},
+        "evaluation": evaluation,
         "stitch": {"parameters": sum(p.numel() for p in network.stitch.parameters()),
                    "in_channels": network.stitch.conv.in_channels,
                    "out_channels": network.stitch.conv.out_channels,
@@ -212,6 +193,30 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
         if hasattr(logger, "experiment") and cfg.logger.kind == "wandb":
             logger.experiment.finish()
     return record
+
+
+def evaluate_testbeds(cfg: DictConfig, prep: Prepared) -> tuple[dict, dict, dict]:
+    """Testbed metrics of the stitched network, the base models' own, and what was evaluated."""
+    attack = OmegaConf.to_container(cfg.attack, resolve=True)
+    device = _eval_device(cfg)
+    datamodule, network = prep.datamodule, prep.module.network
+    metrics = testbed_metrics(network, datamodule, device)
+    metrics.update({f"test/{k}": v for k, v in robust_metrics(network, datamodule, attack, device, cfg.seed).items()})
+    base = {}
+    for side, model, record in (("front", prep.front, prep.front_record), ("end", prep.end, prep.end_record)):
+        base[side] = {"key": record["key"], "test_acc": record["test_acc"], "dataset": cfg[side].dataset}
+        if cfg[side].dataset == cfg.dataset.name and (attack["eval_pgd"] or attack["eval_autoattack"]):
+            # base models are attacked on their own task only, once per attack setting
+            base[side].update(cached_robust_metrics(copy.deepcopy(model), record["path"], datamodule, attack,
+                                                    device, cfg.seed))
+    evaluation = evaluation_settings(attack, cfg.shortcut, datamodule)
+    if datamodule.shortcut is not None:
+        example = Path(cfg.paths.output_dir) / "shortcut_examples" / (
+            f"{datamodule.name}-{cfg.shortcut.kind}-{cfg.shortcut.placement}-s{cfg.shortcut.seed}.png")
+        if not example.is_file():
+            save_examples(datamodule.shortcut, datamodule.arrays.train_x, datamodule.arrays.train_y, example)
+        evaluation["shortcut_examples"] = str(example)
+    return metrics, base, evaluation
 
 
 def _eval_device(cfg: DictConfig) -> torch.device:
