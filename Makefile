@@ -8,7 +8,7 @@ STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_DIR ?= outputs/demo/$(STAMP)
 SWEEPS ?= outputs/sweeps
 ARGS ?=
-FIGURES := fig4 fig5 fig8 fig9 fig10 fig11
+FIGURES := fig4 fig5 fig6 fig8 fig9 fig10 fig11
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
@@ -51,6 +51,10 @@ fig5: $(READY) ## FuLA Fig. 5 (paper size): same-task adversarial stitching, alp
 	$(call sweep,fig5)
 fig5-small: $(READY) ## Fig. 5 on MNIST-5k, CPU-sized
 	$(call sweep,fig5_small)
+fig6: $(READY) ## FuLA Fig. 6 (paper size): penultimate-layer similarity, last-hint FuLA and CKA
+	$(call sweep,fig6)
+fig6-small: $(READY) ## Fig. 6 on MNIST-5k, CPU-sized
+	$(call sweep,fig6_small)
 fig8: $(READY) ## FuLA Fig. 8 (paper size): stitching under shortcuts
 	$(call sweep,fig8)
 fig8-small: $(READY) ## Fig. 8 on MNIST-5k, CPU-sized

@@ -17,6 +17,8 @@ from torch import nn
 
 from stitching.attacks import autoattack_accuracy, pgd
 from stitching.data import ImageDataModule
+from stitching.models import cut_point_activations
+from stitching.similarity import linear_cka
 from stitching.runtime import write_json_atomic
 
 
@@ -69,6 +71,27 @@ def cached_robust_metrics(model: nn.Module, checkpoint: str | Path, datamodule: 
             known[key] = robust_metrics(model, datamodule, attack, device, seed)
             write_json_atomic(cache, known)
     return known[key]
+
+
+def penultimate_cka(network: nn.Module, end: nn.Module, datamodule: ImageDataModule, attack: dict, device) -> float:
+    """Linear CKA between the stitched network's and the end model's penultimate features.
+
+    Features are the globally pooled activations that enter the classifier; inputs are PGD
+    examples crafted against the stitched network (clean test images when ``eps`` is 0).
+    FuLA paper, Fig. 6, computes it for the DM-initialised stitch.
+    """
+    images, labels = datamodule.test_tensors(int(attack["eval_images"]))
+    network, end = network.to(device).eval(), end.to(device).eval()
+    settings = {k: attack[k] for k in ("eps", "step_size", "steps", "random_start")}
+    stitched, native = [], []
+    for x, y in zip(images.split(256), labels.split(256)):
+        x, y = x.to(device), y.to(device)
+        if settings["eps"] > 0:
+            x = pgd(network, x, y, **settings)
+        with torch.no_grad():
+            stitched.append(network(x, return_features=True)[1][-1].mean(dim=(2, 3)).cpu())
+            native.append(cut_point_activations(end, x)[1][-1].mean(dim=(2, 3)).cpu())
+    return linear_cka(torch.cat(stitched), torch.cat(native))
 
 
 def testbed_metrics(network: nn.Module, datamodule: ImageDataModule, device) -> dict:

@@ -36,7 +36,8 @@ CONDITIONS = {
 }
 METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust accuracy (PGD)",
                  "test_robust_acc_autoattack": "robust accuracy (AutoAttack)",
-                 "test_acc_shortcut": "accuracy with shortcut"}
+                 "test_acc_shortcut": "accuracy with shortcut",
+                 "init_penultimate_cka": "penultimate CKA at DM init"}
 
 
 def _condition_values(config: dict) -> dict:
@@ -223,6 +224,8 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
                 runs = rows[rows.objective == objective].groupby("front_layer")[metric].mean()
                 ax.plot(runs.index, runs.values * 100, marker="o", label=objective.upper())
             base_metric = "acc" if metric in ("test_acc", "test_acc_shortcut") else metric.removeprefix("test_")
+            if metric.startswith("init_"):
+                base_metric = "none"  # base models have no stitch to initialise
             ends = [rows.get(f"{side}_{base_metric}") for side in ("end", "front")]
             if all(e is not None and e.notna().any() for e in ends):
                 end_value, front_value = (e.mean() * 100 for e in ends)
@@ -240,7 +243,8 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
             ax.set_title(heading + (f"\n{label}" if label else ""), fontsize=8)
             ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        target = path if metric == "test_acc" else path.with_name(f"{path.stem}_{metric.removeprefix('test_')}.png")
+        target = path if metric == "test_acc" else path.with_name(
+            f"{path.stem}_{metric.removeprefix('test_').removeprefix('init_')}.png")
         fig.savefig(target, dpi=150)
         plt.close(fig)
         written.append(target)

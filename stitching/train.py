@@ -20,7 +20,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stitching.data import ImageDataModule, save_examples
-from stitching.evaluate import cached_robust_metrics, evaluation_settings, robust_metrics, testbed_metrics
+from stitching.evaluate import (
+    cached_robust_metrics,
+    evaluation_settings,
+    penultimate_cka,
+    robust_metrics,
+    testbed_metrics,
+)
 from stitching.errors import StitchingError
 from stitching.models import cut_point_names, resolve_layer, split
 from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
@@ -155,6 +161,12 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
         logger_options["group"] = sweep_name  # the runs of one sweep share a W&B group
     logger = build_logger(logger_options, run_dir, run_name=f"{objective}_f{i}_e{j}", config=config)
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    init_metrics = {}
+    if cfg.evaluation.penultimate_cka:
+        with watch.section("init_eval_s"):
+            attack = OmegaConf.to_container(cfg.attack, resolve=True)
+            init_metrics["init/penultimate_cka"] = penultimate_cka(network, copy.deepcopy(end), datamodule, attack,
+                                                                   _eval_device(cfg))
     train_metrics = {}
     with watch.section("fit_s"):
         if module.trainable and trainer_options.get("max_epochs", 0) != 0:
@@ -170,7 +182,7 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
     with watch.section("eval_s"):
         extra, base, evaluation = evaluate_testbeds(cfg, prep)
 
-    metrics = {**{k: float(v) for k, v in test_metrics.items()}, **train_metrics, **extra}
+    metrics = {**{k: float(v) for k, v in test_metrics.items()}, **train_metrics, **extra, **init_metrics}
     record = {
         "status": "ok",
         "objective": objective,

@@ -14,6 +14,7 @@ SHRINK = {
     "fig4_small": (["stitch.layer=8", "attack.alpha=0,1", "end.robust=false,true", "objective=fula"],
                    "stitching_plot_robust_acc_pgd.png"),
     "fig5_small": (["stitch.layer=8", "end.robust=false,true", "objective=tlm"], "stitching_plot_robust_acc_pgd.png"),
+    "fig6_small": (["stitch.layer=8", "end.robust=false,true"], "stitching_plot_penultimate_cka.png"),
     "fig8_small": (["stitch.layer=1,9", "shortcut.placement=pattern,both", "objective=dm,tlm"],
                    "stitching_plot_acc_shortcut.png"),
     "fig9_small": (["dataset.num_classes_train=1,5", "objective=dm,tlm"], "subsets.png"),
@@ -32,7 +33,7 @@ def test_preset_composes_with_its_sweep(preset):
         cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params, preset
-    assert "objective" in params or preset in ("fig11", "fig11_small", "demo")
+    assert "objective" in params or preset in ("fig6", "fig6_small", "fig11", "fig11_small", "demo")
 
 
 def test_every_cpu_preset_has_a_paper_sized_twin():
