@@ -64,7 +64,7 @@ class ClassifierModule(L.LightningModule):
             alpha = float(self.adversarial["alpha"])
             x_adv = pgd(self.model, x, y, **attack)
             loss = (1 - alpha) * loss + alpha * F.cross_entropy(self.model(x_adv), y)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 

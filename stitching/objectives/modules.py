@@ -110,7 +110,7 @@ class StitchingModule(L.LightningModule):
             x = mix_adversarial(self.network, x, y, alpha, **attack)
         loss, logits = self.loss(x, y)
         self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
@@ -118,7 +118,7 @@ class StitchingModule(L.LightningModule):
         x, y = batch
         logits = self.network(x)
         self.test_acc(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
 
 
