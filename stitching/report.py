@@ -166,32 +166,30 @@ def _pyplot():
 def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple[Path, dict]:
     """Annotated grids (rows: conditions, columns: objectives), titled with self-accuracy."""
     plt = _pyplot()
-    panels, objectives = facets(frame), _objectives(frame)
-    fig, axes = plt.subplots(len(panels), len(objectives), figsize=(4.3 * len(objectives), 4.4 * len(panels)),
-                             squeeze=False)
+    cells = [(label, rows, objective) for label, rows in facets(frame) for objective in _objectives(frame)]
+    columns = len(_objectives(frame)) if len(_objectives(frame)) > 1 else 4
+    fig, axes = _grid(plt, len(cells), 4.3, 4.9, columns=columns)
     scores: dict = {}
-    for row, (label, rows) in enumerate(panels):
-        for col, objective in enumerate(objectives):
-            ax = axes[row][col]
-            grid = layer_grid(rows, objective, metric)
-            values = grid.to_numpy() * 100
-            if not np.isfinite(values).any():
-                ax.axis("off")
-                continue
-            directional, averaged = self_accuracy(values), self_accuracy(values, directional=False)
-            scores.setdefault(label or "all", {})[objective] = {
-                "self_accuracy": directional, "self_accuracy_nondirectional": averaged}
-            ax.imshow(values, cmap="viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
-            for (r, c), v in np.ndenumerate(values):
-                if not np.isnan(v):
-                    ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6.5,
-                            color="white" if v < np.nanmean(values) else "black")
-            ax.set_xticks(range(len(grid.columns)), grid.columns)
-            ax.set_yticks(range(len(grid.index)), grid.index)
-            ax.set_xlabel("end layer")
-            ax.set_ylabel("front layer")
-            ax.set_title(f"{objective.upper()}  self-acc {directional:.2f} ({averaged:.2f})"
-                         + (f"\n{label}" if label else ""), fontsize=9)
+    for ax, (label, rows, objective) in zip(axes, cells):
+        grid = layer_grid(rows, objective, metric)
+        values = grid.to_numpy() * 100
+        if not np.isfinite(values).any():
+            ax.axis("off")
+            continue
+        directional, averaged = self_accuracy(values), self_accuracy(values, directional=False)
+        scores.setdefault(label or "all", {})[objective] = {
+            "self_accuracy": directional, "self_accuracy_nondirectional": averaged}
+        ax.imshow(values, cmap="viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
+        for (r, c), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if v < np.nanmean(values) else "black")
+        ax.set_xticks(range(len(grid.columns)), grid.columns)
+        ax.set_yticks(range(len(grid.index)), grid.index)
+        ax.set_xlabel("end layer")
+        ax.set_ylabel("front layer")
+        ax.set_title(f"{objective.upper()}  self-acc {directional:.2f} ({averaged:.2f})"
+                     + (f"\n{label}" if label else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
