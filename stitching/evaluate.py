@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def cached_robust_metrics(model: nn.Module, checkpoint: str | Path, datamodule: 
 
     Base models are fixed, so a sweep attacks each of them once per attack setting, not
     once per run. The cache file ``<checkpoint>.robust.json`` maps settings to metrics.
+    ``model`` itself is left untouched (a copy is attacked, and only on a cache miss).
     """
     wanted = {k: attack[k] for k in ("eps", "step_size", "steps", "random_start", "eval_pgd", "eval_autoattack",
                                      "autoattack_version", "eval_images")}
@@ -68,7 +70,7 @@ def cached_robust_metrics(model: nn.Module, checkpoint: str | Path, datamodule: 
     with FileLock(str(cache) + ".lock"):
         known = json.loads(cache.read_text()) if cache.is_file() else {}
         if key not in known:
-            known[key] = robust_metrics(model, datamodule, attack, device, seed)
+            known[key] = robust_metrics(copy.deepcopy(model), datamodule, attack, device, seed)
             write_json_atomic(cache, known)
     return known[key]
 

@@ -219,8 +219,7 @@ def evaluate_testbeds(cfg: DictConfig, prep: Prepared) -> tuple[dict, dict, dict
         base[side] = {"key": record["key"], "test_acc": record["test_acc"], "dataset": cfg[side].dataset}
         if cfg[side].dataset == cfg.dataset.name and (attack["eval_pgd"] or attack["eval_autoattack"]):
             # base models are attacked on their own task only, once per attack setting
-            base[side].update(cached_robust_metrics(copy.deepcopy(model), record["path"], datamodule, attack,
-                                                    device, cfg.seed))
+            base[side].update(cached_robust_metrics(model, record["path"], datamodule, attack, device, cfg.seed))
     evaluation = evaluation_settings(attack, cfg.shortcut, datamodule)
     if datamodule.shortcut is not None:
         example = Path(cfg.paths.output_dir) / "shortcut_examples" / (
