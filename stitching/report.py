@@ -227,8 +227,9 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
             ends = [rows.get(f"{side}_{base_metric}") for side in ("end", "front")]
             if all(e is not None and e.notna().any() for e in ends):
                 end_value, front_value = (e.mean() * 100 for e in ends)
+                label_ends = "base models (clean)" if metric == "test_acc_shortcut" else "base models"
                 ax.scatter([0, last + 1], [end_value, front_value], color="black", marker="s", zorder=5,
-                           label="base models")
+                           label=label_ends)
                 ax.annotate("end", (0, end_value), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
                 ax.annotate("front", (last + 1, front_value), textcoords="offset points", xytext=(0, 7),
                             ha="center", fontsize=8)
