@@ -67,3 +67,14 @@ def test_layers_by_name_and_bad_layers():
         resolve_layer(model, "layer9.0")
     with pytest.raises(StitchingError, match="unknown architecture 'vgg'"):
         build_model("vgg", 10)
+
+
+def test_activations_can_stop_at_a_cut_point():
+    model = build_model("resnet18", 10, width=4).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, everything = cut_point_activations(model, x)
+        none, first_four = cut_point_activations(model, x, upto=4)
+    assert none is None and len(first_four) == 4 and logits is not None
+    for got, want in zip(first_four, everything):
+        torch.testing.assert_close(got, want)

@@ -39,7 +39,7 @@ def test_dm_self_stitch_reproduces_the_model(tiny_config, tmp_path, layer):
     x = prep.datamodule.sample_train_images(64, seed=5)
     module = prep.module.eval()
     with torch.no_grad():
-        _, targets = module.reference_targets(x)
+        targets = module.reference_targets(x)
         logits, stitched = module.network(x, return_features=True)
     assert hint_loss(stitched[0], targets[0]).item() < 1e-3
     from stitching.objectives import fula_loss, fula_weights
@@ -81,7 +81,7 @@ def test_front_and_end_stay_frozen_while_the_stitch_trains(tiny_config, tmp_path
 def test_fula_targets_are_the_end_models_own_activations(tiny_config):
     prep = prepare(tiny_config("objective=fula", "stitch.layer=6"))
     x = prep.datamodule.sample_train_images(8)
-    _, targets = prep.module.reference_targets(x)
+    targets = prep.module.reference_targets(x)
     with torch.no_grad():
         _, own = cut_point_activations(prep.end.eval(), x)
     assert len(targets) == 4

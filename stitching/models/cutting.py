@@ -80,12 +80,19 @@ def split(model: nn.Module, layer: int | str) -> tuple[Head, Tail]:
     return Head(blocks[: block_index + 1]), Tail(blocks[block_index + 1 :], later)
 
 
-def cut_point_activations(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """Run ``model`` once; return its logits and the activation at every cut point."""
+def cut_point_activations(model: nn.Module, x: torch.Tensor, upto: int | None = None) -> tuple[torch.Tensor | None, list]:
+    """Run ``model`` once; return its logits and the activation at every cut point.
+
+    With ``upto`` (a 1-based cut point) the pass stops there: the activations of cut
+    points ``1..upto`` come back and the logits are ``None``.
+    """
     positions = {b for _, b in model.cut_points}
+    stop = model.cut_points[upto - 1][1] if upto is not None else None
     activations = []
     for position, block in enumerate(model.blocks):
         x = block(x)
         if position in positions:
             activations.append(x)
+        if position == stop:
+            return None, activations
     return x, activations

@@ -90,10 +90,10 @@ class StitchingModule(L.LightningModule):
         self.train()
 
     @torch.no_grad()
-    def reference_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The reference end model's logits and its activations at cut points ``j..k``."""
-        logits, activations = cut_point_activations(self.reference, x)
-        return logits, activations[self.end_layer - 1 :]
+    def reference_targets(self, x: torch.Tensor, only_end_layer: bool = False) -> list[torch.Tensor]:
+        """The reference end model's activations at cut points ``j..k`` (or only at ``j``)."""
+        _, activations = cut_point_activations(self.reference, x, self.end_layer if only_end_layer else None)
+        return activations[self.end_layer - 1 :]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(loss, stitched logits)`` for one batch."""
@@ -132,11 +132,11 @@ class HintModule(StitchingModule):
     """Structural hint at the stitching point, trained by SGD on the whole training set."""
 
     def loss(self, x, y):
-        _, targets = self.reference_targets(x)
+        (target,) = self.reference_targets(x, only_end_layer=True)
         a = self.network.stitched_activation(x)
         with torch.no_grad():  # the tail still runs, so its BN statistics see stitched data
             logits = self.network.end(a)
-        return losses.hint_loss(a, targets[0]), logits
+        return losses.hint_loss(a, target), logits
 
 
 class FulaModule(StitchingModule):
@@ -148,7 +148,7 @@ class FulaModule(StitchingModule):
         self.register_buffer("weights", losses.fula_weights(weights, num_terms))
 
     def loss(self, x, y):
-        _, targets = self.reference_targets(x)
+        targets = self.reference_targets(x)
         logits, stitched = self.network(x, return_features=True)
         return losses.fula_loss(stitched, targets, self.weights), logits
 
