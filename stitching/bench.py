@@ -20,11 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-
-from stitching.errors import StitchingError, exit_on_user_error
+from stitching.errors import exit_on_user_error
 from stitching.runtime import build_trainer, versions, write_json_atomic
-from stitching.train import CONF_DIR, prepare
+from stitching.train import compose_config, prepare
 
 
 def _rss_mib() -> float:
@@ -66,7 +64,7 @@ def measure(result: dict):
 def bench_objectives(overrides: list[str], layer: int, run_dir: Path) -> list[dict]:
     rows = []
     for objective in ("dm", "hint", "fula", "slm", "tlm"):
-        cfg = _compose([*overrides, f"objective={objective}", f"stitch.layer={layer}", "trainer.max_epochs=1"])
+        cfg = compose_config([*overrides, f"objective={objective}", f"stitch.layer={layer}", "trainer.max_epochs=1"])
         prep = prepare(cfg)  # base models come from (or go into) the zoo before timing
         options = dict(cfg.trainer)
         row = {"what": f"{objective} epoch", "layer": layer, "images": len(prep.datamodule.arrays.train_y)}
@@ -88,7 +86,7 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
     with measure(row):
         for front in range(1, 10):
             for end in range(1, 10):
-                cfg = _compose([*overrides, f"objective={objective}", f"stitch.front_layer={front}",
+                cfg = compose_config([*overrides, f"objective={objective}", f"stitch.front_layer={front}",
                                 f"stitch.end_layer={end}", "trainer.max_epochs=1",
                                 f"trainer.limit_train_batches={batches}"])
                 prep = prepare(cfg)
@@ -99,14 +97,6 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
     row["images"] = f"{batches} batches x 81"
     print(_line(row), flush=True)
     return row
-
-
-def _compose(overrides: list[str]):
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=overrides)
-    except Exception as err:  # Hydra's own message names the bad override
-        raise StitchingError(str(err).splitlines()[0]) from None
 
 
 def _line(row: dict) -> str:

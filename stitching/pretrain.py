@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hydra import compose, initialize_config_dir
-
-from stitching.errors import StitchingError, exit_on_user_error
-from stitching.train import CONF_DIR, build_zoo, model_spec
+from stitching.errors import exit_on_user_error
+from stitching.train import build_zoo, compose_config, model_spec
 
 
 def _table(records: list[dict]) -> str:
@@ -37,11 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="train these seeds of the front model's spec")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train")
     args = parser.parse_args(argv)
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=args.overrides)
-    except Exception as err:  # Hydra's own message is already one clear sentence
-        raise StitchingError(str(err).splitlines()[0]) from None
+    cfg = compose_config(args.overrides)
     zoo = build_zoo(cfg)
     if not args.list:
         specs = [model_spec(cfg.front), model_spec(cfg.end)]
@@ -51,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         for spec in dict.fromkeys(specs):
             zoo.get(spec)
     print(f"zoo: {zoo.root.resolve()}")
-    print(_table([{**r, "path": r["path"]} for r in zoo.list()]))
+    print(_table(zoo.list()))
 
 
 if __name__ == "__main__":

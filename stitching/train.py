@@ -37,6 +37,17 @@ from stitching.zoo import ModelSpec, ModelZoo
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The project's config with ``overrides``, outside a Hydra run (for the other CLIs)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    except Exception as err:  # Hydra's own first line names the bad override
+        raise StitchingError(str(err).splitlines()[0]) from None
+
+
 def dataset_config(cfg: DictConfig, name: str) -> dict:
     """The resolved ``dataset`` group for ``name`` (the run's own one when it matches)."""
     if name == cfg.dataset.name:

@@ -11,7 +11,7 @@ from stitching.zoo import ModelSpec, load_checkpoint
 SPEC = ModelSpec(arch="resnet18", width=4, dataset="digits", seed=3)
 
 
-def _zoo(tmp_path, capsys=None):
+def _zoo(tmp_path):
     from stitching.train import build_zoo
     from tests.conftest import TINY, compose_config
 
