@@ -1,5 +1,27 @@
-"""Structural similarity indices on activation matrices."""
+"""Structural similarity indices on activation matrices, and the energy-based OOD detector."""
 
-from stitching.similarity.cka import linear_cka
+from stitching.similarity.cca import cca_correlations, mean_cca, procrustes_distance, pwcca, svcca
+from stitching.similarity.cka import (
+    MinibatchCKA,
+    SimilarityError,
+    hsic_unbiased,
+    kernel_cka,
+    linear_cka,
+    rbf_cka,
+    unbiased_cka,
+)
 
-__all__ = ["linear_cka"]
+__all__ = [
+    "MinibatchCKA",
+    "SimilarityError",
+    "cca_correlations",
+    "hsic_unbiased",
+    "kernel_cka",
+    "linear_cka",
+    "mean_cca",
+    "procrustes_distance",
+    "pwcca",
+    "rbf_cka",
+    "svcca",
+    "unbiased_cka",
+]

@@ -1,23 +1,189 @@
-"""Centred kernel alignment (Kornblith et al. 2019), as pure functions of activation matrices."""
+"""Centred kernel alignment (Kornblith et al. 2019), as pure functions of activation matrices.
+
+Every function takes ``[n, d]`` matrices whose rows are the same ``n`` inputs (other
+shapes are flattened per sample), computes in float64 and returns a Python float.
+
+* :func:`linear_cka` — the biased (V-statistic) HSIC with linear kernels; the
+  feature-space form ``‖YᵀX‖²`` when both widths are below ``n``, the Gram form otherwise.
+* :func:`unbiased_cka` — CKA from the unbiased U-statistic HSIC of Song et al. (2012),
+  close to 0 for independent inputs even when ``n`` is small.
+* :func:`rbf_cka` — Gaussian kernels, bandwidth a fraction of the median pairwise distance.
+* :class:`MinibatchCKA` — streams over a dataset: averages per-batch unbiased HSIC
+  (Nguyen et al. 2021), for activations too large to hold, and for grids of layers.
+
+A constant input carries no information to align: the functions raise
+:class:`~stitching.similarity.SimilarityError` instead of returning NaN.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from stitching.errors import StitchingError
+
+
+class SimilarityError(StitchingError):
+    """An index is undefined for these inputs (constant activations, too few samples…)."""
+
+
+def as_matrix(a: torch.Tensor) -> torch.Tensor:
+    """``[n, …]`` → ``[n, d]`` float64 (per-sample flattening)."""
+    return a.reshape(len(a), -1).double()
+
+
+def is_constant(a: torch.Tensor) -> bool:
+    """True when every input has the same activation (nothing to compare)."""
+    a = a.reshape(len(a), -1)
+    return bool(len(a) < 2 or (a.amax(0) - a.amin(0)).max() == 0)
+
+
+def _pair(x: torch.Tensor, y: torch.Tensor, what: str = "the index") -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[0] != y.shape[0]:
+        raise SimilarityError(f"x and y describe different numbers of inputs: {x.shape[0]} vs {y.shape[0]}")
+    for a, side in ((x, "x"), (y, "y")):
+        if is_constant(a):
+            raise SimilarityError(f"{what} is undefined: {side} is the same for every input (constant activations)")
+        if not torch.isfinite(a).all():
+            raise SimilarityError(f"{what} is undefined: {side} contains NaN or infinite activations")
+    return as_matrix(x), as_matrix(y)
+
+
+def _ratio(cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor, what: str) -> float:
+    for value, side in ((self_x, "x"), (self_y, "y")):
+        if not value > 0:
+            raise SimilarityError(f"{what} is undefined: the HSIC of {side} with itself is {float(value):.3g} "
+                                  f"(constant activations, or too few samples for the estimator)")
+    return float(cross / torch.sqrt(self_x * self_y))
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA between ``x`` ``[n, d1]`` and ``y`` ``[n, d2]`` (rows: the same n inputs).
+    """Linear CKA, ``‖Yᶜᵀ Xᶜ‖²_F / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F)`` with column-centred inputs.
 
-    ``‖Yᶜᵀ Xᶜ‖²_F / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F)`` with column-centred ``Xᶜ``, ``Yᶜ``, in float64.
     Invariant to orthogonal transforms and isotropic scaling; 1 for identical inputs.
-    A constant input has no variance to compare: the result is then NaN.
     """
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y describe different numbers of inputs: {x.shape[0]} vs {y.shape[0]}")
-    x = x.reshape(len(x), -1).double()
-    y = y.reshape(len(y), -1).double()
+    x, y = _pair(x, y, "linear CKA")
     x = x - x.mean(0, keepdim=True)
     y = y - y.mean(0, keepdim=True)
-    cross = (y.T @ x).pow(2).sum()
-    norm = (x.T @ x).norm() * (y.T @ y).norm()
-    return float(cross / norm) if norm > 0 else float("nan")
+    n = len(x)
+    if x.shape[1] < n and y.shape[1] < n:  # feature space: d×d products
+        cross = (y.T @ x).pow(2).sum()
+        return _ratio(cross, (x.T @ x).pow(2).sum(), (y.T @ y).pow(2).sum(), "linear CKA")
+    k, l = x @ x.T, y @ y.T  # Gram form: n×n products (already centred)
+    return _ratio((k * l).sum(), (k * k).sum(), (l * l).sum(), "linear CKA")
+
+
+def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Song et al. (2012)'s unbiased HSIC estimator from two ``n×n`` kernel matrices (n ≥ 4).
+
+    ``[tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1 / ((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3))`` with zeroed diagonals.
+    """
+    n = k.shape[0]
+    if n < 4:
+        raise SimilarityError(f"the unbiased HSIC needs at least 4 inputs per batch, got {n}")
+    k = k.double().clone().fill_diagonal_(0)
+    l = l.double().clone().fill_diagonal_(0)
+    k_row, l_row = k.sum(1), l.sum(1)
+    trace = (k * l).sum()
+    return (trace + k_row.sum() * l_row.sum() / ((n - 1) * (n - 2)) - 2 * (k_row @ l_row) / (n - 2)) / (n * (n - 3))
+
+
+def linear_gram(x: torch.Tensor) -> torch.Tensor:
+    x = as_matrix(x)
+    return x @ x.T
+
+
+def rbf_gram(x: torch.Tensor, sigma: float = 0.8) -> torch.Tensor:
+    """Gaussian kernel ``exp(−‖xᵢ − xⱼ‖² / (2 (σ·median)²))``, median over distinct pairs."""
+    x = as_matrix(x)
+    sq = (x * x).sum(1)
+    dist2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
+    n = len(x)
+    off = dist2[~torch.eye(n, dtype=torch.bool, device=x.device)]
+    median = off.sqrt().median() if off.numel() else torch.tensor(0.0, dtype=x.dtype)
+    if not median > 0:
+        raise SimilarityError("RBF CKA is undefined: all inputs have the same activation (median distance 0)")
+    return torch.exp(-dist2 / (2 * (sigma * median) ** 2))
+
+
+def _centred(k: torch.Tensor) -> torch.Tensor:
+    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+
+def kernel_cka(k: torch.Tensor, l: torch.Tensor, unbiased: bool = False) -> float:
+    """CKA from two kernel matrices (biased HSIC by default)."""
+    if unbiased:
+        return _ratio(hsic_unbiased(k, l), hsic_unbiased(k, k), hsic_unbiased(l, l), "unbiased CKA")
+    kc, lc = _centred(k.double()), _centred(l.double())
+    return _ratio((kc * lc).sum(), (kc * kc).sum(), (lc * lc).sum(), "CKA")
+
+
+def unbiased_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA from the unbiased HSIC estimator (Song et al. 2012)."""
+    x, y = _pair(x, y, "unbiased CKA")
+    return kernel_cka(x @ x.T, y @ y.T, unbiased=True)
+
+
+def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.8, unbiased: bool = False) -> float:
+    """RBF-kernel CKA, each side's bandwidth ``sigma`` × its median pairwise distance."""
+    x, y = _pair(x, y, "RBF CKA")
+    return kernel_cka(rbf_gram(x, sigma), rbf_gram(y, sigma), unbiased=unbiased)
+
+
+class MinibatchCKA:
+    """Streaming CKA for every (front layer, end layer) pair: the average over batches of
+    the unbiased HSIC (Nguyen et al. 2021), normalised at the end.
+
+    ``update(xs, ys)`` takes one batch's activations of each model (lists of tensors, one
+    per layer, rows = the same inputs); ``compute()`` returns the ``[len(xs), len(ys)]``
+    grid. Each layer's Gram matrix is formed once per batch, so memory is ``batch²`` per
+    layer whatever the layer's width.
+
+    Args:
+        kernel: ``"linear"`` or ``"rbf"`` (bandwidth ``sigma`` × the batch's median distance).
+    """
+
+    def __init__(self, kernel: str = "linear", sigma: float = 0.8):
+        if kernel not in ("linear", "rbf"):
+            raise SimilarityError(f"unknown kernel '{kernel}'; choose linear or rbf")
+        self.kernel, self.sigma = kernel, sigma
+        self.cross = self.self_x = self.self_y = None
+        self.varied_x: list[bool] = []
+        self.varied_y: list[bool] = []
+        self.batches = 0
+
+    def _gram(self, a: torch.Tensor) -> torch.Tensor:
+        return linear_gram(a) if self.kernel == "linear" else rbf_gram(a, self.sigma)
+
+    def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
+        kx = [self._gram(x) for x in xs]
+        ky = [self._gram(y) for y in ys]
+        cross = torch.tensor([[float(hsic_unbiased(k, l)) for l in ky] for k in kx], dtype=torch.float64)
+        self_x = torch.tensor([float(hsic_unbiased(k, k)) for k in kx], dtype=torch.float64)
+        self_y = torch.tensor([float(hsic_unbiased(l, l)) for l in ky], dtype=torch.float64)
+        varied_x, varied_y = [not is_constant(x) for x in xs], [not is_constant(y) for y in ys]
+        if self.cross is None:
+            self.cross, self.self_x, self.self_y = cross, self_x, self_y
+            self.varied_x, self.varied_y = varied_x, varied_y
+        else:
+            self.varied_x = [a or b for a, b in zip(self.varied_x, varied_x)]
+            self.varied_y = [a or b for a, b in zip(self.varied_y, varied_y)]
+            self.cross += cross
+            self.self_x += self_x
+            self.self_y += self_y
+        self.batches += 1
+
+    def compute(self) -> torch.Tensor:
+        if not self.batches:
+            raise SimilarityError("no batches were added to the minibatch CKA")
+        for side, varied in (("front", self.varied_x), ("end", self.varied_y)):
+            if not all(varied):
+                raise SimilarityError(f"minibatch CKA is undefined: {side} layer {varied.index(False) + 1} "
+                                      f"is the same for every input (constant activations)")
+        grid = torch.empty_like(self.cross)
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                grid[i, j] = _ratio(self.cross[i, j], self.self_x[i], self.self_y[j],
+                                    f"minibatch CKA (front layer {i + 1}, end layer {j + 1})")
+        return grid
