@@ -18,7 +18,7 @@ from torch import nn
 
 from stitching.attacks import autoattack_accuracy, pgd
 from stitching.data import ImageDataModule
-from stitching.models import cut_point_activations
+from stitching.models.cutting import cut_point_activations, pooled
 from stitching.similarity import linear_cka
 from stitching.runtime import write_json_atomic
 
@@ -91,8 +91,8 @@ def penultimate_cka(network: nn.Module, end: nn.Module, datamodule: ImageDataMod
         if settings["eps"] > 0:
             x = pgd(network, x, y, **settings)
         with torch.no_grad():
-            stitched.append(network(x, return_features=True)[1][-1].mean(dim=(2, 3)).cpu())
-            native.append(cut_point_activations(end, x)[1][-1].mean(dim=(2, 3)).cpu())
+            stitched.append(pooled(network(x, return_features=True)[1][-1]).cpu())
+            native.append(pooled(cut_point_activations(end, x)[1][-1]).cpu())
     return linear_cka(torch.cat(stitched), torch.cat(native))
 
 

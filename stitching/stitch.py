@@ -41,11 +41,68 @@ class Stitch(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.conv(self.resize(a))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        return self.conv.in_channels, self.conv.out_channels
+
     @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Load a ``[out, in]`` matrix and an ``[out]`` bias into the 1×1 convolution."""
         self.conv.weight.copy_(weight.reshape_as(self.conv.weight).to(self.conv.weight))
         self.conv.bias.copy_(bias.to(self.conv.bias))
+
+
+class TokenStitch(nn.Module):
+    """A linear map on the embedding dimension, with bias, applied to every token.
+
+    Args:
+        in_channels: the front model's embedding width at cut point i.
+        out_channels: the end model's embedding width at cut point j.
+        tokens: the end model's token count; the front's must match (same patch grid).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, tokens: int | None = None):
+        super().__init__()
+        self.linear = nn.Linear(in_channels, out_channels, bias=True)
+        self.out_size = (int(tokens),) if tokens is not None else None
+
+    def resize(self, a: torch.Tensor) -> torch.Tensor:
+        if self.out_size is not None and a.shape[1] != self.out_size[0]:
+            raise ValueError(f"the front model has {a.shape[1]} tokens but the end model {self.out_size[0]}; "
+                             f"stitch ViTs with the same patch grid")
+        return a
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.resize(a))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        return self.linear.in_features, self.linear.out_features
+
+    @torch.no_grad()
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.linear.weight.copy_(weight.to(self.linear.weight))
+        self.linear.bias.copy_(bias.to(self.linear.bias))
+
+
+def make_stitch(a_front: torch.Tensor, a_end: torch.Tensor) -> nn.Module:
+    """The stitch joining activations shaped like ``a_front`` to ones shaped like ``a_end``:
+    a 1×1 convolution between conv maps, a token-wise linear map between token sequences."""
+    if a_front.dim() == 4 and a_end.dim() == 4:
+        return Stitch(a_front.shape[1], a_end.shape[1], tuple(a_end.shape[-2:]))
+    if a_front.dim() == 3 and a_end.dim() == 3:
+        return TokenStitch(a_front.shape[-1], a_end.shape[-1], a_end.shape[1])
+    kinds = {4: "a convolutional map", 3: "a token sequence"}
+    raise ValueError(f"cannot stitch {kinds.get(a_front.dim(), tuple(a_front.shape))} to "
+                     f"{kinds.get(a_end.dim(), tuple(a_end.shape))}; stitch two CNNs or two ViTs")
 
 
 def dm_solution(front: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +126,12 @@ def dm_solution(front: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def fit_dm(stitch: Stitch, front_head: nn.Module, end_head: nn.Module, images: torch.Tensor, batch_size: int = 100) -> None:
+def fit_dm(stitch: Stitch | TokenStitch, front_head: nn.Module, end_head: nn.Module, images: torch.Tensor, batch_size: int = 100) -> None:
     """Initialise ``stitch`` with the DM solution on ``images`` (both heads in eval mode)."""
     modes = [m.training for m in (front_head, end_head)]
     front_head.eval()
     end_head.eval()
-    device = stitch.conv.weight.device
+    device = stitch.weight.device
     fronts, ends = [], []
     for chunk in images.split(batch_size):
         chunk = chunk.to(device)

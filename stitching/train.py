@@ -31,7 +31,7 @@ from stitching.errors import StitchingError
 from stitching.models import cut_point_names, resolve_layer, split
 from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
 from stitching.runtime import Stopwatch, build_logger, build_trainer, versions, write_json_atomic
-from stitching.stitch import Stitch, fit_dm
+from stitching.stitch import fit_dm, make_stitch
 from stitching.zoo import ModelSpec, ModelZoo
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -73,8 +73,9 @@ def build_zoo(cfg: DictConfig) -> ModelZoo:
 
 
 def model_spec(side: DictConfig) -> ModelSpec:
+    depth = side.get("depth")
     return ModelSpec(arch=side.arch, width=int(side.width), dataset=side.dataset, seed=int(side.seed),
-                     robust=bool(side.robust))
+                     robust=bool(side.robust), depth=int(depth) if depth is not None else None)
 
 
 def check_compatible(front, end, datamodule: ImageDataModule, probe: torch.Tensor) -> None:
@@ -88,7 +89,7 @@ def check_compatible(front, end, datamodule: ImageDataModule, probe: torch.Tenso
                 f"the {side} model cannot read {datamodule.name} images of shape {tuple(probe.shape[1:])} "
                 f"({str(err).splitlines()[0][:100]}); pick base models trained on compatible inputs"
             ) from None
-    classes = end.blocks[-1].fc.out_features if hasattr(end.blocks[-1], "fc") else None
+    classes = getattr(end, "num_classes", None)
     if classes is not None and classes != datamodule.num_classes:
         raise StitchingError(
             f"the end model predicts {classes} classes but {datamodule.name} has {datamodule.num_classes}; "
@@ -104,7 +105,10 @@ def build_stitched(front, end, front_layer: int, end_layer: int, probe: torch.Te
     with torch.no_grad():
         a_front = front_head.eval()(probe)
         a_end = reference_head.eval()(probe)
-    stitch = Stitch(a_front.shape[1], a_end.shape[1], tuple(a_end.shape[-2:]))
+    try:
+        stitch = make_stitch(a_front, a_end)
+    except ValueError as err:
+        raise StitchingError(str(err)) from None
     return StitchedNetwork(front_head, stitch, end_tail, update_bn=update_bn), reference_head
 
 
@@ -203,8 +207,8 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
         "base": base,
         "evaluation": evaluation,
         "stitch": {"parameters": sum(p.numel() for p in network.stitch.parameters()),
-                   "in_channels": network.stitch.conv.in_channels,
-                   "out_channels": network.stitch.conv.out_channels,
+                   "in_channels": network.stitch.channels[0],
+                   "out_channels": network.stitch.channels[1],
                    "out_size": list(network.stitch.out_size)},
         "timings": watch.report(),
         "versions": versions(),

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from stitching.attacks import pgd
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
-from stitching.models import build_model
+from stitching.models import build_model, is_transformer
 from stitching.runtime import build_trainer, versions, write_json_atomic
 
 
@@ -33,22 +33,29 @@ class ModelSpec:
     dataset: str
     seed: int
     robust: bool = False
+    depth: int | None = None  # transformers only
 
     def key(self, epochs: int) -> str:
         robust = "-robust" if self.robust else ""
-        return f"{self.arch}-w{self.width}-{self.dataset}-s{self.seed}{robust}-e{epochs}"
+        depth = f"-d{self.depth}" if self.depth is not None else ""
+        return f"{self.arch}-w{self.width}{depth}-{self.dataset}-s{self.seed}{robust}-e{epochs}"
 
 
 class ClassifierModule(L.LightningModule):
-    """Supervised training of a base model: SGD with momentum, lr ×0.1 at each third.
+    """Supervised training of a base model: SGD with momentum, lr ×0.1 at each third (the
+    papers' ResNet recipe), or AdamW with a cosine schedule (``optimizer="adamw"``, ViTs).
 
     With ``adversarial`` (``alpha``, ``eps``, ``step_size``, ``steps``) the loss is the
     FuLA paper's Eq. (4): ``(1 − α)·CE(x) + α·CE(PGD(x))``.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, epochs: int, lr: float = 0.1,
-                 momentum: float = 0.9, weight_decay: float = 1e-4, adversarial: dict | None = None):
+                 momentum: float = 0.9, weight_decay: float = 1e-4, adversarial: dict | None = None,
+                 optimizer: str = "sgd"):
         super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise StitchingError(f"unknown base-model optimizer '{optimizer}'; choose sgd or adamw")
+        self.optimizer = optimizer
         self.model = model
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.adversarial = dict(adversarial) if adversarial else None
@@ -64,6 +71,7 @@ class ClassifierModule(L.LightningModule):
             alpha = float(self.adversarial["alpha"])
             x_adv = pgd(self.model, x, y, **attack)
             loss = (1 - alpha) * loss + alpha * F.cross_entropy(self.model(x_adv), y)
+        self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
@@ -74,6 +82,10 @@ class ClassifierModule(L.LightningModule):
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self):
+        if self.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
         thirds = sorted({max(1, self.epochs // 3), max(1, 2 * self.epochs // 3)})
@@ -138,17 +150,24 @@ class ModelZoo:
             if "robust" not in self.recipe:
                 raise StitchingError("robust=true needs zoo.recipe.robust (alpha, eps, step_size, steps)")
             adversarial = self.recipe["robust"]
-        epochs = int(self.recipe["epochs"])
+        recipe = dict(self.recipe)
+        if is_transformer(spec.arch):  # ViTs do not train with the ResNet recipe's SGD
+            recipe.update(recipe.get("transformer") or {})
+        epochs = int(recipe["epochs"])
         datamodule = self.datamodule_for(spec.dataset)
         datamodule.batch_size = int(self.recipe.get("batch_size", datamodule.batch_size))
         mean, std = datamodule.normalization()
         model_kwargs = dict(arch=spec.arch, num_classes=datamodule.num_classes, width=spec.width,
                             in_channels=datamodule.in_channels, mean=mean, std=std)
+        if spec.depth is not None:
+            model_kwargs["depth"] = spec.depth
+        if is_transformer(spec.arch):
+            model_kwargs["image_size"] = datamodule.image_size
         L.seed_everything(spec.seed, workers=True, verbose=False)
         model = build_model(**model_kwargs)
-        module = ClassifierModule(model, datamodule.num_classes, epochs, lr=self.recipe["lr"],
-                                  momentum=self.recipe["momentum"], weight_decay=self.recipe["weight_decay"],
-                                  adversarial=adversarial)
+        module = ClassifierModule(model, datamodule.num_classes, epochs, lr=recipe["lr"],
+                                  momentum=recipe.get("momentum", 0.9), weight_decay=recipe["weight_decay"],
+                                  adversarial=adversarial, optimizer=recipe.get("optimizer", "sgd"))
         print(f"[zoo] training base model {path.stem} ({epochs} epochs)", flush=True)
         started = time.perf_counter()
         trainer = build_trainer(self.trainer_options, self.root, max_epochs=epochs)
@@ -157,7 +176,7 @@ class ModelZoo:
         test = build_trainer(self.trainer_options, self.root, enable_progress_bar=False)
         test_acc = test.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
         record = {
-            "key": path.stem, "spec": asdict(spec), "recipe": self.recipe, "model_kwargs": model_kwargs,
+            "key": path.stem, "spec": asdict(spec), "recipe": recipe, "model_kwargs": model_kwargs,
             "test_acc": float(test_acc), "train_time_s": round(train_time, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
         }

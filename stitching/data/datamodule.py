@@ -135,6 +135,11 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         return self.arrays.train_x.shape[1]
 
+    @property
+    def image_size(self) -> int:
+        self.setup()
+        return int(self.arrays.train_x.shape[-1])
+
     def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images in [0, 1] (or the configured ones)."""
         if self._mean is not None and self._std is not None:

@@ -80,6 +80,15 @@ def split(model: nn.Module, layer: int | str) -> tuple[Head, Tail]:
     return Head(blocks[: block_index + 1]), Tail(blocks[block_index + 1 :], later)
 
 
+def pooled(a: torch.Tensor) -> torch.Tensor:
+    """One vector per input: spatial mean of a conv map, class token of a token sequence."""
+    if a.dim() == 4:
+        return a.mean(dim=(2, 3))
+    if a.dim() == 3:
+        return a[:, 0]
+    return a.reshape(len(a), -1)
+
+
 def cut_point_activations(model: nn.Module, x: torch.Tensor, upto: int | None = None) -> tuple[torch.Tensor | None, list]:
     """Run ``model`` once; return its logits and the activation at every cut point.
 

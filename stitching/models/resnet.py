@@ -117,6 +117,7 @@ class CifarResNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.block_names = names
         self.cut_points = cut_points
+        self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

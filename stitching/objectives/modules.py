@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from stitching.attacks import mix_adversarial
 from stitching.models.cutting import Head, Tail, cut_point_activations
 from stitching.objectives import losses
-from stitching.stitch import Stitch
+from stitching.stitch import Stitch, TokenStitch
 
 
 class StitchedNetwork(nn.Module):
@@ -22,7 +22,7 @@ class StitchedNetwork(nn.Module):
     papers; ``update_bn=False`` keeps them in eval mode instead, buffers untouched.
     """
 
-    def __init__(self, front: Head, stitch: Stitch, end: Tail, update_bn: bool = True):
+    def __init__(self, front: Head, stitch: Stitch | TokenStitch, end: Tail, update_bn: bool = True):
         super().__init__()
         self.front = front
         self.stitch = stitch

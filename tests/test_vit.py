@@ -1,0 +1,88 @@
+"""ViT-Ti made cuttable: exact cuts, a token-wise stitch, every objective."""
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from stitching.errors import StitchingError
+from stitching.models import CuttableViT, build_model, cut_point_activations, split
+from stitching.stitch import TokenStitch, dm_solution, make_stitch
+from stitching.train import prepare, run
+
+VIT = ("model=vit_tiny_narrow", "model.width=16", "model.depth=4")
+
+
+def test_the_cut_network_is_timms_vit_and_tail_of_head_is_the_forward():
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=3,
+                            num_heads=2).eval()
+    model = CuttableViT.from_timm(vit).eval()
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = vit(x)
+        torch.testing.assert_close(model(x), expected)
+        assert [name for name, _ in model.cut_points] == ["block0", "block1", "block2"]
+        for layer in range(1, 4):
+            head, tail = split(model, layer)
+            a = head(x)
+            assert a.shape == (4, 1 + 16, 32)  # class token + 4×4 patches
+            torch.testing.assert_close(tail(a), expected)
+            _, later = tail(a, return_features=True)
+            _, every = cut_point_activations(model, x)
+            for got, want in zip([a, *later], every[layer - 1:]):
+                torch.testing.assert_close(got, want)
+
+
+def test_build_model_knobs_and_errors():
+    model = build_model("vit_tiny", num_classes=10, width=64, depth=2, image_size=16, in_channels=1,
+                        mean=(0.5,), std=(0.25,))
+    assert len(model.cut_points) == 2 and model.num_classes == 10
+    assert model(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+    with pytest.raises(StitchingError, match="fixed depth"):
+        build_model("resnet18", 10, width=4, depth=3)
+    with pytest.raises(StitchingError, match="divisible by 4"):
+        build_model("vit_tiny", 10, width=16, depth=1, image_size=18)
+
+
+def test_token_stitch_is_one_affine_map_per_token_and_dm_recovers_it():
+    torch.manual_seed(1)
+    front, end = torch.randn(30, 9, 6), torch.randn(30, 9, 4)
+    stitch = make_stitch(front, end)
+    assert isinstance(stitch, TokenStitch) and stitch.channels == (6, 4)
+    w, b = torch.randn(4, 6), torch.randn(4)
+    target = front @ w.T + b
+    weight, bias = dm_solution(front, target)
+    torch.testing.assert_close(weight, w, atol=1e-4, rtol=0)
+    stitch.set_affine(weight, bias)
+    torch.testing.assert_close(stitch(front), target, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="stitch two CNNs or two ViTs"):
+        make_stitch(torch.randn(2, 4, 3, 3), end)
+
+
+def test_dm_self_stitch_of_a_vit_reproduces_its_accuracy(tiny_config, tmp_path):
+    cfg = tiny_config(*VIT, "objective=dm", "end.seed=0", "stitch.layer=2")
+    record = run(cfg, tmp_path / "dm")
+    assert record["front_layer_name"] == "block1" and record["stitch"]["in_channels"] == 16
+    assert abs(record["metrics"]["test/acc"] - record["base"]["end"]["test_acc"]) <= 0.005
+
+
+@pytest.mark.parametrize("objective", ["hint", "fula", "slm", "tlm"])
+def test_every_objective_stitches_two_vits(tiny_config, objective):
+    cfg = tiny_config(*VIT, f"objective={objective}", "stitch.front_layer=1", "stitch.end_layer=3",
+                      "trainer.limit_train_batches=3")
+    prep = prepare(cfg)
+    stitch = prep.module.network.stitch
+    before = stitch.linear.weight.detach().clone()
+    from stitching.runtime import build_trainer
+
+    build_trainer(dict(cfg.trainer), cfg.paths.output_dir, enable_progress_bar=False).fit(
+        prep.module, datamodule=prep.datamodule)
+    assert not torch.equal(before, stitch.linear.weight)
+    if objective == "fula":  # hints at the end block and every later one
+        assert len(prep.module.weights) == 2
+
+
+def test_a_vit_cannot_be_stitched_to_a_resnet(tiny_config):
+    cfg = tiny_config(*VIT, "front.arch=resnet18", "front.width=8", "front.depth=null", "stitch.layer=1")
+    with pytest.raises(StitchingError, match="stitch two CNNs or two ViTs"):
+        prepare(cfg)
