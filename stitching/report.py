@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust ac
                  "init_penultimate_cka": "penultimate CKA at DM init"}
 
 
-def _condition_values(config: dict) -> dict:
+def condition_values(config: dict) -> dict:
     values = {}
     for column, (group, key) in CONDITIONS.items():
         value = (config.get(group) or {}).get(key)
@@ -51,7 +52,12 @@ def _condition_values(config: dict) -> dict:
 
 
 def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
-    """Return one row per successful run and a list of ``{run, error}`` for the others."""
+    """Return one row per successful run and a list of ``{run, error}`` for the others.
+
+    Every ``similarity.csv`` below the folder (from ``python -m stitching.similarity``)
+    joins as rows whose ``objective`` is the index; ``score`` is the test accuracy of a
+    stitching run and the value of a similarity index.
+    """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise StitchingError(f"{sweep_dir} is not a folder; pass the sweep directory printed by the run")
@@ -72,7 +78,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
             "objective": record["objective"],
             "front_layer": record["front_layer"],
             "end_layer": record["end_layer"],
-            **_condition_values(record.get("config", {})),
+            **condition_values(record.get("config", {})),
             "num_classes": (record.get("config", {}).get("dataset") or {}).get("num_classes"),
             **{k.replace("/", "_"): v for k, v in record["metrics"].items()},
             "front_acc": base["front"]["test_acc"],
@@ -83,6 +89,13 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
             "end_model": base["end"]["key"],
             "seconds": record["timings"]["total_s"],
         })
+    for row in rows:
+        row["score"] = row.get("test_acc")
+    for path in sorted(sweep_dir.rglob("similarity.csv")):
+        try:
+            rows += pd.read_csv(path).assign(run=str(path.parent.relative_to(sweep_dir))).to_dict("records")
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            failed.append({"run": str(path.parent.relative_to(sweep_dir)), "error": f"unreadable similarity.csv ({err})"})
     frame = pd.DataFrame(rows)
     if not frame.empty:
         order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
@@ -136,7 +149,9 @@ def self_accuracy(grid, directional: bool = True) -> float:
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
         raise StitchingError(f"self-accuracy needs a square grid, got shape {g.shape}")
     if not directional:
-        g = np.nanmean(np.stack([g, g.T]), axis=0)
+        with warnings.catch_warnings():  # a cell undefined both ways stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            g = np.nanmean(np.stack([g, g.T]), axis=0)
     hits = rows = 0
     for i, row in enumerate(g):
         if np.isnan(row).all():
@@ -144,6 +159,53 @@ def self_accuracy(grid, directional: bool = True) -> float:
         rows += 1
         hits += bool(not np.isnan(row[i]) and row[i] >= np.nanmax(row))
     return hits / rows if rows else float("nan")
+
+
+SANITY_CHECKS = {"self": "a layer is most similar to itself", "corresponding": "corresponding layers"}
+
+
+def sanity_checks(frame: pd.DataFrame, metric: str = "score") -> list[dict]:
+    """The two sanity checks of Balogh & Jelasity (2025) for every grid in ``frame``.
+
+    A grid compares model A's layers (rows) with model B's (columns). With A = B it checks
+    that *a layer is most similar to itself*; with two models of one architecture and task
+    (e.g. two seeds) that *corresponding layers* are found. Either way the score is the
+    share of rows whose best cell is the diagonal (ties count as found). Grids of other
+    pairs, or with only the diagonal, have no sanity check.
+    """
+    results = []
+    keys = ["objective", "front_model", "end_model",
+            *[c for c in varying_conditions(frame) if not c.startswith(("front_", "end_"))]]
+    for key, rows in frame.groupby(keys, sort=False, dropna=False):
+        key = dict(zip(keys, key))
+        if key["front_model"] == key["end_model"]:
+            check = "self"
+        elif (rows.front_arch.iloc[0] == rows.end_arch.iloc[0]
+              and rows.front_dataset.iloc[0] == rows.end_dataset.iloc[0]):
+            check = "corresponding"
+        else:
+            continue
+        if not (rows.front_layer != rows.end_layer).any():
+            continue
+        grid = layer_grid(rows, key["objective"], metric)
+        score = self_accuracy(grid.to_numpy())
+        if np.isnan(score):
+            continue
+        results.append({"method": key["objective"], "check": SANITY_CHECKS[check], "score": round(score, 4),
+                        "layers": len(grid), "arch": rows.front_arch.iloc[0],
+                        "front": key["front_model"], "end": key["end_model"],
+                        **{k: v for k, v in key.items() if k not in ("objective", "front_model", "end_model")}})
+    return results
+
+
+def sanity_table(results: list[dict]) -> pd.DataFrame:
+    """Method (and architecture) × the two checks."""
+    if not results:
+        return pd.DataFrame()
+    frame = pd.DataFrame(results)
+    table = frame.pivot_table(index=["arch", "method"], columns="check", values="score", aggfunc="mean")
+    order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
+    return table.sort_index(key=lambda c: c.map(lambda v: order.get(v, len(order))) if c.name == "method" else c)
 
 
 def layer_grid(frame: pd.DataFrame, objective: str, metric: str = "test_acc") -> pd.DataFrame:
@@ -281,18 +343,26 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         raise StitchingError(f"no successful run under {sweep_dir} ({len(failed)} failed)")
     frame.to_csv(out / "results.csv", index=False)
     made = {"csv": out / "results.csv", "failed": failed, "frame": frame}
-    if "classes_train" in varying_conditions(frame):
-        made["subsets"] = subsets_plot(frame, out / "subsets.png")
-    elif (frame.front_layer == frame.end_layer).any():
-        made["table"] = layer_table(frame)
+    runs = frame[frame.test_acc.notna()] if "test_acc" in frame else frame.iloc[:0]  # stitching runs only
+    if runs.empty:
+        pass
+    elif "classes_train" in varying_conditions(runs):
+        made["subsets"] = subsets_plot(runs, out / "subsets.png")
+    elif (runs.front_layer == runs.end_layer).any():
+        made["table"] = layer_table(runs)
         (out / "table.md").write_text(made["table"].to_string())
-        made["plots"] = stitching_plot(frame, out / "stitching_plot.png")
+        made["plots"] = stitching_plot(runs, out / "stitching_plot.png")
         made["plot"] = made["plots"][0]
     if (frame.front_layer != frame.end_layer).any():
-        made["heatmap"], made["self_accuracy"] = heatmaps(frame, out / "heatmap.png")
+        made["heatmap"], made["self_accuracy"] = heatmaps(frame, out / "heatmap.png", metric="score")
         (out / "self_accuracy.json").write_text(json.dumps(made["self_accuracy"], indent=2))
         for objective in _objectives(frame):
-            layer_grid(frame, objective).to_csv(out / f"grid_{objective}.csv")
+            layer_grid(frame, objective, "score").to_csv(out / f"grid_{objective}.csv")
+        made["sanity"] = sanity_checks(frame)
+        if made["sanity"]:
+            (out / "sanity.json").write_text(json.dumps(made["sanity"], indent=2))
+            made["sanity_table"] = sanity_table(made["sanity"])
+            (out / "sanity.md").write_text(made["sanity_table"].round(2).to_string(na_rep="—"))
     return made
 
 
@@ -356,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {condition:<24} {objective:<6} {score['self_accuracy']:.2f} / "
                       f"{score['self_accuracy_nondirectional']:.2f}")
         print(f"heatmaps: {made['heatmap']}")
+    if made.get("sanity"):
+        print("\nsanity checks (share of front layers whose best end layer is the same index)")
+        print(made["sanity_table"].round(2).to_string(na_rep="—"))
     print(f"table:  {made['csv']}")
     print(f"results in {Path(args.out or args.sweep_dir).resolve()}")
 

@@ -13,6 +13,7 @@ from stitching.similarity import (
     SimilarityError,
     cca_correlations,
     hsic_unbiased,
+    hsic_unbiased_linear,
     linear_cka,
     mean_cca,
     procrustes_distance,
@@ -66,6 +67,13 @@ def test_unbiased_hsic_is_the_u_statistic():
     terms = [k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
              for i, j, q, r in itertools.permutations(range(7), 4)]
     assert float(hsic_unbiased(torch.from_numpy(k), torch.from_numpy(l))) == pytest.approx(np.mean(terms), rel=1e-9)
+    assert float(hsic_unbiased_linear(x, y)) == pytest.approx(np.mean(terms), rel=1e-9)  # feature-space form
+    wide_x, wide_y = _related(12, 30, 40, seed=14)  # gram path (d > n) vs feature path on the same data
+    g = torch.Generator().manual_seed(15)
+    tall_x, tall_y = wide_x @ torch.randn(30, 5, generator=g), wide_y @ torch.randn(40, 6, generator=g)
+    assert unbiased_cka(tall_x, tall_y) == pytest.approx(
+        float(hsic_unbiased(tall_x.double() @ tall_x.double().T, tall_y.double() @ tall_y.double().T)
+              / torch.sqrt(hsic_unbiased_linear(tall_x, tall_x) * hsic_unbiased_linear(tall_y, tall_y))), rel=1e-9)
 
 
 def test_debiased_cka_is_near_zero_for_independent_inputs_where_biased_is_not():

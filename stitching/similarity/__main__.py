@@ -1,0 +1,120 @@
+"""``python -m stitching.similarity`` — structural similarity of every layer pair of two models.
+
+Takes the same overrides as ``python -m stitching.train`` (front/end models from the zoo,
+the dataset), runs the test images through both models once and writes, in ``--out``:
+
+* ``similarity.json`` — every grid, layer names, models, settings, undefined cells, timings;
+* ``similarity.csv`` — one row per (index, front layer, end layer), the stitching report's
+  columns, so ``python -m stitching.report`` can draw it beside stitching grids;
+* ``heatmap.png`` and ``sanity.json`` — the grids, and the two sanity checks.
+
+Example: ``python -m stitching.similarity --index cka,cca experiment=demo end.seed=0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from stitching.errors import StitchingError, exit_on_user_error
+from stitching.models import cut_point_names
+from stitching.runtime import Stopwatch, versions, write_json_atomic
+from stitching.similarity.grid import FLATTEN, INDICES, parse_indices, similarity_grids
+from stitching.train import build_zoo, compose_config, dataset_config, model_spec
+
+
+def main_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
+               out: Path, progress: bool = True) -> dict:
+    """Compute and write the grids; return the record written to ``similarity.json``."""
+    from stitching.data import ImageDataModule
+    from stitching.report import condition_values, heatmaps, sanity_checks
+
+    watch = Stopwatch()
+    cfg = compose_config(overrides)
+    with watch.section("data_s"):
+        datamodule = ImageDataModule(**dataset_config(cfg, cfg.dataset.name))
+        datamodule.setup()
+        x, _ = datamodule.test_tensors(images)
+    with watch.section("zoo_s"):
+        zoo = build_zoo(cfg)
+        front, front_record = zoo.get(model_spec(cfg.front), cfg.front.checkpoint)
+        end, end_record = zoo.get(model_spec(cfg.end), cfg.end.checkpoint)
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+                          else "cpu")
+    with watch.section("grids_s"):
+        grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress)
+    conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
+    rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": i + 1, "end_layer": j + 1,
+             "score": None if pd.isna(v) else float(v), **conditions,
+             "front_model": front_record["key"], "end_model": end_record["key"],
+             "front_acc": front_record["test_acc"], "end_acc": end_record["test_acc"]}
+            for name, grid in grids.items() for (i, j), v in _cells(grid)]
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "similarity.csv", index=False)
+    heatmap, _ = heatmaps(frame, out / "heatmap.png", metric="score")
+    sanity = sanity_checks(frame)
+    write_json_atomic(out / "sanity.json", sanity)
+    record = {
+        "indices": {name: INDICES[name].label for name in indices},
+        "grids": {name: [[None if pd.isna(v) else float(v) for v in row] for row in grid] for name, grid in grids.items()},
+        "front_layers": cut_point_names(front), "end_layers": cut_point_names(end),
+        "front": front_record["key"], "end": end_record["key"],
+        "dataset": datamodule.name, "images": len(x), "flatten": flatten, "batch_size": batch_size,
+        "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
+        "timings": watch.report(), "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json_atomic(out / "similarity.json", record)
+    return record
+
+
+def _cells(grid):
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            yield (i, j), v
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stitching.similarity", description=__doc__.splitlines()[0])
+    parser.add_argument("--index", default="cka", help=f"comma-separated, from: {', '.join(INDICES)}")
+    parser.add_argument("--images", type=int, default=1000, help="test images to compare on")
+    parser.add_argument("--flatten", default="sample", choices=FLATTEN,
+                        help="sample: c·h·w per image; positions: positions as samples; pool: one vector per image")
+    parser.add_argument("--batch-size", type=int, default=250, help="images per forward pass (and per minibatch-CKA batch)")
+    parser.add_argument("--out", default=None, help="output folder (default: outputs/similarity/<time>)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (default: experiment=demo)")
+    args = parser.parse_args(argv)
+    indices = parse_indices(args.index)
+    if args.images < 4:
+        raise StitchingError(f"--images must be at least 4, got {args.images}")
+    overrides = args.overrides or ["experiment=demo"]
+    out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    record = main_grids(overrides, indices, args.images, args.flatten, args.batch_size, out,
+                        progress=not args.no_progress)
+    print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
+          f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
+    for name, grid in record["grids"].items():
+        print(f"\n{INDICES[name].label} (rows: front layer, columns: end layer)")
+        print(pd.DataFrame(grid, index=range(1, len(grid) + 1), columns=range(1, len(grid[0]) + 1), dtype=float).round(3)
+              .to_string(na_rep="—"))
+    by_index: dict[str, list[str]] = {}
+    for line in record["undefined"]:
+        by_index.setdefault(line.split(":")[0].split()[0], []).append(line)
+    for name, lines in by_index.items():
+        print(f"undefined {name}: {len(lines)} cell(s), e.g. {lines[0]}")
+    print("\nsanity checks (share of front layers whose most similar end layer is the same index)")
+    for row in record["sanity"]:
+        print(f"  {row['method']:<14} {row['check']:<28} {row['score']:.2f}")
+    print(f"results in {out.resolve()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

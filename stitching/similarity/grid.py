@@ -1,0 +1,191 @@
+"""Similarity grids: an index for every (front layer, end layer) pair, in one pass.
+
+Each batch of images runs through each model once; every cut point's activation is
+kept (or streamed, for the minibatch estimator) and the indices are computed per pair.
+How a layer becomes an ``[n, d]`` matrix is ``flatten``:
+
+* ``sample`` — one row per image, ``c·h·w`` (or ``tokens·width``) columns (default);
+* ``positions`` — every spatial position (token) of every image is a row, channels are
+  columns; maps of different sizes are average-pooled to the smaller one;
+* ``pool`` — one row per image: the spatial mean of a map, a ViT's class token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from stitching.models.cutting import cut_point_activations, pooled
+from stitching.similarity.cca import mean_cca, procrustes_distance, pwcca, svcca
+from stitching.similarity.cka import (
+    MinibatchCKA,
+    SimilarityError,
+    is_constant,
+    kernel_cka,
+    linear_cka,
+    linear_gram,
+    rbf_cka,
+    rbf_gram,
+    unbiased_cka,
+)
+from stitching.stitch import positions_as_samples
+
+FLATTEN = ("sample", "positions", "pool")
+
+
+@dataclass(frozen=True)
+class Index:
+    label: str
+    pair: Callable[[torch.Tensor, torch.Tensor], float] | None = None  # on [n, d] matrices
+    gram: Callable[[torch.Tensor], torch.Tensor] | None = None  # per-layer kernel, reused across pairs
+    unbiased: bool = False
+    streaming: bool = False
+    rotation_invariant: bool = True  # unchanged by an orthonormal change of feature basis
+
+
+def _procrustes_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+    return 1.0 - procrustes_distance(x, y) / 2
+
+
+#: every index a grid can hold; all read "higher = more similar", in [0, 1]
+INDICES: dict[str, Index] = {
+    "cka": Index("linear CKA", linear_cka, gram=linear_gram),
+    "unbiased_cka": Index("unbiased linear CKA", unbiased_cka, gram=linear_gram, unbiased=True),
+    "rbf_cka": Index("RBF CKA (σ = 0.8 × median distance)", rbf_cka, gram=rbf_gram),
+    "minibatch_cka": Index("minibatch linear CKA (mean per-batch unbiased HSIC)", streaming=True),
+    "cca": Index("mean squared CCA", mean_cca),
+    "svcca": Index("SVCCA (99 % variance)", svcca),
+    "pwcca": Index("PWCCA", pwcca, rotation_invariant=False),
+    "procrustes": Index("Procrustes similarity 1 − d/2", _procrustes_similarity),
+}
+
+
+def parse_indices(spec: str) -> list[str]:
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in INDICES]
+    if unknown or not names:
+        raise SimilarityError(f"unknown index '{', '.join(unknown) or spec}'; choose from {', '.join(INDICES)}")
+    return names
+
+
+def _flat(a: torch.Tensor, flatten: str) -> torch.Tensor:
+    return pooled(a) if flatten == "pool" else a.reshape(len(a), -1)
+
+
+def pair_matrices(a: torch.Tensor, b: torch.Tensor, flatten: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two layers' activations for the same images → two ``[rows, d]`` matrices."""
+    if flatten != "positions":
+        return _flat(a, flatten), _flat(b, flatten)
+    if a.dim() == 4 and b.dim() == 4 and a.shape[-2:] != b.shape[-2:]:
+        size = tuple(min(s, t) for s, t in zip(a.shape[-2:], b.shape[-2:]))
+        a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+    if a.dim() != b.dim() or (a.dim() == 3 and a.shape[1] != b.shape[1]):
+        raise SimilarityError("flatten=positions needs two conv maps or two token sequences of one length")
+    return positions_as_samples(a), positions_as_samples(b)
+
+
+@torch.no_grad()
+def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch.Tensor, indices: list[str],
+                     flatten: str = "sample", batch_size: int = 250, device: torch.device | str = "cpu",
+                     progress: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``{index: [front layers, end layers] grid}`` and the reasons of any undefined cells.
+
+    ``images`` pass through each model once, in batches; cells an index cannot define
+    (constant activations, a degenerate CCA…) are NaN with their reason listed.
+    """
+    if flatten not in FLATTEN:
+        raise SimilarityError(f"unknown flatten '{flatten}'; choose one of {', '.join(FLATTEN)}")
+    streaming = [name for name in indices if INDICES[name].streaming]
+    full = [name for name in indices if not INDICES[name].streaming]
+    if streaming and flatten == "positions":
+        raise SimilarityError("minibatch_cka works on whole images: use flatten=sample or flatten=pool")
+    front, end = front.eval().to(device), end.eval().to(device)
+    stream = MinibatchCKA() if streaming else None
+    kept_front, kept_end = [], []
+    for batch in tqdm(images.split(batch_size), desc="activations", disable=not progress, leave=False):
+        batch = batch.to(device)
+        _, fronts = cut_point_activations(front, batch)
+        _, ends = cut_point_activations(end, batch)
+        if stream is not None:
+            stream.update([_flat(a, flatten) for a in fronts], [_flat(a, flatten) for a in ends])
+        if full:
+            keep = (lambda a: a.float().cpu()) if flatten == "positions" else (lambda a: _flat(a, flatten).float().cpu())
+            kept_front.append([keep(a) for a in fronts])
+            kept_end.append([keep(a) for a in ends])
+    grids: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    if stream is not None:
+        try:
+            grids["minibatch_cka"] = stream.compute().numpy()
+        except SimilarityError as err:
+            grids["minibatch_cka"] = np.full((len(fronts), len(ends)), np.nan)
+            problems.append(f"minibatch_cka: {err}")
+    if full:
+        layers_front = [torch.cat(parts) for parts in zip(*kept_front)]
+        layers_end = [torch.cat(parts) for parts in zip(*kept_end)]
+        for name in tqdm(full, desc="indices", disable=not progress, leave=False):
+            grids[name] = _full_grid(INDICES[name], layers_front, layers_end, flatten, name, problems)
+    return grids, problems
+
+
+def _full_grid(index: Index, fronts: list[torch.Tensor], ends: list[torch.Tensor], flatten: str, name: str,
+               problems: list[str]) -> np.ndarray:
+    grid = np.full((len(fronts), len(ends)), np.nan)
+    if index.gram is not None and flatten != "positions":
+        # kernel indices: one Gram matrix per layer, shared by every pair it is in
+        grams_f = [_gram_or_reason(index, a, f"front layer {i}", problems, name) for i, a in enumerate(fronts, 1)]
+        grams_e = [_gram_or_reason(index, a, f"end layer {j}", problems, name) for j, a in enumerate(ends, 1)]
+        for (i, k), (j, l) in ((p, q) for p in enumerate(grams_f) for q in enumerate(grams_e)):
+            if k is not None and l is not None:
+                grid[i, j] = _cell(lambda: kernel_cka(k, l, unbiased=index.unbiased), name, i, j, problems)
+        return grid
+    if flatten == "positions":
+        for i, a in enumerate(fronts):
+            for j, b in enumerate(ends):
+                grid[i, j] = _cell(lambda: index.pair(*pair_matrices(a, b, flatten)), name, i, j, problems)
+        return grid
+    # one SVD per layer: rotation-invariant indices then see the ≤ n-column form US of
+    # X = USVᵀ (the same value, far cheaper for wide layers); PWCCA keeps the neurons
+    reduced_f, reduced_e = [_reduced(a) for a in fronts], [_reduced(b) for b in ends]
+    n = len(fronts[0])
+    for i, (a, (xa, ra)) in enumerate(zip(fronts, reduced_f)):
+        for j, (b, (xb, rb)) in enumerate(zip(ends, reduced_e)):
+            if index.rotation_invariant:
+                grid[i, j] = _cell(lambda: index.pair(xa, xb), name, i, j, problems)
+            elif ra + rb > n - 1 and index.label.endswith("CCA"):
+                problems.append(f"{name} front {i + 1} × end {j + 1}: {index.label} is degenerate here: {ra} + {rb} "
+                                f"directions cannot be separated by {n} inputs; use more inputs or flatten=pool")
+            else:
+                grid[i, j] = _cell(lambda: index.pair(a, b), name, i, j, problems)
+    return grid
+
+
+def _reduced(a: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``US`` of the thin SVD of the (uncentred) rows of ``a``, and its numerical rank after centring."""
+    x = a.double()
+    centred = torch.linalg.svdvals(x - x.mean(0, keepdim=True))
+    rank = int((centred > 1e-10 * centred[0]).sum()) if len(centred) and centred[0] > 0 else 0
+    if x.shape[1] <= len(x):
+        return x, rank
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    return u * s, rank
+
+
+def _gram_or_reason(index: Index, a: torch.Tensor, where: str, problems: list[str], name: str):
+    if is_constant(a):
+        problems.append(f"{name}: {where} is the same for every input (constant activations)")
+        return None
+    return index.gram(a.double())
+
+
+def _cell(compute, name: str, i: int, j: int, problems: list[str]) -> float:
+    try:
+        return float(compute())
+    except SimilarityError as err:
+        problems.append(f"{name} front {i + 1} × end {j + 1}: {err}")
+        return float("nan")

@@ -1,0 +1,116 @@
+"""Similarity grids in one pass, their CLI, and the two sanity checks in the report."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stitching.models import build_model, cut_point_activations
+from stitching.report import report, sanity_checks
+from stitching.similarity import SimilarityError, linear_cka, unbiased_cka
+from stitching.similarity.__main__ import main as similarity_main
+from stitching.similarity.grid import pair_matrices, parse_indices, similarity_grids
+from tests.conftest import TINY
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def _model(seed, arch="resnet18"):
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=10, width=4, **({"depth": 3, "image_size": 16} if arch == "vit_tiny" else {}))
+    counter = _Counting()
+    model.blocks[0] = torch.nn.Sequential(counter, model.blocks[0])
+    return model.eval(), counter
+
+
+def test_one_pass_per_batch_and_a_layer_is_most_similar_to_itself():
+    model, counter = _model(0)
+    images = torch.rand(60, 3, 16, 16)
+    grids, problems = similarity_grids(model, model, images, ["cka", "minibatch_cka", "procrustes"],
+                                       batch_size=20, progress=False)
+    assert counter.calls == 2 * 3  # each model once per batch, whatever the number of indices
+    assert not problems
+    for name in ("cka", "minibatch_cka", "procrustes"):
+        assert grids[name].shape == (9, 9)
+        np.testing.assert_allclose(np.diag(grids[name]), 1.0, atol=1e-9)
+        assert (grids[name] <= 1.0 + 1e-9).all()
+
+
+def test_grid_cells_equal_the_pure_functions_on_the_same_activations():
+    front, _ = _model(1)
+    end, _ = _model(2)
+    images = torch.rand(40, 3, 16, 16)
+    grids, _ = similarity_grids(front, end, images, ["cka", "unbiased_cka"], flatten="pool", progress=False)
+    with torch.no_grad():
+        fa, eb = cut_point_activations(front, images)[1][3], cut_point_activations(end, images)[1][6]
+    x, y = pair_matrices(fa, eb, "pool")
+    assert grids["cka"][3, 6] == pytest.approx(linear_cka(x, y), rel=1e-9)
+    assert grids["unbiased_cka"][3, 6] == pytest.approx(unbiased_cka(x, y), rel=1e-6, abs=1e-9)
+
+
+def test_vit_grids_and_positions_mode():
+    front, _ = _model(3, "vit_tiny")
+    end, _ = _model(4, "vit_tiny")
+    grids, problems = similarity_grids(front, end, torch.rand(30, 3, 16, 16), ["cka", "cca"], flatten="positions",
+                                       progress=False)
+    assert grids["cka"].shape == (3, 3) and np.isfinite(grids["cka"]).all() and not problems
+
+
+def test_bad_index_and_flatten_requests_are_refused_clearly():
+    with pytest.raises(SimilarityError, match="choose from"):
+        parse_indices("cka,bogus")
+    model, _ = _model(0)
+    with pytest.raises(SimilarityError, match="flatten=sample or flatten=pool"):
+        similarity_grids(model, model, torch.rand(8, 3, 16, 16), ["minibatch_cka"], flatten="positions", progress=False)
+
+
+def test_degenerate_cells_are_listed_not_fatal():
+    model, _ = _model(0)
+    grids, problems = similarity_grids(model, model, torch.rand(12, 3, 16, 16), ["cca", "cka"], progress=False)
+    assert np.isnan(grids["cca"]).all() and np.isfinite(grids["cka"]).all()
+    assert len(problems) == 81 and "degenerate" in problems[0]
+
+
+def _grid_rows(method, grid, front_model, end_model, front_arch="resnet18"):
+    return [{"objective": method, "front_layer": i + 1, "end_layer": j + 1, "score": v, "front_model": front_model,
+             "end_model": end_model, "front_arch": front_arch, "end_arch": "resnet18", "front_dataset": "d", "end_dataset": "d"}
+            for (i, j), v in np.ndenumerate(np.asarray(grid, dtype=float))]
+
+
+def test_sanity_checks_name_the_check_by_the_pair_of_models():
+    self_grid = [[1.0, 0.5, 0.2], [0.5, 1.0, 0.6], [0.2, 0.6, 1.0]]
+    shifted = [[0.4, 0.9, 0.1], [0.3, 0.8, 0.2], [0.1, 0.2, 0.7]]  # row 1 misses, rows 2 and 3 hit
+    frame = pd.DataFrame(_grid_rows("cka", self_grid, "m0", "m0") + _grid_rows("tlm", shifted, "m0", "m1")
+                         + _grid_rows("dm", self_grid, "vit", "m1", front_arch="vit_tiny"))
+    results = {(r["method"], r["check"]): r["score"] for r in sanity_checks(frame)}
+    assert results == {("cka", "a layer is most similar to itself"): 1.0,
+                       ("tlm", "corresponding layers"): pytest.approx(2 / 3, abs=1e-4)}  # a cross-arch pair has none
+
+
+def test_similarity_cli_writes_the_report_format_and_the_report_joins_it(tmp_path, zoo_dir, capsys):
+    overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "end.seed=0"]
+    similarity_main(["--index", "cka,cca", "--images", "60", "--flatten", "pool", "--no-progress",
+                     "--out", str(tmp_path / "sim"), *overrides])
+    printed = capsys.readouterr().out
+    assert "a layer is most similar to itself" in printed
+    record = json.loads((tmp_path / "sim" / "similarity.json").read_text())
+    assert set(record["grids"]) == {"cka", "cca"} and len(record["grids"]["cka"]) == 9
+    assert record["front"] == record["end"] and record["images"] == 60 and record["flatten"] == "pool"
+    assert record["sanity"][0]["score"] == 1.0  # CKA(X, X) = 1 on the diagonal
+    assert (tmp_path / "sim" / "heatmap.png").is_file()
+    made = report(tmp_path)
+    assert {"cka", "cca"} <= set(made["frame"].objective)
+    assert made["heatmap"].is_file() and (tmp_path / "sanity.md").is_file()
+    with pytest.raises(SystemExit):
+        similarity_main(["--index", "nope", *overrides])
+    assert "unknown index" in capsys.readouterr().err
