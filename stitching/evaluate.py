@@ -3,13 +3,16 @@
 * class subsets: accuracy on the stitching classes and on the rest (``test/acc`` is all);
 * shortcuts: accuracy on test images carrying their class's marker;
 * attacks: robust accuracy by PGD and/or AutoAttack on the first N test images, for the
-  stitched network and for the base models.
+  stitched network and for the base models;
+* OOD: how well an energy detector at the end layer tells stitched activations from native ones.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,9 +21,10 @@ from torch import nn
 
 from stitching.attacks import autoattack_accuracy, pgd
 from stitching.data import ImageDataModule
-from stitching.models.cutting import cut_point_activations, pooled
-from stitching.similarity import linear_cka
+from stitching.errors import StitchingError
+from stitching.models.cutting import cut_point_activations, pooled, split
 from stitching.runtime import write_json_atomic
+from stitching.similarity import linear_cka
 
 
 @torch.no_grad()
@@ -134,3 +138,76 @@ def evaluation_settings(attack: dict, shortcut: dict | None, datamodule: ImageDa
     if datamodule.num_classes_train is not None:
         settings["num_classes_train"] = datamodule.num_classes_train
     return settings
+
+
+def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: str | Path,
+                datamodule: ImageDataModule, options: dict, device, seed: int = 0,
+                outlier_dataset: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+    """How far the stitched activations T(f_{≤i}(x)) stand out from the native g_{≤j}(x).
+
+    An energy detector for cut point j of the end model (fitted once per setting and cached
+    beside its checkpoint) scores ``options["eval_images"]`` test images both ways:
+
+    * ``ood/auroc`` — stitched vs native (0.5: indistinguishable; towards 1: stitched looks OOD);
+    * ``ood/auroc_outliers`` — outlier vs native test images, the detector's own quality;
+    * ``ood/energy_native``, ``ood/energy_stitched`` — mean energies.
+
+    ``outlier_dataset(name) -> (train images, test images)`` loads a named outlier dataset.
+    """
+    from stitching.similarity.ood import auroc, match_images, outlier_images
+
+    detector = cached_energy_detector(end, end_layer, checkpoint, datamodule, options, device, seed, outlier_dataset)
+    images, _ = datamodule.test_tensors(int(options["eval_images"]))
+    kind = options["outliers"]
+    if kind in ("patch_shuffle", "noise"):
+        outliers = outlier_images(images, kind, seed=seed + 1)
+    else:
+        outliers = match_images(outlier_dataset(kind)[1][: len(images)], images)
+    head, _ = split(copy.deepcopy(end), end_layer)
+    head, network = head.to(device).eval(), network.to(device).eval()
+    with torch.no_grad():
+        native = torch.cat([head(x.to(device)).cpu() for x in images.split(256)])
+        stitched = torch.cat([network.stitched_activation(x.to(device)).cpu() for x in images.split(256)])
+        foreign = torch.cat([head(x.to(device)).cpu() for x in outliers.split(256)])
+    e_native, e_stitched, e_out = (detector.score(a) for a in (native, stitched, foreign))
+    return {"ood/auroc": auroc(e_stitched, e_native), "ood/auroc_outliers": auroc(e_out, e_native),
+            "ood/energy_native": float(e_native.mean()), "ood/energy_stitched": float(e_stitched.mean())}
+
+
+def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Path, datamodule: ImageDataModule,
+                           options: dict, device, seed: int, outlier_dataset=None):
+    """The energy detector for ``end`` at ``end_layer``, fitted on a cache miss and stored as
+    ``<checkpoint>.ood-l<j>-<settings hash>.pt`` (a sweep fits each one once)."""
+    from stitching.similarity.ood import EnergyDetector, fit_energy_detector, match_images, outlier_images
+
+    settings = {k: options[k] for k in ("outliers", "epochs", "lr", "batch_size", "m_in", "m_out", "weight",
+                                        "train_images")}
+    digest = hashlib.sha1(json.dumps({**settings, "dataset": datamodule.name, "seed": seed},
+                                     sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(checkpoint).with_name(f"{Path(checkpoint).stem}.ood-l{end_layer}-{digest}.pt")
+    with FileLock(str(path) + ".lock"):
+        _, tail = split(copy.deepcopy(end), end_layer)
+        if path.is_file():
+            tail.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return EnergyDetector(tail.eval())
+        datamodule.setup()
+        images = datamodule.arrays.train_x.float().div(255)
+        labels = datamodule.arrays.train_y
+        if settings["train_images"]:
+            pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[: settings["train_images"]]
+            images, labels = images[pick], labels[pick]
+        kind = settings["outliers"]
+        if kind in ("patch_shuffle", "noise"):
+            outliers = outlier_images(images, kind, seed=seed)
+        else:
+            if outlier_dataset is None:
+                raise StitchingError(f"outliers='{kind}' names a dataset, but no dataset loader was given")
+            outliers = match_images(outlier_dataset(kind)[0], images)
+        detector = fit_energy_detector(end, end_layer, images, labels, outliers, epochs=int(settings["epochs"]),
+                                       lr=float(settings["lr"]), batch_size=int(settings["batch_size"]),
+                                       m_in=float(settings["m_in"]), m_out=float(settings["m_out"]),
+                                       weight=float(settings["weight"]), seed=seed, device=device)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(detector.tail.state_dict(), tmp)
+        tmp.replace(path)
+        return detector

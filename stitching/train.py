@@ -23,6 +23,7 @@ from stitching.data import ImageDataModule, save_examples
 from stitching.evaluate import (
     cached_robust_metrics,
     evaluation_settings,
+    ood_metrics,
     penultimate_cka,
     robust_metrics,
     testbed_metrics,
@@ -235,7 +236,13 @@ def evaluate_testbeds(cfg: DictConfig, prep: Prepared) -> tuple[dict, dict, dict
         if cfg[side].dataset == cfg.dataset.name and (attack["eval_pgd"] or attack["eval_autoattack"]):
             # base models are attacked on their own task only, once per attack setting
             base[side].update(cached_robust_metrics(model, record["path"], datamodule, attack, device, cfg.seed))
+    if cfg.evaluation.ood.enabled:
+        options = OmegaConf.to_container(cfg.evaluation.ood, resolve=True)
+        metrics.update(ood_metrics(network, prep.end, prep.end_layer, prep.end_record["path"], datamodule, options,
+                                   device, cfg.seed, outlier_dataset=lambda name: _outlier_arrays(cfg, name)))
     evaluation = evaluation_settings(attack, cfg.shortcut, datamodule)
+    if cfg.evaluation.ood.enabled:
+        evaluation["ood"] = {**OmegaConf.to_container(cfg.evaluation.ood, resolve=True), "end_layer": prep.end_layer}
     if datamodule.shortcut is not None:
         example = Path(cfg.paths.output_dir) / "shortcut_examples" / (
             f"{datamodule.name}-{cfg.shortcut.kind}-{cfg.shortcut.placement}-s{cfg.shortcut.seed}.png")
@@ -243,6 +250,13 @@ def evaluate_testbeds(cfg: DictConfig, prep: Prepared) -> tuple[dict, dict, dict
             save_examples(datamodule.shortcut, datamodule.arrays.train_x, datamodule.arrays.train_y, example)
         evaluation["shortcut_examples"] = str(example)
     return metrics, base, evaluation
+
+
+def _outlier_arrays(cfg: DictConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test images in [0, 1] of the dataset ``name`` (an OOD detector's outliers)."""
+    datamodule = ImageDataModule(**{**dataset_config(cfg, name), "num_classes_train": None, "train_subset": None})
+    datamodule.setup()
+    return datamodule.arrays.train_x.float().div(255), datamodule.arrays.test_x.float().div(255)
 
 
 def _eval_device(cfg: DictConfig) -> torch.device:

@@ -1,0 +1,83 @@
+"""Energy-based OOD detection on internal activations."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from stitching.models import split
+from stitching.similarity.ood import (
+    auroc,
+    energy,
+    energy_margin_loss,
+    fit_energy_detector,
+    outlier_images,
+)
+from stitching.train import prepare, run
+
+
+def test_energy_and_the_margin_loss_match_their_closed_forms():
+    logits = torch.tensor([[0.0, 0.0], [3.0, 1.0]])
+    expected = -torch.tensor([np.log(2.0), np.log(np.exp(3.0) + np.exp(1.0))], dtype=torch.float32)
+    torch.testing.assert_close(energy(logits), expected)
+    torch.testing.assert_close(energy(logits, temperature=2.0), -2 * torch.logsumexp(logits / 2, 1))
+    labels = torch.tensor([0, 0])
+    # in-energies −0.69 and −3.13 are above m_in = −25: squared hinges; out-energy −3.13 is above m_out = −7: none
+    e_in = expected
+    by_hand = (torch.nn.functional.cross_entropy(logits, labels)
+               + 0.1 * ((e_in + 25) ** 2).mean() + 0.1 * torch.relu(-7 - expected[1:]).pow(2).mean())
+    torch.testing.assert_close(energy_margin_loss(logits, labels, logits[1:]), by_hand)
+    assert float(energy_margin_loss(logits, labels, logits[1:], m_in=10.0, m_out=-100.0)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels)))
+
+
+def test_auroc_matches_sklearn_including_ties():
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(50, generator=g) + 1, torch.randn(70, generator=g)
+    labels = np.r_[np.ones(50), np.zeros(70)]
+    assert auroc(pos, neg) == pytest.approx(roc_auc_score(labels, torch.cat([pos, neg]).numpy()), rel=1e-12)
+    pos, neg = torch.randint(0, 4, (40,), generator=g).float(), torch.randint(0, 3, (30,), generator=g).float()
+    labels = np.r_[np.ones(40), np.zeros(30)]
+    assert auroc(pos, neg) == pytest.approx(roc_auc_score(labels, torch.cat([pos, neg]).numpy()), rel=1e-12)
+    assert auroc(torch.ones(5), torch.ones(7)) == 0.5
+
+
+def test_patch_shuffle_keeps_the_pixels_and_moves_the_patches():
+    images = torch.rand(3, 3, 16, 16)
+    shuffled = outlier_images(images, "patch_shuffle", seed=1)
+    assert shuffled.shape == images.shape and not torch.equal(shuffled, images)
+    torch.testing.assert_close(shuffled.flatten(1).sort(1).values, images.flatten(1).sort(1).values)
+    torch.testing.assert_close(outlier_images(images, "patch_shuffle", seed=1), shuffled)
+
+
+def test_the_detector_separates_outliers_and_not_native_from_native(tiny_config):
+    prep = prepare(tiny_config("objective=dm", "stitch.layer=3"))
+    data = prep.datamodule
+    images, labels = data.arrays.train_x.float().div(255), data.arrays.train_y
+    detector = fit_energy_detector(prep.end, 3, images, labels, outlier_images(images, "noise", seed=0),
+                                   epochs=2, batch_size=64)
+    test, _ = data.test_tensors()
+    head, _ = split(prep.end, 3)
+    with torch.no_grad():
+        native = detector.score(head.eval()(test))
+        outliers = detector.score(head(outlier_images(test, "noise", seed=5)))
+    assert auroc(outliers, native) > 0.9
+    half = len(native) // 2
+    assert abs(auroc(native[:half], native[half:]) - 0.5) < 0.1
+
+
+def test_a_stitching_run_reports_ood_auroc_and_caches_the_detector(tiny_config, tmp_path, zoo_dir):
+    overrides = ("objective=tlm", "stitch.layer=3", "evaluation.ood.enabled=true", "evaluation.ood.epochs=1",
+                 "evaluation.ood.eval_images=200")
+    record = run(tiny_config(*overrides), tmp_path / "a")
+    metrics = json.loads((tmp_path / "a" / "results.json").read_text())["metrics"]
+    assert 0.0 <= metrics["ood/auroc"] <= 1.0 and 0.0 <= metrics["ood/auroc_outliers"] <= 1.0
+    assert record["evaluation"]["ood"]["end_layer"] == 3
+    cached = sorted(zoo_dir.glob("*.ood-l3-*.pt"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    again = run(tiny_config(*overrides), tmp_path / "b")
+    assert cached[0].stat().st_mtime_ns == stamp  # the second run reused the detector
+    assert again["metrics"]["ood/auroc_outliers"] == pytest.approx(metrics["ood/auroc_outliers"])
