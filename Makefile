@@ -8,16 +8,30 @@ STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_DIR ?= outputs/demo/$(STAMP)
 SWEEPS ?= outputs/sweeps
 ARGS ?=
-FIGURES := fig4 fig5 fig6 fig8 fig9 fig10 fig11
+FIGURES := fig4 fig5 fig6 fig8 fig9 fig10 fig11 ood
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small)
+.PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
+	sanity-vit-small
 
 # $(call sweep,PRESET): run the preset's sweep, then render its figures
 define sweep
 	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP) $(ARGS)
+	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP)
+endef
+
+# $(call sanity,PRESET): the preset's stitching grids, CKA (per-image) and CCA (pooled) grids
+# of the same model pairs (end seed 0: a model against itself; 1: another seed), one report
+define sanity
+	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP)/stitching $(ARGS)
+	for seed in 0 1; do \
+	  $(PY) -m stitching.similarity --index cka --flatten sample --no-progress \
+	    --out $(SWEEPS)/$(1)/$(STAMP)/cka_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null && \
+	  $(PY) -m stitching.similarity --index cca --flatten pool --no-progress \
+	    --out $(SWEEPS)/$(1)/$(STAMP)/cca_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null || exit 1; \
+	done
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP)
 endef
 
@@ -71,6 +85,19 @@ fig11: $(READY) ## FuLA Fig. 11 (paper size): FuLA grids with progressively deep
 	$(call sweep,fig11)
 fig11-small: $(READY) ## Fig. 11 on MNIST-5k, CPU-sized
 	$(call sweep,fig11_small)
+
+ood: $(READY) ## TLM-vs-DM paper (paper size, GPU): energy-detector AUROC of stitched vs native activations
+	$(call sweep,ood)
+ood-small: $(READY) ## OOD diagnosis on MNIST-5k, CPU-sized
+	$(call sweep,ood_small)
+sanity: $(READY) ## TLM-vs-DM paper (paper size, GPU): both sanity checks, DM/Hint/FuLA/TLM/CKA/CCA, ResNet18
+	$(call sanity,sanity)
+sanity-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ResNet18
+	$(call sanity,sanity_small)
+sanity-vit: $(READY) ## the sanity checks on ViT-Ti (paper size, GPU)
+	$(call sanity,sanity_vit)
+sanity-vit-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ViT
+	$(call sanity,sanity_vit_small)
 
 bench: $(READY) ## wall time and peak memory: one epoch per objective + a 9x9 grid (MNIST-5k)
 	$(PY) -m stitching.bench $(ARGS)

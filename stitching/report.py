@@ -38,7 +38,8 @@ CONDITIONS = {
 METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust accuracy (PGD)",
                  "test_robust_acc_autoattack": "robust accuracy (AutoAttack)",
                  "test_acc_shortcut": "accuracy with shortcut",
-                 "init_penultimate_cka": "penultimate CKA at DM init"}
+                 "init_penultimate_cka": "penultimate CKA at DM init",
+                 "ood_auroc": "OOD AUROC, stitched vs native"}
 
 
 def condition_values(config: dict) -> dict:
@@ -284,8 +285,8 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
                 runs = rows[rows.objective == objective].groupby("front_layer")[metric].mean()
                 ax.plot(runs.index, runs.values * 100, marker="o", label=objective.upper())
             base_metric = "acc" if metric in ("test_acc", "test_acc_shortcut") else metric.removeprefix("test_")
-            if metric.startswith("init_"):
-                base_metric = "none"  # base models have no stitch to initialise
+            if metric.startswith(("init_", "ood_")):
+                base_metric = "none"  # base models have no stitch to initialise or detect
             ends = [rows.get(f"{side}_{base_metric}") for side in ("end", "front")]
             if all(e is not None and e.notna().any() for e in ends):
                 end_value, front_value = (e.mean() * 100 for e in ends)

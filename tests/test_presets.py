@@ -21,6 +21,12 @@ SHRINK = {
     "fig10_small": (["stitch.front_layer=1,9", "stitch.end_layer=1,9", "objective=hint,tlm"], "heatmap.png"),
     "fig11_small": (["stitch.front_layer=1,9", "stitch.end_layer=1,9", "objective.weights=first,uniform"],
                     "heatmap.png"),
+    "sanity_small": (["stitch.front_layer=1,9", "stitch.end_layer=1,9", "objective=dm,tlm", "end.seed=0,1"],
+                     "sanity.md"),
+    "sanity_vit_small": (["stitch.front_layer=1,6", "stitch.end_layer=1,6", "objective=hint", "end.seed=0"],
+                         "sanity.md"),
+    "ood_small": (["stitch.layer=1,9", "objective=dm,tlm", "evaluation.ood.epochs=1",
+                   "evaluation.ood.eval_images=50"], "stitching_plot_ood_auroc.png"),
     "demo": (["stitch.layer=1,9", "objective=dm,hint"], "stitching_plot.png"),
 }
 TINY_PRESET = ["dataset=digits", "model.width=4", "zoo.recipe.epochs=1", "trainer.limit_train_batches=2",

@@ -23,14 +23,14 @@ import torch
 from omegaconf import OmegaConf
 
 from stitching.errors import StitchingError, exit_on_user_error
-from stitching.models import cut_point_names
+from stitching.models import cut_point_names, resolve_layer
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices, similarity_grids
 from stitching.train import build_zoo, compose_config, dataset_config, model_spec
 
 
 def main_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
-               out: Path, progress: bool = True) -> dict:
+               out: Path, layers: list[int] | None = None, progress: bool = True) -> dict:
     """Compute and write the grids; return the record written to ``similarity.json``."""
     from stitching.data import ImageDataModule
     from stitching.report import condition_values, heatmaps, sanity_checks
@@ -47,10 +47,14 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         end, end_record = zoo.get(model_spec(cfg.end), cfg.end.checkpoint)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
                           else "cpu")
+    front_names, end_names = cut_point_names(front), cut_point_names(end)
+    chosen_front = [resolve_layer(front, v) for v in layers] if layers else list(range(1, len(front_names) + 1))
+    chosen_end = [resolve_layer(end, v) for v in layers] if layers else list(range(1, len(end_names) + 1))
     with watch.section("grids_s"):
-        grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress)
+        grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress,
+                                           front_layers=chosen_front, end_layers=chosen_end)
     conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
-    rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": i + 1, "end_layer": j + 1,
+    rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
              "score": None if pd.isna(v) else float(v), **conditions,
              "front_model": front_record["key"], "end_model": end_record["key"],
              "front_acc": front_record["test_acc"], "end_acc": end_record["test_acc"]}
@@ -64,7 +68,8 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
     record = {
         "indices": {name: INDICES[name].label for name in indices},
         "grids": {name: [[None if pd.isna(v) else float(v) for v in row] for row in grid] for name, grid in grids.items()},
-        "front_layers": cut_point_names(front), "end_layers": cut_point_names(end),
+        "front_layers": {i: front_names[i - 1] for i in chosen_front},
+        "end_layers": {j: end_names[j - 1] for j in chosen_end},
         "front": front_record["key"], "end": end_record["key"],
         "dataset": datamodule.name, "images": len(x), "flatten": flatten, "batch_size": batch_size,
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
@@ -83,27 +88,34 @@ def _cells(grid):
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stitching.similarity", description=__doc__.splitlines()[0])
-    parser.add_argument("--index", default="cka", help=f"comma-separated, from: {', '.join(INDICES)}")
-    parser.add_argument("--images", type=int, default=1000, help="test images to compare on")
-    parser.add_argument("--flatten", default="sample", choices=FLATTEN,
+    parser.add_argument("--index", default=None, help=f"comma-separated, from: {', '.join(INDICES)} "
+                        "(default: similarity.index)")
+    parser.add_argument("--images", type=int, default=None, help="test images to compare on (default: similarity.images)")
+    parser.add_argument("--flatten", default=None, choices=FLATTEN,
                         help="sample: c·h·w per image; positions: positions as samples; pool: one vector per image")
-    parser.add_argument("--batch-size", type=int, default=250, help="images per forward pass (and per minibatch-CKA batch)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass and minibatch-CKA batch")
+    parser.add_argument("--layers", default=None, help="comma-separated cut points for both sides (default: all)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/similarity/<time>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (default: experiment=demo)")
     args = parser.parse_args(argv)
-    indices = parse_indices(args.index)
-    if args.images < 4:
-        raise StitchingError(f"--images must be at least 4, got {args.images}")
     overrides = args.overrides or ["experiment=demo"]
+    settings = compose_config(overrides).similarity
+    indices = parse_indices(args.index or settings.index)
+    images = args.images or int(settings.images)
+    if images < 4:
+        raise StitchingError(f"--images must be at least 4, got {images}")
+    layers = args.layers or settings.layers
+    if layers is not None:
+        layers = [int(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
     out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    record = main_grids(overrides, indices, args.images, args.flatten, args.batch_size, out,
-                        progress=not args.no_progress)
+    record = main_grids(overrides, indices, images, args.flatten or settings.flatten,
+                        args.batch_size or int(settings.batch_size), out, layers=layers, progress=not args.no_progress)
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
     for name, grid in record["grids"].items():
         print(f"\n{INDICES[name].label} (rows: front layer, columns: end layer)")
-        print(pd.DataFrame(grid, index=range(1, len(grid) + 1), columns=range(1, len(grid[0]) + 1), dtype=float).round(3)
+        print(pd.DataFrame(grid, index=list(record["front_layers"]), columns=list(record["end_layers"]), dtype=float).round(3)
               .to_string(na_rep="—"))
     by_index: dict[str, list[str]] = {}
     for line in record["undefined"]:

@@ -92,8 +92,11 @@ def pair_matrices(a: torch.Tensor, b: torch.Tensor, flatten: str) -> tuple[torch
 @torch.no_grad()
 def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch.Tensor, indices: list[str],
                      flatten: str = "sample", batch_size: int = 250, device: torch.device | str = "cpu",
-                     progress: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
+                     progress: bool = True, front_layers: list[int] | None = None,
+                     end_layers: list[int] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """``{index: [front layers, end layers] grid}`` and the reasons of any undefined cells.
+
+    ``front_layers``/``end_layers``: 1-based cut points to compare (default: all).
 
     ``images`` pass through each model once, in batches; cells an index cannot define
     (constant activations, a degenerate CCA…) are NaN with their reason listed.
@@ -111,6 +114,10 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         batch = batch.to(device)
         _, fronts = cut_point_activations(front, batch)
         _, ends = cut_point_activations(end, batch)
+        if front_layers:
+            fronts = [fronts[i - 1] for i in front_layers]
+        if end_layers:
+            ends = [ends[j - 1] for j in end_layers]
         if stream is not None:
             stream.update([_flat(a, flatten) for a in fronts], [_flat(a, flatten) for a in ends])
         if full:
@@ -128,26 +135,31 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
     if full:
         layers_front = [torch.cat(parts) for parts in zip(*kept_front)]
         layers_end = [torch.cat(parts) for parts in zip(*kept_end)]
+        labels = (front_layers or list(range(1, len(layers_front) + 1)), end_layers or list(range(1, len(layers_end) + 1)))
         for name in tqdm(full, desc="indices", disable=not progress, leave=False):
-            grids[name] = _full_grid(INDICES[name], layers_front, layers_end, flatten, name, problems)
+            grids[name] = _full_grid(INDICES[name], layers_front, layers_end, flatten, name, problems, labels)
     return grids, problems
 
 
 def _full_grid(index: Index, fronts: list[torch.Tensor], ends: list[torch.Tensor], flatten: str, name: str,
-               problems: list[str]) -> np.ndarray:
+               problems: list[str], labels: tuple[list[int], list[int]]) -> np.ndarray:
+    """One index over every pair; ``labels`` are the cut points of the rows and columns (for messages)."""
+    def cell(compute, i, j):
+        return _cell(compute, f"{name} front {labels[0][i]} × end {labels[1][j]}", problems)
+
     grid = np.full((len(fronts), len(ends)), np.nan)
     if index.gram is not None and flatten != "positions":
         # kernel indices: one Gram matrix per layer, shared by every pair it is in
-        grams_f = [_gram_or_reason(index, a, f"front layer {i}", problems, name) for i, a in enumerate(fronts, 1)]
-        grams_e = [_gram_or_reason(index, a, f"end layer {j}", problems, name) for j, a in enumerate(ends, 1)]
+        grams_f = [_gram_or_reason(index, a, f"front layer {i}", problems, name) for i, a in zip(labels[0], fronts)]
+        grams_e = [_gram_or_reason(index, a, f"end layer {j}", problems, name) for j, a in zip(labels[1], ends)]
         for (i, k), (j, l) in ((p, q) for p in enumerate(grams_f) for q in enumerate(grams_e)):
             if k is not None and l is not None:
-                grid[i, j] = _cell(lambda: kernel_cka(k, l, unbiased=index.unbiased), name, i, j, problems)
+                grid[i, j] = cell(lambda: kernel_cka(k, l, unbiased=index.unbiased), i, j)
         return grid
     if flatten == "positions":
         for i, a in enumerate(fronts):
             for j, b in enumerate(ends):
-                grid[i, j] = _cell(lambda: index.pair(*pair_matrices(a, b, flatten)), name, i, j, problems)
+                grid[i, j] = cell(lambda: index.pair(*pair_matrices(a, b, flatten)), i, j)
         return grid
     # one SVD per layer: rotation-invariant indices then see the ≤ n-column form US of
     # X = USVᵀ (the same value, far cheaper for wide layers); PWCCA keeps the neurons
@@ -156,12 +168,12 @@ def _full_grid(index: Index, fronts: list[torch.Tensor], ends: list[torch.Tensor
     for i, (a, (xa, ra)) in enumerate(zip(fronts, reduced_f)):
         for j, (b, (xb, rb)) in enumerate(zip(ends, reduced_e)):
             if index.rotation_invariant:
-                grid[i, j] = _cell(lambda: index.pair(xa, xb), name, i, j, problems)
+                grid[i, j] = cell(lambda: index.pair(xa, xb), i, j)
             elif ra + rb > n - 1 and index.label.endswith("CCA"):
-                problems.append(f"{name} front {i + 1} × end {j + 1}: {index.label} is degenerate here: {ra} + {rb} "
+                problems.append(f"{name} front {labels[0][i]} × end {labels[1][j]}: {index.label} is degenerate here: {ra} + {rb} "
                                 f"directions cannot be separated by {n} inputs; use more inputs or flatten=pool")
             else:
-                grid[i, j] = _cell(lambda: index.pair(a, b), name, i, j, problems)
+                grid[i, j] = cell(lambda: index.pair(a, b), i, j)
     return grid
 
 
@@ -183,9 +195,9 @@ def _gram_or_reason(index: Index, a: torch.Tensor, where: str, problems: list[st
     return index.gram(a.double())
 
 
-def _cell(compute, name: str, i: int, j: int, problems: list[str]) -> float:
+def _cell(compute, where: str, problems: list[str]) -> float:
     try:
         return float(compute())
     except SimilarityError as err:
-        problems.append(f"{name} front {i + 1} × end {j + 1}: {err}")
+        problems.append(f"{where}: {err}")
         return float("nan")
