@@ -357,8 +357,11 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     if (frame.front_layer != frame.end_layer).any():
         made["heatmap"], made["self_accuracy"] = heatmaps(frame, out / "heatmap.png", metric="score")
         (out / "self_accuracy.json").write_text(json.dumps(made["self_accuracy"], indent=2))
-        for objective in _objectives(frame):
-            layer_grid(frame, objective, "score").to_csv(out / f"grid_{objective}.csv")
+        panels = facets(frame)
+        for label, rows in panels:  # one file per grid: conditions are never averaged together
+            suffix = "" if len(panels) == 1 else "_" + "_".join(part.replace("=", "") for part in label.split(", "))
+            for objective in _objectives(rows):
+                layer_grid(rows, objective, "score").to_csv(out / f"grid_{objective}{suffix}.csv")
         made["sanity"] = sanity_checks(frame)
         if made["sanity"]:
             (out / "sanity.json").write_text(json.dumps(made["sanity"], indent=2))
