@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from stitching.errors import exit_on_user_error
-from stitching.runtime import build_trainer, versions, write_json_atomic
+from stitching.runtime import build_trainer, release_memory, versions, write_json_atomic
 from stitching.train import compose_config, prepare
 
 
@@ -94,6 +94,8 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
                 if prep.module.trainable:
                     trainer.fit(prep.module, datamodule=prep.datamodule)
                 trainer.test(prep.module, datamodule=prep.datamodule, verbose=False)
+                del prep, trainer
+                release_memory()
     row["images"] = f"{batches} batches x 81"
     print(_line(row), flush=True)
     return row

@@ -112,3 +112,19 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def release_memory() -> None:
+    """Return what a finished run held: collect reference cycles, empty the CUDA cache and
+    hand freed heap pages back to the system (glibc). Between the runs of an in-process
+    sweep this keeps the resident size flat instead of growing a few MiB per run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

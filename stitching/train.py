@@ -31,7 +31,7 @@ from stitching.evaluate import (
 from stitching.errors import StitchingError
 from stitching.models import cut_point_names, resolve_layer, split
 from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
-from stitching.runtime import Stopwatch, build_logger, build_trainer, versions, write_json_atomic
+from stitching.runtime import Stopwatch, build_logger, build_trainer, release_memory, versions, write_json_atomic
 from stitching.stitch import fit_dm, make_stitch
 from stitching.zoo import ModelSpec, ModelZoo
 
@@ -303,6 +303,7 @@ def main(cfg: DictConfig):
     try:
         record = run(cfg, run_dir, sweep_name=Path(hydra_cfg.sweep.dir).name if sweeping else None)
     except Exception as err:
+        release_memory()
         _failure_record(cfg, run_dir, err)
         if sweeping:  # one bad cell must not end the sweep
             print(f"[sweep] run {run_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
@@ -312,6 +313,7 @@ def main(cfg: DictConfig):
             sys.exit(2)
         raise
     print(summary(record, run_dir))
+    release_memory()  # a sweep's runs share this process under the basic launcher
     return record["metrics"]["test/acc"]
 
 
