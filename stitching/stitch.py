@@ -63,11 +63,15 @@ class TokenStitch(nn.Module):
         in_channels: the front model's embedding width at cut point i.
         out_channels: the end model's embedding width at cut point j.
         tokens: the end model's token count; the front's must match (same patch grid).
+        separate_class_token: give the class token (position 0) its own affine map; DM
+            then fits it on class tokens alone instead of as 1 of every ``tokens`` rows.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, tokens: int | None = None):
+    def __init__(self, in_channels: int, out_channels: int, tokens: int | None = None,
+                 separate_class_token: bool = False):
         super().__init__()
         self.linear = nn.Linear(in_channels, out_channels, bias=True)
+        self.class_linear = nn.Linear(in_channels, out_channels, bias=True) if separate_class_token else None
         self.out_size = (int(tokens),) if tokens is not None else None
 
     def resize(self, a: torch.Tensor) -> torch.Tensor:
@@ -77,7 +81,10 @@ class TokenStitch(nn.Module):
         return a
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.resize(a))
+        a = self.resize(a)
+        if self.class_linear is None:
+            return self.linear(a)
+        return torch.cat([self.class_linear(a[:, :1]), self.linear(a[:, 1:])], dim=1)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -92,14 +99,28 @@ class TokenStitch(nn.Module):
         self.linear.weight.copy_(weight.to(self.linear.weight))
         self.linear.bias.copy_(bias.to(self.linear.bias))
 
+    @torch.no_grad()
+    def fit(self, front: torch.Tensor, end: torch.Tensor) -> None:
+        """Least squares over every token (and, with a separate class map, over class tokens alone)."""
+        if self.class_linear is None:
+            self.set_affine(*dm_solution(front, end))
+            return
+        self.set_affine(*dm_solution(front[:, 1:], end[:, 1:]))
+        weight, bias = dm_solution(front[:, 0], end[:, 0])
+        self.class_linear.weight.copy_(weight.to(self.class_linear.weight))
+        self.class_linear.bias.copy_(bias.to(self.class_linear.bias))
 
-def make_stitch(a_front: torch.Tensor, a_end: torch.Tensor) -> nn.Module:
+
+def make_stitch(a_front: torch.Tensor, a_end: torch.Tensor, separate_class_token: bool = False) -> nn.Module:
     """The stitch joining activations shaped like ``a_front`` to ones shaped like ``a_end``:
-    a 1×1 convolution between conv maps, a token-wise linear map between token sequences."""
+    a 1×1 convolution between conv maps, a token-wise linear map between token sequences
+    (``separate_class_token``: its own map for the class token; token sequences only)."""
     if a_front.dim() == 4 and a_end.dim() == 4:
+        if separate_class_token:
+            raise ValueError("stitch.class_token=separate applies to ViTs; convolutional maps have no class token")
         return Stitch(a_front.shape[1], a_end.shape[1], tuple(a_end.shape[-2:]))
     if a_front.dim() == 3 and a_end.dim() == 3:
-        return TokenStitch(a_front.shape[-1], a_end.shape[-1], a_end.shape[1])
+        return TokenStitch(a_front.shape[-1], a_end.shape[-1], a_end.shape[1], separate_class_token)
     kinds = {4: "a convolutional map", 3: "a token sequence"}
     raise ValueError(f"cannot stitch {kinds.get(a_front.dim(), tuple(a_front.shape))} to "
                      f"{kinds.get(a_end.dim(), tuple(a_end.shape))}; stitch two CNNs or two ViTs")
@@ -137,7 +158,9 @@ def fit_dm(stitch: Stitch | TokenStitch, front_head: nn.Module, end_head: nn.Mod
         chunk = chunk.to(device)
         fronts.append(stitch.resize(front_head(chunk)).float())
         ends.append(end_head(chunk).float())
-    weight, bias = dm_solution(torch.cat(fronts), torch.cat(ends))
-    stitch.set_affine(weight, bias)
+    if isinstance(stitch, TokenStitch):
+        stitch.fit(torch.cat(fronts), torch.cat(ends))
+    else:
+        stitch.set_affine(*dm_solution(torch.cat(fronts), torch.cat(ends)))
     for module, mode in zip((front_head, end_head), modes):
         module.train(mode)

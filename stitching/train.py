@@ -98,7 +98,8 @@ def check_compatible(front, end, datamodule: ImageDataModule, probe: torch.Tenso
         )
 
 
-def build_stitched(front, end, front_layer: int, end_layer: int, probe: torch.Tensor, update_bn: bool):
+def build_stitched(front, end, front_layer: int, end_layer: int, probe: torch.Tensor, update_bn: bool,
+                   class_token: str = "shared"):
     """Deep-copied front head and end tail joined by a fresh stitch."""
     front_head, _ = split(copy.deepcopy(front), front_layer)
     _, end_tail = split(copy.deepcopy(end), end_layer)
@@ -107,7 +108,9 @@ def build_stitched(front, end, front_layer: int, end_layer: int, probe: torch.Te
         a_front = front_head.eval()(probe)
         a_end = reference_head.eval()(probe)
     try:
-        stitch = make_stitch(a_front, a_end)
+        if class_token not in ("shared", "separate"):
+            raise ValueError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
+        stitch = make_stitch(a_front, a_end, separate_class_token=class_token == "separate")
     except ValueError as err:
         raise StitchingError(str(err)) from None
     return StitchedNetwork(front_head, stitch, end_tail, update_bn=update_bn), reference_head
@@ -150,7 +153,8 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Prepared:
     i = resolve_layer(front, cfg.stitch.front_layer)
     j = resolve_layer(end, cfg.stitch.end_layer)
     with watch.section("dm_init_s"):
-        network, reference_head = build_stitched(front, end, i, j, samples[:2], cfg.stitch.update_bn)
+        network, reference_head = build_stitched(front, end, i, j, samples[:2], cfg.stitch.update_bn,
+                                                 cfg.stitch.get("class_token", "shared"))
         fit_dm(network.stitch, network.front, reference_head, samples)
     options = {}
     if objective == "fula":

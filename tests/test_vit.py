@@ -86,3 +86,25 @@ def test_a_vit_cannot_be_stitched_to_a_resnet(tiny_config):
     cfg = tiny_config(*VIT, "front.arch=resnet18", "front.width=8", "front.depth=null", "stitch.layer=1")
     with pytest.raises(StitchingError, match="stitch two CNNs or two ViTs"):
         prepare(cfg)
+
+
+def test_a_separate_class_token_map_recovers_two_affine_maps():
+    torch.manual_seed(2)
+    front = torch.randn(40, 9, 5)
+    w_cls, b_cls, w_tok, b_tok = torch.randn(3, 5), torch.randn(3), torch.randn(3, 5), torch.randn(3)
+    end = torch.cat([front[:, :1] @ w_cls.T + b_cls, front[:, 1:] @ w_tok.T + b_tok], dim=1)
+    separate = make_stitch(front, end, separate_class_token=True)
+    separate.fit(front, end)
+    torch.testing.assert_close(separate(front), end, atol=1e-4, rtol=0)
+    shared = make_stitch(front, end)
+    shared.fit(front, end)
+    assert (shared(front)[:, 0] - end[:, 0]).norm() > 10 * (separate(front)[:, 0] - end[:, 0]).norm()
+    with pytest.raises(ValueError, match="applies to ViTs"):
+        make_stitch(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), separate_class_token=True)
+
+
+def test_class_token_option_reaches_the_stitch(tiny_config):
+    prep = prepare(tiny_config(*VIT, "objective=dm", "stitch.layer=2", "stitch.class_token=separate"))
+    assert prep.module.network.stitch.class_linear is not None
+    with pytest.raises(StitchingError, match="shared or separate"):
+        prepare(tiny_config(*VIT, "objective=dm", "stitch.layer=2", "stitch.class_token=both"))
