@@ -154,15 +154,11 @@ def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: 
 
     ``outlier_dataset(name) -> (train images, test images)`` loads a named outlier dataset.
     """
-    from stitching.similarity.ood import auroc, match_images, outlier_images
+    from stitching.similarity.ood import auroc
 
     detector = cached_energy_detector(end, end_layer, checkpoint, datamodule, options, device, seed, outlier_dataset)
     images, _ = datamodule.test_tensors(int(options["eval_images"]))
-    kind = options["outliers"]
-    if kind in ("patch_shuffle", "noise"):
-        outliers = outlier_images(images, kind, seed=seed + 1)
-    else:
-        outliers = match_images(outlier_dataset(kind)[1][: len(images)], images)
+    outliers = _outliers_like(images, options["outliers"], seed + 1, outlier_dataset, test=True)
     head, _ = split(copy.deepcopy(end), end_layer)
     head, network = head.to(device).eval(), network.to(device).eval()
     with torch.no_grad():
@@ -178,7 +174,7 @@ def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Pat
                            options: dict, device, seed: int, outlier_dataset=None):
     """The energy detector for ``end`` at ``end_layer``, fitted on a cache miss and stored as
     ``<checkpoint>.ood-l<j>-<settings hash>.pt`` (a sweep fits each one once)."""
-    from stitching.similarity.ood import EnergyDetector, fit_energy_detector, match_images, outlier_images
+    from stitching.similarity.ood import EnergyDetector, fit_energy_detector
 
     settings = {k: options[k] for k in ("outliers", "epochs", "lr", "batch_size", "m_in", "m_out", "weight",
                                         "train_images")}
@@ -196,13 +192,7 @@ def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Pat
         if settings["train_images"]:
             pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[: settings["train_images"]]
             images, labels = images[pick], labels[pick]
-        kind = settings["outliers"]
-        if kind in ("patch_shuffle", "noise"):
-            outliers = outlier_images(images, kind, seed=seed)
-        else:
-            if outlier_dataset is None:
-                raise StitchingError(f"outliers='{kind}' names a dataset, but no dataset loader was given")
-            outliers = match_images(outlier_dataset(kind)[0], images)
+        outliers = _outliers_like(images, settings["outliers"], seed, outlier_dataset, test=False)
         detector = fit_energy_detector(end, end_layer, images, labels, outliers, epochs=int(settings["epochs"]),
                                        lr=float(settings["lr"]), batch_size=int(settings["batch_size"]),
                                        m_in=float(settings["m_in"]), m_out=float(settings["m_out"]),
@@ -211,3 +201,16 @@ def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Pat
         torch.save(detector.tail.state_dict(), tmp)
         tmp.replace(path)
         return detector
+
+
+def _outliers_like(images: torch.Tensor, kind: str, seed: int, outlier_dataset, test: bool) -> torch.Tensor:
+    """Outlier images for ``images``: made from them (``patch_shuffle``, ``noise``) or taken
+    from the dataset ``kind`` (its test split, as many as ``images``, when ``test``)."""
+    from stitching.similarity.ood import OUTLIER_KINDS, match_images, outlier_images
+
+    if kind in OUTLIER_KINDS:
+        return outlier_images(images, kind, seed=seed)
+    if outlier_dataset is None:
+        raise StitchingError(f"outliers='{kind}' names a dataset, but no dataset loader was given")
+    train, held_out = outlier_dataset(kind)
+    return match_images(held_out[: len(images)] if test else train, images)

@@ -345,9 +345,7 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     frame.to_csv(out / "results.csv", index=False)
     made = {"csv": out / "results.csv", "failed": failed, "frame": frame}
     runs = frame[frame.test_acc.notna()] if "test_acc" in frame else frame.iloc[:0]  # stitching runs only
-    if runs.empty:
-        pass
-    elif "classes_train" in varying_conditions(runs):
+    if not runs.empty and "classes_train" in varying_conditions(runs):
         made["subsets"] = subsets_plot(runs, out / "subsets.png")
     elif (runs.front_layer == runs.end_layer).any():
         made["table"] = layer_table(runs)
