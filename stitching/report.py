@@ -33,7 +33,7 @@ CONDITIONS = {
     "front_seed": ("front", "seed"), "end_seed": ("end", "seed"),
     "front_robust": ("front", "robust"), "end_robust": ("end", "robust"),
     "alpha": ("attack", "alpha"), "classes_train": ("dataset", "num_classes_train"),
-    "weights": ("objective", "weights"),
+    "weights": ("objective", "weights"), "class_token": ("stitch", "class_token"),
 }
 METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust accuracy (PGD)",
                  "test_robust_acc_autoattack": "robust accuracy (AutoAttack)",
@@ -204,7 +204,9 @@ def sanity_table(results: list[dict]) -> pd.DataFrame:
     if not results:
         return pd.DataFrame()
     frame = pd.DataFrame(results)
-    table = frame.pivot_table(index=["arch", "method"], columns="check", values="score", aggfunc="mean")
+    conditions = [c for c in frame.columns if c not in ("method", "check", "score", "layers", "arch", "front", "end")]
+    frame[conditions] = frame[conditions].astype(str)  # a condition a method lacks reads "nan", not dropped
+    table = frame.pivot_table(index=["arch", *conditions, "method"], columns="check", values="score", aggfunc="mean")
     order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
     return table.sort_index(key=lambda c: c.map(lambda v: order.get(v, len(order))) if c.name == "method" else c)
 
