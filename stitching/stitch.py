@@ -18,6 +18,13 @@ def positions_as_samples(activation: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"cannot stitch activations of shape {tuple(activation.shape)}")
 
 
+@torch.no_grad()
+def _load_affine(layer: nn.Conv2d | nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy an ``[out, in]`` matrix and an ``[out]`` bias into a 1×1 convolution or a linear layer."""
+    layer.weight.copy_(weight.reshape_as(layer.weight).to(layer.weight))
+    layer.bias.copy_(bias.to(layer.bias))
+
+
 class Stitch(nn.Module):
     """A 1×1 convolution with bias, after bilinear resizing of the front map if needed.
 
@@ -49,11 +56,9 @@ class Stitch(nn.Module):
     def channels(self) -> tuple[int, int]:
         return self.conv.in_channels, self.conv.out_channels
 
-    @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Load a ``[out, in]`` matrix and an ``[out]`` bias into the 1×1 convolution."""
-        self.conv.weight.copy_(weight.reshape_as(self.conv.weight).to(self.conv.weight))
-        self.conv.bias.copy_(bias.to(self.conv.bias))
+        _load_affine(self.conv, weight, bias)
 
 
 class TokenStitch(nn.Module):
@@ -94,10 +99,8 @@ class TokenStitch(nn.Module):
     def channels(self) -> tuple[int, int]:
         return self.linear.in_features, self.linear.out_features
 
-    @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        self.linear.weight.copy_(weight.to(self.linear.weight))
-        self.linear.bias.copy_(bias.to(self.linear.bias))
+        _load_affine(self.linear, weight, bias)
 
     @torch.no_grad()
     def fit(self, front: torch.Tensor, end: torch.Tensor) -> None:
@@ -106,9 +109,7 @@ class TokenStitch(nn.Module):
             self.set_affine(*dm_solution(front, end))
             return
         self.set_affine(*dm_solution(front[:, 1:], end[:, 1:]))
-        weight, bias = dm_solution(front[:, 0], end[:, 0])
-        self.class_linear.weight.copy_(weight.to(self.class_linear.weight))
-        self.class_linear.bias.copy_(bias.to(self.class_linear.bias))
+        _load_affine(self.class_linear, *dm_solution(front[:, 0], end[:, 0]))
 
 
 def make_stitch(a_front: torch.Tensor, a_end: torch.Tensor, separate_class_token: bool = False) -> nn.Module:
