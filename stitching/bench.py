@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from stitching.errors import exit_on_user_error
 from stitching.runtime import build_trainer, release_memory, versions, write_json_atomic
-from stitching.train import compose_config, prepare
+from stitching.build import compose_config, prepare
 
 
 def _rss_mib() -> float:

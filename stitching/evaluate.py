@@ -22,7 +22,8 @@ from torch import nn
 from stitching.attacks import autoattack_accuracy, pgd
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
-from stitching.models.cutting import cut_point_activations, pooled, split
+from stitching.models.cutting import cut_point_activations, split
+from stitching.models.layout import pooled
 from stitching.runtime import write_json_atomic
 from stitching.similarity import linear_cka
 
@@ -31,6 +32,12 @@ from stitching.similarity import linear_cka
 def predictions(model: nn.Module, images: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
     model.eval()
     return torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in images.split(batch_size)])
+
+
+def base_accuracy(model: nn.Module, datamodule: ImageDataModule, device) -> float:
+    """Clean test accuracy of a base model on the stitching data (given models have no record of it)."""
+    images, labels = datamodule.test_tensors()
+    return (predictions(copy.deepcopy(model).to(device), images, device) == labels).float().mean().item()
 
 
 def pgd_accuracy(model: nn.Module, images, labels, device, attack: dict, batch_size: int = 256) -> float:
@@ -59,7 +66,7 @@ def robust_metrics(model: nn.Module, datamodule: ImageDataModule, attack: dict, 
     return metrics
 
 
-def cached_robust_metrics(model: nn.Module, checkpoint: str | Path, datamodule: ImageDataModule, attack: dict,
+def cached_robust_metrics(model: nn.Module, checkpoint: str | Path | None, datamodule: ImageDataModule, attack: dict,
                           device, seed: int = 0) -> dict:
     """:func:`robust_metrics` of a base model, remembered beside its checkpoint.
 
@@ -70,6 +77,8 @@ def cached_robust_metrics(model: nn.Module, checkpoint: str | Path, datamodule: 
     wanted = {k: attack[k] for k in ("eps", "step_size", "steps", "random_start", "eval_pgd", "eval_autoattack",
                                      "autoattack_version", "eval_images")}
     key = json.dumps({**wanted, "dataset": datamodule.name, "seed": seed}, sort_keys=True)
+    if checkpoint is None:  # a hub model with no local file: nowhere to cache
+        return robust_metrics(copy.deepcopy(model), datamodule, attack, device, seed)
     cache = Path(checkpoint).with_suffix(".robust.json")
     with FileLock(str(cache) + ".lock"):
         known = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -89,14 +98,15 @@ def penultimate_cka(network: nn.Module, end: nn.Module, datamodule: ImageDataMod
     images, labels = datamodule.test_tensors(int(attack["eval_images"]))
     network, end = network.to(device).eval(), end.to(device).eval()
     settings = {k: attack[k] for k in ("eps", "step_size", "steps", "random_start")}
+    layout = end.cut_points[-1].layout
     stitched, native = [], []
     for x, y in zip(images.split(256), labels.split(256)):
         x, y = x.to(device), y.to(device)
         if settings["eps"] > 0:
             x = pgd(network, x, y, **settings)
         with torch.no_grad():
-            stitched.append(pooled(network(x, return_features=True)[1][-1]).cpu())
-            native.append(pooled(cut_point_activations(end, x)[1][-1]).cpu())
+            stitched.append(pooled(network(x, return_features=True)[1][-1], layout).cpu())
+            native.append(pooled(cut_point_activations(end, x)[1][-1], layout).cpu())
     return linear_cka(torch.cat(stitched), torch.cat(native))
 
 
@@ -162,9 +172,9 @@ def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: 
     head, _ = split(copy.deepcopy(end), end_layer)
     head, network = head.to(device).eval(), network.to(device).eval()
     with torch.no_grad():
-        native = torch.cat([head(x.to(device)).cpu() for x in images.split(256)])
+        native = torch.cat([head(x.to(device))[0].cpu() for x in images.split(256)])
         stitched = torch.cat([network.stitched_activation(x.to(device)).cpu() for x in images.split(256)])
-        foreign = torch.cat([head(x.to(device)).cpu() for x in outliers.split(256)])
+        foreign = torch.cat([head(x.to(device))[0].cpu() for x in outliers.split(256)])
     e_native, e_stitched, e_out = (detector.score(a) for a in (native, stitched, foreign))
     return {"ood/auroc": auroc(e_stitched, e_native), "ood/auroc_outliers": auroc(e_out, e_native),
             "ood/energy_native": float(e_native.mean()), "ood/energy_stitched": float(e_stitched.mean())}

@@ -13,16 +13,22 @@ import argparse
 import sys
 
 from stitching.errors import exit_on_user_error
-from stitching.train import build_zoo, compose_config, model_spec
+from stitching.build import build_zoo, compose_config, side_spec
 
 
 def _table(records: list[dict]) -> str:
     if not records:
         return "(the zoo is empty)"
-    lines = [f"{'model':<44} {'test acc':>8} {'train s':>8}  path"]
+    lines = [f"{'model':<44} {'source':<12} {'test acc':>8} {'train s':>8}  {'sha256':<12}  path / hub"]
     for r in records:
-        acc = f"{r['test_acc'] * 100:7.2f}%" if "test_acc" in r else "   error"
-        lines.append(f"{r['key']:<44} {acc:>8} {r.get('train_time_s', 0):>8}  {r['path']}")
+        acc = (f"{r['test_acc'] * 100:7.2f}%" if r.get("test_acc") is not None
+               else "   error" if "error" in r else "       —")
+        digest = (r.get("sha256") or "")[:12] or "—"
+        where = r.get("path") or r.get("hub") or ""
+        if r.get("path") and r.get("hub"):
+            where = f"{r['path']} ({r['hub']})"
+        lines.append(f"{r['key']:<44} {r.get('source', 'trained here'):<12} {acc:>8} {r.get('train_time_s', '—'):>8}"
+                     f"  {digest:<12}  {where}")
         if "error" in r:
             lines.append(f"    {r['error']}")
     return "\n".join(lines)
@@ -38,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose_config(args.overrides)
     zoo = build_zoo(cfg)
     if not args.list:
-        specs = [model_spec(cfg.front), model_spec(cfg.end)]
+        specs = [side_spec(cfg.front), side_spec(cfg.end)]
         if args.seeds:
-            base = model_spec(cfg.front)
+            base = side_spec(cfg.front)
             specs = [type(base)(**{**base.__dict__, "seed": seed}) for seed in args.seeds]
         for spec in dict.fromkeys(specs):
             zoo.get(spec)

@@ -1,21 +1,17 @@
-"""The stitch layer and its closed-form direct-matching (DM) solution."""
+"""The stitch layers and their closed-form direct-matching (DM) solution.
+
+Which stitch joins two cut points follows from their declared layouts
+(:mod:`stitching.models.layout`): a 1×1 convolution between conv maps, a linear map on
+the embedding dimension applied to every token between token sequences.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-
-def positions_as_samples(activation: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` (conv map) or ``[N, T, D]`` (tokens) → ``[N·positions, channels]``."""
-    if activation.dim() == 4:
-        return activation.permute(0, 2, 3, 1).reshape(-1, activation.shape[1])
-    if activation.dim() == 3:
-        return activation.reshape(-1, activation.shape[-1])
-    if activation.dim() == 2:
-        return activation
-    raise ValueError(f"cannot stitch activations of shape {tuple(activation.shape)}")
+from stitching.models import layout as layouts
+from stitching.models.layout import Layout
 
 
 @torch.no_grad()
@@ -25,7 +21,24 @@ def _load_affine(layer: nn.Conv2d | nn.Linear, weight: torch.Tensor, bias: torch
     layer.bias.copy_(bias.to(layer.bias))
 
 
-class Stitch(nn.Module):
+class _AffineStitch(nn.Module):
+    """Shared by both stitches: resizing to the end's spatial size, the DM fit."""
+
+    front_layout: Layout
+    end_layout: Layout
+    out_size: tuple[int, ...] | None
+
+    def resize(self, a: torch.Tensor) -> torch.Tensor:
+        return layouts.resize(a, self.front_layout, self.end_layout, self.out_size)
+
+    @torch.no_grad()
+    def fit(self, front: torch.Tensor, end: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Least squares from resized front to end activations over every real position."""
+        self.set_affine(*dm_solution(layouts.as_rows(front, self.front_layout, mask),
+                                     layouts.as_rows(end, self.end_layout, mask)))
+
+
+class Stitch(_AffineStitch):
     """A 1×1 convolution with bias, after bilinear resizing of the front map if needed.
 
     Args:
@@ -39,11 +52,7 @@ class Stitch(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
         self.out_size = tuple(out_size) if out_size is not None else None
-
-    def resize(self, a: torch.Tensor) -> torch.Tensor:
-        if self.out_size is not None and tuple(a.shape[-2:]) != self.out_size:
-            a = F.interpolate(a, size=self.out_size, mode="bilinear", align_corners=False)
-        return a
+        self.front_layout = self.end_layout = layouts.CONV
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.conv(self.resize(a))
@@ -61,29 +70,30 @@ class Stitch(nn.Module):
         _load_affine(self.conv, weight, bias)
 
 
-class TokenStitch(nn.Module):
+class TokenStitch(_AffineStitch):
     """A linear map on the embedding dimension, with bias, applied to every token.
+
+    Works for any sequence length. Between vision transformers whose patch grids differ,
+    the front's patch tokens are resized bilinearly on their grid first (prefix tokens kept).
 
     Args:
         in_channels: the front model's embedding width at cut point i.
         out_channels: the end model's embedding width at cut point j.
-        tokens: the end model's token count; the front's must match (same patch grid).
+        front_layout, end_layout: the two cut points' token layouts.
         separate_class_token: give the class token (position 0) its own affine map; DM
-            then fits it on class tokens alone instead of as 1 of every ``tokens`` rows.
+            then fits it on class tokens alone instead of as one row among all tokens.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, tokens: int | None = None,
-                 separate_class_token: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, front_layout: Layout | None = None,
+                 end_layout: Layout | None = None, separate_class_token: bool = False):
         super().__init__()
+        self.front_layout = front_layout or Layout("tokens")
+        self.end_layout = end_layout or self.front_layout
+        self.out_size = tuple(self.end_layout.grid) if self.end_layout.grid is not None else None
+        if separate_class_token and self.end_layout.prefix_tokens < 1:
+            raise ValueError("stitch.class_token=separate needs a class token; this layout has no prefix tokens")
         self.linear = nn.Linear(in_channels, out_channels, bias=True)
         self.class_linear = nn.Linear(in_channels, out_channels, bias=True) if separate_class_token else None
-        self.out_size = (int(tokens),) if tokens is not None else None
-
-    def resize(self, a: torch.Tensor) -> torch.Tensor:
-        if self.out_size is not None and a.shape[1] != self.out_size[0]:
-            raise ValueError(f"the front model has {a.shape[1]} tokens but the end model {self.out_size[0]}; "
-                             f"stitch ViTs with the same patch grid")
-        return a
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         a = self.resize(a)
@@ -103,65 +113,85 @@ class TokenStitch(nn.Module):
         _load_affine(self.linear, weight, bias)
 
     @torch.no_grad()
-    def fit(self, front: torch.Tensor, end: torch.Tensor) -> None:
-        """Least squares over every token (and, with a separate class map, over class tokens alone)."""
+    def fit(self, front: torch.Tensor, end: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Least squares over every real token (with a separate class map: class tokens alone)."""
         if self.class_linear is None:
-            self.set_affine(*dm_solution(front, end))
+            super().fit(front, end, mask)
             return
-        self.set_affine(*dm_solution(front[:, 1:], end[:, 1:]))
+        rest = mask[:, 1:] if mask is not None else None
+        self.set_affine(*dm_solution(layouts.as_rows(front[:, 1:], self.front_layout, rest),
+                                     layouts.as_rows(end[:, 1:], self.end_layout, rest)))
         _load_affine(self.class_linear, *dm_solution(front[:, 0], end[:, 0]))
 
 
-def make_stitch(a_front: torch.Tensor, a_end: torch.Tensor, separate_class_token: bool = False) -> nn.Module:
-    """The stitch joining activations shaped like ``a_front`` to ones shaped like ``a_end``:
-    a 1×1 convolution between conv maps, a token-wise linear map between token sequences
-    (``separate_class_token``: its own map for the class token; token sequences only)."""
-    if a_front.dim() == 4 and a_end.dim() == 4:
+def make_stitch(a_front: torch.Tensor, front_layout: Layout, a_end: torch.Tensor, end_layout: Layout,
+                separate_class_token: bool = False) -> Stitch | TokenStitch:
+    """The stitch joining activations like ``a_front`` (declared ``front_layout``) to ones like
+    ``a_end``: a 1×1 convolution between conv maps, a token-wise linear map between token
+    sequences (``separate_class_token``: its own map for the class token)."""
+    problem = layouts.compatible(front_layout, end_layout)
+    if problem:
+        raise ValueError(problem)
+    c_in, c_out = layouts.channels(a_front, front_layout), layouts.channels(a_end, end_layout)
+    if front_layout.kind == "conv":
         if separate_class_token:
             raise ValueError("stitch.class_token=separate applies to ViTs; convolutional maps have no class token")
-        return Stitch(a_front.shape[1], a_end.shape[1], tuple(a_end.shape[-2:]))
-    if a_front.dim() == 3 and a_end.dim() == 3:
-        return TokenStitch(a_front.shape[-1], a_end.shape[-1], a_end.shape[1], separate_class_token)
-    kinds = {4: "a convolutional map", 3: "a token sequence"}
-    raise ValueError(f"cannot stitch {kinds.get(a_front.dim(), tuple(a_front.shape))} to "
-                     f"{kinds.get(a_end.dim(), tuple(a_end.shape))}; stitch two CNNs or two ViTs")
+        return Stitch(c_in, c_out, layouts.target_size(a_end, end_layout))
+    return TokenStitch(c_in, c_out, front_layout, end_layout, separate_class_token)
 
 
 def dm_solution(front: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares affine map from front to end activations, by the pseudo-inverse.
-
-    Every spatial position (or token) of every sample is one equation, so the solution
-    minimises ``Σ_n Σ_p ‖W a_{n,p} + b − t_{n,p}‖²``; computed in float64.
+    """Least-squares affine map from front to end rows, by the pseudo-inverse, in float64.
 
     Args:
-        front: ``[N, C_in, H, W]`` front activations, already at the end map's size.
-        end: ``[N, C_out, H, W]`` end activations.
+        front: ``[rows, C_in]`` — every spatial position (or real token) of every sample.
+        end: ``[rows, C_out]``, the matching rows of the end model.
 
     Returns:
-        ``(weight [C_out, C_in], bias [C_out])`` in ``front``'s dtype.
+        ``(weight [C_out, C_in], bias [C_out])`` minimising ``Σ_r ‖W x_r + b − y_r‖²``, in
+        ``front``'s dtype.
     """
-    x = positions_as_samples(front).double()
-    y = positions_as_samples(end).double()
+    x, y = front.double(), end.double()
     x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
     solution = torch.linalg.pinv(x1) @ y  # [C_in + 1, C_out]
     return solution[:-1].T.to(front.dtype), solution[-1].to(front.dtype)
 
 
+def batches(inputs, size: int):
+    """Split a batch of inputs (a tensor, or a dict of tensors sharing the first dimension)."""
+    if isinstance(inputs, dict):
+        count = len(next(iter(inputs.values())))
+        return [{k: v[s:s + size] for k, v in inputs.items()} for s in range(0, count, size)]
+    return list(inputs.split(size))
+
+
+def to_device(inputs, device):
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
 @torch.no_grad()
-def fit_dm(stitch: Stitch | TokenStitch, front_head: nn.Module, end_head: nn.Module, images: torch.Tensor, batch_size: int = 100) -> None:
-    """Initialise ``stitch`` with the DM solution on ``images`` (both heads in eval mode)."""
+def fit_dm(stitch: Stitch | TokenStitch, front_head: nn.Module, end_head: nn.Module, inputs,
+           batch_size: int = 100) -> None:
+    """Initialise ``stitch`` with the DM solution on ``inputs`` (both heads in eval mode).
+
+    ``front_head``/``end_head`` return ``(activation, context)``; padded tokens (the end
+    context's attention mask) are left out of the least squares.
+    """
     modes = [m.training for m in (front_head, end_head)]
     front_head.eval()
     end_head.eval()
     device = stitch.weight.device
-    fronts, ends = [], []
-    for chunk in images.split(batch_size):
-        chunk = chunk.to(device)
-        fronts.append(stitch.resize(front_head(chunk)).float())
-        ends.append(end_head(chunk).float())
-    if isinstance(stitch, TokenStitch):
-        stitch.fit(torch.cat(fronts), torch.cat(ends))
-    else:
-        stitch.set_affine(*dm_solution(torch.cat(fronts), torch.cat(ends)))
+    fronts, ends, masks = [], [], []
+    for chunk in batches(inputs, batch_size):
+        chunk = to_device(chunk, device)
+        a_front, _ = front_head(chunk)
+        a_end, context = end_head(chunk)
+        fronts.append(stitch.resize(a_front).float())
+        ends.append(a_end.float())
+        masks.append(context.attention_mask)
+    mask = None if masks[0] is None else torch.cat(masks)
+    stitch.fit(torch.cat(fronts), torch.cat(ends), mask)
     for module, mode in zip((front_head, end_head), modes):
         module.train(mode)

@@ -1,17 +1,27 @@
-"""Base models: trained once with the paper's recipe, cached atomically, reused.
+"""Base models: trained here once with the paper's recipe, or given; always recorded.
 
-A base model is identified by (architecture, width, dataset, seed, robust) and the
-number of training epochs, so a 2-epoch CPU model is never mistaken for a full one.
+A model trained here is identified by (architecture, width, dataset, seed, robust) and the
+number of training epochs, so a 2-epoch CPU model is never mistaken for a full one; it is
+cached atomically and reused. A *given* model comes from a local weights file (a zoo
+checkpoint, or a timm/torchvision state dict, ``.pt``/``.pth``/``.safetensors``) or from
+the hub by name. Every model's record says where it came from (``source``: ``trained
+here`` with recipe, seed and epochs; ``file`` or ``hub`` with the SHA-256 of the weights).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
+import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import lightning as L
 import torch
 import torchmetrics
@@ -22,23 +32,53 @@ from torch.nn import functional as F
 from stitching.attacks import pgd
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
-from stitching.models import build_model, is_transformer
+from stitching.models import LIBRARIES, CuttableModel, adapt, build_model, is_transformer
+from stitching.models.adapters import create
 from stitching.runtime import build_trainer, versions, write_json_atomic
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """Which base model: a built-in architecture, or a library's model by ``name``."""
+
     arch: str
-    width: int
+    width: int | None
     dataset: str
     seed: int
     robust: bool = False
-    depth: int | None = None  # transformers only
+    depth: int | None = None  # the built-in ViT only
+    name: str | None = None  # timm / torchvision model name
+    pretrained: bool = False  # the library's pretrained weights (hub)
 
     def key(self, epochs: int) -> str:
         robust = "-robust" if self.robust else ""
+        if self.arch in LIBRARIES:
+            return f"{self.arch}-{self.name}-{self.dataset}-s{self.seed}{robust}-e{epochs}"
         depth = f"-d{self.depth}" if self.depth is not None else ""
         return f"{self.arch}-w{self.width}{depth}-{self.dataset}-s{self.seed}{robust}-e{epochs}"
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def preserved_rng():
+    """Run a block with its own seeding without touching the caller's random streams."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 class ClassifierModule(L.LightningModule):
@@ -115,13 +155,17 @@ class ModelZoo:
     def path(self, spec: ModelSpec) -> Path:
         return self.root / f"{spec.key(int(self.recipe['epochs']))}.pt"
 
-    def get(self, spec: ModelSpec, checkpoint: str | None = None) -> tuple[nn.Module, dict]:
-        """Load the model for ``spec`` (or an explicit checkpoint), training it if needed."""
+    def get(self, spec: ModelSpec, checkpoint: str | None = None) -> tuple[CuttableModel, dict]:
+        """The model for ``spec`` and its record: from ``checkpoint`` (a file), the hub
+        (``spec.pretrained``), or the zoo (trained here on first use)."""
         if checkpoint:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():
-                raise StitchingError(f"checkpoint {path} does not exist; fix the path or drop it to use the zoo")
-            return load_checkpoint(path)
+            model, record = load_given(spec, Path(checkpoint).expanduser())
+            self._remember(record)
+            return model, record
+        if spec.pretrained:
+            model, record = load_pretrained(spec)
+            self._remember(record)
+            return model, record
         path = self.path(spec)
         if path.is_file():
             return load_checkpoint(path)
@@ -144,16 +188,30 @@ class ModelZoo:
             lock.release()
         return load_checkpoint(path)
 
+    def _remember(self, record: dict) -> None:
+        """Note a given model in ``given.json`` so ``pretrain --list`` shows it (best effort)."""
+        path = self.root / "given.json"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock", timeout=10):
+                known = json.loads(path.read_text()) if path.is_file() else {}
+                entry = {k: record.get(k) for k in ("key", "source", "path", "hub", "sha256", "library", "name")}
+                if known.get(record["key"]) != entry:
+                    known[record["key"]] = entry
+                    write_json_atomic(path, known)
+        except (OSError, Timeout, json.JSONDecodeError) as err:
+            print(f"[zoo] warning: could not note {record['key']} in {path} ({type(err).__name__})", file=sys.stderr)
+
     def _train(self, spec: ModelSpec, path: Path) -> None:
+        with preserved_rng():  # training here must not change the caller's random streams
+            self._train_seeded(spec, path)
+
+    def _train_seeded(self, spec: ModelSpec, path: Path) -> None:
         adversarial = None
         if spec.robust:
             if "robust" not in self.recipe:
                 raise StitchingError("robust=true needs zoo.recipe.robust (alpha, eps, step_size, steps)")
             adversarial = self.recipe["robust"]
-        recipe = dict(self.recipe)
-        if is_transformer(spec.arch):  # ViTs do not train with the ResNet recipe's SGD
-            recipe.update(recipe.get("transformer") or {})
-        epochs = int(recipe["epochs"])
         datamodule = self.datamodule_for(spec.dataset)
         datamodule.batch_size = int(self.recipe.get("batch_size", datamodule.batch_size))
         mean, std = datamodule.normalization()
@@ -161,10 +219,16 @@ class ModelZoo:
                             in_channels=datamodule.in_channels, mean=mean, std=std)
         if spec.depth is not None:
             model_kwargs["depth"] = spec.depth
-        if is_transformer(spec.arch):
+        if spec.name is not None:
+            model_kwargs["name"] = spec.name
+        if spec.arch.startswith("vit") or spec.arch in LIBRARIES:
             model_kwargs["image_size"] = datamodule.image_size
         L.seed_everything(spec.seed, workers=True, verbose=False)
         model = build_model(**model_kwargs)
+        recipe = dict(self.recipe)
+        if is_transformer(model):  # ViTs do not train with the ResNet recipe's SGD
+            recipe.update(recipe.get("transformer") or {})
+        epochs = int(recipe["epochs"])
         module = ClassifierModule(model, datamodule.num_classes, epochs, lr=recipe["lr"],
                                   momentum=recipe.get("momentum", 0.9), weight_decay=recipe["weight_decay"],
                                   adversarial=adversarial, optimizer=recipe.get("optimizer", "sgd"))
@@ -176,7 +240,8 @@ class ModelZoo:
         test = build_trainer(self.trainer_options, self.root, enable_progress_bar=False)
         test_acc = test.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
         record = {
-            "key": path.stem, "spec": asdict(spec), "recipe": recipe, "model_kwargs": model_kwargs,
+            "key": path.stem, "source": "trained here", "spec": asdict(spec), "seed": spec.seed, "epochs": epochs,
+            "recipe": recipe, "model_kwargs": model_kwargs,
             "test_acc": float(test_acc), "train_time_s": round(train_time, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
         }
@@ -184,30 +249,163 @@ class ModelZoo:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"record": record, "state_dict": state}, tmp)
         os.replace(tmp, path)
-        write_json_atomic(path.with_suffix(".json"), record)
+        write_json_atomic(path.with_suffix(".json"), {**record, "sha256": sha256(path)})
         print(f"[zoo] saved {path} (test acc {test_acc:.4f}, {train_time:.0f}s)", flush=True)
 
     def list(self) -> list[dict]:
+        """Every model trained here (with its recipe) and every given model seen so far."""
         records = []
         for path in sorted(self.root.glob("*.pt")):
             try:
                 records.append({**load_checkpoint(path)[1], "path": str(path)})
             except StitchingError as err:
-                records.append({"key": path.stem, "path": str(path), "error": str(err)})
+                records.append({"key": path.stem, "source": "trained here", "path": str(path), "error": str(err)})
+        given = self.root / "given.json"
+        if given.is_file():
+            try:
+                records.extend(json.loads(given.read_text()).values())
+            except json.JSONDecodeError:
+                records.append({"key": "given.json", "path": str(given), "error": "unreadable; delete it"})
         return records
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a base model and its record from a zoo checkpoint."""
+def load_checkpoint(path: Path, owned: bool = True) -> tuple[CuttableModel, dict]:
+    """Rebuild a base model and its record from a zoo checkpoint.
+
+    ``owned``: the file is the zoo's own (a broken one is deleted and retrained); a file the
+    user named is never offered for deletion.
+    """
+    advice = "delete it to retrain" if owned else "check the file or drop the checkpoint setting"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        record = payload["record"]
-        model = build_model(**record["model_kwargs"])
-        model.load_state_dict(payload["state_dict"])
+    except Exception as err:  # truncated or foreign file
+        raise StitchingError(f"checkpoint {path} cannot be read ({type(err).__name__}); {advice}") from None
+    if not isinstance(payload, dict) or not {"record", "state_dict"} <= set(payload):
+        raise StitchingError(f"checkpoint {path} is not a zoo checkpoint (no record/state_dict); {advice}")
+    record = payload["record"]
+    model = build_model(**record["model_kwargs"])
+    _load_state(model, payload["state_dict"], path, f"its recorded architecture ({record.get('key')}); {advice}")
+    return model.eval(), {"source": "trained here", **record, "path": str(path)}
+
+
+def _load_state(model: nn.Module, state: dict, path: Path, what: str) -> None:
+    """``load_state_dict`` that names the first missing/unexpected/mis-shaped keys in one line."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        sizes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise StitchingError(f"checkpoint {path} does not fit {what}: "
+                             f"{sizes[0] if sizes else str(err).splitlines()[0]}"
+                             + (f" (+{len(sizes) - 1} more)" if len(sizes) > 1 else "")) from None
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys {', '.join(unexpected[:3])}"
+                         + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""))
+        raise StitchingError(f"checkpoint {path} does not fit {what}: {'; '.join(parts)}")
+
+
+# -- given models ------------------------------------------------------------------------
+def read_weights(path: Path):
+    """The object saved in a ``.safetensors`` or PyTorch file, or a one-line error."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise StitchingError(f"checkpoint {path} cannot be read as a PyTorch or safetensors file "
+                             f"({type(err).__name__}); check the file") from None
+
+
+def state_dict_of(payload, path: Path) -> dict:
+    """The state dict in a saved object: unwraps ``state_dict``/``model`` entries and DDP's ``module.``."""
+    if not isinstance(payload, dict):
+        raise StitchingError(f"checkpoint {path} holds a {type(payload).__name__}, not a state dict")
+    for wrapper in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(payload.get(wrapper), dict):
+            payload = payload[wrapper]
+            break
+    if payload and all(k.startswith("module.") for k in payload):
+        payload = {k.removeprefix("module."): v for k, v in payload.items()}
+    return payload
+
+
+def _classifier_key(library: str, model: nn.Module) -> str | None:
+    if library == "timm":
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+        return f"{name}.weight" if name else None
+    return "fc.weight" if hasattr(model, "fc") else "heads.head.weight" if hasattr(model, "heads") else None
+
+
+def load_given(spec: ModelSpec, path: Path) -> tuple[CuttableModel, dict]:
+    """A model from a file the user named: a zoo checkpoint, or a timm/torchvision state dict."""
+    if not path.is_file():
+        raise StitchingError(f"checkpoint {path} does not exist; fix the path or drop it to use the zoo")
+    digest = sha256(path)
+    payload = read_weights(path)
+    if isinstance(payload, dict) and "record" in payload:  # one of our own checkpoints
+        model, record = load_checkpoint(path, owned=False)
+        return model, {**record, "source": "file", "sha256": digest, "path": str(path)}
+    if spec.arch not in LIBRARIES:
+        raise StitchingError(f"{path} is not a zoo checkpoint; a plain state dict needs its library: set "
+                             f"arch=timm or arch=torchvision and the model's name for that side")
+    state = state_dict_of(payload, path)
+    model = create(spec.arch, spec.name)
+    key = _classifier_key(spec.arch, model)
+    classes = int(state[key].shape[0]) if key and key in state and state[key].dim() == 2 else None
+    first = next((v for k, v in state.items() if k.endswith("weight") and v.dim() == 4), None)
+    channels = int(first.shape[1]) if first is not None else None
+    if (classes is not None and classes != _num_classes(model)) or (channels not in (None, 3)):
+        model = create(spec.arch, spec.name, num_classes=classes, in_channels=channels)
+    _load_state(model, state, path, f"{spec.arch} model '{spec.name}'")
+    adapted = adapt(model.eval(), name=spec.name).eval()
+    record = {"key": f"{spec.arch}-{spec.name}-file-{digest[:12]}", "source": "file", "path": str(path),
+              "sha256": digest, "library": spec.arch, "name": spec.name, "test_acc": None,
+              "inputs": adapted.input_spec.record()}
+    return adapted, record
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    from stitching.models.adapters import _classes
+
+    try:
+        return _classes(model)
     except StitchingError:
-        raise
-    except Exception as err:  # truncated, foreign or incompatible file
-        raise StitchingError(
-            f"checkpoint {path} cannot be loaded ({type(err).__name__}); delete it to retrain"
-        ) from None
-    return model.eval(), {**record, "path": str(path)}
+        return None
+
+
+def load_pretrained(spec: ModelSpec) -> tuple[CuttableModel, dict]:
+    """A library's pretrained model from the hub (or its local cache)."""
+    if spec.arch not in LIBRARIES:
+        raise StitchingError(f"pretrained=true applies to timm and torchvision models, not '{spec.arch}'")
+    model = create(spec.arch, spec.name, pretrained=True)
+    adapted = adapt(model.eval(), name=spec.name).eval()
+    hub, cached = _hub_file(spec.arch, spec.name, model)
+    record = {"key": f"{spec.arch}-{spec.name}-pretrained", "source": "hub", "hub": hub, "library": spec.arch,
+              "name": spec.name, "path": str(cached) if cached else None,
+              "sha256": sha256(cached) if cached else None, "test_acc": None, "inputs": adapted.input_spec.record()}
+    return adapted, record
+
+
+def _hub_file(library: str, name: str, model: nn.Module) -> tuple[str, Path | None]:
+    """The hub address of pretrained weights and the cached file they were read from, if found."""
+    if library == "timm":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        hub = cfg.get("hf_hub_id") or cfg.get("url") or name
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(cfg["hf_hub_id"], cfg.get("hf_hub_filename") or "model.safetensors")
+            return hub, Path(found) if isinstance(found, str) else None
+        except Exception:
+            return hub, None
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return url, cached if cached.is_file() else None

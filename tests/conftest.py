@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from stitching.train import CONF_DIR  # noqa: E402
+from stitching.build import CONF_DIR  # noqa: E402
 
 TINY = [
     "dataset=digits",

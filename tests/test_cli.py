@@ -145,7 +145,7 @@ def test_report_draws_heatmaps_for_cross_layer_sweeps(tmp_path):
 def test_launcher_configs_compose():
     from hydra import compose, initialize_config_dir
 
-    from stitching.train import CONF_DIR
+    from stitching.build import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         slurm = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],

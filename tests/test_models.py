@@ -15,7 +15,7 @@ def test_tail_of_head_is_the_whole_network_at_every_cut_point(arch):
         assert len(model.cut_points) == (12 if arch.startswith("vit") else 9)
         for layer in range(1, len(model.cut_points) + 1):
             head, tail = split(model, layer)
-            torch.testing.assert_close(tail(head(x)), full, rtol=0, atol=0)
+            torch.testing.assert_close(tail(*head(x)), full, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -27,7 +27,7 @@ def test_tail_exposes_every_later_cut_point(arch):
         k = len(model.cut_points)
         for layer in range(1, k + 1):
             head, tail = split(model, layer)
-            tail_logits, later = tail(head(x), return_features=True)
+            tail_logits, later = tail(*head(x), return_features=True)
             torch.testing.assert_close(tail_logits, logits)
             assert len(later) == k - layer
             for got, want in zip(later, activations[layer:]):
@@ -35,9 +35,9 @@ def test_tail_exposes_every_later_cut_point(arch):
 
 
 def test_cut_points_are_stem_then_first_and_last_block_of_each_stage():
-    assert [n for n, _ in build_model("resnet18", 10, width=4).cut_points] == [
+    assert [p.name for p in build_model("resnet18", 10, width=4).cut_points] == [
         "stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
-    assert [n for n, _ in build_model("resnet34", 10, width=4).cut_points] == [
+    assert [p.name for p in build_model("resnet34", 10, width=4).cut_points] == [
         "stem", "layer1.0", "layer1.2", "layer2.0", "layer2.3", "layer3.0", "layer3.5", "layer4.0", "layer4.2"]
 
 

@@ -15,7 +15,8 @@ from stitching.similarity.ood import (
     fit_energy_detector,
     outlier_images,
 )
-from stitching.train import prepare, run
+from stitching.build import prepare
+from stitching.train import run
 
 
 def test_energy_and_the_margin_loss_match_their_closed_forms():
@@ -61,8 +62,8 @@ def test_the_detector_separates_outliers_and_not_native_from_native(tiny_config)
     test, _ = data.test_tensors()
     head, _ = split(prep.end, 3)
     with torch.no_grad():
-        native = detector.score(head.eval()(test))
-        outliers = detector.score(head(outlier_images(test, "noise", seed=5)))
+        native = detector.score(head.eval()(test)[0])
+        outliers = detector.score(head(outlier_images(test, "noise", seed=5))[0])
     assert auroc(outliers, native) > 0.9
     half = len(native) // 2
     assert abs(auroc(native[:half], native[half:]) - 0.5) < 0.1

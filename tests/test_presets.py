@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from stitching.report import collect, report
-from stitching.train import CONF_DIR
+from stitching.build import CONF_DIR
 from tests.test_cli import _train
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem != "small")

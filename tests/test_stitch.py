@@ -1,14 +1,29 @@
 import torch
 from torch.nn import functional as F
 
+from stitching.models import Context
+from stitching.models.layout import CONV, as_rows
 from stitching.stitch import Stitch, dm_solution, fit_dm
+
+
+class _Head(torch.nn.Module):
+    """A plain module as a head of the model contract: ``x → (activation, context)``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x), Context()
 
 
 def test_dm_equals_an_independent_lstsq_solve():
     torch.manual_seed(0)
     front = torch.randn(20, 6, 5, 5)
     end = torch.randn(20, 4, 5, 5)
-    weight, bias = dm_solution(front, end)
+    stitch = Stitch(6, 4, out_size=(5, 5))
+    stitch.fit(front, end)
+    weight, bias = stitch.conv.weight[:, :, 0, 0].detach(), stitch.conv.bias.detach()
     # the same least-squares problem written independently: one row per (sample, y, x)
     rows = front.double().movedim(1, -1).reshape(-1, 6)
     targets = end.double().movedim(1, -1).reshape(-1, 4)
@@ -23,7 +38,7 @@ def test_dm_recovers_an_exact_affine_relation():
     true_w, true_b = torch.randn(3, 5), torch.randn(3)
     front = torch.randn(10, 5, 4, 4)
     end = torch.einsum("oc,nchw->nohw", true_w, front) + true_b.view(1, 3, 1, 1)
-    weight, bias = dm_solution(front, end)
+    weight, bias = dm_solution(as_rows(front, CONV), as_rows(end, CONV))
     torch.testing.assert_close(weight, true_w, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bias, true_b, atol=1e-4, rtol=1e-4)
 
@@ -44,6 +59,6 @@ def test_fit_dm_maps_a_network_onto_itself_as_identity():
     torch.manual_seed(3)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Tanh())
     stitch = Stitch(6, 6, out_size=(8, 8))
-    fit_dm(stitch, net, net, torch.rand(30, 3, 8, 8))
+    fit_dm(stitch, _Head(net), _Head(net), torch.rand(30, 3, 8, 8))
     torch.testing.assert_close(stitch.conv.weight[:, :, 0, 0], torch.eye(6), atol=1e-4, rtol=0)
     torch.testing.assert_close(stitch.conv.bias, torch.zeros(6), atol=1e-4, rtol=0)

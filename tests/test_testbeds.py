@@ -11,7 +11,8 @@ from stitching.attacks import autoattack_accuracy, mix_adversarial, pgd
 from stitching.data.shortcuts import Shortcut, aruco_bits, class_colours
 from stitching.errors import StitchingError
 from stitching.evaluate import pgd_accuracy, predictions
-from stitching.train import prepare, run
+from stitching.build import prepare
+from stitching.train import run
 
 EPS = 8 / 255
 ATTACK = {"eps": EPS, "step_size": 2 / 255, "steps": 10, "random_start": True}

@@ -9,7 +9,8 @@ from stitching.errors import StitchingError
 from stitching.models import cut_point_activations
 from stitching.objectives import hint_loss
 from stitching.runtime import build_trainer
-from stitching.train import prepare, run
+from stitching.build import prepare
+from stitching.train import run
 
 RECORD_KEYS = {"status", "objective", "front_layer", "end_layer", "metrics", "base", "stitch", "timings",
                "versions", "config"}

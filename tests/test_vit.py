@@ -6,8 +6,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from stitching.errors import StitchingError
 from stitching.models import CuttableViT, build_model, cut_point_activations, split
-from stitching.stitch import TokenStitch, dm_solution, make_stitch
-from stitching.train import prepare, run
+from stitching.models.layout import CONV, Layout
+from stitching.stitch import TokenStitch, make_stitch
+
+TOKENS = Layout("tokens", prefix_tokens=1, grid=(2, 4), pool="first")
+from stitching.build import prepare
+from stitching.train import run
 
 VIT = ("model=vit_tiny_narrow", "model.width=16", "model.depth=4")
 
@@ -21,13 +25,13 @@ def test_the_cut_network_is_timms_vit_and_tail_of_head_is_the_forward():
     with torch.no_grad():
         expected = vit(x)
         torch.testing.assert_close(model(x), expected)
-        assert [name for name, _ in model.cut_points] == ["block0", "block1", "block2"]
+        assert [p.name for p in model.cut_points] == ["block0", "block1", "block2"]
         for layer in range(1, 4):
             head, tail = split(model, layer)
-            a = head(x)
+            a, context = head(x)
             assert a.shape == (4, 1 + 16, 32)  # class token + 4×4 patches
-            torch.testing.assert_close(tail(a), expected)
-            _, later = tail(a, return_features=True)
+            torch.testing.assert_close(tail(a, context), expected)
+            _, later = tail(a, context, return_features=True)
             _, every = cut_point_activations(model, x)
             for got, want in zip([a, *later], every[layer - 1:]):
                 torch.testing.assert_close(got, want)
@@ -47,16 +51,15 @@ def test_build_model_knobs_and_errors():
 def test_token_stitch_is_one_affine_map_per_token_and_dm_recovers_it():
     torch.manual_seed(1)
     front, end = torch.randn(30, 9, 6), torch.randn(30, 9, 4)
-    stitch = make_stitch(front, end)
+    stitch = make_stitch(front, TOKENS, end, TOKENS)
     assert isinstance(stitch, TokenStitch) and stitch.channels == (6, 4)
     w, b = torch.randn(4, 6), torch.randn(4)
     target = front @ w.T + b
-    weight, bias = dm_solution(front, target)
-    torch.testing.assert_close(weight, w, atol=1e-4, rtol=0)
-    stitch.set_affine(weight, bias)
+    stitch.fit(front, target)
+    torch.testing.assert_close(stitch.linear.weight.detach(), w, atol=1e-4, rtol=0)
     torch.testing.assert_close(stitch(front), target, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="stitch two CNNs or two ViTs"):
-        make_stitch(torch.randn(2, 4, 3, 3), end)
+    with pytest.raises(ValueError, match="both be convolutional or both be transformers"):
+        make_stitch(torch.randn(2, 4, 3, 3), CONV, end, TOKENS)
 
 
 def test_dm_self_stitch_of_a_vit_reproduces_its_accuracy(tiny_config, tmp_path):
@@ -84,7 +87,7 @@ def test_every_objective_stitches_two_vits(tiny_config, objective):
 
 def test_a_vit_cannot_be_stitched_to_a_resnet(tiny_config):
     cfg = tiny_config(*VIT, "front.arch=resnet18", "front.width=8", "front.depth=null", "stitch.layer=1")
-    with pytest.raises(StitchingError, match="stitch two CNNs or two ViTs"):
+    with pytest.raises(StitchingError, match="both be convolutional or both be transformers"):
         prepare(cfg)
 
 
@@ -93,14 +96,14 @@ def test_a_separate_class_token_map_recovers_two_affine_maps():
     front = torch.randn(40, 9, 5)
     w_cls, b_cls, w_tok, b_tok = torch.randn(3, 5), torch.randn(3), torch.randn(3, 5), torch.randn(3)
     end = torch.cat([front[:, :1] @ w_cls.T + b_cls, front[:, 1:] @ w_tok.T + b_tok], dim=1)
-    separate = make_stitch(front, end, separate_class_token=True)
+    separate = make_stitch(front, TOKENS, end, TOKENS, separate_class_token=True)
     separate.fit(front, end)
     torch.testing.assert_close(separate(front), end, atol=1e-4, rtol=0)
-    shared = make_stitch(front, end)
+    shared = make_stitch(front, TOKENS, end, TOKENS)
     shared.fit(front, end)
     assert (shared(front)[:, 0] - end[:, 0]).norm() > 10 * (separate(front)[:, 0] - end[:, 0]).norm()
     with pytest.raises(ValueError, match="applies to ViTs"):
-        make_stitch(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), separate_class_token=True)
+        make_stitch(torch.randn(2, 4, 3, 3), CONV, torch.randn(2, 4, 3, 3), CONV, separate_class_token=True)
 
 
 def test_class_token_option_reaches_the_stitch(tiny_config):

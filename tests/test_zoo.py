@@ -12,7 +12,7 @@ SPEC = ModelSpec(arch="resnet18", width=4, dataset="digits", seed=3)
 
 
 def _zoo(tmp_path):
-    from stitching.train import build_zoo
+    from stitching.build import build_zoo
     from tests.conftest import TINY, compose_config
 
     cfg = compose_config(*TINY, f"paths.zoo_dir={tmp_path}", "zoo.recipe.epochs=1")
@@ -43,7 +43,7 @@ def test_seeds_give_different_models(tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.pt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(StitchingError, match="cannot be loaded .*delete it to retrain"):
+    with pytest.raises(StitchingError, match="cannot be read .*delete it to retrain"):
         load_checkpoint(path)
 
 

@@ -1,8 +1,8 @@
 """CIFAR-style ResNets (3×3 stem, no max-pool) with a width knob.
 
-Every network here is *cuttable*: it runs as a flat sequence ``blocks`` (stem, every
-residual block, classifier head) and names the nine cut points of the FuLA paper in
-``cut_points`` as ``(name, index into blocks)``.
+Every network here is *cuttable* (:class:`~stitching.models.cutting.CuttableModel`): it
+runs as a flat sequence ``blocks`` (stem, every residual block, classifier head) and
+declares the nine cut points of the FuLA paper, each a conv map.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from stitching.models.cutting import CuttableModel, CutPoint
+from stitching.models.inputs import ImageInputs
+from stitching.models.layout import CONV
 
 
 class Normalize(nn.Module):
@@ -73,7 +77,7 @@ class ClassifierHead(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(CuttableModel):
     """ResNet for small images.
 
     Args:
@@ -116,13 +120,9 @@ class CifarResNet(nn.Module):
         names.append("head")
         self.blocks = nn.ModuleList(blocks)
         self.block_names = names
-        self.cut_points = cut_points
+        self.cut_points = tuple(CutPoint(i, name, position, CONV) for i, (name, position) in enumerate(cut_points, 1))
         self.num_classes = num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
+        self.input_spec = ImageInputs(channels=in_channels, size=None, mean=tuple(mean), std=tuple(std))
 
 
 def resnet18(**kwargs) -> CifarResNet:

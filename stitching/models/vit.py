@@ -15,6 +15,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from stitching.models.cutting import CuttableModel, CutPoint
+from stitching.models.inputs import ImageInputs
+from stitching.models.layout import Layout
 from stitching.models.resnet import Normalize
 
 
@@ -47,7 +50,7 @@ class TokenHead(nn.Module):
         return self.fc(self.norm(tokens)[:, 0])
 
 
-class CuttableViT(nn.Module):
+class CuttableViT(CuttableModel):
     """A timm ViT re-expressed as ``blocks`` with a cut point after every transformer block.
 
     Args:
@@ -71,7 +74,14 @@ class CuttableViT(nn.Module):
         self.num_classes = vit.num_classes
         self.blocks = nn.ModuleList([PatchEmbedding(vit, normalize), *vit.blocks, TokenHead(vit)])
         self.block_names = ["embed", *[f"block{b}" for b in range(len(vit.blocks))], "head"]
-        self.cut_points = [(name, index) for index, name in enumerate(self.block_names) if name.startswith("block")]
+        grid = tuple(vit.patch_embed.grid_size)
+        layout = Layout("tokens", prefix_tokens=1, grid=grid, pool="first")
+        positions = [p for p, name in enumerate(self.block_names) if name.startswith("block")]
+        self.cut_points = tuple(CutPoint(i, self.block_names[p], p, layout) for i, p in enumerate(positions, 1))
+        size = tuple(vit.patch_embed.img_size)
+        self.input_spec = ImageInputs(channels=vit.patch_embed.proj.in_channels, size=size,
+                                      mean=tuple(normalize.mean.flatten().tolist()),
+                                      std=tuple(normalize.std.flatten().tolist()))
 
     @classmethod
     def from_timm(cls, vit: VisionTransformer, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> CuttableViT:
@@ -82,11 +92,6 @@ class CuttableViT(nn.Module):
         nn.Module.__init__(model)
         model._build(vit, Normalize(mean, std))
         return model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def vit_tiny(**kwargs) -> CuttableViT:

@@ -16,32 +16,40 @@ from stitching.errors import StitchingError
 _EPS = 1e-12
 
 
-def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Batch mean of ``‖pred_n − target_n‖_F / ‖target_n‖_F`` over samples ``n``."""
+def relative_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch mean of ``‖pred_n − target_n‖_F / ‖target_n‖_F`` over samples ``n``.
+
+    ``mask`` ``[N, T]`` (token sequences): only real positions (1) enter either norm.
+    """
+    if mask is not None:
+        keep = mask[..., None].to(pred.dtype)
+        pred, target = pred * keep, target * keep
     diff = (pred - target).flatten(1).norm(dim=1)
     scale = target.flatten(1).norm(dim=1).clamp_min(_EPS)
     return (diff / scale).mean()
 
 
-def hint_loss(stitched: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def hint_loss(stitched: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Structural hint at the stitching point: ``relative_error(a, g_{≤j}(x))``."""
-    return relative_error(stitched, target)
+    return relative_error(stitched, target, mask)
 
 
-def fula_loss(stitched: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def fula_loss(stitched: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_l C_l · relative_error(stitched_l, targets_l)`` for cut points ``l = j..k``.
 
     Args:
         stitched: ``[a, g_{j<·≤j+1}(a), …, g_{j<·≤k}(a)]`` — never the logits.
         targets: ``[g_{≤j}(x), …, g_{≤k}(x)]`` from the reference end model.
         weights: ``C``, one non-negative weight per term, summing to 1.
+        mask: ``[N, T]`` real token positions of token sequences (``None``: every position).
     """
     if not len(stitched) == len(targets) == len(weights):
         raise ValueError(f"{len(stitched)} activations, {len(targets)} targets, {len(weights)} weights")
     total = stitched[0].new_zeros(())
     for weight, pred, target in zip(weights.tolist(), stitched, targets):
         if weight:
-            total = total + weight * relative_error(pred, target)
+            total = total + weight * relative_error(pred, target, mask)
     return total
 
 

@@ -38,15 +38,20 @@ class StitchedNetwork(nn.Module):
             self.end.eval()
         return self
 
-    def stitched_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stitch(self.front(x))
+    def stitched_activation(self, x) -> torch.Tensor:
+        a, _ = self.front(x)
+        return self.stitch(a)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        """Logits, or ``(logits, [a, later cut-point activations…])`` with features."""
+    def forward(self, x, return_features: bool = False):
+        """Logits, or ``(logits, [a, later cut-point activations…])`` with features.
+
+        The end tail runs with the end model's own context of ``x`` (mask, positions).
+        """
         a = self.stitched_activation(x)
+        context = self.end.context(x)
         if not return_features:
-            return self.end(a)
-        logits, later = self.end(a, return_features=True)
+            return self.end(a, context)
+        logits, later = self.end(a, context, return_features=True)
         return logits, [a, *later]
 
 
@@ -90,10 +95,14 @@ class StitchingModule(L.LightningModule):
         self.train()
 
     @torch.no_grad()
-    def reference_targets(self, x: torch.Tensor, only_end_layer: bool = False) -> list[torch.Tensor]:
+    def reference_targets(self, x, only_end_layer: bool = False) -> list[torch.Tensor]:
         """The reference end model's activations at cut points ``j..k`` (or only at ``j``)."""
         _, activations = cut_point_activations(self.reference, x, self.end_layer if only_end_layer else None)
         return activations[self.end_layer - 1 :]
+
+    def mask(self, x) -> torch.Tensor | None:
+        """Real token positions of ``x`` (``None`` for images): padding never enters a loss."""
+        return self.reference.context(x).attention_mask
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(loss, stitched logits)`` for one batch."""
@@ -135,8 +144,8 @@ class HintModule(StitchingModule):
         (target,) = self.reference_targets(x, only_end_layer=True)
         a = self.network.stitched_activation(x)
         with torch.no_grad():  # the tail still runs, so its BN statistics see stitched data
-            logits = self.network.end(a)
-        return losses.hint_loss(a, target), logits
+            logits = self.network.end(a, self.network.end.context(x))
+        return losses.hint_loss(a, target, self.mask(x)), logits
 
 
 class FulaModule(StitchingModule):
@@ -150,7 +159,7 @@ class FulaModule(StitchingModule):
     def loss(self, x, y):
         targets = self.reference_targets(x)
         logits, stitched = self.network(x, return_features=True)
-        return losses.fula_loss(stitched, targets, self.weights), logits
+        return losses.fula_loss(stitched, targets, self.weights, self.mask(x)), logits
 
 
 class SlmModule(StitchingModule):

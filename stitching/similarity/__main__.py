@@ -19,34 +19,31 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
+
 from omegaconf import OmegaConf
 
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.models import cut_point_names, resolve_layer
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices, similarity_grids
-from stitching.train import build_zoo, compose_config, dataset_config, model_spec
+from stitching.build import build_datamodule, compose_config, load_models, read_settings
 
 
 def main_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
                out: Path, layers: list[int] | None = None, progress: bool = True) -> dict:
     """Compute and write the grids; return the record written to ``similarity.json``."""
-    from stitching.data import ImageDataModule
     from stitching.report import condition_values, heatmaps, sanity_checks
 
     watch = Stopwatch()
     cfg = compose_config(overrides)
     with watch.section("data_s"):
-        datamodule = ImageDataModule(**dataset_config(cfg, cfg.dataset.name))
+        datamodule = build_datamodule(cfg, with_testbeds=False)
         datamodule.setup()
         x, _ = datamodule.test_tensors(images)
     with watch.section("zoo_s"):
-        zoo = build_zoo(cfg)
-        front, front_record = zoo.get(model_spec(cfg.front), cfg.front.checkpoint)
-        end, end_record = zoo.get(model_spec(cfg.end), cfg.end.checkpoint)
-    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-                          else "cpu")
+        settings = read_settings(cfg)
+        front, front_record, end, end_record = load_models(cfg, settings)
+    device = settings.device
     front_names, end_names = cut_point_names(front), cut_point_names(end)
     chosen_front = [resolve_layer(front, v) for v in layers] if layers else list(range(1, len(front_names) + 1))
     chosen_end = [resolve_layer(end, v) for v in layers] if layers else list(range(1, len(end_names) + 1))

@@ -20,7 +20,8 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from stitching.models.cutting import cut_point_activations, pooled
+from stitching.models.cutting import cut_point_activations
+from stitching.models.layout import CONV, Layout, as_rows, per_sample, pooled
 from stitching.similarity.cca import mean_cca, procrustes_distance, pwcca, svcca
 from stitching.similarity.cka import (
     MinibatchCKA,
@@ -33,7 +34,6 @@ from stitching.similarity.cka import (
     rbf_gram,
     unbiased_cka,
 )
-from stitching.stitch import positions_as_samples
 
 FLATTEN = ("sample", "positions", "pool")
 
@@ -73,20 +73,21 @@ def parse_indices(spec: str) -> list[str]:
     return names
 
 
-def _flat(a: torch.Tensor, flatten: str) -> torch.Tensor:
-    return pooled(a) if flatten == "pool" else a.reshape(len(a), -1)
+def _flat(a: torch.Tensor, layout: Layout, flatten: str) -> torch.Tensor:
+    return pooled(a, layout) if flatten == "pool" else per_sample(a, layout)
 
 
-def pair_matrices(a: torch.Tensor, b: torch.Tensor, flatten: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_matrices(a: torch.Tensor, b: torch.Tensor, flatten: str, layout_a: Layout = CONV,
+                  layout_b: Layout = CONV) -> tuple[torch.Tensor, torch.Tensor]:
     """Two layers' activations for the same images → two ``[rows, d]`` matrices."""
     if flatten != "positions":
-        return _flat(a, flatten), _flat(b, flatten)
-    if a.dim() == 4 and b.dim() == 4 and a.shape[-2:] != b.shape[-2:]:
+        return _flat(a, layout_a, flatten), _flat(b, layout_b, flatten)
+    if layout_a.kind == layout_b.kind == "conv" and a.shape[-2:] != b.shape[-2:]:
         size = tuple(min(s, t) for s, t in zip(a.shape[-2:], b.shape[-2:]))
         a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
-    if a.dim() != b.dim() or (a.dim() == 3 and a.shape[1] != b.shape[1]):
+    if layout_a.kind != layout_b.kind or (layout_a.kind == "tokens" and a.shape[1] != b.shape[1]):
         raise SimilarityError("flatten=positions needs two conv maps or two token sequences of one length")
-    return positions_as_samples(a), positions_as_samples(b)
+    return as_rows(a, layout_a), as_rows(b, layout_b)
 
 
 @torch.no_grad()
@@ -109,6 +110,8 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         raise SimilarityError("minibatch_cka works on whole images: use flatten=sample or flatten=pool")
     front, end = front.eval().to(device), end.eval().to(device)
     stream = MinibatchCKA() if streaming else None
+    front_layouts = [front.cut_points[i - 1].layout for i in (front_layers or range(1, len(front.cut_points) + 1))]
+    end_layouts = [end.cut_points[j - 1].layout for j in (end_layers or range(1, len(end.cut_points) + 1))]
     kept_front, kept_end = [], []
     for batch in tqdm(images.split(batch_size), desc="activations", disable=not progress, leave=False):
         batch = batch.to(device)
@@ -119,11 +122,13 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         if end_layers:
             ends = [ends[j - 1] for j in end_layers]
         if stream is not None:
-            stream.update([_flat(a, flatten) for a in fronts], [_flat(a, flatten) for a in ends])
+            stream.update([_flat(a, la, flatten) for a, la in zip(fronts, front_layouts)],
+                          [_flat(a, la, flatten) for a, la in zip(ends, end_layouts)])
         if full:
-            keep = (lambda a: a.float().cpu()) if flatten == "positions" else (lambda a: _flat(a, flatten).float().cpu())
-            kept_front.append([keep(a) for a in fronts])
-            kept_end.append([keep(a) for a in ends])
+            def keep(a, layout):
+                return (a if flatten == "positions" else _flat(a, layout, flatten)).float().cpu()
+            kept_front.append([keep(a, la) for a, la in zip(fronts, front_layouts)])
+            kept_end.append([keep(a, la) for a, la in zip(ends, end_layouts)])
     grids: dict[str, np.ndarray] = {}
     problems: list[str] = []
     if stream is not None:
@@ -137,12 +142,14 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         layers_end = [torch.cat(parts) for parts in zip(*kept_end)]
         labels = (front_layers or list(range(1, len(layers_front) + 1)), end_layers or list(range(1, len(layers_end) + 1)))
         for name in tqdm(full, desc="indices", disable=not progress, leave=False):
-            grids[name] = _full_grid(INDICES[name], layers_front, layers_end, flatten, name, problems, labels)
+            grids[name] = _full_grid(INDICES[name], layers_front, layers_end, flatten, name, problems, labels,
+                                     (front_layouts, end_layouts))
     return grids, problems
 
 
 def _full_grid(index: Index, fronts: list[torch.Tensor], ends: list[torch.Tensor], flatten: str, name: str,
-               problems: list[str], labels: tuple[list[int], list[int]]) -> np.ndarray:
+               problems: list[str], labels: tuple[list[int], list[int]],
+               layouts: tuple[list[Layout], list[Layout]]) -> np.ndarray:
     """One index over every pair; ``labels`` are the cut points of the rows and columns (for messages)."""
     def cell(compute, i, j):
         return _cell(compute, f"{name} front {labels[0][i]} × end {labels[1][j]}", problems)
@@ -159,7 +166,7 @@ def _full_grid(index: Index, fronts: list[torch.Tensor], ends: list[torch.Tensor
     if flatten == "positions":
         for i, a in enumerate(fronts):
             for j, b in enumerate(ends):
-                grid[i, j] = cell(lambda: index.pair(*pair_matrices(a, b, flatten)), i, j)
+                grid[i, j] = cell(lambda: index.pair(*pair_matrices(a, b, flatten, layouts[0][i], layouts[1][j])), i, j)
         return grid
     # one SVD per layer: rotation-invariant indices then see the ≤ n-column form US of
     # X = USVᵀ (the same value, far cheaper for wide layers); PWCCA keeps the neurons

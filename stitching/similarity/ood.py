@@ -127,7 +127,7 @@ def fit_energy_detector(end: nn.Module, layer: int, images: torch.Tensor, labels
             x_in, y_in = images[pick].to(device), labels[pick].to(device)
             x_out = outliers[out_order[start:start + batch_size]].to(device)
             with torch.no_grad():
-                a_in, a_out = head(x_in), head(x_out)
+                a_in, a_out = head(x_in)[0], head(x_out)[0]
             logits = tail(torch.cat([a_in, a_out]))
             loss = energy_margin_loss(logits[: len(a_in)], y_in, logits[len(a_in):], m_in, m_out, weight)
             optimizer.zero_grad(set_to_none=True)

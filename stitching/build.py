@@ -1,0 +1,232 @@
+"""The composition root: config → typed settings (read once) → data, models, cut, module.
+
+Every entry point (``train``, ``similarity``, ``bench``, ``pretrain``) builds what it needs
+through the functions here and nothing else reads the raw config for the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from stitching.api import CLASS_TOKEN, Prepared, prepare_stitch
+from stitching.data import ImageDataModule
+from stitching.errors import StitchingError
+from stitching.models import CuttableModel, resolve_layer
+from stitching.objectives import OBJECTIVES
+from stitching.runtime import Stopwatch
+from stitching.zoo import ModelSpec, ModelZoo
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The project's config with ``overrides``, outside a Hydra run (for the other CLIs)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    except Exception as err:  # Hydra's own first line names the bad override
+        raise StitchingError(str(err).splitlines()[0]) from None
+
+
+# -- typed settings ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Side:
+    """One base model: which one, and where its weights come from."""
+
+    spec: ModelSpec
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class StitchSettings:
+    front_layer: int | str
+    end_layer: int | str
+    dm_samples: int
+    update_bn: bool
+    class_token: str
+    lr: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one stitching run is, read once from the config."""
+
+    seed: int
+    objective: str
+    fula_weights: Any
+    stitch: StitchSettings
+    front: Side
+    end: Side
+    attack: dict
+    shortcut: dict
+    trainer: dict
+    dataset: str
+
+    @property
+    def device(self) -> torch.device:
+        wants_gpu = self.trainer.get("accelerator") in ("gpu", "cuda", "auto")
+        return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _layer(value) -> int | str:
+    return int(value) if isinstance(value, int) or str(value).lstrip("-").isdigit() else str(value)
+
+
+def side_spec(side: DictConfig) -> ModelSpec:
+    depth, width = side.get("depth"), side.get("width")
+    return ModelSpec(arch=side.arch, width=int(width) if width is not None else None, dataset=side.dataset,
+                     seed=int(side.seed), robust=bool(side.robust), depth=int(depth) if depth is not None else None,
+                     name=side.get("name"), pretrained=bool(side.get("pretrained", False)))
+
+
+def read_settings(cfg: DictConfig) -> Settings:
+    """Typed settings of a run; a bad choice is one line here, before any work."""
+    objective = cfg.objective.name
+    if objective not in OBJECTIVES:
+        raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
+    stitch = cfg.stitch
+    class_token = stitch.get("class_token", "shared")
+    if class_token not in CLASS_TOKEN:
+        raise StitchingError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
+    weights = cfg.objective.get("weights", "uniform")
+    return Settings(
+        seed=int(cfg.seed), objective=objective,
+        fula_weights=OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights,
+        stitch=StitchSettings(_layer(stitch.front_layer), _layer(stitch.end_layer), int(stitch.dm_samples),
+                              bool(stitch.update_bn), class_token, float(stitch.lr), float(stitch.weight_decay)),
+        front=Side(side_spec(cfg.front), cfg.front.checkpoint), end=Side(side_spec(cfg.end), cfg.end.checkpoint),
+        attack=OmegaConf.to_container(cfg.attack, resolve=True),
+        shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True),
+        trainer=OmegaConf.to_container(cfg.trainer, resolve=True), dataset=cfg.dataset.name,
+    )
+
+
+# -- builders ------------------------------------------------------------------------------
+def dataset_config(cfg: DictConfig, name: str) -> dict:
+    """The resolved ``dataset`` group for ``name`` (the run's own one when it matches)."""
+    if name == cfg.dataset.name:
+        return OmegaConf.to_container(cfg.dataset, resolve=True)
+    path = CONF_DIR / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))
+        raise StitchingError(f"unknown dataset '{name}'; choose one of {known}")
+    merged = OmegaConf.merge({"paths": cfg.paths}, {"dataset": OmegaConf.load(path)})
+    return OmegaConf.to_container(merged.dataset, resolve=True)
+
+
+def build_datamodule(cfg: DictConfig, name: str | None = None, with_testbeds: bool = True) -> ImageDataModule:
+    """The stitching data (``with_testbeds``: shortcuts, class subsets as configured), or a
+    dataset's full clean training split (``with_testbeds=False``: what base models see)."""
+    options = dataset_config(cfg, name or cfg.dataset.name)
+    if not with_testbeds:
+        return ImageDataModule(**{**options, "num_classes_train": None, "train_subset": None})
+    return ImageDataModule(**options, shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True))
+
+
+def build_zoo(cfg: DictConfig) -> ModelZoo:
+    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+               if k not in ("max_epochs", "limit_train_batches", "limit_test_batches")}
+    return ModelZoo(cfg.zoo.dir, OmegaConf.to_container(cfg.zoo.recipe, resolve=True),
+                    lambda name: build_datamodule(cfg, name, with_testbeds=False),
+                    trainer_options=trainer, train_missing=cfg.zoo.train_missing)
+
+
+def load_models(cfg: DictConfig, settings: Settings) -> tuple[CuttableModel, dict, CuttableModel, dict]:
+    """Front and end from the zoo (trained on first use), a file or the hub, with their records."""
+    zoo = build_zoo(cfg)
+    front, front_record = zoo.get(settings.front.spec, settings.front.checkpoint)
+    end, end_record = zoo.get(settings.end.spec, settings.end.checkpoint)
+    return front, front_record, end, end_record
+
+
+def reconcile_inputs(front: CuttableModel, end: CuttableModel, datamodule: ImageDataModule) -> dict:
+    """How the stitching data reach each model (resizing, channels, normalisation), or one line
+    saying why they cannot."""
+    size = (datamodule.image_size, datamodule.image_size)
+    return {side: model.input_spec.reconcile(datamodule.in_channels, size, side)
+            for side, model in (("front", front), ("end", end))}
+
+
+def check_compatible(front: CuttableModel, end: CuttableModel, datamodule: ImageDataModule, probe: torch.Tensor) -> None:
+    """Fail early, in one line, on pairs that cannot be stitched on these data."""
+    for side, model in (("front", front), ("end", end)):
+        try:
+            with torch.no_grad():
+                model.eval()(probe)
+        except RuntimeError as err:
+            raise StitchingError(
+                f"the {side} model cannot read {datamodule.name} images of shape {tuple(probe.shape[1:])} "
+                f"({str(err).splitlines()[0][:100]}); pick base models trained on compatible inputs"
+            ) from None
+    classes = getattr(end, "num_classes", None)
+    if classes is not None and classes != datamodule.num_classes:
+        raise StitchingError(
+            f"the end model predicts {classes} classes but {datamodule.name} has {datamodule.num_classes}; "
+            f"the stitching data must be the end model's task"
+        )
+
+
+@dataclass
+class Run:
+    """Everything a stitching run needs before training."""
+
+    settings: Settings
+    datamodule: ImageDataModule
+    front: CuttableModel
+    end: CuttableModel
+    front_record: dict
+    end_record: dict
+    inputs: dict
+    prepared: Prepared
+
+    @property
+    def module(self):
+        return self.prepared.module
+
+    @property
+    def front_layer(self) -> int:
+        return self.prepared.front.index
+
+    @property
+    def end_layer(self) -> int:
+        return self.prepared.end.index
+
+
+def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
+    """Settings, data, base models, cut, DM initialisation and the objective's LightningModule."""
+    watch = watch or Stopwatch()
+    settings = read_settings(cfg)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    with watch.section("data_s"):
+        datamodule = build_datamodule(cfg)
+        datamodule.setup()
+        samples = datamodule.sample_train_images(settings.stitch.dm_samples, seed=settings.seed)
+    with watch.section("zoo_s"):
+        front, front_record, end, end_record = load_models(cfg, settings)
+    inputs = reconcile_inputs(front, end, datamodule)
+    check_compatible(front, end, datamodule, samples[:2])
+    resolve_layer(front, settings.stitch.front_layer)
+    resolve_layer(end, settings.stitch.end_layer)
+    s = settings.stitch
+    with watch.section("dm_init_s"):
+        prepared = prepare_stitch(front, end, s.front_layer, s.end_layer, samples, settings.objective, lr=s.lr,
+                                  weight_decay=s.weight_decay, update_bn=s.update_bn, class_token=s.class_token,
+                                  weights=settings.fula_weights, adversarial=settings.attack,
+                                  num_classes=datamodule.num_classes)
+    return Run(settings, datamodule, front, end, front_record, end_record, inputs, prepared)
+
+
+def outlier_arrays(cfg: DictConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test images in [0, 1] of the dataset ``name`` (an OOD detector's outliers)."""
+    datamodule = build_datamodule(cfg, name, with_testbeds=False)
+    datamodule.setup()
+    return datamodule.arrays.train_x.float().div(255), datamodule.arrays.test_x.float().div(255)
