@@ -1,3 +1,21 @@
-"""Measure the functional similarity of neural networks by model stitching."""
+"""Measure the functional similarity of neural networks by model stitching.
+
+From Python::
+
+    import stitching
+    stitching.cut_points(model)                   # where a model can be cut
+    result = stitching.stitch(front, end, "layer2.1", "layer3.0", objective="fula",
+                              train=(images, labels), test=(test_images, test_labels))
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["StitchResult", "cut_points", "stitch"]
+
+
+def __getattr__(name):  # the API pulls in Lightning; `import stitching` alone stays light
+    if name in __all__:
+        from stitching import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'stitching' has no attribute {name!r}")

@@ -31,7 +31,7 @@ from stitching.models import Cut, CutPoint, as_cuttable, cut
 from stitching.models.layout import compatible
 from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
 from stitching.runtime import Stopwatch, build_trainer
-from stitching.stitch import batches, fit_dm, make_stitch
+from stitching.stitch_layers import batches, fit_dm, make_stitch
 
 CLASS_TOKEN = ("shared", "separate")
 

@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from stitching.api import CLASS_TOKEN, Prepared, prepare_stitch
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
-from stitching.models import CuttableModel, resolve_layer
+from stitching.models import LIBRARIES, CuttableModel, resolve_layer
+from stitching.models.adapters import check_name
 from stitching.objectives import OBJECTIVES
 from stitching.runtime import Stopwatch
 from stitching.zoo import ModelSpec, ModelZoo
@@ -98,6 +99,12 @@ def read_settings(cfg: DictConfig) -> Settings:
     if class_token not in CLASS_TOKEN:
         raise StitchingError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
     weights = cfg.objective.get("weights", "uniform")
+    for side in ("front", "end"):  # a misspelt model name is one line before any base model is trained
+        arch, name = cfg[side].arch, cfg[side].get("name")
+        if arch in LIBRARIES:
+            check_name(arch, name)
+        elif cfg[side].get("pretrained"):
+            raise StitchingError(f"{side}.pretrained=true applies to timm and torchvision models, not '{arch}'")
     return Settings(
         seed=int(cfg.seed), objective=objective,
         fula_weights=OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights,

@@ -192,3 +192,29 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(tiny_config, tmp_path):
     with pytest.raises(StitchingError, match=r"does not fit timm model 'test_resnet': missing keys conv1\.0\.weight.*"
                                              r"unexpected keys stem\.0\.weight"):
         prepare(cfg)
+
+
+def test_bad_model_input_on_the_command_line_is_one_line(tmp_path, zoo_dir):
+    from tests.test_cli import _train
+
+    wrong_keys, four_channels = tmp_path / "convnext.pt", tmp_path / "four.pt"
+    torch.save(create("timm", "test_convnext").state_dict(), wrong_keys)
+    torch.save(create("timm", "test_resnet", num_classes=10, in_channels=4).state_dict(), four_channels)
+    timm_front = ["front.arch=timm", "front.name=test_resnet"]
+    cases = [
+        (["model=timm", "model.name=resnet81"], "error: timm has no model 'resnet81'; did you mean"),
+        (["model=torchvision", "model.name=resnet", "model.pretrained=true"], "error: torchvision has no model 'resnet';"),
+        (["stitch.layer=layer9.0"], "error: unknown layer 'layer9.0'; this model's cut points are 1=stem, 2=layer1.0"),
+        ([*timm_front, f"front.checkpoint={wrong_keys}"],
+         f"error: checkpoint {wrong_keys} does not fit timm model 'test_resnet': missing keys"),
+        (["model=timm", "model.name=resnet18", "model.pretrained=true"],
+         "error: cannot fetch pretrained timm weights for 'resnet18'"),
+        ([*timm_front, f"front.checkpoint={four_channels}"],
+         "error: the front model reads 4-channel images but the stitching data have 3 channels"),
+        (["front.pretrained=true"], "error: front.pretrained=true applies to timm and torchvision models"),
+    ]
+    for overrides, message in cases:
+        result = _train(tmp_path, zoo_dir, *overrides)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (overrides, result.stderr[-1500:])
+        assert len(errors) == 1 and errors[0].startswith(message), (overrides, errors)

@@ -3,7 +3,7 @@ from torch.nn import functional as F
 
 from stitching.models import Context
 from stitching.models.layout import CONV, as_rows
-from stitching.stitch import Stitch, dm_solution, fit_dm
+from stitching.stitch_layers import Stitch, dm_solution, fit_dm
 
 
 class _Head(torch.nn.Module):

@@ -7,7 +7,7 @@ from timm.models.vision_transformer import VisionTransformer
 from stitching.errors import StitchingError
 from stitching.models import CuttableViT, build_model, cut_point_activations, split
 from stitching.models.layout import CONV, Layout
-from stitching.stitch import TokenStitch, make_stitch
+from stitching.stitch_layers import TokenStitch, make_stitch
 
 TOKENS = Layout("tokens", prefix_tokens=1, grid=(2, 4), pool="first")
 from stitching.build import prepare

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from stitching.attacks import mix_adversarial
 from stitching.models.cutting import Head, Tail, cut_point_activations
 from stitching.objectives import losses
-from stitching.stitch import Stitch, TokenStitch
+from stitching.stitch_layers import Stitch, TokenStitch
 
 
 class StitchedNetwork(nn.Module):
