@@ -283,7 +283,8 @@ def load_checkpoint(path: Path, owned: bool = True) -> tuple[CuttableModel, dict
     if not isinstance(payload, dict) or not {"record", "state_dict"} <= set(payload):
         raise StitchingError(f"checkpoint {path} is not a zoo checkpoint (no record/state_dict); {advice}")
     record = payload["record"]
-    model = build_model(**record["model_kwargs"])
+    with preserved_rng():  # the random initialisation is overwritten; the caller's streams stay put
+        model = build_model(**record["model_kwargs"])
     _load_state(model, payload["state_dict"], path, f"its recorded architecture ({record.get('key')}); {advice}")
     return model.eval(), {"source": "trained here", **record, "path": str(path)}
 
@@ -355,6 +356,18 @@ def load_given(spec: ModelSpec, path: Path) -> tuple[CuttableModel, dict]:
         raise StitchingError(f"{path} is not a zoo checkpoint; a plain state dict needs its library: set "
                              f"arch=timm or arch=torchvision and the model's name for that side")
     state = state_dict_of(payload, path)
+    with preserved_rng():
+        model = _given_architecture(spec, state)
+    _load_state(model, state, path, f"{spec.arch} model '{spec.name}'")
+    adapted = adapt(model.eval(), name=spec.name).eval()
+    record = {"key": f"{spec.arch}-{spec.name}-file-{digest[:12]}", "source": "file", "path": str(path),
+              "sha256": digest, "library": spec.arch, "name": spec.name, "test_acc": None,
+              "inputs": adapted.input_spec.record()}
+    return adapted, record
+
+
+def _given_architecture(spec: ModelSpec, state: dict) -> nn.Module:
+    """The library's architecture sized like ``state``: its classes and input channels."""
     model = create(spec.arch, spec.name)
     key = _classifier_key(spec.arch, model)
     classes = int(state[key].shape[0]) if key and key in state and state[key].dim() == 2 else None
@@ -362,12 +375,7 @@ def load_given(spec: ModelSpec, path: Path) -> tuple[CuttableModel, dict]:
     channels = int(first.shape[1]) if first is not None else None
     if (classes is not None and classes != _num_classes(model)) or (channels not in (None, 3)):
         model = create(spec.arch, spec.name, num_classes=classes, in_channels=channels)
-    _load_state(model, state, path, f"{spec.arch} model '{spec.name}'")
-    adapted = adapt(model.eval(), name=spec.name).eval()
-    record = {"key": f"{spec.arch}-{spec.name}-file-{digest[:12]}", "source": "file", "path": str(path),
-              "sha256": digest, "library": spec.arch, "name": spec.name, "test_acc": None,
-              "inputs": adapted.input_spec.record()}
-    return adapted, record
+    return model
 
 
 def _num_classes(model: nn.Module) -> int | None:

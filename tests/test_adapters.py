@@ -194,6 +194,17 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(tiny_config, tmp_path):
         prepare(cfg)
 
 
+def test_bad_model_settings_are_refused_before_any_work(tiny_config):
+    from stitching.build import read_settings
+
+    with pytest.raises(StitchingError, match="torchvision has no model 'resnet';"):
+        read_settings(tiny_config("model=torchvision", "model.name=resnet", "model.pretrained=true"))
+    with pytest.raises(StitchingError, match="front.pretrained=true applies to timm and torchvision models"):
+        read_settings(tiny_config("front.pretrained=true"))
+    with pytest.raises(StitchingError, match="model.name is required for timm models"):
+        read_settings(tiny_config("model=timm"))
+
+
 def test_bad_model_input_on_the_command_line_is_one_line(tmp_path, zoo_dir):
     from tests.test_cli import _train
 
@@ -203,15 +214,12 @@ def test_bad_model_input_on_the_command_line_is_one_line(tmp_path, zoo_dir):
     timm_front = ["front.arch=timm", "front.name=test_resnet"]
     cases = [
         (["model=timm", "model.name=resnet81"], "error: timm has no model 'resnet81'; did you mean"),
-        (["model=torchvision", "model.name=resnet", "model.pretrained=true"], "error: torchvision has no model 'resnet';"),
-        (["stitch.layer=layer9.0"], "error: unknown layer 'layer9.0'; this model's cut points are 1=stem, 2=layer1.0"),
         ([*timm_front, f"front.checkpoint={wrong_keys}"],
          f"error: checkpoint {wrong_keys} does not fit timm model 'test_resnet': missing keys"),
         (["model=timm", "model.name=resnet18", "model.pretrained=true"],
          "error: cannot fetch pretrained timm weights for 'resnet18'"),
         ([*timm_front, f"front.checkpoint={four_channels}"],
          "error: the front model reads 4-channel images but the stitching data have 3 channels"),
-        (["front.pretrained=true"], "error: front.pretrained=true applies to timm and torchvision models"),
     ]
     for overrides, message in cases:
         result = _train(tmp_path, zoo_dir, *overrides)

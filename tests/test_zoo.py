@@ -33,6 +33,48 @@ def test_a_missing_model_is_trained_once_then_reused(tmp_path, capsys):
         assert (a == b).all(), name
 
 
+def test_training_a_base_model_leaves_the_callers_random_streams_alone(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    expected = torch.rand(3), random.random(), np.random.rand()
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    _zoo(tmp_path).get(SPEC)  # trains (and seeds) inside
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+
+
+def test_the_listing_shows_where_each_model_came_from(tmp_path, capsys):
+    import torch
+
+    from stitching.models.adapters import create
+    from stitching.zoo import sha256
+
+    zoo = _zoo(tmp_path)
+    zoo.get(SPEC)
+    weights = tmp_path / "given.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(create("timm", "test_resnet", num_classes=10).state_dict(), str(weights))
+    model, record = zoo.get(ModelSpec(arch="timm", width=None, dataset="digits", seed=0, name="test_resnet"),
+                            str(weights))
+    assert record["source"] == "file" and record["sha256"] == sha256(weights)
+    listing = {r["key"]: r for r in zoo.list()}
+    assert listing["resnet18-w4-digits-s3-e1"]["source"] == "trained here"
+    assert listing[record["key"]]["sha256"] == sha256(weights) and listing[record["key"]]["path"] == str(weights)
+    pretrain_main(["--list", *__import__("tests.conftest", fromlist=["TINY"]).TINY, f"paths.zoo_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "trained here" in out and f"file" in out and sha256(weights)[:12] in out
+    assert isinstance(model(torch.rand(1, 3, 16, 16)), torch.Tensor)
+
+
 def test_seeds_give_different_models(tmp_path):
     zoo = _zoo(tmp_path)
     a, _ = zoo.get(SPEC)

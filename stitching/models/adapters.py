@@ -48,6 +48,13 @@ def _module(path: str) -> Step:
     return Step(lambda model, x: model.get_submodule(path)(x), path)
 
 
+def _add_blocks(steps: list[Step], cuts: list, paths: list[str], layout: Layout) -> None:
+    """Append one step per module path, each a cut point named after it."""
+    for path in paths:
+        steps.append(_module(path))
+        cuts.append((len(steps) - 1, path, layout))
+
+
 class AdaptedModel(CuttableModel):
     """A library model run as ``steps``; images in [0, 1] go through its :class:`InputTransform`.
 
@@ -97,10 +104,8 @@ def _resnet(model: nn.Module, spec: ImageInputs, library: str, name: str) -> Ada
             return m.fc(torch.flatten(m.avgpool(x), 1))
 
     steps, cuts = [Step(stem, "stem")], [(0, "maxpool", CONV)]
-    for stage in range(1, 5):
-        for b in range(len(getattr(model, f"layer{stage}"))):
-            steps.append(_module(f"layer{stage}.{b}"))
-            cuts.append((len(steps) - 1, f"layer{stage}.{b}", CONV))
+    _add_blocks(steps, cuts, [f"layer{stage}.{b}" for stage in range(1, 5)
+                              for b in range(len(getattr(model, f"layer{stage}")))], CONV)
     steps.append(Step(head, "head"))
     return AdaptedModel(model, steps, cuts, spec, _classes(model), library, name)
 
@@ -127,9 +132,7 @@ def _timm_vit(model: nn.Module, spec: ImageInputs, name: str) -> AdaptedModel:
     layout = Layout("tokens", prefix_tokens=int(model.num_prefix_tokens), grid=grid,
                     pool="first" if model.global_pool == "token" else "mean")
     steps, cuts = [Step(embed, "embed")], []
-    for b in range(len(model.blocks)):
-        steps.append(_module(f"blocks.{b}"))
-        cuts.append((len(steps) - 1, f"blocks.{b}", layout))
+    _add_blocks(steps, cuts, [f"blocks.{b}" for b in range(len(model.blocks))], layout)
     steps.append(Step(lambda m, x: m.forward_head(m.norm(x)), "head"))
     return AdaptedModel(model, steps, cuts, spec, _classes(model), "timm", name)
 
@@ -146,9 +149,7 @@ def _torchvision_vit(model: nn.Module, spec: ImageInputs, name: str) -> AdaptedM
     side = model.image_size // model.patch_size
     layout = Layout("tokens", prefix_tokens=1, grid=(side, side), pool="first")
     steps, cuts = [Step(embed, "embed")], []
-    for layer_name, _ in model.encoder.layers.named_children():
-        steps.append(_module(f"encoder.layers.{layer_name}"))
-        cuts.append((len(steps) - 1, f"encoder.layers.{layer_name}", layout))
+    _add_blocks(steps, cuts, [f"encoder.layers.{n}" for n, _ in model.encoder.layers.named_children()], layout)
     steps.append(Step(head, "head"))
     return AdaptedModel(model, steps, cuts, spec, _classes(model), "torchvision", name)
 
