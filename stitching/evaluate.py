@@ -150,7 +150,7 @@ def evaluation_settings(attack: dict, shortcut: dict | None, datamodule: ImageDa
     return settings
 
 
-def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: str | Path,
+def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: str | Path | None,
                 datamodule: ImageDataModule, options: dict, device, seed: int = 0,
                 outlier_dataset: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """How far the stitched activations T(f_{≤i}(x)) stand out from the native g_{≤j}(x).
@@ -180,12 +180,17 @@ def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: 
             "ood/energy_native": float(e_native.mean()), "ood/energy_stitched": float(e_stitched.mean())}
 
 
-def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Path, datamodule: ImageDataModule,
-                           options: dict, device, seed: int, outlier_dataset=None):
+def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Path | None,
+                           datamodule: ImageDataModule, options: dict, device, seed: int, outlier_dataset=None):
     """The energy detector for ``end`` at ``end_layer``, fitted on a cache miss and stored as
-    ``<checkpoint>.ood-l<j>-<settings hash>.pt`` (a sweep fits each one once)."""
+    ``<checkpoint>.ood-l<j>-<settings hash>.pt`` (a sweep fits each one once; a hub model with
+    no local file gets a fresh detector per run)."""
+    import tempfile
+
     from stitching.similarity.ood import EnergyDetector, fit_energy_detector
 
+    if checkpoint is None:
+        checkpoint = Path(tempfile.mkdtemp(prefix="stitching-ood-")) / "end.pt"
     settings = {k: options[k] for k in ("outliers", "epochs", "lr", "batch_size", "m_in", "m_out", "weight",
                                         "train_images")}
     digest = hashlib.sha1(json.dumps({**settings, "dataset": datamodule.name, "seed": seed},

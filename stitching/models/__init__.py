@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
 
 from stitching.errors import StitchingError
 from stitching.models.cutting import (
