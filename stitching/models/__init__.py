@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from stitching.errors import StitchingError
 from stitching.models.cutting import (
     Context,
