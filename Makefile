@@ -16,23 +16,25 @@ export WANDB_MODE ?= offline
 .PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
 	sanity-vit-small
 
-# $(call sweep,PRESET): run the preset's sweep, then render its figures
+# $(call sweep,PRESET): run the preset's sweep, then render its figures (also when a cell failed:
+# the report names it; the target still fails)
 define sweep
-	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP) $(ARGS)
-	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP)
+	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP) $(ARGS); status=$$?; \
+	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$status
 endef
 
 # $(call sanity,PRESET): the preset's stitching grids, CKA (per-image) and CCA (pooled) grids
 # of the same model pairs (end seed 0: a model against itself; 1: another seed), one report
 define sanity
-	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP)/stitching $(ARGS)
+	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP)/stitching $(ARGS); \
+	  echo $$? > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status
 	for seed in 0 1; do \
 	  $(PY) -m stitching.similarity --index cka --flatten sample --no-progress \
 	    --out $(SWEEPS)/$(1)/$(STAMP)/cka_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null && \
 	  $(PY) -m stitching.similarity --index cca --flatten pool --no-progress \
 	    --out $(SWEEPS)/$(1)/$(STAMP)/cca_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null || exit 1; \
 	done
-	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP)
+	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$(cat $(SWEEPS)/$(1)/$(STAMP)/.stitching_status)
 endef
 
 help: ## list the targets
@@ -48,8 +50,8 @@ $(READY): pyproject.toml
 	touch $@
 
 run: $(READY) ## main job: MNIST-5k, two narrow ResNet18s, 9 layers × 5 objectives → table + stitching plot
-	$(PY) -m stitching.train -m experiment=demo objective=dm,hint,fula,slm,tlm hydra.sweep.dir=$(DEMO_DIR)
-	$(PY) -m stitching.report $(DEMO_DIR)
+	$(PY) -m stitching.train -m experiment=demo objective=dm,hint,fula,slm,tlm hydra.sweep.dir=$(DEMO_DIR); status=$$?; \
+	$(PY) -m stitching.report $(DEMO_DIR) && exit $$status
 
 test: $(READY) ## fast tests (what CI runs)
 	$(PY) -m pytest -m "not slow"

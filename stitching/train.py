@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +30,7 @@ from stitching.evaluate import (
     robust_metrics,
     testbed_metrics,
 )
-from stitching.errors import StitchingError
+from stitching.errors import NonFiniteError, StitchingError
 from stitching.models import cut_point_names
 from stitching.runtime import Stopwatch, build_logger, release_memory, versions, write_json_atomic
 
@@ -155,11 +156,34 @@ def _acc(value) -> str:
 
 def _failure_record(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "results.json", {
+    record = {
         "status": "failed", "error": f"{type(err).__name__}: {err}",
         "traceback": traceback.format_exc(), "objective": cfg.objective.name,
         "config": OmegaConf.to_container(cfg, resolve=False),
-    })
+    }
+    if isinstance(err, NonFiniteError):
+        record["diverged"] = {"what": err.what, "value": str(err.value), "step": err.step}
+    write_json_atomic(run_dir / "results.json", record)
+
+
+class SweepStatus(Callback):
+    """Hydra callback: after every cell of a sweep has run, exit non-zero if any failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        import json
+
+        failed = []
+        for path in sorted(Path(config.hydra.sweep.dir).rglob("results.json")):
+            try:
+                status = json.loads(path.read_text()).get("status")
+            except (OSError, ValueError, AttributeError):
+                status = "unreadable"
+            if status != "ok":
+                failed.append(str(path.parent))
+        if failed:
+            print(f"[sweep] {len(failed)} run(s) failed: {', '.join(failed[:5])}"
+                  + (" …" if len(failed) > 5 else "") + "; `python -m stitching.report` lists them", file=sys.stderr)
+            sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -175,6 +199,9 @@ def main(cfg: DictConfig):
         if sweeping:  # one bad cell must not end the sweep
             print(f"[sweep] run {run_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return None
+        if isinstance(err, NonFiniteError):
+            print(f"error: {err} ({run_dir / 'results.json'})", file=sys.stderr)
+            sys.exit(1)
         if isinstance(err, StitchingError):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

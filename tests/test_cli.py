@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from stitching.report import collect, layer_table, report
@@ -46,7 +47,8 @@ def test_a_sweep_survives_a_failing_run_and_the_report_names_it(tmp_path, zoo_di
     sweep = tmp_path / "sweep"
     result = _train(tmp_path, zoo_dir, "objective=dm,tlm", "stitch.layer=2,10", f"hydra.sweep.dir={sweep}",
                     multirun=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-2000:]  # after every cell ran: the report below sees all four
+    assert "[sweep] 2 run(s) failed" in result.stderr
     frame, failed = collect(sweep)
     assert sorted(zip(frame.objective, frame.front_layer)) == [("dm", 2), ("tlm", 2)]
     assert len(failed) == 2 and all("layer 10 is out of range" in f["error"] for f in failed)
@@ -203,3 +205,18 @@ def test_wandb_groups_a_sweep_and_receives_its_figures(tmp_path, zoo_dir, monkey
     log_to_wandb(report(sweep), sweep)
     report_runs = [r for r in sweep.glob("wandb/offline-run-*/run-*.wandb")]
     assert report_runs and b"stitching_plot" in report_runs[0].read_bytes()
+
+
+def test_a_diverged_cell_is_failed_listed_and_kept_out_of_the_figures(tmp_path, zoo_dir):
+    sweep = tmp_path / "sweep"
+    result = _train(tmp_path, zoo_dir, "objective=hint", "stitch.layer=2", "stitch.lr=1e-3,inf",
+                    f"hydra.sweep.dir={sweep}", multirun=True)
+    assert result.returncode == 1 and "[sweep] 1 run(s) failed" in result.stderr, result.stderr[-2000:]
+    frame, failed = collect(sweep)
+    assert len(frame) == 1
+    assert len(failed) == 1 and "the stitch diverged" in failed[0]["error"]
+    records = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
+    diverged = [r for r in records if r["status"] == "failed"]
+    assert diverged[0]["diverged"]["step"] == 0 and diverged[0]["config"]["stitch"]["lr"] == float("inf")
+    made = report(sweep)
+    assert len(pd.read_csv(made["csv"])) == 1  # the failed cell never reaches the table or the figures

@@ -145,3 +145,28 @@ def test_a_run_does_not_depend_on_whether_base_models_were_cached(tiny_config, t
     fresh = run(tiny_config("objective=tlm", "stitch.layer=6", f"paths.zoo_dir={tmp_path / 'zoo'}"), tmp_path / "a")
     cached = run(tiny_config("objective=tlm", "stitch.layer=6", f"paths.zoo_dir={tmp_path / 'zoo'}"), tmp_path / "b")
     assert fresh["metrics"] == cached["metrics"]
+
+
+def test_a_loss_that_turns_nan_fails_the_run_at_that_step(tiny_config, tmp_path, monkeypatch):
+    from stitching.errors import NonFiniteError
+    from stitching.objectives import losses
+
+    calls = {"n": 0}
+    real = losses.hint_loss
+
+    def nan_at_step_three(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss  # steps 0, 1, 2 fine; step 3 NaN
+
+    monkeypatch.setattr(losses, "hint_loss", nan_at_step_three)
+    with pytest.raises(NonFiniteError, match="the loss became nan at training step 3"):
+        run(tiny_config("objective=hint", "stitch.layer=3"), tmp_path / "nan")
+    assert not (tmp_path / "nan" / "results.json").exists()  # never an ok record
+
+
+def test_a_stitch_weight_that_turns_inf_fails_the_run(tiny_config, tmp_path):
+    from stitching.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="stitch weight .* became (nan|inf|-inf) at training step 0"):
+        run(tiny_config("objective=tlm", "stitch.layer=3", "stitch.lr=inf"), tmp_path / "inf")

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stitching.attacks import mix_adversarial
+from stitching.errors import NonFiniteError
 from stitching.models.cutting import Head, Tail, cut_point_activations
 from stitching.objectives import losses
 from stitching.stitch_layers import Stitch, TokenStitch
@@ -118,10 +119,18 @@ class StitchingModule(L.LightningModule):
             attack = {k: self.adversarial[k] for k in ("eps", "step_size", "steps", "random_start")}
             x = mix_adversarial(self.network, x, y, alpha, **attack)
         loss, logits = self.loss(x, y)
+        if not torch.isfinite(loss):  # never train on, and never record, a diverged stitch
+            raise NonFiniteError("the loss", float(loss.detach()), self.global_step)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        for name, parameter in self.network.stitch.named_parameters():
+            if not torch.isfinite(parameter).all():
+                bad = parameter[~torch.isfinite(parameter)].flatten()[0]
+                raise NonFiniteError(f"stitch weight {name}", float(bad), self.global_step - 1)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
