@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stitching.api import train_stitch
-from stitching.build import Run, outlier_arrays, prepare
+from stitching.build import CONF_DIR, Run, outlier_arrays, prepare
 from stitching.data import save_examples
 from stitching.evaluate import (
     base_accuracy,
@@ -211,5 +211,26 @@ def main(cfg: DictConfig):
     return record["metrics"]["test/acc"]
 
 
+LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")
+
+
+def with_default_layer_sweep(argv: list[str]) -> list[str]:
+    """A sweep (``-m``) that names no layer — on the command line or in its preset's sweep —
+    runs the nine corresponding layers; one that names any layer key runs exactly the cells asked."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    keys = {arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg}
+    for arg in argv:
+        if arg.startswith("experiment="):
+            preset = CONF_DIR / "experiment" / f"{arg.split('=', 1)[1]}.yaml"
+            if preset.is_file():
+                params = OmegaConf.load(preset).get("hydra", {}).get("sweeper", {}).get("params", {}) or {}
+                keys |= set(params)
+    if keys & set(LAYER_KEYS):
+        return argv
+    return [*argv, "stitch.layer=range(1,10)"]
+
+
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *with_default_layer_sweep(sys.argv[1:])]
     main()

@@ -220,3 +220,25 @@ def test_a_diverged_cell_is_failed_listed_and_kept_out_of_the_figures(tmp_path, 
     assert diverged[0]["diverged"]["step"] == 0 and diverged[0]["config"]["stitch"]["lr"] == float("inf")
     made = report(sweep)
     assert len(pd.read_csv(made["csv"])) == 1  # the failed cell never reaches the table or the figures
+
+
+def test_a_sweep_runs_exactly_the_layers_it_names(tmp_path, zoo_dir):
+    sweep = tmp_path / "sweep"
+    result = _train(tmp_path, zoo_dir, "objective=dm", "stitch.front_layer=3,5", "stitch.end_layer=5",
+                    f"hydra.sweep.dir={sweep}", multirun=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cells = sorted((r["front_layer"], r["end_layer"]) for r in
+                   (json.loads(p.read_text()) for p in sweep.rglob("results.json")))
+    assert cells == [(3, 5), (5, 5)]
+
+
+def test_the_nine_layer_sweep_applies_only_when_no_layer_is_named():
+    from stitching.train import with_default_layer_sweep
+
+    nine = "stitch.layer=range(1,10)"
+    assert with_default_layer_sweep(["-m", "objective=dm,tlm"])[-1] == nine
+    assert with_default_layer_sweep(["--multirun", "experiment=demo"])[-1] == nine
+    assert nine not in with_default_layer_sweep(["-m", "stitch.front_layer=3,5", "stitch.end_layer=5"])
+    assert nine not in with_default_layer_sweep(["-m", "stitch.layer=2"])
+    assert nine not in with_default_layer_sweep(["-m", "experiment=fig10_small"])  # its sweep names the layers
+    assert with_default_layer_sweep(["objective=dm"]) == ["objective=dm"]  # a single run stays one run

@@ -37,8 +37,11 @@ TINY_PRESET = ["dataset=digits", "model.width=4", "zoo.recipe.epochs=1", "traine
 def test_preset_composes_with_its_sweep(preset):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.params
-    assert params, preset
+    from stitching.train import LAYER_KEYS, with_default_layer_sweep
+
+    params = dict(cfg.hydra.sweeper.params or {})
+    added = with_default_layer_sweep(["-m", f"experiment={preset}"])[2:]  # the nine layers, unless named
+    assert (set(params) | {arg.split("=")[0] for arg in added}) & set(LAYER_KEYS), preset
     assert "objective" in params or preset in ("fig6", "fig6_small", "fig11", "fig11_small", "demo")
 
 

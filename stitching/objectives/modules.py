@@ -130,7 +130,7 @@ class StitchingModule(L.LightningModule):
         for name, parameter in self.network.stitch.named_parameters():
             if not torch.isfinite(parameter).all():
                 bad = parameter[~torch.isfinite(parameter)].flatten()[0]
-                raise NonFiniteError(f"stitch weight {name}", float(bad), self.global_step - 1)
+                raise NonFiniteError(f"stitch weight {name}", bad.item(), self.global_step - 1)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
