@@ -85,10 +85,10 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     if class_token not in CLASS_TOKEN:
         raise StitchingError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
     front, end = as_cuttable(front), as_cuttable(end)
-    front_cut, end_cut = cut(copy.deepcopy(front), front_layer), cut(copy.deepcopy(end), end_layer)
-    problem = compatible(front_cut.layout, end_cut.layout)
+    problem = compatible(cut(front, front_layer).layout, cut(end, end_layer).layout)  # before any copy
     if problem:
         raise StitchingError(problem)
+    front_cut, end_cut = cut(copy.deepcopy(front), front_layer), cut(copy.deepcopy(end), end_layer)
     reference = copy.deepcopy(end).eval()
     reference_cut = cut(reference, end_cut.index)
     probe = batches(dm_inputs, 2)[0]

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from stitching.api import CLASS_TOKEN, Prepared, prepare_stitch
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
-from stitching.models import LIBRARIES, CuttableModel, resolve_layer
+from stitching.models import LIBRARIES, CuttableModel
 from stitching.models.adapters import check_name
 from stitching.objectives import OBJECTIVES
 from stitching.runtime import Stopwatch
@@ -221,8 +221,6 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
         front, front_record, end, end_record = load_models(cfg, settings)
     inputs = reconcile_inputs(front, end, datamodule)
     check_compatible(front, end, datamodule, samples[:2])
-    resolve_layer(front, settings.stitch.front_layer)
-    resolve_layer(end, settings.stitch.end_layer)
     s = settings.stitch
     with watch.section("dm_init_s"):
         prepared = prepare_stitch(front, end, s.front_layer, s.end_layer, samples, settings.objective, lr=s.lr,

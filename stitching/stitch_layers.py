@@ -22,11 +22,29 @@ def _load_affine(layer: nn.Conv2d | nn.Linear, weight: torch.Tensor, bias: torch
 
 
 class _AffineStitch(nn.Module):
-    """Shared by both stitches: resizing to the end's spatial size, the DM fit."""
+    """Shared by both stitches: the affine layer's weights, resizing to the end's spatial size,
+    the DM fit. Subclasses name their (shared) affine layer in ``affine``."""
 
     front_layout: Layout
     end_layout: Layout
     out_size: tuple[int, ...] | None
+
+    @property
+    def affine(self) -> nn.Conv2d | nn.Linear:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.affine.weight
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        """``(in, out)`` feature sizes of the map."""
+        return self.affine.weight.shape[1], self.affine.weight.shape[0]
+
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Load a ``[out, in]`` matrix and an ``[out]`` bias into the affine layer."""
+        _load_affine(self.affine, weight, bias)
 
     def resize(self, a: torch.Tensor) -> torch.Tensor:
         return layouts.resize(a, self.front_layout, self.end_layout, self.out_size)
@@ -54,20 +72,12 @@ class Stitch(_AffineStitch):
         self.out_size = tuple(out_size) if out_size is not None else None
         self.front_layout = self.end_layout = layouts.CONV
 
+    @property
+    def affine(self) -> nn.Conv2d:
+        return self.conv
+
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.conv(self.resize(a))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.conv.weight
-
-    @property
-    def channels(self) -> tuple[int, int]:
-        return self.conv.in_channels, self.conv.out_channels
-
-    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Load a ``[out, in]`` matrix and an ``[out]`` bias into the 1×1 convolution."""
-        _load_affine(self.conv, weight, bias)
 
 
 class TokenStitch(_AffineStitch):
@@ -102,15 +112,8 @@ class TokenStitch(_AffineStitch):
         return torch.cat([self.class_linear(a[:, :1]), self.linear(a[:, 1:])], dim=1)
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    @property
-    def channels(self) -> tuple[int, int]:
-        return self.linear.in_features, self.linear.out_features
-
-    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        _load_affine(self.linear, weight, bias)
+    def affine(self) -> nn.Linear:
+        return self.linear
 
     @torch.no_grad()
     def fit(self, front: torch.Tensor, end: torch.Tensor, mask: torch.Tensor | None = None) -> None:
