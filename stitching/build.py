@@ -18,9 +18,12 @@ from stitching.api import CLASS_TOKEN, Prepared, prepare_stitch
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
 from stitching.models import LIBRARIES, CuttableModel
+from stitching.models.cutting import cut
+from stitching.models.layout import compatible
 from stitching.models.adapters import check_name
 from stitching.objectives import OBJECTIVES
 from stitching.runtime import Stopwatch
+from stitching.validation import check_config
 from stitching.zoo import ModelSpec, ModelZoo
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -78,7 +81,7 @@ class Settings:
         return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _layer(value) -> int | str:
+def layer_value(value) -> int | str:
     return int(value) if isinstance(value, int) or str(value).lstrip("-").isdigit() else str(value)
 
 
@@ -90,7 +93,9 @@ def side_spec(side: DictConfig) -> ModelSpec:
 
 
 def read_settings(cfg: DictConfig) -> Settings:
-    """Typed settings of a run; a bad choice is one line here, before any work."""
+    """Typed settings of a run; a bad choice or a value out of range is one line here,
+    before any work."""
+    check_config(cfg)
     objective = cfg.objective.name
     if objective not in OBJECTIVES:
         raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
@@ -108,7 +113,7 @@ def read_settings(cfg: DictConfig) -> Settings:
     return Settings(
         seed=int(cfg.seed), objective=objective,
         fula_weights=OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights,
-        stitch=StitchSettings(_layer(stitch.front_layer), _layer(stitch.end_layer), int(stitch.dm_samples),
+        stitch=StitchSettings(layer_value(stitch.front_layer), layer_value(stitch.end_layer), int(stitch.dm_samples),
                               bool(stitch.update_bn), class_token, float(stitch.lr), float(stitch.weight_decay)),
         front=Side(side_spec(cfg.front), cfg.front.checkpoint), end=Side(side_spec(cfg.end), cfg.end.checkpoint),
         attack=OmegaConf.to_container(cfg.attack, resolve=True),
@@ -147,12 +152,37 @@ def build_zoo(cfg: DictConfig) -> ModelZoo:
                     trainer_options=trainer, train_missing=cfg.zoo.train_missing)
 
 
-def load_models(cfg: DictConfig, settings: Settings) -> tuple[CuttableModel, dict, CuttableModel, dict]:
-    """Front and end from the zoo (trained on first use), a file or the hub, with their records."""
+def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] | None = None,
+                stitched: bool = True) -> tuple[CuttableModel, dict, CuttableModel, dict]:
+    """Front and end from the zoo (trained on first use), a file or the hub, with their records.
+
+    Before a missing base model is trained, the pair is checked on what the architectures
+    declare: every layer in ``layers`` (front, end; default: the stitch's) must exist and,
+    when ``stitched``, the two cut points' layouts must be joinable.
+    """
     zoo = build_zoo(cfg)
-    front, front_record = zoo.get(settings.front.spec, settings.front.checkpoint)
-    end, end_record = zoo.get(settings.end.spec, settings.end.checkpoint)
+    sides = {"front": settings.front, "end": settings.end}
+    got = {name: zoo.get(side.spec, side.checkpoint) for name, side in sides.items()
+           if not zoo.needs_training(side.spec, side.checkpoint)}
+    declared = {name: got[name][0] if name in got else zoo.untrained(side.spec) for name, side in sides.items()}
+    front_layers, end_layers = layers or ([settings.stitch.front_layer], [settings.stitch.end_layer])
+    check_pair(declared["front"], declared["end"], front_layers, end_layers, stitched)
+    for name, side in sides.items():
+        if name not in got:
+            got[name] = zoo.get(side.spec, side.checkpoint)
+    (front, front_record), (end, end_record) = got["front"], got["end"]
     return front, front_record, end, end_record
+
+
+def check_pair(front: CuttableModel, end: CuttableModel, front_layers: list, end_layers: list,
+               stitched: bool = True) -> None:
+    """One line if a layer does not exist or (``stitched``) the cut points cannot be joined."""
+    cuts = [cut(front, layer) for layer in front_layers], [cut(end, layer) for layer in end_layers]
+    if stitched:
+        for a, b in zip(*cuts):
+            problem = compatible(a.layout, b.layout)
+            if problem:
+                raise StitchingError(problem)
 
 
 def reconcile_inputs(front: CuttableModel, end: CuttableModel, datamodule: ImageDataModule) -> dict:

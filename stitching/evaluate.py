@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from torch import nn
 
 from stitching.attacks import autoattack_accuracy, pgd
@@ -24,7 +23,7 @@ from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
 from stitching.models.cutting import cut_point_activations, split
 from stitching.models.layout import pooled
-from stitching.runtime import write_json_atomic
+from stitching.runtime import cache_lock, write_cache
 from stitching.similarity import linear_cka
 
 
@@ -80,11 +79,14 @@ def cached_robust_metrics(model: nn.Module, checkpoint: str | Path | None, datam
     if checkpoint is None:  # a hub model with no local file: nowhere to cache
         return robust_metrics(copy.deepcopy(model), datamodule, attack, device, seed)
     cache = Path(checkpoint).with_suffix(".robust.json")
-    with FileLock(str(cache) + ".lock"):
-        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    with cache_lock(cache):
+        try:
+            known = json.loads(cache.read_text()) if cache.is_file() else {}
+        except (OSError, ValueError):
+            known = {}  # an unreadable cache is recomputed
         if key not in known:
             known[key] = robust_metrics(copy.deepcopy(model), datamodule, attack, device, seed)
-            write_json_atomic(cache, known)
+            write_cache(cache, lambda tmp: tmp.write_text(json.dumps(known, indent=2)))
     return known[key]
 
 
@@ -196,7 +198,7 @@ def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Pat
     digest = hashlib.sha1(json.dumps({**settings, "dataset": datamodule.name, "seed": seed},
                                      sort_keys=True).encode()).hexdigest()[:10]
     path = Path(checkpoint).with_name(f"{Path(checkpoint).stem}.ood-l{end_layer}-{digest}.pt")
-    with FileLock(str(path) + ".lock"):
+    with cache_lock(path):
         _, tail = split(copy.deepcopy(end), end_layer)
         if path.is_file():
             tail.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -212,9 +214,7 @@ def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Pat
                                        lr=float(settings["lr"]), batch_size=int(settings["batch_size"]),
                                        m_in=float(settings["m_in"]), m_out=float(settings["m_out"]),
                                        weight=float(settings["weight"]), seed=seed, device=device)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(detector.tail.state_dict(), tmp)
-        tmp.replace(path)
+        write_cache(path, lambda tmp: torch.save(detector.tail.state_dict(), tmp))
         return detector
 
 

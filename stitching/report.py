@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import warnings
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -70,26 +71,22 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
         except (OSError, json.JSONDecodeError) as err:
             failed.append({"run": run, "error": f"unreadable results.json ({err})"})
             continue
+        if not isinstance(record, dict):
+            failed.append({"run": run, "error": f"malformed results.json (a {type(record).__name__}, not a record)"})
+            continue
         if record.get("status") != "ok":
             failed.append({"run": run, "error": record.get("error", "unknown failure")})
             continue
-        base = record["base"]
-        rows.append({
-            "run": run,
-            "objective": record["objective"],
-            "front_layer": record["front_layer"],
-            "end_layer": record["end_layer"],
-            **condition_values(record.get("config", {})),
-            "num_classes": (record.get("config", {}).get("dataset") or {}).get("num_classes"),
-            **{k.replace("/", "_"): v for k, v in record["metrics"].items()},
-            "front_acc": base["front"]["test_acc"],
-            "end_acc": base["end"]["test_acc"],
-            **{f"front_{k.replace('/', '_')}": v for k, v in base["front"].items() if k.startswith("robust")},
-            **{f"end_{k.replace('/', '_')}": v for k, v in base["end"].items() if k.startswith("robust")},
-            "front_model": base["front"]["key"],
-            "end_model": base["end"]["key"],
-            "seconds": record["timings"]["total_s"],
-        })
+        try:
+            row = _row(run, record)
+        except (KeyError, TypeError, AttributeError) as err:
+            failed.append({"run": run, "error": f"malformed results.json (missing or wrong {err})"})
+            continue
+        bad = [k for k, v in record["metrics"].items() if not (isinstance(v, (int, float)) and np.isfinite(v))]
+        if bad:  # never averaged into a figure
+            failed.append({"run": run, "error": f"non-finite metric(s) {', '.join(bad)}"})
+            continue
+        rows.append(row)
     for row in rows:
         row["score"] = row.get("test_acc")
     for path in sorted(sweep_dir.rglob("similarity.csv")):
@@ -103,6 +100,66 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
         frame = frame.sort_values(["objective", "front_layer", "end_layer"],
                                   key=lambda c: c.map(order) if c.name == "objective" else c)
     return frame.reset_index(drop=True), failed
+
+
+def _row(run: str, record: dict) -> dict:
+    """One table row of an ``ok`` record."""
+    base = record["base"]
+    return {
+        "run": run,
+        "objective": record["objective"],
+        "front_layer": record["front_layer"],
+        "end_layer": record["end_layer"],
+        **condition_values(record.get("config", {})),
+        "num_classes": (record.get("config", {}).get("dataset") or {}).get("num_classes"),
+        **{k.replace("/", "_"): v for k, v in record["metrics"].items()},
+        "front_acc": base["front"]["test_acc"],
+        "end_acc": base["end"]["test_acc"],
+        **{f"front_{k.replace('/', '_')}": v for k, v in base["front"].items() if k.startswith("robust")},
+        **{f"end_{k.replace('/', '_')}": v for k, v in base["end"].items() if k.startswith("robust")},
+        "front_model": base["front"]["key"],
+        "end_model": base["end"]["key"],
+        "seconds": record["timings"]["total_s"],
+    }
+
+
+def sweep_plan(sweep_dir: str | Path) -> list[tuple[str, ...]] | None:
+    """The cells a Hydra sweep was asked for (each a sorted tuple of its overrides), read
+    from its ``multirun.yaml``; ``None`` for a folder that is not a sweep's."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    try:
+        hydra = OmegaConf.to_container(OmegaConf.load(path), resolve=False)["hydra"]
+        params = [f"{key}={value}" for key, value in ((hydra.get("sweeper") or {}).get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides([*params, *hydra["overrides"]["task"]])
+        return [tuple(sorted(cell)) for cell in BasicSweeper.split_arguments(overrides, None)[0]]
+    except Exception:  # no plan to compare with: the report shows what it found
+        return None
+
+
+def missing_cells(sweep_dir: str | Path) -> list[str]:
+    """The planned cells of a sweep that left no ``results.json`` (crashed, killed, not yet run),
+    each shown by the overrides that vary across the sweep."""
+    plan = sweep_plan(sweep_dir)
+    if not plan:
+        return []
+    from omegaconf import OmegaConf
+
+    done = set()
+    for path in Path(sweep_dir).rglob(".hydra/overrides.yaml"):
+        if (path.parent.parent / "results.json").is_file():
+            with suppress(Exception):
+                done.add(tuple(sorted(OmegaConf.to_container(OmegaConf.load(path)))))
+    keys = {}
+    for cell in plan:
+        for item in cell:
+            keys.setdefault(item.split("=", 1)[0], set()).add(item)
+    varying = {key for key, values in keys.items() if len(values) > 1}
+    return [" ".join(item for item in cell if item.split("=", 1)[0] in varying) or " ".join(cell)
+            for cell in plan if cell not in done]
 
 
 def _objectives(frame: pd.DataFrame) -> list[str]:
@@ -343,9 +400,10 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     out = Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     if frame.empty:
-        raise StitchingError(f"no successful run under {sweep_dir} ({len(failed)} failed)")
+        first = f"; {failed[0]['run']}: {failed[0]['error']}" if failed else ""
+        raise StitchingError(f"no successful run under {sweep_dir} ({len(failed)} failed{first})")
     frame.to_csv(out / "results.csv", index=False)
-    made = {"csv": out / "results.csv", "failed": failed, "frame": frame}
+    made = {"csv": out / "results.csv", "failed": failed, "frame": frame, "missing": missing_cells(sweep_dir)}
     runs = frame[frame.test_acc.notna()] if "test_acc" in frame else frame.iloc[:0]  # stitching runs only
     if not runs.empty and "classes_train" in varying_conditions(runs):
         made["subsets"] = subsets_plot(runs, out / "subsets.png")
@@ -411,6 +469,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f", {len(made['failed'])} failed:" if made["failed"] else "")
     for failure in made["failed"]:
         print(f"  FAILED {failure['run']}: {failure['error']}")
+    if made["missing"]:
+        print(f"{len(made['missing'])} planned cell(s) never finished (rerun the sweep into {args.sweep_dir} "
+              f"with hydra.sweep.dir to run only these):")
+        for cell in made["missing"]:
+            print(f"  MISSING {cell}")
     varying = varying_conditions(frame)
     if varying:
         print(f"conditions varied: {', '.join(varying)}")

@@ -6,13 +6,16 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import lightning as L
 import torch
+from filelock import FileLock, Timeout
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 # Lightning announces devices and advertises services at every Trainer; keep runs readable.
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
@@ -37,10 +40,15 @@ def build_trainer(options: dict, run_dir: Path, logger=False, **overrides) -> L.
     unknown = set(settings) - _TRAINER_KEYS
     if unknown:
         raise StitchingError(f"unknown trainer setting(s) {sorted(unknown)}; known: {sorted(_TRAINER_KEYS)}")
-    return L.Trainer(
-        default_root_dir=str(run_dir), logger=logger, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, **settings,
-    )
+    try:
+        return L.Trainer(
+            default_root_dir=str(run_dir), logger=logger, enable_checkpointing=False,
+            enable_model_summary=False, num_sanity_val_steps=0, **settings,
+        )
+    except (MisconfigurationException, ImportError, ValueError, TypeError, RuntimeError) as err:  # Lightning's checks
+        shown = ", ".join(f"trainer.{k}={v}" for k, v in sorted(settings.items()) if k != "enable_progress_bar")
+        raise StitchingError(f"Lightning refuses the trainer settings ({shown}): "
+                             f"{str(err).strip().splitlines()[0]}") from None
 
 
 def build_logger(options: dict, run_dir: Path, run_name: str, config: dict | None = None):
@@ -112,6 +120,46 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def cache_warning(path: Path, err: BaseException) -> None:
+    """A cache that cannot be written costs the cache, never the run's results."""
+    print(f"[cache] warning: could not write {path} ({type(err).__name__}: {err}); "
+          f"the run keeps its results, the cache stays as it was", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def cache_lock(path: Path, timeout: float = -1):
+    """Hold ``path``'s lock file while a cache is read and filled; where the lock cannot be
+    created (a read-only or full folder) go on without it, with a warning."""
+    lock = FileLock(str(path) + ".lock", timeout=timeout)
+    try:
+        lock.acquire()
+        held = True
+    except (OSError, Timeout) as err:
+        cache_warning(Path(str(path) + ".lock"), err)
+        held = False
+    try:
+        yield
+    finally:
+        if held:
+            lock.release()
+
+
+def write_cache(path: Path, write) -> bool:
+    """``write(path)`` via a temporary file and a rename; ``False`` (and a warning) when the
+    folder cannot take it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError as err:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cache_warning(path, err)
+        return False
 
 
 def release_memory() -> None:

@@ -7,8 +7,12 @@ the stitch under the objective → test → ``results.json`` in the run director
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import sys
 import traceback
+from contextlib import suppress
 from pathlib import Path
 
 import hydra
@@ -32,7 +36,7 @@ from stitching.evaluate import (
 )
 from stitching.errors import NonFiniteError, StitchingError
 from stitching.models import cut_point_names
-from stitching.runtime import Stopwatch, build_logger, release_memory, versions, write_json_atomic
+from stitching.runtime import Stopwatch, build_logger, cache_warning, release_memory, versions, write_json_atomic
 
 
 def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
@@ -78,6 +82,7 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
             "timings": watch.report(),
             "versions": versions(),
             "config": config,
+            "config_hash": config_hash(config),
         }
         write_json_atomic(run_dir / "results.json", record)
         if logger:
@@ -113,9 +118,12 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
     if datamodule.shortcut is not None:
         example = Path(cfg.paths.output_dir) / "shortcut_examples" / (
             f"{datamodule.name}-{cfg.shortcut.kind}-{cfg.shortcut.placement}-s{cfg.shortcut.seed}.png")
-        if not example.is_file():
-            save_examples(datamodule.shortcut, datamodule.arrays.train_x, datamodule.arrays.train_y, example)
-        evaluation["shortcut_examples"] = str(example)
+        try:
+            if not example.is_file():
+                save_examples(datamodule.shortcut, datamodule.arrays.train_x, datamodule.arrays.train_y, example)
+            evaluation["shortcut_examples"] = str(example)
+        except OSError as err:  # a picture for people, never worth the run's metrics
+            cache_warning(example, err)
     return metrics, base, evaluation
 
 
@@ -161,17 +169,71 @@ def _failure_record(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
         "traceback": traceback.format_exc(), "objective": cfg.objective.name,
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
+    with suppress(Exception):  # a config that does not resolve has no hash
+        record["config_hash"] = config_hash(cfg)
     if isinstance(err, NonFiniteError):
         record["diverged"] = {"what": err.what, "value": str(err.value), "step": err.step}
     write_json_atomic(run_dir / "results.json", record)
+
+
+def config_hash(config: DictConfig | dict) -> str:
+    """What decides a run's result: its resolved config, less how it is logged."""
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=True)
+    config = {k: v for k, v in config.items() if k != "logger"}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ResultExists(StitchingError):
+    """The run folder holds a finished result of another config; it is left as it is."""
+
+
+def finished_record(run_dir: Path, digest: str) -> dict | None:
+    """The ``ok`` record already in ``run_dir`` for this config (a resumed sweep skips the cell),
+    ``None`` when the cell is to run (no record, or a failed or unreadable one)."""
+    path = run_dir / "results.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "ok" or "metrics" not in record:
+        return None
+    if config_hash(record.get("config") or {}) != digest:
+        raise ResultExists(f"{path} holds a finished result of a different config; it is left untouched: "
+                           f"use another hydra.sweep.dir (or hydra.run.dir), or delete that folder to redo it")
+    return record
+
+
+#: cells this process refused to run over another config's finished result (see SweepStatus)
+_REFUSED: list[str] = []
+
+
+class OutputFolder(Callback):
+    """Hydra callback: a run or sweep folder that cannot be written is one line before any work."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder: Path, key: str) -> None:
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            print(f"error: cannot write the run folder {folder} ({err.strerror or type(err).__name__}); "
+                  f"set a writable {key} or paths.output_dir", file=sys.stderr)
+            sys.exit(2)
 
 
 class SweepStatus(Callback):
     """Hydra callback: after every cell of a sweep has run, exit non-zero if any failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        import json
-
         failed = []
         for path in sorted(Path(config.hydra.sweep.dir).rglob("results.json")):
             try:
@@ -180,22 +242,31 @@ class SweepStatus(Callback):
                 status = "unreadable"
             if status != "ok":
                 failed.append(str(path.parent))
+        failed += [cell for cell in _REFUSED if cell not in failed]
         if failed:
             print(f"[sweep] {len(failed)} run(s) failed: {', '.join(failed[:5])}"
                   + (" …" if len(failed) > 5 else "") + "; `python -m stitching.report` lists them", file=sys.stderr)
             sys.exit(1)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        digest = config_hash(cfg)
+        record = finished_record(run_dir, digest)
+        if record is not None:  # a rerun sweep keeps what it finished
+            print(f"[resume] {run_dir} is finished for this config; kept as it is")
+            return record["metrics"].get("test/acc")
         record = run(cfg, run_dir, sweep_name=Path(hydra_cfg.sweep.dir).name if sweeping else None)
     except Exception as err:
         release_memory()
-        _failure_record(cfg, run_dir, err)
+        if isinstance(err, ResultExists):
+            _REFUSED.append(str(run_dir))
+        else:
+            _failure_record(cfg, run_dir, err)
         if sweeping:  # one bad cell must not end the sweep
             print(f"[sweep] run {run_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return None

@@ -188,6 +188,29 @@ class ModelZoo:
             lock.release()
         return load_checkpoint(path)
 
+    def needs_training(self, spec: ModelSpec, checkpoint: str | None = None) -> bool:
+        """Whether :meth:`get` would train ``spec`` here first."""
+        return not checkpoint and not spec.pretrained and not self.path(spec).is_file()
+
+    def untrained(self, spec: ModelSpec) -> CuttableModel:
+        """The architecture :meth:`get` would train for ``spec``, with its initial weights: what
+        it declares (cut points, layouts) is known before any epoch is spent on it."""
+        with preserved_rng():
+            return build_model(**self._model_kwargs(spec, self.datamodule_for(spec.dataset)))
+
+    @staticmethod
+    def _model_kwargs(spec: ModelSpec, datamodule: ImageDataModule) -> dict:
+        mean, std = datamodule.normalization()
+        kwargs = dict(arch=spec.arch, num_classes=datamodule.num_classes, width=spec.width,
+                      in_channels=datamodule.in_channels, mean=mean, std=std)
+        if spec.depth is not None:
+            kwargs["depth"] = spec.depth
+        if spec.name is not None:
+            kwargs["name"] = spec.name
+        if spec.arch.startswith("vit") or spec.arch in LIBRARIES:
+            kwargs["image_size"] = datamodule.image_size
+        return kwargs
+
     def _remember(self, record: dict) -> None:
         """Note a given model in ``given.json`` so ``pretrain --list`` shows it (best effort)."""
         path = self.root / "given.json"
@@ -214,15 +237,7 @@ class ModelZoo:
             adversarial = self.recipe["robust"]
         datamodule = self.datamodule_for(spec.dataset)
         datamodule.batch_size = int(self.recipe.get("batch_size", datamodule.batch_size))
-        mean, std = datamodule.normalization()
-        model_kwargs = dict(arch=spec.arch, num_classes=datamodule.num_classes, width=spec.width,
-                            in_channels=datamodule.in_channels, mean=mean, std=std)
-        if spec.depth is not None:
-            model_kwargs["depth"] = spec.depth
-        if spec.name is not None:
-            model_kwargs["name"] = spec.name
-        if spec.arch.startswith("vit") or spec.arch in LIBRARIES:
-            model_kwargs["image_size"] = datamodule.image_size
+        model_kwargs = self._model_kwargs(spec, datamodule)
         L.seed_everything(spec.seed, workers=True, verbose=False)
         model = build_model(**model_kwargs)
         recipe = dict(self.recipe)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -47,3 +48,19 @@ def tiny_config(zoo_dir, tmp_path):
                               f"paths.data_dir={tmp_path / 'data'}", *overrides)
 
     return make
+
+
+def train_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """``python -m stitching.train ARGV`` in this process (Hydra's basic launcher runs a
+    sweep's cells here too): (exit code, stderr + stdout)."""
+    from stitching import train
+
+    monkeypatch.setattr(train, "_REFUSED", [])
+    monkeypatch.setattr(sys, "argv", ["stitching.train", *train.with_default_layer_sweep(argv)])
+    try:
+        train.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stitching.report import collect, layer_table, report
-from tests.conftest import TINY
+from stitching.report import collect, layer_table, missing_cells, report
+from tests.conftest import TINY, train_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,19 +207,114 @@ def test_wandb_groups_a_sweep_and_receives_its_figures(tmp_path, zoo_dir, monkey
     assert report_runs and b"stitching_plot" in report_runs[0].read_bytes()
 
 
-def test_a_diverged_cell_is_failed_listed_and_kept_out_of_the_figures(tmp_path, zoo_dir):
+def test_a_diverged_cell_is_failed_listed_and_kept_out_of_the_figures(tmp_path, zoo_dir, monkeypatch, capsys):
+    """A NaN in the Hint loss at step 3: that cell fails at step 3, the TLM cell finishes,
+    the sweep exits 1 after both, and the report keeps the failure out of its figures."""
+    from stitching.objectives import losses
+
+    calls = {"n": 0}
+    real = losses.hint_loss
+
+    def nan_at_step_three(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(losses, "hint_loss", nan_at_step_three)
     sweep = tmp_path / "sweep"
-    result = _train(tmp_path, zoo_dir, "objective=hint", "stitch.layer=2", "stitch.lr=1e-3,inf",
-                    f"hydra.sweep.dir={sweep}", multirun=True)
-    assert result.returncode == 1 and "[sweep] 1 run(s) failed" in result.stderr, result.stderr[-2000:]
+    code, output = train_cli(["-m", *TINY, f"paths.zoo_dir={zoo_dir}", f"paths.data_dir={tmp_path / 'data'}",
+                              "objective=hint,tlm", "stitch.layer=2", f"hydra.sweep.dir={sweep}"], monkeypatch, capsys)
+    assert code == 1 and "[sweep] 1 run(s) failed" in output, output[-2000:]
     frame, failed = collect(sweep)
-    assert len(frame) == 1
-    assert len(failed) == 1 and "the stitch diverged" in failed[0]["error"]
+    assert list(frame.objective) == ["tlm"]
+    assert len(failed) == 1 and "the loss became nan at training step 3" in failed[0]["error"]
     records = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
-    diverged = [r for r in records if r["status"] == "failed"]
-    assert diverged[0]["diverged"]["step"] == 0 and diverged[0]["config"]["stitch"]["lr"] == float("inf")
+    (diverged,) = [r for r in records if r["status"] == "failed"]
+    assert diverged["diverged"] == {"what": "the loss", "value": "nan", "step": 3}
     made = report(sweep)
-    assert len(pd.read_csv(made["csv"])) == 1  # the failed cell never reaches the table or the figures
+    assert list(pd.read_csv(made["csv"]).objective) == ["tlm"]  # never in the table or the figures
+    assert made["missing"] == []  # the failed cell ran: it is failed, not missing
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name in ("results.json", "stitch.pt")}
+
+
+def test_a_killed_sweep_resumes_with_only_its_missing_cells(tmp_path, zoo_dir):
+    """Kill a sweep after two cells; the same command into the same folder runs only the rest."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    argv = ["objective=dm", "stitch.layer=2,3,4,5", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "STITCHING_ZOO": str(zoo_dir), "STITCHING_OUTPUTS": str(tmp_path / "out"),
+           "STITCHING_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "stitching.train", "-m", *TINY, *argv]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 500
+    while len(list(sweep.rglob("results.json"))) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = _hashes(sweep)
+    done = {p.parent for p in sweep.rglob("results.json")}
+    assert 2 <= len(done) < 4, finished
+    missing = missing_cells(sweep)
+    assert len(missing) == 4 - len(done) and all(cell.startswith("stitch.layer=") for cell in missing)
+
+    again = _train(tmp_path, zoo_dir, *argv, multirun=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("[resume]") == len(done)  # skipped, not redone
+    assert again.stdout.count("stitched test acc") == 4 - len(done)  # only the missing cells ran
+    after = _hashes(sweep)
+    assert {k: after[k] for k in finished} == finished  # the finished cells' files are untouched
+    frame, failed = collect(sweep)
+    assert sorted(frame.front_layer) == [2, 3, 4, 5] and not failed
+
+
+def test_a_finished_cell_of_another_config_is_never_overwritten(tmp_path, zoo_dir, monkeypatch, capsys):
+    sweep = tmp_path / "sweep"
+    common = ["-m", *TINY, f"paths.zoo_dir={zoo_dir}", f"paths.data_dir={tmp_path / 'data'}",
+              "objective=dm", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=cell"]
+    code, output = train_cli([*common, "stitch.layer=3"], monkeypatch, capsys)
+    assert code == 0, output[-2000:]
+    kept = _hashes(sweep)
+    code, output = train_cli([*common, "stitch.layer=4"], monkeypatch, capsys)
+    assert code == 1 and "holds a finished result of a different config; it is left untouched" in output
+    assert _hashes(sweep) == kept and json.loads((sweep / "cell" / "results.json").read_text())["front_layer"] == 3
+
+
+def test_a_read_only_zoo_costs_the_robust_cache_not_the_metrics(tiny_config, tmp_path, zoo_dir, monkeypatch, capsys):
+    """Every write into the zoo fails (as on a read-only or full disk): a warning, and the
+    run still records its metrics, the base models' robust accuracy included."""
+    import errno
+
+    from stitching import runtime
+    from stitching.train import run
+
+    run(tiny_config("objective=dm", "stitch.layer=3"), tmp_path / "warm")  # the base models are cached
+    zoo = str(zoo_dir.resolve())
+    real_replace, real_acquire = os.replace, runtime.FileLock.acquire
+
+    def refuse(path):
+        if str(Path(path).resolve()).startswith(zoo):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(runtime.os, "replace", lambda src, dst: refuse(dst) or real_replace(src, dst))
+    monkeypatch.setattr(runtime.FileLock, "acquire",
+                        lambda self, *a, **k: refuse(self.lock_file) or real_acquire(self, *a, **k))
+    before = sorted(p.name for p in zoo_dir.iterdir())
+    record = run(tiny_config("objective=dm", "stitch.layer=3", "attack=pgd", "attack.eval_images=37",
+                             "attack.steps=2"), tmp_path / "ro")
+    assert record["status"] == "ok" and 0 <= record["metrics"]["test/robust_acc/pgd"] <= 1
+    assert 0 <= record["base"]["front"]["robust_acc/pgd"] <= 1
+    assert "[cache] warning: could not write" in capsys.readouterr().err
+    assert sorted(p.name for p in zoo_dir.iterdir()) == before
+    assert json.loads((tmp_path / "ro" / "results.json").read_text())["status"] == "ok"
 
 
 def test_a_sweep_runs_exactly_the_layers_it_names(tmp_path, zoo_dir):

@@ -6,6 +6,7 @@ Notation as in DESIGN.md: ``a = T(f_{≤i}(x))`` is the stitched activation; tar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -90,7 +91,7 @@ def fula_weights(spec, num_terms: int) -> torch.Tensor:
             f"objective.weights has {len(values)} entries but this end layer has {num_terms} hint terms "
             f"(one per cut point from the end layer to the last); give {num_terms} numbers"
         )
-    if any(v < 0 for v in values) or sum(values) <= 0:
-        raise StitchingError(f"objective.weights must be non-negative with a positive sum, got {values}")
+    if not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise StitchingError(f"objective.weights must be finite and non-negative with a positive sum, got {values}")
     weights = torch.tensor(values, dtype=torch.float32)
     return weights / weights.sum()

@@ -26,7 +26,8 @@ from stitching.errors import StitchingError, exit_on_user_error
 from stitching.models import cut_point_names, resolve_layer
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices, similarity_grids
-from stitching.build import build_datamodule, compose_config, load_models, read_settings
+from stitching.build import layer_value, build_datamodule, compose_config, load_models, read_settings
+from stitching.validation import check_config
 
 
 def main_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
@@ -42,7 +43,7 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         x, _ = datamodule.test_tensors(images)
     with watch.section("zoo_s"):
         settings = read_settings(cfg)
-        front, front_record, end, end_record = load_models(cfg, settings)
+        front, front_record, end, end_record = load_models(cfg, settings, (layers or [], layers or []), stitched=False)
     device = settings.device
     front_names, end_names = cut_point_names(front), cut_point_names(end)
     chosen_front = [resolve_layer(front, v) for v in layers] if layers else list(range(1, len(front_names) + 1))
@@ -96,18 +97,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (default: experiment=demo)")
     args = parser.parse_args(argv)
-    overrides = args.overrides or ["experiment=demo"]
-    settings = compose_config(overrides).similarity
+    flags = {"images": args.images, "batch_size": args.batch_size}
+    overrides = [*(args.overrides or ["experiment=demo"]),  # the flags are the similarity.* settings
+                 *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None)]
+    cfg = compose_config(overrides)
+    try:
+        check_config(cfg)
+    except StitchingError as err:  # name the flag the user typed
+        for key in flags:
+            err = StitchingError(str(err).replace(f"similarity.{key}=", f"--{key.replace('_', '-')} "))
+        raise err from None
+    settings = cfg.similarity
     indices = parse_indices(args.index or settings.index)
-    images = args.images or int(settings.images)
-    if images < 4:
-        raise StitchingError(f"--images must be at least 4, got {images}")
     layers = args.layers or settings.layers
-    if layers is not None:
-        layers = [int(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
+    if layers is not None:  # indices or names, as in stitch.layer
+        layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
     out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    record = main_grids(overrides, indices, images, args.flatten or settings.flatten,
-                        args.batch_size or int(settings.batch_size), out, layers=layers, progress=not args.no_progress)
+    record = main_grids(overrides, indices, int(settings.images), args.flatten or settings.flatten,
+                        int(settings.batch_size), out, layers=layers, progress=not args.no_progress)
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
     for name, grid in record["grids"].items():

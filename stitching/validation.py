@@ -1,0 +1,157 @@
+"""Ranges of every numeric and boolean setting, checked once when a config is read.
+
+A value outside its range is one line naming the key, the value and what is allowed,
+before any data is loaded or any model trained: ``stitch.dm_samples=0`` must never become
+a DM fit on nothing, nor ``attack.eps=-1`` a blacked-out test set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from stitching.errors import StitchingError
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one setting may be: ``kind`` int, float, bool or fraction (an int count or a
+    float share in (0, 1]), within ``[low, high]`` (``low_open``: strictly above ``low``)."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    nullable: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "fraction":
+            text = "a count ≥ 1 or a share in (0, 1]"
+        else:
+            noun = "an integer" if self.kind == "int" else "a finite number"
+            if self.low is not None and self.high is not None:
+                left = "(" if self.low_open else "["
+                text = f"{noun} in {left}{_num(self.low)}, {_num(self.high)}]"
+            elif self.low is not None:
+                text = f"{noun} {'>' if self.low_open else '≥'} {_num(self.low)}"
+            else:
+                text = noun
+        return text + (" (or null)" if self.nullable else "")
+
+    def allows(self, value) -> bool:
+        if value is None:
+            return self.nullable
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "fraction":
+            return (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value <= 1)
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+COUNT = Rule("int", 1)  # at least one
+INDEX = Rule("int", 0)  # seeds, workers, padding
+POSITIVE = Rule("float", 0, low_open=True)
+NON_NEGATIVE = Rule("float", 0)
+SHARE = Rule("float", 0, 1)
+FLAG = Rule("bool")
+ANY_NUMBER = Rule("float")
+
+RULES: dict[str, Rule] = {
+    "seed": INDEX,
+    **{f"{side}.{key}": rule for side in ("front", "end") for key, rule in (
+        ("seed", INDEX), ("width", Rule("int", 1, nullable=True)), ("depth", Rule("int", 1, nullable=True)),
+        ("robust", FLAG), ("pretrained", FLAG))},
+    "stitch.dm_samples": COUNT,
+    "stitch.update_bn": FLAG,
+    "stitch.lr": Rule("float", 0, 10, low_open=True),  # Adam: no useful step is larger
+    "stitch.weight_decay": NON_NEGATIVE,
+    "dataset.batch_size": COUNT,
+    "dataset.num_workers": INDEX,
+    "dataset.num_classes": COUNT,
+    "dataset.num_classes_train": Rule("int", 1, nullable=True),
+    "dataset.train_subset": Rule("int", 1, nullable=True),
+    "dataset.augment.crop_padding": INDEX,
+    "dataset.augment.hflip": FLAG,
+    "attack.alpha": SHARE,
+    "attack.eps": SHARE,
+    "attack.step_size": SHARE,
+    "attack.steps": COUNT,
+    "attack.random_start": FLAG,
+    "attack.eval_pgd": FLAG,
+    "attack.eval_autoattack": FLAG,
+    "attack.eval_images": COUNT,
+    "shortcut.size": COUNT,
+    "shortcut.seed": INDEX,
+    "trainer.max_epochs": Rule("int", 0),  # 0: the DM initialisation is tested as it is
+    "trainer.log_every_n_steps": COUNT,
+    "trainer.deterministic": FLAG,
+    "trainer.enable_progress_bar": FLAG,
+    "trainer.limit_train_batches": Rule("fraction", nullable=True),
+    "trainer.limit_test_batches": Rule("fraction", nullable=True),
+    "zoo.train_missing": FLAG,
+    "zoo.recipe.epochs": COUNT,
+    "zoo.recipe.lr": POSITIVE,
+    "zoo.recipe.momentum": Rule("float", 0, 1),
+    "zoo.recipe.weight_decay": NON_NEGATIVE,
+    "zoo.recipe.batch_size": COUNT,
+    "zoo.recipe.robust.alpha": SHARE,
+    "zoo.recipe.robust.eps": SHARE,
+    "zoo.recipe.robust.step_size": SHARE,
+    "zoo.recipe.robust.steps": COUNT,
+    "zoo.recipe.transformer.lr": POSITIVE,
+    "zoo.recipe.transformer.weight_decay": NON_NEGATIVE,
+    "evaluation.penultimate_cka": FLAG,
+    "evaluation.ood.enabled": FLAG,
+    "evaluation.ood.epochs": INDEX,
+    "evaluation.ood.lr": POSITIVE,
+    "evaluation.ood.batch_size": COUNT,
+    "evaluation.ood.m_in": ANY_NUMBER,
+    "evaluation.ood.m_out": ANY_NUMBER,
+    "evaluation.ood.weight": NON_NEGATIVE,
+    "evaluation.ood.train_images": Rule("int", 1, nullable=True),
+    "evaluation.ood.eval_images": COUNT,
+    "similarity.images": Rule("int", 4),
+    "similarity.batch_size": COUNT,
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise one :class:`StitchingError` line for the first setting outside its range."""
+    for key, rule in RULES.items():
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+        except Exception as err:  # an interpolation that cannot be resolved, a ??? value
+            raise StitchingError(f"{key} cannot be read: {str(err).splitlines()[0]}") from None
+        if value is _ABSENT:
+            continue
+        if not rule.allows(value):
+            raise StitchingError(f"{key}={_shown(value)} is out of range: it must be {rule.describe()}")
+    weights = OmegaConf.select(cfg, "objective.weights", default=None)
+    if OmegaConf.is_list(weights):
+        values = list(weights)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in values) or sum(values) <= 0:
+            raise StitchingError(f"objective.weights={_shown(values)} is out of range: give finite, non-negative "
+                                 f"numbers with a positive sum (or uniform, first, first:N, last)")
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,0 +1,161 @@
+"""The bad-input battery: every mistake a user can make ends in one line and a non-zero
+exit, with no traceback and no ``ok`` record; never a silent answer.
+
+The entry points run in this process (as ``python -m …`` would run them) so the battery
+stays fast; ``tests/test_cli.py`` runs the same entry points as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, train_cli
+
+# (id, overrides, the start of the expected error)
+TRAIN_CASES = [
+    ("lr-huge", ["stitch.lr=1e12"], "stitch.lr=1000000000000.0 is out of range: it must be a finite number in (0, 10]"),
+    ("lr-inf", ["stitch.lr=inf"], "stitch.lr=inf is out of range"),
+    ("lr-negative", ["stitch.lr=-1"], "stitch.lr=-1 is out of range"),
+    ("lr-text", ["stitch.lr=fast"], "stitch.lr=fast is out of range"),
+    ("weight-decay-nan", ["stitch.weight_decay=nan"], "stitch.weight_decay=nan is out of range"),
+    ("fula-weights-nan", ["objective=fula", "objective.weights=[1,nan,1,1,1]"], "objective.weights=[1, nan, 1, 1, 1]"),
+    ("fula-weights-inf", ["objective=fula", "objective.weights=[1,inf,1,1,1]"], "objective.weights=[1, inf, 1, 1, 1]"),
+    ("fula-weights-negative", ["objective=fula", "objective.weights=[1,-1,1,1,1]"], "objective.weights=[1, -1, 1"),
+    ("fula-weights-word", ["objective=fula", "objective.weights=most"], "objective.weights='most' is not understood"),
+    ("dm-samples-zero", ["stitch.dm_samples=0"], "stitch.dm_samples=0 is out of range: it must be an integer ≥ 1"),
+    ("dm-samples-negative", ["stitch.dm_samples=-5"], "stitch.dm_samples=-5 is out of range"),
+    ("eps-negative", ["attack=pgd", "attack.eps=-1"], "attack.eps=-1 is out of range: it must be a finite number in [0, 1]"),
+    ("alpha-above-one", ["attack.alpha=1.5"], "attack.alpha=1.5 is out of range"),
+    ("pgd-steps-zero", ["attack=pgd", "attack.steps=0"], "attack.steps=0 is out of range"),
+    ("epochs-negative", ["trainer.max_epochs=-3"], "trainer.max_epochs=-3 is out of range: it must be an integer ≥ 0"),
+    ("limit-batches-zero", ["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 is out of range"),
+    ("batch-size-zero", ["dataset.batch_size=0"], "dataset.batch_size=0 is out of range"),
+    ("workers-negative", ["dataset.num_workers=-1"], "dataset.num_workers=-1 is out of range"),
+    ("classes-train-zero", ["dataset.num_classes_train=0"], "dataset.num_classes_train=0 is out of range"),
+    ("seed-negative", ["seed=-1"], "seed=-1 is out of range"),
+    ("flag-not-bool", ["stitch.update_bn=maybe"], "stitch.update_bn=maybe is out of range: it must be true or false"),
+    ("robust-not-bool", ["front.robust=yes"], "front.robust=yes is out of range"),
+    ("zoo-epochs-zero", ["zoo.recipe.epochs=0"], "zoo.recipe.epochs=0 is out of range"),
+    ("ood-images-zero", ["evaluation.ood.enabled=true", "evaluation.ood.eval_images=0"], "evaluation.ood.eval_images=0"),
+    ("accelerator", ["trainer.accelerator=tpu"], "Lightning refuses the trainer settings"),
+    ("devices-zero", ["trainer.devices=0"], "Lightning refuses the trainer settings"),
+    ("precision", ["trainer.precision=13"], "Lightning refuses the trainer settings"),
+    ("unknown-trainer-key", ["+trainer.warp_speed=9"], "unknown trainer setting(s) ['warp_speed']"),
+    ("layer-out-of-range", ["stitch.layer=10"], "layer 10 is out of range: this model has cut points 1..9"),
+    ("layer-unknown-name", ["stitch.front_layer=layer9.0"], "unknown layer 'layer9.0'"),
+    ("class-token", ["stitch.class_token=both"], "unknown stitch.class_token 'both'"),
+    ("pretrained-builtin", ["front.pretrained=true"], "front.pretrained=true applies to timm and torchvision"),
+    ("timm-name", ["front.arch=timm", "front.name=resnet18x"], "timm has no model 'resnet18x'"),
+    ("missing-checkpoint", ["front.checkpoint=/nonexistent/model.pt"], "checkpoint /nonexistent/model.pt does not exist"),
+    ("unreadable-checkpoint", ["front.checkpoint=@garbage"], "cannot be read as a PyTorch or safetensors file"),
+    ("cifar-offline", ["dataset=cifar10", "dataset.source.download=false"], "CIFAR-10 not found in"),
+    ("incompatible-pair", ["front.arch=vit_tiny", "front.width=16", "front.depth=4", "front.seed=7", "stitch.layer=2"],
+     "cannot stitch a tokens [N, T, D] (1 prefix, 4×4 patches) to a conv map"),
+    ("output-folder", ["hydra.run.dir=@file/run"], "cannot write the run folder"),
+]
+
+
+def _assert_one_clean_line(code: int, output: str, expected: str) -> None:
+    assert code != 0, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-2000:]
+    assert expected in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("overrides, expected", [case[1:] for case in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_train_refuses_bad_input_in_one_line(overrides, expected, tmp_path, zoo_dir, monkeypatch, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    overrides = [o.replace("@garbage", str(garbage)).replace("@file", str(blocker)) for o in overrides]
+    run_dir = tmp_path / "run"
+    before = sorted(p.name for p in zoo_dir.glob("*.pt"))
+    code, output = train_cli([*TINY, f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}",
+                           f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}", *overrides],
+                          monkeypatch, capsys)
+    _assert_one_clean_line(code, output, expected)
+    records = [json.loads(p.read_text()) for p in tmp_path.rglob("results.json")]
+    assert all(r["status"] != "ok" for r in records)  # a refused run never leaves a result
+    new = sorted(set(p.name for p in zoo_dir.glob("*.pt")) - set(before))
+    assert not [name for name in new if "vit" in name]  # an incompatible pair trains nothing first
+
+
+SIMILARITY_CASES = [
+    ("images-zero", ["--images", "0"], "--images 0 is out of range: it must be an integer ≥ 4"),
+    ("batch-size-zero", ["--batch-size", "0"], "--batch-size 0 is out of range"),
+    ("batch-size-negative", ["--batch-size", "-1"], "--batch-size -1 is out of range"),
+    ("layers-unknown", ["--layers", "abc"], "unknown layer 'abc'"),
+    ("index-unknown", ["--index", "cosine"], "unknown index 'cosine'"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", [c[1:] for c in SIMILARITY_CASES], ids=[c[0] for c in SIMILARITY_CASES])
+def test_similarity_refuses_bad_flags_in_one_line(flags, expected, tmp_path, zoo_dir, capsys):
+    from stitching.similarity.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*flags, "--out", str(tmp_path / "sim"), "--no-progress", *TINY, f"paths.zoo_dir={zoo_dir}",
+              f"paths.data_dir={tmp_path / 'data'}"])
+    captured = capsys.readouterr()
+    _assert_one_clean_line(exit_.value.code, captured.err + captured.out, expected)
+    assert not (tmp_path / "sim" / "similarity.json").exists()
+
+
+REPORT_CASES = [
+    ("a-list", [1, 2, 3], "malformed results.json (a list, not a record)"),
+    ("no-metrics", {"status": "ok", "objective": "dm", "front_layer": 1, "end_layer": 1, "base": {}},
+     "malformed results.json (missing or wrong 'metrics')"),
+    ("nan-metric", {"status": "ok", "objective": "dm", "front_layer": 1, "end_layer": 1, "timings": {"total_s": 1},
+                    "metrics": {"test/acc": float("nan")}, "base": {"front": {"test_acc": 1, "key": "f"},
+                                                                     "end": {"test_acc": 1, "key": "e"}}},
+     "non-finite metric(s) test/acc"),
+    ("not-json", "{", "unreadable results.json"),
+]
+
+
+@pytest.mark.parametrize("content, expected", [c[1:] for c in REPORT_CASES], ids=[c[0] for c in REPORT_CASES])
+def test_report_over_broken_records_is_one_line(content, expected, tmp_path, capsys):
+    from stitching.report import main
+
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "results.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    captured = capsys.readouterr()
+    _assert_one_clean_line(exit_.value.code, captured.err + captured.out, expected)
+
+
+def test_user_directed_additions_are_accepted(tiny_config):
+    """``+key=value`` adds a key the project does not read; it is the user's own note and runs."""
+    from stitching.build import read_settings
+
+    assert read_settings(tiny_config("+notes.purpose=trial")).stitch.lr == pytest.approx(1e-3)
+
+
+def test_every_rule_names_a_key_the_config_has():
+    """A rule for a key no config defines would check nothing."""
+    from stitching.validation import RULES
+    from tests.conftest import compose_config
+
+    composed = [compose_config(), compose_config("attack=pgd", "shortcut=aruco")]
+    for key in RULES:
+        assert any(_has(cfg, key) for cfg in composed), key
+
+
+def _has(cfg, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default="<absent>") != "<absent>"
+
+
+def test_rules_accept_the_shipped_presets():
+    from stitching.validation import check_config
+    from tests.conftest import compose_config
+
+    for preset in sorted(Path(__file__).resolve().parent.parent.joinpath("stitching/conf/experiment").glob("*.yaml")):
+        check_config(compose_config(f"experiment={preset.stem}"))
