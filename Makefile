@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
+# A stopped sweep resumes into its own folder: `make fig4 STAMP=<its stamp>`, `make run DEMO_DIR=<its folder>`
+ifndef STAMP
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+endif
 DEMO_DIR ?= outputs/demo/$(STAMP)
 SWEEPS ?= outputs/sweeps
 ARGS ?=
