@@ -245,9 +245,14 @@ def _fit(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
 
 
 def as_cuttable(model: nn.Module) -> CuttableModel:
-    """``model`` itself when it follows the contract, else its adapter (timm, torchvision)."""
+    """``model`` itself when it follows the contract, else its adapter (timm, torchvision,
+    Hugging Face language models)."""
     if isinstance(model, CuttableModel):
         return model
+    from stitching.models.language import LanguageModel, is_language_model
+
+    if is_language_model(model):
+        return LanguageModel(model)
     return adapt(model)
 
 

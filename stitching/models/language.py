@@ -1,0 +1,260 @@
+"""Transformer language models made cuttable at their residual stream.
+
+A :class:`LanguageModel` wraps a Hugging Face model (weights untouched, ``self.model``) and
+runs it as ``embed → block 0 … block L-1 → head`` by calling the library's own modules in
+the order its ``forward`` does, so ``tail(*head(tokens))`` equals the library's forward.
+Cut points are the residual stream after the embeddings (``embed``) and after every block
+(named after the library's module, e.g. ``model.layers.3``, ``gpt_neox.layers.3``,
+``transformer.h.3``, ``bert.encoder.layer.3``): ``L + 1`` of them.
+
+Inputs are token ids ``[N, T]`` or a dict with ``input_ids`` and ``attention_mask`` (1 = a
+real token; padding on the right, so a real token's position is the same with or without
+padding). The mask and the positions travel in the :class:`~stitching.models.Context`;
+padded positions never enter DM, a loss or a similarity index.
+
+Families (transformers 5.x): Llama (and Llama-like: SmolLM, …), GPT-NeoX (Pythia), GPT-2,
+BERT (masked LM, sequence classifier, or the bare encoder, whose output is its last hidden
+state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stitching.errors import StitchingError
+from stitching.models.cutting import Context, CuttableModel, CutPoint
+from stitching.models.layout import Layout
+
+CAUSAL = Layout("tokens", pool="last")  # the last real token has read the whole sequence
+ENCODER = Layout("tokens", pool="first")  # BERT's [CLS]
+
+
+@dataclass(frozen=True)
+class TextInputs:
+    """What a language model reads: whose tokenizer (its vocabulary's fingerprint), how many
+    ids, how long a sequence may be, and the id that pads."""
+
+    vocab_size: int
+    max_length: int | None
+    pad_id: int
+    tokenizer: str | None = None  # a name or fingerprint; two models stitch only on the same one
+
+    def check_length(self, length: int, side: str) -> None:
+        if self.max_length is not None and length > self.max_length:
+            raise StitchingError(f"sequences of {length} tokens are longer than the {side} model's context of "
+                                 f"{self.max_length}; set dataset.context ≤ {self.max_length}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture runs: where its parts are and how each step calls them."""
+
+    name: str
+    base: Callable[[nn.Module], nn.Module]  # the transformer inside a task model
+    layers: Callable[[nn.Module], nn.ModuleList]
+    layer_path: str  # module path of block i, with {i}
+    embed: Callable  # (model, ids, context) -> residual stream
+    block: Callable  # (model, i, h, context) -> h
+    head: Callable  # (model, h) -> output
+    tables: Callable  # (model, ids, attention_mask, position_ids) -> extras
+    layout: Layout
+
+
+def _prefixed(model: nn.Module, attribute: str) -> str:
+    return f"{attribute}." if hasattr(model, attribute) else ""
+
+
+# -- Llama ---------------------------------------------------------------------------------
+def _llama_base(m):
+    return m.model if hasattr(m, "lm_head") else m
+
+
+def _causal_tables(find_base: Callable, embedding: Callable) -> Callable:
+    """The causal mask and rotary tables of a rotary decoder (Llama, GPT-NeoX)."""
+    def tables(m, ids, attention_mask, position_ids):
+        from transformers.masking_utils import create_causal_mask
+
+        base = find_base(m)
+        with torch.no_grad():
+            probe = embedding(base)(ids[:, :1]).expand(-1, ids.shape[1], -1)
+        mask = create_causal_mask(config=base.config, inputs_embeds=probe, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        return {"mask": mask, "rope": base.rotary_emb(probe, position_ids=position_ids)}
+    return tables
+
+
+def _llama_head(m, h):
+    h = _llama_base(m).norm(h)
+    return m.lm_head(h) if hasattr(m, "lm_head") else h
+
+
+# -- GPT-NeoX --------------------------------------------------------------------------------
+def _neox_base(m):
+    return m.gpt_neox if hasattr(m, "gpt_neox") else m
+
+
+def _neox_head(m, h):
+    h = _neox_base(m).final_layer_norm(h)
+    head = getattr(m, "lm_head", None) or getattr(m, "embed_out", None)  # renamed across versions
+    return head(h) if head is not None else h
+
+
+# -- GPT-2 -----------------------------------------------------------------------------------
+def _gpt2_base(m):
+    return m.transformer if hasattr(m, "transformer") else m
+
+
+def _gpt2_tables(m, ids, attention_mask, position_ids):
+    from transformers.masking_utils import create_causal_mask
+
+    base = _gpt2_base(m)
+    with torch.no_grad():
+        probe = base.wte(ids[:, :1]).expand(-1, ids.shape[1], -1)
+    return {"mask": create_causal_mask(config=base.config, inputs_embeds=probe, attention_mask=attention_mask,
+                                       past_key_values=None, position_ids=position_ids)}
+
+
+def _gpt2_embed(m, ids, c):
+    base = _gpt2_base(m)
+    return base.drop(base.wte(ids) + base.wpe(c.position_ids))
+
+
+def _gpt2_head(m, h):
+    h = _gpt2_base(m).ln_f(h)
+    return m.lm_head(h) if hasattr(m, "lm_head") else h
+
+
+# -- BERT ------------------------------------------------------------------------------------
+def _bert_base(m):
+    return m.bert if hasattr(m, "bert") else m
+
+
+def _bert_tables(m, ids, attention_mask, position_ids):
+    from transformers.masking_utils import create_bidirectional_mask
+
+    base = _bert_base(m)
+    with torch.no_grad():
+        probe = base.embeddings.word_embeddings(ids[:, :1]).expand(-1, ids.shape[1], -1)
+    return {"mask": create_bidirectional_mask(config=base.config, inputs_embeds=probe, attention_mask=attention_mask)}
+
+
+def _bert_embed(m, ids, c):
+    return _bert_base(m).embeddings(input_ids=ids, token_type_ids=c.extras.get("token_type_ids"))
+
+
+def _bert_head(m, h):
+    if hasattr(m, "cls"):  # masked LM
+        return m.cls(h)
+    if hasattr(m, "classifier"):  # sequence classifier: [CLS] → pooler → classifier
+        return m.classifier(m.dropout(_bert_base(m).pooler(h)))
+    return h  # the bare encoder: its last hidden state
+
+
+_FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        "llama", _llama_base, lambda m: _llama_base(m).layers, "{prefix}layers.{i}",
+        lambda m, ids, c: _llama_base(m).embed_tokens(ids),
+        lambda m, i, h, c: _llama_base(m).layers[i](h, attention_mask=c.extras["mask"],
+                                                    position_embeddings=c.extras["rope"],
+                                                    position_ids=c.position_ids),
+        _llama_head, _causal_tables(_llama_base, lambda base: base.embed_tokens), CAUSAL),
+    "gpt_neox": Family(
+        "gpt_neox", _neox_base, lambda m: _neox_base(m).layers, "{prefix}layers.{i}",
+        lambda m, ids, c: _neox_base(m).emb_dropout(_neox_base(m).embed_in(ids)),
+        lambda m, i, h, c: _neox_base(m).layers[i](h, attention_mask=c.extras["mask"], position_ids=c.position_ids,
+                                                   position_embeddings=c.extras["rope"]),
+        _neox_head, _causal_tables(_neox_base, lambda base: base.embed_in), CAUSAL),
+    "gpt2": Family(
+        "gpt2", _gpt2_base, lambda m: _gpt2_base(m).h, "{prefix}h.{i}", _gpt2_embed,
+        lambda m, i, h, c: _gpt2_base(m).h[i](h, None, c.extras["mask"], None, position_ids=c.position_ids),
+        _gpt2_head, _gpt2_tables, CAUSAL),
+    "bert": Family(
+        "bert", _bert_base, lambda m: _bert_base(m).encoder.layer, "{prefix}encoder.layer.{i}", _bert_embed,
+        lambda m, i, h, c: _bert_base(m).encoder.layer[i](h, c.extras["mask"], None),
+        _bert_head, _bert_tables, ENCODER),
+}
+_PREFIXES = {"llama": "model", "gpt_neox": "gpt_neox", "gpt2": "transformer", "bert": "bert"}
+
+
+def _family_name(model: nn.Module) -> str:
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in _FAMILIES:
+        return kind
+    if kind is not None and hasattr(model, "model") and hasattr(model.model, "embed_tokens") \
+            and hasattr(model.model, "rotary_emb"):
+        return "llama"  # Llama-like decoders (SmolLM, Mistral, Qwen2…) share its layout
+    raise StitchingError(f"no language-model adapter for '{kind or type(model).__name__}'; "
+                         f"supported: {', '.join(_FAMILIES)} (and Llama-like decoders)")
+
+
+def is_language_model(model: nn.Module) -> bool:
+    try:
+        return isinstance(model, nn.Module) and _family_name(model) in _FAMILIES
+    except StitchingError:
+        return False
+
+
+class LanguageModel(CuttableModel):
+    """A Hugging Face transformer run as embed → blocks → head; cut at its residual stream."""
+
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer: str | None = None):
+        super().__init__()
+        self.model = model
+        self.family_name = _family_name(model)
+        family = _FAMILIES[self.family_name]
+        count = len(family.layers(model))
+        prefix = _prefixed(model, _PREFIXES[self.family_name])
+        names = ["embed", *(family.layer_path.format(prefix=prefix, i=i) for i in range(count))]
+        self.cut_points = tuple(CutPoint(i + 1, n, i, family.layout) for i, n in enumerate(names))
+        self._blocks = names + ["head"]
+        config = model.config
+        self.num_classes = getattr(config, "num_labels", None) if hasattr(model, "classifier") else None
+        self.input_spec = TextInputs(
+            vocab_size=int(config.vocab_size),
+            max_length=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+            pad_id=int(config.pad_token_id if config.pad_token_id is not None else 0), tokenizer=tokenizer)
+        self.name = name or getattr(config, "_name_or_path", None) or self.family_name
+
+    @property
+    def family(self) -> Family:
+        return _FAMILIES[self.family_name]
+
+    @property
+    def blocks(self) -> list[str]:
+        return self._blocks
+
+    def context(self, inputs) -> Context:
+        ids, mask = token_ids(inputs)
+        self.input_spec.check_length(ids.shape[1], "this")
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        extras = self.family.tables(self.model, ids, mask, positions)
+        if isinstance(inputs, dict) and inputs.get("token_type_ids") is not None:
+            extras["token_type_ids"] = inputs["token_type_ids"]
+        return Context(attention_mask=mask, position_ids=positions, extras=extras)
+
+    def embed(self, inputs, context: Context) -> torch.Tensor:
+        return token_ids(inputs)[0]
+
+    def run_block(self, position: int, x: torch.Tensor, context: Context) -> torch.Tensor:
+        family = self.family
+        if position == 0:
+            return family.embed(self.model, x, context)
+        if position == len(self._blocks) - 1:
+            return family.head(self.model, x)
+        return family.block(self.model, position - 1, x, context)
+
+
+def token_ids(inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token ids or a tokenised batch (all real without a mask)."""
+    if isinstance(inputs, dict):
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+    else:
+        ids, mask = inputs, None
+    if mask is None:
+        mask = torch.ones_like(ids)
+    return ids, mask.to(ids.device).long()

@@ -1,0 +1,125 @@
+"""Language models on the model contract: exact cuts at the residual stream, padding that
+never counts, DM between language models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from stitching.models import split
+from stitching.models.cutting import cut_point_activations
+from stitching.models.language import LanguageModel
+from stitching.stitch_layers import dm_solution
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 97
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64)
+
+
+def tiny(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of each supported family (built here, no hub)."""
+    torch.manual_seed(seed)
+    t = transformers
+    made = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**SMALL, num_key_value_heads=2)),
+        "gpt_neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**SMALL)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4,
+                                                       n_positions=64, bos_token_id=0, eos_token_id=0)),
+        "bert_mlm": lambda: t.BertForMaskedLM(t.BertConfig(**SMALL)),
+        "bert_classifier": lambda: t.BertForSequenceClassification(t.BertConfig(**SMALL, num_labels=3)),
+        "bert": lambda: t.BertModel(t.BertConfig(**SMALL)),
+    }[kind]()
+    return made.eval()
+
+
+KINDS = ["llama", "gpt_neox", "gpt2", "bert_mlm", "bert_classifier", "bert"]
+
+
+def _padded_batch(seed: int = 0, lengths=(10, 6, 3)) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), max(lengths)), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _output(model, **inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tail_of_head_is_the_library_forward_at_every_cut_point(kind):
+    model = tiny(kind)
+    wrapped = LanguageModel(model)
+    assert len(wrapped.cut_points) == 4 and wrapped.cut_points[0].name == "embed"
+    for batch in (_padded_batch(lengths=(10, 10, 10)), _padded_batch()):
+        with torch.no_grad():
+            expected = _output(model, **batch)
+            for point in wrapped.cut_points:
+                head, tail = split(wrapped, point.index)
+                torch.testing.assert_close(tail(*head(batch)), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_never_changes_a_real_token(kind):
+    """Each sequence alone and the same sequence right-padded in a batch: equal at its real tokens."""
+    model = LanguageModel(tiny(kind))
+    batch = _padded_batch()
+    with torch.no_grad():
+        _, together = cut_point_activations(model, batch)
+        for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+            _, alone = cut_point_activations(model, batch["input_ids"][row:row + 1, :length])
+            for a, b in zip(together, alone):
+                torch.testing.assert_close(a[row, :length], b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hugging_face_models_are_cut_by_the_generic_entry_points():
+    from stitching import cut_points
+
+    names = [p.name for p in cut_points(tiny("gpt_neox"))]
+    assert names == ["embed", "gpt_neox.layers.0", "gpt_neox.layers.1", "gpt_neox.layers.2"]
+
+
+def _next_token_loss(logits: torch.Tensor, batch: dict) -> float:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = (mask[:, 1:] * mask[:, :-1]).bool()
+    return float(F.cross_entropy(logits[:, :-1][real], ids[:, 1:][real]))
+
+
+@pytest.mark.parametrize("layer", [1, 2, 4])
+def test_dm_self_stitch_keeps_the_language_model_loss(layer):
+    from stitching.api import prepare_stitch
+
+    model = tiny("llama")
+    batch = _padded_batch(seed=1, lengths=(40,) * 6 + (25, 12))
+    prepared = prepare_stitch(model, copy.deepcopy(model), layer, layer, batch, objective="dm", num_classes=VOCAB)
+    with torch.no_grad():
+        stitched = prepared.network.eval()(batch)
+        own = _output(model, **batch)
+    assert abs(_next_token_loss(stitched, batch) - _next_token_loss(own, batch)) < 0.01
+
+
+def test_padding_added_to_a_batch_does_not_change_the_dm_solution():
+    """DM on a padded batch equals least squares over the real tokens, each sequence run alone."""
+    from stitching.api import prepare_stitch
+
+    front, end = tiny("gpt_neox", seed=0), tiny("gpt_neox", seed=1)
+    batch = _padded_batch(seed=2, lengths=(30, 17, 9, 30, 4, 22, 30, 11))
+    prepared = prepare_stitch(front, end, 2, 3, batch, objective="dm", num_classes=VOCAB)
+    rows_front, rows_end = [], []
+    with torch.no_grad():
+        for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+            ids = batch["input_ids"][row:row + 1, :length]
+            # cut point k is the library's hidden state k - 1 (its last one is after the final norm)
+            rows_front.append(front(input_ids=ids, output_hidden_states=True).hidden_states[1][0])
+            rows_end.append(end(input_ids=ids, output_hidden_states=True).hidden_states[2][0])
+    weight, bias = dm_solution(torch.cat(rows_front), torch.cat(rows_end))
+    linear = prepared.network.stitch.linear
+    torch.testing.assert_close(linear.weight.detach(), weight, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(linear.bias.detach(), bias, rtol=1e-4, atol=1e-4)
