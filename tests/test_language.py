@@ -123,3 +123,53 @@ def test_padding_added_to_a_batch_does_not_change_the_dm_solution():
     linear = prepared.network.stitch.linear
     torch.testing.assert_close(linear.weight.detach(), weight, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(linear.bias.detach(), bias, rtol=1e-4, atol=1e-4)
+
+
+class _Sequences(torch.utils.data.Dataset):
+    """Right-padded token sequences as dicts (what a text data module yields)."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self):
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+@pytest.mark.parametrize("objective", ["dm", "hint", "fula", "slm", "tlm"])
+def test_each_objective_stitches_two_language_models_with_a_penalty(objective, tmp_path):
+    from stitching.api import prepare_stitch, train_stitch
+
+    front, end = tiny("llama", seed=0), tiny("llama", seed=1)
+    before = {(side, name): p.clone() for side, model in enumerate((front, end)) for name, p in model.named_parameters()}
+    data = _padded_batch(seed=3, lengths=(24,) * 12 + (15, 7, 19, 3))
+    loader = torch.utils.data.DataLoader(_Sequences(data), batch_size=4)
+    prepared = prepare_stitch(front, end, 2, 2, data, objective=objective, lr=1e-2, num_classes=VOCAB)
+    stitch_before = {k: v.clone() for k, v in prepared.network.stitch.state_dict().items()}
+    frozen = {n: p.clone() for n, p in prepared.network.named_parameters() if "stitch" not in n}
+    metrics = train_stitch(prepared, loader, loader, {"max_epochs": 2, "accelerator": "cpu",
+                                                      "enable_progress_bar": False}, run_dir=tmp_path)
+    assert {"test/loss", "test/end_loss", "test/penalty"} <= set(metrics)
+    assert metrics["test/penalty"] == pytest.approx(metrics["test/loss"] - metrics["test/end_loss"], abs=1e-5)
+    expected_end = _next_token_loss(_output(end, **data), data)
+    assert metrics["test/end_loss"] == pytest.approx(expected_end, rel=1e-4)  # token-weighted, as computed here
+    for n, p in prepared.network.named_parameters():  # frozen means frozen
+        if "stitch" not in n:
+            assert torch.equal(p, frozen[n]), n
+    for side, model in enumerate((front, end)):  # and the caller's models were never touched
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[side, name])
+    changed = any(not torch.equal(v, stitch_before[k]) for k, v in prepared.network.stitch.state_dict().items())
+    assert changed == (objective != "dm")
+
+
+def test_tlm_and_slm_refuse_an_end_model_without_a_task_head():
+    from stitching.api import prepare_stitch
+    from stitching.errors import StitchingError
+
+    front, end = tiny("bert", seed=0), tiny("bert", seed=1)
+    with pytest.raises(StitchingError, match="bare encoder: use dm, hint or fula"):
+        prepare_stitch(front, end, 2, 2, _padded_batch(), objective="tlm")
+    prepare_stitch(front, end, 2, 2, _padded_batch(), objective="hint")  # fine

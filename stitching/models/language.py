@@ -220,6 +220,11 @@ class LanguageModel(CuttableModel):
         self.name = name or getattr(config, "_name_or_path", None) or self.family_name
 
     @property
+    def is_causal_lm(self) -> bool:
+        """A decoder with its language-model head: the output is next-token logits."""
+        return self.family.layout is CAUSAL and any(hasattr(self.model, h) for h in ("lm_head", "embed_out"))
+
+    @property
     def family(self) -> Family:
         return _FAMILIES[self.family_name]
 

@@ -6,12 +6,13 @@ import lightning as L
 import torch
 import torchmetrics
 from torch import nn
-from torch.nn import functional as F
 
 from stitching.attacks import mix_adversarial
-from stitching.errors import NonFiniteError
+from stitching.errors import NonFiniteError, StitchingError
 from stitching.models.cutting import Head, Tail, cut_point_activations
+from stitching.models.language import token_ids
 from stitching.objectives import losses
+from stitching.objectives.tasks import IGNORE, Classification, NextToken, Representation, task_of
 from stitching.stitch_layers import Stitch, TokenStitch
 
 
@@ -70,6 +71,7 @@ class StitchingModule(L.LightningModule):
     """
 
     trainable = True  # False: the DM initialisation is final
+    needs_task_head = False  # True: the loss reads the end model's predictions
 
     def __init__(self, network: StitchedNetwork, reference: nn.Module, end_layer: int,
                  num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4,
@@ -81,9 +83,17 @@ class StitchingModule(L.LightningModule):
         self.end_layer = end_layer
         self.lr = lr
         self.weight_decay = weight_decay
-        metric = lambda: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")  # noqa: E731
-        self.train_acc = metric()
-        self.test_acc = metric()
+        self.task = task_of(self.reference)
+        if self.needs_task_head and isinstance(self.task, Representation):
+            raise StitchingError(f"objective {type(self).__name__.removesuffix('Module').lower()} needs an end model "
+                                 f"with a task head (a classifier or a language-model head); this end model is a "
+                                 f"bare encoder: use dm, hint or fula")
+        if float(self.adversarial.get("alpha", 0.0)) > 0 and not isinstance(self.task, Classification):
+            raise StitchingError("adversarial stitching (attack.alpha > 0) applies to image classifiers only")
+        if self.task.has_accuracy:
+            metric = lambda: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")  # noqa: E731
+            self.train_acc = metric()
+            self.test_acc = metric()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -113,7 +123,7 @@ class StitchingModule(L.LightningModule):
         return torch.optim.Adam(self.network.stitch.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = self.task.split(batch)
         alpha = float(self.adversarial.get("alpha", 0.0))
         if alpha > 0:
             attack = {k: self.adversarial[k] for k in ("eps", "step_size", "steps", "random_start")}
@@ -121,10 +131,18 @@ class StitchingModule(L.LightningModule):
         loss, logits = self.loss(x, y)
         if not torch.isfinite(loss):  # never train on, and never record, a diverged stitch
             raise NonFiniteError("the loss", float(loss.detach()), self.global_step)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        size = self._size(x, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+        if self.task.has_accuracy:
+            self.train_acc(*self.task.scored(logits, y))
+            self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=size)
         return loss
+
+    def _size(self, x, y) -> int:
+        """What a batch's mean is over: inputs, or target tokens for a language model."""
+        if isinstance(self.task, NextToken):
+            return int((y != IGNORE).sum())
+        return len(y) if y is not None else len(token_ids(x)[0]) if isinstance(x, dict) else len(x)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         for name, parameter in self.network.stitch.named_parameters():
@@ -133,11 +151,21 @@ class StitchingModule(L.LightningModule):
                 raise NonFiniteError(f"stitch weight {name}", bad.item(), self.global_step - 1)
 
     def test_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.network(x)
-        self.test_acc(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
-        self.log("test/acc", self.test_acc, on_epoch=True)
+        x, y = self.task.split(batch)
+        output = self.network(x)
+        size = self._size(x, y)
+        if isinstance(self.task, Representation):  # how far the stitched output is from the end's own
+            loss = self.task.loss(output, self.reference(x), self.mask(x))
+        else:
+            loss = self.task.loss(output, y)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=size)
+        if self.task.has_accuracy:
+            self.test_acc(*self.task.scored(output, y))
+            self.log("test/acc", self.test_acc, on_epoch=True, batch_size=size)
+        if isinstance(self.task, NextToken):  # the end model's own loss on the same tokens, and the penalty
+            end_loss = self.task.loss(self.reference(x), y)
+            self.log("test/end_loss", end_loss, on_epoch=True, sync_dist=True, batch_size=size)
+            self.log("test/penalty", loss - end_loss, on_epoch=True, sync_dist=True, batch_size=size)
 
 
 class DMModule(StitchingModule):
@@ -174,19 +202,23 @@ class FulaModule(StitchingModule):
 class SlmModule(StitchingModule):
     """Soft-label matching: cross-entropy against the end model's predictions."""
 
+    needs_task_head = True
+
     def loss(self, x, y):
         with torch.no_grad():
             teacher = self.reference(x)
         logits = self.network(x)
-        return losses.slm_loss(logits, teacher), logits
+        return self.task.soft_loss(logits, teacher, y), logits
 
 
 class TlmModule(StitchingModule):
-    """Task-loss matching: cross-entropy against the true labels."""
+    """Task-loss matching: cross-entropy against the true labels (next tokens for a language model)."""
+
+    needs_task_head = True
 
     def loss(self, x, y):
         logits = self.network(x)
-        return losses.tlm_loss(logits, y), logits
+        return self.task.loss(logits, y), logits
 
 
 OBJECTIVES: dict[str, type[StitchingModule]] = {

@@ -1,0 +1,106 @@
+"""What the end model is for: how a batch splits into inputs and targets, and its task loss.
+
+The objectives are the same five on images and on text; what differs is the end model's
+task, read from the end model itself:
+
+* :class:`Classification` — images (``(x, y)`` batches) or a text classifier (a dict
+  batch with ``labels``): cross-entropy, accuracy.
+* :class:`NextToken` — a causal language model (a dict batch of ``input_ids`` and
+  ``attention_mask``, or bare ids): next-token cross-entropy over the real tokens that have
+  a real successor, in nats per token. Tests also record the end model's own loss on the
+  same tokens and the **stitching penalty** (stitched − end).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stitching.objectives import losses
+
+IGNORE = -100
+
+
+class Classification:
+    """One label per input."""
+
+    name = "classification"
+    has_accuracy = True
+
+    def split(self, batch):
+        if isinstance(batch, dict):
+            return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+        x, y = batch
+        return x, y
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return losses.tlm_loss(logits, y)
+
+    def soft_loss(self, logits: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return losses.slm_loss(logits, teacher)
+
+    def scored(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(predictions, targets)`` for the accuracy metric."""
+        return logits, y
+
+
+class NextToken:
+    """A causal language model: position t predicts token t + 1."""
+
+    name = "next_token"
+    has_accuracy = False
+
+    def split(self, batch):
+        from stitching.models.language import token_ids
+
+        ids, mask = token_ids(batch)
+        labels = ids[:, 1:].masked_fill(~(mask[:, 1:].bool() & mask[:, :-1].bool()), IGNORE)
+        return batch, labels
+
+    @staticmethod
+    def _rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = labels != IGNORE
+        return logits[:, :-1][keep], labels[keep]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return losses.tlm_loss(*self._rows(logits, labels))
+
+    def soft_loss(self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against the end model's next-token distribution, real tokens only."""
+        keep = labels != IGNORE
+        return losses.slm_loss(logits[:, :-1][keep], teacher[:, :-1][keep])
+
+    def scored(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rows(logits, labels)
+
+
+class Representation:
+    """An end model with no task head (a bare encoder): its output is a representation.
+
+    DM, Hint and FuLA apply; the test loss is the relative error of the stitched network's
+    output against the end model's own (real tokens only).
+    """
+
+    name = "representation"
+    has_accuracy = False
+
+    def split(self, batch):
+        return batch, None
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return losses.relative_error(output, target, mask)
+
+    def soft_loss(self, *args):
+        raise NotImplementedError
+
+
+def task_of(end) -> Classification | NextToken | Representation:
+    """The task of a cuttable end model: next-token prediction for causal language models,
+    a representation for bare encoders, classification otherwise."""
+    from stitching.models.language import LanguageModel
+
+    if isinstance(end, LanguageModel):
+        if end.is_causal_lm:
+            return NextToken()
+        if end.num_classes is None:
+            return Representation()
+    return Classification()
