@@ -32,11 +32,21 @@ def tiny(kind: str, seed: int = 0) -> torch.nn.Module:
         "bert_mlm": lambda: t.BertForMaskedLM(t.BertConfig(**SMALL)),
         "bert_classifier": lambda: t.BertForSequenceClassification(t.BertConfig(**SMALL, num_labels=3)),
         "bert": lambda: t.BertModel(t.BertConfig(**SMALL)),
+        "lens_gelu": lambda: _lens("gelu", seed),
+        "lens_solu": lambda: _lens("solu_ln", seed),
     }[kind]()
     return made.eval()
 
 
-KINDS = ["llama", "gpt_neox", "gpt2", "bert_mlm", "bert_classifier", "bert"]
+KINDS = ["llama", "gpt_neox", "gpt2", "bert_mlm", "bert_classifier", "bert", "lens_gelu", "lens_solu"]
+
+
+def _lens(act_fn: str, seed: int):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(HookedTransformerConfig(
+        n_layers=3, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=64, d_vocab=VOCAB, act_fn=act_fn,
+        normalization_type="LN", seed=seed))
 
 
 def _padded_batch(seed: int = 0, lengths=(10, 6, 3)) -> dict:
@@ -49,6 +59,8 @@ def _padded_batch(seed: int = 0, lengths=(10, 6, 3)) -> dict:
 
 
 def _output(model, **inputs) -> torch.Tensor:
+    if hasattr(model, "cfg"):  # TransformerLens
+        return model(inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
     out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 

@@ -14,7 +14,8 @@ padded positions never enter DM, a loss or a similarity index.
 
 Families (transformers 5.x): Llama (and Llama-like: SmolLM, …), GPT-NeoX (Pythia), GPT-2,
 BERT (masked LM, sequence classifier, or the bare encoder, whose output is its last hidden
-state).
+state), and TransformerLens ``HookedTransformer`` (its own ``start_at_layer`` /
+``stop_at_layer``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Family:
 
 
 def _prefixed(model: nn.Module, attribute: str) -> str:
-    return f"{attribute}." if hasattr(model, attribute) else ""
+    return f"{attribute}." if attribute and hasattr(model, attribute) else ""
 
 
 # -- Llama ---------------------------------------------------------------------------------
@@ -154,7 +155,18 @@ def _bert_head(m, h):
     return h  # the bare encoder: its last hidden state
 
 
+# -- TransformerLens -------------------------------------------------------------------------
+def _lens_run(m, x, c, start=None, stop=None):
+    """``HookedTransformer.forward`` between two layers (its own start/stop), padding masked."""
+    return m(x, start_at_layer=start, stop_at_layer=stop, attention_mask=c.attention_mask)
+
+
 _FAMILIES: dict[str, Family] = {
+    "transformer_lens": Family(
+        "transformer_lens", lambda m: m, lambda m: m.blocks, "blocks.{i}",
+        lambda m, ids, c: _lens_run(m, ids, c, stop=0),
+        lambda m, i, h, c: _lens_run(m, h, c, start=i, stop=i + 1),
+        lambda m, h: m(h, start_at_layer=m.cfg.n_layers), lambda m, ids, mask, positions: {}, CAUSAL),
     "llama": Family(
         "llama", _llama_base, lambda m: _llama_base(m).layers, "{prefix}layers.{i}",
         lambda m, ids, c: _llama_base(m).embed_tokens(ids),
@@ -181,6 +193,8 @@ _PREFIXES = {"llama": "model", "gpt_neox": "gpt_neox", "gpt2": "transformer", "b
 
 
 def _family_name(model: nn.Module) -> str:
+    if type(model).__name__ == "HookedTransformer" and hasattr(model, "cfg"):
+        return "transformer_lens"
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind in _FAMILIES:
         return kind
@@ -199,7 +213,7 @@ def is_language_model(model: nn.Module) -> bool:
 
 
 class LanguageModel(CuttableModel):
-    """A Hugging Face transformer run as embed → blocks → head; cut at its residual stream."""
+    """A transformer language model run as embed → blocks → head; cut at its residual stream."""
 
     def __init__(self, model: nn.Module, name: str | None = None, tokenizer: str | None = None):
         super().__init__()
@@ -207,22 +221,19 @@ class LanguageModel(CuttableModel):
         self.family_name = _family_name(model)
         family = _FAMILIES[self.family_name]
         count = len(family.layers(model))
-        prefix = _prefixed(model, _PREFIXES[self.family_name])
+        prefix = _prefixed(model, _PREFIXES.get(self.family_name, ""))
         names = ["embed", *(family.layer_path.format(prefix=prefix, i=i) for i in range(count))]
         self.cut_points = tuple(CutPoint(i + 1, n, i, family.layout) for i, n in enumerate(names))
         self._blocks = names + ["head"]
-        config = model.config
-        self.num_classes = getattr(config, "num_labels", None) if hasattr(model, "classifier") else None
-        self.input_spec = TextInputs(
-            vocab_size=int(config.vocab_size),
-            max_length=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
-            pad_id=int(config.pad_token_id if config.pad_token_id is not None else 0), tokenizer=tokenizer)
-        self.name = name or getattr(config, "_name_or_path", None) or self.family_name
+        self.num_classes = getattr(model.config, "num_labels", None) if hasattr(model, "classifier") else None
+        self.input_spec = _text_inputs(model, tokenizer)
+        self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or self.family_name
 
     @property
     def is_causal_lm(self) -> bool:
         """A decoder with its language-model head: the output is next-token logits."""
-        return self.family.layout is CAUSAL and any(hasattr(self.model, h) for h in ("lm_head", "embed_out"))
+        heads = ("lm_head", "embed_out", "unembed")
+        return self.family.layout is CAUSAL and any(hasattr(self.model, h) for h in heads)
 
     @property
     def family(self) -> Family:
@@ -251,6 +262,17 @@ class LanguageModel(CuttableModel):
         if position == len(self._blocks) - 1:
             return family.head(self.model, x)
         return family.block(self.model, position - 1, x, context)
+
+
+def _text_inputs(model: nn.Module, tokenizer: str | None) -> TextInputs:
+    if hasattr(model, "cfg"):  # TransformerLens
+        cfg = model.cfg
+        return TextInputs(int(cfg.d_vocab), int(cfg.n_ctx), 0, tokenizer or getattr(cfg, "tokenizer_name", None))
+    config = model.config
+    return TextInputs(
+        vocab_size=int(config.vocab_size),
+        max_length=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+        pad_id=int(config.pad_token_id if config.pad_token_id is not None else 0), tokenizer=tokenizer)
 
 
 def token_ids(inputs) -> tuple[torch.Tensor, torch.Tensor]:
