@@ -16,10 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from stitching.api import CLASS_TOKEN, Prepared, prepare_stitch
 from stitching.data import ImageDataModule
+from stitching.data.text import TextDataModule
 from stitching.errors import StitchingError
-from stitching.models import LIBRARIES, CuttableModel
+from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel
 from stitching.models.cutting import cut
 from stitching.models.layout import compatible
+from stitching.models.language import TextInputs
+from stitching.stitch_layers import batches
 from stitching.models.adapters import check_name
 from stitching.objectives import OBJECTIVES
 from stitching.runtime import Stopwatch
@@ -106,6 +109,11 @@ def read_settings(cfg: DictConfig) -> Settings:
     weights = cfg.objective.get("weights", "uniform")
     for side in ("front", "end"):  # a misspelt model name is one line before any base model is trained
         arch, name = cfg[side].arch, cfg[side].get("name")
+        text = dataset_config(cfg, cfg[side].dataset).get("kind") == "text"
+        if (arch in LANGUAGE_ARCHITECTURES) != text:
+            what, data = ("a language model", "images") if not text else ("an image model", "text")
+            raise StitchingError(f"the {side} model is {what} ({side}.arch={arch}) but {cfg[side].dataset} is {data}; "
+                                 f"stitch language models on a text dataset (dataset=pydoc) and vision models on images")
         if arch in LIBRARIES:
             check_name(arch, name)
         elif cfg[side].get("pretrained"):
@@ -135,10 +143,13 @@ def dataset_config(cfg: DictConfig, name: str) -> dict:
     return OmegaConf.to_container(merged.dataset, resolve=True)
 
 
-def build_datamodule(cfg: DictConfig, name: str | None = None, with_testbeds: bool = True) -> ImageDataModule:
+def build_datamodule(cfg: DictConfig, name: str | None = None, with_testbeds: bool = True) -> ImageDataModule | TextDataModule:
     """The stitching data (``with_testbeds``: shortcuts, class subsets as configured), or a
     dataset's full clean training split (``with_testbeds=False``: what base models see)."""
     options = dataset_config(cfg, name or cfg.dataset.name)
+    if options.get("kind") == "text":
+        return TextDataModule(**options)
+    options.pop("kind", None)
     if not with_testbeds:
         return ImageDataModule(**{**options, "num_classes_train": None, "train_subset": None})
     return ImageDataModule(**options, shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True))
@@ -185,12 +196,38 @@ def check_pair(front: CuttableModel, end: CuttableModel, front_layers: list, end
                 raise StitchingError(problem)
 
 
-def reconcile_inputs(front: CuttableModel, end: CuttableModel, datamodule: ImageDataModule) -> dict:
-    """How the stitching data reach each model (resizing, channels, normalisation), or one line
-    saying why they cannot."""
+def is_text(datamodule) -> bool:
+    return getattr(datamodule, "kind", "image") == "text"
+
+
+def reconcile_inputs(front: CuttableModel, end: CuttableModel, datamodule: ImageDataModule | TextDataModule) -> dict:
+    """How the stitching data reach each model (resizing, channels, normalisation; for text,
+    the tokenizer and sequence length), or one line saying why they cannot."""
+    text = is_text(datamodule)
+    for side, model in (("front", front), ("end", end)):
+        if isinstance(model.input_spec, TextInputs) != text:
+            what = "a language model" if not text else "an image model"
+            data = "text" if text else "images"
+            raise StitchingError(f"the {side} model is {what} but {datamodule.name} is {data}; "
+                                 f"stitch language models on a text dataset (dataset=pydoc) and vision models on images")
+    if text:
+        return {side: reconcile_text(model.input_spec, datamodule, side) for side, model in (("front", front), ("end", end))}
     size = (datamodule.image_size, datamodule.image_size)
     return {side: model.input_spec.reconcile(datamodule.in_channels, size, side)
             for side, model in (("front", front), ("end", end))}
+
+
+def reconcile_text(spec: TextInputs, datamodule: TextDataModule, side: str) -> dict:
+    """A language model reads the data only with the tokenizer they were cut with, within its context."""
+    tokenizer = datamodule.tokenizer
+    if spec.tokenizer is not None and spec.tokenizer != tokenizer.name:
+        raise StitchingError(f"the {side} model reads tokens of '{spec.tokenizer}' but {datamodule.name} is tokenised "
+                             f"with '{tokenizer.name}'; front, end and data must share one tokenizer (dataset.tokenizer)")
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise StitchingError(f"the {side} model has {spec.vocab_size} token ids but the tokenizer has "
+                             f"{tokenizer.vocab_size}; front, end and data must share one tokenizer")
+    spec.check_length(datamodule.context, side)
+    return {"tokenizer": tokenizer.name, "context": datamodule.context}
 
 
 def check_compatible(front: CuttableModel, end: CuttableModel, datamodule: ImageDataModule, probe: torch.Tensor) -> None:
@@ -246,11 +283,12 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
     with watch.section("data_s"):
         datamodule = build_datamodule(cfg)
         datamodule.setup()
-        samples = datamodule.sample_train_images(settings.stitch.dm_samples, seed=settings.seed)
+        sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
+        samples = sample(settings.stitch.dm_samples, seed=settings.seed)
     with watch.section("zoo_s"):
         front, front_record, end, end_record = load_models(cfg, settings)
     inputs = reconcile_inputs(front, end, datamodule)
-    check_compatible(front, end, datamodule, samples[:2])
+    check_compatible(front, end, datamodule, batches(samples, 2)[0])
     s = settings.stitch
     with watch.section("dm_init_s"):
         prepared = prepare_stitch(front, end, s.front_layer, s.end_layer, samples, settings.objective, lr=s.lr,

@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stitching.api import train_stitch
-from stitching.build import CONF_DIR, Run, outlier_arrays, prepare
+from stitching.build import CONF_DIR, Run, is_text, outlier_arrays, prepare
 from stitching.data import save_examples
 from stitching.evaluate import (
     base_accuracy,
@@ -97,6 +97,12 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
     """Testbed metrics of the stitched network, the base models' own, and what was evaluated."""
     attack, device = prep.settings.attack, prep.settings.device
     datamodule, network = prep.datamodule, prep.module.network
+    if is_text(datamodule):  # language models: the test pass measured the losses and the penalty
+        base = {side: {"key": record["key"], "test_acc": record.get("test_acc"), "test_loss": record.get("test_loss"),
+                       "dataset": cfg[side].dataset, "source": _provenance(record)}
+                for side, record in (("front", prep.front_record), ("end", prep.end_record))}
+        return {}, base, {"kind": "text", "corpus": datamodule.corpus, "tokenizer": datamodule.tokenizer_spec,
+                          "context": datamodule.context, "test_sequences": len(datamodule.arrays.test)}
     metrics = testbed_metrics(network, datamodule, device)
     metrics.update({f"test/{k}": v for k, v in robust_metrics(network, datamodule, attack, device, cfg.seed).items()})
     base = {}
@@ -142,12 +148,15 @@ def summary(record: dict, run_dir: Path) -> str:
     lines = [
         f"stitching  {record['objective'].upper()}  front layer {record['front_layer']} ({record['front_layer_name']})"
         f" → end layer {record['end_layer']} ({record['end_layer_name']})",
-        f"  front {base['front']['key']:<40} test acc {_acc(base['front']['test_acc'])}",
-        f"  end   {base['end']['key']:<40} test acc {_acc(base['end']['test_acc'])}",
-        f"  stitched test acc {m['test/acc']:.4f}   test loss {m['test/loss']:.4f}"
+        f"  front {base['front']['key']:<40} {_base_score(base['front'])}",
+        f"  end   {base['end']['key']:<40} {_base_score(base['end'])}",
+        (f"  stitched test loss {m['test/loss']:.4f}   end model's own {m['test/end_loss']:.4f}   "
+         f"penalty {m['test/penalty']:+.4f} nats/token" if "test/penalty" in m else
+         f"  stitched test acc {m['test/acc']:.4f}   test loss {m['test/loss']:.4f}")
         + (f"   train loss {m['train/loss']:.4f}" if "train/loss" in m else ""),
     ]
-    extra = {k: v for k, v in m.items() if k.startswith("test/") and k not in ("test/acc", "test/loss")}
+    extra = {k: v for k, v in m.items() if k.startswith("test/")
+             and k not in ("test/acc", "test/loss", "test/end_loss", "test/penalty")}
     if extra:
         lines.append("  " + "   ".join(f"{k.removeprefix('test/')} {v:.4f}" for k, v in extra.items()))
     for side in ("front", "end"):
@@ -158,8 +167,10 @@ def summary(record: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _acc(value) -> str:
-    return "—" if value is None else f"{value:.4f}"
+def _base_score(base: dict) -> str:
+    if base.get("test_acc") is None and base.get("test_loss") is not None:
+        return f"test loss {base['test_loss']:.4f} nats/token"
+    return f"test acc {'—' if base.get('test_acc') is None else format(base['test_acc'], '.4f')}"
 
 
 def _failure_record(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
@@ -279,7 +290,7 @@ def main(cfg: DictConfig):
         raise
     print(summary(record, run_dir))
     release_memory()  # a sweep's runs share this process under the basic launcher
-    return record["metrics"]["test/acc"]
+    return record["metrics"].get("test/acc", record["metrics"].get("test/penalty"))
 
 
 LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")

@@ -32,7 +32,8 @@ from torch.nn import functional as F
 from stitching.attacks import pgd
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
-from stitching.models import LIBRARIES, CuttableModel, adapt, build_model, is_transformer
+from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, adapt, build_model, is_transformer
+from stitching.objectives.tasks import IGNORE, NextToken
 from stitching.models.adapters import create
 from stitching.runtime import build_trainer, versions, write_json_atomic
 
@@ -50,12 +51,13 @@ class ModelSpec:
     name: str | None = None  # timm / torchvision model name
     pretrained: bool = False  # the library's pretrained weights (hub)
 
-    def key(self, epochs: int) -> str:
+    def key(self, budget: int, unit: str = "e") -> str:
+        """The zoo's file name: architecture, data, seed and training budget (``e``: epochs, ``t``: tokens)."""
         robust = "-robust" if self.robust else ""
         if self.arch in LIBRARIES:
-            return f"{self.arch}-{self.name}-{self.dataset}-s{self.seed}{robust}-e{epochs}"
+            return f"{self.arch}-{self.name}-{self.dataset}-s{self.seed}{robust}-{unit}{budget}"
         depth = f"-d{self.depth}" if self.depth is not None else ""
-        return f"{self.arch}-w{self.width}{depth}-{self.dataset}-s{self.seed}{robust}-e{epochs}"
+        return f"{self.arch}-w{self.width}{depth}-{self.dataset}-s{self.seed}{robust}-{unit}{budget}"
 
 
 def sha256(path: str | Path) -> str:
@@ -153,6 +155,8 @@ class ModelZoo:
         self.train_missing = train_missing
 
     def path(self, spec: ModelSpec) -> Path:
+        if spec.arch in LANGUAGE_ARCHITECTURES:  # a language model's budget is tokens, not epochs
+            return self.root / f"{spec.key(int(self.recipe['language']['tokens']), 't')}.pt"
         return self.root / f"{spec.key(int(self.recipe['epochs']))}.pt"
 
     def get(self, spec: ModelSpec, checkpoint: str | None = None) -> tuple[CuttableModel, dict]:
@@ -199,7 +203,10 @@ class ModelZoo:
             return build_model(**self._model_kwargs(spec, self.datamodule_for(spec.dataset)))
 
     @staticmethod
-    def _model_kwargs(spec: ModelSpec, datamodule: ImageDataModule) -> dict:
+    def _model_kwargs(spec: ModelSpec, datamodule) -> dict:
+        if spec.arch in LANGUAGE_ARCHITECTURES:
+            return dict(arch=spec.arch, width=spec.width, depth=spec.depth, vocab_size=datamodule.vocab_size,
+                        context=datamodule.context, seed=spec.seed)
         mean, std = datamodule.normalization()
         kwargs = dict(arch=spec.arch, num_classes=datamodule.num_classes, width=spec.width,
                       in_channels=datamodule.in_channels, mean=mean, std=std)
@@ -230,6 +237,8 @@ class ModelZoo:
             self._train_seeded(spec, path)
 
     def _train_seeded(self, spec: ModelSpec, path: Path) -> None:
+        if spec.arch in LANGUAGE_ARCHITECTURES:
+            return self._train_language_model(spec, path)
         adversarial = None
         if spec.robust:
             if "robust" not in self.recipe:
@@ -260,12 +269,39 @@ class ModelZoo:
             "test_acc": float(test_acc), "train_time_s": round(train_time, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
         }
+        self._save(model, record, path)
+        print(f"[zoo] saved {path} (test acc {test_acc:.4f}, {train_time:.0f}s)", flush=True)
+
+    def _train_language_model(self, spec: ModelSpec, path: Path) -> None:
+        """A TransformerLens LM on its corpus: AdamW, cosine schedule, a budget of training tokens."""
+        datamodule = self.datamodule_for(spec.dataset)
+        recipe = {**{k: v for k, v in self.recipe.items() if not isinstance(v, dict)}, **self.recipe["language"]}
+        datamodule.batch_size = int(recipe["batch_size"])
+        model_kwargs = self._model_kwargs(spec, datamodule)
+        L.seed_everything(spec.seed, workers=True, verbose=False)
+        model = build_model(**model_kwargs)
+        steps = max(1, -(-int(recipe["tokens"]) // (datamodule.batch_size * datamodule.context)))
+        module = LanguageModelTraining(model, steps, lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]))
+        print(f"[zoo] training language model {path.stem} ({steps} steps, {recipe['tokens']} tokens)", flush=True)
+        started = time.perf_counter()
+        build_trainer(self.trainer_options, self.root, max_steps=steps, max_epochs=-1).fit(module, datamodule=datamodule)
+        train_time = time.perf_counter() - started
+        tester = build_trainer(self.trainer_options, self.root, enable_progress_bar=False)
+        test_loss = tester.test(module, datamodule=datamodule, verbose=False)[0]["test/loss"]
+        record = {
+            "key": path.stem, "source": "trained here", "spec": asdict(spec), "seed": spec.seed, "steps": steps,
+            "recipe": recipe, "model_kwargs": model_kwargs, "test_acc": None, "test_loss": float(test_loss),
+            "train_time_s": round(train_time, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
+        }
+        self._save(model, record, path)
+        print(f"[zoo] saved {path} (test loss {test_loss:.4f} nats/token, {train_time:.0f}s)", flush=True)
+
+    def _save(self, model: nn.Module, record: dict, path: Path) -> None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"record": record, "state_dict": state}, tmp)
         os.replace(tmp, path)
         write_json_atomic(path.with_suffix(".json"), {**record, "sha256": sha256(path)})
-        print(f"[zoo] saved {path} (test acc {test_acc:.4f}, {train_time:.0f}s)", flush=True)
 
     def list(self) -> list[dict]:
         """Every model trained here (with its recipe) and every given model seen so far."""
@@ -282,6 +318,33 @@ class ModelZoo:
             except json.JSONDecodeError:
                 records.append({"key": "given.json", "path": str(given), "error": "unreadable; delete it"})
         return records
+
+
+class LanguageModelTraining(L.LightningModule):
+    """Next-token training of a language model: AdamW with a cosine schedule over ``steps``."""
+
+    def __init__(self, model: nn.Module, steps: int, lr: float = 1e-3, weight_decay: float = 0.05):
+        super().__init__()
+        self.model, self.steps, self.lr, self.weight_decay = model, steps, lr, weight_decay
+        self.task = NextToken()
+
+    def _loss(self, batch) -> tuple[torch.Tensor, int]:
+        x, labels = self.task.split(batch)
+        return self.task.loss(self.model(x), labels), int((labels != IGNORE).sum())
+
+    def training_step(self, batch, batch_idx):
+        loss, tokens = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=tokens)
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        loss, tokens = self._loss(batch)
+        self.log("test/loss", loss, batch_size=tokens)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def load_checkpoint(path: Path, owned: bool = True) -> tuple[CuttableModel, dict]:

@@ -142,7 +142,7 @@ def test_every_rule_names_a_key_the_config_has():
     from stitching.validation import RULES
     from tests.conftest import compose_config
 
-    composed = [compose_config(), compose_config("attack=pgd", "shortcut=aruco")]
+    composed = [compose_config(), compose_config("attack=pgd", "shortcut=aruco"), compose_config("dataset=pydoc")]
     for key in RULES:
         assert any(_has(cfg, key) for cfg in composed), key
 

@@ -20,6 +20,7 @@ from stitching.models.cutting import (
 from stitching.models.inputs import ImageInputs, InputTransform
 from stitching.models.layout import Layout
 from stitching.models.adapters import LIBRARIES, AdaptedModel, adapt, as_cuttable
+from stitching.models.language import LANGUAGE_ARCHITECTURES, LanguageModel, build_language_model
 from stitching.models.resnet import CifarResNet, resnet18, resnet18_nores, resnet34
 from stitching.models.vit import CuttableViT, vit_tiny
 
@@ -34,7 +35,7 @@ def is_transformer(model: CuttableModel) -> bool:
     return model.cut_points[0].layout.kind == "tokens"
 
 
-def build_model(arch: str, num_classes: int, width: int | None = 64, depth: int | None = None,
+def build_model(arch: str, num_classes: int | None = None, width: int | None = 64, depth: int | None = None,
                 image_size: int | None = None, name: str | None = None, **kwargs) -> CuttableModel:
     """Instantiate a cuttable network with random weights.
 
@@ -45,9 +46,11 @@ def build_model(arch: str, num_classes: int, width: int | None = 64, depth: int 
     """
     if arch in LIBRARIES:
         return _library_model(arch, name, num_classes, image_size, **kwargs)
+    if arch in LANGUAGE_ARCHITECTURES:
+        return build_language_model(arch, width, depth, **kwargs)
     if arch not in ARCHITECTURES:
         raise StitchingError(
-            f"unknown architecture '{arch}'; choose one of {', '.join(sorted(ARCHITECTURES))}, "
+            f"unknown architecture '{arch}'; choose one of {', '.join(sorted([*ARCHITECTURES, *LANGUAGE_ARCHITECTURES]))}, "
             f"or {' / '.join(LIBRARIES)} with model.name"
         )
     width = 64 if width is None else width
@@ -79,6 +82,9 @@ def _library_model(library: str, name: str | None, num_classes: int, image_size:
 
 __all__ = [
     "ARCHITECTURES",
+    "LANGUAGE_ARCHITECTURES",
+    "LanguageModel",
+    "build_language_model",
     "LIBRARIES",
     "AdaptedModel",
     "adapt",

@@ -285,3 +285,31 @@ def token_ids(inputs) -> tuple[torch.Tensor, torch.Tensor]:
     if mask is None:
         mask = torch.ones_like(ids)
     return ids, mask.to(ids.device).long()
+
+
+# -- language models built here --------------------------------------------------------------
+#: TransformerLens configurations trained here: the GeLU and SoLU toy models of the
+#: representation-dissimilarity paper, at any width (d_model) and depth (blocks)
+LANGUAGE_ARCHITECTURES = {"lm_gelu": "gelu", "lm_solu": "solu_ln"}
+HEAD_WIDTH = 16
+
+
+def build_language_model(arch: str, width: int | None = 64, depth: int | None = 2, vocab_size: int = 257,
+                         context: int = 64, seed: int | None = None, **_ignored) -> LanguageModel:
+    """A TransformerLens language model with random weights (LayerNorm, learned positions,
+    4·width MLP, heads of 16 dimensions), as ``gelu-1l … 4l`` and ``solu-1l … 4l`` are built."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    width, depth = int(width or 64), int(depth or 2)
+    if width % HEAD_WIDTH:
+        raise StitchingError(f"a language model's width must be a multiple of {HEAD_WIDTH}, got {width}")
+    config = HookedTransformerConfig(
+        n_layers=depth, d_model=width, d_head=HEAD_WIDTH, n_heads=width // HEAD_WIDTH, d_mlp=4 * width,
+        n_ctx=int(context), d_vocab=int(vocab_size), act_fn=LANGUAGE_ARCHITECTURES[arch], normalization_type="LN",
+        positional_embedding_type="standard", seed=seed)
+    with warnings.catch_warnings():  # HookedTransformer announces its successor; 3.9 is pinned on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(config)
+    return LanguageModel(model, name=f"{arch}-w{width}-d{depth}", tokenizer="bytes")

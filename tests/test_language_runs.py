@@ -1,0 +1,93 @@
+"""Language-model stitching as a user runs it: models trained here on the embedded corpus,
+every objective, the penalty in the record, and bad input in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import compose_config, train_cli
+
+pytest.importorskip("transformer_lens")
+
+LM_TINY = ["dataset=pydoc", "model=lm_gelu", "model.width=32", "model.depth=2", "zoo.recipe.language.tokens=20000",
+           "dataset.train_sequences=64", "dataset.test_sequences=16", "dataset.batch_size=16", "trainer=cpu",
+           "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def lm_config(tmp_path_factory):
+    """``lm_config(*overrides)``: a tiny language-model config sharing one zoo for the module."""
+    zoo = tmp_path_factory.mktemp("lm-zoo")
+
+    def make(tmp_path, *overrides):
+        return compose_config(*LM_TINY, f"paths.zoo_dir={zoo}", f"paths.output_dir={tmp_path}", *overrides)
+
+    make.zoo = zoo
+    return make
+
+
+def test_the_embedded_corpus_is_split_and_cut_into_real_tokens():
+    from stitching.data.text import ByteTokenizer, embedded_documents, sequences
+
+    train, test = embedded_documents("pydoc")
+    assert (len(train), len(test)) == (72, 7)
+    ids = sequences(test, ByteTokenizer(), 64)
+    text = "".join(test)
+    assert ids.shape[1] == 64 and len(text.encode()) + len(test) - 64 < ids.numel() <= len(text.encode()) + len(test)
+    assert ByteTokenizer().decode(ids[0]) == text.encode()[:64].decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("objective", ["dm", "hint", "fula", "slm", "tlm"])
+def test_each_objective_runs_between_gelu_and_solu_models_trained_here(objective, lm_config, tmp_path):
+    from stitching.train import run
+
+    record = run(lm_config(tmp_path, f"objective={objective}", "end.arch=lm_solu", "stitch.front_layer=2",
+                           "stitch.end_layer=3"), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "ok" and saved["end_layer_name"] == "blocks.1"
+    m = saved["metrics"]
+    assert m["test/penalty"] == pytest.approx(m["test/loss"] - m["test/end_loss"], abs=1e-4)
+    assert 0 < m["test/end_loss"] < 6  # nats per byte, better than uniform over 257 ids (5.55) after training
+    assert saved["base"]["end"]["source"]["kind"] == "trained here" and saved["base"]["end"]["test_loss"] > 0
+    assert saved["inputs"]["front"] == {"tokenizer": "bytes", "context": 64}
+    assert record["evaluation"]["kind"] == "text"
+
+
+def _tokenizer_folder(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", *sorted({w for w in "the a of to and in is for on with as by".split()})]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["dataset.tokenizer=@tokenizer"], "front, end and data must share one tokenizer"),
+    (["dataset.tokenizer=/nonexistent/tokenizer"], "no tokenizer can be read from /nonexistent/tokenizer"),
+    (["stitch.layer=5"], "layer 5 is out of range: this model has cut points 1..3"),
+    (["dataset.context=128"], "sequences of 128 tokens are longer than the front model's context of 64"),
+    (["dataset.corpus=NeelNanda/pile-10k"], "corpus 'NeelNanda/pile-10k' cannot be loaded"),
+    (["front.arch=resnet18", "front.width=8", "front.depth=null"], "the front model is an image model (front.arch=resnet18) but pydoc is text"),
+    (["objective=tlm", "attack.alpha=0.5"], "adversarial stitching (attack.alpha > 0) applies to image classifiers only"),
+], ids=["tokenizer-mismatch", "tokenizer-missing", "layer-beyond-depth", "longer-than-context", "corpus-offline",
+        "image-model-on-text", "adversarial-text"])
+def test_language_model_bad_input_is_one_line(overrides, expected, lm_config, tmp_path, monkeypatch, capsys):
+    from stitching.train import run
+
+    run(lm_config(tmp_path, "objective=dm", "stitch.layer=2"), tmp_path / "warm")  # models trained at context 64
+    folder = str(_tokenizer_folder(tmp_path / "tokenizer"))
+    overrides = [o.replace("@tokenizer", folder) for o in overrides]
+    if not any(o.startswith("stitch.layer") for o in overrides):
+        overrides.append("stitch.layer=2")
+    code, output = train_cli([*LM_TINY, f"paths.zoo_dir={lm_config.zoo}", f"paths.output_dir={tmp_path}",
+                              f"hydra.run.dir={tmp_path / 'bad'}", *overrides], monkeypatch, capsys)
+    assert code != 0 and "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], output[-2000:]
+    assert not (tmp_path / "bad" / "results.json").exists() or \
+        json.loads((tmp_path / "bad" / "results.json").read_text())["status"] != "ok"
