@@ -372,6 +372,43 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
     return written
 
 
+def penalty_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Language-model stitching: mean ± std of the penalty (nats/token) over seed pairs, by
+    layer (rows) and direction ``front arch → end arch`` (columns), per objective."""
+    runs = frame[frame.test_penalty.notna()]
+    runs = runs.assign(direction=runs.front_arch.astype(str) + " → " + runs.end_arch.astype(str),
+                       layer=[f"{i}" if i == j else f"{i}→{j}" for i, j in zip(runs.front_layer, runs.end_layer)])
+    stats = runs.groupby(["objective", "layer", "direction"]).test_penalty.agg(["mean", "std", "count"])
+    cells = stats.apply(lambda r: f"{r['mean']:+.3f} ± {0 if pd.isna(r['std']) else r['std']:.3f} ({int(r['count'])})",
+                        axis=1)
+    return cells.unstack("direction")
+
+
+def penalty_plot(frame: pd.DataFrame, path: Path) -> Path:
+    """Stitching penalty by layer, one line per direction (mean over seed pairs, ± std), one
+    panel per objective (the representation-dissimilarity paper's Fig. 1)."""
+    plt = _pyplot()
+    runs = frame[frame.test_penalty.notna() & (frame.front_layer == frame.end_layer)]
+    runs = runs.assign(direction=runs.front_arch.astype(str) + " → " + runs.end_arch.astype(str))
+    objectives = _objectives(runs)
+    fig, axes = _grid(plt, len(objectives), 5.5, 3.8)
+    for ax, objective in zip(axes, objectives):
+        rows = runs[runs.objective == objective]
+        for direction, group in rows.groupby("direction"):
+            stats = group.groupby("front_layer").test_penalty.agg(["mean", "std"])
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=direction)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("layer (cut point: 1 = embeddings)")
+        ax.set_ylabel("stitching penalty (nats/token)")
+        ax.set_title(f"{objective.upper()}: stitched loss − end model's loss", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
 def subsets_plot(frame: pd.DataFrame, path: Path) -> Path:
     """Accuracy on all classes vs the number of stitching classes, per objective."""
     plt = _pyplot()
@@ -404,6 +441,10 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         raise StitchingError(f"no successful run under {sweep_dir} ({len(failed)} failed{first})")
     frame.to_csv(out / "results.csv", index=False)
     made = {"csv": out / "results.csv", "failed": failed, "frame": frame, "missing": missing_cells(sweep_dir)}
+    if "test_penalty" in frame and frame.test_penalty.notna().any():  # language models
+        made["penalty_table"] = penalty_table(frame)
+        (out / "penalty.md").write_text(made["penalty_table"].to_string())
+        made["penalty"] = penalty_plot(frame, out / "penalty.png")
     runs = frame[frame.test_acc.notna()] if "test_acc" in frame else frame.iloc[:0]  # stitching runs only
     if not runs.empty and "classes_train" in varying_conditions(runs):
         made["subsets"] = subsets_plot(runs, out / "subsets.png")
@@ -484,6 +525,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"base models: front {frame.front_acc.mean() * 100:.2f}%, end {frame.end_acc.mean() * 100:.2f}%\n")
         print(made["table"].to_string())
         print("\nfigures: " + ", ".join(str(p) for p in made["plots"]))
+    if "penalty" in made:
+        print("\nstitching penalty (nats/token), mean ± std over seed pairs (runs)")
+        print(made["penalty_table"].to_string())
+        print(f"figure: {made['penalty']}")
     if "subsets" in made:
         print(f"figure: {made['subsets']}")
     if "heatmap" in made:

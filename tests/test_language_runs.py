@@ -91,3 +91,23 @@ def test_language_model_bad_input_is_one_line(overrides, expected, lm_config, tm
     assert len(errors) == 1 and expected in errors[0], output[-2000:]
     assert not (tmp_path / "bad" / "results.json").exists() or \
         json.loads((tmp_path / "bad" / "results.json").read_text())["status"] != "ok"
+
+
+def test_a_gelu_solu_sweep_reports_the_penalty_by_direction(lm_config, tmp_path, monkeypatch, capsys):
+    """Four directions × two layers, DM: one report with a penalty table and figure."""
+    import pandas as pd
+
+    from stitching.report import report
+
+    sweep = tmp_path / "sweep"
+    code, output = train_cli(["-m", *LM_TINY, f"paths.zoo_dir={lm_config.zoo}", "objective=dm",
+                              "front.arch=lm_gelu,lm_solu", "end.arch=lm_gelu,lm_solu", "end.seed=1", "stitch.layer=2,3",
+                              f"hydra.sweep.dir={sweep}"], monkeypatch, capsys)
+    assert code == 0, output[-2000:]
+    made = report(sweep)
+    table = made["penalty_table"]
+    assert list(table.columns) == ["lm_gelu → lm_gelu", "lm_gelu → lm_solu", "lm_solu → lm_gelu", "lm_solu → lm_solu"]
+    assert list(table.index.get_level_values("layer")) == ["2", "3"]
+    assert made["penalty"].is_file() and (sweep / "penalty.md").is_file()
+    frame = pd.read_csv(made["csv"])
+    assert len(frame) == 8 and frame.test_penalty.notna().all()
