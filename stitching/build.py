@@ -21,7 +21,7 @@ from stitching.errors import StitchingError
 from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel
 from stitching.models.cutting import cut
 from stitching.models.layout import compatible
-from stitching.models.language import TextInputs
+from stitching.models.language import LANGUAGE_LIBRARIES, TextInputs
 from stitching.stitch_layers import batches
 from stitching.models.adapters import check_name
 from stitching.objectives import OBJECTIVES
@@ -110,12 +110,15 @@ def read_settings(cfg: DictConfig) -> Settings:
     for side in ("front", "end"):  # a misspelt model name is one line before any base model is trained
         arch, name = cfg[side].arch, cfg[side].get("name")
         text = dataset_config(cfg, cfg[side].dataset).get("kind") == "text"
-        if (arch in LANGUAGE_ARCHITECTURES) != text:
+        if (arch in LANGUAGE_ARCHITECTURES or arch in LANGUAGE_LIBRARIES) != text:
             what, data = ("a language model", "images") if not text else ("an image model", "text")
             raise StitchingError(f"the {side} model is {what} ({side}.arch={arch}) but {cfg[side].dataset} is {data}; "
                                  f"stitch language models on a text dataset (dataset=pydoc) and vision models on images")
         if arch in LIBRARIES:
             check_name(arch, name)
+        elif arch in LANGUAGE_LIBRARIES:
+            if not name:
+                raise StitchingError(f"{side}.name is required for {arch} models (a folder or a hub name)")
         elif cfg[side].get("pretrained"):
             raise StitchingError(f"{side}.pretrained=true applies to timm and torchvision models, not '{arch}'")
     return Settings(
@@ -164,12 +167,13 @@ def build_zoo(cfg: DictConfig) -> ModelZoo:
 
 
 def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] | None = None,
-                stitched: bool = True) -> tuple[CuttableModel, dict, CuttableModel, dict]:
+                stitched: bool = True, datamodule=None) -> tuple[CuttableModel, dict, CuttableModel, dict]:
     """Front and end from the zoo (trained on first use), a file or the hub, with their records.
 
     Before a missing base model is trained, the pair is checked on what the architectures
-    declare: every layer in ``layers`` (front, end; default: the stitch's) must exist and,
-    when ``stitched``, the two cut points' layouts must be joinable.
+    declare: every layer in ``layers`` (front, end; default: the stitch's) must exist, when
+    ``stitched`` the two cut points' layouts must be joinable, and both must read
+    ``datamodule`` (tokenizer, context, image channels) when one is given.
     """
     zoo = build_zoo(cfg)
     sides = {"front": settings.front, "end": settings.end}
@@ -178,6 +182,8 @@ def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] |
     declared = {name: got[name][0] if name in got else zoo.untrained(side.spec) for name, side in sides.items()}
     front_layers, end_layers = layers or ([settings.stitch.front_layer], [settings.stitch.end_layer])
     check_pair(declared["front"], declared["end"], front_layers, end_layers, stitched)
+    if datamodule is not None:
+        reconcile_inputs(declared["front"], declared["end"], datamodule)
     for name, side in sides.items():
         if name not in got:
             got[name] = zoo.get(side.spec, side.checkpoint)
@@ -286,7 +292,7 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
         sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
         samples = sample(settings.stitch.dm_samples, seed=settings.seed)
     with watch.section("zoo_s"):
-        front, front_record, end, end_record = load_models(cfg, settings)
+        front, front_record, end, end_record = load_models(cfg, settings, datamodule=datamodule)
     inputs = reconcile_inputs(front, end, datamodule)
     check_compatible(front, end, datamodule, batches(samples, 2)[0])
     s = settings.stitch

@@ -35,6 +35,7 @@ from stitching.errors import StitchingError
 from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, adapt, build_model, is_transformer
 from stitching.objectives.tasks import IGNORE, NextToken
 from stitching.models.adapters import create
+from stitching.models.language import LANGUAGE_LIBRARIES, load_language_model
 from stitching.runtime import build_trainer, versions, write_json_atomic
 
 
@@ -162,6 +163,10 @@ class ModelZoo:
     def get(self, spec: ModelSpec, checkpoint: str | None = None) -> tuple[CuttableModel, dict]:
         """The model for ``spec`` and its record: from ``checkpoint`` (a file), the hub
         (``spec.pretrained``), or the zoo (trained here on first use)."""
+        if spec.arch in LANGUAGE_LIBRARIES:  # a given language model: its folder or hub name
+            model, record = load_language_model(spec.arch, spec.name)
+            self._remember(record)
+            return model, record
         if checkpoint:
             model, record = load_given(spec, Path(checkpoint).expanduser())
             self._remember(record)
@@ -194,7 +199,8 @@ class ModelZoo:
 
     def needs_training(self, spec: ModelSpec, checkpoint: str | None = None) -> bool:
         """Whether :meth:`get` would train ``spec`` here first."""
-        return not checkpoint and not spec.pretrained and not self.path(spec).is_file()
+        return (not checkpoint and not spec.pretrained and spec.arch not in LANGUAGE_LIBRARIES
+                and not self.path(spec).is_file())
 
     def untrained(self, spec: ModelSpec) -> CuttableModel:
         """The architecture :meth:`get` would train for ``spec``, with its initial weights: what

@@ -111,3 +111,46 @@ def test_a_gelu_solu_sweep_reports_the_penalty_by_direction(lm_config, tmp_path,
     assert made["penalty"].is_file() and (sweep / "penalty.md").is_file()
     frame = pd.read_csv(made["csv"])
     assert len(frame) == 8 and frame.test_penalty.notna().all()
+
+
+def _hf_folder(folder):
+    """A tiny Llama saved as a Hugging Face folder with its own (word-level) tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _tokenizer_folder(folder)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(folder)).get_vocab())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_hugging_face_folder_stitches_into_itself_from_the_command_line(tmp_path, monkeypatch, capsys):
+    folder = str(_hf_folder(tmp_path / "tiny-llama"))
+    common = [*LM_TINY, f"paths.zoo_dir={tmp_path / 'zoo'}", f"paths.output_dir={tmp_path}", "objective=dm",
+              f"dataset.tokenizer={folder}", "model.arch=hf", f"model.name={folder}", "stitch.layer=model.layers.0"]
+    code, output = train_cli([*common, f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
+    assert code == 0, output[-3000:]
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert abs(record["metrics"]["test/penalty"]) < 0.01  # DM of a model into itself keeps its loss
+    source = record["base"]["front"]["source"]
+    assert source["kind"] == "file" and len(source["sha256"]) == 64 and source["path"].endswith("model.safetensors")
+    assert record["inputs"]["front"]["tokenizer"].startswith("vocab-")
+    code, output = train_cli([*common, "end.arch=lm_gelu", "stitch.end_layer=2", f"hydra.run.dir={tmp_path / 'mixed'}"],
+                             monkeypatch, capsys)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "must share one tokenizer" in errors[0], output[-2000:]
+    assert not list((tmp_path / "zoo").glob("lm_gelu*.pt"))  # refused before the GeLU model was trained
+
+
+def test_a_hub_language_model_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    code, output = train_cli([*LM_TINY, f"paths.zoo_dir={tmp_path}", f"paths.output_dir={tmp_path}", "model.arch=hf",
+                              "model.name=EleutherAI/pythia-70m", "stitch.layer=2", f"hydra.run.dir={tmp_path / 'r'}"],
+                             monkeypatch, capsys)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in output and len(errors) == 1, output[-2000:]
+    assert "hf model 'EleutherAI/pythia-70m' cannot be loaded from the hub (offline?)" in errors[0]

@@ -14,7 +14,6 @@ the hub or its cache can be reached.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -53,13 +52,13 @@ class FolderTokenizer:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError) as err:
             raise StitchingError(f"no tokenizer can be read from {folder} ({str(err).splitlines()[0][:120]}); "
-                                 f"point dataset.tokenizer at the model's folder") from None
-        vocab = self.tokenizer.get_vocab()
-        self.vocab_size = len(vocab)
+                                 f"point dataset.tokenizer at the model's folder (or its hub name, online)") from None
+        from stitching.models.language import vocabulary_name
+
+        self.vocab_size = len(self.tokenizer.get_vocab())
         self.eos_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items())).encode()).hexdigest()
-        self.name = f"vocab-{digest[:12]}"  # two tokenizers with one vocabulary share this
+        self.name = vocabulary_name(self.tokenizer)  # two tokenizers with one vocabulary share this
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -313,3 +313,80 @@ def build_language_model(arch: str, width: int | None = 64, depth: int | None = 
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(config)
     return LanguageModel(model, name=f"{arch}-w{width}-d{depth}", tokenizer="bytes")
+
+
+# -- given language models -------------------------------------------------------------------
+#: ``arch=hf name=<folder or hub id>``: a Hugging Face model with its tokenizer;
+#: ``arch=transformer_lens name=<gelu-2l, …>``: TransformerLens' own pretrained models (online)
+LANGUAGE_LIBRARIES = ("hf", "transformer_lens")
+
+
+def vocabulary_name(tokenizer) -> str:
+    """A tokenizer's fingerprint: two tokenizers with the same vocabulary share it."""
+    import hashlib
+
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items())).encode()).hexdigest()
+    return f"vocab-{digest[:12]}"
+
+
+def load_language_model(library: str, name: str | None) -> tuple[LanguageModel, dict]:
+    """A given language model and its provenance record (weights never trained here)."""
+    from pathlib import Path
+
+    if library not in LANGUAGE_LIBRARIES:
+        raise StitchingError(f"unknown language-model library '{library}'; choose one of {', '.join(LANGUAGE_LIBRARIES)}")
+    if not name:
+        raise StitchingError(f"model.name is required for {library} models (a folder or a hub name)")
+    folder = Path(str(name)).expanduser()
+    try:
+        if library == "transformer_lens":
+            import warnings
+
+            from transformer_lens import HookedTransformer
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = HookedTransformer.from_pretrained(str(name), device="cpu")
+            tokenizer = model.tokenizer
+        else:
+            model, tokenizer = _hugging_face(str(folder) if folder.is_dir() else str(name))
+    except StitchingError:
+        raise
+    except Exception as err:  # offline hub, unknown name, a folder without weights: one line
+        where = "the folder" if folder.is_dir() else "the hub (offline?)"
+        raise StitchingError(f"{library} model '{name}' cannot be loaded from {where} "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); offline, pass a local "
+                             f"folder with config.json, the weights and the tokenizer") from None
+    wrapped = LanguageModel(model.eval(), name=str(name), tokenizer=vocabulary_name(tokenizer) if tokenizer else None)
+    weights = [p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.is_file()]
+    record = {"key": f"{library}-{folder.name if folder.is_dir() else str(name).replace('/', '--')}",
+              "source": "file" if folder.is_dir() else "hub", "library": library, "name": str(name),
+              "path": str(weights[0]) if weights else (str(folder) if folder.is_dir() else None),
+              "hub": None if folder.is_dir() else str(name), "test_acc": None,
+              "tokenizer": wrapped.input_spec.tokenizer}
+    if weights:
+        from stitching.zoo import sha256
+
+        record["sha256"] = sha256(weights[0])
+    return wrapped, record
+
+
+def _hugging_face(source: str):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, \
+        AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source)
+    architecture = (config.architectures or [""])[0]
+    if architecture.endswith("ForCausalLM") or architecture.endswith("LMHeadModel"):
+        loader = AutoModelForCausalLM
+    elif architecture.endswith("ForSequenceClassification"):
+        loader = AutoModelForSequenceClassification
+    else:
+        loader = AutoModel
+    model = loader.from_pretrained(source, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        tokenizer = None  # no tokenizer beside the weights: the data's tokenizer is checked by size only
+    return model, tokenizer
