@@ -17,7 +17,7 @@ export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
-	sanity-vit-small
+	sanity-vit-small lm-solu-gelu lm-solu-gelu-small
 
 # $(call sweep,PRESET): run the preset's sweep, then render its figures (also when a cell failed:
 # the report names it; the target still fails)
@@ -101,6 +101,10 @@ sanity-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ResNet18
 	$(call sanity,sanity_small)
 sanity-vit: $(READY) ## the sanity checks on ViT-Ti (paper size, GPU)
 	$(call sanity,sanity_vit)
+lm-solu-gelu: $(READY) ## LM paper Sec. 3 (paper size, online): TransformerLens gelu-2l/solu-2l, 4 directions, TLM
+	$(call sweep,lm_solu_gelu)
+lm-solu-gelu-small: $(READY) ## LM paper Sec. 3 on CPU: GeLU/SoLU models trained here, 4 directions, penalty by layer
+	$(call sweep,lm_solu_gelu_small)
 sanity-vit-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ViT
 	$(call sanity,sanity_vit_small)
 
