@@ -1,8 +1,8 @@
 """Text for language-model stitching: corpora, tokenizers, fixed-length sequences.
 
 The embedded corpus (``corpus=pydoc``) is the English documentation that ships with
-CPython itself, ``pydoc_data.topics``: 79 topics, about 466 000 UTF-8 bytes. Topics are
-split deterministically (every tenth, in sorted order, is test: 7 of them). Each split is
+CPython itself, ``pydoc_data.topics``: 79 topics, about 466 000 UTF-8 bytes. The split is
+deterministic: the last tenth of every topic (from a line break) is test. Each split is
 tokenised, joined with an end-of-text token after every topic, and cut into sequences of
 ``context`` tokens (the remainder is dropped), so every position is a real token.
 
@@ -77,9 +77,13 @@ def embedded_documents(corpus: str) -> tuple[list[str], list[str]]:
         raise StitchingError(f"unknown embedded corpus '{corpus}'; embedded: {', '.join(EMBEDDED)}")
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    return ([topics[k] for i, k in enumerate(keys) if i % 10 != 9],
-            [topics[k] for i, k in enumerate(keys) if i % 10 == 9])
+    train, test = [], []
+    for key in sorted(topics):  # the last tenth of every topic, from a line break, is test
+        text = topics[key]
+        cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1 or int(len(text) * 0.9)
+        train.append(text[:cut])
+        test.append(text[cut:])
+    return train, test
 
 
 def hub_documents(corpus: str, field: str = "text", test_fraction: float = 0.1) -> tuple[list[str], list[str]]:
