@@ -185,3 +185,26 @@ def test_tlm_and_slm_refuse_an_end_model_without_a_task_head():
     with pytest.raises(StitchingError, match="bare encoder: use dm, hint or fula"):
         prepare_stitch(front, end, 2, 2, _padded_batch(), objective="tlm")
     prepare_stitch(front, end, 2, 2, _padded_batch(), objective="hint")  # fine
+
+
+def test_cka_over_token_positions_leaves_padding_out():
+    """The grid's CKA on a padded batch equals linear CKA on real-token rows computed per sequence."""
+    from stitching.similarity.cka import linear_cka
+    from stitching.similarity.grid import similarity_grids
+
+    front, end = LanguageModel(tiny("gpt2", seed=0)), LanguageModel(tiny("llama", seed=1))
+    batch = _padded_batch(seed=4, lengths=(20, 13, 5, 20, 9))
+    grids, problems = similarity_grids(front, end, batch, ["cka", "procrustes"], flatten="positions", batch_size=2,
+                                       progress=False)
+    assert not problems and grids["cka"].shape == (4, 4)
+    rows_f, rows_e = [[] for _ in range(4)], [[] for _ in range(4)]
+    with torch.no_grad():
+        for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+            alone = batch["input_ids"][row:row + 1, :length]
+            for store, model in ((rows_f, front), (rows_e, end)):
+                for k, a in enumerate(cut_point_activations(model, alone)[1]):
+                    store[k].append(a[0])
+    for i in range(4):
+        for j in range(4):
+            expected = linear_cka(torch.cat(rows_f[i]).double(), torch.cat(rows_e[j]).double())
+            assert grids["cka"][i, j] == pytest.approx(float(expected), abs=1e-5)

@@ -154,3 +154,14 @@ def test_a_hub_language_model_offline_is_one_line(tmp_path, monkeypatch, capsys)
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in output and len(errors) == 1, output[-2000:]
     assert "hf model 'EleutherAI/pythia-70m' cannot be loaded from the hub (offline?)" in errors[0]
+
+
+def test_the_similarity_tool_compares_language_models_over_token_positions(lm_config, tmp_path, capsys):
+    from stitching.similarity.__main__ import main
+
+    main(["--index", "cka", "--flatten", "positions", "--images", "8", "--no-progress", "--out", str(tmp_path / "sim"),
+          *LM_TINY, f"paths.zoo_dir={lm_config.zoo}", "end.arch=lm_solu", "end.seed=1"])
+    record = json.loads((tmp_path / "sim" / "similarity.json").read_text())
+    assert record["images"] == 8 and record["flatten"] == "positions"
+    assert list(record["front_layers"].values()) == ["embed", "blocks.0", "blocks.1"]
+    assert "linear CKA" in capsys.readouterr().out

@@ -26,7 +26,7 @@ from stitching.errors import StitchingError, exit_on_user_error
 from stitching.models import cut_point_names, resolve_layer
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices, similarity_grids
-from stitching.build import layer_value, build_datamodule, compose_config, load_models, read_settings
+from stitching.build import build_datamodule, compose_config, is_text, layer_value, load_models, read_settings
 from stitching.validation import check_config
 
 
@@ -40,7 +40,9 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
     with watch.section("data_s"):
         datamodule = build_datamodule(cfg, with_testbeds=False)
         datamodule.setup()
-        x, _ = datamodule.test_tensors(images)
+        # test images, or test token sequences for language models (padding never enters an index)
+        x = datamodule.test_inputs(images) if is_text(datamodule) else datamodule.test_tensors(images)[0]
+        count = len(x["input_ids"]) if isinstance(x, dict) else len(x)
     with watch.section("zoo_s"):
         settings = read_settings(cfg)
         front, front_record, end, end_record = load_models(cfg, settings, (layers or [], layers or []), stitched=False)
@@ -69,7 +71,7 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         "front_layers": {i: front_names[i - 1] for i in chosen_front},
         "end_layers": {j: end_names[j - 1] for j in chosen_end},
         "front": front_record["key"], "end": end_record["key"],
-        "dataset": datamodule.name, "images": len(x), "flatten": flatten, "batch_size": batch_size,
+        "dataset": datamodule.name, "images": count, "flatten": flatten, "batch_size": batch_size,
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
         "timings": watch.report(), "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
     }

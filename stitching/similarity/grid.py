@@ -21,7 +21,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from stitching.models.cutting import cut_point_activations
-from stitching.models.layout import CONV, Layout, as_rows, per_sample, pooled
+from stitching.stitch_layers import batches, to_device
+from stitching.models.layout import CONV, Layout, as_rows, masked, per_sample, pooled
 from stitching.similarity.cca import mean_cca, procrustes_distance, pwcca, svcca
 from stitching.similarity.cka import (
     MinibatchCKA,
@@ -73,13 +74,23 @@ def parse_indices(spec: str) -> list[str]:
     return names
 
 
-def _flat(a: torch.Tensor, layout: Layout, flatten: str) -> torch.Tensor:
-    return pooled(a, layout) if flatten == "pool" else per_sample(a, layout)
+def _flat(a: torch.Tensor, layout: Layout, flatten: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One row per input (``pool``, ``sample``), or for token sequences one row per real token
+    (``positions``); padded tokens never count."""
+    if flatten == "pool":
+        return pooled(a, layout, mask)
+    if flatten == "positions":
+        return as_rows(a, layout, mask)
+    return per_sample(masked(a, layout, mask), layout)
 
 
 def pair_matrices(a: torch.Tensor, b: torch.Tensor, flatten: str, layout_a: Layout = CONV,
                   layout_b: Layout = CONV) -> tuple[torch.Tensor, torch.Tensor]:
     """Two layers' activations for the same images → two ``[rows, d]`` matrices."""
+    if a.dim() == b.dim() == 2:  # already rows (token positions, padding left out)
+        if len(a) != len(b):
+            raise SimilarityError("flatten=positions needs two conv maps or two token sequences of one length")
+        return a, b
     if flatten != "positions":
         return _flat(a, layout_a, flatten), _flat(b, layout_b, flatten)
     if layout_a.kind == layout_b.kind == "conv" and a.shape[-2:] != b.shape[-2:]:
@@ -99,7 +110,8 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
 
     ``front_layers``/``end_layers``: 1-based cut points to compare (default: all).
 
-    ``images`` pass through each model once, in batches; cells an index cannot define
+    ``images`` (or a batch of token sequences: a dict with ``input_ids`` and
+    ``attention_mask``) pass through each model once, in batches; cells an index cannot define
     (constant activations, a degenerate CCA…) are NaN with their reason listed.
     """
     if flatten not in FLATTEN:
@@ -113,8 +125,9 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
     front_layouts = [front.cut_points[i - 1].layout for i in (front_layers or range(1, len(front.cut_points) + 1))]
     end_layouts = [end.cut_points[j - 1].layout for j in (end_layers or range(1, len(end.cut_points) + 1))]
     kept_front, kept_end = [], []
-    for batch in tqdm(images.split(batch_size), desc="activations", disable=not progress, leave=False):
-        batch = batch.to(device)
+    for batch in tqdm(batches(images, batch_size), desc="activations", disable=not progress, leave=False):
+        batch = to_device(batch, device)
+        mask = front.context(batch).attention_mask  # token batches: the real positions
         _, fronts = cut_point_activations(front, batch)
         _, ends = cut_point_activations(end, batch)
         if front_layers:
@@ -122,11 +135,12 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         if end_layers:
             ends = [ends[j - 1] for j in end_layers]
         if stream is not None:
-            stream.update([_flat(a, la, flatten) for a, la in zip(fronts, front_layouts)],
-                          [_flat(a, la, flatten) for a, la in zip(ends, end_layouts)])
+            stream.update([_flat(a, la, flatten, mask) for a, la in zip(fronts, front_layouts)],
+                          [_flat(a, la, flatten, mask) for a, la in zip(ends, end_layouts)])
         if full:
-            def keep(a, layout):
-                return (a if flatten == "positions" else _flat(a, layout, flatten)).float().cpu()
+            def keep(a, layout):  # conv maps keep their positions: pairs of other sizes are pooled later
+                raw = flatten == "positions" and layout.kind == "conv"
+                return (a if raw else _flat(a, layout, flatten, mask)).float().cpu()
             kept_front.append([keep(a, la) for a, la in zip(fronts, front_layouts)])
             kept_end.append([keep(a, la) for a, la in zip(ends, end_layouts)])
     grids: dict[str, np.ndarray] = {}
