@@ -71,7 +71,7 @@ def _prefixed(model: nn.Module, attribute: str) -> str:
 
 # -- Llama ---------------------------------------------------------------------------------
 def _llama_base(m):
-    return m.model if hasattr(m, "lm_head") else m
+    return m.model if hasattr(getattr(m, "model", None), "layers") else m  # a task model, or the bare decoder
 
 
 def _causal_tables(find_base: Callable, embedding: Callable) -> Callable:
