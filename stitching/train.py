@@ -150,9 +150,7 @@ def summary(record: dict, run_dir: Path) -> str:
         f" → end layer {record['end_layer']} ({record['end_layer_name']})",
         f"  front {base['front']['key']:<40} {_base_score(base['front'])}",
         f"  end   {base['end']['key']:<40} {_base_score(base['end'])}",
-        (f"  stitched test loss {m['test/loss']:.4f}   end model's own {m['test/end_loss']:.4f}   "
-         f"penalty {m['test/penalty']:+.4f} nats/token" if "test/penalty" in m else
-         f"  stitched test acc {m['test/acc']:.4f}   test loss {m['test/loss']:.4f}")
+        _stitched_score(m)
         + (f"   train loss {m['train/loss']:.4f}" if "train/loss" in m else ""),
     ]
     extra = {k: v for k, v in m.items() if k.startswith("test/")
@@ -165,6 +163,15 @@ def summary(record: dict, run_dir: Path) -> str:
             lines.append(f"  {side} " + "   ".join(f"{k} {v:.4f}" for k, v in robust.items()))
     lines += [f"  time {record['timings']['total_s']:.1f}s   record {run_dir / 'results.json'}"]
     return "\n".join(lines)
+
+
+def _stitched_score(m: dict) -> str:
+    if "test/penalty" in m:  # a language model
+        return (f"  stitched test loss {m['test/loss']:.4f}   end model's own {m['test/end_loss']:.4f}   "
+                f"penalty {m['test/penalty']:+.4f} nats/token")
+    if "test/acc" in m:
+        return f"  stitched test acc {m['test/acc']:.4f}   test loss {m['test/loss']:.4f}"
+    return f"  stitched output's relative error to the end model's own {m['test/loss']:.4f}"  # a bare encoder
 
 
 def _base_score(base: dict) -> str:

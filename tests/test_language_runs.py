@@ -165,3 +165,24 @@ def test_the_similarity_tool_compares_language_models_over_token_positions(lm_co
     assert record["images"] == 8 and record["flatten"] == "positions"
     assert list(record["front_layers"].values()) == ["embed", "blocks.0", "blocks.1"]
     assert "linear CKA" in capsys.readouterr().out
+
+
+def test_a_bare_encoder_folder_stitches_by_dm_and_reports_its_output_error(tmp_path, monkeypatch, capsys):
+    """A sentence encoder (BERT with no head): DM between its layers, scored by the relative
+    error of the stitched output against the encoder's own."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = _tokenizer_folder(tmp_path / "tiny-bert")
+    vocab = len(AutoTokenizer.from_pretrained(str(folder)).get_vocab())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    code, output = train_cli([*LM_TINY, f"paths.zoo_dir={tmp_path}", f"paths.output_dir={tmp_path}", "objective=dm",
+                              f"dataset.tokenizer={folder}", "model.arch=hf", f"model.name={folder}",
+                              "stitch.front_layer=2", "stitch.end_layer=3", f"hydra.run.dir={tmp_path / 'run'}"],
+                             monkeypatch, capsys)
+    assert code == 0, output[-3000:]
+    assert "stitched output's relative error to the end model's own" in output
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0 < record["metrics"]["test/loss"] < 1 and "test/penalty" not in record["metrics"]
