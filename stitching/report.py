@@ -398,6 +398,7 @@ def penalty_plot(frame: pd.DataFrame, path: Path) -> Path:
             stats = group.groupby("front_layer").test_penalty.agg(["mean", "std"])
             ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=direction)
         ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(sorted(int(v) for v in rows.front_layer.unique()))
         ax.set_xlabel("layer (cut point: 1 = embeddings)")
         ax.set_ylabel("stitching penalty (nats/token)")
         ax.set_title(f"{objective.upper()}: stitched loss − end model's loss", fontsize=8)
