@@ -44,6 +44,7 @@ def test_pgd_lowers_accuracy_and_leaves_the_model_untouched(trained):
     assert not model.training
 
 
+@pytest.mark.slow  # ~75 s on 2 cores: the fast suite keeps CI well under 20 minutes
 def test_autoattack_is_at_least_as_strong_as_pgd(trained):
     model, images, labels = trained
     x, y = images[:40], labels[:40]
