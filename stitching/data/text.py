@@ -15,7 +15,7 @@ the hub or its cache can be reached.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import lightning as L
@@ -167,9 +167,9 @@ class TextDataModule(L.LightningDataModule):
         train, test = _cached_sequences(self.corpus, self.tokenizer_spec, self.context)
         self.arrays = TextArrays(train[: self.train_sequences], test[: self.test_sequences])
 
-    @property
+    @cached_property
     def tokenizer(self):
-        return tokenizer_for(self.tokenizer_spec)
+        return tokenizer_for(self.tokenizer_spec)  # read once: a folder's tokenizer is not free to load
 
     @property
     def vocab_size(self) -> int:
