@@ -277,7 +277,7 @@ def main(cfg: DictConfig):
         record = finished_record(run_dir, digest)
         if record is not None:  # a rerun sweep keeps what it finished
             print(f"[resume] {run_dir} is finished for this config; kept as it is")
-            return record["metrics"].get("test/acc")
+            return _score(record)
         record = run(cfg, run_dir, sweep_name=Path(hydra_cfg.sweep.dir).name if sweeping else None)
     except Exception as err:
         release_memory()
@@ -297,6 +297,11 @@ def main(cfg: DictConfig):
         raise
     print(summary(record, run_dir))
     release_memory()  # a sweep's runs share this process under the basic launcher
+    return _score(record)
+
+
+def _score(record: dict) -> float | None:
+    """What a cell returns to Hydra's sweeper: accuracy, or a language model's penalty."""
     return record["metrics"].get("test/acc", record["metrics"].get("test/penalty"))
 
 
