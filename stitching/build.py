@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stitching.api import CLASS_TOKEN, Prepared, prepare_stitch
 from stitching.data import ImageDataModule
-from stitching.data.text import TextDataModule
+from stitching.data.text import PairDataModule, TextDataModule
 from stitching.errors import StitchingError
 from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel
 from stitching.models.cutting import cut
@@ -150,8 +150,8 @@ def build_datamodule(cfg: DictConfig, name: str | None = None, with_testbeds: bo
     """The stitching data (``with_testbeds``: shortcuts, class subsets as configured), or a
     dataset's full clean training split (``with_testbeds=False``: what base models see)."""
     options = dataset_config(cfg, name or cfg.dataset.name)
-    if options.get("kind") == "text":
-        return TextDataModule(**options)
+    if options.get("kind") == "text":  # a corpus of token streams, or labelled sentence pairs
+        return PairDataModule(**options) if options.get("pairs") else TextDataModule(**options)
     options.pop("kind", None)
     if not with_testbeds:
         return ImageDataModule(**{**options, "num_classes_train": None, "train_subset": None})

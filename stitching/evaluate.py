@@ -39,6 +39,42 @@ def base_accuracy(model: nn.Module, datamodule: ImageDataModule, device) -> floa
     return (predictions(copy.deepcopy(model).to(device), images, device) == labels).float().mean().item()
 
 
+@torch.no_grad()
+def pair_accuracy(model: nn.Module, datamodule, data, device, classes: dict | None = None) -> float:
+    """Accuracy of a sentence-pair classifier on a :class:`~stitching.data.text.PairDataset`;
+    ``classes`` maps the model's classes to the data's (MNLI's three onto HANS' two)."""
+    from stitching.stitch_layers import to_device
+
+    model.eval()
+    correct = 0
+    for batch in datamodule._loader(data):
+        labels = batch.pop("labels")
+        predicted = model(to_device(batch, device)).argmax(-1).cpu()
+        if classes:
+            predicted = torch.tensor([int(classes.get(int(c), c)) for c in predicted])
+        correct += int((predicted == labels).sum())
+    return correct / max(len(data), 1)
+
+
+def pair_metrics(network: nn.Module, models: dict, datamodule, device) -> tuple[dict, dict]:
+    """The stitched network's accuracy on the challenge set, and each base classifier's on the
+    test split and the challenge set: ``({metric: value}, {side: {metric: value}})``."""
+    challenge = datamodule.challenge_set()
+    spec = datamodule.challenge or {}
+    classes = {int(k): int(v) for k, v in (spec.get("classes") or {}).items()}
+    name = spec.get("name", "challenge")
+    stitched = {f"test/{name}_acc": pair_accuracy(network, datamodule, challenge, device, classes)} if challenge else {}
+    base = {}
+    for side, model in models.items():
+        if getattr(model, "num_classes", None) != datamodule.num_classes:
+            continue  # not a classifier of these labels
+        model = copy.deepcopy(model).to(device)
+        base[side] = {"test_acc": pair_accuracy(model, datamodule, datamodule.test_set, device)}
+        if challenge:
+            base[side][f"{name}_acc"] = pair_accuracy(model, datamodule, challenge, device, classes)
+    return stitched, base
+
+
 def pgd_accuracy(model: nn.Module, images, labels, device, attack: dict, batch_size: int = 256) -> float:
     settings = {k: attack[k] for k in ("eps", "step_size", "steps", "random_start")}
     correct = 0

@@ -88,7 +88,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
             continue
         rows.append(row)
     for row in rows:
-        row["score"] = row.get("test_acc")
+        row["score"] = _stitching_score(row)
     for path in sorted(sweep_dir.rglob("similarity.csv")):
         try:
             rows += pd.read_csv(path).assign(run=str(path.parent.relative_to(sweep_dir))).to_dict("records")
@@ -100,6 +100,27 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
         frame = frame.sort_values(["objective", "front_layer", "end_layer"],
                                   key=lambda c: c.map(order) if c.name == "objective" else c)
     return frame.reset_index(drop=True), failed
+
+
+def _stitching_score(row: dict) -> float | None:
+    """Higher is more similar: accuracy; for a language model minus its penalty (nats/token);
+    for a bare encoder minus the output's relative error."""
+    if row.get("test_acc") is not None:
+        return row["test_acc"]
+    if row.get("test_penalty") is not None:
+        return -row["test_penalty"]
+    return None if row.get("test_loss") is None else -row["test_loss"]
+
+
+def _cost_label(rows: pd.DataFrame) -> str | None:
+    """What a grid of stitching runs without accuracy shows instead (lower is better)."""
+    if "test_acc" in rows and rows.test_acc.notna().any():
+        return None
+    if "test_penalty" in rows and rows.test_penalty.notna().any():
+        return "penalty (nats/token)"
+    if "test_loss" in rows and rows.test_loss.notna().any():
+        return "output relative error"
+    return None
 
 
 def _row(run: str, record: dict) -> dict:
@@ -294,23 +315,33 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
     scores: dict = {}
     for ax, (label, rows, objective) in zip(axes, cells):
         grid = layer_grid(rows, objective, metric)
-        values = grid.to_numpy() * 100
-        if not np.isfinite(values).any():
+        cost = _cost_label(rows[rows.objective == objective]) if metric == "score" else None
+        if not np.isfinite(grid.to_numpy(dtype=float)).any():
             ax.axis("off")
             continue
-        directional, averaged = self_accuracy(values), self_accuracy(values, directional=False)
+        directional, averaged = self_accuracy(grid), self_accuracy(grid, directional=False)
         scores.setdefault(label or "all", {})[objective] = {
             "self_accuracy": directional, "self_accuracy_nondirectional": averaged}
-        ax.imshow(values, cmap="viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
+        # accuracy in percent (higher is better), or a language model's cost as it is (lower is better)
+        values, text, dark = (-grid.to_numpy(dtype=float), "{:.2f}", np.greater) if cost else \
+            (grid.to_numpy(dtype=float) * 100, "{:.0f}", np.less)
+        ax.imshow(values, cmap="viridis_r" if cost else "viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
         for (r, c), v in np.ndenumerate(values):
             if not np.isnan(v):
-                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6.5,
-                        color="white" if v < np.nanmean(values) else "black")
-        ax.set_xticks(range(len(grid.columns)), grid.columns)
-        ax.set_yticks(range(len(grid.index)), grid.index)
-        ax.set_xlabel("end layer")
-        ax.set_ylabel("front layer")
-        ax.set_title(f"{objective.upper()}  self-acc {directional:.2f} ({averaged:.2f})"
+                ax.text(c, r, text.format(v), ha="center", va="center", fontsize=6.5 if len(values) < 12 else 4,
+                        color="white" if dark(v, np.nanmean(values)) else "black")
+        cells = rows[rows.objective == objective]
+        if _differ_in_depth(cells):  # models of different depths: each tick also gives its relative depth
+            ends, fronts = dict(zip(cells.end_layer, cells.end_depth)), dict(zip(cells.front_layer, cells.front_depth))
+            ticks = {"x": [f"{c}\n{ends[c]:.2f}" if c in ends else str(c) for c in grid.columns],
+                     "y": [f"{r} ({fronts[r]:.2f})" if r in fronts else str(r) for r in grid.index]}
+        else:
+            ticks = {"x": list(grid.columns), "y": list(grid.index)}
+        ax.set_xticks(range(len(grid.columns)), ticks["x"], fontsize=6 if len(grid.columns) > 12 else None)
+        ax.set_yticks(range(len(grid.index)), ticks["y"], fontsize=6 if len(grid.index) > 12 else None)
+        ax.set_xlabel("end layer" + (" (relative depth)" if ticks["x"] != list(grid.columns) else ""))
+        ax.set_ylabel("front layer" + (" (relative depth)" if ticks["y"] != list(grid.index) else ""))
+        ax.set_title(f"{objective.upper()}{f' {cost}' if cost else ''}  self-acc {directional:.2f} ({averaged:.2f})"
                      + (f"\n{label}" if label else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -410,6 +441,59 @@ def penalty_plot(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _differ_in_depth(frame: pd.DataFrame) -> bool:
+    """Similarity grids between models of different depths (their cut points meet by relative depth)."""
+    if "front_depth" not in frame:
+        return False
+    grids = frame[frame.front_depth.notna()]
+    return any(group.front_layer.nunique() != group.end_layer.nunique()
+               for _, group in grids.groupby(["objective", "front_model", "end_model"]))
+
+
+def corresponding_depth(frame: pd.DataFrame) -> pd.DataFrame:
+    """For every similarity grid and front layer, the cell at the end layer of the nearest
+    relative depth: columns index, front/end model, front_layer, end_layer, depth, score."""
+    rows = []
+    grids = frame[frame.front_depth.notna()]
+    for (index, front, end), group in grids.groupby(["objective", "front_model", "end_model"], sort=False):
+        ends = group.drop_duplicates("end_layer").set_index("end_layer").end_depth
+        for layer, cells in group.groupby("front_layer"):
+            depth = float(cells.front_depth.iloc[0])
+            nearest = (ends - depth).abs().idxmin()
+            rows.append({"index": index, "front_model": front, "end_model": end, "front_layer": layer,
+                         "end_layer": nearest, "depth": depth,
+                         "score": float(cells.set_index("end_layer").score.get(nearest, np.nan))})
+    return pd.DataFrame(rows)
+
+
+def depth_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean similarity at corresponding relative depths: front model (rows) × end model (columns), per index."""
+    cells = corresponding_depth(frame)
+    return cells.pivot_table(index=["index", "front_model"], columns="end_model", values="score", aggfunc="mean",
+                             sort=False)
+
+
+def depth_plot(frame: pd.DataFrame, path: Path) -> Path:
+    """Similarity per relative depth, one line per model pair, one panel per index (the
+    representation-dissimilarity paper's comparison of Pythia sizes)."""
+    plt = _pyplot()
+    cells = corresponding_depth(frame)
+    indices = list(dict.fromkeys(cells["index"]))
+    fig, axes = _grid(plt, len(indices), 5.5, 3.8)
+    for ax, index in zip(axes, indices):
+        for (front, end), line in cells[cells["index"] == index].groupby(["front_model", "end_model"], sort=False):
+            ax.plot(line.depth, line.score, marker="o", ms=3, label=f"{front} × {end}")
+        ax.set_xlabel("relative depth of the front layer (0 = embeddings, 1 = last block)")
+        ax.set_ylabel(f"{index} at the nearest end depth")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
 def subsets_plot(frame: pd.DataFrame, path: Path) -> Path:
     """Accuracy on all classes vs the number of stitching classes, per objective."""
     plt = _pyplot()
@@ -446,6 +530,10 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         made["penalty_table"] = penalty_table(frame)
         (out / "penalty.md").write_text(made["penalty_table"].to_string())
         made["penalty"] = penalty_plot(frame, out / "penalty.png")
+    if _differ_in_depth(frame):  # models of different depths: similarity by relative depth
+        made["depth_table"] = depth_table(frame)
+        (out / "depth.md").write_text(made["depth_table"].round(3).to_string(na_rep="—"))
+        made["depth"] = depth_plot(frame, out / "depth.png")
     runs = frame[frame.test_acc.notna()] if "test_acc" in frame else frame.iloc[:0]  # stitching runs only
     if not runs.empty and "classes_train" in varying_conditions(runs):
         made["subsets"] = subsets_plot(runs, out / "subsets.png")
@@ -483,7 +571,7 @@ def log_to_wandb(made: dict, sweep_dir: Path, project: str = "stitching", group:
     for key in ("plots",):
         for path in made.get(key, []):
             payload[f"figures/{Path(path).stem}"] = wandb.Image(str(path))
-    for key in ("heatmap", "subsets"):
+    for key in ("heatmap", "subsets", "penalty", "depth"):
         if key in made:
             payload[f"figures/{key}"] = wandb.Image(str(made[key]))
     for condition, scores in made.get("self_accuracy", {}).items():
@@ -532,6 +620,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"figure: {made['penalty']}")
     if "subsets" in made:
         print(f"figure: {made['subsets']}")
+    if "depth" in made:
+        print("\nsimilarity at corresponding relative depths (mean over front layers; rows: front model)")
+        print(made["depth_table"].round(3).to_string(na_rep="—"))
+        print(f"figure: {made['depth']}")
     if "heatmap" in made:
         print("\nself-accuracy (directional / non-directional)")
         for condition, scores in made["self_accuracy"].items():

@@ -25,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from stitching.api import train_stitch
 from stitching.build import CONF_DIR, Run, is_text, outlier_arrays, prepare
 from stitching.data import save_examples
+from stitching.data.text import PairDataModule
 from stitching.evaluate import (
     base_accuracy,
     cached_robust_metrics,
     evaluation_settings,
     ood_metrics,
+    pair_metrics,
     penultimate_cka,
     robust_metrics,
     testbed_metrics,
@@ -101,8 +103,16 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
         base = {side: {"key": record["key"], "test_acc": record.get("test_acc"), "test_loss": record.get("test_loss"),
                        "dataset": cfg[side].dataset, "source": _provenance(record)}
                 for side, record in (("front", prep.front_record), ("end", prep.end_record))}
-        return {}, base, {"kind": "text", "corpus": datamodule.corpus, "tokenizer": datamodule.tokenizer_spec,
-                          "context": datamodule.context, "test_sequences": len(datamodule.arrays.test)}
+        evaluation = {"kind": "text", "corpus": datamodule.corpus, "tokenizer": datamodule.tokenizer_spec,
+                      "context": datamodule.context, "test_sequences": len(datamodule.arrays.test)}
+        if not isinstance(datamodule, PairDataModule):
+            return {}, base, evaluation
+        # sentence pairs: the classifiers' accuracy on the test split and the challenge set (HANS)
+        metrics, scores = pair_metrics(network, {"front": prep.front, "end": prep.end}, datamodule, device)
+        for side, values in scores.items():
+            base[side].update({k: v for k, v in values.items() if base[side].get(k) is None})
+        evaluation["challenge"] = datamodule.challenge
+        return metrics, base, evaluation
     metrics = testbed_metrics(network, datamodule, device)
     metrics.update({f"test/{k}": v for k, v in robust_metrics(network, datamodule, attack, device, cfg.seed).items()})
     base = {}

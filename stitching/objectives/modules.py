@@ -123,7 +123,7 @@ class StitchingModule(L.LightningModule):
         return torch.optim.Adam(self.network.stitch.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def training_step(self, batch, batch_idx):
-        x, y = self.task.split(batch)
+        x, y = self.task.split(batch, train=True)
         alpha = float(self.adversarial.get("alpha", 0.0))
         if alpha > 0:
             attack = {k: self.adversarial[k] for k in ("eps", "step_size", "steps", "random_start")}

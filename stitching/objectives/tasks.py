@@ -9,6 +9,8 @@ task, read from the end model itself:
   ``attention_mask``, or bare ids): next-token cross-entropy over the real tokens that have
   a real successor, in nats per token. Tests also record the end model's own loss on the
   same tokens and the **stitching penalty** (stitched − end).
+* :class:`MaskedToken` — a masked language model (BERT with its MLM head): 15 % of the real
+  tokens are replaced by the mask token and predicted; scored like :class:`NextToken`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Classification:
     name = "classification"
     has_accuracy = True
 
-    def split(self, batch):
+    def split(self, batch, train: bool = False):
         if isinstance(batch, dict):
             return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
         x, y = batch
@@ -49,7 +51,7 @@ class NextToken:
     name = "next_token"
     has_accuracy = False
 
-    def split(self, batch):
+    def split(self, batch, train: bool = False):
         from stitching.models.language import token_ids
 
         ids, mask = token_ids(batch)
@@ -57,20 +59,59 @@ class NextToken:
         return batch, labels
 
     @staticmethod
-    def _rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predicting(logits: torch.Tensor) -> torch.Tensor:
+        """The positions whose output is scored against ``labels`` (position t predicts t + 1)."""
+        return logits[:, :-1]
+
+    def _rows(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep = labels != IGNORE
-        return logits[:, :-1][keep], labels[keep]
+        return self._predicting(logits)[keep], labels[keep]
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return losses.tlm_loss(*self._rows(logits, labels))
 
     def soft_loss(self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy against the end model's next-token distribution, real tokens only."""
+        """Cross-entropy against the end model's predicted distribution, scored tokens only."""
         keep = labels != IGNORE
-        return losses.slm_loss(logits[:, :-1][keep], teacher[:, :-1][keep])
+        return losses.slm_loss(self._predicting(logits)[keep], self._predicting(teacher)[keep])
 
     def scored(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rows(logits, labels)
+
+
+class MaskedToken(NextToken):
+    """A masked language model: a random 15 % of the real tokens become the mask token, and
+    the output at each of them predicts the original. Training draws new masks every batch;
+    test masks are a function of the batch's tokens, so every run scores the same positions."""
+
+    name = "masked_token"
+    rate = 0.15
+
+    def __init__(self, mask_id: int | None, seed: int = 0):
+        if mask_id is None:
+            from stitching.errors import StitchingError
+
+            raise StitchingError("the masked language model's tokenizer has no mask token; give the model's folder "
+                                 "with its tokenizer (model.name) so its [MASK] id is known")
+        self.mask_id = int(mask_id)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def split(self, batch, train: bool = False):
+        from stitching.models.language import token_ids
+
+        ids, mask = token_ids(batch)
+        if train:
+            generator = self.generator
+        else:  # seeded by the content: the same test batch gets the same masks in every run
+            generator = torch.Generator().manual_seed(int((ids.long().cpu() * 1_000_003).sum()) % (2**62) + ids.numel())
+        chosen = (torch.rand(ids.shape, generator=generator) < self.rate).to(ids.device) & mask.bool()
+        masked = dict(batch) if isinstance(batch, dict) else {"input_ids": ids, "attention_mask": mask}
+        masked["input_ids"] = ids.masked_fill(chosen, self.mask_id)
+        return masked, ids.masked_fill(~chosen, IGNORE)
+
+    @staticmethod
+    def _predicting(logits: torch.Tensor) -> torch.Tensor:
+        return logits  # position t predicts its own (masked) token
 
 
 class Representation:
@@ -83,7 +124,7 @@ class Representation:
     name = "representation"
     has_accuracy = False
 
-    def split(self, batch):
+    def split(self, batch, train: bool = False):
         return batch, None
 
     def loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,14 +134,17 @@ class Representation:
         raise NotImplementedError
 
 
-def task_of(end) -> Classification | NextToken | Representation:
+def task_of(end) -> Classification | NextToken | MaskedToken | Representation:
     """The task of a cuttable end model: next-token prediction for causal language models,
-    a representation for bare encoders, classification otherwise."""
+    masked tokens for masked language models, a representation for bare encoders,
+    classification otherwise."""
     from stitching.models.language import LanguageModel
 
     if isinstance(end, LanguageModel):
         if end.is_causal_lm:
             return NextToken()
+        if end.is_masked_lm:
+            return MaskedToken(end.mask_id)
         if end.num_classes is None:
             return Representation()
     return Classification()

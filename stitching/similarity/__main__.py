@@ -54,7 +54,9 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress,
                                            front_layers=chosen_front, end_layers=chosen_end)
     conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
+    depth_front, depth_end = relative_depths(len(front_names)), relative_depths(len(end_names))
     rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
+             "front_depth": depth_front[chosen_front[i]], "end_depth": depth_end[chosen_end[j]],
              "score": None if pd.isna(v) else float(v), **conditions,
              "front_model": front_record["key"], "end_model": end_record["key"],
              "front_acc": front_record["test_acc"], "end_acc": end_record["test_acc"]}
@@ -70,6 +72,7 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         "grids": {name: [[None if pd.isna(v) else float(v) for v in row] for row in grid] for name, grid in grids.items()},
         "front_layers": {i: front_names[i - 1] for i in chosen_front},
         "end_layers": {j: end_names[j - 1] for j in chosen_end},
+        "front_depths": {i: depth_front[i] for i in chosen_front}, "end_depths": {j: depth_end[j] for j in chosen_end},
         "front": front_record["key"], "end": end_record["key"],
         "dataset": datamodule.name, "images": count, "flatten": flatten, "batch_size": batch_size,
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
@@ -77,6 +80,12 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
     }
     write_json_atomic(out / "similarity.json", record)
     return record
+
+
+def relative_depths(count: int) -> dict[int, float]:
+    """Cut point k of ``count`` → its relative depth (k − 1) / (count − 1): 0 is the first cut
+    (a language model's embeddings), 1 the last; models of different depths meet on this axis."""
+    return {k: round((k - 1) / max(count - 1, 1), 4) for k in range(1, count + 1)}
 
 
 def _cells(grid):

@@ -118,12 +118,13 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         raise SimilarityError(f"unknown flatten '{flatten}'; choose one of {', '.join(FLATTEN)}")
     streaming = [name for name in indices if INDICES[name].streaming]
     full = [name for name in indices if not INDICES[name].streaming]
-    if streaming and flatten == "positions":
-        raise SimilarityError("minibatch_cka works on whole images: use flatten=sample or flatten=pool")
-    front, end = front.eval().to(device), end.eval().to(device)
-    stream = MinibatchCKA() if streaming else None
     front_layouts = [front.cut_points[i - 1].layout for i in (front_layers or range(1, len(front.cut_points) + 1))]
     end_layouts = [end.cut_points[j - 1].layout for j in (end_layers or range(1, len(end.cut_points) + 1))]
+    if streaming and flatten == "positions" and any(la.kind != "tokens" for la in front_layouts + end_layouts):
+        raise SimilarityError("minibatch_cka over positions needs token sequences on both sides (a batch's real "
+                              "tokens are its samples); for image models use flatten=sample or flatten=pool")
+    front, end = front.eval().to(device), end.eval().to(device)
+    stream = MinibatchCKA() if streaming else None
     kept_front, kept_end = [], []
     for batch in tqdm(batches(images, batch_size), desc="activations", disable=not progress, leave=False):
         batch = to_device(batch, device)
