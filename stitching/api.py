@@ -147,7 +147,9 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         front_layer, end_layer: cut points, 1-based indices or names (see :func:`cut_points`).
         objective: ``dm``, ``hint``, ``fula``, ``slm`` or ``tlm``.
         train, test: a ``DataLoader``, a ``Dataset`` or a tuple ``(images, labels)`` of
-            tensors (images ``[N, C, H, W]`` in [0, 1]); ``test`` defaults to ``train``.
+            tensors (images ``[N, C, H, W]`` in [0, 1]); for language models token ids
+            ``[N, T]`` or a dict of ``input_ids``, ``attention_mask`` (1 = real token, padding on
+            the right) and, for a classifier, ``labels``; ``test`` defaults to ``train``.
         epochs, batch_size, lr, weight_decay: stitch training (Adam on the stitch only).
         dm_samples: training inputs for the closed-form DM initialisation.
         update_bn, class_token, weights: as ``stitch.update_bn``, ``stitch.class_token`` and
@@ -159,7 +161,7 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         ``metrics`` (``test/acc``, ``test/loss``, ``train/loss``…).
     """
     if train is None:
-        raise StitchingError("stitch() needs training data: train=(images, labels), a Dataset or a DataLoader")
+        raise StitchingError("stitch() needs training data: train=(images, labels), token ids, a Dataset or a DataLoader")
     watch = Stopwatch()
     L.seed_everything(seed, workers=True, verbose=False)
     train_loader = as_loader(train, batch_size, shuffle=True)
@@ -173,30 +175,57 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
     return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.module, watch.report())
 
 
+class TokenBatch(Dataset):
+    """Token sequences as a dataset of dicts (``input_ids``, ``attention_mask``, any ``labels``)."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = {k: v for k, v in tensors.items() if v is not None}
+        sizes = {len(v) for v in self.tensors.values()}
+        if len(sizes) != 1:
+            raise StitchingError(f"token data of unequal lengths: {', '.join(f'{k} {len(v)}' for k, v in self.tensors.items())}")
+
+    def __len__(self) -> int:
+        return len(self.tensors["input_ids"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
 def as_loader(data, batch_size: int, shuffle: bool) -> DataLoader:
-    """A DataLoader from a DataLoader, a Dataset or an ``(inputs, labels)`` tuple of tensors."""
+    """A DataLoader from a DataLoader, a Dataset, an ``(inputs, labels)`` tuple of tensors, or
+    token data: ids ``[N, T]`` or a dict with ``input_ids`` (and ``attention_mask``, ``labels``)."""
     if isinstance(data, DataLoader):
         return data
+    if isinstance(data, dict):
+        if "input_ids" not in data:
+            raise StitchingError(f"token data need 'input_ids'; got {', '.join(data) or 'an empty dict'}")
+        data = TokenBatch(data)
+    elif isinstance(data, torch.Tensor) and not data.is_floating_point() and data.dim() == 2:
+        data = TokenBatch({"input_ids": data})  # token ids of a language model
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         if len(data[0]) != len(data[1]):
             raise StitchingError(f"{len(data[0])} inputs but {len(data[1])} labels")
         data = TensorDataset(*data)
     if isinstance(data, Dataset):
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle)
-    raise StitchingError(f"cannot read data of type {type(data).__name__}; give a DataLoader, a Dataset or "
-                         f"a tuple (images, labels) of tensors")
+    raise StitchingError(f"cannot read data of type {type(data).__name__}; give a DataLoader, a Dataset, a tuple "
+                         f"(images, labels) of tensors, or token ids / a dict of input_ids")
 
 
-def first_inputs(loader: DataLoader, count: int) -> torch.Tensor:
-    """The inputs of the first ``count`` examples a loader yields (for the DM fit)."""
+def first_inputs(loader: DataLoader, count: int):
+    """The inputs of the first ``count`` examples a loader yields (for the DM fit): a tensor,
+    or for token batches a dict of ``input_ids`` and ``attention_mask`` (labels dropped)."""
     if count < 1:
         raise StitchingError(f"the DM initialisation needs at least one sample, got dm_samples={count}")
     taken, total = [], 0
-    for inputs, *_ in loader:
+    for batch in loader:
+        inputs = {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, dict) else batch[0]
         taken.append(inputs)
-        total += len(inputs)
+        total += len(inputs["input_ids"]) if isinstance(inputs, dict) else len(inputs)
         if total >= count:
             break
     if not taken:
         raise StitchingError("the training data are empty")
+    if isinstance(taken[0], dict):
+        return {k: torch.cat([part[k] for part in taken])[:count] for k in taken[0]}
     return torch.cat(taken)[:count]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from contextlib import suppress
@@ -31,6 +32,7 @@ OBJECTIVE_ORDER = ["dm", "hint", "fula", "slm", "tlm"]
 CONDITIONS = {
     "front_dataset": ("front", "dataset"), "end_dataset": ("end", "dataset"),
     "front_arch": ("front", "arch"), "end_arch": ("end", "arch"),
+    "front_name": ("front", "name"), "end_name": ("end", "name"),  # given models (a folder, a hub name)
     "front_seed": ("front", "seed"), "end_seed": ("end", "seed"),
     "front_robust": ("front", "robust"), "end_robust": ("end", "robust"),
     "alpha": ("attack", "alpha"), "classes_train": ("dataset", "num_classes_train"),
@@ -40,7 +42,8 @@ METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust ac
                  "test_robust_acc_autoattack": "robust accuracy (AutoAttack)",
                  "test_acc_shortcut": "accuracy with shortcut",
                  "init_penultimate_cka": "penultimate CKA at DM init",
-                 "ood_auroc": "OOD AUROC, stitched vs native"}
+                 "ood_auroc": "OOD AUROC, stitched vs native",
+                 "test_hans_acc": "HANS lexical-overlap accuracy"}
 
 
 def condition_values(config: dict) -> dict:
@@ -136,8 +139,8 @@ def _row(run: str, record: dict) -> dict:
         **{k.replace("/", "_"): v for k, v in record["metrics"].items()},
         "front_acc": base["front"]["test_acc"],
         "end_acc": base["end"]["test_acc"],
-        **{f"front_{k.replace('/', '_')}": v for k, v in base["front"].items() if k.startswith("robust")},
-        **{f"end_{k.replace('/', '_')}": v for k, v in base["end"].items() if k.startswith("robust")},
+        **{f"{side}_{k.replace('/', '_')}": v for side in ("front", "end") for k, v in base[side].items()
+           if k.startswith("robust") or (k.endswith("_acc") and k != "test_acc")},  # robust, challenge-set accuracy
         "front_model": base["front"]["key"],
         "end_model": base["end"]["key"],
         "seconds": record["timings"]["total_s"],
@@ -403,11 +406,18 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
     return written
 
 
+def _directions(runs: pd.DataFrame) -> pd.Series:
+    """``front → end`` of each run: the architectures, or the given models' names when those vary."""
+    named = "front_name" in runs and (runs.front_name.nunique() > 1 or runs.end_name.nunique() > 1)
+    front, end = ("front_name", "end_name") if named else ("front_arch", "end_arch")
+    return runs[front].astype(str).str.split("/").str[-1] + " → " + runs[end].astype(str).str.split("/").str[-1]
+
+
 def penalty_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Language-model stitching: mean ± std of the penalty (nats/token) over seed pairs, by
     layer (rows) and direction ``front arch → end arch`` (columns), per objective."""
     runs = frame[frame.test_penalty.notna()]
-    runs = runs.assign(direction=runs.front_arch.astype(str) + " → " + runs.end_arch.astype(str),
+    runs = runs.assign(direction=_directions(runs),
                        layer=[f"{i}" if i == j else f"{i}→{j}" for i, j in zip(runs.front_layer, runs.end_layer)])
     stats = runs.groupby(["objective", "layer", "direction"]).test_penalty.agg(["mean", "std", "count"])
     cells = stats.apply(lambda r: f"{r['mean']:+.3f} ± {0 if pd.isna(r['std']) else r['std']:.3f} ({int(r['count'])})",
@@ -420,7 +430,7 @@ def penalty_plot(frame: pd.DataFrame, path: Path) -> Path:
     panel per objective (the representation-dissimilarity paper's Fig. 1)."""
     plt = _pyplot()
     runs = frame[frame.test_penalty.notna() & (frame.front_layer == frame.end_layer)]
-    runs = runs.assign(direction=runs.front_arch.astype(str) + " → " + runs.end_arch.astype(str))
+    runs = runs.assign(direction=_directions(runs))
     objectives = _objectives(runs)
     fig, axes = _grid(plt, len(objectives), 5.5, 3.8)
     for ax, objective in zip(axes, objectives):
@@ -547,7 +557,8 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         (out / "self_accuracy.json").write_text(json.dumps(made["self_accuracy"], indent=2))
         panels = facets(frame)
         for label, rows in panels:  # one file per grid: conditions are never averaged together
-            suffix = "" if len(panels) == 1 else "_" + "_".join(part.replace("=", "") for part in label.split(", "))
+            suffix = "" if len(panels) == 1 else "_" + re.sub(r"[^\w.-]+", "-", "_".join(
+                part.replace("=", "") for part in label.split(", ")))  # a model's path or hub name stays one file name
             for objective in _objectives(rows):
                 layer_grid(rows, objective, "score").to_csv(out / f"grid_{objective}{suffix}.csv")
         made["sanity"] = sanity_checks(frame)

@@ -137,27 +137,14 @@ def test_padding_added_to_a_batch_does_not_change_the_dm_solution():
     torch.testing.assert_close(linear.bias.detach(), bias, rtol=1e-4, atol=1e-4)
 
 
-class _Sequences(torch.utils.data.Dataset):
-    """Right-padded token sequences as dicts (what a text data module yields)."""
-
-    def __init__(self, batch: dict):
-        self.batch = batch
-
-    def __len__(self):
-        return len(self.batch["input_ids"])
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.batch.items()}
-
-
 @pytest.mark.parametrize("objective", ["dm", "hint", "fula", "slm", "tlm"])
 def test_each_objective_stitches_two_language_models_with_a_penalty(objective, tmp_path):
-    from stitching.api import prepare_stitch, train_stitch
+    from stitching.api import TokenBatch, prepare_stitch, train_stitch
 
     front, end = tiny("llama", seed=0), tiny("llama", seed=1)
     before = {(side, name): p.clone() for side, model in enumerate((front, end)) for name, p in model.named_parameters()}
     data = _padded_batch(seed=3, lengths=(24,) * 12 + (15, 7, 19, 3))
-    loader = torch.utils.data.DataLoader(_Sequences(data), batch_size=4)
+    loader = torch.utils.data.DataLoader(TokenBatch(data), batch_size=4)  # right-padded dicts, as a text module yields
     prepared = prepare_stitch(front, end, 2, 2, data, objective=objective, lr=1e-2, num_classes=VOCAB)
     stitch_before = {k: v.clone() for k, v in prepared.network.stitch.state_dict().items()}
     frozen = {n: p.clone() for n, p in prepared.network.named_parameters() if "stitch" not in n}
@@ -175,6 +162,21 @@ def test_each_objective_stitches_two_language_models_with_a_penalty(objective, t
             assert torch.equal(p, before[side, name])
     changed = any(not torch.equal(v, stitch_before[k]) for k, v in prepared.network.stitch.state_dict().items())
     assert changed == (objective != "dm")
+
+
+def test_the_one_call_api_stitches_language_models_on_token_data():
+    """``stitching.stitch`` on token ids or a padded dict: DM of a model into itself costs
+    nothing; TLM between two models trains and reports the penalty."""
+    from stitching.api import stitch
+
+    model = tiny("gpt_neox", seed=0)
+    data = _padded_batch(seed=6, lengths=(16,) * 10 + (11, 5))
+    same = stitch(model, model, 3, 3, objective="dm", train=data, batch_size=4, progress=False,
+                  trainer={"accelerator": "cpu"})
+    assert abs(same.metrics["test/penalty"]) < 1e-3
+    other = stitch(model, tiny("gpt_neox", seed=1), 2, 2, objective="tlm", train=data["input_ids"][:10], epochs=1,
+                   batch_size=4, progress=False, trainer={"accelerator": "cpu"})
+    assert {"test/loss", "test/end_loss", "test/penalty", "train/loss"} <= set(other.metrics)
 
 
 def test_tlm_and_slm_refuse_an_end_model_without_a_task_head():
@@ -208,3 +210,62 @@ def test_cka_over_token_positions_leaves_padding_out():
         for j in range(4):
             expected = linear_cka(torch.cat(rows_f[i]).double(), torch.cat(rows_e[j]).double())
             assert grids["cka"][i, j] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_minibatch_cka_streams_token_positions_batch_by_batch():
+    """Streaming over a corpus: each batch's real tokens are one minibatch; the grid equals the
+    ratio of summed per-batch unbiased HSICs (Song et al.'s estimator written out here)."""
+    from stitching.similarity.grid import similarity_grids
+
+    def hsic1(k, l):  # the unbiased estimator, from its definition
+        n = len(k)
+        k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
+        ones = torch.ones(n, dtype=k.dtype)
+        return (torch.trace(k @ l) + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (ones @ k @ l @ ones)) / (n * (n - 3))
+
+    front, end = LanguageModel(tiny("gpt_neox", seed=0)), LanguageModel(tiny("gpt2", seed=1))
+    batch = _padded_batch(seed=5, lengths=(12, 7, 12, 4, 9, 12))
+    grids, problems = similarity_grids(front, end, batch, ["minibatch_cka"], flatten="positions", batch_size=2,
+                                       progress=False)
+    assert not problems
+    sums = {}
+    with torch.no_grad():
+        for start in range(0, 6, 2):
+            part = {k: v[start:start + 2] for k, v in batch.items()}
+            keep = part["attention_mask"].bool()
+            grams = [[(a[keep].double() @ a[keep].double().T) for a in cut_point_activations(m, part)[1]]
+                     for m in (front, end)]
+            for i, k in enumerate(grams[0]):
+                for j, l in enumerate(grams[1]):
+                    sums[i, j] = sums.get((i, j), 0) + hsic1(k, l)
+                sums["x", i] = sums.get(("x", i), 0) + hsic1(k, k)
+            for j, l in enumerate(grams[1]):
+                sums["y", j] = sums.get(("y", j), 0) + hsic1(l, l)
+    for i in range(4):
+        for j in range(4):
+            expected = sums[i, j] / (sums["x", i] * sums["y", j]).sqrt()
+            assert grids["minibatch_cka"][i, j] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_a_given_model_is_found_in_a_folder_a_gguf_file_or_an_installed_package(tmp_path, monkeypatch):
+    from stitching.errors import StitchingError
+    from stitching.models.language import locate
+
+    package = tmp_path / "site" / "fake_models"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model" / "config.json").write_text("{}")
+    (package / "tiny.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert locate("pkg:fake_models/model") == (package / "model", {})
+    assert locate("pkg:fake_models") == (package, {"gguf_file": "tiny.Q4_1.gguf"})  # one GGUF, no config.json
+    assert locate(str(package / "tiny.Q4_1.gguf")) == (package, {"gguf_file": "tiny.Q4_1.gguf"})
+    assert locate("EleutherAI/pythia-70m") == (None, {})  # a hub name
+    (package / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(StitchingError, match="holds 2 .gguf files; name one"):
+        locate("pkg:fake_models")
+    with pytest.raises(StitchingError, match="no installed package 'not_installed_anywhere'"):
+        locate("pkg:not_installed_anywhere")
+    with pytest.raises(StitchingError, match="names no folder"):
+        locate("pkg:fake_models/missing")
