@@ -12,6 +12,7 @@ DEMO_DIR ?= outputs/demo/$(STAMP)
 SWEEPS ?= outputs/sweeps
 ARGS ?=
 PYTHIA ?= 70m 160m 410m 1b 1.4b 2.8b
+LM_DEPTHS ?= 1 2 3 4
 GENERALISING ?= connectivity/feather_berts_0
 HEURISTIC ?= connectivity/feather_berts_1
 FIGURES := fig4 fig5 fig6 fig8 fig9 fig10 fig11 ood
@@ -115,8 +116,12 @@ sanity-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ResNet18
 	$(call sanity,sanity_small)
 sanity-vit: $(READY) ## the sanity checks on ViT-Ti (paper size, GPU)
 	$(call sanity,sanity_vit)
-lm-solu-gelu: $(READY) ## LM paper Sec. 3 (paper size, online): TransformerLens gelu-2l/solu-2l, 4 directions, TLM
-	$(call sweep,lm_solu_gelu)
+lm-solu-gelu: $(READY) ## LM paper Sec. 3 (paper size, online): TransformerLens gelu/solu-{LM_DEPTHS}l, 4 directions, TLM
+	@# one sweep per depth (every residual stream of gelu-<d>l and solu-<d>l), one report over all of them
+	status=0; for d in $(LM_DEPTHS); do \
+	  $(PY) -m stitching.train -m experiment=lm_solu_gelu front.name=gelu-$${d}l,solu-$${d}l end.name=gelu-$${d}l,solu-$${d}l \
+	    "stitch.layer=range(1,$$((d + 2)))" hydra.sweep.dir=$(SWEEPS)/lm_solu_gelu/$(STAMP)/$${d}l $(ARGS) || status=1; \
+	done; $(PY) -m stitching.report $(SWEEPS)/lm_solu_gelu/$(STAMP) && exit $$status
 lm-solu-gelu-small: $(READY) ## LM paper Sec. 3 on CPU: GeLU/SoLU models trained here, 4 directions, penalty by layer
 	$(call sweep,lm_solu_gelu_small)
 sanity-vit-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ViT

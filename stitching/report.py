@@ -416,9 +416,8 @@ def _directions(runs: pd.DataFrame) -> pd.Series:
 def penalty_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Language-model stitching: mean ± std of the penalty (nats/token) over seed pairs, by
     layer (rows) and direction ``front arch → end arch`` (columns), per objective."""
-    runs = frame[frame.test_penalty.notna()]
-    runs = runs.assign(direction=_directions(runs),
-                       layer=[f"{i}" if i == j else f"{i}→{j}" for i, j in zip(runs.front_layer, runs.end_layer)])
+    runs = frame[frame.test_penalty.notna() & (frame.front_layer == frame.end_layer)]
+    runs = runs.assign(direction=_directions(runs), layer=runs.front_layer.astype(int))
     stats = runs.groupby(["objective", "layer", "direction"]).test_penalty.agg(["mean", "std", "count"])
     cells = stats.apply(lambda r: f"{r['mean']:+.3f} ± {0 if pd.isna(r['std']) else r['std']:.3f} ({int(r['count'])})",
                         axis=1)
@@ -536,7 +535,9 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         raise StitchingError(f"no successful run under {sweep_dir} ({len(failed)} failed{first})")
     frame.to_csv(out / "results.csv", index=False)
     made = {"csv": out / "results.csv", "failed": failed, "frame": frame, "missing": missing_cells(sweep_dir)}
-    if "test_penalty" in frame and frame.test_penalty.notna().any():  # language models
+    if "test_penalty" in frame and (frame.test_penalty.notna() & (frame.front_layer == frame.end_layer)).any() \
+            and not (frame.test_penalty.notna() & (frame.front_layer != frame.end_layer)).any():
+        # language models at corresponding layers (a front × end grid is drawn as a heatmap instead)
         made["penalty_table"] = penalty_table(frame)
         (out / "penalty.md").write_text(made["penalty_table"].to_string())
         made["penalty"] = penalty_plot(frame, out / "penalty.png")

@@ -109,7 +109,7 @@ def test_a_gelu_solu_sweep_reports_the_penalty_by_direction(lm_config, tmp_path,
     made = report(sweep)
     table = made["penalty_table"]
     assert list(table.columns) == ["lm_gelu → lm_gelu", "lm_gelu → lm_solu", "lm_solu → lm_gelu", "lm_solu → lm_solu"]
-    assert list(table.index.get_level_values("layer")) == ["2", "3"]
+    assert list(table.index.get_level_values("layer")) == [2, 3]
     assert made["penalty"].is_file() and (sweep / "penalty.md").is_file()
     frame = pd.read_csv(made["csv"])
     assert len(frame) == 8 and frame.test_penalty.notna().all()
