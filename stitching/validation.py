@@ -137,6 +137,7 @@ RULES: dict[str, Rule] = {
     "evaluation.ood.eval_images": COUNT,
     "similarity.images": Rule("int", 4),
     "similarity.batch_size": COUNT,
+    "similarity.skip_positions": INDEX,
 }
 
 

@@ -269,3 +269,24 @@ def test_a_given_model_is_found_in_a_folder_a_gguf_file_or_an_installed_package(
         locate("pkg:not_installed_anywhere")
     with pytest.raises(StitchingError, match="names no folder"):
         locate("pkg:fake_models/missing")
+
+
+def test_skipped_positions_leave_the_indices_but_not_the_forward_pass():
+    """``skip_positions=1``: the grid equals CKA over every real token but each sequence's first,
+    with activations from the whole sequence (an attention sink is read, never scored)."""
+    from stitching.similarity.cka import linear_cka
+    from stitching.similarity.grid import similarity_grids
+
+    front, end = LanguageModel(tiny("llama", seed=0)), LanguageModel(tiny("gpt2", seed=1))
+    batch = _padded_batch(seed=7, lengths=(16, 16, 9, 12))
+    grids, _ = similarity_grids(front, end, batch, ["cka"], flatten="positions", progress=False, skip_positions=1)
+    keep = batch["attention_mask"].bool().clone()
+    keep[:, 0] = False
+    with torch.no_grad():
+        fronts, ends = cut_point_activations(front, batch)[1], cut_point_activations(end, batch)[1]
+    for i, a in enumerate(fronts):
+        for j, b in enumerate(ends):
+            expected = linear_cka(a[keep].double(), b[keep].double())
+            assert grids["cka"][i, j] == pytest.approx(float(expected), abs=1e-5)
+    whole, _ = similarity_grids(front, end, batch, ["cka"], flatten="positions", progress=False)
+    assert not torch.allclose(torch.tensor(whole["cka"]), torch.tensor(grids["cka"]))

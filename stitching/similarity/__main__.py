@@ -31,7 +31,7 @@ from stitching.validation import check_config
 
 
 def main_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
-               out: Path, layers: list[int] | None = None, progress: bool = True) -> dict:
+               out: Path, layers: list[int] | None = None, progress: bool = True, skip_positions: int = 0) -> dict:
     """Compute and write the grids; return the record written to ``similarity.json``."""
     from stitching.report import condition_values, heatmaps, sanity_checks
 
@@ -43,6 +43,9 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         # test images, or test token sequences for language models (padding never enters an index)
         x = datamodule.test_inputs(images) if is_text(datamodule) else datamodule.test_tensors(images)[0]
         count = len(x["input_ids"]) if isinstance(x, dict) else len(x)
+        if is_text(datamodule) and skip_positions >= x["input_ids"].shape[1]:
+            raise StitchingError(f"--skip-positions {skip_positions} leaves no position of a {x['input_ids'].shape[1]}-token "
+                                 f"sequence; skip fewer than dataset.context")
     with watch.section("zoo_s"):
         settings = read_settings(cfg)
         front, front_record, end, end_record = load_models(cfg, settings, (layers or [], layers or []), stitched=False)
@@ -52,7 +55,8 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
     chosen_end = [resolve_layer(end, v) for v in layers] if layers else list(range(1, len(end_names) + 1))
     with watch.section("grids_s"):
         grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress,
-                                           front_layers=chosen_front, end_layers=chosen_end)
+                                           front_layers=chosen_front, end_layers=chosen_end,
+                                           skip_positions=skip_positions if is_text(datamodule) else 0)
     conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
     depth_front, depth_end = relative_depths(len(front_names)), relative_depths(len(end_names))
     rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
@@ -75,6 +79,7 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         "front_depths": {i: depth_front[i] for i in chosen_front}, "end_depths": {j: depth_end[j] for j in chosen_end},
         "front": front_record["key"], "end": end_record["key"],
         "dataset": datamodule.name, "images": count, "flatten": flatten, "batch_size": batch_size,
+        "skip_positions": skip_positions,
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
         "timings": watch.report(), "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -103,12 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flatten", default=None, choices=FLATTEN,
                         help="sample: c·h·w per image; positions: positions as samples; pool: one vector per image")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass and minibatch-CKA batch")
+    parser.add_argument("--skip-positions", type=int, default=None,
+                        help="token sequences: leave each sequence's first N positions out of the indices "
+                             "(an attention sink's huge activations otherwise dominate linear CKA)")
     parser.add_argument("--layers", default=None, help="comma-separated cut points for both sides (default: all)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/similarity/<time>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (default: experiment=demo)")
     args = parser.parse_args(argv)
-    flags = {"images": args.images, "batch_size": args.batch_size}
+    flags = {"images": args.images, "batch_size": args.batch_size, "skip_positions": args.skip_positions}
     overrides = [*(args.overrides or ["experiment=demo"]),  # the flags are the similarity.* settings
                  *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None)]
     cfg = compose_config(overrides)
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
     out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
     record = main_grids(overrides, indices, int(settings.images), args.flatten or settings.flatten,
-                        int(settings.batch_size), out, layers=layers, progress=not args.no_progress)
+                        int(settings.batch_size), out, layers=layers, progress=not args.no_progress,
+                        skip_positions=int(settings.skip_positions))
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
     for name, grid in record["grids"].items():

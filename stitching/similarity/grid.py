@@ -105,7 +105,8 @@ def pair_matrices(a: torch.Tensor, b: torch.Tensor, flatten: str, layout_a: Layo
 def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch.Tensor, indices: list[str],
                      flatten: str = "sample", batch_size: int = 250, device: torch.device | str = "cpu",
                      progress: bool = True, front_layers: list[int] | None = None,
-                     end_layers: list[int] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+                     end_layers: list[int] | None = None,
+                     skip_positions: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
     """``{index: [front layers, end layers] grid}`` and the reasons of any undefined cells.
 
     ``front_layers``/``end_layers``: 1-based cut points to compare (default: all).
@@ -113,6 +114,11 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
     ``images`` (or a batch of token sequences: a dict with ``input_ids`` and
     ``attention_mask``) pass through each model once, in batches; cells an index cannot define
     (constant activations, a degenerate CCA…) are NaN with their reason listed.
+
+    ``skip_positions``: token sequences only, leave each sequence's first positions out of the
+    indices (the models still read them). A decoder's first token is often an attention sink
+    whose residual norm is orders of magnitude above the others', and linear indices over
+    positions then measure that one row.
     """
     if flatten not in FLATTEN:
         raise SimilarityError(f"unknown flatten '{flatten}'; choose one of {', '.join(FLATTEN)}")
@@ -129,6 +135,9 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
     for batch in tqdm(batches(images, batch_size), desc="activations", disable=not progress, leave=False):
         batch = to_device(batch, device)
         mask = front.context(batch).attention_mask  # token batches: the real positions
+        if skip_positions and mask is not None:  # scored positions only; the forward pass is unchanged
+            mask = mask.clone()
+            mask[:, :skip_positions] = 0
         _, fronts = cut_point_activations(front, batch)
         _, ends = cut_point_activations(end, batch)
         if front_layers:
