@@ -300,6 +300,14 @@ def layer_grid(frame: pd.DataFrame, objective: str, metric: str = "test_acc") ->
     return grid.reindex(index=layers, columns=layers)
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Write a finished figure and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
 def _pyplot():
     import matplotlib
 
@@ -346,10 +354,7 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
         ax.set_ylabel("front layer" + (" (relative depth)" if ticks["y"] != list(grid.index) else ""))
         ax.set_title(f"{objective.upper()}{f' {cost}' if cost else ''}  self-acc {directional:.2f} ({averaged:.2f})"
                      + (f"\n{label}" if label else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path, scores
+    return _save(plt, fig, path), scores
 
 
 def _grid(plt, panels: int, width: float, height: float, columns: int = 4):
@@ -397,12 +402,8 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
             heading = title or f"{rows.front_model.iloc[0]} → {rows.end_model.iloc[0]}"
             ax.set_title(heading + (f"\n{label}" if label else ""), fontsize=8)
             ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        target = path if metric == "test_acc" else path.with_name(
-            f"{path.stem}_{metric.removeprefix('test_').removeprefix('init_')}.png")
-        fig.savefig(target, dpi=150)
-        plt.close(fig)
-        written.append(target)
+        written.append(_save(plt, fig, path if metric == "test_acc" else path.with_name(
+            f"{path.stem}_{metric.removeprefix('test_').removeprefix('init_')}.png")))
     return written
 
 
@@ -444,10 +445,7 @@ def penalty_plot(frame: pd.DataFrame, path: Path) -> Path:
         ax.set_title(f"{objective.upper()}: stitched loss − end model's loss", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _differ_in_depth(frame: pd.DataFrame) -> bool:
@@ -497,10 +495,7 @@ def depth_plot(frame: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def subsets_plot(frame: pd.DataFrame, path: Path) -> Path:
@@ -519,10 +514,7 @@ def subsets_plot(frame: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_title(label or "class subsets", fontsize=8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
