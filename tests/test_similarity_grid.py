@@ -58,6 +58,25 @@ def test_grid_cells_equal_the_pure_functions_on_the_same_activations():
     assert grids["unbiased_cka"][3, 6] == pytest.approx(unbiased_cka(x, y), rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.parametrize("flatten", ["pool", "sample"])
+def test_the_neighbourhood_rsa_and_predictivity_cells_equal_their_pure_functions(flatten):
+    """Wide layers (``sample``: more features than images) go through the grid's reduced form;
+    the cells still equal the measures on the raw activations."""
+    from stitching.similarity import cknna, linear_predictivity, mutual_knn, rsa
+
+    front, _ = _model(1)
+    end, _ = _model(2)
+    images = torch.rand(40, 3, 16, 16)
+    names = ["mutual_knn", "cknna", "rsa", "ridge_r2"]
+    grids, problems = similarity_grids(front, end, images, names, flatten=flatten, progress=False)
+    assert not problems
+    with torch.no_grad():
+        fa, eb = cut_point_activations(front, images)[1][2], cut_point_activations(end, images)[1][5]
+    x, y = pair_matrices(fa, eb, flatten)
+    for name, measure in zip(names, (mutual_knn, cknna, rsa, linear_predictivity)):
+        assert grids[name][2, 5] == pytest.approx(measure(x, y), abs=1e-6), name
+
+
 def test_vit_grids_and_positions_mode():
     front, _ = _model(3, "vit_tiny")
     end, _ = _model(4, "vit_tiny")

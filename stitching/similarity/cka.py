@@ -84,9 +84,9 @@ def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
         raise SimilarityError(f"the unbiased HSIC needs at least 4 inputs per batch, got {n}")
     k = k.double().clone().fill_diagonal_(0)
     l = l.double().clone().fill_diagonal_(0)
-    k_row, l_row = k.sum(1), l.sum(1)
-    trace = (k * l).sum()
-    return (trace + k_row.sum() * l_row.sum() / ((n - 1) * (n - 2)) - 2 * (k_row @ l_row) / (n - 2)) / (n * (n - 3))
+    k_col, l_row = k.sum(0), l.sum(1)  # 1ᵀK̃ and L̃1: also right for the asymmetric masked kernels of CKNNA
+    trace = (k * l.T).sum()  # tr(K̃L̃)
+    return (trace + k_col.sum() * l_row.sum() / ((n - 1) * (n - 2)) - 2 * (k_col @ l_row) / (n - 2)) / (n * (n - 3))
 
 
 def hsic_unbiased_linear(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from stitching.models.cutting import cut_point_activations
 from stitching.stitch_layers import batches, to_device
 from stitching.models.layout import CONV, Layout, as_rows, masked, per_sample, pooled
+from stitching.similarity.alignment import cknna, linear_predictivity, mutual_knn, rsa
 from stitching.similarity.cca import mean_cca, procrustes_distance, pwcca, svcca
 from stitching.similarity.cka import (
     MinibatchCKA,
@@ -53,7 +54,8 @@ def _procrustes_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return 1.0 - procrustes_distance(x, y) / 2
 
 
-#: every index a grid can hold; all read "higher = more similar", in [0, 1]
+#: every index a grid can hold; all read "higher = more similar" (in [0, 1], except RSA's
+#: rank correlation and ridge R², which can fall below 0)
 INDICES: dict[str, Index] = {
     "cka": Index("linear CKA", linear_cka, gram=linear_gram),
     "unbiased_cka": Index("unbiased linear CKA", unbiased_cka, gram=linear_gram, unbiased=True),
@@ -63,6 +65,10 @@ INDICES: dict[str, Index] = {
     "svcca": Index("SVCCA (99 % variance)", svcca),
     "pwcca": Index("PWCCA", pwcca, rotation_invariant=False),
     "procrustes": Index("Procrustes similarity 1 − d/2", _procrustes_similarity),
+    "mutual_knn": Index("mutual k-NN alignment (k = 10, cosine)", mutual_knn),
+    "cknna": Index("CKNNA (k = 10)", cknna),
+    "rsa": Index("RSA (Spearman ρ of correlation-distance RDMs)", rsa, rotation_invariant=False),
+    "ridge_r2": Index("linear predictivity (5-fold ridge R², front → end)", linear_predictivity),
 }
 
 
