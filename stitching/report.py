@@ -337,9 +337,12 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
         values, text, dark = (-grid.to_numpy(dtype=float), "{:.2f}", np.greater) if cost else \
             (grid.to_numpy(dtype=float) * 100, "{:.0f}", np.less)
         ax.imshow(values, cmap="viridis_r" if cost else "viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
+        chance = layer_grid(rows, objective, "p_value").to_numpy(dtype=float) >= 0.05 \
+            if "p_value" in rows else np.zeros(values.shape, dtype=bool)  # not above a permutation null
         for (r, c), v in np.ndenumerate(values):
             if not np.isnan(v):
-                ax.text(c, r, text.format(v), ha="center", va="center", fontsize=6.5 if len(values) < 12 else 4,
+                label = f"({text.format(v)})" if chance[r, c] else text.format(v)
+                ax.text(c, r, label, ha="center", va="center", fontsize=6.5 if len(values) < 12 else 4,
                         color="white" if dark(v, np.nanmean(values)) else "black")
         cells = rows[rows.objective == objective]
         if _differ_in_depth(cells):  # models of different depths: each tick also gives its relative depth
@@ -352,6 +355,9 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
         ax.set_yticks(range(len(grid.index)), ticks["y"], fontsize=6 if len(grid.index) > 12 else None)
         ax.set_xlabel("end layer" + (" (relative depth)" if ticks["x"] != list(grid.columns) else ""))
         ax.set_ylabel("front layer" + (" (relative depth)" if ticks["y"] != list(grid.index) else ""))
+        if chance.any():
+            ax.text(0.5, -0.24, "(value): not above chance (permutation p ≥ 0.05)", transform=ax.transAxes,
+                    ha="center", fontsize=6)
         ax.set_title(f"{objective.upper()}{f' {cost}' if cost else ''}  self-acc {directional:.2f} ({averaged:.2f})"
                      + (f"\n{label}" if label else ""), fontsize=9)
     return _save(plt, fig, path), scores

@@ -138,6 +138,8 @@ RULES: dict[str, Rule] = {
     "similarity.images": Rule("int", 4),
     "similarity.batch_size": COUNT,
     "similarity.skip_positions": INDEX,
+    "similarity.bootstrap": INDEX,
+    "similarity.permutations": INDEX,
 }
 
 

@@ -31,7 +31,8 @@ from stitching.validation import check_config
 
 
 def main_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
-               out: Path, layers: list[int] | None = None, progress: bool = True, skip_positions: int = 0) -> dict:
+               out: Path, layers: list[int] | None = None, progress: bool = True, skip_positions: int = 0,
+               bootstrap: int = 0, permutations: int = 0) -> dict:
     """Compute and write the grids; return the record written to ``similarity.json``."""
     from stitching.report import condition_values, heatmaps, sanity_checks
 
@@ -53,15 +54,18 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
     front_names, end_names = cut_point_names(front), cut_point_names(end)
     chosen_front = [resolve_layer(front, v) for v in layers] if layers else list(range(1, len(front_names) + 1))
     chosen_end = [resolve_layer(end, v) for v in layers] if layers else list(range(1, len(end_names) + 1))
+    intervals = {"bootstrap": bootstrap, "permutations": permutations, "seed": int(cfg.seed)}
     with watch.section("grids_s"):
         grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress,
                                            front_layers=chosen_front, end_layers=chosen_end,
-                                           skip_positions=skip_positions if is_text(datamodule) else 0)
+                                           skip_positions=skip_positions if is_text(datamodule) else 0,
+                                           uncertainty=intervals)
     conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
     depth_front, depth_end = relative_depths(len(front_names)), relative_depths(len(end_names))
     rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
              "front_depth": depth_front[chosen_front[i]], "end_depth": depth_end[chosen_end[j]],
              "score": None if pd.isna(v) else float(v), **conditions,
+             **{key: _value(values[i, j]) for key, values in intervals.get(name, {}).items()},
              "front_model": front_record["key"], "end_model": end_record["key"],
              "front_acc": front_record["test_acc"], "end_acc": end_record["test_acc"]}
             for name, grid in grids.items() for (i, j), v in _cells(grid)]
@@ -79,12 +83,18 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         "front_depths": {i: depth_front[i] for i in chosen_front}, "end_depths": {j: depth_end[j] for j in chosen_end},
         "front": front_record["key"], "end": end_record["key"],
         "dataset": datamodule.name, "images": count, "flatten": flatten, "batch_size": batch_size,
-        "skip_positions": skip_positions,
+        "skip_positions": skip_positions, "bootstrap": bootstrap, "permutations": permutations,
+        "intervals": {name: {key: [[_value(v) for v in row] for row in values] for key, values in parts.items()}
+                      for name, parts in intervals.items() if isinstance(parts, dict)},
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
         "timings": watch.report(), "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json_atomic(out / "similarity.json", record)
     return record
+
+
+def _value(v) -> float | None:
+    return None if pd.isna(v) else float(v)
 
 
 def relative_depths(count: int) -> dict[int, float]:
@@ -111,12 +121,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-positions", type=int, default=None,
                         help="token sequences: leave each sequence's first N positions out of the indices "
                              "(an attention sink's huge activations otherwise dominate linear CKA)")
+    parser.add_argument("--bootstrap", type=int, default=None,
+                        help="resamples of the inputs for a 95 %% interval per cell (0: none)")
+    parser.add_argument("--permutations", type=int, default=None,
+                        help="row shuffles of the end activations for a chance level and p-value per cell (0: none)")
     parser.add_argument("--layers", default=None, help="comma-separated cut points for both sides (default: all)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/similarity/<time>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (default: experiment=demo)")
     args = parser.parse_args(argv)
-    flags = {"images": args.images, "batch_size": args.batch_size, "skip_positions": args.skip_positions}
+    flags = {"images": args.images, "batch_size": args.batch_size, "skip_positions": args.skip_positions,
+             "bootstrap": args.bootstrap, "permutations": args.permutations}
     overrides = [*(args.overrides or ["experiment=demo"]),  # the flags are the similarity.* settings
                  *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None)]
     cfg = compose_config(overrides)
@@ -134,13 +149,25 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
     record = main_grids(overrides, indices, int(settings.images), args.flatten or settings.flatten,
                         int(settings.batch_size), out, layers=layers, progress=not args.no_progress,
-                        skip_positions=int(settings.skip_positions))
+                        skip_positions=int(settings.skip_positions), bootstrap=int(settings.bootstrap),
+                        permutations=int(settings.permutations))
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
     for name, grid in record["grids"].items():
         print(f"\n{INDICES[name].label} (rows: front layer, columns: end layer)")
         print(pd.DataFrame(grid, index=list(record["front_layers"]), columns=list(record["end_layers"]), dtype=float).round(3)
               .to_string(na_rep="—"))
+    for name, parts in record["intervals"].items():
+        if parts.get("p_value"):
+            p_values = [v for row in parts["p_value"] for v in row if v is not None]
+            print(f"{INDICES[name].label}: {sum(v < 0.05 for v in p_values)} of {len(p_values)} cells above chance "
+                  f"(permutation p < 0.05, {record['permutations']} shuffles)")
+        if parts.get("low"):
+            widths = [h - lo for lrow, hrow in zip(parts["low"], parts["high"]) for lo, h in zip(lrow, hrow)
+                      if lo is not None and h is not None]
+            if widths:
+                print(f"{INDICES[name].label}: 95 % bootstrap intervals {min(widths):.3f}–{max(widths):.3f} wide "
+                      f"({record['bootstrap']} resamples; columns low, high in similarity.csv)")
     by_index: dict[str, list[str]] = {}
     for line in record["undefined"]:
         by_index.setdefault(line.split(":")[0].split()[0], []).append(line)

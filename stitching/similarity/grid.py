@@ -111,8 +111,8 @@ def pair_matrices(a: torch.Tensor, b: torch.Tensor, flatten: str, layout_a: Layo
 def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch.Tensor, indices: list[str],
                      flatten: str = "sample", batch_size: int = 250, device: torch.device | str = "cpu",
                      progress: bool = True, front_layers: list[int] | None = None,
-                     end_layers: list[int] | None = None,
-                     skip_positions: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
+                     end_layers: list[int] | None = None, skip_positions: int = 0,
+                     uncertainty: dict | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """``{index: [front layers, end layers] grid}`` and the reasons of any undefined cells.
 
     ``front_layers``/``end_layers``: 1-based cut points to compare (default: all).
@@ -125,6 +125,10 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
     indices (the models still read them). A decoder's first token is often an attention sink
     whose residual norm is orders of magnitude above the others', and linear indices over
     positions then measure that one row.
+
+    ``uncertainty``: ``{"bootstrap": B, "permutations": P, "seed": s}`` adds, for every index
+    but the streaming one, a bootstrap interval over inputs and a permutation null per cell;
+    the dict is filled with ``{index: {"low", "high", "null_mean", "null_q95", "p_value": grid}}``.
     """
     if flatten not in FLATTEN:
         raise SimilarityError(f"unknown flatten '{flatten}'; choose one of {', '.join(FLATTEN)}")
@@ -174,7 +178,39 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         for name in tqdm(full, desc="indices", disable=not progress, leave=False):
             grids[name] = _full_grid(INDICES[name], layers_front, layers_end, flatten, name, problems, labels,
                                      (front_layouts, end_layouts))
+        if uncertainty is not None and (uncertainty.get("bootstrap") or uncertainty.get("permutations")):
+            settings = {k: uncertainty.pop(k, 0) for k in ("bootstrap", "permutations", "seed")}
+            for name in tqdm(full, desc="intervals", disable=not progress, leave=False):
+                uncertainty[name] = _uncertainty_grid(INDICES[name], grids[name], layers_front, layers_end, flatten,
+                                                      (front_layouts, end_layouts), **settings)
     return grids, problems
+
+
+def _uncertainty_grid(index: Index, grid: np.ndarray, fronts: list[torch.Tensor], ends: list[torch.Tensor],
+                      flatten: str, layouts: tuple[list[Layout], list[Layout]], bootstrap: int, permutations: int,
+                      seed: int) -> dict[str, np.ndarray]:
+    """Per defined cell: the bootstrap interval over inputs and the permutation null (NaN elsewhere)."""
+    from stitching.similarity.uncertainty import bootstrap_interval, permutation_null
+
+    keys = ("low", "high", "null_mean", "null_q95", "p_value")
+    out = {key: np.full(grid.shape, np.nan) for key in keys}
+    for i, a in enumerate(fronts):
+        for j, b in enumerate(ends):
+            if not np.isfinite(grid[i, j]):
+                continue
+            x, y = pair_matrices(a, b, flatten, layouts[0][i], layouts[1][j])
+            if index.rotation_invariant:  # the same values from the ≤ n-column form, far cheaper when wide
+                x, y = _reduced(x)[0], _reduced(y)[0]
+            try:
+                if bootstrap:
+                    out["low"][i, j], out["high"][i, j] = bootstrap_interval(index.pair, x, y, bootstrap, seed=seed)
+                if permutations:
+                    null = permutation_null(index.pair, x, y, float(grid[i, j]), permutations, seed=seed)
+                    out["null_mean"][i, j], out["null_q95"][i, j], out["p_value"][i, j] = null.mean, null.q95, \
+                        null.p_value
+            except SimilarityError:
+                continue  # too few scorable resamples: the cell keeps its score without an interval
+    return out
 
 
 def _full_grid(index: Index, fronts: list[torch.Tensor], ends: list[torch.Tensor], flatten: str, name: str,
