@@ -34,6 +34,8 @@ from stitching.runtime import Stopwatch, build_trainer
 from stitching.stitch_layers import batches, fit_dm, make_stitch
 
 CLASS_TOKEN = ("shared", "separate")
+#: where training starts: the DM solution (the papers), the identity map, or a random map
+INITS = ("dm", "identity", "random")
 
 
 def cut_points(model: nn.Module) -> list[CutPoint]:
@@ -70,20 +72,31 @@ class StitchResult:
         return self.network.stitch
 
 
+def check_init(init: str, objective: str) -> None:
+    """One line for an unknown initialisation, or for DM (whose initialisation is its answer) started elsewhere."""
+    if init not in INITS:
+        raise StitchingError(f"unknown stitch.init '{init}'; choose one of {', '.join(INITS)}")
+    if objective == "dm" and init != "dm":
+        raise StitchingError(f"objective dm is the DM solution itself; stitch.init={init} applies to the trained "
+                             f"objectives (hint, fula, slm, tlm)")
+
+
 def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: int | str,
                    dm_inputs, objective: str = "fula", lr: float = 1e-3, weight_decay: float = 1e-4,
                    update_bn: bool = True, class_token: str = "shared", weights="uniform",
-                   adversarial: dict | None = None, num_classes: int | None = None) -> Prepared:
+                   adversarial: dict | None = None, num_classes: int | None = None, init: str = "dm") -> Prepared:
     """Cut deep copies of ``front`` and ``end``, join them by a stitch fitted by DM on
     ``dm_inputs``, and wrap the result in the objective's LightningModule.
 
     ``front``/``end`` themselves are never changed; the reference end model the objectives
-    read their targets from is another untouched copy in eval mode.
+    read their targets from is another untouched copy in eval mode. ``init``: ``dm`` (the
+    papers), ``identity`` or ``random`` — where a trained objective starts.
     """
     if objective not in OBJECTIVES:
         raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     if class_token not in CLASS_TOKEN:
         raise StitchingError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
+    check_init(init, objective)
     front, end = as_cuttable(front), as_cuttable(end)
     problem = compatible(cut(front, front_layer).layout, cut(end, end_layer).layout)  # before any copy
     if problem:
@@ -101,7 +114,10 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     except ValueError as err:
         raise StitchingError(str(err)) from None
     network = StitchedNetwork(front_cut.head, stitch_layer, end_cut.tail, update_bn=update_bn)
-    fit_dm(network.stitch, network.front, reference_cut.head, dm_inputs)
+    if init == "dm":
+        fit_dm(network.stitch, network.front, reference_cut.head, dm_inputs)
+    else:
+        network.stitch.initialise(init)
     classes = num_classes if num_classes is not None else end.num_classes
     options = {"weights": weights} if objective == "fula" else {}
     module = OBJECTIVES[objective](network, reference, end_cut.index, classes, lr=lr, weight_decay=weight_decay,
@@ -138,7 +154,7 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
            objective: str = "fula", train=None, test=None, epochs: int = 1, batch_size: int = 128,
            lr: float = 1e-3, weight_decay: float = 1e-4, dm_samples: int = 100, update_bn: bool = True,
            class_token: str = "shared", weights="uniform", seed: int = 0, trainer: dict | None = None,
-           progress: bool = True) -> StitchResult:
+           progress: bool = True, init: str = "dm") -> StitchResult:
     """Stitch ``front`` (cut after ``front_layer``) into ``end`` (entered after ``end_layer``).
 
     Args:
@@ -152,8 +168,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
             the right) and, for a classifier, ``labels``; ``test`` defaults to ``train``.
         epochs, batch_size, lr, weight_decay: stitch training (Adam on the stitch only).
         dm_samples: training inputs for the closed-form DM initialisation.
-        update_bn, class_token, weights: as ``stitch.update_bn``, ``stitch.class_token`` and
-            ``objective.weights`` of the command line.
+        update_bn, class_token, weights, init: as ``stitch.update_bn``, ``stitch.class_token``,
+            ``objective.weights`` and ``stitch.init`` of the command line.
         trainer: extra Lightning Trainer settings (``accelerator``, ``precision``…).
 
     Returns:
@@ -169,7 +185,7 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
     with watch.section("dm_init_s"):
         prepared = prepare_stitch(front, end, front_layer, end_layer, first_inputs(train_loader, dm_samples),
                                   objective, lr=lr, weight_decay=weight_decay, update_bn=update_bn,
-                                  class_token=class_token, weights=weights)
+                                  class_token=class_token, weights=weights, init=init)
     options = {"max_epochs": epochs, "enable_progress_bar": progress, **(trainer or {})}
     metrics = train_stitch(prepared, train_loader, test_loader, options, watch=watch)
     return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.module, watch.report())

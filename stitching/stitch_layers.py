@@ -50,6 +50,21 @@ class _AffineStitch(nn.Module):
         return layouts.resize(a, self.front_layout, self.end_layout, self.out_size)
 
     @torch.no_grad()
+    def initialise(self, kind: str) -> None:
+        """Start from ``identity`` (the ``[out, in]`` identity, zero bias: the front's channels
+        passed through, the peers' ``eye``) or ``random`` (PyTorch's default initialisation, the
+        peers' ``rand``); ``dm`` is :meth:`fit`."""
+        layers = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for layer in layers:
+            if kind == "identity":
+                out, inp = layer.weight.shape[:2]
+                _load_affine(layer, torch.eye(out, inp), torch.zeros(out))
+            elif kind == "random":
+                layer.reset_parameters()
+            else:
+                raise ValueError(f"unknown stitch initialisation '{kind}'")
+
+    @torch.no_grad()
     def fit(self, front: torch.Tensor, end: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Least squares from resized front to end activations over every real position."""
         self.set_affine(*dm_solution(layouts.as_rows(front, self.front_layout, mask),

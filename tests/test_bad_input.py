@@ -47,6 +47,8 @@ TRAIN_CASES = [
     ("layer-out-of-range", ["stitch.layer=10"], "layer 10 is out of range: this model has cut points 1..9"),
     ("layer-unknown-name", ["stitch.front_layer=layer9.0"], "unknown layer 'layer9.0'"),
     ("class-token", ["stitch.class_token=both"], "unknown stitch.class_token 'both'"),
+    ("init-unknown", ["stitch.init=pinv"], "unknown stitch.init 'pinv'; choose one of dm, identity, random"),
+    ("init-of-dm", ["objective=dm", "stitch.init=identity"], "objective dm is the DM solution itself"),
     ("pretrained-builtin", ["front.pretrained=true"], "front.pretrained=true applies to timm and torchvision"),
     ("timm-name", ["front.arch=timm", "front.name=resnet18x"], "timm has no model 'resnet18x'"),
     ("missing-checkpoint", ["front.checkpoint=/nonexistent/model.pt"], "checkpoint /nonexistent/model.pt does not exist"),

@@ -62,3 +62,31 @@ def test_fit_dm_maps_a_network_onto_itself_as_identity():
     fit_dm(stitch, _Head(net), _Head(net), torch.rand(30, 3, 8, 8))
     torch.testing.assert_close(stitch.conv.weight[:, :, 0, 0], torch.eye(6), atol=1e-4, rtol=0)
     torch.testing.assert_close(stitch.conv.bias, torch.zeros(6), atol=1e-4, rtol=0)
+
+
+def test_a_stitch_starts_from_identity_random_or_dm():
+    """``stitch.init``: the identity map (rectangular when widths differ) with zero bias, PyTorch's
+    random initialisation, or DM; the run uses it for the trained objectives."""
+    from stitching.api import prepare_stitch
+    from stitching.errors import StitchingError
+    from stitching.models import build_model
+
+    torch.manual_seed(0)
+    front, end = build_model("resnet18", num_classes=10, width=4), build_model("resnet18", num_classes=10, width=8)
+    images = torch.rand(24, 3, 16, 16)
+    weights = {}
+    for init in ("dm", "identity", "random"):
+        torch.manual_seed(1)
+        stitch = prepare_stitch(front, end, 3, 3, images, "hint", init=init).network.stitch
+        weights[init] = stitch.weight.detach().reshape(stitch.weight.shape[:2]).clone()
+        if init == "identity":
+            assert torch.equal(weights[init], torch.eye(*weights[init].shape)) and not stitch.affine.bias.any()
+    assert weights["identity"].shape[0] != weights["identity"].shape[1]  # 4·k → 8·k channels
+    assert not torch.allclose(weights["random"], weights["dm"]) and not torch.allclose(weights["random"],
+                                                                                       weights["identity"])
+    try:
+        prepare_stitch(front, end, 3, 3, images, "dm", init="random")
+    except StitchingError as err:
+        assert "objective dm is the DM solution itself" in str(err)
+    else:
+        raise AssertionError("DM started from a random map was accepted")
