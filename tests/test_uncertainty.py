@@ -61,7 +61,7 @@ def test_the_grid_tool_writes_intervals_and_chance_levels(tmp_path, zoo_dir, cap
           f"paths.output_dir={tmp_path}"])
     record = json.loads((tmp_path / "sim" / "similarity.json").read_text())
     for index in ("cka", "rsa"):
-        parts, grid = record["intervals"][index], record["grids"][index]
+        parts = record["intervals"][index]
         for i in range(2):
             for j in range(2):
                 assert parts["low"][i][j] <= parts["high"][i][j]
