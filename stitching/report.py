@@ -341,8 +341,8 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
             if "p_value" in rows else np.zeros(values.shape, dtype=bool)  # not above a permutation null
         for (r, c), v in np.ndenumerate(values):
             if not np.isnan(v):
-                label = f"({text.format(v)})" if chance[r, c] else text.format(v)
-                ax.text(c, r, label, ha="center", va="center", fontsize=6.5 if len(values) < 12 else 4,
+                shown = f"({text.format(v)})" if chance[r, c] else text.format(v)
+                ax.text(c, r, shown, ha="center", va="center", fontsize=6.5 if len(values) < 12 else 4,
                         color="white" if dark(v, np.nanmean(values)) else "black")
         cells = rows[rows.objective == objective]
         if _differ_in_depth(cells):  # models of different depths: each tick also gives its relative depth
