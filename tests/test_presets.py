@@ -58,7 +58,13 @@ def test_every_cpu_preset_has_a_paper_sized_twin():
     assert set(SHRINK) == set(small) | {"demo"}
 
 
-@pytest.mark.parametrize("preset", sorted(SHRINK))
+#: their shrunken sweeps repeat what a fast preset already exercises (PGD testbeds: fig4_small;
+#: ViT grids: the ViT tests); they run with the slow tests to keep CI well under 20 minutes
+SLOW_PRESETS = {"fig5_small", "fig6_small", "sanity_vit_small"}
+
+
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PRESETS else p
+                                    for p in sorted(SHRINK)])
 def test_cpu_preset_runs_as_a_sweep_and_draws_its_figure(tmp_path, zoo_dir, preset, monkeypatch, capsys):
     overrides, figure = SHRINK[preset]
     sweep = tmp_path / "sweep"
