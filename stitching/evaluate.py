@@ -47,7 +47,7 @@ def pair_accuracy(model: nn.Module, datamodule, data, device, classes: dict | No
 
     model.eval()
     correct = 0
-    for batch in datamodule._loader(data):
+    for batch in datamodule.loader(data):
         labels = batch.pop("labels")
         predicted = model(to_device(batch, device)).argmax(-1).cpu()
         if classes:

@@ -80,26 +80,28 @@ def test_rsa_equals_spearman_of_scipy_rdms():
     assert rsa(tied, x[:5, :3]) == pytest.approx(expected, abs=1e-10)  # tied dissimilarities: average ranks
 
 
-def test_linear_predictivity_matches_scikit_learn_ridge_with_k_fold():
+def _sklearn_r2(x, y, alpha, folds):
+    """Held-out R² pooled over KFold's contiguous folds, by scikit-learn's Ridge."""
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import KFold
 
+    x, y = x.numpy(), y.numpy()
+    error = total = 0.0
+    for train, test in KFold(folds).split(x):
+        model = Ridge(alpha=alpha).fit(x[train], y[train])
+        error += ((y[test] - model.predict(x[test])) ** 2).sum()
+        total += ((y[test] - y[test].mean(0)) ** 2).sum()
+    return 1 - error / total
+
+
+def test_linear_predictivity_matches_scikit_learn_ridge_with_k_fold():
     x = _data(53, 6)
     y = x @ torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5 * _data(53, 4, 6)
-    error = total = 0.0
-    for train, test in KFold(5).split(x.numpy()):
-        model = Ridge(alpha=2.0).fit(x.numpy()[train], y.numpy()[train])
-        error += ((y.numpy()[test] - model.predict(x.numpy()[test])) ** 2).sum()
-        total += ((y.numpy()[test] - y.numpy()[test].mean(0)) ** 2).sum()
-    assert linear_predictivity(x, y, alpha=2.0, folds=5) == pytest.approx(1 - error / total, abs=1e-9)
+    assert linear_predictivity(x, y, alpha=2.0, folds=5) == pytest.approx(_sklearn_r2(x, y, 2.0, 5), abs=1e-9)
     wide = _data(20, 50, 7)  # more features than inputs: the dual form
     target = wide @ torch.randn(50, 3, dtype=torch.float64)
-    error = total = 0.0
-    for train, test in KFold(4).split(wide.numpy()):
-        model = Ridge(alpha=0.5).fit(wide.numpy()[train], target.numpy()[train])
-        error += ((target.numpy()[test] - model.predict(wide.numpy()[test])) ** 2).sum()
-        total += ((target.numpy()[test] - target.numpy()[test].mean(0)) ** 2).sum()
-    assert linear_predictivity(wide, target, alpha=0.5, folds=4) == pytest.approx(1 - error / total, abs=1e-8)
+    assert linear_predictivity(wide, target, alpha=0.5, folds=4) == pytest.approx(_sklearn_r2(wide, target, 0.5, 4),
+                                                                                   abs=1e-8)
     assert linear_predictivity(x, x, alpha=1e-8) == pytest.approx(1.0, abs=1e-6)
 
 

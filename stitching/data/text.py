@@ -301,17 +301,17 @@ class PairDataModule(TextDataModule):
         spec = self.challenge
         return self._read(spec["corpus"], spec["split"], spec.get("subset"), self.test_sequences, spec)
 
-    def _loader(self, data: PairDataset, shuffle: bool = False) -> DataLoader:
+    def loader(self, data: PairDataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=data.collate)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, shuffle=True)
+        return self.loader(self.train_set, shuffle=True)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.test_set)
+        return self.loader(self.test_set)
 
     def sample_train_inputs(self, n: int, seed: int = 0) -> dict:
         self.setup()
