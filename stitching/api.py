@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stitching.errors import StitchingError
 from stitching.models import Cut, CutPoint, as_cuttable, cut
-from stitching.models.layout import compatible
+from stitching.models.layout import channels, compatible
 from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
 from stitching.runtime import Stopwatch, build_trainer
-from stitching.stitch_layers import batches, fit_dm, make_stitch
+from stitching.stitch_layers import STITCH_KINDS, batches, fit_dm, fit_front_projection, make_stitch
 
 CLASS_TOKEN = ("shared", "separate")
 #: where training starts: the DM solution (the papers), the identity map, or a random map
@@ -81,22 +81,46 @@ def check_init(init: str, objective: str) -> None:
                              f"objectives (hint, fula, slm, tlm)")
 
 
+def check_capacity(kind: str, rank: int | None, front_rank: int | None = None,
+                   channels: tuple[int, int] | None = None) -> None:
+    """One line for an unknown stitch kind, a low-rank stitch without a rank, or (once the cut
+    points' ``channels`` (in, out) are known) a rank the activations do not have."""
+    if kind not in STITCH_KINDS:
+        raise StitchingError(f"unknown stitch.kind '{kind}'; choose one of {', '.join(STITCH_KINDS)}")
+    if kind == "low_rank" and rank is None:
+        raise StitchingError("stitch.kind=low_rank needs stitch.rank (the channels the map passes through)")
+    if channels is None:
+        return
+    if kind == "low_rank" and rank > min(channels):
+        raise StitchingError(f"stitch.rank={rank} exceeds min({channels[0]}, {channels[1]}) channels of this pair of "
+                             f"cut points; give a smaller rank (at full rank use stitch.kind=affine)")
+    if front_rank is not None and front_rank > channels[0]:
+        raise StitchingError(f"stitch.front_rank={front_rank} exceeds the front's {channels[0]} channels at this cut "
+                             f"point; give at most {channels[0]} (or null for no truncation)")
+
+
 def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: int | str,
                    dm_inputs, objective: str = "fula", lr: float = 1e-3, weight_decay: float = 1e-4,
                    update_bn: bool = True, class_token: str = "shared", weights="uniform",
-                   adversarial: dict | None = None, num_classes: int | None = None, init: str = "dm") -> Prepared:
+                   adversarial: dict | None = None, num_classes: int | None = None, init: str = "dm",
+                   kind: str = "affine", rank: int | None = None, hidden: int | None = None,
+                   front_rank: int | None = None) -> Prepared:
     """Cut deep copies of ``front`` and ``end``, join them by a stitch fitted by DM on
     ``dm_inputs``, and wrap the result in the objective's LightningModule.
 
     ``front``/``end`` themselves are never changed; the reference end model the objectives
     read their targets from is another untouched copy in eval mode. ``init``: ``dm`` (the
-    papers), ``identity`` or ``random`` — where a trained objective starts.
+    papers), ``identity`` or ``random`` — where a trained objective starts. ``kind``
+    (``affine``, ``low_rank`` with ``rank``, ``mlp`` with ``hidden`` units): the stitch's
+    capacity. ``front_rank``: project the front activation on its top principal directions
+    (fitted on ``dm_inputs``) before the stitch, in DM, training and evaluation.
     """
     if objective not in OBJECTIVES:
         raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     if class_token not in CLASS_TOKEN:
         raise StitchingError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
     check_init(init, objective)
+    check_capacity(kind, rank, front_rank)
     front, end = as_cuttable(front), as_cuttable(end)
     problem = compatible(cut(front, front_layer).layout, cut(end, end_layer).layout)  # before any copy
     if problem:
@@ -108,12 +132,18 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     with torch.no_grad():
         a_front, _ = front_cut.head.eval()(probe)
         a_end, _ = reference_cut.head(probe)
+    check_capacity(kind, rank, front_rank, (channels(a_front, front_cut.layout), channels(a_end, end_cut.layout)))
     try:
         stitch_layer = make_stitch(a_front, front_cut.layout, a_end, end_cut.layout,
-                                   separate_class_token=class_token == "separate")
+                                   separate_class_token=class_token == "separate", kind=kind, rank=rank, hidden=hidden)
     except ValueError as err:
         raise StitchingError(str(err)) from None
     network = StitchedNetwork(front_cut.head, stitch_layer, end_cut.tail, update_bn=update_bn)
+    if front_rank is not None:
+        try:
+            fit_front_projection(network.stitch, network.front, dm_inputs, front_rank)
+        except ValueError as err:
+            raise StitchingError(f"stitch.front_rank={front_rank}: {err}; use more stitch.dm_samples") from None
     if init == "dm":
         fit_dm(network.stitch, network.front, reference_cut.head, dm_inputs)
     else:
@@ -154,7 +184,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
            objective: str = "fula", train=None, test=None, epochs: int = 1, batch_size: int = 128,
            lr: float = 1e-3, weight_decay: float = 1e-4, dm_samples: int = 100, update_bn: bool = True,
            class_token: str = "shared", weights="uniform", seed: int = 0, trainer: dict | None = None,
-           progress: bool = True, init: str = "dm") -> StitchResult:
+           progress: bool = True, init: str = "dm", kind: str = "affine", rank: int | None = None,
+           hidden: int | None = None, front_rank: int | None = None) -> StitchResult:
     """Stitch ``front`` (cut after ``front_layer``) into ``end`` (entered after ``end_layer``).
 
     Args:
@@ -168,8 +199,9 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
             the right) and, for a classifier, ``labels``; ``test`` defaults to ``train``.
         epochs, batch_size, lr, weight_decay: stitch training (Adam on the stitch only).
         dm_samples: training inputs for the closed-form DM initialisation.
-        update_bn, class_token, weights, init: as ``stitch.update_bn``, ``stitch.class_token``,
-            ``objective.weights`` and ``stitch.init`` of the command line.
+        update_bn, class_token, weights, init, kind, rank, hidden, front_rank: as
+            ``stitch.update_bn``, ``stitch.class_token``, ``objective.weights``, ``stitch.init``,
+            ``stitch.kind``… of the command line.
         trainer: extra Lightning Trainer settings (``accelerator``, ``precision``…).
 
     Returns:
@@ -185,7 +217,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
     with watch.section("dm_init_s"):
         prepared = prepare_stitch(front, end, front_layer, end_layer, first_inputs(train_loader, dm_samples),
                                   objective, lr=lr, weight_decay=weight_decay, update_bn=update_bn,
-                                  class_token=class_token, weights=weights, init=init)
+                                  class_token=class_token, weights=weights, init=init, kind=kind, rank=rank,
+                                  hidden=hidden, front_rank=front_rank)
     options = {"max_epochs": epochs, "enable_progress_bar": progress, **(trainer or {})}
     metrics = train_stitch(prepared, train_loader, test_loader, options, watch=watch)
     return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.module, watch.report())

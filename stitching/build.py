@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stitching.api import CLASS_TOKEN, Prepared, check_init, prepare_stitch
+from stitching.api import CLASS_TOKEN, Prepared, check_capacity, check_init, prepare_stitch
 from stitching.data import ImageDataModule
 from stitching.data.text import PairDataModule, TextDataModule
 from stitching.errors import StitchingError
@@ -62,6 +62,10 @@ class StitchSettings:
     lr: float
     weight_decay: float
     init: str = "dm"
+    kind: str = "affine"
+    rank: int | None = None
+    hidden: int | None = None
+    front_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ def read_settings(cfg: DictConfig) -> Settings:
     if class_token not in CLASS_TOKEN:
         raise StitchingError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
     check_init(str(stitch.get("init", "dm")), objective)
+    check_capacity(str(stitch.get("kind", "affine")), stitch.get("rank"), stitch.get("front_rank"))
     weights = cfg.objective.get("weights", "uniform")
     for side in ("front", "end"):  # a misspelt model name is one line before any base model is trained
         arch, name = cfg[side].arch, cfg[side].get("name")
@@ -128,7 +133,8 @@ def read_settings(cfg: DictConfig) -> Settings:
         fula_weights=OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights,
         stitch=StitchSettings(layer_value(stitch.front_layer), layer_value(stitch.end_layer), int(stitch.dm_samples),
                               bool(stitch.update_bn), class_token, float(stitch.lr), float(stitch.weight_decay),
-                              str(stitch.get("init", "dm"))),
+                              str(stitch.get("init", "dm")), str(stitch.get("kind", "affine")), stitch.get("rank"),
+                              stitch.get("hidden"), stitch.get("front_rank")),
         front=Side(side_spec(cfg.front), cfg.front.checkpoint), end=Side(side_spec(cfg.end), cfg.end.checkpoint),
         attack=OmegaConf.to_container(cfg.attack, resolve=True),
         shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True),
@@ -303,7 +309,8 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
         prepared = prepare_stitch(front, end, s.front_layer, s.end_layer, samples, settings.objective, lr=s.lr,
                                   weight_decay=s.weight_decay, update_bn=s.update_bn, class_token=s.class_token,
                                   weights=settings.fula_weights, adversarial=settings.attack,
-                                  num_classes=datamodule.num_classes, init=s.init)
+                                  num_classes=datamodule.num_classes, init=s.init, kind=s.kind, rank=s.rank,
+                                  hidden=s.hidden, front_rank=s.front_rank)
     return Run(settings, datamodule, front, end, front_record, end_record, inputs, prepared)
 
 

@@ -2,7 +2,17 @@
 
 Which stitch joins two cut points follows from their declared layouts
 (:mod:`stitching.models.layout`): a 1×1 convolution between conv maps, a linear map on
-the embedding dimension applied to every token between token sequences.
+the embedding dimension applied to every token between token sequences. Its capacity is
+``kind``:
+
+* ``affine`` — one map with bias (the papers);
+* ``low_rank`` — the map factored through ``rank`` channels; DM is then reduced-rank
+  regression, the best rank-``r`` affine map in least squares;
+* ``mlp`` — the affine map plus a one-hidden-layer ReLU branch whose output layer starts at
+  zero, so the stitch starts exactly where its affine part does (DM, identity or random).
+
+``front_rank`` (any kind) first projects the front activation onto its top principal
+directions over channels (:class:`RankProjection`), fitted on the DM samples.
 """
 
 from __future__ import annotations
@@ -21,13 +31,76 @@ def _load_affine(layer: nn.Conv2d | nn.Linear, weight: torch.Tensor, bias: torch
     layer.bias.copy_(bias.to(layer.bias))
 
 
+STITCH_KINDS = ("affine", "low_rank", "mlp")
+
+
+def _channel_map(conv: bool, c_in: int, c_out: int, bias: bool = True) -> nn.Conv2d | nn.Linear:
+    """A map on the channels: a 1×1 convolution of conv maps, a linear layer on tokens."""
+    return nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias) if conv else nn.Linear(c_in, c_out, bias=bias)
+
+
+class RankProjection(nn.Module):
+    """``x ↦ μ + (x − μ) V Vᵀ`` on the channels: the top-``r`` principal directions ``V``
+    (``[C, r]``, orthonormal) of rows with mean ``μ``; applies to conv maps and token sequences."""
+
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, layout: Layout):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("basis", basis.float())
+        self.kind = layout.kind
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        x = a.movedim(1, -1) if self.kind == "conv" else a
+        x = self.mean + ((x - self.mean) @ self.basis) @ self.basis.T
+        return x.movedim(-1, 1) if self.kind == "conv" else x
+
+
+def principal_projection(rows: torch.Tensor, rank: int, layout: Layout) -> RankProjection:
+    """The :class:`RankProjection` onto the top-``rank`` principal directions of ``[n, C]`` rows
+    (channels as features, positions as samples), computed in float64."""
+    x = rows.double()
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    if rank > vh.shape[0]:
+        raise ValueError(f"rank {rank} exceeds the {vh.shape[0]} directions {len(x)} rows of {x.shape[1]} channels have")
+    return RankProjection(mean, vh[:rank].T, layout)
+
+
 class _AffineStitch(nn.Module):
-    """Shared by both stitches: the affine layer's weights, resizing to the end's spatial size,
-    the DM fit. Subclasses name their (shared) affine layer in ``affine``."""
+    """Shared by both stitches: the map's weights and capacity, the optional rank projection of
+    the front, resizing to the end's spatial size, the DM fit. Subclasses name their (shared)
+    output layer in ``affine``; ``down`` (low rank) and ``branch`` (MLP) are ``None`` when unused."""
 
     front_layout: Layout
     end_layout: Layout
     out_size: tuple[int, ...] | None
+    down: nn.Module | None
+    branch: nn.Sequential | None
+    projection: RankProjection | None
+
+    def _build(self, conv: bool, c_in: int, c_out: int, kind: str, rank: int | None, hidden: int | None) -> nn.Module:
+        """The output layer for ``kind``; sets ``down``/``branch`` (and ``projection`` to none)."""
+        if kind not in STITCH_KINDS:
+            raise ValueError(f"unknown stitch kind '{kind}'; choose one of {', '.join(STITCH_KINDS)}")
+        if kind == "low_rank" and (rank is None or not 1 <= rank <= min(c_in, c_out)):
+            raise ValueError(f"stitch.kind=low_rank needs stitch.rank in [1, {min(c_in, c_out)}] between {c_in} and "
+                             f"{c_out} channels (got {rank}); at full rank it is the affine stitch")
+        self.projection = None
+        self.down = _channel_map(conv, c_in, rank, bias=False) if kind == "low_rank" else None
+        self.branch = None
+        if kind == "mlp":
+            width = hidden or c_out
+            self.branch = nn.Sequential(_channel_map(conv, c_in, width), nn.ReLU(), _channel_map(conv, width, c_out))
+            self._zero_branch()
+        return _channel_map(conv, rank if kind == "low_rank" else c_in, c_out)
+
+    @property
+    def kind(self) -> str:
+        return "low_rank" if self.down is not None else "mlp" if self.branch is not None else "affine"
 
     @property
     def affine(self) -> nn.Conv2d | nn.Linear:
@@ -35,40 +108,84 @@ class _AffineStitch(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.affine.weight
+        """The affine part's ``[out, in]`` matrix (the product of the factors of a low-rank stitch),
+        shaped like its output layer's weight."""
+        if self.down is None:
+            return self.affine.weight
+        up, down = self.affine.weight, self.down.weight
+        product = up.reshape(up.shape[:2]) @ down.reshape(down.shape[:2])
+        return product.reshape(product.shape + up.shape[2:])
 
     @property
     def channels(self) -> tuple[int, int]:
         """``(in, out)`` feature sizes of the map."""
-        return self.affine.weight.shape[1], self.affine.weight.shape[0]
+        first = self.down if self.down is not None else self.affine
+        return first.weight.shape[1], self.affine.weight.shape[0]
 
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Load a ``[out, in]`` matrix and an ``[out]`` bias into the affine layer."""
-        _load_affine(self.affine, weight, bias)
+        """Load a ``[out, in]`` matrix and an ``[out]`` bias into the affine layer (a low-rank
+        stitch keeps the best rank-r factorisation of the matrix)."""
+        if self.down is None:
+            _load_affine(self.affine, weight, bias)
+            return
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        r = self.down.weight.shape[0]
+        self.set_factors(vh[:r], u[:, :r] * s[:r], bias)
+
+    @torch.no_grad()
+    def set_factors(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> None:
+        """Load a low-rank stitch: ``down`` ``[r, in]``, ``up`` ``[out, r]`` and the bias."""
+        self.down.weight.copy_(down.reshape_as(self.down.weight).to(self.down.weight))
+        _load_affine(self.affine, up, bias)
+
+    def _zero_branch(self) -> None:
+        if self.branch is not None:
+            nn.init.zeros_(self.branch[-1].weight)
+            nn.init.zeros_(self.branch[-1].bias)
 
     def resize(self, a: torch.Tensor) -> torch.Tensor:
         return layouts.resize(a, self.front_layout, self.end_layout, self.out_size)
 
+    def prepare(self, a: torch.Tensor) -> torch.Tensor:
+        """The front activation as the map reads it: rank-projected (if set), then resized."""
+        return self.resize(self.projection(a) if self.projection is not None else a)
+
+    def apply_map(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.affine(self.down(x) if self.down is not None else x)
+        return y + self.branch(x) if self.branch is not None else y
+
     @torch.no_grad()
     def initialise(self, kind: str) -> None:
         """Start from ``identity`` (the ``[out, in]`` identity, zero bias: the front's channels
-        passed through, the peers' ``eye``) or ``random`` (PyTorch's default initialisation, the
-        peers' ``rand``); ``dm`` is :meth:`fit`."""
-        layers = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        for layer in layers:
-            if kind == "identity":
-                out, inp = layer.weight.shape[:2]
-                _load_affine(layer, torch.eye(out, inp), torch.zeros(out))
-            elif kind == "random":
+        passed through, the peers' ``eye``; a low-rank stitch passes its first ``r`` channels) or
+        ``random`` (PyTorch's default initialisation, the peers' ``rand``); ``dm`` is :meth:`fit`.
+        An MLP branch always starts at zero output."""
+        if kind not in ("identity", "random"):
+            raise ValueError(f"unknown stitch initialisation '{kind}'")
+        path = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                and not (self.branch is not None and any(m is b for b in self.branch.modules()))]
+        for layer in path:
+            if kind == "random":
                 layer.reset_parameters()
-            else:
-                raise ValueError(f"unknown stitch initialisation '{kind}'")
+                continue
+            out, inp = layer.weight.shape[:2]
+            layer.weight.copy_(torch.eye(out, inp).reshape_as(layer.weight))
+            if layer.bias is not None:
+                layer.bias.zero_()
+        self._zero_branch()
+
+    @torch.no_grad()
+    def fit_rows(self, front: torch.Tensor, end: torch.Tensor) -> None:
+        """Least squares from ``[rows, in]`` to ``[rows, out]`` (of rank ``r`` for a low-rank stitch)."""
+        if self.down is None:
+            self.set_affine(*dm_solution(front, end))
+        else:
+            self.set_factors(*reduced_rank_solution(front, end, self.down.weight.shape[0]))
 
     @torch.no_grad()
     def fit(self, front: torch.Tensor, end: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Least squares from resized front to end activations over every real position."""
-        self.set_affine(*dm_solution(layouts.as_rows(front, self.front_layout, mask),
-                                     layouts.as_rows(end, self.end_layout, mask)))
+        """Least squares from prepared front to end activations over every real position."""
+        self.fit_rows(layouts.as_rows(front, self.front_layout, mask), layouts.as_rows(end, self.end_layout, mask))
 
 
 class Stitch(_AffineStitch):
@@ -81,9 +198,10 @@ class Stitch(_AffineStitch):
             (bilinear, as in Balogh & Jelasity 2025) when the sizes differ.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, out_size: tuple[int, int] | None = None):
+    def __init__(self, in_channels: int, out_channels: int, out_size: tuple[int, int] | None = None,
+                 kind: str = "affine", rank: int | None = None, hidden: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
+        self.conv = self._build(True, in_channels, out_channels, kind, rank, hidden)
         self.out_size = tuple(out_size) if out_size is not None else None
         self.front_layout = self.end_layout = layouts.CONV
 
@@ -92,7 +210,7 @@ class Stitch(_AffineStitch):
         return self.conv
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.resize(a))
+        return self.apply_map(self.prepare(a))
 
 
 class TokenStitch(_AffineStitch):
@@ -107,23 +225,27 @@ class TokenStitch(_AffineStitch):
         front_layout, end_layout: the two cut points' token layouts.
         separate_class_token: give the class token (position 0) its own affine map; DM
             then fits it on class tokens alone instead of as one row among all tokens.
+        kind, rank, hidden: the map's capacity (see the module's docstring).
     """
 
     def __init__(self, in_channels: int, out_channels: int, front_layout: Layout | None = None,
-                 end_layout: Layout | None = None, separate_class_token: bool = False):
+                 end_layout: Layout | None = None, separate_class_token: bool = False, kind: str = "affine",
+                 rank: int | None = None, hidden: int | None = None):
         super().__init__()
         self.front_layout = front_layout or Layout("tokens")
         self.end_layout = end_layout or self.front_layout
         self.out_size = tuple(self.end_layout.grid) if self.end_layout.grid is not None else None
         if separate_class_token and self.end_layout.prefix_tokens < 1:
             raise ValueError("stitch.class_token=separate needs a class token; this layout has no prefix tokens")
-        self.linear = nn.Linear(in_channels, out_channels, bias=True)
+        if separate_class_token and kind != "affine":
+            raise ValueError(f"stitch.class_token=separate works with the affine stitch, not stitch.kind={kind}")
+        self.linear = self._build(False, in_channels, out_channels, kind, rank, hidden)
         self.class_linear = nn.Linear(in_channels, out_channels, bias=True) if separate_class_token else None
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        a = self.resize(a)
+        a = self.prepare(a)
         if self.class_linear is None:
-            return self.linear(a)
+            return self.apply_map(a)
         return torch.cat([self.class_linear(a[:, :1]), self.linear(a[:, 1:])], dim=1)
 
     @property
@@ -137,16 +259,17 @@ class TokenStitch(_AffineStitch):
             super().fit(front, end, mask)
             return
         rest = mask[:, 1:] if mask is not None else None
-        self.set_affine(*dm_solution(layouts.as_rows(front[:, 1:], self.front_layout, rest),
-                                     layouts.as_rows(end[:, 1:], self.end_layout, rest)))
+        self.fit_rows(layouts.as_rows(front[:, 1:], self.front_layout, rest),
+                      layouts.as_rows(end[:, 1:], self.end_layout, rest))
         _load_affine(self.class_linear, *dm_solution(front[:, 0], end[:, 0]))
 
 
 def make_stitch(a_front: torch.Tensor, front_layout: Layout, a_end: torch.Tensor, end_layout: Layout,
-                separate_class_token: bool = False) -> Stitch | TokenStitch:
+                separate_class_token: bool = False, kind: str = "affine", rank: int | None = None,
+                hidden: int | None = None) -> Stitch | TokenStitch:
     """The stitch joining activations like ``a_front`` (declared ``front_layout``) to ones like
     ``a_end``: a 1×1 convolution between conv maps, a token-wise linear map between token
-    sequences (``separate_class_token``: its own map for the class token)."""
+    sequences (``separate_class_token``: its own map for the class token), of capacity ``kind``."""
     problem = layouts.compatible(front_layout, end_layout)
     if problem:
         raise ValueError(problem)
@@ -154,8 +277,8 @@ def make_stitch(a_front: torch.Tensor, front_layout: Layout, a_end: torch.Tensor
     if front_layout.kind == "conv":
         if separate_class_token:
             raise ValueError("stitch.class_token=separate applies to ViTs; convolutional maps have no class token")
-        return Stitch(c_in, c_out, layouts.target_size(a_end, end_layout))
-    return TokenStitch(c_in, c_out, front_layout, end_layout, separate_class_token)
+        return Stitch(c_in, c_out, layouts.target_size(a_end, end_layout), kind, rank, hidden)
+    return TokenStitch(c_in, c_out, front_layout, end_layout, separate_class_token, kind, rank, hidden)
 
 
 def dm_solution(front: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +298,26 @@ def dm_solution(front: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, t
     return solution[:-1].T.to(front.dtype), solution[-1].to(front.dtype)
 
 
+def reduced_rank_solution(front: torch.Tensor, end: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """The least-squares affine map of rank ``rank`` (reduced-rank regression), in float64.
+
+    The full solution's centred fitted values ``Ŷ`` are projected on their top-``r`` right
+    singular vectors ``V_r`` (Eckart–Young on ``Ŷ``; the bias is never rank-constrained).
+
+    Returns:
+        ``(down [r, C_in], up [C_out, r], bias [C_out])`` with ``W = up · down``, in ``front``'s dtype.
+    """
+    x, y = front.double(), end.double()
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc, yc = x - mean_x, y - mean_y
+    full = torch.linalg.pinv(xc) @ yc  # [C_in, C_out]
+    _, _, vh = torch.linalg.svd(xc @ full, full_matrices=False)
+    v = vh[:rank].T  # [C_out, r]
+    down = (full @ v).T  # [r, C_in]
+    bias = mean_y - v @ (down @ mean_x)
+    return down.to(front.dtype), v.to(front.dtype), bias.to(front.dtype)
+
+
 def batches(inputs, size: int):
     """Split a batch of inputs (a tensor, or a dict of tensors sharing the first dimension)."""
     if isinstance(inputs, dict):
@@ -190,6 +333,22 @@ def to_device(inputs, device):
 
 
 @torch.no_grad()
+def head_activations(head: nn.Module, inputs, device, batch_size: int = 100,
+                     transform=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``head``'s activations on ``inputs`` in eval mode (each batch through ``transform`` if
+    given) and the real-token mask (``None`` for images); the head's mode is restored."""
+    mode = head.training
+    head.eval()
+    kept, masks = [], []
+    for chunk in batches(inputs, batch_size):
+        a, context = head(to_device(chunk, device))
+        kept.append((transform(a) if transform is not None else a).float())
+        masks.append(context.attention_mask)
+    head.train(mode)
+    return torch.cat(kept), None if masks[0] is None else torch.cat(masks)
+
+
+@torch.no_grad()
 def fit_dm(stitch: Stitch | TokenStitch, front_head: nn.Module, end_head: nn.Module, inputs,
            batch_size: int = 100) -> None:
     """Initialise ``stitch`` with the DM solution on ``inputs`` (both heads in eval mode).
@@ -197,19 +356,18 @@ def fit_dm(stitch: Stitch | TokenStitch, front_head: nn.Module, end_head: nn.Mod
     ``front_head``/``end_head`` return ``(activation, context)``; padded tokens (the end
     context's attention mask) are left out of the least squares.
     """
-    modes = [m.training for m in (front_head, end_head)]
-    front_head.eval()
-    end_head.eval()
     device = stitch.weight.device
-    fronts, ends, masks = [], [], []
-    for chunk in batches(inputs, batch_size):
-        chunk = to_device(chunk, device)
-        a_front, _ = front_head(chunk)
-        a_end, context = end_head(chunk)
-        fronts.append(stitch.resize(a_front).float())
-        ends.append(a_end.float())
-        masks.append(context.attention_mask)
-    mask = None if masks[0] is None else torch.cat(masks)
-    stitch.fit(torch.cat(fronts), torch.cat(ends), mask)
-    for module, mode in zip((front_head, end_head), modes):
-        module.train(mode)
+    fronts, _ = head_activations(front_head, inputs, device, batch_size, transform=stitch.prepare)
+    ends, mask = head_activations(end_head, inputs, device, batch_size)
+    stitch.fit(fronts, ends, mask)
+
+
+@torch.no_grad()
+def fit_front_projection(stitch: Stitch | TokenStitch, front_head: nn.Module, inputs, rank: int,
+                         batch_size: int = 100) -> RankProjection:
+    """Set ``stitch.projection`` to the top-``rank`` principal directions of the front's
+    activations on ``inputs`` (every position or real token a row) and return it."""
+    fronts, mask = head_activations(front_head, inputs, stitch.weight.device, batch_size)
+    stitch.projection = principal_projection(layouts.as_rows(fronts, stitch.front_layout, mask), rank,
+                                             stitch.front_layout).to(stitch.weight.device)
+    return stitch.projection

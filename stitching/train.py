@@ -76,6 +76,8 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
             "evaluation": evaluation,
             "inputs": prep.inputs,
             "stitch": {"parameters": sum(p.numel() for p in network.stitch.parameters()),
+                       "kind": network.stitch.kind,
+                       "front_rank": network.stitch.projection.rank if network.stitch.projection is not None else None,
                        "in_channels": network.stitch.channels[0],
                        "out_channels": network.stitch.channels[1],
                        "out_size": list(network.stitch.out_size) if network.stitch.out_size else None,

@@ -83,6 +83,9 @@ RULES: dict[str, Rule] = {
     "stitch.update_bn": FLAG,
     "stitch.lr": Rule("float", 0, 10, low_open=True),  # Adam: no useful step is larger
     "stitch.weight_decay": NON_NEGATIVE,
+    "stitch.rank": Rule("int", 1, nullable=True),
+    "stitch.hidden": Rule("int", 1, nullable=True),
+    "stitch.front_rank": Rule("int", 1, nullable=True),
     "dataset.batch_size": COUNT,
     "dataset.num_workers": INDEX,
     "dataset.num_classes": Rule("int", 1, nullable=True),  # null: next-token prediction
