@@ -21,7 +21,8 @@ export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
-	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans
+	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
+	grounding-small
 
 # $(call sweep,PRESET[,OVERRIDES]): run the preset's sweep, then render its figures (also when a cell
 # failed: the report names it; the target still fails). A comma inside OVERRIDES is $(comma).
@@ -110,6 +111,12 @@ ood: $(READY) ## TLM-vs-DM paper (paper size, GPU): energy-detector AUROC of sti
 	$(call sweep,ood)
 ood-small: $(READY) ## OOD diagnosis on MNIST-5k, CPU-sized
 	$(call sweep,ood_small)
+grounding: $(READY) ## TLM-vs-DM paper (paper size, GPU): sensitivity and specificity tests of every measure, ResNet18
+	$(PY) -m stitching.grounding --no-progress --out outputs/grounding/grounding/$(STAMP) experiment=grounding $(ARGS)
+
+grounding-small: $(READY) ## the same tests on MNIST-5k, CPU-sized: measure × rank correlation with functional difference
+	$(PY) -m stitching.grounding --no-progress --out outputs/grounding/grounding_small/$(STAMP) experiment=grounding_small $(ARGS)
+
 sanity: $(READY) ## TLM-vs-DM paper (paper size, GPU): both sanity checks, DM/Hint/FuLA/TLM/CKA/CCA, ResNet18
 	$(call sanity,sanity)
 sanity-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ResNet18

@@ -3,7 +3,10 @@
 Reads every ``results.json`` under SWEEP_DIR (failed or unreadable runs are listed, not
 fatal) and writes ``results.csv`` (one row per run, with the conditions that define it).
 Then, for whatever the sweep varied besides objective and layer (α, robustness,
-shortcut, class subset, FuLA weights, seeds…), one panel per condition:
+shortcut, class subset, FuLA weights, stitch capacity…), one panel per condition. Seed pairs
+are replicates, not conditions: runs that differ only in ``front.seed``/``end.seed`` are
+averaged, and the figures and tables show their spread (mean ± std, shaded bands); a model
+stitched to itself (``pairing=self``) stays apart from two different models (``two models``).
 
 * corresponding layers → ``stitching_plot.png`` (metric vs layer, base models as end
   points; one row per metric: clean, robust, shortcut accuracy) and ``table.md``;
@@ -37,7 +40,11 @@ CONDITIONS = {
     "front_robust": ("front", "robust"), "end_robust": ("end", "robust"),
     "alpha": ("attack", "alpha"), "classes_train": ("dataset", "num_classes_train"),
     "weights": ("objective", "weights"), "class_token": ("stitch", "class_token"),
+    "init": ("stitch", "init"), "stitch_kind": ("stitch", "kind"), "stitch_rank": ("stitch", "rank"),
+    "front_rank": ("stitch", "front_rank"),
 }
+#: replicate axes: averaged over, their spread shown (never a panel of their own)
+REPLICATES = ("front_seed", "end_seed")
 METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust accuracy (PGD)",
                  "test_robust_acc_autoattack": "robust accuracy (AutoAttack)",
                  "test_acc_shortcut": "accuracy with shortcut",
@@ -99,6 +106,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
             failed.append({"run": str(path.parent.relative_to(sweep_dir)), "error": f"unreadable similarity.csv ({err})"})
     frame = pd.DataFrame(rows)
     if not frame.empty:
+        frame["pairing"] = np.where(frame.front_model == frame.end_model, "self", "two models")
         order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
         frame = frame.sort_values(["objective", "front_layer", "end_layer"],
                                   key=lambda c: c.map(order) if c.name == "objective" else c)
@@ -192,9 +200,21 @@ def _objectives(frame: pd.DataFrame) -> list[str]:
 
 
 def varying_conditions(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
-    """Condition columns that take more than one value in this sweep."""
-    columns = [c for c in [*CONDITIONS, "shortcut"] if c in frame and c not in exclude]
+    """Condition columns that take more than one value in this sweep (seeds are replicates:
+    ``pairing`` tells a model stitched to itself from two models)."""
+    columns = [c for c in [*CONDITIONS, "shortcut", "pairing"] if c in frame and c not in (*exclude, *REPLICATES)]
     return [c for c in columns if frame[c].astype(str).nunique() > 1]
+
+
+def seed_pairs(frame: pd.DataFrame) -> int:
+    """How many (front seed, end seed) pairs the rows hold: the replicates a mean is over."""
+    present = [c for c in REPLICATES if c in frame]
+    return len(frame[present].astype(str).drop_duplicates()) if present else 1
+
+
+def _spread_note(frame: pd.DataFrame) -> str:
+    pairs = seed_pairs(frame)
+    return f"mean ± std over {pairs} seed pairs" if pairs > 1 else ""
 
 
 def facets(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
@@ -211,13 +231,24 @@ def plotted_metrics(frame: pd.DataFrame) -> list[str]:
     return [m for m in METRIC_LABELS if m in frame and frame[m].notna().any()]
 
 
-def layer_table(frame: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
-    """Corresponding-layer runs as a layer × objective table of ``metric`` in percent."""
+def layer_table(frame: pd.DataFrame, metric: str = "test_acc", aggfunc: str = "mean") -> pd.DataFrame:
+    """Corresponding-layer runs as a layer × objective table of ``metric`` in percent (the mean
+    over seed pairs and conditions; ``aggfunc="std"``: their spread)."""
     same = frame[frame.front_layer == frame.end_layer]
-    table = same.pivot_table(index="front_layer", columns="objective", values=metric, aggfunc="mean") * 100
+    table = same.pivot_table(index="front_layer", columns="objective", values=metric, aggfunc=aggfunc) * 100
     table = table[[o for o in _objectives(same)]]
     table.index.name = "layer"
     return table.round(2)
+
+
+def spread_table(frame: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """:func:`layer_table` as ``mean ± std`` text when the runs hold several seed pairs."""
+    mean = layer_table(frame, metric)
+    if seed_pairs(frame[frame.front_layer == frame.end_layer]) < 2:
+        return mean
+    std = layer_table(frame, metric, aggfunc="std").reindex_like(mean)
+    return pd.DataFrame({c: [f"{a:.2f} ± {0 if pd.isna(b) else b:.2f}" if pd.notna(a) else "—"
+                             for a, b in zip(mean[c], std[c])] for c in mean.columns}, index=mean.index)
 
 
 def self_accuracy(grid, directional: bool = True) -> float:
@@ -292,10 +323,11 @@ def sanity_table(results: list[dict]) -> pd.DataFrame:
     return table.sort_index(key=lambda c: c.map(lambda v: order.get(v, len(order))) if c.name == "method" else c)
 
 
-def layer_grid(frame: pd.DataFrame, objective: str, metric: str = "test_acc") -> pd.DataFrame:
-    """Front layer (rows) × end layer (columns) for one objective."""
+def layer_grid(frame: pd.DataFrame, objective: str, metric: str = "test_acc", aggfunc: str = "mean") -> pd.DataFrame:
+    """Front layer (rows) × end layer (columns) for one objective (mean over seed pairs;
+    ``aggfunc="std"``: their spread)."""
     runs = frame[frame.objective == objective]
-    grid = runs.pivot_table(index="front_layer", columns="end_layer", values=metric, aggfunc="mean")
+    grid = runs.pivot_table(index="front_layer", columns="end_layer", values=metric, aggfunc=aggfunc)
     layers = sorted(set(grid.index) | set(grid.columns))
     return grid.reindex(index=layers, columns=layers)
 
@@ -339,10 +371,16 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
         ax.imshow(values, cmap="viridis_r" if cost else "viridis", vmin=np.nanmin(values), vmax=np.nanmax(values))
         chance = layer_grid(rows, objective, "p_value").to_numpy(dtype=float) >= 0.05 \
             if "p_value" in rows else np.zeros(values.shape, dtype=bool)  # not above a permutation null
+        mine = rows[rows.objective == objective]
+        spread = layer_grid(mine, objective, metric, aggfunc="std").to_numpy(dtype=float) * (1 if cost else 100) \
+            if seed_pairs(mine) > 1 else None
         for (r, c), v in np.ndenumerate(values):
             if not np.isnan(v):
                 shown = f"({text.format(v)})" if chance[r, c] else text.format(v)
-                ax.text(c, r, shown, ha="center", va="center", fontsize=6.5 if len(values) < 12 else 4,
+                if spread is not None and np.isfinite(spread[r, c]):
+                    shown += "\n±" + text.format(spread[r, c])
+                ax.text(c, r, shown, ha="center", va="center",
+                        fontsize=(6.5 if len(values) < 12 else 4) - (1.5 if spread is not None else 0),
                         color="white" if dark(v, np.nanmean(values)) else "black")
         cells = rows[rows.objective == objective]
         if _differ_in_depth(cells):  # models of different depths: each tick also gives its relative depth
@@ -358,8 +396,9 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
         if chance.any():
             ax.text(0.5, -0.24, "(value): not above chance (permutation p ≥ 0.05)", transform=ax.transAxes,
                     ha="center", fontsize=6)
+        note = _spread_note(mine)
         ax.set_title(f"{objective.upper()}{f' {cost}' if cost else ''}  self-acc {directional:.2f} ({averaged:.2f})"
-                     + (f"\n{label}" if label else ""), fontsize=9)
+                     + (f"\n{label}" if label else "") + (f"\n{note}" if note else ""), fontsize=9)
     return _save(plt, fig, path), scores
 
 
@@ -386,8 +425,12 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
         fig, axes = _grid(plt, len(panels), 6.2, 3.9)
         for ax, (label, rows) in zip(axes, panels):
             for objective in _objectives(rows):
-                runs = rows[rows.objective == objective].groupby("front_layer")[metric].mean()
-                ax.plot(runs.index, runs.values * 100, marker="o", label=objective.upper())
+                mine = rows[rows.objective == objective]
+                runs = mine.groupby("front_layer")[metric].agg(["mean", "std"])
+                line, = ax.plot(runs.index, runs["mean"] * 100, marker="o", label=objective.upper())
+                if seed_pairs(mine) > 1:  # the spread over seed pairs
+                    ax.fill_between(runs.index, (runs["mean"] - runs["std"].fillna(0)) * 100,
+                                    (runs["mean"] + runs["std"].fillna(0)) * 100, color=line.get_color(), alpha=0.2)
             base_metric = "acc" if metric in ("test_acc", "test_acc_shortcut") else metric.removeprefix("test_")
             if metric.startswith(("init_", "ood_")):
                 base_metric = "none"  # base models have no stitch to initialise or detect
@@ -406,7 +449,8 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
             ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
             ax.grid(alpha=0.3)
             heading = title or f"{rows.front_model.iloc[0]} → {rows.end_model.iloc[0]}"
-            ax.set_title(heading + (f"\n{label}" if label else ""), fontsize=8)
+            note = _spread_note(rows)
+            ax.set_title(heading + (f"\n{label}" if label else "") + (f"\n{note}, shaded" if note else ""), fontsize=8)
             ax.legend(fontsize=7, loc="best")
         written.append(_save(plt, fig, path if metric == "test_acc" else path.with_name(
             f"{path.stem}_{metric.removeprefix('test_').removeprefix('init_')}.png")))
@@ -548,7 +592,7 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         made["subsets"] = subsets_plot(runs, out / "subsets.png")
     elif (runs.front_layer == runs.end_layer).any():
         made["table"] = layer_table(runs)
-        (out / "table.md").write_text(made["table"].to_string())
+        (out / "table.md").write_text(spread_table(runs).to_string())
         made["plots"] = stitching_plot(runs, out / "stitching_plot.png")
         made["plot"] = made["plots"][0]
     if (frame.front_layer != frame.end_layer).any():
@@ -560,6 +604,8 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
                 part.replace("=", "") for part in label.split(", ")))  # a model's path or hub name stays one file name
             for objective in _objectives(rows):
                 layer_grid(rows, objective, "score").to_csv(out / f"grid_{objective}{suffix}.csv")
+                if seed_pairs(rows[rows.objective == objective]) > 1:
+                    layer_grid(rows, objective, "score", aggfunc="std").to_csv(out / f"grid_{objective}{suffix}_std.csv")
         made["sanity"] = sanity_checks(frame)
         if made["sanity"]:
             (out / "sanity.json").write_text(json.dumps(made["sanity"], indent=2))
@@ -622,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nstitched test accuracy (%), {first.front_model} → {first.end_model}"
               + (" (averaged over conditions)" if varying else ""))
         print(f"base models: front {frame.front_acc.mean() * 100:.2f}%, end {frame.end_acc.mean() * 100:.2f}%\n")
-        print(made["table"].to_string())
+        print(spread_table(frame[frame.test_acc.notna()]).to_string())
         print("\nfigures: " + ", ".join(str(p) for p in made["plots"]))
     if "penalty" in made:
         print("\nstitching penalty (nats/token), mean ± std over seed pairs (runs)")

@@ -143,6 +143,8 @@ RULES: dict[str, Rule] = {
     "probe.epochs": COUNT,
     "probe.lr": POSITIVE,
     "probe.batch_size": COUNT,
+    "grounding.images": Rule("int", 4),
+    "grounding.bootstrap": INDEX,
     "similarity.images": Rule("int", 4),
     "similarity.batch_size": COUNT,
     "similarity.skip_positions": INDEX,

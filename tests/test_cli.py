@@ -341,3 +341,34 @@ def test_the_nine_layer_sweep_applies_only_when_no_layer_is_named():
     assert nine not in with_default_layer_sweep(["-m", "stitch.layer=2"])
     assert nine not in with_default_layer_sweep(["-m", "experiment=fig10_small"])  # its sweep names the layers
     assert with_default_layer_sweep(["objective=dm"]) == ["objective=dm"]  # a single run stays one run
+
+
+def test_report_averages_seed_pairs_and_shows_their_spread(tmp_path):
+    """Runs differing only in seeds are replicates: one panel per pairing (self / two models),
+    the mean in tables and grids, the standard deviation beside it."""
+    import pandas as pd
+
+    from stitching.report import spread_table, varying_conditions
+
+    accuracies = {(0, 1): 0.8, (1, 2): 0.6, (2, 0): 0.7, (0, 0): 0.95}  # (front seed, end seed) → layer-1 acc
+    for (front_seed, end_seed), acc in accuracies.items():
+        for front, end in ((1, 1), (2, 2), (1, 2)):
+            folder = tmp_path / f"s{front_seed}{end_seed}_f{front}e{end}"
+            folder.mkdir()
+            (folder / "results.json").write_text(json.dumps({
+                "status": "ok", "objective": "fula", "front_layer": front, "end_layer": end,
+                "metrics": {"test/acc": acc if front == end == 1 else 0.5}, "timings": {"total_s": 1},
+                "config": {"front": {"seed": front_seed, "arch": "resnet18"}, "end": {"seed": end_seed, "arch": "resnet18"}},
+                "base": {"front": {"test_acc": 0.9, "key": f"m{front_seed}"}, "end": {"test_acc": 0.9, "key": f"m{end_seed}"}}}))
+    made = report(tmp_path)
+    frame = made["frame"]
+    assert varying_conditions(frame) == ["pairing"]
+    between = frame[frame.pairing == "two models"]
+    table = spread_table(between)
+    assert table.loc[1, "fula"] == f"{70.0:.2f} ± {pd.Series([80.0, 60.0, 70.0]).std():.2f}"
+    assert spread_table(frame[frame.pairing == "self"]).loc[1, "fula"] == 95.0  # one seed pair: no spread
+    mean = pd.read_csv(tmp_path / "grid_fula_pairingtwo-models.csv", index_col=0)
+    std = pd.read_csv(tmp_path / "grid_fula_pairingtwo-models_std.csv", index_col=0)
+    assert mean.loc[1, "1"] == pytest.approx(0.7) and std.loc[1, "1"] == pytest.approx(0.1)
+    assert not (tmp_path / "grid_fula_pairingself_std.csv").exists()
+    assert "±" in (tmp_path / "table.md").read_text()

@@ -8,7 +8,9 @@ from stitching.build import CONF_DIR
 from tests.conftest import train_cli
 from tests.test_cli import _train
 
-PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem != "small")
+#: presets of `python -m stitching.grounding` (not sweeps; their shrunken pipeline runs in test_grounding)
+GROUNDING = ("grounding", "grounding_small")
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem not in ("small", *GROUNDING))
 
 # tiny stand-ins for each CPU preset's axes: same kinds of sweep, a few cells
 SHRINK = {
@@ -50,6 +52,17 @@ def test_preset_composes_with_its_sweep(preset):
     fixed = ("fig6", "fig6_small", "fig11", "fig11_small", "demo", "lm_solu_gelu", "lm_solu_gelu_small", "lm_minilm",
              "lm_smollm2", "lm_bert_hans", "lm_pythia")  # their objective is fixed (lm_pythia: a similarity preset)
     assert "objective" in params or preset in fixed
+
+
+@pytest.mark.parametrize("preset", GROUNDING)
+def test_grounding_presets_compose_with_valid_settings(preset):
+    from stitching.grounding import _settings
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"])
+    settings = _settings(cfg)
+    assert settings["tests"] == ["sensitivity", "specificity"] and settings["objectives"] == ["dm", "hint", "fula", "tlm"]
+    assert cfg.front.arch == cfg.end.arch and cfg.logger.kind == "none"
 
 
 def test_every_cpu_preset_has_a_paper_sized_twin():

@@ -1,0 +1,356 @@
+"""``python -m stitching.grounding`` — do similarity measures track function? The sensitivity and
+specificity tests of Ding, Denain & Steinhardt (NeurIPS 2021), as used by Balogh & Jelasity (2025),
+for stitching objectives and structural indices alike.
+
+Every *item* compares a representation ``A`` (a cut point of some model, possibly truncated to
+its top-r principal directions, as ``stitch.front_rank`` does) with a reference ``B`` (a cut
+point of the run's end model). Its *functional difference* is ``|probe(A) − probe(B)|``, the gap
+in linear-probe test accuracy (:mod:`stitching.probe`); each measure's *dissimilarity* is
+``1 − similarity``: one minus the stitched test accuracy of ``A → B`` for an objective, one minus
+the index between the two (test images, ``grounding.flatten``) for a structural index. A measure
+passes a test to the degree its dissimilarity rises with the functional difference: the Spearman
+rank correlation over the test's items, with a bootstrap interval over items.
+
+* **sensitivity** — ``A`` is the reference layer itself truncated to each of ``grounding.ranks``
+  (ranks at or above the layer's channels are skipped), for every ``grounding.layers``;
+* **specificity** — ``A`` is every ``grounding.compare_layers`` cut point of the models of
+  ``grounding.seeds`` (``front.seed``; the end model's own seed gives other layers of itself),
+  against every reference layer.
+
+Writes to ``--out``: ``grounding.md`` / ``.csv`` (measure × test: ρ, interval, items),
+``grounding.png`` (the same with whiskers), ``items.csv`` (every item's functional difference and
+dissimilarities), ``grounding.json`` (all of it, settings, timings) and ``stitching/``, one
+ordinary run folder per stitch (a stopped test resumes without redoing them; probes are cached
+beside the zoo). Exits non-zero after everything else ran if a stitching run failed.
+
+Example: ``python -m stitching.grounding experiment=grounding_small`` (``make grounding-small``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from stitching.errors import StitchingError, exit_on_user_error
+from stitching.models import cut
+from stitching.runtime import Stopwatch, versions, write_json_atomic
+from stitching.similarity.cka import SimilarityError
+from stitching.similarity.grid import INDICES, parse_indices
+from stitching.similarity.uncertainty import bootstrap_interval
+
+TESTS = ("sensitivity", "specificity")
+STITCHING_OBJECTIVES = ("dm", "hint", "fula", "slm", "tlm")
+
+
+@dataclass(frozen=True)
+class Item:
+    """``A`` = cut point ``front_layer`` of the seed-``front_seed`` model (top-``rank`` directions
+    only, ``None``: all) against ``B`` = cut point ``end_layer`` of the end model."""
+
+    test: str
+    front_seed: int
+    front_layer: int
+    end_layer: int
+    rank: int | None = None
+
+    @property
+    def name(self) -> str:
+        rank = f"-r{self.rank}" if self.rank is not None else ""
+        return f"s{self.front_seed}-f{self.front_layer}{rank}_e{self.end_layer}"
+
+
+def sensitivity_items(layers: list[int], ranks: list[int], channels: dict[int, int], seed: int) -> list[Item]:
+    """Each reference layer truncated to each rank below its channel count."""
+    return [Item("sensitivity", seed, layer, layer, rank) for layer in layers
+            for rank in sorted(set(ranks), reverse=True) if rank < channels[layer]]
+
+
+def specificity_items(layers: list[int], seeds: list[int], compare_layers: list[int]) -> list[Item]:
+    """Every compared cut point of every seed's model against each reference layer."""
+    return [Item("specificity", seed, other, layer) for layer in layers for seed in seeds for other in compare_layers]
+
+
+def spearman(a, b) -> float:
+    """Spearman's ρ: Pearson's correlation of the average ranks (ties share their mean rank)."""
+    ranks_a = pd.Series(np.asarray(a, dtype=float)).rank(method="average").to_numpy()
+    ranks_b = pd.Series(np.asarray(b, dtype=float)).rank(method="average").to_numpy()
+    ranks_a, ranks_b = ranks_a - ranks_a.mean(), ranks_b - ranks_b.mean()
+    scale = np.sqrt((ranks_a ** 2).sum() * (ranks_b ** 2).sum())
+    if len(ranks_a) < 3 or scale == 0:
+        raise SimilarityError("a rank correlation needs at least three items and values that vary")
+    return float((ranks_a * ranks_b).sum() / scale)
+
+
+def rank_correlation(dissimilarity, functional, draws: int = 1000, seed: int = 0) -> dict:
+    """ρ between a measure's dissimilarity and the functional difference over the items where
+    both are defined, and its 95 % percentile bootstrap interval over items."""
+    d, f = np.asarray(dissimilarity, dtype=float), np.asarray(functional, dtype=float)
+    keep = np.isfinite(d) & np.isfinite(f)
+    out = {"rho": float("nan"), "low": float("nan"), "high": float("nan"), "items": int(keep.sum())}
+    try:
+        out["rho"] = spearman(d[keep], f[keep])
+        if draws:
+            x, y = torch.tensor(d[keep])[:, None], torch.tensor(f[keep])[:, None]
+            out["low"], out["high"] = bootstrap_interval(lambda a, b: spearman(a[:, 0], b[:, 0]), x, y, draws, seed=seed)
+    except SimilarityError:
+        pass
+    return out
+
+
+# -- the run -------------------------------------------------------------------------------
+def _settings(cfg: DictConfig) -> dict:
+    g = OmegaConf.to_container(cfg.grounding, resolve=True)
+    tests = list(TESTS) if g["test"] == "both" else [g["test"]]
+    if any(test not in TESTS for test in tests):
+        raise StitchingError(f"grounding.test={g['test']}: choose sensitivity, specificity or both")
+    unknown = [o for o in g["objectives"] if o not in STITCHING_OBJECTIVES]
+    if unknown:
+        raise StitchingError(f"grounding.objectives: unknown objective {unknown[0]}; choose from "
+                             f"{', '.join(STITCHING_OBJECTIVES)}")
+    if g["flatten"] not in ("pool", "sample"):
+        raise StitchingError(f"grounding.flatten={g['flatten']}: choose pool or sample")
+    indices = parse_indices(g["indices"]) if g["indices"] else []
+    streaming = [name for name in indices if INDICES[name].streaming]
+    if streaming:
+        raise StitchingError(f"grounding.indices: {streaming[0]} is a streaming estimator; use cka or unbiased_cka")
+    for key in ("layers", "ranks", "seeds", "compare_layers"):
+        values = g[key]
+        if values is not None and (not isinstance(values, list) or not values or
+                                   any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values)):
+            raise StitchingError(f"grounding.{key}={values}: give a non-empty list of non-negative integers")
+    if any(rank < 1 for rank in g["ranks"]):
+        raise StitchingError("grounding.ranks: ranks start at 1")
+    return {**g, "tests": tests, "indices": indices}
+
+
+class Grounding:
+    """Models, probes, test features and stitching runs of one grounding test set-up."""
+
+    def __init__(self, cfg: DictConfig, overrides: list[str], out: Path, progress: bool = True):
+        from stitching.build import build_zoo, read_settings
+        from stitching.probe import build_prober
+
+        self.cfg, self.overrides, self.out, self.progress = cfg, list(overrides), out, progress
+        self.settings = read_settings(cfg)
+        self.g = _settings(cfg)
+        front, end = self.settings.front, self.settings.end
+        if front.checkpoint or end.checkpoint:
+            raise StitchingError("the grounding tests compare zoo models of one family by seed; leave front/end.checkpoint "
+                                 "unset")
+        if dataclasses.replace(front.spec, seed=0) != dataclasses.replace(end.spec, seed=0):
+            raise StitchingError("the grounding tests compare models of one family (front and end differ only in seed); "
+                                 "set front and end to the same architecture, width and dataset")
+        self.device = self.settings.device
+        self.zoo = build_zoo(cfg)
+        self.end_seed = end.spec.seed
+        self.models: dict[int, tuple] = {}
+        self.prober = build_prober(cfg, self.device)
+        self.test_images = self.prober.test_x[: int(self.g["images"])]
+        self._features: dict[tuple, torch.Tensor] = {}
+        self.failed: list[str] = []
+
+    def model(self, seed: int):
+        """``(model, record)`` of the family's seed-``seed`` model (trained into the zoo if missing)."""
+        if seed not in self.models:
+            self.models[seed] = self.zoo.get(dataclasses.replace(self.settings.end.spec, seed=seed))
+        return self.models[seed]
+
+    def cut_points(self) -> int:
+        return len(self.model(self.end_seed)[0].cut_points)
+
+    def channels(self, layer: int) -> int:
+        model = self.model(self.end_seed)[0]
+        c = cut(model, layer)
+        with torch.no_grad():
+            a, _ = c.head.eval()(self.test_images[:2].to(self.device))
+        return a.shape[1] if c.layout.kind == "conv" else a.shape[-1]
+
+    def probe(self, seed: int, layer: int, rank: int | None) -> float:
+        model, record = self.model(seed)
+        return self.prober.accuracy(model, record["key"], layer, rank)["test_acc"]
+
+    def features(self, seed: int, layer: int, rank: int | None) -> torch.Tensor:
+        from stitching.probe import cut_features
+
+        key = (seed, layer, rank)
+        if key not in self._features:
+            model = self.model(seed)[0].eval().to(self.device)
+            c = cut(model, layer)
+            self._features[key] = cut_features(c.head, c.layout, self.test_images, self.g["flatten"] == "pool",
+                                               self.device, self.prober.projection(model, layer, rank)).double()
+        return self._features[key]
+
+    def index(self, name: str, item: Item) -> float:
+        x = self.features(item.front_seed, item.front_layer, item.rank)
+        y = self.features(self.end_seed, item.end_layer, None)
+        try:
+            return float(INDICES[name].pair(x, y))
+        except SimilarityError:
+            return float("nan")
+
+    def stitched_accuracy(self, objective: str, item: Item) -> float:
+        """Test accuracy of ``A → B`` stitched under ``objective`` (an ordinary run folder; a
+        finished one is read back)."""
+        from stitching.build import compose_config
+        from stitching.train import _failure_record, config_hash, finished_record, run
+
+        cfg = compose_config([*self.overrides, f"objective={objective}", f"front.seed={item.front_seed}",
+                              f"stitch.front_layer={item.front_layer}", f"stitch.end_layer={item.end_layer}",
+                              f"stitch.front_rank={'null' if item.rank is None else item.rank}"])
+        run_dir = self.out / "stitching" / item.test / objective / item.name
+        try:
+            record = finished_record(run_dir, config_hash(cfg)) or run(cfg, run_dir)
+        except Exception as err:  # a failed run is a gap in the table, named at the end
+            _failure_record(cfg, run_dir, err)
+            self.failed.append(f"{run_dir}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            if not isinstance(err, (StitchingError, RuntimeError, ValueError)):
+                traceback.print_exc()
+            return float("nan")
+        return float(record["metrics"]["test/acc"])
+
+    def items(self, test: str) -> list[Item]:
+        count = self.cut_points()
+        layers = self.g["layers"] or list(range(1, count + 1))
+        bad = [layer for layer in [*layers, *(self.g["compare_layers"] or [])] if not 1 <= layer <= count]
+        if bad:
+            raise StitchingError(f"grounding: cut point {bad[0]} is out of range: this model has cut points 1..{count}")
+        if test == "sensitivity":
+            return sensitivity_items(layers, self.g["ranks"], {layer: self.channels(layer) for layer in layers},
+                                     self.end_seed)
+        return specificity_items(layers, self.g["seeds"], self.g["compare_layers"] or list(range(1, count + 1)))
+
+
+def run_tests(cfg: DictConfig, overrides: list[str], out: Path, progress: bool = True) -> dict:
+    """Both tests (or the one asked for); writes every output and returns the record."""
+    watch = Stopwatch()
+    grounding = Grounding(cfg, overrides, out, progress)
+    g = grounding.g
+    plan = {test: grounding.items(test) for test in g["tests"]}
+    runs = sum(len(items) for items in plan.values()) * len(g["objectives"])
+    print(f"grounding: {', '.join(f'{test} {len(items)} items' for test, items in plan.items())}; "
+          f"{runs} stitching runs ({', '.join(g['objectives'])}), indices {', '.join(g['indices']) or 'none'}")
+    rows = []
+    for test, items in plan.items():
+        with watch.section("probes_s"):
+            reference = {layer: grounding.probe(grounding.end_seed, layer, None) for layer in {i.end_layer for i in items}}
+            probes = [grounding.probe(i.front_seed, i.front_layer, i.rank)
+                      for i in tqdm(items, desc=f"{test}: probes", disable=not progress, leave=False)]
+        with watch.section("indices_s"):
+            scores = {name: [grounding.index(name, i) for i in items] for name in g["indices"]}
+        with watch.section("stitching_s"):
+            bar = tqdm(total=len(items) * len(g["objectives"]), desc=f"{test}: stitching", disable=not progress)
+            for objective in g["objectives"]:
+                accuracies = []
+                for i in items:
+                    accuracies.append(grounding.stitched_accuracy(objective, i))
+                    bar.update()
+                scores[objective] = accuracies
+            bar.close()
+        for k, item in enumerate(items):
+            rows.append({**dataclasses.asdict(item), "probe": probes[k], "reference_probe": reference[item.end_layer],
+                         "functional": abs(probes[k] - reference[item.end_layer]),
+                         **{name: 1.0 - values[k] for name, values in scores.items()}})
+    frame = pd.DataFrame(rows)
+    measures = [*g["objectives"], *g["indices"]]
+    table = pd.DataFrame([{"test": test, "measure": measure, **rank_correlation(
+        part[measure], part["functional"], int(g["bootstrap"]), int(cfg.seed))}
+        for test, part in frame.groupby("test", sort=False) for measure in measures])
+    record = _write(out, frame, table, measures, grounding, cfg, watch)
+    return record
+
+
+def measure_label(name: str) -> str:
+    return name.upper() if name in STITCHING_OBJECTIVES else INDICES[name].label
+
+
+def _write(out: Path, frame: pd.DataFrame, table: pd.DataFrame, measures: list[str], grounding: Grounding,
+           cfg: DictConfig, watch: Stopwatch) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "items.csv", index=False)
+    table.to_csv(out / "grounding.csv", index=False)
+    lines = ["# Grounding similarity in function", "",
+             f"Reference: {grounding.model(grounding.end_seed)[1]['key']}; functional difference = |Δ linear-probe test "
+             f"accuracy|; ρ = Spearman correlation of each measure's dissimilarity with it over the items "
+             f"(95 % bootstrap interval over items, {grounding.g['bootstrap']} resamples). Higher is better.", ""]
+    for test, part in table.groupby("test", sort=False):
+        lines += [f"## {test} ({int(part['items'].max())} items)", "", "| measure | ρ | 95 % interval | items |",
+                  "|---|---|---|---|"]
+        lines += [f"| {measure_label(r.measure)} | {_fmt(r.rho)} | [{_fmt(r.low)}, {_fmt(r.high)}] | {r.items} |"
+                  for r in part.itertuples()]
+        lines.append("")
+    if grounding.failed:
+        lines += ["## failed stitching runs", "", *[f"* {line}" for line in grounding.failed], ""]
+    (out / "grounding.md").write_text("\n".join(lines))
+    _plot(table, measures, out / "grounding.png")
+    record = {"settings": {k: v for k, v in grounding.g.items()}, "reference": grounding.model(grounding.end_seed)[1]["key"],
+              "models": {seed: record["key"] for seed, (_, record) in grounding.models.items()},
+              "correlations": table.to_dict(orient="records"), "items": frame.to_dict(orient="records"),
+              "failed": grounding.failed, "timings": watch.report(), "versions": versions(),
+              "config": OmegaConf.to_container(cfg, resolve=True)}
+    write_json_atomic(out / "grounding.json", record)
+    return record
+
+
+def _fmt(value: float) -> str:
+    return "—" if not np.isfinite(value) else f"{value:+.2f}"
+
+
+def _plot(table: pd.DataFrame, measures: list[str], path: Path) -> None:
+    from stitching.report import _pyplot, _save
+
+    plt = _pyplot()
+    tests = list(dict.fromkeys(table["test"]))
+    fig, axes = plt.subplots(1, len(tests), figsize=(4.6 * len(tests), 0.45 * len(measures) + 1.4), squeeze=False,
+                             sharey=True)
+    for ax, test in zip(axes[0], tests):
+        part = table[table["test"] == test].set_index("measure").reindex(measures)
+        y = np.arange(len(measures))[::-1]
+        low = (part["rho"] - part["low"]).clip(lower=0).fillna(0)
+        high = (part["high"] - part["rho"]).clip(lower=0).fillna(0)
+        colours = ["tab:blue" if m in STITCHING_OBJECTIVES else "tab:orange" for m in measures]
+        ax.errorbar(part["rho"], y, xerr=[low, high], fmt="none", ecolor="grey", capsize=3)
+        ax.scatter(part["rho"], y, c=colours, zorder=3)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ (dissimilarity vs functional difference)", title=test)
+        ax.set_yticks(y, [measure_label(m) for m in measures])
+    _save(plt, fig, path)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    from stitching.build import compose_config
+
+    parser = argparse.ArgumentParser(prog="python -m stitching.grounding", description=__doc__.splitlines()[0])
+    parser.add_argument("--test", default=None, choices=[*TESTS, "both"], help="default: grounding.test")
+    parser.add_argument("--out", default=None, help="output folder (default: outputs/grounding/<time>); an existing one "
+                        "resumes")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=grounding_small)")
+    args = parser.parse_args(argv)
+    overrides = [*(args.overrides or ["experiment=grounding_small"]),
+                 *([f"grounding.test={args.test}"] if args.test else [])]
+    cfg = compose_config(overrides)
+    out = Path(args.out) if args.out else Path("outputs/grounding") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    record = run_tests(cfg, overrides, out, progress=not args.no_progress)
+    print((out / "grounding.md").read_text())
+    print(f"{record['timings']['total_s']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in record['timings'].items() if k != 'total_s')}); "
+          f"results in {out.resolve()}")
+    if record["failed"]:
+        print(f"error: {len(record['failed'])} stitching run(s) failed; their records are in {out / 'stitching'}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,84 @@
+"""The sensitivity and specificity tests: the rank correlation against SciPy, its bootstrap
+interval, the items, and a shrunken end-to-end run on digits that writes every output and resumes."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from stitching.errors import StitchingError
+from stitching.grounding import rank_correlation, run_tests, sensitivity_items, spearman, specificity_items
+
+
+def test_spearman_equals_scipy_with_and_without_ties():
+    generator = np.random.default_rng(0)
+    for trial in range(5):
+        a = generator.normal(size=40)
+        b = a + generator.normal(size=40) * (trial + 1) * 0.3
+        if trial % 2:  # ties on both sides
+            a, b = np.round(a, 0), np.round(b, 0)
+        assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_the_bootstrap_interval_of_rho_covers_the_full_data_value():
+    generator = np.random.default_rng(1)
+    for trial in range(4):
+        functional = generator.uniform(size=30)
+        dissimilarity = functional + generator.normal(size=30) * 0.3
+        dissimilarity[trial] = np.nan  # an undefined item is left out, not counted
+        result = rank_correlation(dissimilarity, functional, draws=300, seed=trial)
+        assert result["items"] == 29
+        assert result["low"] <= result["rho"] <= result["high"] and result["high"] - result["low"] < 0.8
+    constant = rank_correlation(np.ones(10), np.arange(10.0), draws=50)
+    assert np.isnan(constant["rho"]) and constant["items"] == 10
+
+
+def test_items_skip_ranks_a_layer_does_not_have():
+    items = sensitivity_items([1, 4], [1, 8, 16, 32], {1: 16, 4: 32}, seed=1)
+    assert [(i.front_layer, i.rank) for i in items] == [(1, 8), (1, 1), (4, 16), (4, 8), (4, 1)]
+    assert all(i.front_seed == 1 and i.end_layer == i.front_layer for i in items)
+    pairs = specificity_items([3], [0, 1], [1, 2])
+    assert [(i.front_seed, i.front_layer, i.end_layer) for i in pairs] == [(0, 1, 3), (0, 2, 3), (1, 1, 3), (1, 2, 3)]
+
+
+def test_a_shrunken_grounding_run_writes_every_output_and_resumes(tiny_config, tmp_path, zoo_dir):
+    overrides = ["dataset=digits", "model=resnet18_narrow", "model.width=8", "zoo.recipe.epochs=4", "trainer=cpu",
+                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
+                 f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
+                 "grounding.objectives=[dm,hint]", "grounding.layers=[3]", "grounding.ranks=[1,2,4]",
+                 "grounding.seeds=[0]", "grounding.compare_layers=[1,3,5,7]", "grounding.indices=cka,cca",
+                 "grounding.bootstrap=50", "probe.epochs=3"]
+    cfg = tiny_config(*overrides[8:])
+    out = tmp_path / "grounding"
+    record = run_tests(cfg, overrides, out, progress=False)
+    assert not record["failed"]
+    items = pd.read_csv(out / "items.csv")
+    assert sorted(items["test"].value_counts().to_dict().items()) == [("sensitivity", 3), ("specificity", 4)]
+    for measure in ("dm", "hint", "cka", "cca"):
+        assert items[measure].notna().all()
+    # the functional difference is the gap in probe accuracy, the full reference's own probe cached
+    assert (items["functional"] - (items["probe"] - items["reference_probe"]).abs()).abs().max() < 1e-12
+    table = pd.read_csv(out / "grounding.csv")
+    assert set(table["measure"]) == {"dm", "hint", "cka", "cca"} and set(table["test"]) == {"sensitivity", "specificity"}
+    assert (out / "grounding.png").is_file() and "## sensitivity (3 items)" in (out / "grounding.md").read_text()
+    runs = sorted((out / "stitching").rglob("results.json"))
+    assert len(runs) == 2 * 7
+    truncated = json.loads((out / "stitching/sensitivity/dm/s1-f3-r2_e3/results.json").read_text())
+    assert truncated["stitch"]["front_rank"] == 2 and truncated["config"]["front"]["seed"] == 1
+    # a finished run is read back, not redone
+    stamps = {path: path.stat().st_mtime_ns for path in runs}
+    again = run_tests(cfg, overrides, out, progress=False)
+    assert {path: path.stat().st_mtime_ns for path in runs} == stamps
+    assert again["correlations"] == record["correlations"]
+
+
+def test_grounding_settings_are_checked_before_any_work(tiny_config, tmp_path):
+    for override, message in (("grounding.test=both_ways", "choose sensitivity, specificity or both"),
+                              ("grounding.objectives=[dm,cka]", "unknown objective cka"),
+                              ("grounding.ranks=[0,2]", "ranks start at 1"),
+                              ("grounding.indices=minibatch_cka", "streaming estimator"),
+                              ("front.width=16", "models of one family")):
+        with pytest.raises(StitchingError, match=message):
+            run_tests(tiny_config(override), [], tmp_path / "g", progress=False)
