@@ -3,8 +3,10 @@
 Measures, on the configured data and models (default: the `make run` setup on MNIST-5k):
 
 * one stitch-training epoch per objective (DM: the closed-form solve), and its test pass;
-* a 9×9 cross-layer grid (every front × end layer pair, DM initialisation + a few
-  training batches + test per cell).
+* a 9×9 cross-layer grid per objective (every front × end layer pair: DM initialisation, a
+  few training batches and the test pass), trained as 81 in-process single runs and as one
+  fused grid (:mod:`stitching.grid`), with the speed-up and the largest difference in any
+  cell's test accuracy.
 
 Peak memory is the process's peak resident set size during each measurement on CPU, and
 ``torch.cuda.max_memory_allocated`` on a GPU. Prints a table and writes ``bench.json``.
@@ -81,24 +83,36 @@ def bench_objectives(overrides: list[str], layer: int, run_dir: Path) -> list[di
     return rows
 
 
-def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path) -> dict:
-    row = {"what": f"9x9 grid ({objective}, {batches} batches/cell)", "layer": "all", "images": batches}
-    with measure(row):
+def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path) -> list[dict]:
+    """The same 9×9 grid as 81 single runs and fused: two rows, the fused one with its speed-up
+    and the largest difference in a cell's test accuracy."""
+    import json
+
+    from stitching.grid import cell_config, run_grid
+    from stitching.train import run
+
+    cfg = compose_config([*overrides, f"objective={objective}", "trainer.max_epochs=1",
+                          f"trainer.limit_train_batches={batches}", "grid.pairs=all"])
+    prepare(cell_config(cfg, 1, 1))  # base models come from (or go into) the zoo before timing
+    single = {"what": f"9x9 {objective}: 81 single runs", "layer": "all", "images": f"{batches} batches x 81"}
+    with measure(single):
         for front in range(1, 10):
             for end in range(1, 10):
-                cfg = compose_config([*overrides, f"objective={objective}", f"stitch.front_layer={front}",
-                                f"stitch.end_layer={end}", "trainer.max_epochs=1",
-                                f"trainer.limit_train_batches={batches}"])
-                prep = prepare(cfg)
-                trainer = build_trainer(dict(cfg.trainer), run_dir, enable_progress_bar=False)
-                if prep.module.trainable:
-                    trainer.fit(prep.module, datamodule=prep.datamodule)
-                trainer.test(prep.module, datamodule=prep.datamodule, verbose=False)
-                del prep, trainer
+                run(cell_config(cfg, front, end), run_dir / "single" / objective / f"f{front}-e{end}")
                 release_memory()
-    row["images"] = f"{batches} batches x 81"
-    print(_line(row), flush=True)
-    return row
+    print(_line(single), flush=True)
+    fused = {"what": f"9x9 {objective}: fused grid", "layer": "all", "images": f"{batches} batches x 81"}
+    with measure(fused):
+        run_grid(cfg, run_dir / "fused", progress=False)
+    accuracy = {}
+    for kind in ("single", "fused"):
+        for path in (run_dir / kind / objective).glob("*/results.json"):
+            accuracy.setdefault(path.parent.name, {})[kind] = json.loads(path.read_text())["metrics"]["test/acc"]
+    fused["speedup"] = round(single["seconds"] / fused["seconds"], 2)
+    fused["max_acc_difference"] = max(abs(v["single"] - v["fused"]) for v in accuracy.values())
+    print(_line(fused) + f"   {fused['speedup']:.2f}x faster, largest cell accuracy difference "
+          f"{fused['max_acc_difference']:.4f}", flush=True)
+    return [single, fused]
 
 
 def _line(row: dict) -> str:
@@ -110,7 +124,7 @@ def _line(row: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stitching.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, default=5, help="stitching layer for the per-objective epochs")
-    parser.add_argument("--grid-objective", default="hint", help="objective for the 9x9 grid")
+    parser.add_argument("--grid-objectives", default="hint,fula,tlm", help="objectives of the 9x9 grids (comma-separated)")
     parser.add_argument("--grid-batches", type=int, default=4, help="training batches per grid cell")
     parser.add_argument("--no-grid", action="store_true", help="skip the 9x9 grid")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json")
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'measurement':<34} {'layer':>5} {'fit s':>9} {'test s':>8} {'peak MiB':>10}")
     rows = bench_objectives(overrides, args.layer, run_dir)
     if not args.no_grid:
-        rows.append(bench_grid(overrides, args.grid_objective, args.grid_batches, run_dir))
+        for objective in args.grid_objectives.split(","):
+            rows += bench_grid(overrides, objective.strip(), args.grid_batches, run_dir)
     write_json_atomic(run_dir / "bench.json", {"overrides": overrides, "rows": rows, "versions": versions(),
                                                "threads": torch.get_num_threads()})
     print(f"results in {run_dir.resolve() / 'bench.json'}")

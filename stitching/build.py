@@ -298,6 +298,7 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
     with watch.section("data_s"):
         datamodule = build_datamodule(cfg)
         datamodule.setup()
+        datamodule.stream_seed, datamodule.device = settings.seed, settings.device  # batches made on the device
         sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
         samples = sample(settings.stitch.dm_samples, seed=settings.seed)
     with watch.section("zoo_s"):

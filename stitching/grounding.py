@@ -44,10 +44,12 @@ from tqdm.auto import tqdm
 
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.models import cut
+from stitching.models.layout import channels
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.cka import SimilarityError
 from stitching.similarity.grid import INDICES, parse_indices
 from stitching.similarity.uncertainty import bootstrap_interval
+from stitching.stitch_layers import head_activations
 
 TESTS = ("sensitivity", "specificity")
 STITCHING_OBJECTIVES = ("dm", "hint", "fula", "slm", "tlm")
@@ -170,11 +172,8 @@ class Grounding:
         return len(self.model(self.end_seed)[0].cut_points)
 
     def channels(self, layer: int) -> int:
-        model = self.model(self.end_seed)[0]
-        c = cut(model, layer)
-        with torch.no_grad():
-            a, _ = c.head.eval()(self.test_images[:2].to(self.device))
-        return a.shape[1] if c.layout.kind == "conv" else a.shape[-1]
+        c = cut(self.model(self.end_seed)[0], layer)
+        return channels(head_activations(c.head, self.test_images[:2], self.device)[0], c.layout)
 
     def probe(self, seed: int, layer: int, rank: int | None) -> float:
         model, record = self.model(seed)
@@ -322,7 +321,7 @@ def _plot(table: pd.DataFrame, measures: list[str], path: Path) -> None:
         ax.errorbar(part["rho"], y, xerr=[low, high], fmt="none", ecolor="grey", capsize=3)
         ax.scatter(part["rho"], y, c=colours, zorder=3)
         ax.axvline(0, color="black", lw=0.6)
-        ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ (dissimilarity vs functional difference)", title=test)
+        ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ: dissimilarity vs Δ probe accuracy", title=test)
         ax.set_yticks(y, [measure_label(m) for m in measures])
     _save(plt, fig, path)
 

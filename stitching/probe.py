@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.models import cut, cut_point_names
-from stitching.models.layout import as_rows, per_sample, pooled
+from stitching.models.layout import channels, per_sample, pooled
 from stitching.runtime import Stopwatch, versions, write_json_atomic
-from stitching.stitch_layers import RankProjection, head_activations, principal_projection
+from stitching.stitch_layers import RankProjection, head_activations, head_projection
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,10 @@ class Prober:
         if rank is None:
             return None
         c = cut(model, layer)
-        a, mask = head_activations(c.head, self.projection_inputs, self.device)
-        rows = as_rows(a, c.layout, mask)
-        if rank > rows.shape[1]:
-            raise StitchingError(f"rank {rank} exceeds the {rows.shape[1]} channels of cut point {layer}")
-        return principal_projection(rows, rank, c.layout).to(self.device)
+        width = channels(head_activations(c.head, self.projection_inputs[:2], self.device)[0], c.layout)
+        if rank > width:
+            raise StitchingError(f"rank {rank} exceeds the {width} channels of cut point {layer}")
+        return head_projection(c.head, c.layout, self.projection_inputs, rank, self.device)
 
     def accuracy(self, model: nn.Module, key: str, layer: int, rank: int | None = None) -> dict:
         """``{"train_acc", "test_acc", ...}`` of a probe on ``model``'s cut point ``layer`` (1-based),

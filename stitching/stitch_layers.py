@@ -363,11 +363,15 @@ def fit_dm(stitch: Stitch | TokenStitch, front_head: nn.Module, end_head: nn.Mod
 
 
 @torch.no_grad()
-def fit_front_projection(stitch: Stitch | TokenStitch, front_head: nn.Module, inputs, rank: int,
-                         batch_size: int = 100) -> RankProjection:
-    """Set ``stitch.projection`` to the top-``rank`` principal directions of the front's
-    activations on ``inputs`` (every position or real token a row) and return it."""
-    fronts, mask = head_activations(front_head, inputs, stitch.weight.device, batch_size)
-    stitch.projection = principal_projection(layouts.as_rows(fronts, stitch.front_layout, mask), rank,
-                                             stitch.front_layout).to(stitch.weight.device)
+def head_projection(head: nn.Module, layout: Layout, inputs, rank: int, device,
+                    batch_size: int = 100) -> RankProjection:
+    """The top-``rank`` principal projection of ``head``'s activations on ``inputs`` (every
+    position or real token a row, channels as features): what ``stitch.front_rank`` applies."""
+    a, mask = head_activations(head, inputs, device, batch_size)
+    return principal_projection(layouts.as_rows(a, layout, mask), rank, layout).to(device)
+
+
+def fit_front_projection(stitch: Stitch | TokenStitch, front_head: nn.Module, inputs, rank: int) -> RankProjection:
+    """Set ``stitch.projection`` to :func:`head_projection` of the front on ``inputs`` and return it."""
+    stitch.projection = head_projection(front_head, stitch.front_layout, inputs, rank, stitch.weight.device)
     return stitch.projection

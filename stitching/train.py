@@ -62,38 +62,48 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
                                                                        prep.datamodule, settings.attack, settings.device)
         metrics = train_stitch(prep.prepared, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(),
                                settings.trainer, logger=logger, run_dir=run_dir, watch=watch)
-        torch.save(network.stitch.state_dict(), run_dir / "stitch.pt")
-        with watch.section("eval_s"):
-            extra, base, evaluation = evaluate_testbeds(cfg, prep)
-        metrics = {**metrics, **extra, **init_metrics}
-        record = {
-            "status": "ok",
-            "objective": objective,
-            "front_layer": i, "end_layer": j,
-            "front_layer_name": cut_point_names(prep.front)[i - 1], "end_layer_name": cut_point_names(prep.end)[j - 1],
-            "metrics": metrics,
-            "base": base,
-            "evaluation": evaluation,
-            "inputs": prep.inputs,
-            "stitch": {"parameters": sum(p.numel() for p in network.stitch.parameters()),
-                       "kind": network.stitch.kind,
-                       "front_rank": network.stitch.projection.rank if network.stitch.projection is not None else None,
-                       "in_channels": network.stitch.channels[0],
-                       "out_channels": network.stitch.channels[1],
-                       "out_size": list(network.stitch.out_size) if network.stitch.out_size else None,
-                       "layouts": {"front": prep.prepared.front.layout.describe(),
-                                   "end": prep.prepared.end.layout.describe()}},
-            "timings": watch.report(),
-            "versions": versions(),
-            "config": config,
-            "config_hash": config_hash(config),
-        }
-        write_json_atomic(run_dir / "results.json", record)
+        record = finish_run(cfg, prep, {**metrics, **init_metrics}, watch, run_dir)
         if logger:
-            logger.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+            logger.log_metrics({f"final/{k}": v for k, v in record["metrics"].items()})
     finally:  # a W&B run is closed whether the stitching run finished or failed
         if logger and hasattr(logger, "experiment") and cfg.logger.kind == "wandb":
             logger.experiment.finish()
+    return record
+
+
+def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_dir: Path,
+               timings: dict | None = None) -> dict:
+    """Save the trained stitch, evaluate the testbeds and write ``results.json`` (the single
+    run's and each cell of a fused grid's); return the record."""
+    settings, network = prep.settings, prep.module.network
+    i, j = prep.front_layer, prep.end_layer
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.save(network.stitch.state_dict(), run_dir / "stitch.pt")
+    with watch.section("eval_s"):
+        extra, base, evaluation = evaluate_testbeds(cfg, prep)
+    record = {
+        "status": "ok",
+        "objective": settings.objective,
+        "front_layer": i, "end_layer": j,
+        "front_layer_name": cut_point_names(prep.front)[i - 1], "end_layer_name": cut_point_names(prep.end)[j - 1],
+        "metrics": {**metrics, **extra},
+        "base": base,
+        "evaluation": evaluation,
+        "inputs": prep.inputs,
+        "stitch": {"parameters": sum(p.numel() for p in network.stitch.parameters()),
+                   "kind": network.stitch.kind,
+                   "front_rank": network.stitch.projection.rank if network.stitch.projection is not None else None,
+                   "in_channels": network.stitch.channels[0],
+                   "out_channels": network.stitch.channels[1],
+                   "out_size": list(network.stitch.out_size) if network.stitch.out_size else None,
+                   "layouts": {"front": prep.prepared.front.layout.describe(),
+                               "end": prep.prepared.end.layout.describe()}},
+        "timings": {**watch.report(), **(timings or {})},
+        "versions": versions(),
+        "config": config,
+        "config_hash": config_hash(config),
+    }
+    write_json_atomic(run_dir / "results.json", record)
     return record
 
 
@@ -206,11 +216,16 @@ def _failure_record(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
     write_json_atomic(run_dir / "results.json", record)
 
 
+#: config groups that never change a stitching run's result: how it is logged, and the settings
+#: of the other tools (a fused grid's cell hashes as its single run)
+NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity")
+
+
 def config_hash(config: DictConfig | dict) -> str:
     """What decides a run's result: its resolved config, less how it is logged."""
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)
-    config = {k: v for k, v in config.items() if k != "logger"}
+    config = {k: v for k, v in config.items() if k not in NOT_HASHED}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -135,3 +135,39 @@ def test_low_rank_and_mlp_stitches_train_under_every_objective(kind, objective):
     if kind == "mlp":
         assert any(k.startswith("branch") for k in moved)
     assert all(torch.equal(v, dict(module.network.front.named_parameters())[k]) for k, v in frozen.items())
+
+
+def test_structural_indices_see_the_front_truncated_as_the_stitch_does(tmp_path, zoo_dir, tiny_config):
+    """``--front-rank`` truncates each front layer with the projection a stitch of the same config
+    fits (same DM samples); the CKA cell equals CKA of the projected activations, written out."""
+    import json
+
+    from tests.conftest import TINY
+
+    from stitching.api import prepare_stitch
+    from stitching.build import build_datamodule, build_zoo, read_settings
+    from stitching.similarity import linear_cka
+    from stitching.similarity.__main__ import main
+
+    main(["--index", "cka", "--images", "40", "--layers", "3,9", "--front-rank", "2", "--flatten", "pool",
+          "--no-progress", "--out", str(tmp_path / "sim"), *TINY, f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}"])
+    record = json.loads((tmp_path / "sim" / "similarity.json").read_text())
+    assert record["front_rank"] == 2
+    cfg = tiny_config()
+    settings = read_settings(cfg)
+    zoo = build_zoo(cfg)
+    front, end = zoo.get(settings.front.spec)[0], zoo.get(settings.end.spec)[0]
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    samples = datamodule.sample_train_images(settings.stitch.dm_samples, seed=settings.seed)
+    images = datamodule.test_tensors(40)[0]
+    stitch = prepare_stitch(front, end, 9, 9, samples, "dm", front_rank=2).network
+    with torch.no_grad():
+        x = stitch.stitch.projection(stitch.front(images)[0]).mean((2, 3))
+        from stitching.models import cut
+        y = cut(end.eval(), 9).head(images)[0].mean((2, 3))
+    assert record["grids"]["cka"][1][1] == pytest.approx(linear_cka(x.double(), y.double()), abs=1e-5)
+    untruncated = prepare_stitch(front, end, 9, 9, samples, "dm").network
+    with torch.no_grad():
+        full = untruncated.front(images)[0].mean((2, 3))
+    assert abs(record["grids"]["cka"][1][1] - linear_cka(full.double(), y.double())) > 1e-3

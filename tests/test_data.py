@@ -96,3 +96,62 @@ def test_ls_imagenet10_reads_batch_files_and_draws_classes_by_seed(tmp_path):
 def test_ls_imagenet10_missing_folder_says_what_to_do(tmp_path):
     with pytest.raises(StitchingError, match="imagenet32 and it could not be downloaded.*train_data_batch_"):
         load_source("ls_imagenet10", data_dir=tmp_path)
+
+
+def _stream_images(n=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=generator), torch.arange(n) % 10
+
+
+def test_batched_crops_are_windows_of_the_padded_image():
+    from torch.nn import functional as F
+
+    from stitching.data.datamodule import crop_batch
+
+    x = torch.rand(16, 3, 12, 12)
+    offsets = torch.randint(0, 5, (16, 2), generator=torch.Generator().manual_seed(0))
+    cropped = crop_batch(x, 2, offsets)
+    for b, (top, left) in enumerate(offsets.tolist()):
+        assert torch.equal(cropped[b], F.pad(x[b], (2, 2, 2, 2))[:, top:top + 12, left:left + 12])
+
+
+def test_the_batch_stream_flips_and_crops_only_as_configured_and_repeats_by_seed():
+    from stitching.data.datamodule import BatchStream
+
+    images, labels = _stream_images()
+    plain = BatchStream(images, labels, 16, seed=3)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3 * 1_000_003))
+    batches = list(plain)
+    assert len(plain) == len(batches) == 3
+    # no augmentation: the images themselves, in the seed's order, every one once
+    assert torch.equal(torch.cat([x for x, _ in batches]), images[order].float() / 255)
+    assert torch.equal(torch.cat([y for _, y in batches]), labels[order])
+    stream = BatchStream(images, labels, 40, hflip=True, seed=1)
+    pick_order = torch.randperm(40, generator=torch.Generator().manual_seed(1 * 1_000_003))
+    (x, y), = list(stream)
+    base = images[pick_order].float() / 255
+    flipped = [bool(torch.equal(x[b], base[b].flip(-1))) for b in range(40)]
+    kept = [bool(torch.equal(x[b], base[b])) for b in range(40)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    cropping = BatchStream(images, labels, 40, crop_padding=2, seed=1)
+    (cropped, _), = list(cropping)
+    assert not any(torch.equal(cropped[b], base[b].flip(-1)) and not torch.equal(base[b], base[b].flip(-1))
+                   for b in range(40))  # no flip when hflip is off
+    again = BatchStream(images, labels, 40, crop_padding=2, seed=1)
+    assert torch.equal(next(iter(again))[0], cropped)  # same seed, same first epoch
+    assert not torch.equal(next(iter(again))[0], cropped)  # the next epoch draws anew
+
+
+def test_batched_shortcut_markers_are_pixel_identical_to_per_image_ones():
+    from stitching.data.datamodule import BatchStream
+    from stitching.data.shortcuts import Shortcut
+
+    images, labels = _stream_images()
+    for placement in ("pattern", "location", "both"):
+        shortcut = Shortcut("pixels", placement, 10, 12, channels=3, size=3, seed=5)
+        stream = BatchStream(images, labels, 16, shortcut=shortcut, seed=2)
+        order = torch.randperm(40, generator=torch.Generator().manual_seed(2 * 1_000_003))
+        for start, (x, y) in zip(range(0, 40, 16), stream):
+            for b, index in enumerate(order[start:start + 16].tolist()):
+                expected = shortcut(images[index].float() / 255, labels[index], index)
+                assert torch.equal(x[b], expected), (placement, index)

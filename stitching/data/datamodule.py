@@ -51,6 +51,87 @@ class ImageTensorDataset(Dataset):
         return image, self.labels[index]
 
 
+def crop_batch(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Random crops of a batch: zero-pad ``x`` ``[B, C, H, W]`` by ``padding`` and cut each image's
+    ``H × W`` window at its ``offsets[b] = (top, left)`` (each in ``0..2·padding``)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)  # [B, H]
+    cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # [B, W]
+    picked = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return picked.permute(0, 3, 1, 2)  # [B, H, W, C] → [B, C, H, W]
+
+
+class BatchStream:
+    """The training split as shuffled, augmented batches made whole on the device.
+
+    Images stay uint8 on ``device``; each batch is gathered, converted, cropped, flipped and
+    marked (shortcut) as one tensor — the same distributions as :class:`ImageTensorDataset`'s
+    per-image augmentation (crop offsets uniform in ``0..2p`` per axis, flips with probability
+    ½, each image's own shortcut marker after augmentation), with no per-image Python per batch.
+    The order and the augmentations of epoch ``e`` follow from ``(seed, e)`` alone, so a single
+    run and a fused grid with the same seed see the same batches. Under DDP every rank takes
+    its share of each batch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, crop_padding: int = 0,
+                 hflip: bool = False, shortcut: Shortcut | None = None, seed: int = 0, device="cpu"):
+        self.device = torch.device(device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.batch_size, self.crop_padding, self.hflip, self.seed = batch_size, crop_padding, hflip, seed
+        self.marks = shortcut.table(labels) if shortcut is not None else None  # every image's marker, once
+        if self.marks is not None:
+            self.marks = tuple(t.to(self.device) for t in self.marks)
+        self.size = shortcut.size if shortcut is not None else 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.labels), generator=generator)
+        rank, world = _rank_and_world()
+        for start in range(0, len(order), self.batch_size):
+            pick = order[start:start + self.batch_size]
+            x, y = self.batch(pick, generator)
+            yield (x[rank::world], y[rank::world]) if world > 1 else (x, y)
+
+    def batch(self, pick: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``pick`` (training indices) augmented with draws from ``generator``."""
+        on_device = pick.to(self.device)
+        x = self.images[on_device].float().div_(255)
+        if self.crop_padding:
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (len(pick), 2), generator=generator)
+            x = crop_batch(x, self.crop_padding, offsets.to(self.device))
+        if self.hflip:
+            flip = (torch.rand(len(pick), generator=generator) < 0.5).to(self.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.marks is not None:
+            patches, corners = self.marks
+            x = paste_batch(x, patches[on_device], corners[on_device])
+        return x, self.labels[on_device]
+
+
+def paste_batch(x: torch.Tensor, patches: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """``x`` with each image's ``patches[b]`` ``[C, s, s]`` written at ``corners[b] = (top, left)``."""
+    b, s = len(x), patches.shape[-1]
+    rows = corners[:, :1] + torch.arange(s, device=x.device)
+    cols = corners[:, 1:] + torch.arange(s, device=x.device)
+    x = x.clone()
+    x[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]] = patches.permute(0, 2, 3, 1)
+    return x
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @lru_cache(maxsize=4)
 def _cached_source(name: str, frozen_options: tuple) -> ImageArrays:
     return load_source(name, **dict(frozen_options))
@@ -102,6 +183,7 @@ class ImageDataModule(L.LightningDataModule):
         self.source = dict(source or {})
         self.shortcut_options = dict(shortcut) if shortcut and shortcut.get("kind") else None
         self.shortcut: Shortcut | None = None
+        self.stream_seed, self.device = 0, torch.device("cpu")  # the run's seed and device (set by the run)
         if num_classes_train is not None and not 1 <= num_classes_train <= num_classes:
             raise StitchingError(
                 f"dataset.num_classes_train={num_classes_train} must lie in 1..{num_classes}"
@@ -170,8 +252,12 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0, drop_last=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(augment=True), shuffle=True)
+    def train_dataloader(self) -> BatchStream:
+        """The stitching batches: augmented whole on ``self.device``, ordered by ``self.stream_seed``."""
+        self.setup()
+        return BatchStream(self.arrays.train_x, self.arrays.train_y, self.batch_size,
+                           int(self.augment.get("crop_padding", 0)), bool(self.augment.get("hflip", False)),
+                           self.shortcut, self.stream_seed, self.device)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset(), shuffle=False)

@@ -93,8 +93,8 @@ class Shortcut:
         cells = torch.randperm(per_side * per_side, generator=generator)[: self.num_classes]
         return torch.stack([cells // per_side, cells % per_side], dim=1) * self.size
 
-    def __call__(self, image: torch.Tensor, label: int, index: int) -> torch.Tensor:
-        """Return a copy of ``image`` (``[C, H, W]`` in [0, 1]) carrying its class's shortcut."""
+    def mark(self, label: int, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image ``index``'s marker ``[C, size, size]`` and its top-left corner."""
         label = int(label)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
         if self.placement == "location":
@@ -105,6 +105,17 @@ class Shortcut:
             top, left = torch.randint(0, self.image_size - self.size + 1, (2,), generator=generator).tolist()
         else:
             top, left = self.locations[label].tolist()
+        return patch, (top, left)
+
+    def table(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image's marker ``[N, C, size, size]`` and corner ``[N, 2]`` (image ``i`` has label
+        ``labels[i]``), computed once so batches are marked without per-image work."""
+        marks = [self.mark(label, index) for index, label in enumerate(labels.tolist())]
+        return torch.stack([patch for patch, _ in marks]), torch.tensor([corner for _, corner in marks])
+
+    def __call__(self, image: torch.Tensor, label: int, index: int) -> torch.Tensor:
+        """Return a copy of ``image`` (``[C, H, W]`` in [0, 1]) carrying its class's shortcut."""
+        patch, (top, left) = self.mark(label, index)
         marked = image.clone()
         marked[:, top : top + self.size, left : left + self.size] = patch
         return marked

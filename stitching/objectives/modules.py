@@ -115,9 +115,35 @@ class StitchingModule(L.LightningModule):
         """Real token positions of ``x`` (``None`` for images): padding never enters a loss."""
         return self.reference.context(x).attention_mask
 
+    #: what :meth:`objective_loss` reads: reference activations at the end layer only (``end``),
+    #: at every cut point from it on (``all``) or none; the reference's output (``teacher``); the
+    #: tail's later activations (``features``); whether the loss backpropagates through the tail
+    targets: str | None = None
+    needs_teacher = False
+    needs_features = False
+    tail_grad = True
+
+    def objective_loss(self, stitched: list[torch.Tensor], logits: torch.Tensor, targets: list[torch.Tensor],
+                       teacher: torch.Tensor | None, y, mask: torch.Tensor | None) -> torch.Tensor:
+        """The objective on one stitched pass: ``stitched`` = ``[a, later activations…]`` (later
+        ones only with ``needs_features``), ``targets`` = the reference's activations from the end
+        layer on, ``teacher`` = its output. The single run and the fused grid both call this."""
+        raise NotImplementedError
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(loss, stitched logits)`` for one batch."""
-        raise NotImplementedError
+        targets = self.reference_targets(x, only_end_layer=self.targets == "end") if self.targets else []
+        teacher = None
+        if self.needs_teacher:
+            with torch.no_grad():
+                teacher = self.reference(x)
+        a = self.network.stitched_activation(x)
+        context = self.network.end.context(x)
+        with torch.set_grad_enabled(self.tail_grad and torch.is_grad_enabled()):
+            # a hint objective still runs the tail, so its BN statistics see stitched data
+            out = self.network.end(a, context, return_features=self.needs_features)
+        logits, later = out if self.needs_features else (out, [])
+        return self.objective_loss([a, *later], logits, targets, teacher, y, self.mask(x)), logits
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.network.stitch.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -177,38 +203,36 @@ class DMModule(StitchingModule):
 class HintModule(StitchingModule):
     """Structural hint at the stitching point, trained by SGD on the whole training set."""
 
-    def loss(self, x, y):
-        (target,) = self.reference_targets(x, only_end_layer=True)
-        a = self.network.stitched_activation(x)
-        with torch.no_grad():  # the tail still runs, so its BN statistics see stitched data
-            logits = self.network.end(a, self.network.end.context(x))
-        return losses.hint_loss(a, target, self.mask(x)), logits
+    targets = "end"
+    tail_grad = False
+
+    def objective_loss(self, stitched, logits, targets, teacher, y, mask):
+        return losses.hint_loss(stitched[0], targets[0], mask)
 
 
 class FulaModule(StitchingModule):
     """Functional latent alignment: hints at the stitching point and every later cut point."""
+
+    targets = "all"
+    needs_features = True
 
     def __init__(self, *args, weights="uniform", **kwargs):
         super().__init__(*args, **kwargs)
         num_terms = len(self.reference.cut_points) - self.end_layer + 1
         self.register_buffer("weights", losses.fula_weights(weights, num_terms))
 
-    def loss(self, x, y):
-        targets = self.reference_targets(x)
-        logits, stitched = self.network(x, return_features=True)
-        return losses.fula_loss(stitched, targets, self.weights, self.mask(x)), logits
+    def objective_loss(self, stitched, logits, targets, teacher, y, mask):
+        return losses.fula_loss(stitched, targets, self.weights, mask)
 
 
 class SlmModule(StitchingModule):
     """Soft-label matching: cross-entropy against the end model's predictions."""
 
     needs_task_head = True
+    needs_teacher = True
 
-    def loss(self, x, y):
-        with torch.no_grad():
-            teacher = self.reference(x)
-        logits = self.network(x)
-        return self.task.soft_loss(logits, teacher, y), logits
+    def objective_loss(self, stitched, logits, targets, teacher, y, mask):
+        return self.task.soft_loss(logits, teacher, y)
 
 
 class TlmModule(StitchingModule):
@@ -216,9 +240,8 @@ class TlmModule(StitchingModule):
 
     needs_task_head = True
 
-    def loss(self, x, y):
-        logits = self.network(x)
-        return self.task.loss(logits, y), logits
+    def objective_loss(self, stitched, logits, targets, teacher, y, mask):
+        return self.task.loss(logits, y)
 
 
 OBJECTIVES: dict[str, type[StitchingModule]] = {

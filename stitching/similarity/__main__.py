@@ -32,7 +32,7 @@ from stitching.validation import check_config
 
 def main_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
                out: Path, layers: list[int] | None = None, progress: bool = True, skip_positions: int = 0,
-               bootstrap: int = 0, permutations: int = 0) -> dict:
+               bootstrap: int = 0, permutations: int = 0, front_rank: int | None = None) -> dict:
     """Compute and write the grids; return the record written to ``similarity.json``."""
     from stitching.report import condition_values, heatmaps, sanity_checks
 
@@ -55,11 +55,15 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
     chosen_front = [resolve_layer(front, v) for v in layers] if layers else list(range(1, len(front_names) + 1))
     chosen_end = [resolve_layer(end, v) for v in layers] if layers else list(range(1, len(end_names) + 1))
     intervals = {"bootstrap": bootstrap, "permutations": permutations, "seed": int(cfg.seed)}
+    projections = None
+    if front_rank is not None:  # truncated as stitch.front_rank truncates: fitted on the stitch's DM samples
+        with watch.section("projections_s"):
+            projections = front_projections(cfg, settings, front, chosen_front, front_rank)
     with watch.section("grids_s"):
         grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress,
                                            front_layers=chosen_front, end_layers=chosen_end,
                                            skip_positions=skip_positions if is_text(datamodule) else 0,
-                                           uncertainty=intervals)
+                                           uncertainty=intervals, front_projections=projections)
     conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
     depth_front, depth_end = relative_depths(len(front_names)), relative_depths(len(end_names))
     rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
@@ -84,6 +88,7 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         "front": front_record["key"], "end": end_record["key"],
         "dataset": datamodule.name, "images": count, "flatten": flatten, "batch_size": batch_size,
         "skip_positions": skip_positions, "bootstrap": bootstrap, "permutations": permutations,
+        "front_rank": front_rank,
         "intervals": {name: {key: [[_value(v) for v in row] for row in values] for key, values in parts.items()}
                       for name, parts in intervals.items() if isinstance(parts, dict)},
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
@@ -91,6 +96,31 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
     }
     write_json_atomic(out / "similarity.json", record)
     return record
+
+
+def front_projections(cfg, settings, front, layers: list[int], rank: int) -> list:
+    """Per front layer, the top-``rank`` principal projection (``None`` where the layer has at most
+    ``rank`` channels), fitted on the DM samples a stitch of this config fits its own on."""
+    from stitching.models import cut
+    from stitching.models.layout import channels
+    from stitching.stitch_layers import batches, head_activations, head_projection
+
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
+    inputs = sample(settings.stitch.dm_samples, seed=settings.seed)
+    projections = []
+    for layer in layers:
+        c = cut(front, layer)
+        width = channels(head_activations(c.head, batches(inputs, 2)[0], settings.device)[0], c.layout)
+        if rank >= width:
+            projections.append(None)
+            continue
+        try:
+            projections.append(head_projection(c.head, c.layout, inputs, rank, settings.device))
+        except ValueError as err:
+            raise StitchingError(f"--front-rank {rank} at front layer {layer}: {err}; use more stitch.dm_samples") from None
+    return projections
 
 
 def _value(v) -> float | None:
@@ -125,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="resamples of the inputs for a 95 %% interval per cell (0: none)")
     parser.add_argument("--permutations", type=int, default=None,
                         help="row shuffles of the end activations for a chance level and p-value per cell (0: none)")
+    parser.add_argument("--front-rank", type=int, default=None,
+                        help="truncate every front layer to its top-r principal directions first, as stitch.front_rank "
+                             "does (default: stitch.front_rank)")
     parser.add_argument("--layers", default=None, help="comma-separated cut points for both sides (default: all)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/similarity/<time>)")
     parser.add_argument("--no-progress", action="store_true")
@@ -133,13 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     flags = {"images": args.images, "batch_size": args.batch_size, "skip_positions": args.skip_positions,
              "bootstrap": args.bootstrap, "permutations": args.permutations}
     overrides = [*(args.overrides or ["experiment=demo"]),  # the flags are the similarity.* settings
-                 *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None)]
+                 *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None),
+                 *([f"stitch.front_rank={args.front_rank}"] if args.front_rank is not None else [])]
     cfg = compose_config(overrides)
     try:
         check_config(cfg)
     except StitchingError as err:  # name the flag the user typed
         for key in flags:
             err = StitchingError(str(err).replace(f"similarity.{key}=", f"--{key.replace('_', '-')} "))
+        err = StitchingError(str(err).replace("stitch.front_rank=", "--front-rank "))
         raise err from None
     settings = cfg.similarity
     indices = parse_indices(args.index or settings.index)
@@ -150,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     record = main_grids(overrides, indices, int(settings.images), args.flatten or settings.flatten,
                         int(settings.batch_size), out, layers=layers, progress=not args.no_progress,
                         skip_positions=int(settings.skip_positions), bootstrap=int(settings.bootstrap),
-                        permutations=int(settings.permutations))
+                        permutations=int(settings.permutations), front_rank=cfg.stitch.front_rank)
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
     for name, grid in record["grids"].items():

@@ -112,7 +112,8 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
                      flatten: str = "sample", batch_size: int = 250, device: torch.device | str = "cpu",
                      progress: bool = True, front_layers: list[int] | None = None,
                      end_layers: list[int] | None = None, skip_positions: int = 0,
-                     uncertainty: dict | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+                     uncertainty: dict | None = None,
+                     front_projections: list | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """``{index: [front layers, end layers] grid}`` and the reasons of any undefined cells.
 
     ``front_layers``/``end_layers``: 1-based cut points to compare (default: all).
@@ -129,6 +130,9 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
     ``uncertainty``: ``{"bootstrap": B, "permutations": P, "seed": s}`` adds, for every index
     but the streaming one, a bootstrap interval over inputs and a permutation null per cell;
     the dict is filled with ``{index: {"low", "high", "null_mean", "null_q95", "p_value": grid}}``.
+
+    ``front_projections``: one module (or ``None``) per front layer applied to its activation
+    first — the rank truncation of ``stitch.front_rank``, so indices see what the stitch sees.
     """
     if flatten not in FLATTEN:
         raise SimilarityError(f"unknown flatten '{flatten}'; choose one of {', '.join(FLATTEN)}")
@@ -152,6 +156,8 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         _, ends = cut_point_activations(end, batch)
         if front_layers:
             fronts = [fronts[i - 1] for i in front_layers]
+        if front_projections:
+            fronts = [a if project is None else project(a) for a, project in zip(fronts, front_projections)]
         if end_layers:
             ends = [ends[j - 1] for j in end_layers]
         if stream is not None:
