@@ -24,18 +24,27 @@ export WANDB_MODE ?= offline
 	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
 	grounding-small
 
+# $(call stitch,DIR): the command that trains a sweep into DIR — fused grids (stitching.grid -m: one
+# grid per combination of the axes other than the layers, every cell a run folder) unless ARGS name a
+# Hydra launcher (then single runs, one Hydra job each, e.g. on SLURM)
+ifneq (,$(findstring hydra/launcher,$(ARGS)))
+stitch = $(PY) -m stitching.train -m hydra.sweep.dir=$(1)
+else
+stitch = $(PY) -m stitching.grid -m --no-progress --out $(1)
+endif
+
 # $(call sweep,PRESET[,OVERRIDES]): run the preset's sweep, then render its figures (also when a cell
 # failed: the report names it; the target still fails). A comma inside OVERRIDES is $(comma).
 comma := ,
 define sweep
-	$(PY) -m stitching.train -m experiment=$(1) $(2) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP) $(ARGS); status=$$?; \
+	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)) experiment=$(1) $(2) $(ARGS); status=$$?; \
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$status
 endef
 
 # $(call sanity,PRESET): the preset's stitching grids, CKA (per-image) and CCA (pooled) grids
 # of the same model pairs (end seed 0: a model against itself; 1: another seed), one report
 define sanity
-	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP)/stitching $(ARGS); \
+	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)/stitching) experiment=$(1) $(ARGS); \
 	  echo $$? > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status
 	for seed in 0 1; do \
 	  $(PY) -m stitching.similarity --index cka --flatten sample --no-progress \
@@ -69,7 +78,7 @@ $(READY): pyproject.toml
 	touch $@
 
 run: $(READY) ## main job: MNIST-5k, two narrow ResNet18s, 9 layers × 5 objectives → table + stitching plot
-	$(PY) -m stitching.train -m experiment=demo objective=dm,hint,fula,slm,tlm hydra.sweep.dir=$(DEMO_DIR); status=$$?; \
+	$(call stitch,$(DEMO_DIR)) experiment=demo objective=dm,hint,fula,slm,tlm; status=$$?; \
 	$(PY) -m stitching.report $(DEMO_DIR) && exit $$status
 
 test: $(READY) ## fast tests (what CI runs)

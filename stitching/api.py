@@ -30,7 +30,7 @@ from stitching.errors import StitchingError
 from stitching.models import Cut, CutPoint, as_cuttable, cut
 from stitching.models.layout import channels, compatible
 from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
-from stitching.runtime import Stopwatch, build_trainer
+from stitching.runtime import Stopwatch, build_trainer, speed_up
 from stitching.stitch_layers import STITCH_KINDS, batches, fit_dm, fit_front_projection, make_stitch
 
 CLASS_TOKEN = ("shared", "separate")
@@ -167,6 +167,7 @@ def train_stitch(prepared: Prepared, train, test, trainer: dict | None = None, l
     options = {"accelerator": "auto", "devices": 1, "max_epochs": 1, **(trainer or {})}
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="stitch-"))
     module = prepared.module
+    speed_up(module.network, options)
     metrics: dict[str, float] = {}
     with watch.section("fit_s"):
         if module.trainable and options.get("max_epochs", 0) != 0:

@@ -3,6 +3,8 @@
 Measures, on the configured data and models (default: the `make run` setup on MNIST-5k):
 
 * one stitch-training epoch per objective (DM: the closed-form solve), and its test pass;
+* four FuLA cells as a 2-job local sweep (each job on half the cores) against the same sweep
+  run sequentially;
 * a 9×9 cross-layer grid per objective (every front × end layer pair: DM initialisation, a
   few training batches and the test pass), trained as 81 in-process single runs and as one
   fused grid (:mod:`stitching.grid`), with the speed-up and the largest difference in any
@@ -115,6 +117,29 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
     return [single, fused]
 
 
+def bench_parallel(overrides: list[str], run_dir: Path) -> list[dict]:
+    """Four FuLA cells as a sweep run one after another and as a 2-job local sweep (each job
+    with half the cores), in subprocesses as ``make`` runs them; base models are in the zoo by then."""
+    import subprocess
+
+    cells = ["objective=fula", "stitch.layer=3,5,7,9"]
+    rows = []
+    for label, launcher in (("4 FuLA cells, sequential", []),
+                            ("4 FuLA cells, 2 local jobs", ["hydra/launcher=local", "hydra.launcher.n_jobs=2"])):
+        row = {"what": label, "layer": "3-9", "images": "1 epoch x 4"}
+        command = [sys.executable, "-m", "stitching.train", "-m", *overrides, *cells, *launcher,
+                   f"hydra.sweep.dir={run_dir / label.replace(' ', '_').replace(',', '')}"]
+        with measure(row):
+            done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the bench sweep failed: {done.stderr.strip().splitlines()[-1:]}")
+        rows.append(row)
+        print(_line(row) + ("" if not launcher else f"   {rows[0]['seconds'] / row['seconds']:.2f}x the sequential "
+                            f"sweep's speed"), flush=True)
+    rows[-1]["speedup"] = round(rows[0]["seconds"] / rows[-1]["seconds"], 2)
+    return rows
+
+
 def _line(row: dict) -> str:
     test = f"{row['test_seconds']:>8.2f}" if "test_seconds" in row else f"{'':>8}"
     return f"{row['what']:<34} {str(row['layer']):>5} {row['seconds']:>9.2f} {test} {row['peak_mib']:>10.1f}"
@@ -126,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", type=int, default=5, help="stitching layer for the per-objective epochs")
     parser.add_argument("--grid-objectives", default="hint,fula,tlm", help="objectives of the 9x9 grids (comma-separated)")
     parser.add_argument("--grid-batches", type=int, default=4, help="training batches per grid cell")
-    parser.add_argument("--no-grid", action="store_true", help="skip the 9x9 grid")
+    parser.add_argument("--no-grid", action="store_true", help="skip the 9x9 grids")
+    parser.add_argument("--no-parallel", action="store_true", help="skip the 2-job local sweep against a sequential one")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=demo)")
     args = parser.parse_args(argv)
@@ -139,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_grid:
         for objective in args.grid_objectives.split(","):
             rows += bench_grid(overrides, objective.strip(), args.grid_batches, run_dir)
+    if not args.no_parallel:
+        rows += bench_parallel(overrides, run_dir)
     write_json_atomic(run_dir / "bench.json", {"overrides": overrides, "rows": rows, "versions": versions(),
                                                "threads": torch.get_num_threads()})
     print(f"results in {run_dir.resolve() / 'bench.json'}")

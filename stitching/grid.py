@@ -22,13 +22,17 @@ language models, adversarial stitching (``attack.alpha > 0``), ``evaluation.penu
 ``stitch.init=random``, BatchNorm variants other than ``BatchNorm2d`` in the end tail — run as
 single runs, cell by cell, in the same folder layout.
 
-Example: ``python -m stitching.grid --out outputs/grid experiment=small objective=hint grid.pairs=all``.
+Examples: ``python -m stitching.grid --out outputs/grid experiment=small objective=hint grid.pairs=all``;
+``python -m stitching.grid -m experiment=sanity_small`` (one grid per objective × end seed, each
+with the preset's 25 cells).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import re
 from itertools import islice
 import sys
 import time
@@ -216,8 +220,18 @@ class _Tally:
         return out
 
 
+def autocast(grid: FusedGrid, precision) -> contextlib.AbstractContextManager:
+    """``trainer.precision`` as Lightning reads it: ``bf16-mixed``/``16-mixed`` autocast, else none."""
+    precision = str(precision or "32-true")
+    if precision.startswith(("bf16", "16")) and "mixed" in precision:
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return torch.autocast(grid.device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = True,
-               limit_batches: int | None = None) -> tuple[dict[str, dict], dict[str, NonFiniteError]]:
+               limit_batches: int | None = None,
+               precision: str | None = None) -> tuple[dict[str, dict], dict[str, NonFiniteError]]:
     """Train every stitch; returns each cell's last-epoch ``train/loss``, ``train/acc`` and the
     cells whose loss or stitch turned non-finite (they stop training; the others go on)."""
     optimiser = grid.configure_optimizer()
@@ -232,7 +246,9 @@ def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = Tru
             x, y = x.to(grid.device), y.to(grid.device)
             optimiser.zero_grad(set_to_none=True)
             total = []
-            for key, logits, loss in grid.passes(x, y):
+            with autocast(grid, precision):
+                cells = grid.passes(x, y)
+            for key, logits, loss in cells:
                 if key in failed:
                     continue
                 if not torch.isfinite(loss):
@@ -256,14 +272,16 @@ def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = Tru
 
 
 @torch.no_grad()
-def test_grid(grid: FusedGrid, test_batches) -> dict[str, dict]:
+def test_grid(grid: FusedGrid, test_batches, precision: str | None = None) -> dict[str, dict]:
     """Every cell's ``test/acc`` and ``test/loss`` (cross-entropy) from one fused test pass."""
     grid.eval()
     tally = _Tally()
     for x, y in test_batches:
         x, y = x.to(grid.device), y.to(grid.device)
-        for key, logits, _ in grid.passes(x, need_loss=False):
-            tally.add(key, nn.functional.cross_entropy(logits, y), logits, y)
+        with autocast(grid, precision):
+            cells = grid.passes(x, need_loss=False)
+        for key, logits, _ in cells:
+            tally.add(key, nn.functional.cross_entropy(logits.float(), y), logits, y)
     return {key: tally.metrics(key, "test") for key in tally.count}
 
 
@@ -328,15 +346,20 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     with watch.section("dm_init_s"):
         grid = FusedGrid(front, end, todo, objective, samples, settings.stitch, settings.fula_weights,
                          datamodule.num_classes, settings.device)
+    if settings.trainer.get("channels_last") and grid.device.type == "cuda":  # GPUs only, as speed_up
+        grid.to(memory_format=torch.channels_last)
+    if settings.trainer.get("compile"):
+        for tail in grid.tails.values():
+            tail.compile()
     trainer = settings.trainer
     epochs = int(trainer.get("max_epochs", 1) or 0) if grid.providers[todo[0][1]].trainable else 0
     loader = datamodule.train_dataloader()
     limit = trainer.get("limit_train_batches")
     limit = int(len(loader) * limit) if isinstance(limit, float) else limit  # as Lightning reads it
     with watch.section("fit_s"):
-        train_metrics, failed = train_grid(grid, loader, epochs, progress, limit)
+        train_metrics, failed = train_grid(grid, loader, epochs, progress, limit, trainer.get("precision"))
     with watch.section("test_s"):
-        test_metrics = test_grid(grid, datamodule.test_dataloader())
+        test_metrics = test_grid(grid, datamodule.test_dataloader(), trainer.get("precision"))
     shared = watch.report()
     share = {k: round(v / len(todo), 3) for k, v in shared.items()}
     end_copies = {j: copy.deepcopy(end).to(settings.device) for j in grid.groups}
@@ -365,27 +388,97 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     return summary
 
 
+LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")
+
+
+def sweep_grids(overrides: list[str]) -> list[tuple[list[str], list[tuple[int, int]] | str]]:
+    """A ``-m`` sweep (the command line's and its preset's ``hydra.sweeper.params``) as whole
+    grids: ``(overrides of one grid, its cells)`` for every combination of the axes other than
+    the layer keys; the layer keys' combinations become the grid's cells (none given: the
+    corresponding layers, as ``stitching.train -m``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from stitching.build import CONF_DIR
+
+    params = {}
+    for arg in overrides:
+        if arg.startswith("experiment="):
+            preset = CONF_DIR / "experiment" / f"{arg.split('=', 1)[1]}.yaml"
+            if preset.is_file():
+                params = OmegaConf.to_container(OmegaConf.load(preset)).get("hydra", {}).get("sweeper", {}) \
+                    .get("params", {}) or {}
+    given = {arg.split("=", 1)[0].lstrip("+~") for arg in overrides if "=" in arg}
+    swept = [f"{key}={value}" for key, value in params.items() if key not in given] + list(overrides)
+    try:
+        combos = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(swept), None)[0]
+    except Exception as err:  # Hydra's own first line names the bad override
+        raise StitchingError(str(err).splitlines()[0]) from None
+    grids: dict[tuple, list] = {}
+    for combo in combos:
+        layers = {key: value for key, value in (item.split("=", 1) for item in combo) if key in LAYER_KEYS}
+        rest = tuple(item for item in combo if item.split("=", 1)[0] not in LAYER_KEYS)
+        cells = grids.setdefault(rest, [])
+        if layers:
+            shared = layers.get("stitch.layer")
+            cells.append((int(layers.get("stitch.front_layer", shared)), int(layers.get("stitch.end_layer", shared))))
+    return [(list(rest), list(dict.fromkeys(cells)) if cells else "diagonal") for rest, cells in grids.items()]
+
+
+def _folder_name(number: int, overrides: list[str], varying: set[str]) -> str:
+    parts = [item for item in overrides if item.split("=", 1)[0] in varying]
+    return "_".join([str(number), *(re.sub(r"[^\w.=-]+", "-", item) for item in parts)])
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     from stitching.build import compose_config
 
     parser = argparse.ArgumentParser(prog="python -m stitching.grid", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="the grid's folder (default: outputs/grids/<time>); an existing "
-                        "one resumes")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="a sweep: one whole grid per combination of the swept keys other than the layers "
+                             "(their combinations, and a preset's, are each grid's cells)")
+    parser.add_argument("--out", default=None, help="the grid's (or sweep's) folder (default: outputs/grids/<time>); "
+                        "an existing one resumes")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (grid.pairs=all|diagonal|"
                         "[[i,j],…]; default: experiment=demo)")
     args = parser.parse_args(argv)
-    cfg = compose_config(args.overrides or ["experiment=demo"])
+    overrides = args.overrides or ["experiment=demo"]
+    launcher = [arg for arg in overrides if arg.startswith(("hydra/launcher", "hydra.launcher"))]
+    if launcher:
+        raise StitchingError(f"{launcher[0]}: a fused grid trains in this process; on a cluster submit one "
+                             f"`python -m stitching.grid` per grid, or sweep single runs with python -m stitching.train -m")
     out = Path(args.out) if args.out else Path("outputs/grids") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    summary = run_grid(cfg, out, progress=not args.no_progress)
-    how = "fused" if summary["fused"] else "as single runs"
-    print(f"{cfg.objective.name}: {len(summary['done'])} cells trained {how}, {len(summary['skipped'])} already "
-          f"finished, {len(summary['failed'])} failed; {summary['timings']['total_s']:.1f}s; cells in {out.resolve()}")
-    for (i, j), error in summary["failed"]:
-        print(f"  FAILED f{i}-e{j}: {error}", file=sys.stderr)
-    if summary["failed"]:
+    if args.multirun:
+        grids = sweep_grids(overrides)
+        varying = {key for key in {item.split("=", 1)[0] for rest, _ in grids for item in rest}
+                   if len({item for rest, _ in grids for item in rest if item.split("=", 1)[0] == key}) > 1}
+        plan = [(rest, cells, out / _folder_name(k, rest, varying)) for k, (rest, cells) in enumerate(grids)]
+    else:
+        plan = [(overrides, None, out)]
+    configs = []
+    for rest, cells, folder in plan:  # every grid's config is read (and checked) before any is trained
+        extra = [] if cells is None else [f"grid.pairs={_pairs_override(cells)}"]
+        configs.append((compose_config([*rest, *extra]), folder))
+    failed = 0
+    for cfg, folder in configs:
+        summary = run_grid(cfg, folder, progress=not args.no_progress)
+        how = "fused" if summary["fused"] else "as single runs"
+        print(f"{cfg.objective.name}: {len(summary['done'])} cells trained {how}, {len(summary['skipped'])} already "
+              f"finished, {len(summary['failed'])} failed; {summary['timings']['total_s']:.1f}s; cells in "
+              f"{folder.resolve()}")
+        for (i, j), error in summary["failed"]:
+            print(f"  FAILED f{i}-e{j}: {error}", file=sys.stderr)
+        failed += len(summary["failed"])
+        release_memory()
+    if failed:
+        print(f"[grid] {failed} cell(s) failed; `python -m stitching.report {out}` lists them", file=sys.stderr)
         sys.exit(1)
+
+
+def _pairs_override(cells) -> str:
+    return cells if isinstance(cells, str) else "[" + ",".join(f"[{i},{j}]" for i, j in cells) + "]"
 
 
 if __name__ == "__main__":

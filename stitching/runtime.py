@@ -34,9 +34,30 @@ _TRAINER_KEYS = {
 }
 
 
+#: ``trainer`` settings this package applies itself (not Lightning's)
+SPEED_KEYS = ("channels_last", "compile")
+
+
+def speed_up(network: torch.nn.Module, options: dict) -> torch.nn.Module:
+    """Apply ``trainer.channels_last`` (conv weights in NHWC memory order: faster convolutions on
+    GPUs with tensor cores) and ``trainer.compile`` (``torch.compile`` of the stitched network's
+    front head and end tail, in place: fused kernels after a one-off compile) to ``network``."""
+    if options.get("channels_last"):
+        if next(network.parameters()).is_cuda:
+            network.to(memory_format=torch.channels_last)
+        else:  # oneDNN's CPU convolution backward on NHWC maps of few channels is slow or crashes
+            print("[trainer] channels_last applies on GPUs only; the CPU run keeps NCHW", file=sys.stderr)
+    if options.get("compile"):
+        for part in (getattr(network, "front", None), getattr(network, "end", None)):
+            if part is not None:
+                part.compile()
+    return network
+
+
 def build_trainer(options: dict, run_dir: Path, logger=False, **overrides) -> L.Trainer:
-    """A Lightning Trainer from the ``trainer`` config group (``None`` values dropped)."""
-    settings = {k: v for k, v in {**options, **overrides}.items() if v is not None}
+    """A Lightning Trainer from the ``trainer`` config group (``None`` values and the settings of
+    :data:`SPEED_KEYS` dropped)."""
+    settings = {k: v for k, v in {**options, **overrides}.items() if v is not None and k not in SPEED_KEYS}
     unknown = set(settings) - _TRAINER_KEYS
     if unknown:
         raise StitchingError(f"unknown trainer setting(s) {sorted(unknown)}; known: {sorted(_TRAINER_KEYS)}")

@@ -294,11 +294,28 @@ class SweepStatus(Callback):
             sys.exit(1)
 
 
+def share_threads(n_jobs, cores: int | None = None) -> int | None:
+    """Give this job its share of the cores when ``n_jobs`` run at once on this machine (joblib:
+    ``hydra/launcher=local``; -1 = one per core): torch threads = cores / jobs, at least one.
+    Every job on all cores oversubscribes them and makes a parallel sweep slower than a serial one."""
+    if n_jobs is None:
+        return None
+    cores = cores or os.cpu_count() or 1
+    jobs = cores if int(n_jobs) < 0 else int(n_jobs)
+    if jobs <= 1:
+        return None
+    threads = max(1, cores // jobs)
+    torch.set_num_threads(threads)
+    return threads
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweeping:
+        share_threads((hydra_cfg.get("launcher") or {}).get("n_jobs"))
     try:
         digest = config_hash(cfg)
         record = finished_record(run_dir, digest)

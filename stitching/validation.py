@@ -109,6 +109,8 @@ RULES: dict[str, Rule] = {
     "trainer.max_epochs": Rule("int", 0),  # 0: the DM initialisation is tested as it is
     "trainer.log_every_n_steps": COUNT,
     "trainer.deterministic": FLAG,
+    "trainer.channels_last": FLAG,
+    "trainer.compile": FLAG,
     "trainer.enable_progress_bar": FLAG,
     "trainer.limit_train_batches": Rule("fraction", nullable=True),
     "trainer.limit_test_batches": Rule("fraction", nullable=True),

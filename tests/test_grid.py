@@ -125,3 +125,36 @@ def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_conf
     assert made_fused["self_accuracy"] == made_single["self_accuracy"] and made_fused["heatmap"].is_file()
     again = run_grid(cfg, tmp_path / "grid", progress=False)
     assert len(again["skipped"]) == 4 and not again["done"]
+
+
+def test_a_sweep_becomes_one_grid_per_combination_of_the_other_axes():
+    from stitching.grid import sweep_grids
+
+    grids = sweep_grids(["experiment=sanity_small"])  # the preset's sweep: 2 end seeds × 4 objectives × 5 × 5 layers
+    assert len(grids) == 8
+    for rest, cells in grids:
+        assert sorted(cells) == [(i, j) for i in (1, 3, 5, 7, 9) for j in (1, 3, 5, 7, 9)]
+        assert not any(item.startswith("stitch.") for item in rest) and "experiment=sanity_small" in rest
+    assert {tuple(sorted(item for item in rest if item.startswith(("objective", "end.seed")))) for rest, _ in grids} == \
+        {(f"end.seed={s}", f"objective={o}") for s in (0, 1) for o in ("dm", "hint", "fula", "tlm")}
+    (rest, cells), = sweep_grids(["experiment=demo", "objective=hint"])  # no layer key: the corresponding layers
+    assert cells == "diagonal"
+    override = sweep_grids(["experiment=sanity_small", "objective=tlm", "end.seed=1", "stitch.front_layer=2,4"])
+    assert len(override) == 1 and sorted(override[0][1]) == [(i, j) for i in (2, 4) for j in (1, 3, 5, 7, 9)]
+
+
+def test_the_grid_command_sweeps_fused_grids_and_reports_them(zoo_dir, tmp_path, capsys):
+    from tests.conftest import TINY
+
+    from stitching.grid import main
+    from stitching.report import collect
+
+    main(["-m", "--no-progress", "--out", str(tmp_path / "sweep"), *TINY, f"paths.zoo_dir={zoo_dir}",
+          f"paths.output_dir={tmp_path}", "objective=dm,hint", "stitch.front_layer=1,3", "stitch.end_layer=1,3",
+          "trainer.limit_train_batches=2"])
+    assert capsys.readouterr().out.count("4 cells trained fused") == 2
+    frame, failed = collect(tmp_path / "sweep")
+    assert not failed and len(frame) == 8 and set(frame.objective) == {"dm", "hint"}
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), *TINY, "hydra/launcher=slurm"])
+    assert "a fused grid trains in this process" in capsys.readouterr().err

@@ -176,3 +176,18 @@ def test_a_stitch_weight_that_turns_non_finite_fails_the_run(tiny_config, tmp_pa
     monkeypatch.setattr(StitchingModule, "on_after_backward", infinite_gradient, raising=False)
     with pytest.raises(NonFiniteError, match="stitch weight .* became (nan|inf|-inf) at training step 0"):
         run(tiny_config("objective=tlm", "stitch.layer=3"), tmp_path / "inf")
+
+
+def test_a_local_parallel_job_gets_its_share_of_the_cores(monkeypatch):
+    import torch
+
+    from stitching.train import share_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert share_threads(2, cores=8) == 4 and torch.get_num_threads() == 4
+        assert share_threads(3, cores=2) == 1 and torch.get_num_threads() == 1  # never below one thread
+        assert share_threads(-1, cores=4) == 1  # joblib's -1: a job per core
+        assert share_threads(1, cores=8) is None and share_threads(None) is None
+    finally:
+        torch.set_num_threads(before)

@@ -59,7 +59,7 @@ def crop_batch(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Te
     rows = offsets[:, :1] + torch.arange(h, device=x.device)  # [B, H]
     cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # [B, W]
     picked = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return picked.permute(0, 3, 1, 2)  # [B, H, W, C] → [B, C, H, W]
+    return picked.permute(0, 3, 1, 2).contiguous()  # [B, H, W, C] → [B, C, H, W], NCHW memory as loaded
 
 
 class BatchStream:
