@@ -80,9 +80,60 @@ def bench_objectives(overrides: list[str], layer: int, run_dir: Path) -> list[di
             build_trainer(options, run_dir, enable_progress_bar=False).test(prep.module, datamodule=prep.datamodule,
                                                                              verbose=False)
         row["test_seconds"] = test["seconds"]
+        extra = ""
+        if prep.module.trainable:
+            row["images_per_s"] = round(row["images"] / row["seconds"], 1)
+            extra = f"   {row['images_per_s']:.0f} images/s"
+            if objective in PLAIN_OBJECTIVES:
+                plain = {}
+                with measure(plain):
+                    plain_loop(prepare(cfg), objective)
+                row["plain_loop_images_per_s"] = round(row["images"] / plain["seconds"], 1)
+                extra += f", a plain PyTorch loop {row['plain_loop_images_per_s']:.0f}"
         rows.append(row)
-        print(_line(row), flush=True)
+        print(_line(row) + extra, flush=True)
     return rows
+
+
+PLAIN_OBJECTIVES = ("hint", "fula", "tlm")
+
+
+def plain_loop(prep, objective: str) -> None:
+    """One stitching epoch written as a bare PyTorch loop over the same frozen models, batches and
+    Adam settings (no Lightning, no logging, no metrics): the throughput to match."""
+    from torch.nn import functional as F
+
+    from stitching.models import cut_point_activations
+
+    network, reference, j = prep.module.network, prep.module.reference, prep.end_layer
+    device = prep.settings.device
+    network.to(device).train()
+    reference.to(device).eval()
+    optimiser = torch.optim.Adam(network.stitch.parameters(), lr=prep.settings.stitch.lr,
+                                 weight_decay=prep.settings.stitch.weight_decay)
+
+    def relative(a, t):
+        return ((a - t).flatten(1).norm(dim=1) / t.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
+
+    for x, y in prep.datamodule.train_dataloader():
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            front, _ = network.front(x)
+            _, targets = cut_point_activations(reference, x, None if objective == "fula" else j)
+        a = network.stitch(front)
+        if objective == "hint":
+            with torch.no_grad():
+                network.end(a)  # the tail's BN statistics see stitched data, as in the objective
+            loss = relative(a, targets[j - 1])
+        elif objective == "fula":
+            _, later = network.end(a, return_features=True)
+            stitched = [a, *later]
+            loss = sum(relative(s, t) for s, t in zip(stitched, targets[j - 1:])) / len(stitched)
+        else:
+            loss = F.cross_entropy(network.end(a), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
 
 
 def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path) -> list[dict]:

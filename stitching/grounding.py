@@ -122,7 +122,8 @@ def _settings(cfg: DictConfig) -> dict:
                              f"{', '.join(STITCHING_OBJECTIVES)}")
     if g["flatten"] not in ("pool", "sample"):
         raise StitchingError(f"grounding.flatten={g['flatten']}: choose pool or sample")
-    indices = parse_indices(g["indices"]) if g["indices"] else []
+    indices = g["indices"] if not isinstance(g["indices"], list) else ",".join(g["indices"])
+    indices = parse_indices(indices) if indices else []
     streaming = [name for name in indices if INDICES[name].streaming]
     if streaming:
         raise StitchingError(f"grounding.indices: {streaming[0]} is a streaming estimator; use cka or unbiased_cka")

@@ -176,12 +176,15 @@ def test_parallel_sweep_shares_base_models(tmp_path):
 def test_bench_measures_each_objective(tmp_path, zoo_dir, capsys):
     from stitching.bench import main as bench_main
 
-    bench_main(["--no-grid", "--out", str(tmp_path), "--", *TINY, f"paths.zoo_dir={zoo_dir}",
+    bench_main(["--no-grid", "--no-parallel", "--out", str(tmp_path), "--", *TINY, f"paths.zoo_dir={zoo_dir}",
                 f"paths.output_dir={tmp_path}"])
     out = capsys.readouterr().out
     saved = json.loads(next(tmp_path.rglob("bench.json")).read_text())
     assert [row["what"] for row in saved["rows"]] == [f"{o} epoch" for o in ("dm", "hint", "fula", "slm", "tlm")]
     assert all(row["seconds"] >= 0 and row["peak_mib"] > 0 for row in saved["rows"])
+    trained = {row["what"].split()[0]: row for row in saved["rows"][1:]}
+    assert all(trained[o]["plain_loop_images_per_s"] > 0 for o in ("hint", "fula", "tlm"))
+    assert all(row["images_per_s"] > 0 for row in trained.values()) and "a plain PyTorch loop" in out
     assert "fula epoch" in out and out.strip().splitlines()[-1].startswith("results in ")
 
 

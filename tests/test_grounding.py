@@ -48,7 +48,7 @@ def test_a_shrunken_grounding_run_writes_every_output_and_resumes(tiny_config, t
                  "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
                  f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
                  "grounding.objectives=[dm,hint]", "grounding.layers=[3]", "grounding.ranks=[1,2,4]",
-                 "grounding.seeds=[0]", "grounding.compare_layers=[1,3,5,7]", "grounding.indices=cka,cca",
+                 "grounding.seeds=[0]", "grounding.compare_layers=[1,3,5,7]", "grounding.indices=[cka,cca]",
                  "grounding.bootstrap=50", "probe.epochs=3"]
     cfg = tiny_config(*overrides[8:])
     out = tmp_path / "grounding"
