@@ -119,7 +119,8 @@ def plain_loop(prep, objective: str) -> None:
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
             front, _ = network.front(x)
-            _, targets = cut_point_activations(reference, x, None if objective == "fula" else j)
+            if objective != "tlm":  # TLM reads labels only
+                _, targets = cut_point_activations(reference, x, None if objective == "fula" else j)
         a = network.stitch(front)
         if objective == "hint":
             with torch.no_grad():

@@ -163,12 +163,13 @@ class FusedGrid(nn.Module):
         return self
 
     def passes(self, x, y=None, need_loss: bool = True):
-        """Per end layer, every cell's ``(key, logits, loss)`` on one batch (loss ``None`` unless asked)."""
+        """Per end layer, every cell's ``(key, logits, loss)`` on one batch (loss ``None`` unless
+        asked), one end layer at a time: a caller that backpropagates each group before asking for
+        the next keeps one end layer's graph in memory, not the grid's."""
         with torch.no_grad():
             _, fronts = cut_point_activations(self.front, x, upto=self.deepest)
             teacher, targets_all = (cut_point_activations(self.reference, x) if need_loss else (None, None))
         mask = self.reference.context(x).attention_mask
-        out = []
         for j, front_layers in self.groups.items():
             provider, tail = self.providers[j], self.tails[str(j)]
             stitched = [self.stitches[self.key(i, j)](fronts[i - 1]) for i in front_layers]
@@ -182,13 +183,14 @@ class FusedGrid(nn.Module):
             if need_loss:
                 targets = [] if provider.targets is None else (
                     [targets_all[j - 1]] if provider.targets == "end" else targets_all[j - 1:])
+            group = []
             for g, i in enumerate(front_layers):
                 loss = None
                 if need_loss:
                     loss = provider.objective_loss([stitched[g], *[part[g] for part in later]], logits[g], targets,
                                                    teacher, y, mask)
-                out.append((self.key(i, j), logits[g], loss))
-        return out
+                group.append((self.key(i, j), logits[g], loss))
+            yield j, group
 
     def cell_network(self, i: int, j: int, end_copy: nn.Module) -> StitchedNetwork:
         """Cell ``(i, j)`` as an ordinary stitched network: the trained front (shared), its stitch
@@ -245,19 +247,26 @@ def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = Tru
         for x, y in tqdm(epoch, desc="grid epoch", disable=not progress, leave=False):
             x, y = x.to(grid.device), y.to(grid.device)
             optimiser.zero_grad(set_to_none=True)
-            total = []
-            with autocast(grid, precision):
-                cells = grid.passes(x, y)
-            for key, logits, loss in cells:
-                if key in failed:
-                    continue
-                if not torch.isfinite(loss):
-                    failed[key] = NonFiniteError("the loss", float(loss.detach()), step)
-                    continue
-                tally.add(key, loss.detach(), logits.detach(), y)
-                total.append(loss)
-            if total:
-                torch.stack(total).sum().backward()
+            stepped = False
+            groups = grid.passes(x, y)
+            while True:  # one end layer at a time: its graph is freed by its backward
+                with autocast(grid, precision):
+                    group = next(groups, None)
+                if group is None:
+                    break
+                total = []
+                for key, logits, loss in group[1]:
+                    if key in failed:
+                        continue
+                    if not torch.isfinite(loss):
+                        failed[key] = NonFiniteError("the loss", float(loss.detach()), step)
+                        continue
+                    tally.add(key, loss.detach(), logits.detach(), y)
+                    total.append(loss)
+                if total:  # stitches of different end layers share nothing: gradients accumulate apart
+                    torch.stack(total).sum().backward()
+                    stepped = True
+            if stepped:
                 optimiser.step()
             for key, stitch in grid.stitches.items():
                 if key in failed:
@@ -279,7 +288,7 @@ def test_grid(grid: FusedGrid, test_batches, precision: str | None = None) -> di
     for x, y in test_batches:
         x, y = x.to(grid.device), y.to(grid.device)
         with autocast(grid, precision):
-            cells = grid.passes(x, need_loss=False)
+            cells = [cell for _, group in grid.passes(x, need_loss=False) for cell in group]
         for key, logits, _ in cells:
             tally.add(key, nn.functional.cross_entropy(logits.float(), y), logits, y)
     return {key: tally.metrics(key, "test") for key in tally.count}

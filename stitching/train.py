@@ -315,7 +315,10 @@ def main(cfg: DictConfig):
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     if sweeping:
-        share_threads((hydra_cfg.get("launcher") or {}).get("n_jobs"))
+        n_jobs = (hydra_cfg.get("launcher") or {}).get("n_jobs")
+        threads = share_threads(n_jobs)
+        if threads is not None and hydra_cfg.job.num < abs(int(n_jobs)):
+            print(f"[sweep] {threads} torch thread(s) per job, {n_jobs} jobs at once", file=sys.stderr)
     try:
         digest = config_hash(cfg)
         record = finished_record(run_dir, digest)

@@ -76,7 +76,7 @@ def test_every_fused_cell_equals_its_own_run(objective, update_bn):
     for x, y in batches:
         grid.train()
         optimiser.zero_grad()
-        torch.stack([loss for _, _, loss in grid.passes(x, y)]).sum().backward()
+        torch.stack([loss for _, group in grid.passes(x, y) for _, _, loss in group]).sum().backward()
         optimiser.step()
     for i, j in pairs:
         single = prepare_stitch(front, end, i, j, dm, objective, lr=1e-2, update_bn=update_bn).module
