@@ -203,7 +203,7 @@ class Grounding:
         """Test accuracy of ``A → B`` stitched under ``objective`` (an ordinary run folder; a
         finished one is read back)."""
         from stitching.build import compose_config
-        from stitching.train import _failure_record, config_hash, finished_record, run
+        from stitching.train import ResultExists, _failure_record, config_hash, finished_record, run
 
         cfg = compose_config([*self.overrides, f"objective={objective}", f"front.seed={item.front_seed}",
                               f"stitch.front_layer={item.front_layer}", f"stitch.end_layer={item.end_layer}",
@@ -211,6 +211,9 @@ class Grounding:
         run_dir = self.out / "stitching" / item.test / objective / item.name
         try:
             record = finished_record(run_dir, config_hash(cfg)) or run(cfg, run_dir)
+        except ResultExists as err:  # another config's finished result: left as it is, never overwritten
+            self.failed.append(f"{run_dir}: {err}")
+            return float("nan")
         except Exception as err:  # a failed run is a gap in the table, named at the end
             _failure_record(cfg, run_dir, err)
             self.failed.append(f"{run_dir}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")

@@ -72,6 +72,11 @@ def test_a_shrunken_grounding_run_writes_every_output_and_resumes(tiny_config, t
     again = run_tests(cfg, overrides, out, progress=False)
     assert {path: path.stat().st_mtime_ns for path in runs} == stamps
     assert again["correlations"] == record["correlations"]
+    # a folder holding another config's finished runs is left untouched: those items are gaps, named
+    other = run_tests(tiny_config(*overrides[8:], "stitch.lr=0.002"), [*overrides, "stitch.lr=0.002"], out,
+                      progress=False)
+    assert len(other["failed"]) == 14 and "different config" in other["failed"][0]
+    assert {path: path.stat().st_mtime_ns for path in runs} == stamps
 
 
 def test_grounding_settings_are_checked_before_any_work(tiny_config, tmp_path):
