@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from stitching.errors import StitchingError
 from stitching.models import Cut, CutPoint, as_cuttable, cut
 from stitching.models.layout import channels, compatible
-from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule
+from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule, objective_module
 from stitching.runtime import Stopwatch, build_trainer, speed_up
 from stitching.stitch_layers import STITCH_KINDS, batches, fit_dm, fit_front_projection, make_stitch
 
@@ -149,9 +149,8 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     else:
         network.stitch.initialise(init)
     classes = num_classes if num_classes is not None else end.num_classes
-    options = {"weights": weights} if objective == "fula" else {}
-    module = OBJECTIVES[objective](network, reference, end_cut.index, classes, lr=lr, weight_decay=weight_decay,
-                                   adversarial=adversarial, **options)
+    module = objective_module(objective, network, reference, end_cut.index, classes, lr=lr,
+                              weight_decay=weight_decay, weights=weights, adversarial=adversarial)
     return Prepared(front_cut, end_cut, module)
 
 

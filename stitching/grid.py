@@ -49,7 +49,7 @@ from stitching.errors import NonFiniteError, StitchingError, exit_on_user_error
 from stitching.models import cut, cut_point_activations
 from stitching.models.grouped import group_batchnorms, load_group
 from stitching.models.layout import as_rows
-from stitching.objectives import OBJECTIVES, StitchedNetwork
+from stitching.objectives import StitchedNetwork, objective_module
 from stitching.runtime import Stopwatch, release_memory
 from stitching.stitch_layers import make_stitch, principal_projection, to_device
 
@@ -114,11 +114,9 @@ class FusedGrid(nn.Module):
                                     for j, fronts in self.groups.items()})
         self.tails.to(device).requires_grad_(False)
         classes = num_classes if num_classes is not None else end.num_classes
-        options = {"weights": weights} if objective == "fula" else {}
         # one loss provider per end layer: the objective's own loss, read by every cell into j
-        self.providers = {j: OBJECTIVES[objective](None, self.reference, j, classes, lr=stitch.lr,
-                                                   weight_decay=stitch.weight_decay, **options)
-                          for j in self.groups}
+        self.providers = {j: objective_module(objective, None, self.reference, j, classes, stitch.lr,
+                                              stitch.weight_decay, weights) for j in self.groups}
         for provider in self.providers.values():
             provider.to(device)
         self.stitches = nn.ModuleDict()
@@ -381,9 +379,8 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
             summary["failed"].append(((i, j), str(failed[key])))
             continue
         network = grid.cell_network(i, j, end_copies[j])
-        module = OBJECTIVES[objective](network, grid.reference, j, datamodule.num_classes, lr=settings.stitch.lr,
-                                       weight_decay=settings.stitch.weight_decay,
-                                       **({"weights": settings.fula_weights} if objective == "fula" else {}))
+        module = objective_module(objective, network, grid.reference, j, datamodule.num_classes,
+                                  settings.stitch.lr, settings.stitch.weight_decay, settings.fula_weights)
         cell_settings = replace(settings, stitch=replace(settings.stitch, front_layer=i, end_layer=j))
         prep = Run(cell_settings, datamodule, front, end, front_record, end_record, inputs,
                    Prepared(cut(grid.front, i), cut(end_copies[j], j), module))

@@ -8,7 +8,7 @@ from stitching.objectives.losses import (
     slm_loss,
     tlm_loss,
 )
-from stitching.objectives.modules import OBJECTIVES, StitchedNetwork, StitchingModule
+from stitching.objectives.modules import OBJECTIVES, StitchedNetwork, StitchingModule, objective_module
 
 __all__ = [
     "OBJECTIVES",
@@ -17,6 +17,7 @@ __all__ = [
     "fula_loss",
     "fula_weights",
     "hint_loss",
+    "objective_module",
     "relative_error",
     "slm_loss",
     "tlm_loss",

@@ -251,3 +251,12 @@ OBJECTIVES: dict[str, type[StitchingModule]] = {
     "slm": SlmModule,
     "tlm": TlmModule,
 }
+
+
+def objective_module(objective: str, network: StitchedNetwork | None, reference: nn.Module, end_layer: int,
+                     num_classes: int | None, lr: float = 1e-3, weight_decay: float = 1e-4, weights="uniform",
+                     adversarial: dict | None = None) -> StitchingModule:
+    """The objective's LightningModule (``weights``: FuLA's hint weights, ignored by the others)."""
+    options = {"weights": weights} if objective == "fula" else {}
+    return OBJECTIVES[objective](network, reference, end_layer, num_classes, lr=lr, weight_decay=weight_decay,
+                                 adversarial=adversarial, **options)
