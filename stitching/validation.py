@@ -152,6 +152,7 @@ RULES: dict[str, Rule] = {
     "similarity.skip_positions": INDEX,
     "similarity.bootstrap": INDEX,
     "similarity.permutations": INDEX,
+    "similarity.rbf_sigma": POSITIVE,
 }
 
 

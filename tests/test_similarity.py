@@ -87,15 +87,17 @@ def test_debiased_cka_is_near_zero_for_independent_inputs_where_biased_is_not():
     assert abs(np.mean(debiased)) < 0.05
 
 
-def test_rbf_cka_matches_scipy_distances_and_tends_to_linear_cka():
+def test_rbf_cka_follows_the_reference_bandwidth_convention_and_tends_to_linear_cka():
     x, y = _related(30, 6, 9, seed=4)
     xn, yn = x.double().numpy(), y.double().numpy()
 
-    def gram(a, sigma):
-        d = squareform(pdist(a))
-        return np.exp(-d**2 / (2 * (sigma * np.median(pdist(a))) ** 2))
+    def gram(a, threshold):  # Kornblith et al.'s gram_rbf: median of all n² squared distances
+        d2 = squareform(pdist(a)) ** 2
+        return np.exp(-d2 / (2 * threshold**2 * np.median(d2)))
 
-    assert rbf_cka(x, y, sigma=0.8) == pytest.approx(_cka_centring(gram(xn, 0.8), gram(yn, 0.8)), rel=1e-9)
+    for sigma in (0.2, 0.4, 0.8, 1.0):
+        assert rbf_cka(x, y, sigma=sigma) == pytest.approx(_cka_centring(gram(xn, sigma), gram(yn, sigma)), rel=1e-9)
+    assert rbf_cka(x[:29], y[:29]) == pytest.approx(_cka_centring(gram(xn[:29], 0.8), gram(yn[:29], 0.8)), rel=1e-9)
     # a very wide kernel is linear to first order: exp(-d²/2s²) ≈ 1 - ‖xi‖²/2s² - ‖xj‖²/2s² + xi·xj/s²
     assert rbf_cka(x, y, sigma=1e3) == pytest.approx(linear_cka(x, y), abs=1e-4)
 

@@ -9,7 +9,7 @@ import torch
 
 from stitching.models import build_model, cut_point_activations
 from stitching.report import report, sanity_checks
-from stitching.similarity import SimilarityError, linear_cka, unbiased_cka
+from stitching.similarity import SimilarityError, linear_cka, rbf_cka, unbiased_cka
 from stitching.similarity.__main__ import main as similarity_main
 from stitching.similarity.grid import pair_matrices, parse_indices, similarity_grids
 from tests.conftest import TINY
@@ -56,6 +56,10 @@ def test_grid_cells_equal_the_pure_functions_on_the_same_activations():
     x, y = pair_matrices(fa, eb, "pool")
     assert grids["cka"][3, 6] == pytest.approx(linear_cka(x, y), rel=1e-9)
     assert grids["unbiased_cka"][3, 6] == pytest.approx(unbiased_cka(x, y), rel=1e-6, abs=1e-9)
+    for sigma in (0.4, 0.8):  # the bandwidth flag reaches every cell
+        grid, _ = similarity_grids(front, end, images, ["rbf_cka"], flatten="pool", progress=False, rbf_sigma=sigma)
+        assert grid["rbf_cka"][3, 6] == pytest.approx(rbf_cka(x, y, sigma=sigma), rel=1e-9)
+    assert rbf_cka(x, y, sigma=0.4) != pytest.approx(rbf_cka(x, y, sigma=0.8), rel=1e-3)
 
 
 @pytest.mark.parametrize("flatten", ["pool", "sample"])
@@ -133,3 +137,6 @@ def test_similarity_cli_writes_the_report_format_and_the_report_joins_it(tmp_pat
     with pytest.raises(SystemExit):
         similarity_main(["--index", "nope", *overrides])
     assert "unknown index" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        similarity_main(["--index", "rbf_cka", "--rbf-sigma", "0", *overrides])
+    assert "--rbf-sigma" in capsys.readouterr().err

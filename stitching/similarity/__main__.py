@@ -25,14 +25,15 @@ from omegaconf import OmegaConf
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.models import cut_point_names, resolve_layer
 from stitching.runtime import Stopwatch, versions, write_json_atomic
-from stitching.similarity.grid import FLATTEN, INDICES, parse_indices, similarity_grids
+from stitching.similarity.grid import FLATTEN, INDICES, index_of, parse_indices, similarity_grids
 from stitching.build import build_datamodule, compose_config, is_text, layer_value, load_models, read_settings
 from stitching.validation import check_config
 
 
 def main_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
                out: Path, layers: list[int] | None = None, progress: bool = True, skip_positions: int = 0,
-               bootstrap: int = 0, permutations: int = 0, front_rank: int | None = None) -> dict:
+               bootstrap: int = 0, permutations: int = 0, front_rank: int | None = None,
+               rbf_sigma: float = 0.8) -> dict:
     """Compute and write the grids; return the record written to ``similarity.json``."""
     from stitching.report import condition_values, heatmaps, sanity_checks
 
@@ -63,7 +64,8 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
         grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress,
                                            front_layers=chosen_front, end_layers=chosen_end,
                                            skip_positions=skip_positions if is_text(datamodule) else 0,
-                                           uncertainty=intervals, front_projections=projections)
+                                           uncertainty=intervals, front_projections=projections,
+                                           rbf_sigma=rbf_sigma)
     conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
     depth_front, depth_end = relative_depths(len(front_names)), relative_depths(len(end_names))
     rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
@@ -80,7 +82,7 @@ def main_grids(overrides: list[str], indices: list[str], images: int, flatten: s
     sanity = sanity_checks(frame)
     write_json_atomic(out / "sanity.json", sanity)
     record = {
-        "indices": {name: INDICES[name].label for name in indices},
+        "indices": {name: index_of(name, rbf_sigma).label for name in indices}, "rbf_sigma": rbf_sigma,
         "grids": {name: [[None if pd.isna(v) else float(v) for v in row] for row in grid] for name, grid in grids.items()},
         "front_layers": {i: front_names[i - 1] for i in chosen_front},
         "end_layers": {j: end_names[j - 1] for j in chosen_end},
@@ -158,13 +160,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--front-rank", type=int, default=None,
                         help="truncate every front layer to its top-r principal directions first, as stitch.front_rank "
                              "does (default: stitch.front_rank)")
+    parser.add_argument("--rbf-sigma", type=float, default=None,
+                        help="RBF CKA bandwidth as a multiple of the median distance, Kornblith et al.'s convention "
+                             "(default: similarity.rbf_sigma = 0.8)")
     parser.add_argument("--layers", default=None, help="comma-separated cut points for both sides (default: all)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/similarity/<time>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (default: experiment=demo)")
     args = parser.parse_args(argv)
     flags = {"images": args.images, "batch_size": args.batch_size, "skip_positions": args.skip_positions,
-             "bootstrap": args.bootstrap, "permutations": args.permutations}
+             "bootstrap": args.bootstrap, "permutations": args.permutations, "rbf_sigma": args.rbf_sigma}
     overrides = [*(args.overrides or ["experiment=demo"]),  # the flags are the similarity.* settings
                  *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None),
                  *([f"stitch.front_rank={args.front_rank}"] if args.front_rank is not None else [])]
@@ -185,23 +190,24 @@ def main(argv: list[str] | None = None) -> None:
     record = main_grids(overrides, indices, int(settings.images), args.flatten or settings.flatten,
                         int(settings.batch_size), out, layers=layers, progress=not args.no_progress,
                         skip_positions=int(settings.skip_positions), bootstrap=int(settings.bootstrap),
-                        permutations=int(settings.permutations), front_rank=cfg.stitch.front_rank)
+                        permutations=int(settings.permutations), front_rank=cfg.stitch.front_rank,
+                        rbf_sigma=float(settings.rbf_sigma))
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
     for name, grid in record["grids"].items():
-        print(f"\n{INDICES[name].label} (rows: front layer, columns: end layer)")
+        print(f"\n{record['indices'][name]} (rows: front layer, columns: end layer)")
         print(pd.DataFrame(grid, index=list(record["front_layers"]), columns=list(record["end_layers"]), dtype=float).round(3)
               .to_string(na_rep="—"))
     for name, parts in record["intervals"].items():
         if parts.get("p_value"):
             p_values = [v for row in parts["p_value"] for v in row if v is not None]
-            print(f"{INDICES[name].label}: {sum(v < 0.05 for v in p_values)} of {len(p_values)} cells above chance "
+            print(f"{record['indices'][name]}: {sum(v < 0.05 for v in p_values)} of {len(p_values)} cells above chance "
                   f"(permutation p < 0.05, {record['permutations']} shuffles)")
         if parts.get("low"):
             widths = [h - lo for lrow, hrow in zip(parts["low"], parts["high"]) for lo, h in zip(lrow, hrow)
                       if lo is not None and h is not None]
             if widths:
-                print(f"{INDICES[name].label}: 95 % bootstrap intervals {min(widths):.3f}–{max(widths):.3f} wide "
+                print(f"{record['indices'][name]}: 95 % bootstrap intervals {min(widths):.3f}–{max(widths):.3f} wide "
                       f"({record['bootstrap']} resamples; columns low, high in similarity.csv)")
     by_index: dict[str, list[str]] = {}
     for line in record["undefined"]:

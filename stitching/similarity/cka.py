@@ -7,7 +7,7 @@ shapes are flattened per sample), computes in float64 and returns a Python float
   feature-space form ``‖YᵀX‖²`` when both widths are below ``n``, the Gram form otherwise.
 * :func:`unbiased_cka` — CKA from the unbiased U-statistic HSIC of Song et al. (2012),
   close to 0 for independent inputs even when ``n`` is small.
-* :func:`rbf_cka` — Gaussian kernels, bandwidth a fraction of the median pairwise distance.
+* :func:`rbf_cka` — Gaussian kernels, bandwidth a fraction of the median distance (Kornblith et al.'s convention).
 * :class:`MinibatchCKA` — streams over a dataset: averages per-batch unbiased HSIC
   (Nguyen et al. 2021), for activations too large to hold, and for grids of layers.
 
@@ -108,16 +108,24 @@ def linear_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def rbf_gram(x: torch.Tensor, sigma: float = 0.8) -> torch.Tensor:
-    """Gaussian kernel ``exp(−‖xᵢ − xⱼ‖² / (2 (σ·median)²))``, median over distinct pairs."""
+    """Gaussian kernel ``exp(−‖xᵢ − xⱼ‖² / (2 σ² m))``, ``m`` the median of the whole matrix of
+    squared distances (its zero diagonal and both triangles included): the convention of
+    Kornblith et al.'s reference code (``gram_rbf(x, threshold=σ)``), so published values reproduce."""
     x = as_matrix(x)
     sq = (x * x).sum(1)
     dist2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
-    n = len(x)
-    off = dist2[~torch.eye(n, dtype=torch.bool, device=x.device)]
-    median = off.sqrt().median() if off.numel() else torch.tensor(0.0, dtype=x.dtype)
+    dist2.fill_diagonal_(0)
+    median = _median(dist2.flatten())
     if not median > 0:
-        raise SimilarityError("RBF CKA is undefined: all inputs have the same activation (median distance 0)")
-    return torch.exp(-dist2 / (2 * (sigma * median) ** 2))
+        raise SimilarityError("RBF CKA is undefined: most inputs have the same activation (median distance 0)")
+    return torch.exp(-dist2 / (2 * sigma**2 * median))
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """numpy's median: the mean of the two middle values of an even count (torch's is the lower)."""
+    n = len(values)
+    low = values.kthvalue((n + 1) // 2).values
+    return low if n % 2 else (low + values.kthvalue(n // 2 + 1).values) / 2
 
 
 def _centred(k: torch.Tensor) -> torch.Tensor:
@@ -142,7 +150,7 @@ def unbiased_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.8, unbiased: bool = False) -> float:
-    """RBF-kernel CKA, each side's bandwidth ``sigma`` × its median pairwise distance."""
+    """RBF-kernel CKA; each side's bandwidth is ``sigma`` × its median distance (:func:`rbf_gram`)."""
     x, y = _pair(x, y, "RBF CKA")
     return kernel_cka(rbf_gram(x, sigma), rbf_gram(y, sigma), unbiased=unbiased)
 

@@ -13,7 +13,8 @@ How a layer becomes an ``[n, d]`` matrix is ``flatten``:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -72,6 +73,15 @@ INDICES: dict[str, Index] = {
 }
 
 
+def index_of(name: str, rbf_sigma: float = 0.8) -> Index:
+    """``INDICES[name]``, RBF CKA with bandwidth ``rbf_sigma`` × the median distance."""
+    index = INDICES[name]
+    if name != "rbf_cka" or rbf_sigma == 0.8:
+        return index
+    return replace(index, label=f"RBF CKA (σ = {rbf_sigma:g} × median distance)",
+                   pair=partial(rbf_cka, sigma=rbf_sigma), gram=partial(rbf_gram, sigma=rbf_sigma))
+
+
 def parse_indices(spec: str) -> list[str]:
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in INDICES]
@@ -113,7 +123,8 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
                      progress: bool = True, front_layers: list[int] | None = None,
                      end_layers: list[int] | None = None, skip_positions: int = 0,
                      uncertainty: dict | None = None,
-                     front_projections: list | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+                     front_projections: list | None = None,
+                     rbf_sigma: float = 0.8) -> tuple[dict[str, np.ndarray], list[str]]:
     """``{index: [front layers, end layers] grid}`` and the reasons of any undefined cells.
 
     ``front_layers``/``end_layers``: 1-based cut points to compare (default: all).
@@ -133,6 +144,9 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
 
     ``front_projections``: one module (or ``None``) per front layer applied to its activation
     first — the rank truncation of ``stitch.front_rank``, so indices see what the stitch sees.
+
+    ``rbf_sigma``: RBF CKA's bandwidth as a multiple of the median distance (Kornblith et al.'s
+    ``threshold``; their tables use 0.2, 0.4 and 0.8).
     """
     if flatten not in FLATTEN:
         raise SimilarityError(f"unknown flatten '{flatten}'; choose one of {', '.join(FLATTEN)}")
@@ -182,12 +196,12 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
         layers_end = [torch.cat(parts) for parts in zip(*kept_end)]
         labels = (front_layers or list(range(1, len(layers_front) + 1)), end_layers or list(range(1, len(layers_end) + 1)))
         for name in tqdm(full, desc="indices", disable=not progress, leave=False):
-            grids[name] = _full_grid(INDICES[name], layers_front, layers_end, flatten, name, problems, labels,
+            grids[name] = _full_grid(index_of(name, rbf_sigma), layers_front, layers_end, flatten, name, problems, labels,
                                      (front_layouts, end_layouts))
         if uncertainty is not None and (uncertainty.get("bootstrap") or uncertainty.get("permutations")):
             settings = {k: uncertainty.pop(k, 0) for k in ("bootstrap", "permutations", "seed")}
             for name in tqdm(full, desc="intervals", disable=not progress, leave=False):
-                uncertainty[name] = _uncertainty_grid(INDICES[name], grids[name], layers_front, layers_end, flatten,
+                uncertainty[name] = _uncertainty_grid(index_of(name, rbf_sigma), grids[name], layers_front, layers_end, flatten,
                                                       (front_layouts, end_layouts), **settings)
     return grids, problems
 
