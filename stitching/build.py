@@ -162,6 +162,7 @@ def build_datamodule(cfg: DictConfig, name: str | None = None, with_testbeds: bo
     if options.get("kind") == "text":  # a corpus of token streams, or labelled sentence pairs
         return PairDataModule(**options) if options.get("pairs") else TextDataModule(**options)
     options.pop("kind", None)
+    options.pop("attack_eps", None)  # read by the attack group and the zoo, not the data
     if not with_testbeds:
         return ImageDataModule(**{**options, "num_classes_train": None, "train_subset": None})
     return ImageDataModule(**options, shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True))
@@ -172,7 +173,8 @@ def build_zoo(cfg: DictConfig) -> ModelZoo:
                if k not in ("max_epochs", "limit_train_batches", "limit_test_batches")}
     return ModelZoo(cfg.zoo.dir, OmegaConf.to_container(cfg.zoo.recipe, resolve=True),
                     lambda name: build_datamodule(cfg, name, with_testbeds=False),
-                    trainer_options=trainer, train_missing=cfg.zoo.train_missing)
+                    trainer_options=trainer, train_missing=cfg.zoo.train_missing,
+                    attack_eps=lambda name: dataset_config(cfg, name).get("attack_eps"))
 
 
 def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] | None = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stitching.attacks import autoattack_accuracy, pgd
+from stitching.attacks import autoattack_accuracy, pgd, pgd_settings
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
 from stitching.models.cutting import cut_point_activations, split
@@ -76,7 +76,7 @@ def pair_metrics(network: nn.Module, models: dict, datamodule, device) -> tuple[
 
 
 def pgd_accuracy(model: nn.Module, images, labels, device, attack: dict, batch_size: int = 256) -> float:
-    settings = {k: attack[k] for k in ("eps", "step_size", "steps", "random_start")}
+    settings = pgd_settings(attack)
     correct = 0
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
         x_adv = pgd(model, x.to(device), y.to(device), **settings)
@@ -109,8 +109,8 @@ def cached_robust_metrics(model: nn.Module, checkpoint: str | Path | None, datam
     once per run. The cache file ``<checkpoint>.robust.json`` maps settings to metrics.
     ``model`` itself is left untouched (a copy is attacked, and only on a cache miss).
     """
-    wanted = {k: attack[k] for k in ("eps", "step_size", "steps", "random_start", "eval_pgd", "eval_autoattack",
-                                     "autoattack_version", "eval_images")}
+    wanted = {**pgd_settings(attack),
+              **{k: attack[k] for k in ("eval_pgd", "eval_autoattack", "autoattack_version", "eval_images")}}
     key = json.dumps({**wanted, "dataset": datamodule.name, "seed": seed}, sort_keys=True)
     if checkpoint is None:  # a hub model with no local file: nowhere to cache
         return robust_metrics(copy.deepcopy(model), datamodule, attack, device, seed)
@@ -135,7 +135,7 @@ def penultimate_cka(network: nn.Module, end: nn.Module, datamodule: ImageDataMod
     """
     images, labels = datamodule.test_tensors(int(attack["eval_images"]))
     network, end = network.to(device).eval(), end.to(device).eval()
-    settings = {k: attack[k] for k in ("eps", "step_size", "steps", "random_start")}
+    settings = pgd_settings(attack)
     layout = end.cut_points[-1].layout
     stitched, native = [], []
     for x, y in zip(images.split(256), labels.split(256)):
@@ -172,15 +172,14 @@ def evaluation_settings(attack: dict, shortcut: dict | None, datamodule: ImageDa
     attacks = {}
     n = min(int(attack["eval_images"]), len(datamodule.arrays.test_y))
     if attack.get("eval_pgd"):
-        attacks["pgd"] = {"images": n, **{k: attack[k] for k in ("eps", "step_size", "steps", "random_start")}}
+        attacks["pgd"] = {"images": n, **pgd_settings(attack)}
     if attack.get("eval_autoattack"):
         attacks["autoattack"] = {"images": n, "eps": attack["eps"], "version": attack["autoattack_version"],
                                  "norm": "Linf"}
     if attacks:
         settings["attacks"] = attacks
     if float(attack.get("alpha", 0)) > 0:
-        settings["adversarial_stitching"] = {"alpha": attack["alpha"], "eps": attack["eps"],
-                                             "step_size": attack["step_size"], "steps": attack["steps"]}
+        settings["adversarial_stitching"] = {"alpha": attack["alpha"], **pgd_settings(attack)}
     if datamodule.shortcut is not None:
         settings["shortcut"] = dict(shortcut)
     if datamodule.num_classes_train is not None:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from stitching.errors import NonFiniteError, StitchingError, exit_on_user_error
 from stitching.models import cut, cut_point_activations
-from stitching.models.grouped import group_batchnorms, load_group
+from stitching.models.grouped import deinterleave, group_batchnorms, interleave, load_group
 from stitching.models.layout import as_rows
 from stitching.objectives import StitchedNetwork, objective_module
 from stitching.runtime import Stopwatch, release_memory
@@ -173,11 +173,11 @@ class FusedGrid(nn.Module):
             stitched = [self.stitches[self.key(i, j)](fronts[i - 1]) for i in front_layers]
             with torch.set_grad_enabled(torch.is_grad_enabled() and provider.tail_grad):
                 # a hint objective still runs the tail, so its BN statistics see stitched data
-                result = tail(torch.cat(stitched), tail.context(x), return_features=need_loss and provider.needs_features)
+                result = tail(interleave(stitched), tail.context(x),
+                              return_features=need_loss and provider.needs_features)
             logits, later = result if (need_loss and provider.needs_features) else (result, [])
-            size = len(stitched[0])
-            logits = logits.split(size)
-            later = [part.split(size) for part in later]
+            logits = deinterleave(logits, len(stitched))
+            later = [deinterleave(part, len(stitched)) for part in later]
             if need_loss:
                 targets = [] if provider.targets is None else (
                     [targets_all[j - 1]] if provider.targets == "end" else targets_all[j - 1:])
@@ -231,11 +231,13 @@ def autocast(grid: FusedGrid, precision) -> contextlib.AbstractContextManager:
 
 def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = True,
                limit_batches: int | None = None,
-               precision: str | None = None) -> tuple[dict[str, dict], dict[str, NonFiniteError]]:
-    """Train every stitch; returns each cell's last-epoch ``train/loss``, ``train/acc`` and the
-    cells whose loss or stitch turned non-finite (they stop training; the others go on)."""
+               precision: str | None = None) -> tuple[dict[str, dict], dict[str, NonFiniteError], dict[str, list]]:
+    """Train every stitch; returns each cell's last-epoch ``train/loss``, ``train/acc``, the
+    cells whose loss or stitch turned non-finite (they stop training; the others go on) and
+    each cell's mean training loss per epoch (its curve)."""
     optimiser = grid.configure_optimizer()
     failed: dict[str, NonFiniteError] = {}
+    curves: dict[str, list[float]] = {}
     tally = _Tally()
     step = 0
     for _ in range(epochs):
@@ -275,7 +277,9 @@ def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = Tru
                                                      .flatten()[0].item(), step)
                         break
             step += 1
-    return {key: tally.metrics(key, "train") for key in tally.count}, failed
+        for key in tally.loss:
+            curves.setdefault(key, []).append(tally.metrics(key, "train")["train/loss"])
+    return {key: tally.metrics(key, "train") for key in tally.count}, failed, curves
 
 
 @torch.no_grad()
@@ -364,7 +368,7 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     limit = trainer.get("limit_train_batches")
     limit = int(len(loader) * limit) if isinstance(limit, float) else limit  # as Lightning reads it
     with watch.section("fit_s"):
-        train_metrics, failed = train_grid(grid, loader, epochs, progress, limit, trainer.get("precision"))
+        train_metrics, failed, curves = train_grid(grid, loader, epochs, progress, limit, trainer.get("precision"))
     with watch.section("test_s"):
         test_metrics = test_grid(grid, datamodule.test_dataloader(), trainer.get("precision"))
     shared = watch.report()
@@ -388,7 +392,8 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
         metrics = {**test_metrics[key], **train_metrics.get(key, {})}
         finish_run(cell, prep, metrics, cell_watch, run_dir,
                    timings={**{f"grid_{k}": v for k, v in share.items()}, "total_s": share["total_s"]
-                            + cell_watch.report()["total_s"], "fused_cells": len(todo)})
+                            + cell_watch.report()["total_s"], "fused_cells": len(todo)},
+                   curve={"train/loss": curves[key]} if key in curves else None)
         summary["done"].append((i, j))
     summary["timings"] = watch.report()
     return summary

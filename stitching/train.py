@@ -72,9 +72,10 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
 
 
 def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_dir: Path,
-               timings: dict | None = None) -> dict:
+               timings: dict | None = None, curve: dict | None = None) -> dict:
     """Save the trained stitch, evaluate the testbeds and write ``results.json`` (the single
-    run's and each cell of a fused grid's); return the record."""
+    run's and each cell of a fused grid's); return the record. ``curve``: per-epoch values
+    (``{"train/loss": [...]}``), recorded as they are."""
     settings, network = prep.settings, prep.module.network
     i, j = prep.front_layer, prep.end_layer
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -87,6 +88,7 @@ def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_
         "front_layer": i, "end_layer": j,
         "front_layer_name": cut_point_names(prep.front)[i - 1], "end_layer_name": cut_point_names(prep.end)[j - 1],
         "metrics": {**metrics, **extra},
+        **({"curve": curve} if curve else {}),
         "base": base,
         "evaluation": evaluation,
         "inputs": prep.inputs,
@@ -218,7 +220,7 @@ def _failure_record(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
 
 #: config groups that never change a stitching run's result: how it is logged, and the settings
 #: of the other tools (a fused grid's cell hashes as its single run)
-NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity")
+NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity", "claims")
 
 
 def config_hash(config: DictConfig | dict) -> str:

@@ -98,7 +98,7 @@ RULES: dict[str, Rule] = {
     "dataset.augment.hflip": FLAG,
     "attack.alpha": SHARE,
     "attack.eps": SHARE,
-    "attack.step_size": SHARE,
+    "attack.step_size": Rule("float", 0, 1, nullable=True),
     "attack.steps": COUNT,
     "attack.random_start": FLAG,
     "attack.eval_pgd": FLAG,
@@ -121,8 +121,8 @@ RULES: dict[str, Rule] = {
     "zoo.recipe.weight_decay": NON_NEGATIVE,
     "zoo.recipe.batch_size": COUNT,
     "zoo.recipe.robust.alpha": SHARE,
-    "zoo.recipe.robust.eps": SHARE,
-    "zoo.recipe.robust.step_size": SHARE,
+    "zoo.recipe.robust.eps": Rule("float", 0, 1, nullable=True),
+    "zoo.recipe.robust.step_size": Rule("float", 0, 1, nullable=True),
     "zoo.recipe.robust.steps": COUNT,
     "zoo.recipe.language.tokens": COUNT,
     "zoo.recipe.language.batch_size": COUNT,
@@ -153,6 +153,12 @@ RULES: dict[str, Rule] = {
     "similarity.bootstrap": INDEX,
     "similarity.permutations": INDEX,
     "similarity.rbf_sigma": POSITIVE,
+    "claims.seed_pairs": COUNT,
+    "claims.min_pairs": Rule("int", 2),
+    "claims.layer": COUNT,
+    "claims.tolerance": Rule("float", 0, 1),
+    "claims.classes_train": COUNT,
+    "claims.similarity_images": Rule("int", 4),
 }
 
 

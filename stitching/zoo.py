@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -29,7 +30,8 @@ from filelock import FileLock, Timeout
 from torch import nn
 from torch.nn import functional as F
 
-from stitching.attacks import pgd
+from stitching.attacks import pgd, pgd_settings
+from stitching.attacks.pgd import DEFAULT_EPS
 from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
 from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, adapt, build_model, is_transformer
@@ -52,9 +54,10 @@ class ModelSpec:
     name: str | None = None  # timm / torchvision model name
     pretrained: bool = False  # the library's pretrained weights (hub)
 
-    def key(self, budget: int, unit: str = "e") -> str:
-        """The zoo's file name: architecture, data, seed and training budget (``e``: epochs, ``t``: tokens)."""
-        robust = "-robust" if self.robust else ""
+    def key(self, budget: int, unit: str = "e", robust_eps: float | None = None) -> str:
+        """The zoo's file name: architecture, data, seed and training budget (``e``: epochs, ``t``: tokens);
+        a robust model trained at an attack budget other than 8/255 carries it (``robust0.3``)."""
+        robust = (f"-robust{robust_eps:g}" if robust_eps is not None else "-robust") if self.robust else ""
         if self.arch in LIBRARIES:
             return f"{self.arch}-{self.name}-{self.dataset}-s{self.seed}{robust}-{unit}{budget}"
         depth = f"-d{self.depth}" if self.depth is not None else ""
@@ -145,20 +148,33 @@ class ModelZoo:
         datamodule_for: dataset name → :class:`ImageDataModule` (full training split).
         trainer_options: the ``trainer`` config group (device, precision…).
         train_missing: train a missing model (``True``) or fail with a clear error.
+        attack_eps: dataset name → its standard attack budget (``dataset.attack_eps``), the
+            robust recipe's ``eps`` where that is null.
     """
 
     def __init__(self, root: str | Path, recipe: dict, datamodule_for: Callable[[str], ImageDataModule],
-                 trainer_options: dict | None = None, train_missing: bool = True):
+                 trainer_options: dict | None = None, train_missing: bool = True,
+                 attack_eps: Callable[[str], float | None] | None = None):
         self.root = Path(root)
         self.recipe = dict(recipe)
         self.datamodule_for = datamodule_for
         self.trainer_options = dict(trainer_options or {})
         self.train_missing = train_missing
+        self.attack_eps = attack_eps or (lambda name: None)
 
     def path(self, spec: ModelSpec) -> Path:
         if spec.arch in LANGUAGE_ARCHITECTURES:  # a language model's budget is tokens, not epochs
             return self.root / f"{spec.key(int(self.recipe['language']['tokens']), 't')}.pt"
-        return self.root / f"{spec.key(int(self.recipe['epochs']))}.pt"
+        budget = int(self.recipe["epochs"])
+        if spec.robust and "robust" in self.recipe:  # a budget other than 8/255 is part of the name
+            eps = self.robust_recipe(spec)["eps"]
+            return self.root / f"{spec.key(budget, robust_eps=None if math.isclose(eps, DEFAULT_EPS) else eps)}.pt"
+        return self.root / f"{spec.key(budget)}.pt"
+
+    def robust_recipe(self, spec: ModelSpec) -> dict:
+        """The adversarial-training settings of a robust ``spec``, the dataset's budget filled in."""
+        robust = dict(self.recipe["robust"])
+        return {**robust, **pgd_settings(robust, self.attack_eps(spec.dataset))}
 
     def get(self, spec: ModelSpec, checkpoint: str | None = None) -> tuple[CuttableModel, dict]:
         """The model for ``spec`` and its record: from ``checkpoint`` (a file), the hub
@@ -249,13 +265,13 @@ class ModelZoo:
         if spec.robust:
             if "robust" not in self.recipe:
                 raise StitchingError("robust=true needs zoo.recipe.robust (alpha, eps, step_size, steps)")
-            adversarial = self.recipe["robust"]
+            adversarial = self.robust_recipe(spec)
         datamodule = self.datamodule_for(spec.dataset)
         datamodule.batch_size = int(self.recipe.get("batch_size", datamodule.batch_size))
         model_kwargs = self._model_kwargs(spec, datamodule)
         L.seed_everything(spec.seed, workers=True, verbose=False)
         model = build_model(**model_kwargs)
-        recipe = dict(self.recipe)
+        recipe = dict(self.recipe, **({"robust": adversarial} if adversarial else {}))
         if is_transformer(model):  # ViTs do not train with the ResNet recipe's SGD
             recipe.update(recipe.get("transformer") or {})
         epochs = int(recipe["epochs"])

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from stitching.attacks import autoattack_accuracy, mix_adversarial, pgd
+from stitching.attacks import autoattack_accuracy, mix_adversarial, pgd, pgd_settings
 from stitching.data.shortcuts import Shortcut, aruco_bits, class_colours
 from stitching.errors import StitchingError
 from stitching.evaluate import pgd_accuracy, predictions
-from stitching.build import prepare
+from stitching.build import build_zoo, compose_config, prepare
+from stitching.zoo import ModelSpec
 from stitching.train import run
 
 EPS = 8 / 255
@@ -57,15 +58,45 @@ def test_autoattack_is_at_least_as_strong_as_pgd(trained):
 
 
 def test_robust_base_model_keeps_more_accuracy_under_pgd(tiny_config):
+    budget = "zoo.recipe.robust.eps=0.03137254901960784"  # 8/255: a few epochs make it measurably robust
     plain = prepare(tiny_config("objective=dm", "end.seed=2", "zoo.recipe.epochs=6"))
-    robust = prepare(tiny_config("objective=dm", "end.seed=2", "end.robust=true", "zoo.recipe.epochs=6"))
-    assert robust.end_record["key"].endswith("-s2-robust-e6") and robust.end_record["recipe"]["robust"]["alpha"] == 0.5
+    robust = prepare(tiny_config("objective=dm", "end.seed=2", "end.robust=true", "zoo.recipe.epochs=6", budget))
+    assert robust.end_record["key"].endswith("-s2-robust-e6")  # the 8/255 budget keeps the plain name
+    assert robust.end_record["recipe"]["robust"] == {"alpha": 0.5, "eps": pytest.approx(8 / 255),
+                                                    "step_size": pytest.approx(2 / 255), "steps": 10,
+                                                    "random_start": True}
     images, labels = plain.datamodule.test_tensors(200)
     torch.manual_seed(0)
     plain_acc = pgd_accuracy(plain.end.eval(), images, labels, "cpu", ATTACK)
     torch.manual_seed(0)
     robust_acc = pgd_accuracy(robust.end.eval(), images, labels, "cpu", ATTACK)
     assert robust_acc > plain_acc + 0.05, (robust_acc, plain_acc)
+
+
+def test_attack_budget_defaults_to_the_datasets_standard_and_an_override_wins():
+    def attack(*overrides):
+        return pgd_settings(compose_config(["logger=none", *overrides]).attack)
+
+    assert attack("dataset=mnist5k") == {"eps": 0.3, "step_size": pytest.approx(0.075), "steps": 10,
+                                         "random_start": True}  # Madry et al.'s MNIST budget, step 2.5·ε/steps
+    assert attack("dataset=digits")["eps"] == 0.3
+    for name in ("cifar10", "svhn"):  # the FuLA paper's 8/255 with 2/255 steps
+        assert attack(f"dataset={name}") == {"eps": pytest.approx(8 / 255), "step_size": pytest.approx(2 / 255),
+                                             "steps": 10, "random_start": True}
+    assert attack("dataset=mnist5k", "attack.eps=0.1")["eps"] == 0.1
+    assert attack("dataset=mnist5k", "attack.eps=0.1", "attack.steps=5")["step_size"] == pytest.approx(0.05)
+    assert attack("dataset=cifar10", "attack.step_size=0.001")["step_size"] == 0.001
+
+
+def test_robust_models_train_at_their_datasets_budget_and_their_name_says_so(tiny_config):
+    zoo = build_zoo(tiny_config())
+    digits = ModelSpec("resnet18", 8, "digits", 2, robust=True)
+    assert zoo.robust_recipe(digits)["eps"] == 0.3 and zoo.robust_recipe(digits)["step_size"] == pytest.approx(0.075)
+    assert zoo.path(digits).name == "resnet18-w8-digits-s2-robust0.3-e4.pt"
+    cifar = ModelSpec("resnet18", 8, "cifar10", 2, robust=True)
+    assert zoo.robust_recipe(cifar)["eps"] == pytest.approx(8 / 255)
+    assert zoo.path(cifar).name == "resnet18-w8-cifar10-s2-robust-e4.pt"
+    assert zoo.path(ModelSpec("resnet18", 8, "digits", 2)).name == "resnet18-w8-digits-s2-e4.pt"
 
 
 def test_adversarial_stitching_replaces_the_configured_share():

@@ -43,6 +43,23 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
     return x_adv.detach()
 
 
+#: the budget where neither the attack config nor the dataset names one (8/255: natural images)
+DEFAULT_EPS = 8 / 255
+
+
+def pgd_settings(attack, default_eps: float | None = None) -> dict:
+    """``eps, step_size, steps, random_start`` of an attack config, as :func:`pgd` takes them.
+
+    A null ``eps`` is ``default_eps`` (a dataset's standard budget, else 8/255); a null
+    ``step_size`` is 2.5 · eps / steps (Madry et al.'s rule: 2/255 at 8/255 and 10 steps).
+    """
+    eps = attack.get("eps")
+    eps = float(eps if eps is not None else default_eps if default_eps is not None else DEFAULT_EPS)
+    steps, step = int(attack["steps"]), attack.get("step_size")
+    return {"eps": eps, "step_size": 2.5 * eps / steps if step is None else float(step), "steps": steps,
+            "random_start": bool(attack.get("random_start", True))}
+
+
 def mix_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, **attack) -> torch.Tensor:
     """Replace a random share ``alpha`` of the batch by PGD examples against ``model``."""
     if alpha <= 0:

@@ -1,11 +1,12 @@
 """BatchNorm with separate statistics per group of a concatenated batch.
 
 A fused grid runs the stitched activations of G stitches through one copy of an end model's
-tail, concatenated along the batch (``[G·B, …]``, group-major). Every BatchNorm of that copy
-must behave as G separate BatchNorms — batch statistics of its own group in training, its own
-running statistics updated and read — so each stitch trains exactly as in its own run.
-:class:`GroupedBatchNorm2d` does that in one call: the groups are moved into the channel axis
-(``[B, G·C, H, W]``) and one ``batch_norm`` computes per-(group, channel) statistics.
+tail, interleaved along the batch (``[B·G, …]``, sample-major: row ``b·G + g`` is sample ``b``
+through stitch ``g``; :func:`interleave`). Every BatchNorm of that copy must behave as G
+separate BatchNorms — batch statistics of its own group in training, its own running
+statistics updated and read — so each stitch trains exactly as in its own run.
+:class:`GroupedBatchNorm2d` does that in one call: a sample-major batch *is* ``[B, G·C, H, W]``
+(a view, no copy), so one ``batch_norm`` computes per-(group, channel) statistics.
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ class GroupedBatchNorm2d(nn.Module):
         n, _, h, w = x.shape
         if n % g:
             raise ValueError(f"a grouped batch of {n} does not split into {g} equal groups")
-        b = n // g
-        folded = x.reshape(g, b, c, h, w).transpose(0, 1).reshape(b, g * c, h, w)
+        folded = x.reshape(n // g, g * c, h, w)  # sample-major: a view of a contiguous batch
         momentum = self.momentum
         if self.training:
             self.num_batches_tracked.add_(1)
@@ -46,13 +46,23 @@ class GroupedBatchNorm2d(nn.Module):
         bias = self.bias.repeat(g) if self.bias is not None else None
         out = F.batch_norm(folded, self.running_mean, self.running_var, weight, bias, self.training,
                            momentum or 0.0, self.eps)
-        return out.reshape(b, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        return out.reshape(n, c, h, w)
 
     def group_state(self, index: int) -> dict[str, torch.Tensor]:
         """Group ``index``'s running statistics, as a ``BatchNorm2d`` state dict holds them."""
         part = slice(index * self.channels, (index + 1) * self.channels)
         return {"running_mean": self.running_mean[part].clone(), "running_var": self.running_var[part].clone(),
                 "num_batches_tracked": self.num_batches_tracked.clone()}
+
+
+def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """G batches of B → one sample-major batch of B·G (row ``b·G + g`` = ``parts[g][b]``)."""
+    return torch.stack(parts, 1).flatten(0, 1)
+
+
+def deinterleave(batch: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+    """The inverse of :func:`interleave`: G views of B rows each."""
+    return batch.unflatten(0, (-1, groups)).unbind(1)
 
 
 def group_batchnorms(module: nn.Module, groups: int) -> nn.Module:

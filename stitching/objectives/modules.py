@@ -7,7 +7,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from stitching.attacks import mix_adversarial
+from stitching.attacks import mix_adversarial, pgd_settings
 from stitching.errors import NonFiniteError, StitchingError
 from stitching.models.cutting import Head, Tail, cut_point_activations
 from stitching.models.language import token_ids
@@ -152,8 +152,7 @@ class StitchingModule(L.LightningModule):
         x, y = self.task.split(batch, train=True)
         alpha = float(self.adversarial.get("alpha", 0.0))
         if alpha > 0:
-            attack = {k: self.adversarial[k] for k in ("eps", "step_size", "steps", "random_start")}
-            x = mix_adversarial(self.network, x, y, alpha, **attack)
+            x = mix_adversarial(self.network, x, y, alpha, **pgd_settings(self.adversarial))
         loss, logits = self.loss(x, y)
         if not torch.isfinite(loss):  # never train on, and never record, a diverged stitch
             raise NonFiniteError("the loss", float(loss.detach()), self.global_step)

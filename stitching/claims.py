@@ -1,0 +1,478 @@
+"""``python -m stitching.claims`` — the papers' qualitative claims, each checked by one experiment.
+
+Every claim is measured once per seed pair (``claims.seed_pairs`` replicates: a model against
+itself, ``(s, s)``, or two models, ``(s, s + 1)``) as a signed *effect*, positive in the claim's
+direction. Its verdict (:func:`verdict`) reads the mean effect against the spread over the pairs:
+
+* **holds** — at least ``claims.min_pairs`` pairs and the mean effect exceeds one standard
+  deviation over them;
+* **does not hold** — at least that many pairs and the mean effect is at or below minus one
+  standard deviation (absent, or reversed, beyond the spread);
+* **inconclusive** — otherwise (the effect is within its spread, or too few pairs were measured).
+
+Each claim's setting is fixed before any outcome is seen and written next to it
+(``claims.md``); a claim whose runs failed or are missing is inconclusive with the reason.
+
+Writes to ``--out``: ``claims.md`` and ``claims.html`` (the table, the settings, the training-loss
+curves, one figure per claim inline), ``claims.json`` (every effect per seed pair, settings,
+timings) and one ordinary run folder per experiment under ``runs/`` (``stitching.report`` reads
+them; a stopped check resumes without redoing a finished cell). Exits non-zero after writing
+everything if a run failed.
+
+Example: ``python -m stitching.claims experiment=claims_small`` (``make claims-small``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from stitching.errors import StitchingError, exit_on_user_error
+from stitching.runtime import Stopwatch, versions, write_json_atomic
+
+HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
+TRAINED = ("hint", "fula", "slm", "tlm")
+
+
+# -- the verdict ---------------------------------------------------------------------------
+def verdict(effects: list[float], min_pairs: int = 3) -> dict:
+    """``{"verdict", "mean", "std", "pairs", "why"}`` of one claim's effects (one per seed pair,
+    positive in the claim's direction); ``std`` is the sample standard deviation over pairs."""
+    values = np.asarray([e for e in effects if e is not None and np.isfinite(e)], dtype=float)
+    n = len(values)
+    mean = float(values.mean()) if n else float("nan")
+    std = float(values.std(ddof=1)) if n > 1 else float("nan")
+    out = {"mean": mean, "std": std, "pairs": n}
+    if n < min_pairs:
+        return {**out, "verdict": UNSURE, "why": f"{n} seed pair(s) measured, {min_pairs} needed"}
+    if mean > std:
+        return {**out, "verdict": HOLDS, "why": "mean effect above its spread"}
+    if mean <= -std:
+        return {**out, "verdict": FAILS, "why": "effect absent or reversed beyond its spread"}
+    return {**out, "verdict": UNSURE, "why": "effect within its spread over seed pairs"}
+
+
+# -- experiments ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One grid (``kind="grid"``) or similarity grid (``"similarity"``) of one seed pair."""
+
+    experiment: str
+    pair: tuple[int, int]
+    tag: str
+    overrides: tuple[str, ...]
+    kind: str = "grid"
+
+    def folder(self, root: Path) -> Path:
+        return root / "runs" / self.experiment / f"seeds{self.pair[0]}-{self.pair[1]}" / self.tag
+
+
+def seed_pairs(count: int, pairing: str) -> list[tuple[int, int]]:
+    """``count`` replicate pairs: ``(s, s)`` for a model against itself, else ``(s, s + 1)`` cyclic."""
+    if pairing == "self":
+        return [(s, s) for s in range(count)]
+    return [(s, (s + 1) % max(count, 2)) for s in range(count)]
+
+
+def _pairs(cells: list[tuple[int, int]]) -> str:
+    return "grid.pairs=[" + ",".join(f"[{i},{j}]" for i, j in cells) + "]"
+
+
+def _diagonal(c) -> str:
+    return _pairs([(k, k) for k in c.layers])
+
+
+def _square(c) -> str:
+    return _pairs([(i, j) for i in c.layers for j in c.layers])
+
+
+def _single(c) -> str:
+    return _pairs([(c.layer, c.layer)])
+
+
+#: experiment → (pairing, its jobs for one seed pair: ``[(tag, overrides, kind)]``)
+EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[str], str]]]]] = {
+    "dm_self": ("self", lambda c: [("dm", ["objective=dm", "trainer.max_epochs=0", _diagonal(c)], "grid")]),
+    "diagonal": ("two", lambda c: [(o, [f"objective={o}", _diagonal(c)], "grid") for o in ("dm", *TRAINED)]),
+    "robustness": ("two", lambda c: [(o, [f"objective={o}", "attack=pgd", "attack.alpha=1", _single(c)], "grid")
+                                     for o in TRAINED]),
+    "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
+                                        _single(c)], "grid") for o in TRAINED]),
+    "subset": ("two", lambda c: [(o, [f"objective={o}", f"dataset.num_classes_train={c.classes_train}", _single(c)],
+                                  "grid") for o in TRAINED]),
+    "self_grids": ("self", lambda c: [(o, [f"objective={o}", _square(c)], "grid") for o in ("hint", "fula", "tlm")]),
+    "deeper_hints": ("two", lambda c: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
+                                        "grid") for w in ("first", c.deeper_weights)]),
+    "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
+                              for o in ("dm", "tlm")]),
+    "similarity": ("two", lambda c: [("cka_cca", [], "similarity")]),
+    "language": ("self", lambda c: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
+                                                  f"end.{c.language_key}={b}", "grid.pairs=diagonal"], "grid")
+                                    for a, b in (tuple(c.language_models), tuple(c.language_models)[::-1])]),
+}
+
+
+def plan(settings: DictConfig, names: list[str]) -> list[Job]:
+    """Every job the named claims need, each experiment once."""
+    experiments = list(dict.fromkeys(CLAIMS[name].experiment for name in names))
+    jobs = []
+    for experiment in experiments:
+        pairing, make = EXPERIMENTS[experiment]
+        for a, b in seed_pairs(int(settings.seed_pairs), pairing):
+            for tag, overrides, kind in make(settings):
+                jobs.append(Job(experiment, (a, b), tag, (*overrides, f"front.seed={a}", f"end.seed={b}"), kind))
+    return jobs
+
+
+def run_job(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
+    """Train (or read back) one job's cells; return what failed."""
+    from stitching.build import compose_config
+    from stitching.grid import run_grid
+
+    folder = job.folder(root)
+    if job.experiment == "language":  # its own preset: of the base only where files go and how to train
+        base = [o for o in base if o.startswith(("paths.", "trainer", "logger", "+trainer"))]
+    overrides = [*base, *job.overrides]
+    if job.kind == "similarity":
+        return _similarity_job(overrides, folder, progress)
+    summary = run_grid(compose_config(overrides), folder, progress=progress)
+    return [f"{job.experiment}/{job.tag} seeds {job.pair}: f{i}-e{j}: {error}" for (i, j), error in summary["failed"]]
+
+
+def _similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[str]:
+    from stitching.build import compose_config
+    from stitching.similarity.__main__ import main_grids
+
+    if (folder / "similarity.csv").is_file():
+        return []
+    s = compose_config(overrides).claims
+    main_grids(overrides, ["cka", "cca"], int(s.similarity_images), "pool", 250, folder, layers=list(s.layers),
+               progress=progress)
+    return []
+
+
+# -- claims --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    statement: str
+    source: str
+    experiment: str
+    setting: Callable[[DictConfig], str]
+    effect: Callable[[pd.DataFrame, DictConfig], tuple[float, str]]  # one seed pair's runs → (effect, what)
+    unit: str = "accuracy"
+
+
+def _by(frame: pd.DataFrame, metric: str, *keys: str) -> pd.Series:
+    if metric not in frame or frame[metric].isna().all():
+        raise LookupError(f"no {metric.replace('_', '/')} in the runs")
+    return frame.groupby(list(keys))[metric].mean()
+
+
+def _dm_self(frame, c):
+    runs = frame[frame.objective == "dm"]
+    gap = float((runs.test_acc - runs.end_acc).abs().max())
+    return c.tolerance - gap, f"largest |accuracy − model's| {gap:.4f}"
+
+
+def _ordering(frame, c):
+    early = frame[frame.front_layer.isin(list(c.early_layers))]
+    acc = _by(early, "test_acc", "objective")
+    lowest = min(acc[o] for o in TRAINED)
+    return lowest - acc["dm"], f"DM {acc['dm']:.3f}, lowest trained {lowest:.3f}"
+
+
+def _robustness(frame, c):
+    acc = _by(frame, "test_robust_acc_pgd", "objective")
+    task, matching = min(acc["slm"], acc["tlm"]), max(acc["hint"], acc["fula"])
+    return task - matching, f"SLM/TLM ≥ {task:.3f}, Hint/FuLA ≤ {matching:.3f}"
+
+
+def _shortcut(frame, c):
+    marked, clean = _by(frame, "test_acc_shortcut", "objective"), _by(frame, "test_acc", "objective")
+    model = float(frame.end_acc.mean())
+    uses = min(marked[o] - clean[o] for o in ("slm", "tlm"))
+    keeps = min(clean[o] - (model - c.tolerance) for o in ("hint", "fula"))
+    return min(uses, keeps), (f"SLM/TLM marked − clean ≥ {uses:+.3f}; Hint/FuLA clean {clean['hint']:.3f}/"
+                              f"{clean['fula']:.3f} vs model {model:.3f}")
+
+
+def _subset(frame, c):
+    acc = _by(frame, "test_acc_unseen_classes", "objective")
+    fula_best = acc["fula"] - max(acc["hint"], acc["slm"], acc["tlm"]) + c.tolerance
+    task_worst = min(acc["hint"], acc["fula"]) - max(acc["slm"], acc["tlm"])
+    return min(fula_best, task_worst), " ".join(f"{o} {acc[o]:.3f}" for o in TRAINED)
+
+
+def _self_grids(frame, c):
+    from stitching.report import layer_grid, self_accuracy
+
+    share = {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=False) for o in ("hint", "fula", "tlm")}
+    effect = min(share["hint"] - 0.5, share["fula"] - 0.5, min(share["hint"], share["fula"]) - share["tlm"])
+    return effect, " ".join(f"{o} {v:.2f}" for o, v in share.items())
+
+
+def _deeper_hints(frame, c):
+    acc = frame.assign(w=frame.weights.astype(str)).pivot_table(index=["front_layer", "end_layer"], columns="w",
+                                                                  values="test_acc")
+    gain = acc[str(c.deeper_weights)] - acc["first"]
+    deep_front = gain[[i > j for i, j in gain.index]]
+    rest = gain[[i <= j for i, j in gain.index]]
+    return float(deep_front.mean() - abs(rest.mean())), f"gain front>end {deep_front.mean():+.3f}, " \
+                                                         f"elsewhere {rest.mean():+.3f}"
+
+
+def _ood(frame, c):
+    auroc = _by(frame, "ood_auroc", "objective")
+    return auroc["tlm"] - auroc["dm"], f"AUROC TLM {auroc['tlm']:.3f}, DM {auroc['dm']:.3f}"
+
+
+def _similarity(frame, c):
+    from stitching.report import sanity_checks
+
+    scores = {r["method"]: r["score"] for r in sanity_checks(frame) if r["check"] == "corresponding layers"}
+    if not {"cka", "cca"} <= set(scores):
+        raise LookupError("no CKA/CCA grids between two seeds")
+    return scores["cka"] - scores["cca"], f"rows found CKA {scores['cka']:.2f}, CCA {scores['cca']:.2f}"
+
+
+def _language(frame, c):
+    gelu, solu = c.language_models
+    penalty = _by(frame, "test_penalty", f"front_{c.language_key}", f"end_{c.language_key}")
+    solu_gelu, gelu_solu = penalty[(solu, gelu)], penalty[(gelu, solu)]
+    return solu_gelu - gelu_solu, f"SoLU→GeLU {solu_gelu:.3f}, GeLU→SoLU {gelu_solu:.3f} nats/token"
+
+
+def _layers(c) -> str:
+    return ", ".join(str(k) for k in c.layers)
+
+
+CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
+    Claim("dm_self_stitch", "A DM stitch of a model to itself at the same layer keeps the model's accuracy.",
+          "all three papers", "dm_self",
+          lambda c: f"DM only (no training), a model against itself at layers {_layers(c)}; effect = "
+                    f"{c.tolerance} − the largest |stitched − model accuracy|",
+          _dm_self),
+    Claim("same_task_ordering", "Between two models of one task DM is lowest at early layers; trained "
+          "objectives lie above it.", "FuLA Fig. 3", "diagonal",
+          lambda c: f"two seeds, corresponding layers {_layers(c)}, early = {list(c.early_layers)}; effect = the "
+                    f"lowest trained objective's mean early accuracy − DM's", _ordering),
+    Claim("fabricated_robustness", "Stitching two non-robust models with adversarial data (α = 1), SLM/TLM show "
+          "robust accuracy that Hint/FuLA do not.", "FuLA Figs. 4–5", "robustness",
+          lambda c: f"two non-robust seeds, layer {c.layer}, α = 1, PGD at the dataset's standard budget "
+                    f"(attack.eps, 0.3 on digits as Madry et al.); effect = min(SLM, TLM) − max(Hint, FuLA) "
+                    f"robust accuracy", _robustness, "robust accuracy"),
+    Claim("shortcut_reliance", "With shortcut markers in the stitching data, SLM/TLM score higher on marked test "
+          "images than on clean ones, whose accuracy drops; Hint/FuLA keep clean accuracy.", "FuLA Fig. 8",
+          "shortcut",
+          lambda c: f"pixel markers ({c.shortcut}) in the stitching data, two seeds, layer {c.layer}; effect = the "
+                    f"smaller of SLM/TLM's (marked − clean) and Hint/FuLA's clean accuracy above the model's − "
+                    f"{c.tolerance}", _shortcut),
+    Claim("unseen_classes", "Stitched on a subset of classes, FuLA generalises to the unseen classes at least as "
+          "well as the others; TLM/SLM worst.", "FuLA Fig. 9", "subset",
+          lambda c: f"stitching data of classes 0–{c.classes_train - 1}, accuracy on the others, two seeds, layer "
+                    f"{c.layer}; effect = the smaller of FuLA − best other (+{c.tolerance}) and min(Hint, FuLA) − "
+                    f"max(SLM, TLM)", _subset),
+    Claim("self_stitch_diagonal", "Self-stitching grids: Hint/FuLA put most rows' best cell on the diagonal (both "
+          "directions averaged), TLM less often.", "FuLA Fig. 10; TLM-vs-DM sanity checks", "self_grids",
+          lambda c: f"a model against itself, layers {_layers(c)} × the same; effect = the smallest of Hint − ½, "
+                    f"FuLA − ½ and min(Hint, FuLA) − TLM (share of rows)", _self_grids, "share of rows"),
+    Claim("deeper_hints", "Deeper FuLA hints raise the deep-front → shallow-end cells only.", "FuLA Fig. 11",
+          "deeper_hints",
+          lambda c: f"FuLA with hints first vs {c.deeper_weights}, two seeds, layers {_layers(c)} × the same; "
+                    f"effect = mean gain where front > end − |mean gain elsewhere|", _deeper_hints),
+    Claim("ood_detectability", "TLM-stitched activations are easier to tell from native ones (energy-detector "
+          "AUROC) than DM's.", "TLM vs DM", "ood",
+          lambda c: f"energy detector at the end layer, two seeds, corresponding layers {_layers(c)}; effect = "
+                    f"AUROC TLM − DM", _ood, "AUROC"),
+    Claim("cka_finds_layers", "CKA finds corresponding layers between seeds; CCA less often.", "TLM vs DM",
+          "similarity",
+          lambda c: f"pooled activations of {c.similarity_images} test images, layers {_layers(c)}; effect = share "
+                    f"of rows whose best cell is the diagonal, CKA − CCA", _similarity, "share of rows"),
+    Claim("solu_gelu_asymmetry", "The SoLU → GeLU stitching penalty is above GeLU → SoLU.",
+          "representation-dissimilarity paper", "language",
+          lambda c: f"TLM between the GeLU and SoLU toy models of {' '.join(c.language)}, every layer; effect = "
+                    f"penalty SoLU→GeLU − GeLU→SoLU (nats/token)", _language, "nats/token"),
+)}
+
+
+def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
+    """The claim's effect per seed pair and its verdict."""
+    pairs = []
+    if not frame.empty:
+        frame = frame[frame.run.str.startswith(f"runs/{claim.experiment}/")]
+    for (a, b) in seed_pairs(int(settings.seed_pairs), EXPERIMENTS[claim.experiment][0]):
+        runs = frame[frame.run.str.startswith(f"runs/{claim.experiment}/seeds{a}-{b}/")] if not frame.empty else frame
+        try:
+            if runs.empty:
+                raise LookupError("no finished runs")
+            effect, what = claim.effect(runs, settings)
+            pairs.append({"pair": [a, b], "effect": float(effect), "measured": what})
+        except (LookupError, KeyError, ValueError) as err:
+            pairs.append({"pair": [a, b], "effect": None, "measured": f"not measured: {err}"})
+    result = verdict([p["effect"] for p in pairs], int(settings.min_pairs))
+    missing = [p["measured"] for p in pairs if p["effect"] is None]
+    if missing and result["verdict"] == UNSURE and result["pairs"] < int(settings.min_pairs):
+        result["why"] += f" ({missing[0]})"
+    return {"name": claim.name, "claim": claim.statement, "source": claim.source, "setting": claim.setting(settings),
+            "unit": claim.unit, **result, "per_pair": pairs}
+
+
+# -- the report ----------------------------------------------------------------------------
+def _number(v: float) -> str:
+    return "—" if v is None or not np.isfinite(v) else f"{v:+.3f}"
+
+
+def claims_table(results: list[dict]) -> str:
+    lines = ["| claim | paper, figure | setting | effect (mean ± std over pairs) | verdict |", "|---|---|---|---|---|"]
+    for r in results:
+        spread = f"{_number(r['mean'])} ± {abs(r['std']):.3f}" if np.isfinite(r["std"]) else _number(r["mean"])
+        example = next((p["measured"] for p in r["per_pair"] if p["effect"] is not None), "")
+        lines.append(f"| {r['claim']} | {r['source']} | {r['setting']} | {spread} {r['unit']} ({r['pairs']} pairs; "
+                     f"{example}) | **{r['verdict']}**: {r['why']} |")
+    return "\n".join(lines)
+
+
+def loss_curves(frame: pd.DataFrame, path: Path) -> Path | None:
+    """Mean training loss per epoch (relative to epoch 1) by objective: has the stitch converged?"""
+    if frame.empty or "train_curve" not in frame:
+        return None
+    curves = frame.dropna(subset=["train_curve"])
+    curves = curves[curves.train_curve.map(len) > 1]
+    if curves.empty:
+        return None
+    from stitching.report import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for objective, rows in curves.groupby("objective"):
+        relative = np.stack([np.asarray(c) / c[0] for c in rows.train_curve if c[0]])
+        epochs = np.arange(1, relative.shape[1] + 1)
+        ax.plot(epochs, relative.mean(0), marker="o", label=objective.upper())
+        ax.fill_between(epochs, relative.min(0), relative.max(0), alpha=0.15)
+    ax.set_xlabel("stitching epoch")
+    ax.set_ylabel("training loss / epoch-1 loss")
+    ax.set_title("does the stitch converge? (range over cells)")
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: DictConfig, meta: dict) -> None:
+    curve = loss_curves(frame, out / "loss_curves.png")
+    text = ["# Claims of the three papers, checked", "",
+            f"{len(results)} claims; {int(settings.seed_pairs)} seed pair(s) each; a claim holds when its mean "
+            f"effect exceeds one standard deviation over at least {int(settings.min_pairs)} pairs, does not hold when "
+            "it is at or below minus one, and is inconclusive otherwise. Settings were fixed before the runs.", "",
+            claims_table(results), "", "## Settings", "",
+            f"* base: `{' '.join(meta['base'])}`; stitching epochs {meta['epochs']}; base-model test accuracy "
+            f"{meta['base_accuracy']}",
+            "* per-pair effects, settings and timings: `claims.json`; the runs: `runs/` (`python -m stitching.report`)",
+            ""]
+    if curve is not None:
+        text += ["## Training loss", "", f"![loss curves]({curve.name})", ""]
+    (out / "claims.md").write_text("\n".join(text))
+    images = f'<img src="data:image/png;base64,{base64.b64encode(curve.read_bytes()).decode()}">' if curve else ""
+    rows = "".join(f"<tr><td>{html.escape(r['claim'])}</td><td>{html.escape(r['source'])}</td>"
+                   f"<td>{html.escape(r['setting'])}</td><td>{_number(r['mean'])} ± "
+                   f"{abs(r['std']) if np.isfinite(r['std']) else float('nan'):.3f} {html.escape(r['unit'])}"
+                   f" ({r['pairs']} pairs)</td><td><b>{r['verdict']}</b>: {html.escape(r['why'])}</td></tr>"
+                   for r in results)
+    (out / "claims.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>claims</title><h1>Claims of the three papers, checked</h1>"
+        f"<table border=1 cellpadding=4><tr><th>claim</th><th>paper</th><th>setting</th><th>effect</th>"
+        f"<th>verdict</th></tr>{rows}</table>{images}")
+
+
+def chosen(settings: DictConfig) -> list[str]:
+    """The claims ``claims.only`` names (all by default); an unknown one is one error line."""
+    names = list(CLAIMS) if settings.only is None else [n.strip() for n in str(settings.only).split(",")]
+    unknown = [n for n in names if n not in CLAIMS]
+    if unknown:
+        raise StitchingError(f"unknown claim '{', '.join(unknown)}'; choose from {', '.join(CLAIMS)}")
+    return names
+
+
+def check_claims(cfg: DictConfig, base: list[str], out: Path, progress: bool = True) -> dict:
+    """Run every job of the chosen claims (a finished cell is kept), measure, write the report."""
+    from stitching.report import collect
+
+    settings = cfg.claims
+    names = chosen(settings)
+    watch = Stopwatch()
+    jobs = plan(settings, names)
+    failed: list[str] = []
+    for number, job in enumerate(jobs, 1):
+        print(f"[claims] {number}/{len(jobs)} {job.experiment} seeds {job.pair} {job.tag}", flush=True)
+        with watch.section(f"{job.experiment}_s"):
+            try:
+                failed += run_job(job, base, out, progress)
+            except StitchingError:
+                raise
+            except Exception as err:  # one broken experiment must not stop the others
+                traceback.print_exc()
+                failed.append(f"{job.experiment}/{job.tag} seeds {job.pair}: {type(err).__name__}: {err}")
+    frame, _ = collect(out) if (out / "runs").is_dir() else (pd.DataFrame(), [])
+    frame = _with_curves(frame, out)
+    results = [measure(CLAIMS[name], frame, settings) for name in names]
+    models = frame.drop_duplicates("end_model").set_index("end_model").end_acc.dropna() if not frame.empty else {}
+    meta = {"base": base, "epochs": int(cfg.trainer.max_epochs),
+            "base_accuracy": ", ".join(f"{k} {v:.3f}" for k, v in dict(models).items()) or "—"}
+    write_report(results, frame, out, settings, meta)
+    record = {"claims": results, "failed": failed, "settings": OmegaConf.to_container(settings, resolve=True), **meta,
+              "timings": watch.report(), "versions": versions()}
+    write_json_atomic(out / "claims.json", record)
+    return record
+
+
+def _with_curves(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Each run's per-epoch training loss (``curve`` in its record), where it has one."""
+    if frame.empty:
+        return frame
+    curves = []
+    for run in frame.run:
+        path = root / run / "results.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        curves.append((record.get("curve") or {}).get("train/loss"))
+    return frame.assign(train_curve=curves)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    from stitching.build import compose_config
+    from stitching.validation import check_config
+
+    parser = argparse.ArgumentParser(prog="python -m stitching.claims", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=None, help=f"comma-separated claims (default: all): {', '.join(CLAIMS)}")
+    parser.add_argument("--out", default=None, help="output folder (default: outputs/claims/<time>); an existing one "
+                        "resumes")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=claims_small)")
+    args = parser.parse_args(argv)
+    base = [*(args.overrides or ["experiment=claims_small"]), *([f"claims.only={args.only}"] if args.only else [])]
+    cfg = compose_config(base)
+    check_config(cfg)
+    chosen(cfg.claims)
+    out = Path(args.out) if args.out else Path("outputs/claims") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    record = check_claims(cfg, base, out, progress=not args.no_progress)
+    print((out / "claims.md").read_text())
+    print(f"{record['timings']['total_s']:.0f}s; results in {out.resolve()}")
+    if record["failed"]:
+        print(f"error: {len(record['failed'])} run(s) failed, e.g. {record['failed'][0]}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,113 @@
+"""The claims check: verdicts from seed-pair effects, effects from run records, the whole pipeline."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from stitching.build import compose_config
+from stitching.claims import CLAIMS, FAILS, HOLDS, UNSURE, main as claims_main, measure, plan, seed_pairs, verdict
+from tests.conftest import TINY
+
+
+def test_verdict_holds_only_beyond_the_spread_over_enough_pairs():
+    assert verdict([0.10, 0.12, 0.08])["verdict"] == HOLDS  # mean 0.10, std 0.02
+    assert verdict([0.10, -0.05, 0.01])["verdict"] == UNSURE  # mean 0.02 within std 0.075
+    assert verdict([-0.10, -0.12, -0.08])["verdict"] == FAILS
+    assert verdict([0.0, 0.0, 0.0])["verdict"] == FAILS  # no effect at all is not an effect
+    assert verdict([0.3, 0.3])["verdict"] == UNSURE and "2 seed pair(s)" in verdict([0.3, 0.3])["why"]
+    assert verdict([0.3, None, np.nan, 0.2, 0.25])["pairs"] == 3  # unmeasured pairs do not count
+    result = verdict([0.1, 0.2, 0.6])
+    assert result["mean"] == pytest.approx(0.3) and result["std"] == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
+    assert verdict([0.2, 0.3, 0.25, 0.3], min_pairs=5)["verdict"] == UNSURE
+
+
+def test_seed_pairs_pair_a_model_with_itself_or_with_the_next_seed():
+    assert seed_pairs(3, "self") == [(0, 0), (1, 1), (2, 2)]
+    assert seed_pairs(3, "two") == [(0, 1), (1, 2), (2, 0)]
+    assert seed_pairs(1, "two") == [(0, 1)]
+
+
+def _settings(**extra):
+    return OmegaConf.merge(compose_config(["logger=none"]).claims, extra)
+
+
+def _rows(pair, objective, acc, layers=(1, 3, 5), end_acc=0.95, **extra):
+    a, b = pair
+    return [{"run": f"runs/diagonal/seeds{a}-{b}/{objective}/{objective}/f{k}-e{k}", "objective": objective,
+             "front_layer": k, "end_layer": k, "test_acc": acc(k), "end_acc": end_acc, **extra} for k in layers]
+
+
+def test_ordering_claim_from_hand_made_records():
+    """DM below every trained objective at early layers on all three pairs: holds; on one pair
+    reversed: the spread decides."""
+    settings = _settings(early_layers=[1, 3])
+    rows = []
+    for n, pair in enumerate(seed_pairs(3, "two")):
+        rows += _rows(pair, "dm", lambda k: 0.5 + 0.05 * k)
+        for objective, bonus in zip(("hint", "fula", "slm", "tlm"), (0.2, 0.25, 0.3, 0.3)):
+            rows += _rows(pair, objective, lambda k, b=bonus: 0.5 + 0.05 * k + b - 0.01 * n)
+    result = measure(CLAIMS["same_task_ordering"], pd.DataFrame(rows), settings)
+    assert result["verdict"] == HOLDS and result["pairs"] == 3
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.2, 0.19, 0.18])
+    flipped = pd.DataFrame(rows)
+    flipped.loc[flipped.run.str.contains("seeds2-0") & (flipped.objective == "dm"), "test_acc"] += 0.6
+    result = measure(CLAIMS["same_task_ordering"], flipped, settings)
+    assert result["verdict"] == UNSURE and result["per_pair"][2]["effect"] == pytest.approx(-0.42)
+
+
+def test_a_claim_without_runs_is_inconclusive_and_says_why():
+    result = measure(CLAIMS["ood_detectability"], pd.DataFrame(), _settings())
+    assert result["verdict"] == UNSURE and result["pairs"] == 0 and "no finished runs" in result["why"]
+
+
+def test_plan_runs_each_experiment_once_per_seed_pair():
+    jobs = plan(_settings(seed_pairs=3), ["same_task_ordering", "dm_self_stitch", "self_stitch_diagonal"])
+    assert {(j.experiment, j.pair) for j in jobs if j.tag == "dm"} == {("diagonal", p) for p in seed_pairs(3, "two")} \
+        | {("dm_self", p) for p in seed_pairs(3, "self")}
+    self_grid = next(j for j in jobs if j.experiment == "self_grids")
+    assert "front.seed=0" in self_grid.overrides and "end.seed=0" in self_grid.overrides
+    assert "grid.pairs=[[1,1],[1,3],[1,5],[1,7],[1,9],[3,1]" in next(o for o in self_grid.overrides
+                                                                     if o.startswith("grid.pairs"))
+
+
+@pytest.mark.slow
+def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, zoo_dir):
+    """Every claim measured from runs on digits and tiny language models, whatever the verdicts."""
+    lm = ["experiment=lm_solu_gelu_small", "model.width=32", "zoo.recipe.language.tokens=20000",
+          "dataset.train_sequences=64", "dataset.test_sequences=16", "dataset.batch_size=16"]
+    overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "dataset.train_subset=200", "attack.steps=2",
+                 "attack.eval_images=50", "evaluation.ood.epochs=1", "claims.seed_pairs=1", "claims.layers=[1,5,9]",
+                 "claims.early_layers=[1]", "claims.similarity_images=100",
+                 f"claims.language=[{','.join(lm)}]"]
+    out = tmp_path / "claims"
+    try:
+        claims_main(["--out", str(out), "--no-progress", *overrides])
+    except SystemExit as stop:  # a failed run: the table is still written, and names it
+        assert stop.code == 1
+    record = json.loads((out / "claims.json").read_text())
+    assert [r["name"] for r in record["claims"]] == list(CLAIMS)
+    for result in record["claims"]:
+        assert result["verdict"] == UNSURE  # one seed pair is never enough
+        assert result["per_pair"][0]["effect"] is not None, (result["name"], result["per_pair"])
+    table = (out / "claims.md").read_text()
+    assert table.count("| **inconclusive**") == len(CLAIMS)
+    assert (out / "claims.html").is_file()
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+    try:  # a second call finds every cell finished: nothing is trained or written again
+        claims_main(["--out", str(out), "--no-progress", *overrides])
+    except SystemExit:
+        pass
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == written
+    assert json.loads((out / "claims.json").read_text())["claims"] == record["claims"]
+
+
+def test_bad_claims_settings_are_one_line(capsys):
+    with pytest.raises(SystemExit):
+        claims_main(["--only", "nope", "logger=none"])
+    assert "unknown claim 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        claims_main(["claims.tolerance=2", "logger=none"])
+    assert "claims.tolerance=2 is out of range" in capsys.readouterr().err
