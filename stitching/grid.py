@@ -95,11 +95,13 @@ class FusedGrid(nn.Module):
     """The stitches of ``pairs`` between ``front`` and ``end`` under one objective, trained together.
 
     ``front``/``end`` are copied, never changed. ``stitch`` is the run's
-    :class:`~stitching.build.StitchSettings`; ``dm_inputs`` the DM samples.
+    :class:`~stitching.build.StitchSettings`; ``dm_inputs`` the DM samples; ``chunk``: at most
+    this many of an end layer's stitches pass its tail together (``None``: all).
     """
 
     def __init__(self, front: nn.Module, end: nn.Module, pairs: list[tuple[int, int]], objective: str, dm_inputs,
-                 stitch, weights="uniform", num_classes: int | None = None, device="cpu"):
+                 stitch, weights="uniform", num_classes: int | None = None, device="cpu",
+                 chunk: int | None = None):
         super().__init__()
         self.pairs, self.objective, self.update_bn = list(pairs), objective, stitch.update_bn
         self.settings = stitch
@@ -110,8 +112,12 @@ class FusedGrid(nn.Module):
         unsupported = _unsupported_norms(end)
         if unsupported:
             raise StitchingError(f"cannot fuse an end model with {', '.join(unsupported)}; run the cells as single runs")
-        self.tails = nn.ModuleDict({str(j): cut(group_batchnorms(copy.deepcopy(end), len(fronts)), j).tail
-                                    for j, fronts in self.groups.items()})
+        # an end layer's stitches pass its tail ``chunk`` at a time (all at once: None); each
+        # chunk has its own tail copy, whose grouped BatchNorms hold that chunk's statistics
+        size = chunk or max(len(fronts) for fronts in self.groups.values())
+        self.chunks = {j: [fronts[k:k + size] for k in range(0, len(fronts), size)] for j, fronts in self.groups.items()}
+        self.tails = nn.ModuleDict({f"{j}_{c}": cut(group_batchnorms(copy.deepcopy(end), len(part)), j).tail
+                                    for j, parts in self.chunks.items() for c, part in enumerate(parts)})
         self.tails.to(device).requires_grad_(False)
         classes = num_classes if num_classes is not None else end.num_classes
         # one loss provider per end layer: the objective's own loss, read by every cell into j
@@ -161,15 +167,16 @@ class FusedGrid(nn.Module):
         return self
 
     def passes(self, x, y=None, need_loss: bool = True):
-        """Per end layer, every cell's ``(key, logits, loss)`` on one batch (loss ``None`` unless
-        asked), one end layer at a time: a caller that backpropagates each group before asking for
-        the next keeps one end layer's graph in memory, not the grid's."""
+        """Per tail pass (an end layer's stitches, or a chunk of them), every cell's ``(key,
+        logits, loss)`` on one batch (loss ``None`` unless asked), one pass at a time: a caller
+        that backpropagates each group before asking for the next keeps one pass's graph in
+        memory, not the grid's."""
         with torch.no_grad():
             _, fronts = cut_point_activations(self.front, x, upto=self.deepest)
             teacher, targets_all = (cut_point_activations(self.reference, x) if need_loss else (None, None))
         mask = self.reference.context(x).attention_mask
-        for j, front_layers in self.groups.items():
-            provider, tail = self.providers[j], self.tails[str(j)]
+        for j, c, front_layers in ((j, c, part) for j, parts in self.chunks.items() for c, part in enumerate(parts)):
+            provider, tail = self.providers[j], self.tails[f"{j}_{c}"]
             stitched = [self.stitches[self.key(i, j)](fronts[i - 1]) for i in front_layers]
             with torch.set_grad_enabled(torch.is_grad_enabled() and provider.tail_grad):
                 # a hint objective still runs the tail, so its BN statistics see stitched data
@@ -193,8 +200,8 @@ class FusedGrid(nn.Module):
     def cell_network(self, i: int, j: int, end_copy: nn.Module) -> StitchedNetwork:
         """Cell ``(i, j)`` as an ordinary stitched network: the trained front (shared), its stitch
         and ``end_copy``'s tail carrying the cell's own BatchNorm statistics."""
-        g = self.groups[j].index(i)
-        load_group(self.tails[str(j)].model, end_copy, g)
+        c = next(c for c, part in enumerate(self.chunks[j]) if i in part)
+        load_group(self.tails[f"{j}_{c}"].model, end_copy, self.chunks[j][c].index(i))
         return StitchedNetwork(cut(self.front, i).head, self.stitches[self.key(i, j)], cut(end_copy, j).tail,
                                update_bn=self.update_bn)
 
@@ -305,6 +312,14 @@ def cell_config(cfg: DictConfig, i: int, j: int) -> DictConfig:
     return cell
 
 
+def tail_chunk(tail_samples, batch_size: int, device) -> int | None:
+    """Stitches per tail pass from ``grid.tail_samples`` (``auto``: 256 samples on a CPU, where a
+    larger batch falls out of the caches and each sample costs more; all of them on a GPU)."""
+    if tail_samples == "auto":
+        tail_samples = None if torch.device(device).type == "cuda" else 256
+    return None if tail_samples is None else max(1, int(tail_samples) // int(batch_size))
+
+
 def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     """Train and record every cell of ``grid.pairs``; returns ``{"done", "skipped", "failed", "fused", "timings"}``."""
     from stitching.api import Prepared
@@ -356,7 +371,8 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     check_compatible(front, end, datamodule, samples[:2])
     with watch.section("dm_init_s"):
         grid = FusedGrid(front, end, todo, objective, samples, settings.stitch, settings.fula_weights,
-                         datamodule.num_classes, settings.device)
+                         datamodule.num_classes, settings.device,
+                         chunk=tail_chunk(cfg.grid.get("tail_samples", "auto"), datamodule.batch_size, settings.device))
     if settings.trainer.get("channels_last") and grid.device.type == "cuda":  # GPUs only, as speed_up
         grid.to(memory_format=torch.channels_last)
     if settings.trainer.get("compile"):

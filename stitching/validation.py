@@ -173,6 +173,10 @@ def check_config(cfg: DictConfig) -> None:
             continue
         if not rule.allows(value):
             raise StitchingError(f"{key}={_shown(value)} is out of range: it must be {rule.describe()}")
+    tail = OmegaConf.select(cfg, "grid.tail_samples", default="auto")
+    if tail not in (None, "auto") and not (isinstance(tail, int) and not isinstance(tail, bool) and tail >= 1):
+        raise StitchingError(f"grid.tail_samples={_shown(tail)} is out of range: it must be auto, null or an "
+                             "integer ≥ 1")
     weights = OmegaConf.select(cfg, "objective.weights", default=None)
     if OmegaConf.is_list(weights):
         values = list(weights)

@@ -81,7 +81,7 @@ def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, 
     overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "dataset.train_subset=200", "attack.steps=2",
                  "attack.eval_images=50", "evaluation.ood.epochs=1", "claims.seed_pairs=1", "claims.layers=[1,5,9]",
                  "claims.early_layers=[1]", "claims.similarity_images=100",
-                 f"claims.language=[{','.join(lm)}]"]
+                 f"claims.language=[{','.join(repr(o) for o in lm)}]"]
     out = tmp_path / "claims"
     try:
         claims_main(["--out", str(out), "--no-progress", *overrides])

@@ -57,9 +57,10 @@ def _bn_state(module: nn.Module) -> dict:
     return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
 
 
-@pytest.mark.parametrize("update_bn", [True, False])
+@pytest.mark.parametrize("update_bn,chunk", [(True, None), (False, None), (True, 2)])
 @pytest.mark.parametrize("objective", ["hint", "fula", "tlm"])
-def test_every_fused_cell_equals_its_own_run(objective, update_bn):
+def test_every_fused_cell_equals_its_own_run(objective, update_bn, chunk):
+    """``chunk=2``: end layer 4's three stitches pass its tail as two chunks (2 + 1)."""
     from stitching.api import prepare_stitch
     from stitching.grid import FusedGrid
 
@@ -71,7 +72,8 @@ def test_every_fused_cell_equals_its_own_run(objective, update_bn):
     test_x = torch.rand(32, 3, 16, 16, generator=generator)
     pairs = [(2, 4), (4, 4), (6, 4), (4, 7)]
     settings = StitchSettings(1, 1, 24, update_bn, "shared", 1e-2, 1e-4)
-    grid = FusedGrid(front, end, pairs, objective, dm, settings, num_classes=10)
+    grid = FusedGrid(front, end, pairs, objective, dm, settings, num_classes=10, chunk=chunk)
+    assert len(grid.tails) == (2 if chunk is None else 3)
     optimiser = grid.configure_optimizer()
     for x, y in batches:
         grid.train()
