@@ -22,7 +22,7 @@ export WANDB_MODE ?= offline
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
 	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
-	grounding-small
+	grounding-small claims claims-small
 
 # $(call stitch,DIR): the command that trains a sweep into DIR — fused grids (stitching.grid -m: one
 # grid per combination of the axes other than the layers, every cell a run folder) unless ARGS name a
@@ -125,6 +125,12 @@ grounding: $(READY) ## TLM-vs-DM paper (paper size, GPU): sensitivity and specif
 
 grounding-small: $(READY) ## the same tests on MNIST-5k, CPU-sized: measure × rank correlation with functional difference
 	$(PY) -m stitching.grounding --no-progress --out outputs/grounding/grounding_small/$(STAMP) experiment=grounding_small $(ARGS)
+
+claims: $(READY) ## every qualitative claim of the three papers, paper size (GPU): claims.md, claims.html
+	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims/$(STAMP) experiment=claims $(ARGS)
+
+claims-small: $(READY) ## the same claims on MNIST-5k and toy language models, CPU-sized, 3 seed pairs each
+	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims_small/$(STAMP) experiment=claims_small $(ARGS)
 
 sanity: $(READY) ## TLM-vs-DM paper (paper size, GPU): both sanity checks, DM/Hint/FuLA/TLM/CKA/CCA, ResNet18
 	$(call sanity,sanity)

@@ -125,14 +125,21 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
 
 
 def plan(settings: DictConfig, names: list[str]) -> list[Job]:
-    """Every job the named claims need, each experiment once."""
+    """Every job the named claims need, each experiment once (``claims.extra`` adds overrides
+    to one experiment's runs)."""
     experiments = list(dict.fromkeys(CLAIMS[name].experiment for name in names))
+    unknown = sorted(set(settings.get("extra") or {}) - set(EXPERIMENTS))
+    if unknown:
+        raise StitchingError(f"claims.extra names unknown experiment '{', '.join(unknown)}'; choose from "
+                             f"{', '.join(EXPERIMENTS)}")
     jobs = []
     for experiment in experiments:
         pairing, make = EXPERIMENTS[experiment]
         for a, b in seed_pairs(int(settings.seed_pairs), pairing):
+            extra = list((settings.get("extra") or {}).get(experiment) or [])
             for tag, overrides, kind in make(settings):
-                jobs.append(Job(experiment, (a, b), tag, (*overrides, f"front.seed={a}", f"end.seed={b}"), kind))
+                jobs.append(Job(experiment, (a, b), tag, (*overrides, *extra, f"front.seed={a}", f"end.seed={b}"),
+                                kind))
     return jobs
 
 
@@ -369,8 +376,33 @@ def loss_curves(frame: pd.DataFrame, path: Path) -> Path | None:
     return _save(plt, fig, path)
 
 
+def effects_figure(results: list[dict], path: Path) -> Path | None:
+    """One panel per claim: each seed pair's effect (dots), mean ± std (bar), zero (the line a
+    claim's effect must clear), coloured by verdict."""
+    shown = [r for r in results if r["pairs"]]
+    if not shown:
+        return None
+    from stitching.report import _grid, _pyplot, _save
+
+    plt = _pyplot()
+    colour = {HOLDS: "tab:green", FAILS: "tab:red", UNSURE: "tab:grey"}
+    fig, axes = _grid(plt, len(shown), 2.6, 2.4, columns=5)
+    for ax, r in zip(axes, shown):
+        values = [p["effect"] for p in r["per_pair"] if p["effect"] is not None]
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.bar([0], [r["mean"]], yerr=[0 if not np.isfinite(r["std"]) else r["std"]], color=colour[r["verdict"]],
+               alpha=0.5, width=0.5, capsize=4)
+        ax.scatter(np.zeros(len(values)) + np.linspace(-0.1, 0.1, len(values)), values, color="black", s=12, zorder=3)
+        ax.set_xticks([])
+        ax.set_title(f"{r['name']}\n{r['verdict']}", fontsize=8)
+        ax.set_ylabel(f"effect ({r['unit']})", fontsize=7)
+        ax.tick_params(labelsize=7)
+    return _save(plt, fig, path)
+
+
 def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: DictConfig, meta: dict) -> None:
     curve = loss_curves(frame, out / "loss_curves.png")
+    effects = effects_figure(results, out / "effects.png")
     text = ["# Claims of the three papers, checked", "",
             f"{len(results)} claims; {int(settings.seed_pairs)} seed pair(s) each; a claim holds when its mean "
             f"effect exceeds one standard deviation over at least {int(settings.min_pairs)} pairs, does not hold when "
@@ -380,10 +412,13 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
             f"{meta['base_accuracy']}",
             "* per-pair effects, settings and timings: `claims.json`; the runs: `runs/` (`python -m stitching.report`)",
             ""]
+    if effects is not None:
+        text += ["## Effects per seed pair", "", f"![effects]({effects.name})", ""]
     if curve is not None:
         text += ["## Training loss", "", f"![loss curves]({curve.name})", ""]
     (out / "claims.md").write_text("\n".join(text))
-    images = f'<img src="data:image/png;base64,{base64.b64encode(curve.read_bytes()).decode()}">' if curve else ""
+    images = "".join(f'<h2>{title}</h2><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                     for title, p in (("Effects per seed pair", effects), ("Training loss", curve)) if p is not None)
     rows = "".join(f"<tr><td>{html.escape(r['claim'])}</td><td>{html.escape(r['source'])}</td>"
                    f"<td>{html.escape(r['setting'])}</td><td>{_number(r['mean'])} ± "
                    f"{abs(r['std']) if np.isfinite(r['std']) else float('nan'):.3f} {html.escape(r['unit'])}"

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from stitching.build import compose_config
 from stitching.claims import CLAIMS, FAILS, HOLDS, UNSURE, main as claims_main, measure, plan, seed_pairs, verdict
+from stitching.errors import StitchingError
 from tests.conftest import TINY
 
 
@@ -71,6 +72,11 @@ def test_plan_runs_each_experiment_once_per_seed_pair():
     assert "front.seed=0" in self_grid.overrides and "end.seed=0" in self_grid.overrides
     assert "grid.pairs=[[1,1],[1,3],[1,5],[1,7],[1,9],[3,1]" in next(o for o in self_grid.overrides
                                                                      if o.startswith("grid.pairs"))
+    extra = plan(_settings(extra={"self_grids": ["dataset.train_subset=500"]}), ["self_stitch_diagonal",
+                                                                               "same_task_ordering"])
+    assert all(("dataset.train_subset=500" in j.overrides) == (j.experiment == "self_grids") for j in extra)
+    with pytest.raises(StitchingError, match="claims.extra names unknown experiment 'nope'"):
+        plan(_settings(extra={"nope": []}), ["dm_self_stitch"])
 
 
 @pytest.mark.slow
@@ -94,7 +100,7 @@ def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, 
         assert result["per_pair"][0]["effect"] is not None, (result["name"], result["per_pair"])
     table = (out / "claims.md").read_text()
     assert table.count("| **inconclusive**") == len(CLAIMS)
-    assert (out / "claims.html").is_file()
+    assert (out / "effects.png").is_file() and "data:image/png;base64" in (out / "claims.html").read_text()
     written = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     try:  # a second call finds every cell finished: nothing is trained or written again
         claims_main(["--out", str(out), "--no-progress", *overrides])
