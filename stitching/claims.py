@@ -461,9 +461,12 @@ def check_claims(cfg: DictConfig, base: list[str], out: Path, progress: bool = T
     frame, _ = collect(out) if (out / "runs").is_dir() else (pd.DataFrame(), [])
     frame = _with_curves(frame, out)
     results = [measure(CLAIMS[name], frame, settings) for name in names]
-    models = frame.drop_duplicates("end_model").set_index("end_model").end_acc.dropna() if not frame.empty else {}
+    models = {}
+    for side in ("front", "end"):  # every base model of the runs, with its own test accuracy
+        if not frame.empty and f"{side}_acc" in frame:
+            models.update(frame.dropna(subset=[f"{side}_acc"]).groupby(f"{side}_model")[f"{side}_acc"].first())
     meta = {"base": base, "epochs": int(cfg.trainer.max_epochs),
-            "base_accuracy": ", ".join(f"{k} {v:.3f}" for k, v in dict(models).items()) or "—"}
+            "base_accuracy": ", ".join(f"{k} {v:.3f}" for k, v in sorted(models.items())) or "—"}
     write_report(results, frame, out, settings, meta)
     record = {"claims": results, "failed": failed, "settings": OmegaConf.to_container(settings, resolve=True), **meta,
               "timings": watch.report(), "versions": versions()}

@@ -62,7 +62,9 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
                                                                        prep.datamodule, settings.attack, settings.device)
         metrics = train_stitch(prep.prepared, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(),
                                settings.trainer, logger=logger, run_dir=run_dir, watch=watch)
-        record = finish_run(cfg, prep, {**metrics, **init_metrics}, watch, run_dir)
+        curve = prep.prepared.module.curve
+        record = finish_run(cfg, prep, {**metrics, **init_metrics}, watch, run_dir,
+                            curve={"train/loss": curve} if curve else None)
         if logger:
             logger.log_metrics({f"final/{k}": v for k, v in record["metrics"].items()})
     finally:  # a W&B run is closed whether the stitching run finished or failed

@@ -32,7 +32,9 @@ def test_seed_pairs_pair_a_model_with_itself_or_with_the_next_seed():
 
 
 def _settings(**extra):
-    return OmegaConf.merge(compose_config(["logger=none"]).claims, extra)
+    claims = compose_config(["logger=none"]).claims
+    OmegaConf.set_struct(claims, False)
+    return OmegaConf.merge(claims, extra)
 
 
 def _rows(pair, objective, acc, layers=(1, 3, 5), end_acc=0.95, **extra):

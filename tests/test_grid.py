@@ -108,7 +108,8 @@ def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_conf
     from stitching.report import report
     from stitching.train import run
 
-    cfg = tiny_config("objective=fula", "grid.pairs=[[1,1],[1,5],[5,1],[5,5]]", "trainer.limit_train_batches=3")
+    cfg = tiny_config("objective=fula", "grid.pairs=[[1,1],[1,5],[5,1],[5,5]]", "trainer.limit_train_batches=3",
+                      "trainer.max_epochs=2")
     summary = run_grid(cfg, tmp_path / "grid", progress=False)
     assert summary["fused"] and len(summary["done"]) == 4 and not summary["failed"]
     for i, j in summary["done"]:
@@ -119,6 +120,9 @@ def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_conf
         assert fused["config_hash"] == single["config_hash"]
         assert fused["metrics"]["test/acc"] == pytest.approx(single["metrics"]["test/acc"], abs=1e-6)  # torchmetrics: float32
         assert fused["metrics"]["train/loss"] == pytest.approx(single["metrics"]["train/loss"], rel=1e-4)
+        assert len(fused["curve"]["train/loss"]) == 2  # the mean training loss of each epoch, both ways alike
+        assert fused["curve"]["train/loss"] == pytest.approx(single["curve"]["train/loss"], rel=1e-4)
+        assert fused["curve"]["train/loss"][-1] == pytest.approx(fused["metrics"]["train/loss"], rel=1e-6)
         a = torch.load(tmp_path / "grid" / "fula" / f"f{i}-e{j}" / "stitch.pt")
         b = torch.load(tmp_path / "single" / "fula" / f"f{i}-e{j}" / "stitch.pt")
         for key in a:

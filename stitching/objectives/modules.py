@@ -83,6 +83,8 @@ class StitchingModule(L.LightningModule):
         self.end_layer = end_layer
         self.lr = lr
         self.weight_decay = weight_decay
+        self.curve: list[float] = []  # mean training loss of each finished epoch
+        self._epoch_loss = [0.0, 0]
         self.task = task_of(self.reference)
         if self.needs_task_head and isinstance(self.task, Representation):
             raise StitchingError(f"objective {type(self).__name__.removesuffix('Module').lower()} needs an end model "
@@ -104,6 +106,12 @@ class StitchingModule(L.LightningModule):
         # Lightning keeps each submodule's mode at fit start and the zoo hands out eval-mode
         # models, so switch explicitly: BN statistics update unless update_bn=False.
         self.train()
+        self._epoch_loss = [0.0, 0]
+
+    def on_train_epoch_end(self) -> None:
+        total, count = self._epoch_loss
+        if count:
+            self.curve.append(float(total) / count)
 
     @torch.no_grad()
     def reference_targets(self, x, only_end_layer: bool = False) -> list[torch.Tensor]:
@@ -157,6 +165,8 @@ class StitchingModule(L.LightningModule):
         if not torch.isfinite(loss):  # never train on, and never record, a diverged stitch
             raise NonFiniteError("the loss", float(loss.detach()), self.global_step)
         size = self._size(x, y)
+        self._epoch_loss[0] = self._epoch_loss[0] + loss.detach() * size  # a tensor: no device sync per step
+        self._epoch_loss[1] += size
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
         if self.task.has_accuracy:
             self.train_acc(*self.task.scored(logits, y))
