@@ -8,9 +8,12 @@ from stitching.build import CONF_DIR
 from tests.conftest import train_cli
 from tests.test_cli import _train
 
-#: presets of `python -m stitching.grounding` (not sweeps; their shrunken pipeline runs in test_grounding)
+#: presets of `python -m stitching.grounding` and `python -m stitching.claims` (not sweeps; their
+#: shrunken pipelines run in test_grounding and test_claims)
 GROUNDING = ("grounding", "grounding_small")
-PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem not in ("small", *GROUNDING))
+CLAIMS = ("claims", "claims_small")
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
+                 if p.stem not in ("small", *GROUNDING, *CLAIMS))
 
 # tiny stand-ins for each CPU preset's axes: same kinds of sweep, a few cells
 SHRINK = {
@@ -65,9 +68,27 @@ def test_grounding_presets_compose_with_valid_settings(preset):
     assert cfg.front.arch == cfg.end.arch and cfg.logger.kind == "none"
 
 
+@pytest.mark.parametrize("preset", CLAIMS)
+def test_claims_presets_compose_with_valid_settings_and_plan_every_claim(preset):
+    from stitching.claims import CLAIMS as ALL_CLAIMS, plan
+    from stitching.validation import check_config
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"])
+    check_config(cfg)
+    assert cfg.claims.seed_pairs >= cfg.claims.min_pairs == 3 and cfg.logger.kind == "none"
+    jobs = plan(cfg.claims, list(ALL_CLAIMS))
+    assert {j.experiment for j in jobs} == {claim.experiment for claim in ALL_CLAIMS.values()}
+    language = next(j for j in jobs if j.experiment == "language")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the language runs compose on their own
+        lm = compose("config", overrides=list(language.overrides))
+    assert lm.dataset.kind == "text" and {lm.front.arch, lm.front.name} & set(cfg.claims.language_models)
+
+
 def test_every_cpu_preset_has_a_paper_sized_twin():
     small = [p for p in PRESETS if p.endswith("_small")]
     assert small and all(p.removesuffix("_small") in PRESETS for p in small)
+    assert all(p.removesuffix("_small") in CLAIMS + GROUNDING for p in CLAIMS + GROUNDING)
     assert set(SHRINK) == set(small) | {"demo"}
 
 
