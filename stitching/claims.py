@@ -94,8 +94,12 @@ def _diagonal(c) -> str:
     return _pairs([(k, k) for k in c.layers])
 
 
+def _grid_layers(c) -> list[int]:
+    return list(c.grid_layers if c.get("grid_layers") is not None else c.layers)
+
+
 def _square(c) -> str:
-    return _pairs([(i, j) for i in c.layers for j in c.layers])
+    return _pairs([(i, j) for i in _grid_layers(c) for j in _grid_layers(c)])
 
 
 def _single(c) -> str:
@@ -262,8 +266,8 @@ def _language(frame, c):
     return solu_gelu - gelu_solu, f"SoLU→GeLU {solu_gelu:.3f}, GeLU→SoLU {gelu_solu:.3f} nats/token"
 
 
-def _layers(c) -> str:
-    return ", ".join(str(k) for k in c.layers)
+def _layers(c, grid: bool = False) -> str:
+    return ", ".join(str(k) for k in (_grid_layers(c) if grid else c.layers))
 
 
 CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
@@ -294,12 +298,12 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
                     f"max(SLM, TLM)", _subset),
     Claim("self_stitch_diagonal", "Self-stitching grids: Hint/FuLA put most rows' best cell on the diagonal (both "
           "directions averaged), TLM less often.", "FuLA Fig. 10; TLM-vs-DM sanity checks", "self_grids",
-          lambda c: f"a model against itself, layers {_layers(c)} × the same; effect = the smallest of Hint − ½, "
-                    f"FuLA − ½ and min(Hint, FuLA) − TLM (share of rows)", _self_grids, "share of rows"),
+          lambda c: f"a model against itself, layers {_layers(c, grid=True)} × the same; effect = the smallest of "
+                    f"Hint − ½, FuLA − ½ and min(Hint, FuLA) − TLM (share of rows)", _self_grids, "share of rows"),
     Claim("deeper_hints", "Deeper FuLA hints raise the deep-front → shallow-end cells only.", "FuLA Fig. 11",
           "deeper_hints",
-          lambda c: f"FuLA with hints first vs {c.deeper_weights}, two seeds, layers {_layers(c)} × the same; "
-                    f"effect = mean gain where front > end − |mean gain elsewhere|", _deeper_hints),
+          lambda c: f"FuLA with hints first vs {c.deeper_weights}, two seeds, layers {_layers(c, grid=True)} × the "
+                    f"same; effect = mean gain where front > end − |mean gain elsewhere|", _deeper_hints),
     Claim("ood_detectability", "TLM-stitched activations are easier to tell from native ones (energy-detector "
           "AUROC) than DM's.", "TLM vs DM", "ood",
           lambda c: f"energy detector at the end layer, two seeds, corresponding layers {_layers(c)}; effect = "

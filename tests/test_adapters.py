@@ -205,8 +205,8 @@ def test_bad_model_settings_are_refused_before_any_work(tiny_config):
         read_settings(tiny_config("model=timm"))
 
 
-def test_bad_model_input_on_the_command_line_is_one_line(tmp_path, zoo_dir):
-    from tests.test_cli import _train
+def test_bad_model_input_on_the_command_line_is_one_line(tmp_path, zoo_dir, monkeypatch, capsys):
+    from tests.conftest import TINY, train_cli
 
     wrong_keys, four_channels = tmp_path / "convnext.pt", tmp_path / "four.pt"
     torch.save(create("timm", "test_convnext").state_dict(), wrong_keys)
@@ -221,8 +221,10 @@ def test_bad_model_input_on_the_command_line_is_one_line(tmp_path, zoo_dir):
         ([*timm_front, f"front.checkpoint={four_channels}"],
          "error: the front model reads 4-channel images but the stitching data have 3 channels"),
     ]
-    for overrides, message in cases:
-        result = _train(tmp_path, zoo_dir, *overrides)
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode == 2 and "Traceback" not in result.stderr, (overrides, result.stderr[-1500:])
+    for number, (overrides, message) in enumerate(cases):  # in this process: the CLI's own error path
+        code, output = train_cli([*TINY, f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}",
+                                  f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / str(number)}",
+                                  *overrides], monkeypatch, capsys)
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert code == 2 and "Traceback" not in output, (overrides, output[-1500:])
         assert len(errors) == 1 and errors[0].startswith(message), (overrides, errors)

@@ -81,6 +81,15 @@ def test_plan_runs_each_experiment_once_per_seed_pair():
         plan(_settings(extra={"nope": []}), ["dm_self_stitch"])
 
 
+def test_grid_layers_shape_only_the_square_grids():
+    jobs = plan(_settings(seed_pairs=3, grid_layers=[2, 8]), ["self_stitch_diagonal", "deeper_hints",
+                                                             "same_task_ordering"])
+    cells = {j.experiment: next(o for o in j.overrides if o.startswith("grid.pairs")) for j in jobs}
+    assert cells["self_grids"] == cells["deeper_hints"] == "grid.pairs=[[2,2],[2,8],[8,2],[8,8]]"
+    assert cells["diagonal"] == "grid.pairs=[[1,1],[3,3],[5,5],[7,7],[9,9]]"
+    assert "layers 2, 8 × the same" in CLAIMS["deeper_hints"].setting(_settings(grid_layers=[2, 8]))
+
+
 @pytest.mark.slow
 def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, zoo_dir):
     """Every claim measured from runs on digits and tiny language models, whatever the verdicts."""

@@ -161,6 +161,7 @@ def test_launcher_configs_compose():
     assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
 
 
+@pytest.mark.slow
 def test_parallel_sweep_shares_base_models(tmp_path):
     """Two joblib workers ask the zoo for the same missing models at once."""
     zoo = tmp_path / "zoo"

@@ -7,6 +7,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,6 +18,7 @@ def _run(*command, **kwargs):
     return result
 
 
+@pytest.mark.slow
 def test_a_wheel_installed_in_a_fresh_environment_stitches_from_a_temporary_folder(tmp_path):
     wheels = tmp_path / "wheels"
     _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", str(ROOT),

@@ -93,8 +93,9 @@ def test_every_cpu_preset_has_a_paper_sized_twin():
 
 
 #: their shrunken sweeps repeat what a fast preset already exercises (PGD testbeds: fig4_small;
-#: ViT grids: the ViT tests); they run with the slow tests to keep CI well under 20 minutes
-SLOW_PRESETS = {"fig5_small", "fig6_small", "sanity_vit_small"}
+#: ViT grids: the ViT tests; layer grids and their sanity checks: fig10_small and the grid tests);
+#: they run with the slow tests to keep CI well under 20 minutes
+SLOW_PRESETS = {"fig5_small", "fig6_small", "sanity_vit_small", "sanity_small"}
 
 
 @pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PRESETS else p

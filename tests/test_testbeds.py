@@ -57,6 +57,7 @@ def test_autoattack_is_at_least_as_strong_as_pgd(trained):
         autoattack_accuracy(model, x, y, version="fast")
 
 
+@pytest.mark.slow
 def test_robust_base_model_keeps_more_accuracy_under_pgd(tiny_config):
     budget = "zoo.recipe.robust.eps=0.03137254901960784"  # 8/255: a few epochs make it measurably robust
     plain = prepare(tiny_config("objective=dm", "end.seed=2", "zoo.recipe.epochs=6"))
