@@ -22,7 +22,7 @@ export WANDB_MODE ?= offline
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
 	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
-	grounding-small claims claims-small
+	grounding-small claims claims-small claims-diagnosis
 
 # $(call stitch,DIR): the command that trains a sweep into DIR — fused grids (stitching.grid -m: one
 # grid per combination of the axes other than the layers, every cell a run folder) unless ARGS name a
@@ -131,6 +131,15 @@ claims: $(READY) ## every qualitative claim of the three papers, paper size (GPU
 
 claims-small: $(READY) ## the same claims on MNIST-5k and toy language models, CPU-sized, 3 seed pairs each
 	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims_small/$(STAMP) experiment=claims_small $(ARGS)
+
+DIAGNOSIS := $(PY) -m stitching.claims --no-progress
+claims-diagnosis: $(READY) ## one extra measurement for each claim that does not hold in claims-small (README)
+	$(DIAGNOSIS) --only fabricated_robustness --out outputs/claims/diagnosis/robustness_eps0.1 \
+		experiment=claims_small attack.eps=0.1
+	$(DIAGNOSIS) --only shortcut_reliance --out outputs/claims/diagnosis/shortcut_layer1 \
+		experiment=claims_small claims.layer=1
+	$(DIAGNOSIS) --only self_stitch_diagonal --out outputs/claims/diagnosis/self_grids_adjacent \
+		experiment=claims_small "claims.grid_layers=[4,5,6]"
 
 sanity: $(READY) ## TLM-vs-DM paper (paper size, GPU): both sanity checks, DM/Hint/FuLA/TLM/CKA/CCA, ResNet18
 	$(call sanity,sanity)
