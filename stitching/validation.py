@@ -177,6 +177,7 @@ def check_config(cfg: DictConfig) -> None:
     if tail not in (None, "auto") and not (isinstance(tail, int) and not isinstance(tail, bool) and tail >= 1):
         raise StitchingError(f"grid.tail_samples={_shown(tail)} is out of range: it must be auto, null or an "
                              "integer ≥ 1")
+    _check_claims_layers(cfg)
     weights = OmegaConf.select(cfg, "objective.weights", default=None)
     if OmegaConf.is_list(weights):
         values = list(weights)
@@ -184,6 +185,25 @@ def check_config(cfg: DictConfig) -> None:
                    for v in values) or sum(values) <= 0:
             raise StitchingError(f"objective.weights={_shown(values)} is out of range: give finite, non-negative "
                                  f"numbers with a positive sum (or uniform, first, first:N, last)")
+
+
+def _check_claims_layers(cfg: DictConfig) -> None:
+    """``claims.layers``, ``grid_layers`` (or null) and ``early_layers``: non-empty lists of cut
+    points, the early ones among ``claims.layers``."""
+    lists = {}
+    for key in ("claims.layers", "claims.grid_layers", "claims.early_layers"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        values = list(value) if OmegaConf.is_list(value) else value
+        if not (isinstance(values, list) and values
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)):
+            raise StitchingError(f"{key}={_shown(values)} is out of range: give a non-empty list of cut points "
+                                 f"(integers ≥ 1)")
+        lists[key] = values
+    early, layers = lists.get("claims.early_layers"), lists.get("claims.layers")
+    if early and layers and not set(early) <= set(layers):
+        raise StitchingError(f"claims.early_layers={early} must be among claims.layers={layers}")
 
 
 def _shown(value) -> str:

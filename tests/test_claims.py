@@ -128,3 +128,9 @@ def test_bad_claims_settings_are_one_line(capsys):
     with pytest.raises(SystemExit):
         claims_main(["claims.tolerance=2", "logger=none"])
     assert "claims.tolerance=2 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        claims_main(["claims.grid_layers=[0,5]", "logger=none"])
+    assert "claims.grid_layers=[0, 5] is out of range: give a non-empty list of cut points" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        claims_main(["claims.early_layers=[2]", "logger=none"])
+    assert "claims.early_layers=[2] must be among claims.layers=[1, 3, 5, 7, 9]" in capsys.readouterr().err
