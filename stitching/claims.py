@@ -443,12 +443,31 @@ def chosen(settings: DictConfig) -> list[str]:
     return names
 
 
+def check_cut_points(cfg: DictConfig) -> None:
+    """Every cut point the claims name exists in both image models: one line before any run."""
+    from stitching.build import build_zoo, read_settings
+    from stitching.models import cut_point_names
+
+    run, zoo, c = read_settings(cfg), build_zoo(cfg), cfg.claims
+    counts = []
+    for side in (run.front, run.end):
+        model = zoo.untrained(side.spec) if zoo.needs_training(side.spec, side.checkpoint) else \
+            zoo.get(side.spec, side.checkpoint)[0]
+        counts.append(len(cut_point_names(model)))
+    named = {*map(int, c.layers), *_grid_layers(c), int(c.layer)}
+    bad = sorted(k for k in named if k > min(counts))
+    if bad:
+        raise StitchingError(f"claims name cut point(s) {bad}, but the models have cut points 1..{min(counts)}: "
+                             f"change claims.layers, claims.grid_layers or claims.layer")
+
+
 def check_claims(cfg: DictConfig, base: list[str], out: Path, progress: bool = True) -> dict:
     """Run every job of the chosen claims (a finished cell is kept), measure, write the report."""
     from stitching.report import collect
 
     settings = cfg.claims
     names = chosen(settings)
+    check_cut_points(cfg)
     watch = Stopwatch()
     jobs = plan(settings, names)
     failed: list[str] = []

@@ -134,3 +134,11 @@ def test_bad_claims_settings_are_one_line(capsys):
     with pytest.raises(SystemExit):
         claims_main(["claims.early_layers=[2]", "logger=none"])
     assert "claims.early_layers=[2] must be among claims.layers=[1, 3, 5, 7, 9]" in capsys.readouterr().err
+
+
+def test_a_cut_point_the_models_lack_is_one_line_before_any_run(tmp_path, zoo_dir, capsys):
+    out = tmp_path / "claims"
+    with pytest.raises(SystemExit):
+        claims_main(["--out", str(out), "--no-progress", *TINY, f"paths.zoo_dir={zoo_dir}", "claims.grid_layers=[1,12]"])
+    assert "claims name cut point(s) [12], but the models have cut points 1..9" in capsys.readouterr().err
+    assert not (out / "runs").exists()
