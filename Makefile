@@ -133,13 +133,16 @@ claims-small: $(READY) ## the same claims on MNIST-5k and toy language models, C
 	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims_small/$(STAMP) experiment=claims_small $(ARGS)
 
 DIAGNOSIS := $(PY) -m stitching.claims --no-progress
-claims-diagnosis: $(READY) ## one extra measurement for each claim that does not hold in claims-small (README)
+claims-diagnosis: $(READY) ## claims-small's extra measurements: one per claim that does not hold, TLM at 12 epochs (README)
 	$(DIAGNOSIS) --only fabricated_robustness --out outputs/claims/diagnosis/robustness_eps0.1 \
 		experiment=claims_small attack.eps=0.1
 	$(DIAGNOSIS) --only shortcut_reliance --out outputs/claims/diagnosis/shortcut_layer1 \
 		experiment=claims_small claims.layer=1
 	$(DIAGNOSIS) --only self_stitch_diagonal --out outputs/claims/diagnosis/self_grids_adjacent \
 		experiment=claims_small "claims.grid_layers=[4,5,6]"
+	for p in 0-1 1-2 2-0; do $(PY) -m stitching.grid --no-progress --out outputs/claims/diagnosis/tlm_epochs/seeds$$p \
+		experiment=claims_small objective=tlm trainer.max_epochs=12 "grid.pairs=[[1,1],[3,3],[5,5],[7,7],[9,9]]" \
+		front.seed=$${p%-*} end.seed=$${p#*-} || exit 1; done
 
 sanity: $(READY) ## TLM-vs-DM paper (paper size, GPU): both sanity checks, DM/Hint/FuLA/TLM/CKA/CCA, ResNet18
 	$(call sanity,sanity)
