@@ -90,11 +90,15 @@ def test_grid_layers_shape_only_the_square_grids():
     assert "layers 2, 8 × the same" in CLAIMS["deeper_hints"].setting(_settings(grid_layers=[2, 8]))
 
 
+#: the language claim's runs, shrunk: toy GeLU/SoLU models trained on 20 000 tokens
+TINY_LM = ["experiment=lm_solu_gelu_small", "model.width=32", "zoo.recipe.language.tokens=20000",
+           "dataset.train_sequences=64", "dataset.test_sequences=16", "dataset.batch_size=16"]
+
+
 @pytest.mark.slow
 def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, zoo_dir):
     """Every claim measured from runs on digits and tiny language models, whatever the verdicts."""
-    lm = ["experiment=lm_solu_gelu_small", "model.width=32", "zoo.recipe.language.tokens=20000",
-          "dataset.train_sequences=64", "dataset.test_sequences=16", "dataset.batch_size=16"]
+    lm = TINY_LM
     overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "dataset.train_subset=200", "attack.steps=2",
                  "attack.eval_images=50", "evaluation.ood.epochs=1", "claims.seed_pairs=1", "claims.layers=[1,5,9]",
                  "claims.early_layers=[1]", "claims.similarity_images=100",
@@ -142,3 +146,8 @@ def test_a_cut_point_the_models_lack_is_one_line_before_any_run(tmp_path, zoo_di
         claims_main(["--out", str(out), "--no-progress", *TINY, f"paths.zoo_dir={zoo_dir}", "claims.grid_layers=[1,12]"])
     assert "claims name cut point(s) [12], but the models have cut points 1..9" in capsys.readouterr().err
     assert not (out / "runs").exists()
+    language = ["--only", "solu_gelu_asymmetry", "claims.seed_pairs=1", f"paths.zoo_dir={zoo_dir}",
+                "claims.grid_layers=[1,12]", "dataset=cifar10", "dataset.source.download=false",  # neither is read
+                f"claims.language=[{','.join(repr(o) for o in TINY_LM)}]"]
+    claims_main(["--out", str(tmp_path / "lm"), "--no-progress", *language])
+    assert "claims name cut point" not in capsys.readouterr().err
