@@ -55,6 +55,38 @@ def test_stitch_is_a_1x1_conv_after_bilinear_resizing():
     assert Stitch(5, 3, out_size=(16, 16))(torch.randn(1, 5, 4, 4)).shape == (1, 3, 16, 16)
 
 
+def test_an_upsampling_stitch_is_still_the_map_of_the_resized_front():
+    """Upsampling applies the map first (cheaper); the stitch is still conv(resize(a)) — for the
+    affine and low-rank kinds, a rank projection in front, and ViT patch grids with a class token."""
+    from stitching.models.layout import Layout
+    from stitching.stitch_layers import RankProjection, TokenStitch
+
+    torch.manual_seed(6)
+    a = torch.randn(3, 8, 2, 2)
+    for stitch in (Stitch(8, 3, out_size=(7, 5)), Stitch(8, 3, out_size=(7, 5), kind="low_rank", rank=2)):
+        with torch.no_grad():
+            stitch.conv.bias.normal_()
+        assert stitch._maps_before_resizing(a)
+        resized = F.interpolate(a.double(), size=(7, 5), mode="bilinear", align_corners=False)
+        weight = stitch.weight[:, :, 0, 0].double()
+        expected = torch.einsum("oc,nchw->nohw", weight, resized) + stitch.conv.bias.double().view(1, 3, 1, 1)
+        torch.testing.assert_close(stitch(a).double(), expected, atol=1e-5, rtol=1e-5)
+    projected = Stitch(8, 3, out_size=(4, 4))
+    basis = torch.linalg.qr(torch.randn(8, 2)).Q
+    projected.projection = RankProjection(torch.randn(8), basis, CONV)
+    torch.testing.assert_close(projected(a), projected.conv(projected.prepare(a)), atol=1e-5, rtol=1e-5)
+    mlp = Stitch(8, 3, out_size=(4, 4), kind="mlp")
+    assert not mlp._maps_before_resizing(a)  # a ReLU branch does not commute with resizing
+    front, end = Layout("tokens", 1, (2, 2)), Layout("tokens", 1, (3, 3))
+    tokens = torch.randn(2, 5, 6)
+    vit = TokenStitch(6, 4, front, end, separate_class_token=True)
+    out = vit(tokens)
+    body = F.interpolate(tokens[:, 1:].transpose(1, 2).reshape(2, 6, 2, 2), size=(3, 3), mode="bilinear",
+                         align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out[:, :1], vit.class_linear(tokens[:, :1]))
+    torch.testing.assert_close(out[:, 1:], vit.linear(body), atol=1e-5, rtol=1e-5)
+
+
 def test_fit_dm_maps_a_network_onto_itself_as_identity():
     torch.manual_seed(3)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Tanh())
