@@ -8,7 +8,12 @@ From Python::
                               train=(images, labels), test=(test_images, test_labels))
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+#: the Hydra config tree that ships inside the package
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 __all__ = ["StitchResult", "cut_points", "stitch"]
 

@@ -143,7 +143,7 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
     import json
 
     from stitching.grid import cell_config, run_grid
-    from stitching.train import run
+    from stitching.runs import run
 
     cfg = compose_config([*overrides, f"objective={objective}", "trainer.max_epochs=1",
                           f"trainer.limit_train_batches={batches}", "grid.pairs=all"])
@@ -177,7 +177,7 @@ def bench_parallel(overrides: list[str], run_dir: Path) -> list[dict]:
     cells = ["objective=fula", "stitch.layer=3,5,7,9"]
     rows = []
     for label, launcher in (("4 FuLA cells, sequential", []),
-                            ("4 FuLA cells, 2 local jobs", ["hydra/launcher=local", "hydra.launcher.n_jobs=2"])):
+                            ("4 FuLA cells, 2 local jobs", ["hydra/launcher=local", "hydra.launcher.n_jobs=2", *EXTRA])):
         row = {"what": label, "layer": "3-9", "images": "1 epoch x 4"}
         command = [sys.executable, "-m", "stitching.train", "-m", *overrides, *cells, *launcher,
                    f"hydra.sweep.dir={run_dir / label.replace(' ', '_').replace(',', '')}"]

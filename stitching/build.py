@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from stitching.api import CLASS_TOKEN, Prepared, check_capacity, check_init, prepare_stitch
 from stitching.data import ImageDataModule
 from stitching.data.text import PairDataModule, TextDataModule
+from stitching import CONF_DIR
 from stitching.errors import StitchingError
 from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel
 from stitching.models.cutting import cut
@@ -28,8 +29,6 @@ from stitching.objectives import OBJECTIVES
 from stitching.runtime import Stopwatch
 from stitching.validation import check_config
 from stitching.zoo import ModelSpec, ModelZoo
-
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

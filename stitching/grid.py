@@ -326,7 +326,7 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     from stitching.build import Run, build_datamodule, check_compatible, is_text, load_models, read_settings, \
         reconcile_inputs
     from stitching.models import cut_point_names
-    from stitching.train import _failure_record, config_hash, finish_run, finished_record, run
+    from stitching.runs import config_hash, failure_record, finish_run, finished_record, run
 
     watch = Stopwatch()
     settings = read_settings(cfg)
@@ -360,7 +360,7 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
                 run(cell, folder(i, j))
                 summary["done"].append((i, j))
             except Exception as err:
-                _failure_record(cell, folder(i, j), err)
+                failure_record(cell, folder(i, j), err)
                 summary["failed"].append(((i, j), f"{type(err).__name__}: {err}"))
             release_memory()
         summary["timings"] = watch.report()
@@ -395,7 +395,7 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
         run_dir = folder(i, j)
         run_dir.mkdir(parents=True, exist_ok=True)
         if key in failed:
-            _failure_record(cell, run_dir, failed[key])
+            failure_record(cell, run_dir, failed[key])
             summary["failed"].append(((i, j), str(failed[key])))
             continue
         network = grid.cell_network(i, j, end_copies[j])
@@ -426,7 +426,7 @@ def sweep_grids(overrides: list[str]) -> list[tuple[list[str], list[tuple[int, i
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from stitching.build import CONF_DIR
+    from stitching import CONF_DIR
 
     params = {}
     for arg in overrides:

@@ -203,7 +203,7 @@ class Grounding:
         """Test accuracy of ``A → B`` stitched under ``objective`` (an ordinary run folder; a
         finished one is read back)."""
         from stitching.build import compose_config
-        from stitching.train import ResultExists, _failure_record, config_hash, finished_record, run
+        from stitching.runs import ResultExists, config_hash, failure_record, finished_record, run
 
         cfg = compose_config([*self.overrides, f"objective={objective}", f"front.seed={item.front_seed}",
                               f"stitch.front_layer={item.front_layer}", f"stitch.end_layer={item.end_layer}",
@@ -215,7 +215,7 @@ class Grounding:
             self.failed.append(f"{run_dir}: {err}")
             return float("nan")
         except Exception as err:  # a failed run is a gap in the table, named at the end
-            _failure_record(cfg, run_dir, err)
+            failure_record(cfg, run_dir, err)
             self.failed.append(f"{run_dir}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             if not isinstance(err, (StitchingError, RuntimeError, ValueError)):
                 traceback.print_exc()

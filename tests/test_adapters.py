@@ -12,7 +12,7 @@ from stitching.api import prepare_stitch
 from stitching.errors import StitchingError
 from stitching.models import adapt, as_cuttable, build_model, cut_point_activations, split
 from stitching.models.adapters import create
-from stitching.train import run
+from stitching.runs import run
 
 
 def _library_models():

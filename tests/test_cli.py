@@ -102,7 +102,7 @@ def test_demo_preset_composes_to_the_documented_job():
 @pytest.mark.slow
 def test_demo_preset_runs_one_cell_at_full_demo_size(tmp_path):
     """The `make run` configuration for one cell (trains the two width-16 MNIST-5k models)."""
-    from stitching.train import run
+    from stitching.runs import run
     from tests.conftest import compose_config
 
     cfg = compose_config("experiment=demo", "objective=fula", "stitch.layer=9", "trainer.enable_progress_bar=false",
@@ -201,7 +201,7 @@ def test_wandb_groups_a_sweep_and_receives_its_figures(tmp_path, zoo_dir, monkey
     for data in (r.read_bytes() for r in runs):
         assert b"dm_samples" in data and b"final/test/acc" in data  # config and metrics
     # the group is the sweep's name (checked with a name that appears in no path)
-    from stitching.train import run
+    from stitching.runs import run
     from tests.conftest import compose_config
 
     cfg = compose_config(*TINY, "logger=wandb", "objective=dm", f"paths.zoo_dir={zoo_dir}")
@@ -302,7 +302,7 @@ def test_a_read_only_zoo_costs_the_robust_cache_not_the_metrics(tiny_config, tmp
     import errno
 
     from stitching import runtime
-    from stitching.train import run
+    from stitching.runs import run
 
     run(tiny_config("objective=dm", "stitch.layer=3"), tmp_path / "warm")  # the base models are cached
     zoo = str(zoo_dir.resolve())

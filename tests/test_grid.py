@@ -106,7 +106,7 @@ def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_conf
     same report (self-accuracy, heatmap), and a rerun that keeps every finished cell."""
     from stitching.grid import cell_config, run_grid
     from stitching.report import report
-    from stitching.train import run
+    from stitching.runs import run
 
     cfg = tiny_config("objective=fula", "grid.pairs=[[1,1],[1,5],[5,1],[5,5]]", "trainer.limit_train_batches=3",
                       "trainer.max_epochs=2")

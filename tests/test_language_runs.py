@@ -42,7 +42,7 @@ def test_the_embedded_corpus_is_split_and_cut_into_real_tokens():
 
 @pytest.mark.parametrize("objective", ["dm", "hint", "fula", "slm", "tlm"])
 def test_each_objective_runs_between_gelu_and_solu_models_trained_here(objective, lm_config, tmp_path):
-    from stitching.train import run
+    from stitching.runs import run
 
     record = run(lm_config(tmp_path, f"objective={objective}", "end.arch=lm_solu", "stitch.front_layer=2",
                            "stitch.end_layer=3"), tmp_path / "run")
@@ -79,7 +79,7 @@ def _tokenizer_folder(folder):
 ], ids=["tokenizer-mismatch", "tokenizer-missing", "layer-beyond-depth", "longer-than-context", "corpus-offline",
         "image-model-on-text", "adversarial-text"])
 def test_language_model_bad_input_is_one_line(overrides, expected, lm_config, tmp_path, monkeypatch, capsys):
-    from stitching.train import run
+    from stitching.runs import run
 
     run(lm_config(tmp_path, "objective=dm", "stitch.layer=2"), tmp_path / "warm")  # models trained at context 64
     folder = str(_tokenizer_folder(tmp_path / "tokenizer"))

@@ -16,7 +16,7 @@ from stitching.similarity.ood import (
     outlier_images,
 )
 from stitching.build import prepare
-from stitching.train import run
+from stitching.runs import run
 
 
 def test_energy_and_the_margin_loss_match_their_closed_forms():

@@ -13,7 +13,7 @@ from stitching.errors import StitchingError
 from stitching.evaluate import pgd_accuracy, predictions
 from stitching.build import build_zoo, compose_config, prepare
 from stitching.zoo import ModelSpec
-from stitching.train import run
+from stitching.runs import run
 
 EPS = 8 / 255
 ATTACK = {"eps": EPS, "step_size": 2 / 255, "steps": 10, "random_start": True}

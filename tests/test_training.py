@@ -10,7 +10,7 @@ from stitching.models import cut_point_activations
 from stitching.objectives import hint_loss
 from stitching.runtime import build_trainer
 from stitching.build import prepare
-from stitching.train import run
+from stitching.runs import run
 
 RECORD_KEYS = {"status", "objective", "front_layer", "end_layer", "metrics", "base", "stitch", "timings",
                "versions", "config"}

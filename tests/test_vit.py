@@ -11,7 +11,7 @@ from stitching.stitch_layers import TokenStitch, make_stitch
 
 TOKENS = Layout("tokens", prefix_tokens=1, grid=(2, 4), pool="first")
 from stitching.build import prepare
-from stitching.train import run
+from stitching.runs import run
 
 VIT = ("model=vit_tiny_narrow", "model.width=16", "model.depth=4")
 
