@@ -2,7 +2,11 @@
 
 Measures, on the configured data and models (default: the `make run` setup on MNIST-5k):
 
-* one stitch-training epoch per objective (DM: the closed-form solve), and its test pass;
+* one stitch-training epoch per objective (DM: the closed-form solve), and its test pass; for the
+  trained objectives also the same epoch as a plain PyTorch loop, its model FLOPs (forward and
+  backward convolutions and matrix products), the TFLOP/s achieved and, on a GPU whose peak is
+  known (``PEAK_TFLOPS``, or ``--peak-tflops``), the model-FLOPs utilisation;
+* ``--profile OBJECTIVE``: one epoch under the PyTorch profiler, the operators that take the time;
 * four FuLA cells as a 2-job local sweep (each job on half the cores) against the same sweep
   run sequentially;
 * a 9×9 cross-layer grid per objective (every front × end layer pair: DM initialisation, a
@@ -24,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from stitching.errors import exit_on_user_error
+from stitching.errors import StitchingError, exit_on_user_error
 from stitching.runtime import build_trainer, release_memory, versions, write_json_atomic
 from stitching.build import compose_config, prepare
 
@@ -65,7 +69,10 @@ def measure(result: dict):
         result["memory"] = "cuda allocated" if cuda else "process RSS"
 
 
-def bench_objectives(overrides: list[str], layer: int, run_dir: Path) -> list[dict]:
+def bench_objectives(overrides: list[str], layer: int, run_dir: Path, peak: float | None = None) -> list[dict]:
+    """One epoch per objective (Lightning, as a run trains) and its test pass; for the trained
+    objectives also the epoch as a plain PyTorch loop, its model FLOPs, the TFLOP/s achieved and,
+    where the device's peak is known (or ``peak`` given), the model-FLOPs utilisation."""
     rows = []
     for objective in ("dm", "hint", "fula", "slm", "tlm"):
         cfg = compose_config([*overrides, f"objective={objective}", f"stitch.layer={layer}", "trainer.max_epochs=1"])
@@ -90,20 +97,38 @@ def bench_objectives(overrides: list[str], layer: int, run_dir: Path) -> list[di
                     plain_loop(prepare(cfg), objective)
                 row["plain_loop_images_per_s"] = round(row["images"] / plain["seconds"], 1)
                 extra += f", a plain PyTorch loop {row['plain_loop_images_per_s']:.0f}"
+                row["epoch_tflop"] = round(epoch_flops(prep, objective) / 1e12, 4)
+                device = torch.device(prep.settings.device)
+                row["dtype"] = compute_dtype(cfg.trainer.get("precision"), device.type)
+                device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+                row.update(utilisation(row["epoch_tflop"] * 1e12, row["seconds"],
+                                       peak_tflops(device_name, row["dtype"], peak)))
+                extra += f"; {row['epoch_tflop']:.3f} TFLOP, {row['tflops_per_s'] * 1e3:.1f} GFLOP/s"
+                if "mfu" in row:
+                    extra += f", MFU {row['mfu']:.1%} of {row['peak_tflops']:g} TFLOP/s ({row['dtype']})"
         rows.append(row)
         print(_line(row) + extra, flush=True)
     return rows
 
 
-PLAIN_OBJECTIVES = ("hint", "fula", "tlm")
+PLAIN_OBJECTIVES = ("hint", "fula", "slm", "tlm")
 
 
 def plain_loop(prep, objective: str) -> None:
     """One stitching epoch written as a bare PyTorch loop over the same frozen models, batches and
     Adam settings (no Lightning, no logging, no metrics): the throughput to match."""
+    step = plain_step(prep, objective)
+    for x, y in prep.datamodule.train_dataloader():
+        step(x, y)
+
+
+def plain_step(prep, objective: str):
+    """``step(x, y)``: one stitch-training step of ``objective`` on ``prep``'s models (the stitch
+    and the BN statistics change, as in training)."""
     from torch.nn import functional as F
 
     from stitching.models import cut_point_activations
+    from stitching.objectives.losses import slm_loss
 
     network, reference, j = prep.module.network, prep.module.reference, prep.end_layer
     device = prep.settings.device
@@ -115,11 +140,13 @@ def plain_loop(prep, objective: str) -> None:
     def relative(a, t):
         return ((a - t).flatten(1).norm(dim=1) / t.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
 
-    for x, y in prep.datamodule.train_dataloader():
+    def step(x, y):
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
             front, _ = network.front(x)
-            if objective != "tlm":  # TLM reads labels only
+            if objective == "slm":
+                teacher = reference(x)
+            elif objective != "tlm":  # TLM reads labels only
                 _, targets = cut_point_activations(reference, x, None if objective == "fula" else j)
         a = network.stitch(front)
         if objective == "hint":
@@ -130,11 +157,107 @@ def plain_loop(prep, objective: str) -> None:
             _, later = network.end(a, return_features=True)
             stitched = [a, *later]
             loss = sum(relative(s, t) for s, t in zip(stitched, targets[j - 1:])) / len(stitched)
+        elif objective == "slm":
+            loss = slm_loss(network.end(a), teacher)
         else:
             loss = F.cross_entropy(network.end(a), y)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+
+    return step
+
+
+def step_flops(step, x, y) -> int:
+    """Model FLOPs of one call ``step(x, y)`` (forward and backward matrix products and
+    convolutions, as PyTorch's ``FlopCounterMode`` counts them: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(x, y)
+    return int(counter.get_total_flops())
+
+
+def epoch_flops(prep, objective: str) -> int:
+    """FLOPs of one stitch-training epoch of ``objective``: one batch counted on copies of the
+    models (the run's own stay as they are), scaled by the epoch's number of images."""
+    import copy
+    from dataclasses import replace
+
+    x, y = next(iter(prep.datamodule.train_dataloader()))
+    copied = replace(prep, prepared=copy.deepcopy(prep.prepared))
+    return round(step_flops(plain_step(copied, objective), x, y) * len(prep.datamodule.arrays.train_y) / len(x))
+
+
+#: dense peak TFLOP/s by device name and compute dtype: ``bf16``/``fp16`` tensor cores, ``tf32``
+#: (what a float32 convolution uses on Ampere and newer with cuDNN's TF32 allowed, PyTorch's
+#: default) and plain ``fp32``; vendors' data-sheet figures without sparsity
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+}
+
+
+def compute_dtype(precision, device_type: str) -> str:
+    """The dtype a stitching step's convolutions run in under ``trainer.precision`` on this device."""
+    precision = str(precision or "32-true")
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    if device_type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def peak_tflops(device_name: str, dtype: str, given: float | None = None) -> float | None:
+    """The device's dense peak for ``dtype`` (``given`` wins; ``None``: unknown, no utilisation)."""
+    if given is not None:
+        return float(given)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key.lower() in device_name.lower():
+            return peaks.get(dtype, peaks.get("fp16") if dtype == "bf16" else None)
+    return None
+
+
+def utilisation(flops: int, seconds: float, peak: float | None) -> dict:
+    """Achieved TFLOP/s and, with a known peak, the model-FLOPs utilisation (achieved / peak)."""
+    achieved = flops / seconds / 1e12
+    row = {"tflops_per_s": round(achieved, 4)}
+    if peak:
+        row.update(peak_tflops=peak, mfu=round(achieved / peak, 4))
+    return row
+
+
+def profile_epoch(overrides: list[str], objective: str, layer: int, run_dir: Path, rows: int = 15) -> Path:
+    """One stitch-training epoch of ``objective`` under the PyTorch profiler: the operators that
+    take the time (CPU, and the GPU's kernels on one), written to ``profile_<objective>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prep = prepare(compose_config([*overrides, f"objective={objective}", f"stitch.layer={layer}"]))
+    step = plain_step(prep, objective)
+    batches = list(prep.datamodule.train_dataloader())
+    step(*batches[0])  # warm-up: one-off allocations and kernel selection stay out of the profile
+    cuda = torch.cuda.is_available() and prep.settings.device != "cpu"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for x, y in batches:
+            step(x, y)
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=rows)
+    path = run_dir / f"profile_{objective}.txt"
+    path.write_text(f"one {objective} epoch, layer {layer}, {len(batches)} batches\n{table}\n")
+    print(table, flush=True)
+    return path
 
 
 def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path) -> list[dict]:
@@ -205,6 +328,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-batches", type=int, default=4, help="training batches per grid cell")
     parser.add_argument("--no-grid", action="store_true", help="skip the 9x9 grids")
     parser.add_argument("--no-parallel", action="store_true", help="skip the 2-job local sweep against a sequential one")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for the dtype used (default: a table of known GPUs; "
+                             "none on a CPU): the model-FLOPs utilisation is measured against it")
+    parser.add_argument("--profile", default=None, metavar="OBJECTIVE",
+                        help="also profile one epoch of this objective (hint, fula, slm, tlm): the operators "
+                             "that take the time, in profile_<objective>.txt")
+    parser.add_argument("--only-profile", action="store_true", help="profile (--profile) and measure nothing else")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=demo)")
     args = parser.parse_args(argv)
@@ -212,8 +342,16 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [*overrides, "logger=none", "trainer.enable_progress_bar=false"]
     run_dir = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if args.profile is not None and args.profile not in PLAIN_OBJECTIVES:
+        raise StitchingError(f"--profile {args.profile}: profile one of {', '.join(PLAIN_OBJECTIVES)}")
+    if args.only_profile and args.profile is None:
+        raise StitchingError("--only-profile needs --profile OBJECTIVE")
+    if args.profile is not None:
+        print(f"profile: {profile_epoch(overrides, args.profile, args.layer, run_dir).resolve()}")
+        if args.only_profile:
+            return
     print(f"{'measurement':<34} {'layer':>5} {'fit s':>9} {'test s':>8} {'peak MiB':>10}")
-    rows = bench_objectives(overrides, args.layer, run_dir)
+    rows = bench_objectives(overrides, args.layer, run_dir, args.peak_tflops)
     if not args.no_grid:
         for objective in args.grid_objectives.split(","):
             rows += bench_grid(overrides, objective.strip(), args.grid_batches, run_dir)

@@ -187,6 +187,47 @@ def test_bench_measures_each_objective(tmp_path, zoo_dir, capsys):
     assert all(trained[o]["plain_loop_images_per_s"] > 0 for o in ("hint", "fula", "tlm"))
     assert all(row["images_per_s"] > 0 for row in trained.values()) and "a plain PyTorch loop" in out
     assert "fula epoch" in out and out.strip().splitlines()[-1].startswith("results in ")
+    assert all(trained[o]["epoch_tflop"] > 0 and trained[o]["tflops_per_s"] > 0 for o in trained)
+    assert trained["fula"]["epoch_tflop"] > trained["hint"]["epoch_tflop"]  # FuLA backpropagates through the tail
+    assert all("mfu" not in row for row in trained.values())  # a CPU has no known peak
+
+
+def test_the_bench_counts_a_steps_flops_as_the_closed_form_and_knows_gpu_peaks():
+    import torch
+
+    from stitching.bench import compute_dtype, peak_tflops, step_flops, utilisation
+
+    conv = torch.nn.Conv2d(6, 4, kernel_size=1)
+    x = torch.randn(5, 6, 7, 3)
+
+    def step(x, y):
+        conv(x).sum().backward()
+
+    # forward 2·N·H·W·Cin·Cout; backward as much again for the weight's gradient, and once more
+    # for the input's when it needs one (a stitch's input, the frozen front's output, does not)
+    forward = 2 * 5 * 7 * 3 * 6 * 4
+    assert step_flops(step, x, None) == 2 * forward
+    assert step_flops(step, x.requires_grad_(), None) == 3 * forward
+    with torch.no_grad():
+        assert step_flops(lambda x, y: conv(x), x, None) == forward
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.0 and peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    assert peak_tflops("cpu", "fp32") is None and peak_tflops("cpu", "fp32", given=2.0) == 2.0
+    assert compute_dtype("bf16-mixed", "cuda") == "bf16" and compute_dtype("32-true", "cpu") == "fp32"
+    assert utilisation(4e12, 2.0, 10.0) == {"tflops_per_s": 2.0, "peak_tflops": 10.0, "mfu": 0.2}
+    assert utilisation(4e12, 2.0, None) == {"tflops_per_s": 2.0}
+
+
+def test_bench_profiles_an_epoch(tmp_path, zoo_dir, capsys):
+    from stitching.bench import main as bench_main
+
+    bench_main(["--profile", "hint", "--only-profile", "--out", str(tmp_path), "--", *TINY,
+                f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}"])
+    text = next(tmp_path.rglob("profile_hint.txt")).read_text()
+    assert "one hint epoch" in text and "convolution" in text and "Self CPU" in text
+    assert not list(tmp_path.rglob("bench.json"))
+    with pytest.raises(SystemExit):
+        bench_main(["--profile", "dm", "--out", str(tmp_path)])
+    assert "--profile dm: profile one of hint, fula, slm, tlm" in capsys.readouterr().err
 
 
 def test_wandb_groups_a_sweep_and_receives_its_figures(tmp_path, zoo_dir, monkeypatch):

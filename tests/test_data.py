@@ -155,3 +155,17 @@ def test_batched_shortcut_markers_are_pixel_identical_to_per_image_ones():
             for b, index in enumerate(order[start:start + 16].tolist()):
                 expected = shortcut(images[index].float() / 255, labels[index], index)
                 assert torch.equal(x[b], expected), (placement, index)
+
+
+def test_synthetic_images_are_cifar_sized_seeded_noise_and_compose():
+    from stitching.build import compose_config
+
+    arrays = load_source("synthetic", train_images=40, test_images=8, seed=3)
+    assert arrays.train_x.shape == (40, 3, 32, 32) and arrays.train_x.dtype == torch.uint8
+    assert arrays.test_x.shape == (8, 3, 32, 32) and set(arrays.train_y.tolist()) <= set(range(10))
+    assert arrays.train_x.float().std() > 60  # uniform on 0..255: std 73.9
+    again = load_source("synthetic", train_images=40, test_images=8, seed=3)
+    assert torch.equal(arrays.train_x, again.train_x) and torch.equal(arrays.test_y, again.test_y)
+    assert not torch.equal(arrays.train_x, load_source("synthetic", train_images=40, test_images=8, seed=4).train_x)
+    cfg = compose_config(["dataset=synthetic"])
+    assert cfg.dataset.source.train_images == 50000 and cfg.dataset.source.num_classes == 10

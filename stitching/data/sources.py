@@ -2,7 +2,8 @@
 
 The embedded sources (``mnist5k``, ``digits``) ship inside installed packages and work
 offline. ``cifar10`` and ``svhn`` go through torchvision (downloading when allowed and
-online); ``ls_imagenet10`` reads the downsampled-ImageNet batch files from a folder.
+online); ``ls_imagenet10`` reads the downsampled-ImageNet batch files from a folder;
+``synthetic`` is random images for timing.
 """
 
 from __future__ import annotations
@@ -179,12 +180,26 @@ def load_ls_imagenet10(
     return ImageArrays(train_x, train_y, test_x, test_y)
 
 
+def load_synthetic(train_images=50_000, test_images=10_000, image_size=32, channels=3, num_classes=10, seed=0,
+                   **_) -> ImageArrays:
+    """Uniform random uint8 images with random labels, CIFAR-10-sized by default: data for
+    timing (``make bench`` on a GPU) that needs no download. Nothing in them can be learnt."""
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def split(n):
+        images = torch.randint(0, 256, (n, channels, image_size, image_size), dtype=torch.uint8, generator=generator)
+        return images, torch.randint(0, num_classes, (n,), generator=generator)
+
+    return ImageArrays(*split(int(train_images)), *split(int(test_images)))
+
+
 SOURCES = {
     "mnist5k": load_mnist5k,
     "digits": load_digits,
     "cifar10": load_cifar10,
     "svhn": load_svhn,
     "ls_imagenet10": load_ls_imagenet10,
+    "synthetic": load_synthetic,
 }
 
 
