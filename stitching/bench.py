@@ -300,7 +300,7 @@ def bench_parallel(overrides: list[str], run_dir: Path) -> list[dict]:
     cells = ["objective=fula", "stitch.layer=3,5,7,9"]
     rows = []
     for label, launcher in (("4 FuLA cells, sequential", []),
-                            ("4 FuLA cells, 2 local jobs", ["hydra/launcher=local", "hydra.launcher.n_jobs=2", *EXTRA])):
+                            ("4 FuLA cells, 2 local jobs", ["hydra/launcher=local", "hydra.launcher.n_jobs=2"])):
         row = {"what": label, "layer": "3-9", "images": "1 epoch x 4"}
         command = [sys.executable, "-m", "stitching.train", "-m", *overrides, *cells, *launcher,
                    f"hydra.sweep.dir={run_dir / label.replace(' ', '_').replace(',', '')}"]

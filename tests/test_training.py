@@ -191,3 +191,14 @@ def test_a_local_parallel_job_gets_its_share_of_the_cores(monkeypatch):
         assert share_threads(1, cores=8) is None and share_threads(None) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_train_entry_point_imports_neither_torch_nor_lightning():
+    """A sweep's launcher process imports only Hydra; each job imports torch and Lightning itself,
+    so local parallel jobs pay that start-up side by side."""
+    import subprocess
+    import sys
+
+    probe = "import sys, stitching.train; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
