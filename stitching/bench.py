@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from stitching.errors import StitchingError, exit_on_user_error
-from stitching.runtime import build_trainer, release_memory, versions, write_json_atomic
+from stitching.runtime import build_trainer, precision_autocast, release_memory, speed_up, versions, write_json_atomic
 from stitching.build import compose_config, prepare
 
 
@@ -79,6 +79,7 @@ def bench_objectives(overrides: list[str], layer: int, run_dir: Path, peak: floa
         prep = prepare(cfg)  # base models come from (or go into) the zoo before timing
         options = dict(cfg.trainer)
         row = {"what": f"{objective} epoch", "layer": layer, "images": len(prep.datamodule.arrays.train_y)}
+        speed_up(prep.module.network, options)  # trainer.channels_last / compile, as train_stitch applies them
         with measure(row):
             if prep.module.trainable:
                 build_trainer(options, run_dir, enable_progress_bar=False).fit(prep.module, datamodule=prep.datamodule)
@@ -122,9 +123,10 @@ def plain_loop(prep, objective: str) -> None:
         step(x, y)
 
 
-def plain_step(prep, objective: str):
+def plain_step(prep, objective: str, accelerate: bool = True):
     """``step(x, y)``: one stitch-training step of ``objective`` on ``prep``'s models (the stitch
-    and the BN statistics change, as in training)."""
+    and the BN statistics change, as in training), under the run's autocast and, with
+    ``accelerate``, its ``trainer.channels_last`` / ``compile``."""
     from torch.nn import functional as F
 
     from stitching.models import cut_point_activations
@@ -133,6 +135,8 @@ def plain_step(prep, objective: str):
     network, reference, j = prep.module.network, prep.module.reference, prep.end_layer
     device = prep.settings.device
     network.to(device).train()
+    if accelerate:  # channels_last and compile, as the run applies them
+        speed_up(network, dict(prep.settings.trainer))
     reference.to(device).eval()
     optimiser = torch.optim.Adam(network.stitch.parameters(), lr=prep.settings.stitch.lr,
                                  weight_decay=prep.settings.stitch.weight_decay)
@@ -142,6 +146,13 @@ def plain_step(prep, objective: str):
 
     def step(x, y):
         x, y = x.to(device), y.to(device)
+        with precision_autocast(torch.device(device).type, prep.settings.trainer.get("precision")):
+            loss = step_loss(x, y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    def step_loss(x, y):
         with torch.no_grad():
             front, _ = network.front(x)
             if objective == "slm":
@@ -161,9 +172,7 @@ def plain_step(prep, objective: str):
             loss = slm_loss(network.end(a), teacher)
         else:
             loss = F.cross_entropy(network.end(a), y)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        return loss
 
     return step
 
@@ -187,7 +196,7 @@ def epoch_flops(prep, objective: str) -> int:
 
     x, y = next(iter(prep.datamodule.train_dataloader()))
     copied = replace(prep, prepared=copy.deepcopy(prep.prepared))
-    return round(step_flops(plain_step(copied, objective), x, y) * len(prep.datamodule.arrays.train_y) / len(x))
+    return round(step_flops(plain_step(copied, objective, accelerate=False), x, y) * len(prep.datamodule.arrays.train_y) / len(x))
 
 
 #: dense peak TFLOP/s by device name and compute dtype: ``bf16``/``fp16`` tensor cores, ``tf32``

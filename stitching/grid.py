@@ -50,7 +50,7 @@ from stitching.models import cut, cut_point_activations
 from stitching.models.grouped import deinterleave, group_batchnorms, interleave, load_group
 from stitching.models.layout import as_rows
 from stitching.objectives import StitchedNetwork, objective_module
-from stitching.runtime import Stopwatch, release_memory
+from stitching.runtime import Stopwatch, precision_autocast, release_memory
 from stitching.stitch_layers import make_stitch, principal_projection, to_device
 
 PAIRS = ("all", "diagonal")
@@ -228,12 +228,8 @@ class _Tally:
 
 
 def autocast(grid: FusedGrid, precision) -> contextlib.AbstractContextManager:
-    """``trainer.precision`` as Lightning reads it: ``bf16-mixed``/``16-mixed`` autocast, else none."""
-    precision = str(precision or "32-true")
-    if precision.startswith(("bf16", "16")) and "mixed" in precision:
-        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-        return torch.autocast(grid.device.type, dtype=dtype)
-    return contextlib.nullcontext()
+    """``trainer.precision`` as Lightning reads it, on the grid's device (see :func:`precision_autocast`)."""
+    return precision_autocast(grid.device.type, precision)
 
 
 def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = True,

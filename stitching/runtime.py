@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,6 +53,15 @@ def speed_up(network: torch.nn.Module, options: dict) -> torch.nn.Module:
             if part is not None:
                 part.compile()
     return network
+
+
+def precision_autocast(device_type: str, precision) -> contextlib.AbstractContextManager:
+    """``trainer.precision`` as Lightning reads it: ``bf16-mixed``/``16-mixed`` autocast, else none
+    (for the loops that run without a Lightning Trainer: fused grids, the bench's plain loop)."""
+    precision = str(precision or "32-true")
+    if precision.startswith(("bf16", "16")) and "mixed" in precision:
+        return torch.autocast(device_type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
+    return contextlib.nullcontext()
 
 
 def build_trainer(options: dict, run_dir: Path, logger=False, **overrides) -> L.Trainer:
