@@ -345,9 +345,10 @@ def main(argv: list[str] | None = None) -> None:
                              "that take the time, in profile_<objective>.txt")
     parser.add_argument("--only-profile", action="store_true", help="profile (--profile) and measure nothing else")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=demo)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides on experiment=demo (or on the experiment= they name)")
     args = parser.parse_args(argv)
-    overrides = args.overrides or ["experiment=demo"]
+    named = any(arg.startswith("experiment=") for arg in args.overrides)
+    overrides = args.overrides if named else ["experiment=demo", *args.overrides]  # overrides refine the demo
     overrides = [*overrides, "logger=none", "trainer.enable_progress_bar=false"]
     run_dir = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
     run_dir.mkdir(parents=True, exist_ok=True)
