@@ -30,7 +30,6 @@ with the preset's 25 cells).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import re
 from itertools import islice
@@ -52,6 +51,7 @@ from stitching.models.layout import as_rows
 from stitching.objectives import StitchedNetwork, objective_module
 from stitching.runtime import Stopwatch, precision_autocast, release_memory
 from stitching.stitch_layers import make_stitch, principal_projection, to_device
+from stitching.train import LAYER_KEYS
 
 PAIRS = ("all", "diagonal")
 
@@ -227,11 +227,6 @@ class _Tally:
         return out
 
 
-def autocast(grid: FusedGrid, precision) -> contextlib.AbstractContextManager:
-    """``trainer.precision`` as Lightning reads it, on the grid's device (see :func:`precision_autocast`)."""
-    return precision_autocast(grid.device.type, precision)
-
-
 def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = True,
                limit_batches: int | None = None,
                precision: str | None = None) -> tuple[dict[str, dict], dict[str, NonFiniteError], dict[str, list]]:
@@ -253,7 +248,7 @@ def train_grid(grid: FusedGrid, train_batches, epochs: int, progress: bool = Tru
             stepped = False
             groups = grid.passes(x, y)
             while True:  # one end layer at a time: its graph is freed by its backward
-                with autocast(grid, precision):
+                with precision_autocast(grid.device.type, precision):
                     group = next(groups, None)
                 if group is None:
                     break
@@ -292,7 +287,7 @@ def test_grid(grid: FusedGrid, test_batches, precision: str | None = None) -> di
     tally = _Tally()
     for x, y in test_batches:
         x, y = x.to(grid.device), y.to(grid.device)
-        with autocast(grid, precision):
+        with precision_autocast(grid.device.type, precision):
             cells = [cell for _, group in grid.passes(x, need_loss=False) for cell in group]
         for key, logits, _ in cells:
             tally.add(key, nn.functional.cross_entropy(logits.float(), y), logits, y)
@@ -409,9 +404,6 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
         summary["done"].append((i, j))
     summary["timings"] = watch.report()
     return summary
-
-
-LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")
 
 
 def sweep_grids(overrides: list[str]) -> list[tuple[list[str], list[tuple[int, int]] | str]]:
