@@ -24,14 +24,10 @@ export WANDB_MODE ?= offline
 	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
 	grounding-small claims claims-small claims-diagnosis
 
-# $(call stitch,DIR): the command that trains a sweep into DIR — fused grids (stitching.grid -m: one
-# grid per combination of the axes other than the layers, every cell a run folder) unless ARGS name a
-# Hydra launcher (then single runs, one Hydra job each, e.g. on SLURM)
-ifneq (,$(findstring hydra/launcher,$(ARGS)))
-stitch = $(PY) -m stitching.train -m hydra.sweep.dir=$(1)
-else
+# $(call stitch,DIR): the command that trains a sweep into DIR — one grid per combination of the
+# axes other than the layers, every cell a run folder; with ARGS naming a Hydra launcher, one job
+# of that launcher per grid (e.g. on SLURM)
 stitch = $(PY) -m stitching.grid -m --no-progress --out $(1)
-endif
 
 # $(call sweep,PRESET[,OVERRIDES]): run the preset's sweep, then render its figures (also when a cell
 # failed: the report names it; the target still fails). A comma inside OVERRIDES is $(comma).
@@ -58,7 +54,7 @@ endef
 # $(call packaged,PRESET): a packaged pretrained model's DM self-stitching grid (the preset's sweep),
 # its CKA grid over every residual stream (token positions as samples), one report
 define packaged
-	$(PY) -m stitching.train -m experiment=$(1) hydra.sweep.dir=$(SWEEPS)/$(1)/$(STAMP)/stitching $(ARGS); \
+	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)/stitching) experiment=$(1) $(ARGS); \
 	  echo $$? > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status
 	$(PY) -m stitching.similarity --index cka --flatten positions --images 32 --no-progress \
 	  --out $(SWEEPS)/$(1)/$(STAMP)/cka experiment=$(1) $(ARGS) >/dev/null
@@ -153,8 +149,8 @@ sanity-vit: $(READY) ## the sanity checks on ViT-Ti (paper size, GPU)
 lm-solu-gelu: $(READY) ## LM paper Sec. 3 (paper size, online): TransformerLens gelu/solu-{LM_DEPTHS}l, 4 directions, TLM
 	@# one sweep per depth (every residual stream of gelu-<d>l and solu-<d>l), one report over all of them
 	status=0; for d in $(LM_DEPTHS); do \
-	  $(PY) -m stitching.train -m experiment=lm_solu_gelu front.name=gelu-$${d}l,solu-$${d}l end.name=gelu-$${d}l,solu-$${d}l \
-	    "stitch.layer=range(1,$$((d + 2)))" hydra.sweep.dir=$(SWEEPS)/lm_solu_gelu/$(STAMP)/$${d}l $(ARGS) || status=1; \
+	  $(call stitch,$(SWEEPS)/lm_solu_gelu/$(STAMP)/$${d}l) experiment=lm_solu_gelu front.name=gelu-$${d}l,solu-$${d}l \
+	    end.name=gelu-$${d}l,solu-$${d}l "stitch.layer=range(1,$$((d + 2)))" $(ARGS) || status=1; \
 	done; $(PY) -m stitching.report $(SWEEPS)/lm_solu_gelu/$(STAMP) && exit $$status
 lm-solu-gelu-small: $(READY) ## LM paper Sec. 3 on CPU: GeLU/SoLU models trained here, 4 directions, penalty by layer
 	$(call sweep,lm_solu_gelu_small)

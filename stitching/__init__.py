@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 #: the Hydra config tree that ships inside the package
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+#: the config keys that choose a run's cut points (a sweep over them is a grid's cells)
+LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")
 
 __all__ = ["StitchResult", "cut_points", "stitch"]
 

@@ -16,9 +16,8 @@ ones) or networks written against :class:`stitching.models.CuttableModel`; image
 
 from __future__ import annotations
 
-import copy
-import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import lightning as L
@@ -26,34 +25,40 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from stitching.engine import StitchedNetwork, StitchEngine, cell_key, fit_engine
 from stitching.errors import StitchingError
-from stitching.models import Cut, CutPoint, as_cuttable, cut
-from stitching.models.layout import channels, compatible
-from stitching.objectives import OBJECTIVES, StitchedNetwork, StitchingModule, objective_module
-from stitching.runtime import Stopwatch, build_trainer, speed_up
-from stitching.stitch_layers import STITCH_KINDS, batches, fit_dm, fit_front_projection, make_stitch
-
-CLASS_TOKEN = ("shared", "separate")
-#: where training starts: the DM solution (the papers), the identity map, or a random map
-INITS = ("dm", "identity", "random")
-
-
-def cut_points(model: nn.Module) -> list[CutPoint]:
-    """Where ``model`` can be cut: index, name and activation layout of every cut point."""
-    return list(as_cuttable(model).cut_points)
+from stitching.models import Cut, as_cuttable, cut, cut_points
+from stitching.objectives.objective import make_objective
+from stitching.runtime import Stopwatch
+from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
 
 
 @dataclass
 class Prepared:
-    """A stitched network at its DM initialisation, wrapped in its objective's module."""
+    """One cell of an engine at its initialisation (DM, identity or random), before training."""
 
-    front: Cut  # cut of the front copy the stitched network runs
-    end: Cut  # cut of the end copy whose tail the stitched network runs
-    module: StitchingModule
+    engine: StitchEngine
+    cell: tuple[int, int]
 
     @property
+    def module(self) -> StitchEngine:
+        return self.engine
+
+    @cached_property
     def network(self) -> StitchedNetwork:
-        return self.module.network
+        """The cell as a plain stitched network, made when first read (read it after training: a
+        cell trained interleaved with others gets a tail copy holding its statistics of that moment)."""
+        return self.engine.network(*self.cell)
+
+    @property
+    def front(self) -> Cut:
+        """The cut of the front copy the stitched network runs."""
+        return cut(self.network.front.model, self.cell[0])
+
+    @property
+    def end(self) -> Cut:
+        """The cut of the end copy whose tail the stitched network runs."""
+        return cut(self.network.end.model, self.cell[1])
 
 
 @dataclass
@@ -64,39 +69,13 @@ class StitchResult:
     metrics: dict[str, float]
     front: Cut
     end: Cut
-    module: StitchingModule
+    module: StitchEngine
     timings: dict[str, float] = field(default_factory=dict)
+    curve: list[float] = field(default_factory=list)
 
     @property
     def stitch(self) -> nn.Module:
         return self.network.stitch
-
-
-def check_init(init: str, objective: str) -> None:
-    """One line for an unknown initialisation, or for DM (whose initialisation is its answer) started elsewhere."""
-    if init not in INITS:
-        raise StitchingError(f"unknown stitch.init '{init}'; choose one of {', '.join(INITS)}")
-    if objective == "dm" and init != "dm":
-        raise StitchingError(f"objective dm is the DM solution itself; stitch.init={init} applies to the trained "
-                             f"objectives (hint, fula, slm, tlm)")
-
-
-def check_capacity(kind: str, rank: int | None, front_rank: int | None = None,
-                   channels: tuple[int, int] | None = None) -> None:
-    """One line for an unknown stitch kind, a low-rank stitch without a rank, or (once the cut
-    points' ``channels`` (in, out) are known) a rank the activations do not have."""
-    if kind not in STITCH_KINDS:
-        raise StitchingError(f"unknown stitch.kind '{kind}'; choose one of {', '.join(STITCH_KINDS)}")
-    if kind == "low_rank" and rank is None:
-        raise StitchingError("stitch.kind=low_rank needs stitch.rank (the channels the map passes through)")
-    if channels is None:
-        return
-    if kind == "low_rank" and rank > min(channels):
-        raise StitchingError(f"stitch.rank={rank} exceeds min({channels[0]}, {channels[1]}) channels of this pair of "
-                             f"cut points; give a smaller rank (at full rank use stitch.kind=affine)")
-    if front_rank is not None and front_rank > channels[0]:
-        raise StitchingError(f"stitch.front_rank={front_rank} exceeds the front's {channels[0]} channels at this cut "
-                             f"point; give at most {channels[0]} (or null for no truncation)")
 
 
 def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: int | str,
@@ -104,54 +83,28 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
                    update_bn: bool = True, class_token: str = "shared", weights="uniform",
                    adversarial: dict | None = None, num_classes: int | None = None, init: str = "dm",
                    kind: str = "affine", rank: int | None = None, hidden: int | None = None,
-                   front_rank: int | None = None) -> Prepared:
-    """Cut deep copies of ``front`` and ``end``, join them by a stitch fitted by DM on
-    ``dm_inputs``, and wrap the result in the objective's LightningModule.
+                   front_rank: int | None = None, seed: int = 0) -> Prepared:
+    """Cut copies of ``front`` and ``end``, join them by a stitch started at the DM solution on
+    ``dm_inputs`` (or as ``init`` says), in a one-cell :class:`~stitching.engine.StitchEngine`.
 
     ``front``/``end`` themselves are never changed; the reference end model the objectives
     read their targets from is another untouched copy in eval mode. ``init``: ``dm`` (the
-    papers), ``identity`` or ``random`` — where a trained objective starts. ``kind``
+    papers), ``identity`` or ``random`` (seeded by ``seed`` and the cell). ``kind``
     (``affine``, ``low_rank`` with ``rank``, ``mlp`` with ``hidden`` units): the stitch's
     capacity. ``front_rank``: project the front activation on its top principal directions
     (fitted on ``dm_inputs``) before the stitch, in DM, training and evaluation.
     """
-    if objective not in OBJECTIVES:
-        raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
-    if class_token not in CLASS_TOKEN:
-        raise StitchingError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
+    chosen = make_objective(objective, weights)
+    check_class_token(class_token)
     check_init(init, objective)
     check_capacity(kind, rank, front_rank)
     front, end = as_cuttable(front), as_cuttable(end)
-    problem = compatible(cut(front, front_layer).layout, cut(end, end_layer).layout)  # before any copy
-    if problem:
-        raise StitchingError(problem)
-    front_cut, end_cut = cut(copy.deepcopy(front), front_layer), cut(copy.deepcopy(end), end_layer)
-    reference = copy.deepcopy(end).eval()
-    reference_cut = cut(reference, end_cut.index)
-    probe = batches(dm_inputs, 2)[0]
-    with torch.no_grad():
-        a_front, _ = front_cut.head.eval()(probe)
-        a_end, _ = reference_cut.head(probe)
-    check_capacity(kind, rank, front_rank, (channels(a_front, front_cut.layout), channels(a_end, end_cut.layout)))
-    try:
-        stitch_layer = make_stitch(a_front, front_cut.layout, a_end, end_cut.layout,
-                                   separate_class_token=class_token == "separate", kind=kind, rank=rank, hidden=hidden)
-    except ValueError as err:
-        raise StitchingError(str(err)) from None
-    network = StitchedNetwork(front_cut.head, stitch_layer, end_cut.tail, update_bn=update_bn)
-    if front_rank is not None:
-        try:
-            fit_front_projection(network.stitch, network.front, dm_inputs, front_rank)
-        except ValueError as err:
-            raise StitchingError(f"stitch.front_rank={front_rank}: {err}; use more stitch.dm_samples") from None
-    if init == "dm":
-        fit_dm(network.stitch, network.front, reference_cut.head, dm_inputs)
-    else:
-        network.stitch.initialise(init)
-    classes = num_classes if num_classes is not None else end.num_classes
-    module = objective_module(objective, network, reference, end_cut.index, classes, lr=lr,
-                              weight_decay=weight_decay, weights=weights, adversarial=adversarial)
-    return Prepared(front_cut, end_cut, module)
+    cell = (cut(front, front_layer).index, cut(end, end_layer).index)
+    settings = StitchSettings(cell[0], cell[1], 0, update_bn, class_token, lr, weight_decay, init, kind, rank, hidden,
+                              front_rank)
+    engine = StitchEngine(front, end, [cell], chosen, settings, dm_inputs, num_classes=num_classes,
+                          adversarial=adversarial, seed=seed)
+    return Prepared(engine, cell)
 
 
 def train_stitch(prepared: Prepared, train, test, trainer: dict | None = None, logger=False,
@@ -160,24 +113,14 @@ def train_stitch(prepared: Prepared, train, test, trainer: dict | None = None, l
 
     ``train``/``test``: data loaders of ``(inputs, labels)``; ``trainer``: Lightning
     Trainer settings (``max_epochs``, ``accelerator``, ``precision``…). Returns the test
-    metrics and the last epoch's training metrics.
+    metrics and the last epoch's training metrics; a stitch that diverged raises
+    :class:`~stitching.errors.NonFiniteError`.
     """
-    watch = watch or Stopwatch()
-    options = {"accelerator": "auto", "devices": 1, "max_epochs": 1, **(trainer or {})}
-    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="stitch-"))
-    module = prepared.module
-    speed_up(module.network, options)
-    metrics: dict[str, float] = {}
-    with watch.section("fit_s"):
-        if module.trainable and options.get("max_epochs", 0) != 0:
-            fitter = build_trainer(options, run_dir, logger=logger)
-            fitter.fit(module, train_dataloaders=train)
-            metrics.update({k.removesuffix("_epoch"): float(v) for k, v in fitter.callback_metrics.items()
-                            if k.startswith("train/") and not k.endswith("_step")})
-    with watch.section("test_s"):
-        tester = build_trainer(options, run_dir, logger=logger, enable_progress_bar=False)
-        tested = tester.test(module, dataloaders=test, verbose=False)[0]
-    return {**{k: float(v) for k, v in tested.items()}, **metrics}
+    result = fit_engine(prepared.engine, train, test, trainer, logger=logger, run_dir=run_dir, watch=watch)
+    cell = result[cell_key(*prepared.cell)]
+    if cell["error"] is not None:
+        raise cell["error"]
+    return cell["metrics"]
 
 
 def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: int | str,
@@ -218,10 +161,11 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         prepared = prepare_stitch(front, end, front_layer, end_layer, first_inputs(train_loader, dm_samples),
                                   objective, lr=lr, weight_decay=weight_decay, update_bn=update_bn,
                                   class_token=class_token, weights=weights, init=init, kind=kind, rank=rank,
-                                  hidden=hidden, front_rank=front_rank)
+                                  hidden=hidden, front_rank=front_rank, seed=seed)
     options = {"max_epochs": epochs, "enable_progress_bar": progress, **(trainer or {})}
     metrics = train_stitch(prepared, train_loader, test_loader, options, watch=watch)
-    return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.module, watch.report())
+    return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.engine, watch.report(),
+                        list(prepared.engine.curves[cell_key(*prepared.cell)]))
 
 
 class TokenBatch(Dataset):

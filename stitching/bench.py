@@ -31,6 +31,7 @@ import torch
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.runtime import build_trainer, precision_autocast, release_memory, speed_up, versions, write_json_atomic
 from stitching.build import compose_config, prepare
+from stitching.engine import ENGINE_KEYS
 
 
 def _rss_mib() -> float:
@@ -79,17 +80,20 @@ def bench_objectives(overrides: list[str], layer: int, run_dir: Path, peak: floa
         prep = prepare(cfg)  # base models come from (or go into) the zoo before timing
         options = dict(cfg.trainer)
         row = {"what": f"{objective} epoch", "layer": layer, "images": len(prep.datamodule.arrays.train_y)}
-        speed_up(prep.module.network, options)  # trainer.channels_last / compile, as train_stitch applies them
+        engine = prep.module
+        trainable = engine.objective.trainable
+        speed_up(engine, options, parts=[*engine.fronts.values(), *engine.tails.values()])  # as fit_engine applies them
+        engine.configure_steps(**{key: options.pop(key, None) for key in ENGINE_KEYS})
         with measure(row):
-            if prep.module.trainable:
-                build_trainer(options, run_dir, enable_progress_bar=False).fit(prep.module, datamodule=prep.datamodule)
+            if trainable:
+                build_trainer(options, run_dir, enable_progress_bar=False).fit(engine, datamodule=prep.datamodule)
         test = {}
         with measure(test):
-            build_trainer(options, run_dir, enable_progress_bar=False).test(prep.module, datamodule=prep.datamodule,
+            build_trainer(options, run_dir, enable_progress_bar=False).test(engine, datamodule=prep.datamodule,
                                                                              verbose=False)
         row["test_seconds"] = test["seconds"]
         extra = ""
-        if prep.module.trainable:
+        if trainable:
             row["images_per_s"] = round(row["images"] / row["seconds"], 1)
             extra = f"   {row['images_per_s']:.0f} images/s"
             if objective in PLAIN_OBJECTIVES:
@@ -132,7 +136,7 @@ def plain_step(prep, objective: str, accelerate: bool = True):
     from stitching.models import cut_point_activations
     from stitching.objectives.losses import slm_loss
 
-    network, reference, j = prep.module.network, prep.module.reference, prep.end_layer
+    network, reference, j = prep.network, prep.module.reference, prep.end_layer
     device = prep.settings.device
     network.to(device).train()
     if accelerate:  # channels_last and compile, as the run applies them
@@ -274,7 +278,7 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
     and the largest difference in a cell's test accuracy."""
     import json
 
-    from stitching.grid import cell_config, run_grid
+    from stitching.grids import cell_config, run_grid
     from stitching.runs import run
 
     cfg = compose_config([*overrides, f"objective={objective}", "trainer.max_epochs=1",

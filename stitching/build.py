@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stitching.api import CLASS_TOKEN, Prepared, check_capacity, check_init, prepare_stitch
+from stitching.api import Prepared
 from stitching.data import ImageDataModule
 from stitching.data.text import PairDataModule, TextDataModule
 from stitching import CONF_DIR
@@ -25,8 +25,10 @@ from stitching.models.layout import compatible
 from stitching.models.language import LANGUAGE_LIBRARIES, TextInputs
 from stitching.stitch_layers import batches
 from stitching.models.adapters import check_name
-from stitching.objectives import OBJECTIVES
+from stitching.engine import StitchEngine
+from stitching.objectives import OBJECTIVES, make_objective
 from stitching.runtime import Stopwatch
+from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
 from stitching.validation import check_config
 from stitching.zoo import ModelSpec, ModelZoo
 
@@ -49,22 +51,6 @@ class Side:
 
     spec: ModelSpec
     checkpoint: str | None
-
-
-@dataclass(frozen=True)
-class StitchSettings:
-    front_layer: int | str
-    end_layer: int | str
-    dm_samples: int
-    update_bn: bool
-    class_token: str
-    lr: float
-    weight_decay: float
-    init: str = "dm"
-    kind: str = "affine"
-    rank: int | None = None
-    hidden: int | None = None
-    front_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,8 +94,7 @@ def read_settings(cfg: DictConfig) -> Settings:
         raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     stitch = cfg.stitch
     class_token = stitch.get("class_token", "shared")
-    if class_token not in CLASS_TOKEN:
-        raise StitchingError(f"unknown stitch.class_token '{class_token}'; choose shared or separate")
+    check_class_token(class_token)
     check_init(str(stitch.get("init", "dm")), objective)
     check_capacity(str(stitch.get("kind", "affine")), stitch.get("rank"), stitch.get("front_rank"))
     weights = cfg.objective.get("weights", "uniform")
@@ -266,8 +251,23 @@ def check_compatible(front: CuttableModel, end: CuttableModel, datamodule: Image
 
 
 @dataclass
+class Setup:
+    """What every stitching run of a config shares before any stitch exists: settings, data
+    (and the DM samples), the base models with their records, and how the data reach them."""
+
+    settings: Settings
+    datamodule: ImageDataModule | TextDataModule
+    front: CuttableModel
+    end: CuttableModel
+    front_record: dict
+    end_record: dict
+    inputs: dict
+    samples: Any
+
+
+@dataclass
 class Run:
-    """Everything a stitching run needs before training."""
+    """Everything one stitching run (or one cell of a grid) needs before training."""
 
     settings: Settings
     datamodule: ImageDataModule
@@ -279,20 +279,30 @@ class Run:
     prepared: Prepared
 
     @property
-    def module(self):
-        return self.prepared.module
+    def module(self) -> StitchEngine:
+        return self.prepared.engine
+
+    @property
+    def engine(self) -> StitchEngine:
+        return self.prepared.engine
+
+    @property
+    def network(self):
+        return self.prepared.network
 
     @property
     def front_layer(self) -> int:
-        return self.prepared.front.index
+        return self.prepared.cell[0]
 
     @property
     def end_layer(self) -> int:
-        return self.prepared.end.index
+        return self.prepared.cell[1]
 
 
-def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
-    """Settings, data, base models, cut, DM initialisation and the objective's LightningModule."""
+def setup(cfg: DictConfig, watch: Stopwatch | None = None, layers: tuple[list, list] | None = None,
+          stitched: bool = True) -> Setup:
+    """Settings, data, DM samples and base models (checked against ``layers``, default the
+    stitch's own cut points, before a missing base model is trained)."""
     watch = watch or Stopwatch()
     settings = read_settings(cfg)
     L.seed_everything(settings.seed, workers=True, verbose=False)
@@ -303,17 +313,41 @@ def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
         sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
         samples = sample(settings.stitch.dm_samples, seed=settings.seed)
     with watch.section("zoo_s"):
-        front, front_record, end, end_record = load_models(cfg, settings, datamodule=datamodule)
+        front, front_record, end, end_record = load_models(cfg, settings, layers, stitched=stitched,
+                                                           datamodule=datamodule)
     inputs = reconcile_inputs(front, end, datamodule)
     check_compatible(front, end, datamodule, batches(samples, 2)[0])
-    s = settings.stitch
+    return Setup(settings, datamodule, front, end, front_record, end_record, inputs, samples)
+
+
+def make_engine(done: Setup, cells: list[tuple[int, int]], watch: Stopwatch | None = None,
+                tail_chunk: int | None = None) -> StitchEngine:
+    """The engine that trains ``cells`` (DM solutions, or the configured start, included)."""
+    watch = watch or Stopwatch()
+    settings = done.settings
     with watch.section("dm_init_s"):
-        prepared = prepare_stitch(front, end, s.front_layer, s.end_layer, samples, settings.objective, lr=s.lr,
-                                  weight_decay=s.weight_decay, update_bn=s.update_bn, class_token=s.class_token,
-                                  weights=settings.fula_weights, adversarial=settings.attack,
-                                  num_classes=datamodule.num_classes, init=s.init, kind=s.kind, rank=s.rank,
-                                  hidden=s.hidden, front_rank=s.front_rank)
-    return Run(settings, datamodule, front, end, front_record, end_record, inputs, prepared)
+        return StitchEngine(done.front, done.end, cells, make_objective(settings.objective, settings.fula_weights),
+                            settings.stitch, done.samples, num_classes=done.datamodule.num_classes,
+                            adversarial=settings.attack, seed=settings.seed, tail_chunk=tail_chunk,
+                            device=settings.device)
+
+
+def cell_run(done: Setup, engine: StitchEngine, cell: tuple[int, int]) -> Run:
+    """Cell ``cell`` of ``engine`` as one stitching run (its record's settings name its layers)."""
+    from dataclasses import replace
+
+    settings = replace(done.settings, stitch=replace(done.settings.stitch, front_layer=cell[0], end_layer=cell[1]))
+    return Run(settings, done.datamodule, done.front, done.end, done.front_record, done.end_record, done.inputs,
+               Prepared(engine, cell))
+
+
+def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
+    """A single run: settings, data, base models, cut, and its one-cell engine at its start."""
+    watch = watch or Stopwatch()
+    done = setup(cfg, watch)
+    s = done.settings.stitch
+    cell = (cut(done.front, s.front_layer).index, cut(done.end, s.end_layer).index)
+    return cell_run(done, make_engine(done, [cell], watch), cell)
 
 
 def outlier_arrays(cfg: DictConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,7 +150,7 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
 def run_job(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
     """Train (or read back) one job's cells; return what failed."""
     from stitching.build import compose_config
-    from stitching.grid import run_grid
+    from stitching.grids import run_grid
 
     folder = job.folder(root)
     if job.experiment == "language":  # its own preset: of the base only where files go and how to train
@@ -164,12 +164,12 @@ def run_job(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
 
 def _similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[str]:
     from stitching.build import compose_config
-    from stitching.similarity.__main__ import main_grids
+    from stitching.similarity.compare import config_grids
 
     if (folder / "similarity.csv").is_file():
         return []
     s = compose_config(overrides).claims
-    main_grids(overrides, ["cka", "cca"], int(s.similarity_images), "pool", 250, folder, layers=list(s.layers),
+    config_grids(overrides, ["cka", "cca"], int(s.similarity_images), "pool", 250, folder, layers=list(s.layers),
                progress=progress)
     return []
 
@@ -228,7 +228,7 @@ def _subset(frame, c):
 
 
 def _self_grids(frame, c):
-    from stitching.report import layer_grid, self_accuracy
+    from stitching.results.tables import layer_grid, self_accuracy
 
     share = {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=False) for o in ("hint", "fula", "tlm")}
     effect = min(share["hint"] - 0.5, share["fula"] - 0.5, min(share["hint"], share["fula"]) - share["tlm"])
@@ -251,7 +251,7 @@ def _ood(frame, c):
 
 
 def _similarity(frame, c):
-    from stitching.report import sanity_checks
+    from stitching.results.tables import sanity_checks
 
     scores = {r["method"]: r["score"] for r in sanity_checks(frame) if r["check"] == "corresponding layers"}
     if not {"cka", "cca"} <= set(scores):
@@ -364,9 +364,9 @@ def loss_curves(frame: pd.DataFrame, path: Path) -> Path | None:
     curves = curves[curves.train_curve.map(len) > 1]
     if curves.empty:
         return None
-    from stitching.report import _pyplot, _save
+    from stitching.results.figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for objective, rows in curves.groupby("objective"):
         relative = np.stack([np.asarray(c) / c[0] for c in rows.train_curve if c[0]])
@@ -377,7 +377,7 @@ def loss_curves(frame: pd.DataFrame, path: Path) -> Path | None:
     ax.set_ylabel("training loss / epoch-1 loss")
     ax.set_title("does the stitch converge? (range over cells)")
     ax.legend()
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def effects_figure(results: list[dict], path: Path) -> Path | None:
@@ -386,11 +386,11 @@ def effects_figure(results: list[dict], path: Path) -> Path | None:
     shown = [r for r in results if r["pairs"]]
     if not shown:
         return None
-    from stitching.report import _grid, _pyplot, _save
+    from stitching.results.figures import panel_grid, pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     colour = {HOLDS: "tab:green", FAILS: "tab:red", UNSURE: "tab:grey"}
-    fig, axes = _grid(plt, len(shown), 2.6, 2.4, columns=5)
+    fig, axes = panel_grid(plt, len(shown), 2.6, 2.4, columns=5)
     for ax, r in zip(axes, shown):
         values = [p["effect"] for p in r["per_pair"] if p["effect"] is not None]
         ax.axhline(0, color="black", linewidth=0.8)
@@ -401,7 +401,7 @@ def effects_figure(results: list[dict], path: Path) -> Path | None:
         ax.set_title(f"{r['name']}\n{r['verdict']}", fontsize=8)
         ax.set_ylabel(f"effect ({r['unit']})", fontsize=7)
         ax.tick_params(labelsize=7)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: DictConfig, meta: dict) -> None:
@@ -463,7 +463,7 @@ def check_cut_points(cfg: DictConfig) -> None:
 
 def check_claims(cfg: DictConfig, base: list[str], out: Path, progress: bool = True) -> dict:
     """Run every job of the chosen claims (a finished cell is kept), measure, write the report."""
-    from stitching.report import collect
+    from stitching.results.records import collect
 
     settings = cfg.claims
     names = chosen(settings)

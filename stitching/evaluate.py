@@ -126,22 +126,25 @@ def cached_robust_metrics(model: nn.Module, checkpoint: str | Path | None, datam
     return known[key]
 
 
-def penultimate_cka(network: nn.Module, end: nn.Module, datamodule: ImageDataModule, attack: dict, device) -> float:
+def penultimate_cka(network: nn.Module, end: nn.Module, datamodule: ImageDataModule, attack: dict, device,
+                    seed: int = 0) -> float:
     """Linear CKA between the stitched network's and the end model's penultimate features.
 
     Features are the globally pooled activations that enter the classifier; inputs are PGD
     examples crafted against the stitched network (clean test images when ``eps`` is 0).
-    FuLA paper, Fig. 6, computes it for the DM-initialised stitch.
+    FuLA paper, Fig. 6, computes it for the DM-initialised stitch. The attack's random starts
+    come from ``seed`` alone, so a grid's cell measures what its own run measures.
     """
     images, labels = datamodule.test_tensors(int(attack["eval_images"]))
     network, end = network.to(device).eval(), end.to(device).eval()
     settings = pgd_settings(attack)
     layout = end.cut_points[-1].layout
     stitched, native = [], []
+    generator = torch.Generator().manual_seed(seed)
     for x, y in zip(images.split(256), labels.split(256)):
         x, y = x.to(device), y.to(device)
         if settings["eps"] > 0:
-            x = pgd(network, x, y, **settings)
+            x = pgd(network, x, y, generator=generator, **settings)
         with torch.no_grad():
             stitched.append(pooled(network(x, return_features=True)[1][-1], layout).cpu())
             native.append(pooled(cut_point_activations(end, x)[1][-1], layout).cpu())

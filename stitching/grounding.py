@@ -142,7 +142,7 @@ class Grounding:
 
     def __init__(self, cfg: DictConfig, overrides: list[str], out: Path, progress: bool = True):
         from stitching.build import build_zoo, read_settings
-        from stitching.probe import build_prober
+        from stitching.probes import build_prober
 
         self.cfg, self.overrides, self.out, self.progress = cfg, list(overrides), out, progress
         self.settings = read_settings(cfg)
@@ -181,7 +181,7 @@ class Grounding:
         return self.prober.accuracy(model, record["key"], layer, rank)["test_acc"]
 
     def features(self, seed: int, layer: int, rank: int | None) -> torch.Tensor:
-        from stitching.probe import cut_features
+        from stitching.probes import cut_features
 
         key = (seed, layer, rank)
         if key not in self._features:
@@ -310,9 +310,9 @@ def _fmt(value: float) -> str:
 
 
 def _plot(table: pd.DataFrame, measures: list[str], path: Path) -> None:
-    from stitching.report import _pyplot, _save
+    from stitching.results.figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     tests = list(dict.fromkeys(table["test"]))
     fig, axes = plt.subplots(1, len(tests), figsize=(4.6 * len(tests), 0.45 * len(measures) + 1.4), squeeze=False,
                              sharey=True)
@@ -327,7 +327,7 @@ def _plot(table: pd.DataFrame, measures: list[str], path: Path) -> None:
         ax.axvline(0, color="black", lw=0.6)
         ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ: dissimilarity vs Δ probe accuracy", title=test)
         ax.set_yticks(y, [measure_label(m) for m in measures])
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 @exit_on_user_error

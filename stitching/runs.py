@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stitching.api import train_stitch
 from stitching.build import Run, is_text, outlier_arrays, prepare
 from stitching.data import save_examples
 from stitching.data.text import PairDataModule
@@ -34,18 +33,20 @@ from stitching.evaluate import (
     robust_metrics,
     testbed_metrics,
 )
+from stitching.engine import cell_key, fit_engine
 from stitching.errors import NonFiniteError, StitchingError
 from stitching.models import cut_point_names
 from stitching.runtime import Stopwatch, build_logger, cache_warning, versions, write_json_atomic
 
 
 def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
-    """One stitching run; returns the record also written to ``run_dir/results.json``."""
+    """One stitching run (an engine of one cell); returns the record also written to
+    ``run_dir/results.json``. A stitch that diverged raises :class:`NonFiniteError`."""
     watch = Stopwatch()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg, watch)
-    settings, network = prep.settings, prep.module.network
+    settings = prep.settings
     i, j, objective = prep.front_layer, prep.end_layer, settings.objective
     config = OmegaConf.to_container(cfg, resolve=True)
     logger_options = OmegaConf.to_container(cfg.logger, resolve=True)
@@ -53,16 +54,14 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
         logger_options["group"] = sweep_name  # the runs of one sweep share a W&B group
     logger = build_logger(logger_options, run_dir, run_name=f"{objective}_f{i}_e{j}", config=config)
     try:
-        init_metrics = {}
-        if cfg.evaluation.penultimate_cka:
-            with watch.section("init_eval_s"):
-                init_metrics["init/penultimate_cka"] = penultimate_cka(network, copy.deepcopy(prep.end),
-                                                                       prep.datamodule, settings.attack, settings.device)
-        metrics = train_stitch(prep.prepared, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(),
-                               settings.trainer, logger=logger, run_dir=run_dir, watch=watch)
-        curve = prep.prepared.module.curve
-        record = finish_run(cfg, prep, {**metrics, **init_metrics}, watch, run_dir,
-                            curve={"train/loss": curve} if curve else None)
+        init_metrics = initial_metrics(cfg, prep, watch)
+        results = fit_engine(prep.module, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(),
+                             settings.trainer, logger=logger, run_dir=run_dir, watch=watch)
+        cell = results[cell_key(i, j)]
+        if cell["error"] is not None:
+            raise cell["error"]
+        record = finish_run(cfg, prep, {**cell["metrics"], **init_metrics}, watch, run_dir,
+                            curve={"train/loss": cell["curve"]} if cell["curve"] else None)
         if logger:
             logger.log_metrics({f"final/{k}": v for k, v in record["metrics"].items()})
     finally:  # a W&B run is closed whether the stitching run finished or failed
@@ -71,12 +70,23 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
     return record
 
 
+def initial_metrics(cfg: DictConfig, prep: Run, watch: Stopwatch) -> dict:
+    """What is measured on the stitched network at its start, before training
+    (``evaluation.penultimate_cka``: the DM-initialised network against the end model, Fig. 6)."""
+    if not cfg.evaluation.penultimate_cka:
+        return {}
+    with watch.section("init_eval_s"):
+        network = prep.engine.network(*prep.prepared.cell)  # its start; the run's own view is read after training
+        return {"init/penultimate_cka": penultimate_cka(network, copy.deepcopy(prep.end), prep.datamodule,
+                                                        prep.settings.attack, prep.settings.device, prep.settings.seed)}
+
+
 def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_dir: Path,
                timings: dict | None = None, curve: dict | None = None) -> dict:
     """Save the trained stitch, evaluate the testbeds and write ``results.json`` (the single
     run's and each cell of a fused grid's); return the record. ``curve``: per-epoch values
     (``{"train/loss": [...]}``), recorded as they are."""
-    settings, network = prep.settings, prep.module.network
+    settings, network = prep.settings, prep.network
     i, j = prep.front_layer, prep.end_layer
     config = OmegaConf.to_container(cfg, resolve=True)
     torch.save(network.stitch.state_dict(), run_dir / "stitch.pt")
@@ -112,7 +122,7 @@ def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_
 def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
     """Testbed metrics of the stitched network, the base models' own, and what was evaluated."""
     attack, device = prep.settings.attack, prep.settings.device
-    datamodule, network = prep.datamodule, prep.module.network
+    datamodule, network = prep.datamodule, prep.network
     if is_text(datamodule):  # language models: the test pass measured the losses and the penalty
         base = {side: {"key": record["key"], "test_acc": record.get("test_acc"), "test_loss": record.get("test_loss"),
                        "dataset": cfg[side].dataset, "source": _provenance(record)}

@@ -31,7 +31,7 @@ from stitching.errors import StitchingError
 _TRAINER_KEYS = {
     "accelerator", "devices", "strategy", "num_nodes", "precision", "max_epochs", "max_steps",
     "log_every_n_steps", "deterministic", "benchmark", "enable_progress_bar", "limit_train_batches",
-    "limit_test_batches", "gradient_clip_val", "accumulate_grad_batches", "fast_dev_run",
+    "limit_test_batches", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches", "fast_dev_run",
 }
 
 
@@ -39,17 +39,18 @@ _TRAINER_KEYS = {
 SPEED_KEYS = ("channels_last", "compile")
 
 
-def speed_up(network: torch.nn.Module, options: dict) -> torch.nn.Module:
+def speed_up(network: torch.nn.Module, options: dict, parts=None) -> torch.nn.Module:
     """Apply ``trainer.channels_last`` (conv weights in NHWC memory order: faster convolutions on
-    GPUs with tensor cores) and ``trainer.compile`` (``torch.compile`` of the stitched network's
-    front head and end tail, in place: fused kernels after a one-off compile) to ``network``."""
+    GPUs with tensor cores) and ``trainer.compile`` (``torch.compile`` of ``parts``, by default
+    the stitched network's front head and end tail, in place: fused kernels after a one-off
+    compile) to ``network``."""
     if options.get("channels_last"):
         if next(network.parameters()).is_cuda:
             network.to(memory_format=torch.channels_last)
         else:  # oneDNN's CPU convolution backward on NHWC maps of few channels is slow or crashes
             print("[trainer] channels_last applies on GPUs only; the CPU run keeps NCHW", file=sys.stderr)
     if options.get("compile"):
-        for part in (getattr(network, "front", None), getattr(network, "end", None)):
+        for part in parts if parts is not None else (getattr(network, "front", None), getattr(network, "end", None)):
             if part is not None:
                 part.compile()
     return network

@@ -19,7 +19,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stitching import CONF_DIR
+from stitching import CONF_DIR, LAYER_KEYS
+from stitching.jobs import share_threads
 
 
 _REFUSED: list[str] = []
@@ -66,23 +67,6 @@ class SweepStatus(Callback):
             sys.exit(1)
 
 
-def share_threads(n_jobs, cores: int | None = None) -> int | None:
-    """Give this job its share of the cores when ``n_jobs`` run at once on this machine (joblib:
-    ``hydra/launcher=local``; -1 = one per core): torch threads = cores / jobs, at least one.
-    Every job on all cores oversubscribes them and makes a parallel sweep slower than a serial one."""
-    if n_jobs is None:
-        return None
-    cores = cores or os.cpu_count() or 1
-    jobs = cores if int(n_jobs) < 0 else int(n_jobs)
-    if jobs <= 1:
-        return None
-    threads = max(1, cores // jobs)
-    import torch  # the job's own import: the launcher's process never needs it
-
-    torch.set_num_threads(threads)
-    return threads
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
@@ -124,7 +108,6 @@ def main(cfg: DictConfig):
     release_memory()  # a sweep's runs share this process under the basic launcher
     return score(record)
 
-LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")
 
 
 def with_default_layer_sweep(argv: list[str]) -> list[str]:

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from stitching.attacks import pgd, pgd_settings
 from stitching.attacks.pgd import DEFAULT_EPS
 from stitching.data import ImageDataModule
+from stitching.files import sha256
 from stitching.errors import StitchingError
 from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, adapt, build_model, is_transformer
 from stitching.objectives.tasks import IGNORE, NextToken
@@ -62,14 +63,6 @@ class ModelSpec:
             return f"{self.arch}-{self.name}-{self.dataset}-s{self.seed}{robust}-{unit}{budget}"
         depth = f"-d{self.depth}" if self.depth is not None else ""
         return f"{self.arch}-w{self.width}{depth}-{self.dataset}-s{self.seed}{robust}-{unit}{budget}"
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextmanager

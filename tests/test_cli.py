@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stitching.report import collect, layer_table, missing_cells, report
+from stitching.report import report
+from stitching.results.records import collect, missing_cells
+from stitching.results.tables import layer_table
 from tests.conftest import TINY, train_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +117,7 @@ def test_demo_preset_runs_one_cell_at_full_demo_size(tmp_path):
 def test_self_accuracy_on_hand_built_grids():
     import numpy as np
 
-    from stitching.report import self_accuracy
+    from stitching.results.tables import self_accuracy
 
     diagonal = np.eye(4) + 0.1
     assert self_accuracy(diagonal) == 1.0 and self_accuracy(diagonal, directional=False) == 1.0
@@ -393,7 +395,7 @@ def test_report_averages_seed_pairs_and_shows_their_spread(tmp_path):
     the mean in tables and grids, the standard deviation beside it."""
     import pandas as pd
 
-    from stitching.report import spread_table, varying_conditions
+    from stitching.results.tables import spread_table, varying_conditions
 
     accuracies = {(0, 1): 0.8, (1, 2): 0.6, (2, 0): 0.7, (0, 0): 0.95}  # (front seed, end seed) → layer-1 acc
     for (front_seed, end_seed), acc in accuracies.items():

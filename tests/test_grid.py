@@ -57,61 +57,144 @@ def _bn_state(module: nn.Module) -> dict:
     return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
 
 
-@pytest.mark.parametrize("update_bn,chunk", [(True, None), (False, None), (True, 2)])
-@pytest.mark.parametrize("objective", ["hint", "fula", "tlm"])
-def test_every_fused_cell_equals_its_own_run(objective, update_bn, chunk):
-    """``chunk=2``: end layer 4's three stitches pass its tail as two chunks (2 + 1)."""
-    from stitching.api import prepare_stitch
-    from stitching.grid import FusedGrid
+def _engine(front, end, cells, objective, dm, update_bn=True, chunk=None, init="dm", kind="affine", front_rank=None,
+            adversarial=None):
+    from stitching.engine import StitchEngine
+    from stitching.objectives import make_objective
 
-    front, end = _models()
+    settings = StitchSettings(1, 1, len(dm), update_bn, "shared", 1e-2, 1e-4, init=init, kind=kind, rank=2, hidden=3,
+                              front_rank=front_rank)
+    return StitchEngine(front, end, cells, make_objective(objective), settings, dm, num_classes=10,
+                        adversarial=adversarial, seed=3, tail_chunk=chunk)
+
+
+def _train(engine, batches, test_x, trainer=None):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from stitching.engine import fit_engine
+
+    test = DataLoader(TensorDataset(test_x, torch.arange(len(test_x)) % 10), batch_size=16)
+    batches = DataLoader(TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])),
+                         batch_size=len(batches[0][0]))
+    options = {"accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False, **(trainer or {})}
+    return fit_engine(engine, batches, test, options)
+
+
+def _data():
     generator = torch.Generator().manual_seed(1)
     dm = torch.rand(24, 3, 16, 16, generator=generator)
     batches = [(torch.rand(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator))
                for _ in range(4)]
-    test_x = torch.rand(32, 3, 16, 16, generator=generator)
+    return dm, batches, torch.rand(32, 3, 16, 16, generator=generator)
+
+
+def _assert_cell_equal(fused, single, i, j, front, end, update_bn, test_x, what):
+    a, b = fused.network(i, j), single.network(i, j)
+    for (name, want), got in zip(b.stitch.state_dict().items(), a.stitch.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{what} f{i}-e{j} {name}")
+    for side in ("front", "end"):  # BN running statistics (the front up to the cut, the end tail)
+        mine, theirs = _bn_state(getattr(b, side).model), _bn_state(getattr(a, side).model)
+        used = [k for k in mine if not torch.equal(mine[k], _bn_state(front if side == "front" else end)[k])]
+        assert bool(used) == update_bn
+        for key in used:
+            torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6, msg=f"{what} {side} {key}")
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(test_x), b.eval()(test_x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("update_bn,chunk", [(True, None), (False, None), (True, 2)])
+@pytest.mark.parametrize("objective", ["hint", "fula", "slm", "tlm"])
+def test_every_fused_cell_equals_its_own_run(objective, update_bn, chunk):
+    """The engine of four cells against four engines of one cell, both under Lightning.
+    ``chunk=2``: end layer 4's three stitches pass its tail as two chunks (2 + 1)."""
+    front, end = _models()
+    dm, batches, test_x = _data()
     pairs = [(2, 4), (4, 4), (6, 4), (4, 7)]
-    settings = StitchSettings(1, 1, 24, update_bn, "shared", 1e-2, 1e-4)
-    grid = FusedGrid(front, end, pairs, objective, dm, settings, num_classes=10, chunk=chunk)
-    assert len(grid.tails) == (2 if chunk is None else 3)
-    optimiser = grid.configure_optimizer()
-    for x, y in batches:
-        grid.train()
-        optimiser.zero_grad()
-        torch.stack([loss for _, group in grid.passes(x, y) for _, _, loss in group]).sum().backward()
-        optimiser.step()
+    fused = _engine(front, end, pairs, objective, dm, update_bn, chunk)
+    assert len(fused.tails) == (2 if chunk is None else 3)
+    results = _train(fused, batches, test_x)
     for i, j in pairs:
-        single = prepare_stitch(front, end, i, j, dm, objective, lr=1e-2, update_bn=update_bn).module
-        single_optimiser = single.configure_optimizers()
-        for x, y in batches:
-            single.train()
-            single_optimiser.zero_grad()
-            single.loss(x, y)[0].backward()
-            single_optimiser.step()
-        fused = grid.cell_network(i, j, copy.deepcopy(end))
-        for (name, a), b in zip(single.network.stitch.state_dict().items(), fused.stitch.state_dict().values()):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{objective} f{i}-e{j} {name}")
-        for side in ("front", "end"):  # BN running statistics (the front up to the cut, the end tail)
-            mine, theirs = _bn_state(getattr(single.network, side).model), _bn_state(getattr(fused, side).model)
-            used = [k for k in mine if not torch.equal(mine[k], _bn_state(front if side == "front" else end)[k])]
-            assert bool(used) == update_bn
-            for key in used:
-                torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6, msg=f"{side} {key}")
-        with torch.no_grad():
-            assert torch.equal(single.network.eval()(test_x).argmax(1), fused.eval()(test_x).argmax(1))
+        single = _engine(front, end, [(i, j)], objective, dm, update_bn)
+        alone = _train(single, batches, test_x)[f"f{i}-e{j}"]
+        _assert_cell_equal(fused, single, i, j, front, end, update_bn, test_x, objective)
+        for key, value in alone["metrics"].items():
+            assert results[f"f{i}-e{j}"]["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert results[f"f{i}-e{j}"]["curve"] == pytest.approx(alone["curve"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["random", "identity", "low_rank", "mlp", "front_rank", "dm"])
+def test_every_stitch_kind_and_start_fuses_alike(case):
+    """Random starts are seeded per cell; low-rank, MLP and rank-truncated stitches fuse."""
+    front, end = _models()
+    dm, batches, test_x = _data()
+    pairs = [(2, 4), (4, 4), (5, 6)]
+    options = {"init": case} if case in ("random", "identity") else \
+        {"front_rank": 2} if case == "front_rank" else {"kind": case} if case != "dm" else {"objective": "dm"}
+    objective = options.pop("objective", "fula")
+    fused = _engine(front, end, pairs, objective, dm, **options)
+    _train(fused, batches, test_x)
+    for i, j in pairs:
+        single = _engine(front, end, [(i, j)], objective, dm, **options)
+        _train(single, batches, test_x)
+        _assert_cell_equal(fused, single, i, j, front, end, objective != "dm", test_x, case)
+
+
+def test_random_starts_differ_between_cells_and_seeds():
+    front, end = _models()
+    dm, _, _ = _data()
+    a = _engine(front, end, [(4, 4), (3, 4)], "hint", dm, init="random")
+    b = _engine(front, end, [(4, 4)], "hint", dm, init="random")
+    torch.testing.assert_close(a.stitches["f4-e4"].weight, b.stitches["f4-e4"].weight)
+    assert not torch.equal(a.stitches["f4-e4"].weight[:, :8], a.stitches["f3-e4"].weight[:, :8])
+
+
+def test_adversarial_stitching_fuses_with_a_front_per_cell():
+    front, end = _models()
+    dm, batches, test_x = _data()
+    attack = {"alpha": 0.5, "eps": 0.03, "steps": 2, "step_size": 0.01, "random_start": False}
+    pairs = [(3, 4), (5, 5)]
+    fused = _engine(front, end, pairs, "tlm", dm, adversarial=attack)
+    assert set(fused.fronts) == {"f3-e4", "f5-e5"}
+    _train(fused, batches[:2], test_x, {"max_epochs": 1})
+    for i, j in pairs:  # each cell draws its own adversarial share and start, as in its own run
+        single = _engine(front, end, [(i, j)], "tlm", dm, adversarial=attack)
+        _train(single, batches[:2], test_x, {"max_epochs": 1})
+        _assert_cell_equal(fused, single, i, j, front, end, True, test_x, "adversarial")
+
+
+@pytest.mark.parametrize("option", [{"max_steps": 3}, {"limit_train_batches": 2}, {"gradient_clip_val": 0.01},
+                                    {"gradient_clip_val": 0.001, "gradient_clip_algorithm": "value"},
+                                    {"accumulate_grad_batches": 3}, {"limit_test_batches": 1}])
+def test_every_trainer_option_acts_on_a_grid_as_on_its_single_runs(option):
+    """Each option changes the fused cells exactly as it changes their single runs (and does change them)."""
+    front, end = _models()
+    dm, batches, test_x = _data()
+    pairs = [(2, 4), (4, 4), (4, 7)]
+    fused = _engine(front, end, pairs, "fula", dm)
+    results = _train(fused, batches, test_x, option)
+    plain = _engine(front, end, pairs, "fula", dm)
+    baseline = _train(plain, batches, test_x)
+    changed = False
+    for i, j in pairs:
+        single = _engine(front, end, [(i, j)], "fula", dm)
+        alone = _train(single, batches, test_x, option)[f"f{i}-e{j}"]
+        _assert_cell_equal(fused, single, i, j, front, end, True, test_x, str(option))
+        assert results[f"f{i}-e{j}"]["metrics"] == pytest.approx(alone["metrics"], rel=1e-5, abs=1e-6)
+        changed |= results[f"f{i}-e{j}"]["metrics"] != pytest.approx(baseline[f"f{i}-e{j}"]["metrics"], rel=1e-6)
+    assert changed, f"{option} changed nothing"
 
 
 def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_config, tmp_path):
     """The command-line grid against the same cells as single runs: same accuracies and stitches,
     same report (self-accuracy, heatmap), and a rerun that keeps every finished cell."""
-    from stitching.grid import cell_config, run_grid
+    from stitching.grids import cell_config, run_grid
     from stitching.report import report
     from stitching.runs import run
 
     cfg = tiny_config("objective=fula", "grid.pairs=[[1,1],[1,5],[5,1],[5,5]]", "trainer.limit_train_batches=3",
                       "trainer.max_epochs=2")
     summary = run_grid(cfg, tmp_path / "grid", progress=False)
-    assert summary["fused"] and len(summary["done"]) == 4 and not summary["failed"]
+    assert len(summary["done"]) == 4 and not summary["failed"]
     for i, j in summary["done"]:
         run(cell_config(cfg, i, j), tmp_path / "single" / "fula" / f"f{i}-e{j}")
     for i, j in summary["done"]:
@@ -134,7 +217,7 @@ def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_conf
 
 
 def test_a_sweep_becomes_one_grid_per_combination_of_the_other_axes():
-    from stitching.grid import sweep_grids
+    from stitching.grids import sweep_grids
 
     grids = sweep_grids(["experiment=sanity_small"])  # the preset's sweep: 2 end seeds × 4 objectives × 5 × 5 layers
     assert len(grids) == 8
@@ -153,7 +236,7 @@ def test_the_grid_command_sweeps_fused_grids_and_reports_them(zoo_dir, tmp_path,
     from tests.conftest import TINY
 
     from stitching.grid import main
-    from stitching.report import collect
+    from stitching.results.records import collect
 
     main(["-m", "--no-progress", "--out", str(tmp_path / "sweep"), *TINY, f"paths.zoo_dir={zoo_dir}",
           f"paths.output_dir={tmp_path}", "objective=dm,hint", "stitch.front_layer=1,3", "stitch.end_layer=1,3",
@@ -163,4 +246,52 @@ def test_the_grid_command_sweeps_fused_grids_and_reports_them(zoo_dir, tmp_path,
     assert not failed and len(frame) == 8 and set(frame.objective) == {"dm", "hint"}
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), *TINY, "hydra/launcher=slurm"])
-    assert "a fused grid trains in this process" in capsys.readouterr().err
+    assert "add -m (one job per grid)" in capsys.readouterr().err
+
+
+def _launched_sweep(launcher: list[str], zoo_dir, tmp_path):
+    from tests.conftest import TINY
+
+    from stitching.grid import main
+    from stitching.results.records import collect
+
+    with pytest.raises(SystemExit) as done:
+        main(["-m", "--no-progress", "--out", str(tmp_path / "sweep"), *TINY, f"paths.zoo_dir={zoo_dir}",
+              f"paths.output_dir={tmp_path}", "objective=dm,hint", "stitch.front_layer=1,3", "stitch.end_layer=3",
+              "trainer.limit_train_batches=2", *launcher])
+    assert done.value.code == 0
+    frame, failed = collect(tmp_path / "sweep")
+    assert not failed and len(frame) == 4 and set(frame.objective) == {"dm", "hint"}
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]  # one job per grid, each with both of its cells
+    for job in jobs:
+        cells = sorted(p.parent.name for p in (tmp_path / "sweep" / job).rglob("results.json"))
+        assert cells == ["f1-e3", "f3-e3"]
+    return frame
+
+
+def test_a_sweep_of_grids_runs_on_joblib_one_job_per_grid(zoo_dir, tmp_path):
+    _launched_sweep(["hydra/launcher=local", "hydra.launcher.n_jobs=2"], zoo_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_sweep_of_grids_runs_on_submitit_one_job_per_grid(zoo_dir, tmp_path):
+    """submitit's local executor: the SLURM launcher's job expansion and pickling, offline."""
+    _launched_sweep(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], zoo_dir, tmp_path)
+
+
+def test_settings_that_once_ran_cell_by_cell_now_fuse_and_equal_their_single_runs(tiny_config, tmp_path):
+    """A random start and the penultimate CKA at the start (Fig. 6) through the command-line grid."""
+    from stitching.grids import cell_config, run_grid
+    from stitching.runs import run
+
+    cfg = tiny_config("objective=hint", "stitch.init=random", "evaluation.penultimate_cka=true",
+                      "grid.pairs=[[3,3],[5,3]]", "trainer.limit_train_batches=2")
+    summary = run_grid(cfg, tmp_path / "grid", progress=False)
+    assert len(summary["done"]) == 2 and not summary["failed"]
+    for i, j in summary["done"]:
+        fused = json.loads((tmp_path / "grid" / "hint" / f"f{i}-e{j}" / "results.json").read_text())
+        single = run(cell_config(cfg, i, j), tmp_path / "single" / f"f{i}-e{j}")
+        assert fused["timings"]["fused_cells"] == 2
+        for key in ("test/acc", "train/loss", "init/penultimate_cka"):
+            assert fused["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-6), key

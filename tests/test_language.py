@@ -290,3 +290,32 @@ def test_skipped_positions_leave_the_indices_but_not_the_forward_pass():
             assert grids["cka"][i, j] == pytest.approx(float(expected), abs=1e-5)
     whole, _ = similarity_grids(front, end, batch, ["cka"], flatten="positions", progress=False)
     assert not torch.allclose(torch.tensor(whole["cka"]), torch.tensor(grids["cka"]))
+
+
+@pytest.mark.parametrize("objective", ["hint", "fula", "tlm"])
+def test_a_language_model_grid_cell_equals_its_own_run(objective, tmp_path):
+    """The front and the reference run once per batch; each cell's stitched sequence goes
+    through the (shared, statistics-free) end tail with the batch's own mask."""
+    from stitching.api import TokenBatch
+    from stitching.engine import StitchEngine, fit_engine
+    from stitching.models import as_cuttable
+    from stitching.objectives import make_objective
+    from stitching.settings import StitchSettings
+
+    front, end = as_cuttable(tiny("llama", seed=0)), as_cuttable(tiny("llama", seed=1))
+    data = _padded_batch(seed=3, lengths=(24,) * 12 + (15, 7, 19, 3))
+    loader = torch.utils.data.DataLoader(TokenBatch(data), batch_size=4)
+    settings = StitchSettings(lr=1e-2)
+    options = {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False}
+    cells = [(1, 2), (2, 2), (3, 1)]
+    fused = StitchEngine(front, end, cells, make_objective(objective), settings, data, num_classes=VOCAB)
+    assert len({id(tail.model) for tail in fused.tails.values()}) == 1  # no running statistics: one tail copy
+    results = fit_engine(fused, loader, loader, options, run_dir=tmp_path)
+    for i, j in cells:
+        single = StitchEngine(front, end, [(i, j)], make_objective(objective), settings, data, num_classes=VOCAB)
+        alone = fit_engine(single, loader, loader, options, run_dir=tmp_path)[f"f{i}-e{j}"]
+        assert results[f"f{i}-e{j}"]["metrics"] == pytest.approx(alone["metrics"], rel=1e-5, abs=1e-6)
+        for (name, want), got in zip(single.stitches[f"f{i}-e{j}"].state_dict().items(),
+                                     fused.stitches[f"f{i}-e{j}"].state_dict().values()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+        assert {"test/penalty", "test/end_loss", "train/loss"} <= set(alone["metrics"])

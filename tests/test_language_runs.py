@@ -257,7 +257,8 @@ def test_models_of_different_depths_are_compared_per_relative_depth(tmp_path, ca
     report pairs each front layer with the end layer of the nearest relative depth."""
     import pandas as pd
 
-    from stitching.report import corresponding_depth, report
+    from stitching.report import report
+    from stitching.results.tables import corresponding_depth
     from stitching.similarity.__main__ import main
 
     tokenizer = _tokenizer_folder(tmp_path / "tokenizer")

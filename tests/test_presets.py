@@ -3,7 +3,8 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from stitching.report import collect, report
+from stitching.report import report
+from stitching.results.records import collect
 from stitching.build import CONF_DIR
 from tests.conftest import train_cli
 from tests.test_cli import _train
@@ -47,7 +48,8 @@ TINY_PRESET = ["dataset=digits", "model.width=4", "zoo.recipe.epochs=1", "traine
 def test_preset_composes_with_its_sweep(preset):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    from stitching.train import LAYER_KEYS, with_default_layer_sweep
+    from stitching import LAYER_KEYS
+    from stitching.train import with_default_layer_sweep
 
     params = dict(cfg.hydra.sweeper.params or {})
     added = with_default_layer_sweep(["-m", f"experiment={preset}"])[2:]  # the nine layers, unless named

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from stitching.probe import ProbeSettings, Prober, fit_probe
+from stitching.probes import ProbeSettings, Prober, fit_probe
 
 
 def _blobs(n=600, d=5, classes=4, seed=0):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stitching.models import build_model, cut_point_activations
-from stitching.report import report, sanity_checks
+from stitching.report import report
+from stitching.results.tables import sanity_checks
 from stitching.similarity import SimilarityError, linear_cka, rbf_cka, unbiased_cka
 from stitching.similarity.__main__ import main as similarity_main
 from stitching.similarity.grid import pair_matrices, parse_indices, similarity_grids

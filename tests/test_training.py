@@ -8,7 +8,7 @@ import torch
 from stitching.errors import StitchingError
 from stitching.models import cut_point_activations
 from stitching.objectives import hint_loss
-from stitching.runtime import build_trainer
+from stitching.engine import fit_engine
 from stitching.build import prepare
 from stitching.runs import run
 
@@ -38,10 +38,10 @@ def test_dm_self_stitch_reproduces_the_model(tiny_config, tmp_path, layer):
     prep = prepare(cfg)
     # the stitch is (numerically) the identity, so hint and fula losses vanish
     x = prep.datamodule.sample_train_images(64, seed=5)
-    module = prep.module.eval()
     with torch.no_grad():
-        targets = module.reference_targets(x)
-        logits, stitched = module.network(x, return_features=True)
+        _, targets = cut_point_activations(prep.module.reference, x)
+        targets = targets[layer - 1:]
+        logits, stitched = prep.network.eval()(x, return_features=True)
     assert hint_loss(stitched[0], targets[0]).item() < 1e-3
     from stitching.objectives import fula_loss, fula_weights
     assert fula_loss(stitched, targets, fula_weights("uniform", len(targets))).item() < 1e-3
@@ -57,10 +57,11 @@ def _snapshot(module):
 def test_front_and_end_stay_frozen_while_the_stitch_trains(tiny_config, tmp_path, update_bn):
     cfg = tiny_config("objective=fula", "stitch.layer=3", f"stitch.update_bn={update_bn}")
     prep = prepare(cfg)
-    network = prep.module.network
+    network = prep.network
     front, end, stitch = _snapshot(network.front), _snapshot(network.end), _snapshot(network.stitch)
     reference = _snapshot(prep.module.reference)
-    build_trainer(dict(cfg.trainer), tmp_path).fit(prep.module, datamodule=prep.datamodule)
+    fit_engine(prep.module, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(), dict(cfg.trainer),
+               run_dir=tmp_path)
 
     for before, part in ((front, network.front), (end, network.end), (reference, prep.module.reference)):
         for name, tensor in part.named_parameters():
@@ -79,10 +80,19 @@ def test_front_and_end_stay_frozen_while_the_stitch_trains(tiny_config, tmp_path
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in network.stitch.parameters()}
 
 
-def test_fula_targets_are_the_end_models_own_activations(tiny_config):
+def test_fula_targets_are_the_end_models_own_activations(tiny_config, monkeypatch):
     prep = prepare(tiny_config("objective=fula", "stitch.layer=6"))
     x = prep.datamodule.sample_train_images(8)
-    targets = prep.module.reference_targets(x)
+    seen, real = [], prep.module.objective.loss
+
+    def spy(stitched, logits, targets, *rest, **kwargs):
+        seen.append(targets)
+        return real(stitched, logits, targets, *rest, **kwargs)
+
+    monkeypatch.setattr(prep.module.objective, "loss", spy)
+    for _ in prep.module._passes(x, torch.zeros(len(x), dtype=torch.long), train=True):
+        pass
+    targets = seen[0]
     with torch.no_grad():
         _, own = cut_point_activations(prep.end.eval(), x)
     assert len(targets) == 4
@@ -167,13 +177,13 @@ def test_a_loss_that_turns_nan_fails_the_run_at_that_step(tiny_config, tmp_path,
 
 def test_a_stitch_weight_that_turns_non_finite_fails_the_run(tiny_config, tmp_path, monkeypatch):
     from stitching.errors import NonFiniteError
-    from stitching.objectives.modules import StitchingModule
+    from stitching.engine import StitchEngine
 
-    def infinite_gradient(self):  # a finite loss whose gradient overflows: Adam turns the weights to NaN
-        for parameter in self.network.stitch.parameters():
+    def infinite_gradient(self, optimizer):  # a finite loss whose gradient overflows: Adam turns the weights to NaN
+        for parameter in self.stitches.parameters():
             parameter.grad.fill_(float("inf"))
 
-    monkeypatch.setattr(StitchingModule, "on_after_backward", infinite_gradient, raising=False)
+    monkeypatch.setattr(StitchEngine, "on_before_optimizer_step", infinite_gradient)
     with pytest.raises(NonFiniteError, match="stitch weight .* became (nan|inf|-inf) at training step 0"):
         run(tiny_config("objective=tlm", "stitch.layer=3"), tmp_path / "inf")
 

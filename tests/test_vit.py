@@ -74,15 +74,15 @@ def test_every_objective_stitches_two_vits(tiny_config, objective):
     cfg = tiny_config(*VIT, f"objective={objective}", "stitch.front_layer=1", "stitch.end_layer=3",
                       "trainer.limit_train_batches=3")
     prep = prepare(cfg)
-    stitch = prep.module.network.stitch
+    stitch = prep.network.stitch
     before = stitch.linear.weight.detach().clone()
-    from stitching.runtime import build_trainer
+    from stitching.engine import fit_engine
 
-    build_trainer(dict(cfg.trainer), cfg.paths.output_dir, enable_progress_bar=False).fit(
-        prep.module, datamodule=prep.datamodule)
+    fit_engine(prep.module, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(), dict(cfg.trainer),
+               run_dir=cfg.paths.output_dir)
     assert not torch.equal(before, stitch.linear.weight)
     if objective == "fula":  # hints at the end block and every later one
-        assert len(prep.module.weights) == 2
+        assert len(prep.module.hint_weights_3) == 2
 
 
 def test_a_vit_cannot_be_stitched_to_a_resnet(tiny_config):
@@ -108,6 +108,6 @@ def test_a_separate_class_token_map_recovers_two_affine_maps():
 
 def test_class_token_option_reaches_the_stitch(tiny_config):
     prep = prepare(tiny_config(*VIT, "objective=dm", "stitch.layer=2", "stitch.class_token=separate"))
-    assert prep.module.network.stitch.class_linear is not None
+    assert prep.network.stitch.class_linear is not None
     with pytest.raises(StitchingError, match="shared or separate"):
         prepare(tiny_config(*VIT, "objective=dm", "stitch.layer=2", "stitch.class_token=both"))

@@ -60,14 +60,16 @@ def pgd_settings(attack, default_eps: float | None = None) -> dict:
             "random_start": bool(attack.get("random_start", True))}
 
 
-def mix_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, **attack) -> torch.Tensor:
-    """Replace a random share ``alpha`` of the batch by PGD examples against ``model``."""
+def mix_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float,
+                    generator: torch.Generator | None = None, **attack) -> torch.Tensor:
+    """Replace a random share ``alpha`` of the batch by PGD examples against ``model``
+    (``generator``, a CPU one: which share, and the attack's random start)."""
     if alpha <= 0:
         return x
     count = len(x) if alpha >= 1 else int(round(alpha * len(x)))
     if count == 0:
         return x
-    chosen = torch.randperm(len(x), device=x.device)[:count]
+    chosen = torch.randperm(len(x), generator=generator).to(x.device)[:count]
     mixed = x.clone()
-    mixed[chosen] = pgd(model, x[chosen], y[chosen], **attack)
+    mixed[chosen] = pgd(model, x[chosen], y[chosen], generator=generator, **attack)
     return mixed

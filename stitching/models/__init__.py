@@ -13,13 +13,12 @@ from stitching.models.cutting import (
     cut,
     cut_point_activations,
     cut_point_names,
-    cut_points,
     resolve_layer,
     split,
 )
 from stitching.models.inputs import ImageInputs, InputTransform
 from stitching.models.layout import Layout
-from stitching.models.adapters import LIBRARIES, AdaptedModel, adapt, as_cuttable
+from stitching.models.adapters import LIBRARIES, AdaptedModel, adapt, as_cuttable, cut_points
 from stitching.models.language import LANGUAGE_ARCHITECTURES, LanguageModel, build_language_model
 from stitching.models.resnet import CifarResNet, resnet18, resnet18_nores, resnet34
 from stitching.models.vit import CuttableViT, vit_tiny

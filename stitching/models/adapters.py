@@ -257,6 +257,13 @@ def as_cuttable(model: nn.Module) -> CuttableModel:
 
 
 # -- building by name ---------------------------------------------------------------------
+
+
+def cut_points(model: nn.Module) -> list[CutPoint]:
+    """Where ``model`` can be cut: index, name and activation layout of every cut point (any
+    model an adapter supports, or a :class:`~stitching.models.CuttableModel`)."""
+    return list(as_cuttable(model).cut_points)
+
 def known_names(library: str) -> list[str]:
     if library == "timm":
         import timm

@@ -86,13 +86,6 @@ def cut_point_names(model: CuttableModel) -> list[str]:
     return [point.name for point in model.cut_points]
 
 
-def cut_points(model: nn.Module) -> list[CutPoint]:
-    """Where ``model`` can be cut (any model an adapter supports; see :func:`stitching.models.as_cuttable`)."""
-    from stitching.models.adapters import as_cuttable
-
-    return list(as_cuttable(model).cut_points)
-
-
 def resolve_layer(model: CuttableModel, layer: int | str) -> int:
     """Return the 1-based cut-point index for ``layer`` (an index or a cut-point name)."""
     names = cut_point_names(model)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from stitching.errors import StitchingError
+from stitching.files import sha256
 from stitching.models.cutting import Context, CuttableModel, CutPoint
 from stitching.models.layout import Layout
 
@@ -412,8 +413,6 @@ def load_language_model(library: str, name: str | None) -> tuple[LanguageModel, 
               "hub": None if folder is not None else str(name), "test_acc": None,
               "tokenizer": wrapped.input_spec.tokenizer}
     if weights:
-        from stitching.zoo import sha256
-
         record["sha256"] = sha256(weights)
     return wrapped, record
 

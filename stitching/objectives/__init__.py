@@ -1,4 +1,5 @@
-"""Stitching objectives: pure losses (:mod:`.losses`) and their LightningModules."""
+"""Stitching objectives: pure losses (:mod:`.losses`) and the objectives as plain objects
+(:mod:`.objective`: what each reads, and its loss); :mod:`stitching.engine` trains them."""
 
 from stitching.objectives.losses import (
     fula_loss,
@@ -8,16 +9,15 @@ from stitching.objectives.losses import (
     slm_loss,
     tlm_loss,
 )
-from stitching.objectives.modules import OBJECTIVES, StitchedNetwork, StitchingModule, objective_module
+from stitching.objectives.objective import OBJECTIVES, Objective, make_objective
 
 __all__ = [
     "OBJECTIVES",
-    "StitchedNetwork",
-    "StitchingModule",
+    "Objective",
     "fula_loss",
     "fula_weights",
     "hint_loss",
-    "objective_module",
+    "make_objective",
     "relative_error",
     "slm_loss",
     "tlm_loss",

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from stitching.errors import StitchingError
+from stitching.models.language import LanguageModel, token_ids
 from stitching.objectives import losses
 
 IGNORE = -100
@@ -52,8 +54,6 @@ class NextToken:
     has_accuracy = False
 
     def split(self, batch, train: bool = False):
-        from stitching.models.language import token_ids
-
         ids, mask = token_ids(batch)
         labels = ids[:, 1:].masked_fill(~(mask[:, 1:].bool() & mask[:, :-1].bool()), IGNORE)
         return batch, labels
@@ -89,16 +89,12 @@ class MaskedToken(NextToken):
 
     def __init__(self, mask_id: int | None, seed: int = 0):
         if mask_id is None:
-            from stitching.errors import StitchingError
-
             raise StitchingError("the masked language model's tokenizer has no mask token; give the model's folder "
                                  "with its tokenizer (model.name) so its [MASK] id is known")
         self.mask_id = int(mask_id)
         self.generator = torch.Generator().manual_seed(seed)
 
     def split(self, batch, train: bool = False):
-        from stitching.models.language import token_ids
-
         ids, mask = token_ids(batch)
         if train:
             generator = self.generator
@@ -138,8 +134,6 @@ def task_of(end) -> Classification | NextToken | MaskedToken | Representation:
     """The task of a cuttable end model: next-token prediction for causal language models,
     masked tokens for masked language models, a representation for bare encoders,
     classification otherwise."""
-    from stitching.models.language import LanguageModel
-
     if isinstance(end, LanguageModel):
         if end.is_causal_lm:
             return NextToken()

@@ -1,0 +1,540 @@
+"""The one engine: the stitches of a set of cells, trained together under Lightning.
+
+A *cell* is a pair (front cut point i, end cut point j). A single run is an engine of one
+cell; a 9×9 grid is an engine of 81. Lightning owns every loop, so precision, ``limit_*``,
+``max_steps``, progress bars and logging mean the same for one cell or many; gradient clipping
+and accumulation are applied per cell by the engine (each cell as in its own run). Per batch:
+
+* the front runs once, to its deepest needed cut point (every cut activation kept, no grad);
+  its BatchNorm statistics update exactly as each cell's own front copy would (a cell's head
+  only reads layers up to its own cut point);
+* the reference end model (an untouched copy in eval mode) runs once, for every cell's
+  targets and teacher outputs;
+* the stitched activations go through the end tails. Image models whose end normalises with
+  ``BatchNorm2d`` (or not at all) pass an end layer's stitched batches through one tail copy
+  together, interleaved along the batch, with per-stitch BatchNorm statistics
+  (:mod:`stitching.models.grouped`); other ends (language models, other norms) run each
+  cell's stitched activation through a tail of its own (one shared copy when the end keeps
+  no running statistics) with the end's own context (attention mask, positions);
+* one Adam over all stitches (Adam is per parameter: the same steps as separate optimisers);
+  each end layer's summed loss is backpropagated before the next is computed, so one end
+  layer's graph is in memory at a time.
+
+Adversarial stitching attacks each cell's own stitched network, so each cell then has a front
+copy of its own. Random starts are seeded per cell: a cell equals its own single run.
+A cell whose loss or stitch turns non-finite stops training and is reported failed; the other
+cells go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from stitching.attacks import mix_adversarial, pgd_settings
+from stitching.errors import NonFiniteError, StitchingError
+from stitching.models.cutting import CuttableModel, Head, Tail, cut, cut_point_activations
+from stitching.models.grouped import deinterleave, group_batchnorms, interleave, load_group
+from stitching.models.language import token_ids
+from stitching.models.layout import as_rows, channels, compatible
+from stitching.objectives.objective import Objective
+from stitching.objectives.tasks import IGNORE, Classification, NextToken, Representation, task_of
+from stitching.settings import StitchSettings, check_capacity
+from stitching.stitch_layers import Stitch, TokenStitch, batches, make_stitch, principal_projection, to_device
+
+
+def cell_key(i: int, j: int) -> str:
+    """A cell's name, as its run folder is named: ``f<i>-e<j>``."""
+    return f"f{i}-e{j}"
+
+
+def cell_seed(seed: int, i: int, j: int) -> int:
+    """The seed of cell ``(i, j)``'s random start: the same in a grid as in its own run."""
+    return zlib.crc32(f"{seed}/{i}/{j}".encode())
+
+
+class StitchedNetwork(nn.Module):
+    """``h = g_{>j} ∘ T ∘ f_{≤i}`` with frozen front and end.
+
+    The front head and end tail keep ``requires_grad=False``. In training mode their
+    BatchNorm layers use batch statistics and update their running statistics, as in the
+    papers; ``update_bn=False`` keeps them in eval mode instead, buffers untouched.
+    """
+
+    def __init__(self, front: Head, stitch: Stitch | TokenStitch, end: Tail, update_bn: bool = True):
+        super().__init__()
+        self.front = front
+        self.stitch = stitch
+        self.end = end
+        self.update_bn = update_bn
+        for part in (front, end):
+            part.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.update_bn:
+            self.front.eval()
+            self.end.eval()
+        return self
+
+    def stitched_activation(self, x) -> torch.Tensor:
+        a, _ = self.front(x)
+        return self.stitch(a)
+
+    def forward(self, x, return_features: bool = False):
+        """Logits, or ``(logits, [a, later cut-point activations…])`` with features.
+
+        The end tail runs with the end model's own context of ``x`` (mask, positions).
+        """
+        a = self.stitched_activation(x)
+        context = self.end.context(x)
+        if not return_features:
+            return self.end(a, context)
+        logits, later = self.end(a, context, return_features=True)
+        return logits, [a, *later]
+
+
+def running_stat_norms(model: nn.Module) -> list[nn.Module]:
+    """The normalisation layers of ``model`` that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Stitches into end layer ``j`` that pass one tail together (``fronts``: their front layers)."""
+
+    name: str
+    j: int
+    fronts: tuple[int, ...]
+    grouped: bool  # interleaved through a tail with grouped BatchNorms
+
+
+class StitchEngine(L.LightningModule):
+    """Train the stitches of ``cells`` between copies of ``front`` and ``end`` under ``objective``.
+
+    Args:
+        front, end: cuttable models; never changed (the engine works on copies).
+        cells: ``[(i, j), …]`` 1-based cut points (front, end).
+        objective: what the stitches minimise (:mod:`stitching.objectives.objective`).
+        stitch: how stitches are made, started and trained (:class:`~stitching.settings.StitchSettings`).
+        dm_inputs: training inputs for the DM solution (and ``front_rank``'s projection).
+        num_classes: for the accuracy metrics (default: the end model's).
+        adversarial: ``alpha`` (share of each batch replaced by PGD examples against each cell's
+            stitched network) and the PGD settings; ``None`` or α = 0: clean.
+        seed: seeds each cell's random start.
+        tail_chunk: at most this many of an end layer's stitches pass its tail together (``None``: all).
+        device: where the DM solutions are computed.
+    """
+
+    def __init__(self, front: CuttableModel, end: CuttableModel, cells: list[tuple[int, int]], objective: Objective,
+                 stitch: StitchSettings, dm_inputs, num_classes: int | None = None, adversarial: dict | None = None,
+                 seed: int = 0, tail_chunk: int | None = None, device="cpu"):
+        super().__init__()
+        self.automatic_optimization = False  # per-cell clipping, and one end layer's graph at a time
+        self.cells = list(dict.fromkeys((int(i), int(j)) for i, j in cells))
+        if not self.cells:
+            raise StitchingError("no cells to train: give at least one (front layer, end layer) pair")
+        self.objective, self.settings, self.seed = objective, stitch, int(seed)
+        self.adversarial = dict(adversarial or {})
+        self.alpha = float(self.adversarial.get("alpha", 0.0) or 0.0)
+        self.reference = copy.deepcopy(end).to(device).eval().requires_grad_(False)
+        self.task = task_of(self.reference)
+        if objective.needs_task_head and isinstance(self.task, Representation):
+            raise StitchingError(f"objective {objective.name} needs an end model with a task head (a classifier or a "
+                                 f"language-model head); this end model is a bare encoder: use dm, hint or fula")
+        if self.alpha > 0 and not isinstance(self.task, Classification):
+            raise StitchingError("adversarial stitching (attack.alpha > 0) applies to image classifiers only")
+        for i, j in self.cells:  # before any copy: layouts that cannot be joined are one line
+            problem = compatible(cut(front, i).layout, cut(end, j).layout)
+            if problem:
+                raise StitchingError(problem)
+        self.num_classes = num_classes if num_classes is not None else end.num_classes
+        self.clip_val: float | None = None
+        self.clip_algorithm = "norm"
+        self.accumulate = 1
+        # fronts: one shared copy, or one per cell when each cell attacks its own network
+        front_names = [cell_key(i, j) for i, j in self.cells] if self.alpha > 0 else ["shared"]
+        self.fronts = nn.ModuleDict({name: copy.deepcopy(front).to(device).requires_grad_(False)
+                                     for name in front_names})
+        self._build_tails(end, tail_chunk, dm_inputs, device)
+        for j in sorted({j for _, j in self.cells}):
+            weights = objective.hint_weights(len(self.reference.cut_points) - j + 1)
+            if weights is not None:
+                self.register_buffer(f"hint_weights_{j}", weights.to(device))
+        self.stitches = nn.ModuleDict()
+        self._initialise(to_device(dm_inputs, device))
+        self.metrics = nn.ModuleDict({cell_key(i, j): self._cell_metrics() for i, j in self.cells})
+        self.curves: dict[str, list[float]] = {cell_key(i, j): [] for i, j in self.cells}
+        self.failed: dict[str, NonFiniteError] = {}
+        self._last_train: dict[str, dict] = {}
+        self._batches_seen = 0  # training batches so far (seeds each cell's adversarial draws)
+
+    # -- construction ------------------------------------------------------------------------
+    def _build_tails(self, end: CuttableModel, tail_chunk: int | None, dm_inputs, device) -> None:
+        """Chunks of each end layer's stitches and the tail copies they pass through."""
+        norms = running_stat_norms(end)
+        context = self.reference.context(batches(to_device(dm_inputs, device), 2)[0])
+        shares_context = context.attention_mask is None and context.position_ids is None and not context.extras
+        together = self.alpha == 0 and shares_context and all(type(m) is nn.BatchNorm2d for m in norms)
+        groups = {j: [i for i, jj in self.cells if jj == j] for j in sorted({j for _, j in self.cells})}
+        size = (tail_chunk or max(len(fronts) for fronts in groups.values())) if together else 1
+        self.chunks = [Chunk(f"{j}_{c}", j, tuple(fronts[k:k + size]), bool(norms) and len(fronts[k:k + size]) > 1)
+                       for j, fronts in groups.items() for c, k in enumerate(range(0, len(fronts), size))]
+        self.tails = nn.ModuleDict()
+        shared = None if norms else copy.deepcopy(end).to(device)  # no running statistics: one copy serves all
+        for chunk in self.chunks:
+            model = shared if shared is not None else copy.deepcopy(end).to(device)
+            if chunk.grouped:
+                group_batchnorms(model, len(chunk.fronts))
+            self.tails[chunk.name] = cut(model, chunk.j).tail
+        self.tails.requires_grad_(False)
+
+    def front_of(self, i: int, j: int) -> CuttableModel:
+        return self.fronts[cell_key(i, j)] if self.alpha > 0 else self.fronts["shared"]
+
+    def _chunk_of(self, i: int, j: int) -> Chunk:
+        return next(chunk for chunk in self.chunks if chunk.j == j and i in chunk.fronts)
+
+    @torch.no_grad()
+    def _activations(self, model: CuttableModel, inputs, upto: int | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Every cut point's activation (up to ``upto``) on ``inputs`` in eval mode, 100 at a time."""
+        mode = model.training
+        model.eval()
+        parts, masks = [], []
+        for part in batches(inputs, 100):
+            _, acts = cut_point_activations(model, part, upto=upto)
+            parts.append([a.float() for a in acts])
+            masks.append(model.context(part).attention_mask)
+        model.train(mode)
+        stacked = [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+        return stacked, None if masks[0] is None else torch.cat(masks)
+
+    @torch.no_grad()
+    def _initialise(self, inputs) -> None:
+        """Make every stitch, project its front if asked, and fit DM (or start it at the
+        identity, or at a random map seeded per cell), from one pass of each model."""
+        s = self.settings
+        front = next(iter(self.fronts.values()))  # every front copy is identical before training
+        fronts, _ = self._activations(front, inputs, upto=max(i for i, _ in self.cells))
+        ends, mask = self._activations(self.reference, inputs, upto=max(j for _, j in self.cells))
+        for i, j in self.cells:
+            front_layout, end_layout = front.cut_points[i - 1].layout, self.reference.cut_points[j - 1].layout
+            a_front, a_end = fronts[i - 1], ends[j - 1]
+            check_capacity(s.kind, s.rank, s.front_rank, (channels(a_front, front_layout), channels(a_end, end_layout)))
+            with torch.random.fork_rng(devices=[]):  # every random number of a cell's stitch is its own
+                torch.manual_seed(cell_seed(self.seed, i, j))
+                try:
+                    stitch = make_stitch(a_front[:2], front_layout, a_end[:2], end_layout,
+                                         separate_class_token=s.class_token == "separate", kind=s.kind, rank=s.rank,
+                                         hidden=s.hidden).to(a_front.device)
+                except ValueError as err:
+                    raise StitchingError(str(err)) from None
+                if s.init in ("random", "identity"):
+                    stitch.initialise(s.init)
+            if s.front_rank is not None:
+                try:
+                    stitch.projection = principal_projection(as_rows(a_front, front_layout, mask), s.front_rank,
+                                                             front_layout).to(a_front.device)
+                except ValueError as err:
+                    raise StitchingError(f"stitch.front_rank={s.front_rank}: {err}; use more stitch.dm_samples") from None
+            if s.init == "dm":
+                stitch.fit(stitch.prepare(a_front).float(), a_end, mask)
+            self.stitches[cell_key(i, j)] = stitch
+
+    def _cell_metrics(self) -> nn.ModuleDict:
+        mean = lambda: torchmetrics.MeanMetric(nan_strategy="disable")  # noqa: E731 — a NaN is kept, never dropped
+        metrics = {"train_loss": mean(), "test_loss": mean()}
+        if self.task.has_accuracy:
+            metrics["train_acc"] = torchmetrics.classification.MulticlassAccuracy(self.num_classes, average="micro")
+            metrics["test_acc"] = torchmetrics.classification.MulticlassAccuracy(self.num_classes, average="micro")
+        if isinstance(self.task, NextToken):
+            metrics["test_end_loss"], metrics["test_penalty"] = mean(), mean()
+        return nn.ModuleDict(metrics)
+
+    # -- what a user reads -------------------------------------------------------------------
+    def network(self, i: int, j: int) -> StitchedNetwork:
+        """Cell ``(i, j)`` as an ordinary stitched network: its front (shared or its own), its
+        stitch and an end tail carrying the cell's own BatchNorm statistics (a fresh copy when
+        the cell trained interleaved with others)."""
+        chunk = self._chunk_of(i, j)
+        tail = self.tails[chunk.name]
+        if chunk.grouped:
+            plain = copy.deepcopy(self.reference)
+            load_group(tail.model, plain, chunk.fronts.index(i))
+            tail = cut(plain, j).tail
+        return StitchedNetwork(cut(self.front_of(i, j), i).head, self.stitches[cell_key(i, j)], tail,
+                               update_bn=self.settings.update_bn)
+
+    def results(self) -> dict[str, dict]:
+        """Per cell: ``metrics`` (test metrics and the last epoch's training ones), ``curve``
+        (mean training loss per epoch) and ``error`` (the divergence, or ``None``)."""
+        out = {}
+        for i, j in self.cells:
+            key = cell_key(i, j)
+            metrics = {name.replace("_", "/", 1): float(metric.compute()) for name, metric in self.metrics[key].items()
+                       if name.startswith("test_") and metric.update_count}
+            metrics.update({name.replace("_", "/", 1): value for name, value in self._last_train.get(key, {}).items()})
+            out[key] = {"metrics": metrics, "curve": list(self.curves[key]), "error": self.failed.get(key)}
+        return out
+
+    # -- training ----------------------------------------------------------------------------
+    def configure_steps(self, gradient_clip_val=None, gradient_clip_algorithm=None, accumulate_grad_batches=None):
+        """``trainer.gradient_clip_val``/``gradient_clip_algorithm`` (each cell's gradient
+        clipped on its own, as in its own run) and ``trainer.accumulate_grad_batches``."""
+        self.clip_val = None if gradient_clip_val in (None, 0) else float(gradient_clip_val)
+        self.clip_algorithm = gradient_clip_algorithm or "norm"
+        if self.clip_algorithm not in ("norm", "value"):
+            raise StitchingError(f"trainer.gradient_clip_algorithm={self.clip_algorithm}: choose norm or value")
+        if self.clip_val is not None and not self.clip_val > 0:
+            raise StitchingError(f"trainer.gradient_clip_val={gradient_clip_val} must be positive (or null: no clipping)")
+        accumulate = 1 if accumulate_grad_batches is None else accumulate_grad_batches
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise StitchingError(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be an integer ≥ 1")
+        self.accumulate = accumulate
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.stitches.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()
+        if not self.settings.update_bn:  # BN running statistics stay as they are (eval mode)
+            self.fronts.eval()
+            self.tails.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        batches_per_epoch = self.trainer.num_training_batches
+        if batches_per_epoch == 0:
+            raise StitchingError("no training batches: the training split is empty or trainer.limit_train_batches "
+                                 "rounds to 0 batches; raise it (a fraction of the batches, or a count ≥ 1)")
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps each submodule's mode at fit start and the zoo hands out eval-mode
+        # models, so switch explicitly: BN statistics update unless update_bn=False.
+        self.train()
+        for metrics in self.metrics.values():
+            for name in ("train_loss", "train_acc"):
+                if name in metrics:
+                    metrics[name].reset()
+
+    def on_train_epoch_end(self) -> None:
+        logged = {}
+        for key, metrics in self.metrics.items():
+            if not metrics["train_loss"].update_count:
+                continue
+            epoch = {name: float(metrics[name].compute()) for name in ("train_loss", "train_acc") if name in metrics}
+            self._last_train[key] = epoch
+            self.curves[key].append(epoch["train_loss"])
+            prefix = "" if len(self.cells) == 1 else f"{key}/"
+            logged.update({f"{prefix}{name.replace('_', '/', 1)}": value for name, value in epoch.items()})
+        if logged:
+            self.log_dict(logged, on_step=False, on_epoch=True, rank_zero_only=True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.task.split(batch, train=True)
+        size = self._size(x, y)
+        self._batches_seen += 1
+        live = []
+        for group in self._passes(x, y, train=True):
+            total = []
+            for key, logits, loss in group:
+                if key in self.failed:
+                    continue
+                if not torch.isfinite(loss):  # never train on, and never record, a diverged stitch
+                    self.failed[key] = NonFiniteError("the loss", float(loss.detach()), self.global_step)
+                    continue
+                metrics = self.metrics[key]
+                metrics["train_loss"].update(loss.detach(), size)
+                if "train_acc" in metrics:
+                    metrics["train_acc"].update(*self.task.scored(logits.detach(), y))
+                total.append(loss)
+            if total:  # stitches of different end layers share nothing: gradients accumulate apart
+                self.manual_backward(torch.stack(total).sum() / self.accumulate)
+                live.extend(t.detach() for t in total)
+        if self._steps_now(batch_idx):
+            optimiser = self.optimizers()
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
+            self._check_weights()
+        if live:
+            self.log("train/loss", torch.stack(live).mean(), prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=size, rank_zero_only=True)
+        if len(self.failed) == len(self.cells):
+            self.trainer.should_stop = True
+
+    def _steps_now(self, batch_idx: int) -> bool:
+        """Step after every ``accumulate`` batches and at the end of an epoch (as Lightning's own accumulation)."""
+        last = batch_idx + 1 == self.trainer.num_training_batches or self.trainer.is_last_batch
+        return (batch_idx + 1) % self.accumulate == 0 or last
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.clip_val is None:
+            return
+        for key, stitch in self.stitches.items():  # each cell's gradient on its own, as in its own run
+            if key in self.failed:
+                continue
+            if self.clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(stitch.parameters(), self.clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(stitch.parameters(), self.clip_val)
+
+    def _check_weights(self) -> None:
+        for key, stitch in self.stitches.items():
+            if key in self.failed:
+                continue
+            for name, parameter in stitch.named_parameters():
+                if not torch.isfinite(parameter).all():
+                    bad = parameter[~torch.isfinite(parameter)].flatten()[0].item()
+                    self.failed[key] = NonFiniteError(f"stitch weight {name}", bad, self.global_step - 1)
+                    break
+
+    def _size(self, x, y) -> int:
+        """What a batch's mean is over: inputs, or target tokens for a language model."""
+        if isinstance(self.task, NextToken):
+            return int((y != IGNORE).sum())
+        return len(y) if y is not None else len(token_ids(x)[0]) if isinstance(x, dict) else len(x)
+
+    # -- the fused pass ------------------------------------------------------------------------
+    def _lanes(self, x, y, train: bool):
+        """``(front, inputs, chunks)``: one lane over the shared front, or (adversarial stitching)
+        one per cell, on that cell's own adversarial batch."""
+        if self.alpha == 0 or not train:
+            yield self.fronts["shared"] if "shared" in self.fronts else None, x, self.chunks
+            return
+        settings = pgd_settings(self.adversarial)
+        for chunk in self.chunks:
+            i, j = chunk.fronts[0], chunk.j
+            if cell_key(i, j) in self.failed:
+                continue
+            # the attack's randomness is the cell's own: the same in a grid as in its own run
+            generator = torch.Generator().manual_seed(cell_seed(self.seed, i, j) + self._batches_seen)
+            yield self.front_of(i, j), mix_adversarial(self.network_view(i, j), x, y, self.alpha, generator=generator,
+                                                       **settings), [chunk]
+
+    def network_view(self, i: int, j: int) -> StitchedNetwork:
+        """Cell ``(i, j)``'s network over the engine's own modules (a tail of its own: chunks of one)."""
+        return StitchedNetwork(cut(self.front_of(i, j), i).head, self.stitches[cell_key(i, j)],
+                               self.tails[self._chunk_of(i, j).name], update_bn=self.settings.update_bn)
+
+    def _passes(self, x, y=None, train: bool = True):
+        """Per tail pass, every cell's ``(key, output, loss)`` on one batch (loss ``None`` in
+        the test pass), one pass at a time: a caller that backpropagates each group before
+        asking for the next keeps one pass's graph in memory, not the grid's."""
+        objective = self.objective
+        for front, inputs, chunks in self._lanes(x, y, train):
+            cells_here = [(i, chunk.j) for chunk in chunks for i in chunk.fronts]
+            with torch.no_grad():
+                if front is None:  # adversarial engine, test pass: each cell's own clean front
+                    fronts_of = {key: cut_point_activations(self.fronts[key], inputs, upto=i)[1]
+                                 for key, i in ((cell_key(i, j), i) for i, j in cells_here)}
+                else:
+                    shared = cut_point_activations(front, inputs, upto=max(i for i, _ in cells_here))[1]
+                targets_all, teacher = [], None
+                if train and (objective.targets or objective.needs_teacher):
+                    deepest = None if objective.targets == "all" or objective.needs_teacher else \
+                        max(j for _, j in cells_here)
+                    teacher, targets_all = cut_point_activations(self.reference, inputs, upto=deepest)
+            mask = self.reference.context(inputs).attention_mask
+            contexts = {}
+            for chunk in chunks:
+                tail = self.tails[chunk.name]
+                context = contexts.get(id(tail.model))
+                if context is None:
+                    context = contexts[id(tail.model)] = tail.context(inputs)
+                stitched = [self.stitches[cell_key(i, chunk.j)](
+                    (shared if front is not None else fronts_of[cell_key(i, chunk.j)])[i - 1]) for i in chunk.fronts]
+                features = train and objective.needs_features
+                with torch.set_grad_enabled(torch.is_grad_enabled() and objective.tail_grad):
+                    # a hint objective still runs the tail, so its BN statistics see stitched data
+                    joined = interleave(stitched) if len(stitched) > 1 else stitched[0]
+                    result = tail(joined, context, return_features=features)
+                logits, later = result if features else (result, [])
+                if len(stitched) > 1:
+                    logits = deinterleave(logits, len(stitched))
+                    later = [deinterleave(part, len(stitched)) for part in later]
+                else:
+                    logits, later = (logits,), [(part,) for part in later]
+                group = []
+                for g, i in enumerate(chunk.fronts):
+                    loss = None
+                    if train:
+                        j = chunk.j
+                        targets = [] if objective.targets is None else (
+                            [targets_all[j - 1]] if objective.targets == "end" else targets_all[j - 1:])
+                        loss = objective.loss([stitched[g], *[part[g] for part in later]], logits[g], targets, teacher,
+                                              y, mask, self.task, getattr(self, f"hint_weights_{j}", None))
+                    group.append((cell_key(i, chunk.j), logits[g], loss))
+                yield group
+
+    # -- test ----------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        for metrics in self.metrics.values():
+            for name, metric in metrics.items():
+                if name.startswith("test_"):
+                    metric.reset()
+
+    def test_step(self, batch, batch_idx):
+        x, y = self.task.split(batch)
+        size = self._size(x, y)
+        own = None
+        if isinstance(self.task, (NextToken, Representation)):
+            with torch.no_grad():
+                own = self.reference(x)
+        mask = self.reference.context(x).attention_mask
+        end_loss = self.task.loss(own, y) if isinstance(self.task, NextToken) else None
+        for group in self._passes(x, train=False):
+            for key, output, _ in group:
+                if key in self.failed:
+                    continue
+                metrics = self.metrics[key]
+                if isinstance(self.task, Representation):  # how far the stitched output is from the end's own
+                    loss = self.task.loss(output, own, mask)
+                else:
+                    loss = self.task.loss(output, y)
+                metrics["test_loss"].update(loss, size)
+                if "test_acc" in metrics:
+                    metrics["test_acc"].update(*self.task.scored(output, y))
+                if end_loss is not None:
+                    metrics["test_end_loss"].update(end_loss, size)
+                    metrics["test_penalty"].update(loss - end_loss, size)
+
+
+#: ``trainer`` settings the engine applies per cell (Lightning's own apply to automatic optimisation only)
+ENGINE_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
+
+
+def fit_engine(engine: StitchEngine, train, test, trainer: dict | None = None, logger=False, run_dir=None,
+               watch=None) -> dict[str, dict]:
+    """Train every stitch (unless the objective is closed-form or ``max_epochs`` is 0), then
+    test; returns :meth:`StitchEngine.results`.
+
+    ``train``/``test``: data loaders; ``trainer``: Lightning Trainer settings (``max_epochs``,
+    ``accelerator``, ``precision``, ``limit_*_batches``, ``max_steps``…), the same for one cell
+    as for a grid.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from stitching.runtime import Stopwatch, build_trainer, speed_up
+
+    watch = watch or Stopwatch()
+    options = {"accelerator": "auto", "devices": 1, "max_epochs": 1, **(trainer or {})}
+    engine.configure_steps(**{key: options.pop(key, None) for key in ENGINE_KEYS})
+    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="stitch-"))
+    speed_up(engine, options, parts=[*engine.fronts.values(), *{id(t.model): t for t in engine.tails.values()}.values()])
+    with watch.section("fit_s"):
+        if engine.objective.trainable and options.get("max_epochs", 0) != 0 and options.get("max_steps", -1) != 0:
+            fitter = build_trainer(options, run_dir, logger=logger)
+            fitter.fit(engine, train_dataloaders=train)
+    with watch.section("test_s"):
+        tester = build_trainer(options, run_dir, logger=logger, enable_progress_bar=False)
+        tester.test(engine, dataloaders=test, verbose=False)
+    return engine.results()

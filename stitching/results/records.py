@@ -1,0 +1,184 @@
+"""Run records → one tidy table: every ``results.json`` under a folder, with the conditions
+that define each run (read from its resolved config)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stitching.errors import StitchingError
+
+
+OBJECTIVE_ORDER = ["dm", "hint", "fula", "slm", "tlm"]
+
+
+#: condition columns, read from each run's resolved config
+CONDITIONS = {
+    "front_dataset": ("front", "dataset"), "end_dataset": ("end", "dataset"),
+    "front_arch": ("front", "arch"), "end_arch": ("end", "arch"),
+    "front_name": ("front", "name"), "end_name": ("end", "name"),  # given models (a folder, a hub name)
+    "front_seed": ("front", "seed"), "end_seed": ("end", "seed"),
+    "front_robust": ("front", "robust"), "end_robust": ("end", "robust"),
+    "alpha": ("attack", "alpha"), "classes_train": ("dataset", "num_classes_train"),
+    "weights": ("objective", "weights"), "class_token": ("stitch", "class_token"),
+    "init": ("stitch", "init"), "stitch_kind": ("stitch", "kind"), "stitch_rank": ("stitch", "rank"),
+    "front_rank": ("stitch", "front_rank"),
+}
+
+
+#: replicate axes: averaged over, their spread shown (never a panel of their own)
+REPLICATES = ("front_seed", "end_seed")
+
+
+#: the metrics a figure can show, and their axis labels
+METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust accuracy (PGD)",
+                 "test_robust_acc_autoattack": "robust accuracy (AutoAttack)",
+                 "test_acc_shortcut": "accuracy with shortcut",
+                 "init_penultimate_cka": "penultimate CKA at DM init",
+                 "ood_auroc": "OOD AUROC, stitched vs native",
+                 "test_hans_acc": "HANS lexical-overlap accuracy"}
+
+
+def condition_values(config: dict) -> dict:
+    values = {}
+    for column, (group, key) in CONDITIONS.items():
+        value = (config.get(group) or {}).get(key)
+        values[column] = json.dumps(value) if isinstance(value, list) else value
+    shortcut = config.get("shortcut") or {}
+    values["shortcut"] = f"{shortcut['kind']}/{shortcut['placement']}" if shortcut.get("kind") else "none"
+    return values
+
+
+def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
+    """Return one row per successful run and a list of ``{run, error}`` for the others.
+
+    Every ``similarity.csv`` below the folder (from ``python -m stitching.similarity``)
+    joins as rows whose ``objective`` is the index; ``score`` is the test accuracy of a
+    stitching run and the value of a similarity index.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise StitchingError(f"{sweep_dir} is not a folder; pass the sweep directory printed by the run")
+    rows, failed = [], []
+    for path in sorted(sweep_dir.rglob("results.json")):
+        run = str(path.parent.relative_to(sweep_dir))
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            failed.append({"run": run, "error": f"unreadable results.json ({err})"})
+            continue
+        if not isinstance(record, dict):
+            failed.append({"run": run, "error": f"malformed results.json (a {type(record).__name__}, not a record)"})
+            continue
+        if record.get("status") != "ok":
+            failed.append({"run": run, "error": record.get("error", "unknown failure")})
+            continue
+        try:
+            row = record_row(run, record)
+        except (KeyError, TypeError, AttributeError) as err:
+            failed.append({"run": run, "error": f"malformed results.json (missing or wrong {err})"})
+            continue
+        bad = [k for k, v in record["metrics"].items() if not (isinstance(v, (int, float)) and np.isfinite(v))]
+        if bad:  # never averaged into a figure
+            failed.append({"run": run, "error": f"non-finite metric(s) {', '.join(bad)}"})
+            continue
+        rows.append(row)
+    for row in rows:
+        row["score"] = stitching_score(row)
+    for path in sorted(sweep_dir.rglob("similarity.csv")):
+        try:
+            rows += pd.read_csv(path).assign(run=str(path.parent.relative_to(sweep_dir))).to_dict("records")
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            failed.append({"run": str(path.parent.relative_to(sweep_dir)), "error": f"unreadable similarity.csv ({err})"})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["pairing"] = np.where(frame.front_model == frame.end_model, "self", "two models")
+        order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
+        frame = frame.sort_values(["objective", "front_layer", "end_layer"],
+                                  key=lambda c: c.map(order) if c.name == "objective" else c)
+    return frame.reset_index(drop=True), failed
+
+
+def stitching_score(row: dict) -> float | None:
+    """Higher is more similar: accuracy; for a language model minus its penalty (nats/token);
+    for a bare encoder minus the output's relative error."""
+    if row.get("test_acc") is not None:
+        return row["test_acc"]
+    if row.get("test_penalty") is not None:
+        return -row["test_penalty"]
+    return None if row.get("test_loss") is None else -row["test_loss"]
+
+
+def cost_label(rows: pd.DataFrame) -> str | None:
+    """What a grid of stitching runs without accuracy shows instead (lower is better)."""
+    if "test_acc" in rows and rows.test_acc.notna().any():
+        return None
+    if "test_penalty" in rows and rows.test_penalty.notna().any():
+        return "penalty (nats/token)"
+    if "test_loss" in rows and rows.test_loss.notna().any():
+        return "output relative error"
+    return None
+
+
+def record_row(run: str, record: dict) -> dict:
+    """One table row of an ``ok`` record."""
+    base = record["base"]
+    return {
+        "run": run,
+        "objective": record["objective"],
+        "front_layer": record["front_layer"],
+        "end_layer": record["end_layer"],
+        **condition_values(record.get("config", {})),
+        "num_classes": (record.get("config", {}).get("dataset") or {}).get("num_classes"),
+        **{k.replace("/", "_"): v for k, v in record["metrics"].items()},
+        "front_acc": base["front"]["test_acc"],
+        "end_acc": base["end"]["test_acc"],
+        **{f"{side}_{k.replace('/', '_')}": v for side in ("front", "end") for k, v in base[side].items()
+           if k.startswith("robust") or (k.endswith("_acc") and k != "test_acc")},  # robust, challenge-set accuracy
+        "front_model": base["front"]["key"],
+        "end_model": base["end"]["key"],
+        "seconds": record["timings"]["total_s"],
+    }
+
+
+def sweep_plan(sweep_dir: str | Path) -> list[tuple[str, ...]] | None:
+    """The cells a Hydra sweep was asked for (each a sorted tuple of its overrides), read
+    from its ``multirun.yaml``; ``None`` for a folder that is not a sweep's."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    try:
+        hydra = OmegaConf.to_container(OmegaConf.load(path), resolve=False)["hydra"]
+        params = [f"{key}={value}" for key, value in ((hydra.get("sweeper") or {}).get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides([*params, *hydra["overrides"]["task"]])
+        return [tuple(sorted(cell)) for cell in BasicSweeper.split_arguments(overrides, None)[0]]
+    except Exception:  # no plan to compare with: the report shows what it found
+        return None
+
+
+def missing_cells(sweep_dir: str | Path) -> list[str]:
+    """The planned cells of a sweep that left no ``results.json`` (crashed, killed, not yet run),
+    each shown by the overrides that vary across the sweep."""
+    plan = sweep_plan(sweep_dir)
+    if not plan:
+        return []
+    from omegaconf import OmegaConf
+
+    done = set()
+    for path in Path(sweep_dir).rglob(".hydra/overrides.yaml"):
+        if (path.parent.parent / "results.json").is_file():
+            with suppress(Exception):
+                done.add(tuple(sorted(OmegaConf.to_container(OmegaConf.load(path)))))
+    keys = {}
+    for cell in plan:
+        for item in cell:
+            keys.setdefault(item.split("=", 1)[0], set()).add(item)
+    varying = {key for key, values in keys.items() if len(values) > 1}
+    return [" ".join(item for item in cell if item.split("=", 1)[0] in varying) or " ".join(cell)
+            for cell in plan if cell not in done]

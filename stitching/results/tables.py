@@ -1,0 +1,200 @@
+"""Tables and scores computed from the tidy frame of run records: layer tables, spreads over
+replicates, self-accuracy, the sanity checks, LM penalties and relative depths."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from stitching.errors import StitchingError
+from stitching.results.records import CONDITIONS, METRIC_LABELS, OBJECTIVE_ORDER, REPLICATES
+
+
+def objectives_present(frame: pd.DataFrame) -> list[str]:
+    present = list(dict.fromkeys(frame["objective"]))
+    return [o for o in OBJECTIVE_ORDER if o in present] + [o for o in present if o not in OBJECTIVE_ORDER]
+
+
+def varying_conditions(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Condition columns that take more than one value in this sweep (seeds are replicates:
+    ``pairing`` tells a model stitched to itself from two models)."""
+    columns = [c for c in [*CONDITIONS, "shortcut", "pairing"] if c in frame and c not in (*exclude, *REPLICATES)]
+    return [c for c in columns if frame[c].astype(str).nunique() > 1]
+
+
+def seed_pairs(frame: pd.DataFrame) -> int:
+    """How many (front seed, end seed) pairs the rows hold: the replicates a mean is over."""
+    present = [c for c in REPLICATES if c in frame]
+    return len(frame[present].astype(str).drop_duplicates()) if present else 1
+
+
+def spread_note(frame: pd.DataFrame) -> str:
+    pairs = seed_pairs(frame)
+    return f"mean ± std over {pairs} seed pairs" if pairs > 1 else ""
+
+
+def facets(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
+    """``(label, rows)`` per combination of the varying conditions (one facet if none vary)."""
+    varying = varying_conditions(frame, exclude)
+    if not varying:
+        return [("", frame)]
+    groups = frame.groupby([frame[c].astype(str) for c in varying], sort=True)
+    return [(", ".join(f"{c}={v}" for c, v in zip(varying, key if isinstance(key, tuple) else (key,))), rows)
+            for key, rows in groups]
+
+
+def plotted_metrics(frame: pd.DataFrame) -> list[str]:
+    return [m for m in METRIC_LABELS if m in frame and frame[m].notna().any()]
+
+
+def layer_table(frame: pd.DataFrame, metric: str = "test_acc", aggfunc: str = "mean") -> pd.DataFrame:
+    """Corresponding-layer runs as a layer × objective table of ``metric`` in percent (the mean
+    over seed pairs and conditions; ``aggfunc="std"``: their spread)."""
+    same = frame[frame.front_layer == frame.end_layer]
+    table = same.pivot_table(index="front_layer", columns="objective", values=metric, aggfunc=aggfunc) * 100
+    table = table[[o for o in objectives_present(same)]]
+    table.index.name = "layer"
+    return table.round(2)
+
+
+def spread_table(frame: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """:func:`layer_table` as ``mean ± std`` text when the runs hold several seed pairs."""
+    mean = layer_table(frame, metric)
+    if seed_pairs(frame[frame.front_layer == frame.end_layer]) < 2:
+        return mean
+    std = layer_table(frame, metric, aggfunc="std").reindex_like(mean)
+    return pd.DataFrame({c: [f"{a:.2f} ± {0 if pd.isna(b) else b:.2f}" if pd.notna(a) else "—"
+                             for a, b in zip(mean[c], std[c])] for c in mean.columns}, index=mean.index)
+
+
+def self_accuracy(grid, directional: bool = True) -> float:
+    """How often a layer is most similar to itself: the share of rows whose diagonal cell
+    is (one of) the row's best.
+
+    Non-directional mode first averages both stitching directions, ``(G + Gᵀ) / 2``, as
+    the FuLA paper does. Rows without any value are skipped.
+    """
+    g = np.asarray(grid, dtype=float)
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise StitchingError(f"self-accuracy needs a square grid, got shape {g.shape}")
+    if not directional:
+        with warnings.catch_warnings():  # a cell undefined both ways stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            g = np.nanmean(np.stack([g, g.T]), axis=0)
+    hits = rows = 0
+    for i, row in enumerate(g):
+        if np.isnan(row).all():
+            continue
+        rows += 1
+        hits += bool(not np.isnan(row[i]) and row[i] >= np.nanmax(row))
+    return hits / rows if rows else float("nan")
+
+
+SANITY_CHECKS = {"self": "a layer is most similar to itself", "corresponding": "corresponding layers"}
+
+
+def sanity_checks(frame: pd.DataFrame, metric: str = "score") -> list[dict]:
+    """The two sanity checks of Balogh & Jelasity (2025) for every grid in ``frame``.
+
+    A grid compares model A's layers (rows) with model B's (columns). With A = B it checks
+    that *a layer is most similar to itself*; with two models of one architecture and task
+    (e.g. two seeds) that *corresponding layers* are found. Either way the score is the
+    share of rows whose best cell is the diagonal (ties count as found). Grids of other
+    pairs, or with only the diagonal, have no sanity check.
+    """
+    results = []
+    keys = ["objective", "front_model", "end_model",
+            *[c for c in varying_conditions(frame) if not c.startswith(("front_", "end_"))]]
+    for key, rows in frame.groupby(keys, sort=False, dropna=False):
+        key = dict(zip(keys, key))
+        if key["front_model"] == key["end_model"]:
+            check = "self"
+        elif (rows.front_arch.iloc[0] == rows.end_arch.iloc[0]
+              and rows.front_dataset.iloc[0] == rows.end_dataset.iloc[0]):
+            check = "corresponding"
+        else:
+            continue
+        if not (rows.front_layer != rows.end_layer).any():
+            continue
+        grid = layer_grid(rows, key["objective"], metric)
+        score = self_accuracy(grid.to_numpy())
+        if np.isnan(score):
+            continue
+        results.append({"method": key["objective"], "check": SANITY_CHECKS[check], "score": round(score, 4),
+                        "layers": len(grid), "arch": rows.front_arch.iloc[0],
+                        "front": key["front_model"], "end": key["end_model"],
+                        **{k: v for k, v in key.items() if k not in ("objective", "front_model", "end_model")}})
+    return results
+
+
+def sanity_table(results: list[dict]) -> pd.DataFrame:
+    """Method (and architecture) × the two checks."""
+    if not results:
+        return pd.DataFrame()
+    frame = pd.DataFrame(results)
+    conditions = [c for c in frame.columns if c not in ("method", "check", "score", "layers", "arch", "front", "end")]
+    frame[conditions] = frame[conditions].astype(str)  # a condition a method lacks reads "nan", not dropped
+    table = frame.pivot_table(index=["arch", *conditions, "method"], columns="check", values="score", aggfunc="mean")
+    order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
+    return table.sort_index(key=lambda c: c.map(lambda v: order.get(v, len(order))) if c.name == "method" else c)
+
+
+def layer_grid(frame: pd.DataFrame, objective: str, metric: str = "test_acc", aggfunc: str = "mean") -> pd.DataFrame:
+    """Front layer (rows) × end layer (columns) for one objective (mean over seed pairs;
+    ``aggfunc="std"``: their spread)."""
+    runs = frame[frame.objective == objective]
+    grid = runs.pivot_table(index="front_layer", columns="end_layer", values=metric, aggfunc=aggfunc)
+    layers = sorted(set(grid.index) | set(grid.columns))
+    return grid.reindex(index=layers, columns=layers)
+
+
+def directions(runs: pd.DataFrame) -> pd.Series:
+    """``front → end`` of each run: the architectures, or the given models' names when those vary."""
+    named = "front_name" in runs and (runs.front_name.nunique() > 1 or runs.end_name.nunique() > 1)
+    front, end = ("front_name", "end_name") if named else ("front_arch", "end_arch")
+    return runs[front].astype(str).str.split("/").str[-1] + " → " + runs[end].astype(str).str.split("/").str[-1]
+
+
+def penalty_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Language-model stitching: mean ± std of the penalty (nats/token) over seed pairs, by
+    layer (rows) and direction ``front arch → end arch`` (columns), per objective."""
+    runs = frame[frame.test_penalty.notna() & (frame.front_layer == frame.end_layer)]
+    runs = runs.assign(direction=directions(runs), layer=runs.front_layer.astype(int))
+    stats = runs.groupby(["objective", "layer", "direction"]).test_penalty.agg(["mean", "std", "count"])
+    cells = stats.apply(lambda r: f"{r['mean']:+.3f} ± {0 if pd.isna(r['std']) else r['std']:.3f} ({int(r['count'])})",
+                        axis=1)
+    return cells.unstack("direction")
+
+
+def differ_in_depth(frame: pd.DataFrame) -> bool:
+    """Similarity grids between models of different depths (their cut points meet by relative depth)."""
+    if "front_depth" not in frame:
+        return False
+    grids = frame[frame.front_depth.notna()]
+    return any(group.front_layer.nunique() != group.end_layer.nunique()
+               for _, group in grids.groupby(["objective", "front_model", "end_model"]))
+
+
+def corresponding_depth(frame: pd.DataFrame) -> pd.DataFrame:
+    """For every similarity grid and front layer, the cell at the end layer of the nearest
+    relative depth: columns index, front/end model, front_layer, end_layer, depth, score."""
+    rows = []
+    grids = frame[frame.front_depth.notna()]
+    for (index, front, end), group in grids.groupby(["objective", "front_model", "end_model"], sort=False):
+        ends = group.drop_duplicates("end_layer").set_index("end_layer").end_depth
+        for layer, cells in group.groupby("front_layer"):
+            depth = float(cells.front_depth.iloc[0])
+            nearest = (ends - depth).abs().idxmin()
+            rows.append({"index": index, "front_model": front, "end_model": end, "front_layer": layer,
+                         "end_layer": nearest, "depth": depth,
+                         "score": float(cells.set_index("end_layer").score.get(nearest, np.nan))})
+    return pd.DataFrame(rows)
+
+
+def depth_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean similarity at corresponding relative depths: front model (rows) × end model (columns), per index."""
+    cells = corresponding_depth(frame)
+    return cells.pivot_table(index=["index", "front_model"], columns="end_model", values="score", aggfunc="mean",
+                             sort=False)

@@ -1,0 +1,129 @@
+"""Structural similarity of every layer pair of two models, from a config: the models from the
+zoo, the test images through both once, every index's grid (the library behind
+``python -m stitching.similarity`` and the claims' CKA/CCA grids).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from stitching.build import build_datamodule, compose_config, is_text, load_models, read_settings
+from stitching.errors import StitchingError
+from stitching.models import cut_point_names, resolve_layer
+from stitching.results.figures import heatmaps
+from stitching.results.records import condition_values
+from stitching.results.tables import sanity_checks
+from stitching.runtime import Stopwatch, versions, write_json_atomic
+from stitching.similarity.grid import index_of, similarity_grids
+
+
+def config_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
+                 out: Path, layers: list[int] | None = None, progress: bool = True, skip_positions: int = 0,
+                 bootstrap: int = 0, permutations: int = 0, front_rank: int | None = None,
+                 rbf_sigma: float = 0.8) -> dict:
+    """Compute and write the grids; return the record written to ``similarity.json``."""
+    watch = Stopwatch()
+    cfg = compose_config(overrides)
+    with watch.section("data_s"):
+        datamodule = build_datamodule(cfg, with_testbeds=False)
+        datamodule.setup()
+        # test images, or test token sequences for language models (padding never enters an index)
+        x = datamodule.test_inputs(images) if is_text(datamodule) else datamodule.test_tensors(images)[0]
+        count = len(x["input_ids"]) if isinstance(x, dict) else len(x)
+        if is_text(datamodule) and skip_positions >= x["input_ids"].shape[1]:
+            raise StitchingError(f"--skip-positions {skip_positions} leaves no position of a {x['input_ids'].shape[1]}-token "
+                                 f"sequence; skip fewer than dataset.context")
+    with watch.section("zoo_s"):
+        settings = read_settings(cfg)
+        front, front_record, end, end_record = load_models(cfg, settings, (layers or [], layers or []), stitched=False)
+    device = settings.device
+    front_names, end_names = cut_point_names(front), cut_point_names(end)
+    chosen_front = [resolve_layer(front, v) for v in layers] if layers else list(range(1, len(front_names) + 1))
+    chosen_end = [resolve_layer(end, v) for v in layers] if layers else list(range(1, len(end_names) + 1))
+    intervals = {"bootstrap": bootstrap, "permutations": permutations, "seed": int(cfg.seed)}
+    projections = None
+    if front_rank is not None:  # truncated as stitch.front_rank truncates: fitted on the stitch's DM samples
+        with watch.section("projections_s"):
+            projections = front_projections(cfg, settings, front, chosen_front, front_rank)
+    with watch.section("grids_s"):
+        grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress,
+                                           front_layers=chosen_front, end_layers=chosen_end,
+                                           skip_positions=skip_positions if is_text(datamodule) else 0,
+                                           uncertainty=intervals, front_projections=projections,
+                                           rbf_sigma=rbf_sigma)
+    conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
+    depth_front, depth_end = relative_depths(len(front_names)), relative_depths(len(end_names))
+    rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
+             "front_depth": depth_front[chosen_front[i]], "end_depth": depth_end[chosen_end[j]],
+             "score": None if pd.isna(v) else float(v), **conditions,
+             **{key: _value(values[i, j]) for key, values in intervals.get(name, {}).items()},
+             "front_model": front_record["key"], "end_model": end_record["key"],
+             "front_acc": front_record["test_acc"], "end_acc": end_record["test_acc"]}
+            for name, grid in grids.items() for (i, j), v in _cells(grid)]
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "similarity.csv", index=False)
+    heatmap, _ = heatmaps(frame, out / "heatmap.png", metric="score")
+    sanity = sanity_checks(frame)
+    write_json_atomic(out / "sanity.json", sanity)
+    record = {
+        "indices": {name: index_of(name, rbf_sigma).label for name in indices}, "rbf_sigma": rbf_sigma,
+        "grids": {name: [[None if pd.isna(v) else float(v) for v in row] for row in grid] for name, grid in grids.items()},
+        "front_layers": {i: front_names[i - 1] for i in chosen_front},
+        "end_layers": {j: end_names[j - 1] for j in chosen_end},
+        "front_depths": {i: depth_front[i] for i in chosen_front}, "end_depths": {j: depth_end[j] for j in chosen_end},
+        "front": front_record["key"], "end": end_record["key"],
+        "dataset": datamodule.name, "images": count, "flatten": flatten, "batch_size": batch_size,
+        "skip_positions": skip_positions, "bootstrap": bootstrap, "permutations": permutations,
+        "front_rank": front_rank,
+        "intervals": {name: {key: [[_value(v) for v in row] for row in values] for key, values in parts.items()}
+                      for name, parts in intervals.items() if isinstance(parts, dict)},
+        "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
+        "timings": watch.report(), "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json_atomic(out / "similarity.json", record)
+    return record
+
+
+def front_projections(cfg, settings, front, layers: list[int], rank: int) -> list:
+    """Per front layer, the top-``rank`` principal projection (``None`` where the layer has at most
+    ``rank`` channels), fitted on the DM samples a stitch of this config fits its own on."""
+    from stitching.models import cut
+    from stitching.models.layout import channels
+    from stitching.stitch_layers import batches, head_activations, head_projection
+
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
+    inputs = sample(settings.stitch.dm_samples, seed=settings.seed)
+    projections = []
+    for layer in layers:
+        c = cut(front, layer)
+        width = channels(head_activations(c.head, batches(inputs, 2)[0], settings.device)[0], c.layout)
+        if rank >= width:
+            projections.append(None)
+            continue
+        try:
+            projections.append(head_projection(c.head, c.layout, inputs, rank, settings.device))
+        except ValueError as err:
+            raise StitchingError(f"--front-rank {rank} at front layer {layer}: {err}; use more stitch.dm_samples") from None
+    return projections
+
+
+def _value(v) -> float | None:
+    return None if pd.isna(v) else float(v)
+
+
+def relative_depths(count: int) -> dict[int, float]:
+    """Cut point k of ``count`` → its relative depth (k − 1) / (count − 1): 0 is the first cut
+    (a language model's embeddings), 1 the last; models of different depths meet on this axis."""
+    return {k: round((k - 1) / max(count - 1, 1), 4) for k in range(1, count + 1)}
+
+
+def _cells(grid):
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            yield (i, j), v
