@@ -175,6 +175,7 @@ class StitchEngine(L.LightningModule):
         self.failed: dict[str, NonFiniteError] = {}
         self._last_train: dict[str, dict] = {}
         self._batches_seen = 0  # training batches so far (seeds each cell's adversarial draws)
+        self.primary = True  # False in the other processes of a DDP run: they write nothing
 
     # -- construction ------------------------------------------------------------------------
     def _build_tails(self, end: CuttableModel, tail_chunk: int | None, dm_inputs, device) -> None:
@@ -342,7 +343,9 @@ class StitchEngine(L.LightningModule):
         x, y = self.task.split(batch, train=True)
         size = self._size(x, y)
         self._batches_seen += 1
-        live = []
+        live, pending = [], []
+        # DDP reduces gradients once per step, so a distributed step backpropagates every end layer at once
+        one_backward = self.trainer.world_size > 1
         for group in self._passes(x, y, train=True):
             total = []
             for key, logits, loss in group:
@@ -357,8 +360,13 @@ class StitchEngine(L.LightningModule):
                     metrics["train_acc"].update(*self.task.scored(logits.detach(), y))
                 total.append(loss)
             if total:  # stitches of different end layers share nothing: gradients accumulate apart
-                self.manual_backward(torch.stack(total).sum() / self.accumulate)
+                if one_backward:
+                    pending.extend(total)
+                else:
+                    self.manual_backward(torch.stack(total).sum() / self.accumulate)
                 live.extend(t.detach() for t in total)
+        if pending:
+            self.manual_backward(torch.stack(pending).sum() / self.accumulate)
         if self._steps_now(batch_idx):
             optimiser = self.optimizers()
             optimiser.step()
@@ -530,11 +538,15 @@ def fit_engine(engine: StitchEngine, train, test, trainer: dict | None = None, l
     engine.configure_steps(**{key: options.pop(key, None) for key in ENGINE_KEYS})
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="stitch-"))
     speed_up(engine, options, parts=[*engine.fronts.values(), *{id(t.model): t for t in engine.tails.values()}.values()])
+    if options.get("strategy") == "ddp":  # a cell that failed leaves its stitch out of the step
+        options["strategy"] = "ddp_find_unused_parameters_true"
     with watch.section("fit_s"):
         if engine.objective.trainable and options.get("max_epochs", 0) != 0 and options.get("max_steps", -1) != 0:
             fitter = build_trainer(options, run_dir, logger=logger)
             fitter.fit(engine, train_dataloaders=train)
     with watch.section("test_s"):
-        tester = build_trainer(options, run_dir, logger=logger, enable_progress_bar=False)
+        # every process tests every batch (no padded shards): the synced metrics are the test set's own
+        tester = build_trainer(options, run_dir, logger=logger, enable_progress_bar=False, use_distributed_sampler=False)
         tester.test(engine, dataloaders=test, verbose=False)
+    engine.primary = tester.is_global_zero
     return engine.results()

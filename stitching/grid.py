@@ -125,6 +125,8 @@ def grid_job(cfg: DictConfig) -> int:
 
 
 def _print_summary(cfg: DictConfig, summary: dict, folder: Path) -> None:
+    if not summary.get("primary", True):  # a DDP run's other process: the first one reports
+        return
     print(f"{cfg.objective.name}: {len(summary['done'])} cells trained fused, {len(summary['skipped'])} already "
           f"finished, {len(summary['failed'])} failed; {summary['timings']['total_s']:.1f}s; cells in "
           f"{folder.resolve()}")

@@ -70,7 +70,7 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     todo, skipped = [], []
     for i, j in pairs:  # a rerun keeps what it finished
         (skipped if finished_record(folder(i, j), config_hash(cell_config(cfg, i, j))) else todo).append((i, j))
-    summary = {"done": [], "skipped": skipped, "failed": [], "cells": len(pairs)}
+    summary = {"done": [], "skipped": skipped, "failed": [], "cells": len(pairs), "primary": True}
     if not todo:
         summary["timings"] = watch.report()
         return summary
@@ -82,6 +82,9 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     trainer = {**settings.trainer, "enable_progress_bar": progress and settings.trainer.get("enable_progress_bar", True)}
     results = fit_engine(engine, done.datamodule.train_dataloader(), done.datamodule.test_dataloader(), trainer,
                          run_dir=out / settings.objective, watch=watch)
+    if not engine.primary:  # another process of a DDP run: the first one writes the cells
+        summary.update(primary=False, timings=watch.report())
+        return summary
     shared = watch.report()
     share = {k: round(v / len(todo), 3) for k, v in shared.items()}
     for (i, j), prep in tqdm(runs.items(), desc="cells", disable=not progress, leave=False):

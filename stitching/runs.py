@@ -39,9 +39,10 @@ from stitching.models import cut_point_names
 from stitching.runtime import Stopwatch, build_logger, cache_warning, versions, write_json_atomic
 
 
-def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict | None:
     """One stitching run (an engine of one cell); returns the record also written to
-    ``run_dir/results.json``. A stitch that diverged raises :class:`NonFiniteError`."""
+    ``run_dir/results.json`` (``None`` in a DDP run's other processes, which write nothing). A
+    stitch that diverged raises :class:`NonFiniteError`."""
     watch = Stopwatch()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,8 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict:
         init_metrics = initial_metrics(cfg, prep, watch)
         results = fit_engine(prep.module, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(),
                              settings.trainer, logger=logger, run_dir=run_dir, watch=watch)
+        if not prep.engine.primary:  # another process of a DDP run: the first one writes the record
+            return None
         cell = results[cell_key(i, j)]
         if cell["error"] is not None:
             raise cell["error"]

@@ -69,7 +69,7 @@ def build_trainer(options: dict, run_dir: Path, logger=False, **overrides) -> L.
     """A Lightning Trainer from the ``trainer`` config group (``None`` values and the settings of
     :data:`SPEED_KEYS` dropped)."""
     settings = {k: v for k, v in {**options, **overrides}.items() if v is not None and k not in SPEED_KEYS}
-    unknown = set(settings) - _TRAINER_KEYS
+    unknown = {k for k in options if options[k] is not None and k not in SPEED_KEYS} - _TRAINER_KEYS
     if unknown:
         raise StitchingError(f"unknown trainer setting(s) {sorted(unknown)}; known: {sorted(_TRAINER_KEYS)}")
     try:

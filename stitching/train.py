@@ -104,10 +104,11 @@ def main(cfg: DictConfig):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         raise
+    if record is None:  # a DDP run's other process: the first one reports
+        return None
     print(summary(record, run_dir))
     release_memory()  # a sweep's runs share this process under the basic launcher
     return score(record)
-
 
 
 def with_default_layer_sweep(argv: list[str]) -> list[str]:

@@ -295,3 +295,31 @@ def test_settings_that_once_ran_cell_by_cell_now_fuse_and_equal_their_single_run
         assert fused["timings"]["fused_cells"] == 2
         for key in ("test/acc", "train/loss", "init/penultimate_cka"):
             assert fused["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_trains_the_same_cells_as_one_process(zoo_dir, tmp_path):
+    """``trainer.strategy=ddp`` with two gloo processes: every cell recorded once, by the first
+    process, and each process's share of every batch makes up the batch one process sees."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+
+    def grid(out, *extra):
+        command = [sys.executable, "-m", "stitching.grid", "--no-progress", "--out", str(out), *TINY,
+                   f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", "objective=fula",
+                   "grid.pairs=[[2,2],[4,2],[5,6]]", "trainer.limit_train_batches=3", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    grid(tmp_path / "one")  # trains the base models first, in one process
+    out = grid(tmp_path / "two", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")
+    assert out.count("3 cells trained fused") == 1  # the second process reports nothing
+    for cell in ("f2-e2", "f4-e2", "f5-e6"):
+        one = json.loads((tmp_path / "one" / "fula" / cell / "results.json").read_text())
+        two = json.loads((tmp_path / "two" / "fula" / cell / "results.json").read_text())
+        assert one["status"] == two["status"] == "ok" and one["config_hash"] != two["config_hash"]
+        assert 0 < two["metrics"]["test/acc"] <= 1 and abs(two["metrics"]["test/acc"] - one["metrics"]["test/acc"]) < 0.1
