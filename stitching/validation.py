@@ -114,6 +114,9 @@ RULES: dict[str, Rule] = {
     "trainer.enable_progress_bar": FLAG,
     "trainer.limit_train_batches": Rule("fraction", nullable=True),
     "trainer.limit_test_batches": Rule("fraction", nullable=True),
+    "trainer.max_steps": Rule("int", -1, nullable=True),  # -1: no limit
+    "trainer.gradient_clip_val": Rule("float", 0, low_open=True, nullable=True),  # each cell's gradient, on its own
+    "trainer.accumulate_grad_batches": Rule("int", 1, nullable=True),
     "zoo.train_missing": FLAG,
     "zoo.recipe.epochs": COUNT,
     "zoo.recipe.lr": POSITIVE,
@@ -177,6 +180,9 @@ def check_config(cfg: DictConfig) -> None:
     if tail not in (None, "auto") and not (isinstance(tail, int) and not isinstance(tail, bool) and tail >= 1):
         raise StitchingError(f"grid.tail_samples={_shown(tail)} is out of range: it must be auto, null or an "
                              "integer ≥ 1")
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_algorithm", default=None)
+    if clip not in (None, "norm", "value"):
+        raise StitchingError(f"trainer.gradient_clip_algorithm={_shown(clip)} is out of range: it must be norm or value")
     _check_claims_layers(cfg)
     weights = OmegaConf.select(cfg, "objective.weights", default=None)
     if OmegaConf.is_list(weights):

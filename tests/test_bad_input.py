@@ -17,6 +17,10 @@ from tests.conftest import TINY, train_cli
 # (id, overrides, the start of the expected error)
 TRAIN_CASES = [
     ("lr-huge", ["stitch.lr=1e12"], "stitch.lr=1000000000000.0 is out of range: it must be a finite number in (0, 10]"),
+    ("accumulate-zero", ["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is out of range"),
+    ("clip-negative", ["+trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is out of range"),
+    ("clip-algorithm", ["+trainer.gradient_clip_algorithm=l1"], "trainer.gradient_clip_algorithm=l1 is out of range"),
+    ("max-steps-text", ["+trainer.max_steps=many"], "trainer.max_steps=many is out of range"),
     ("lr-inf", ["stitch.lr=inf"], "stitch.lr=inf is out of range"),
     ("lr-negative", ["stitch.lr=-1"], "stitch.lr=-1 is out of range"),
     ("lr-text", ["stitch.lr=fast"], "stitch.lr=fast is out of range"),
