@@ -7,7 +7,6 @@ through the functions here and nothing else reads the raw config for the same va
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L

@@ -10,7 +10,6 @@ here`` with recipe, seed and epochs; ``file`` or ``hub`` with the SHA-256 of the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
