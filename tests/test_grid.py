@@ -262,7 +262,7 @@ def _launched_sweep(launcher: list[str], zoo_dir, tmp_path):
     assert done.value.code == 0
     frame, failed = collect(tmp_path / "sweep")
     assert not failed and len(frame) == 4 and set(frame.objective) == {"dm", "hint"}
-    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert jobs == ["0", "1"]  # one job per grid, each with both of its cells
     for job in jobs:
         cells = sorted(p.parent.name for p in (tmp_path / "sweep" / job).rglob("results.json"))
