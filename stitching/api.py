@@ -40,10 +40,6 @@ class Prepared:
     engine: StitchEngine
     cell: tuple[int, int]
 
-    @property
-    def module(self) -> StitchEngine:
-        return self.engine
-
     @cached_property
     def network(self) -> StitchedNetwork:
         """The cell as a plain stitched network, made when first read (read it after training: a

@@ -80,7 +80,7 @@ def bench_objectives(overrides: list[str], layer: int, run_dir: Path, peak: floa
         prep = prepare(cfg)  # base models come from (or go into) the zoo before timing
         options = dict(cfg.trainer)
         row = {"what": f"{objective} epoch", "layer": layer, "images": len(prep.datamodule.arrays.train_y)}
-        engine = prep.module
+        engine = prep.engine
         trainable = engine.objective.trainable
         speed_up(engine, options, parts=[*engine.fronts.values(), *engine.tails.values()])  # as fit_engine applies them
         engine.configure_steps(**{key: options.pop(key, None) for key in ENGINE_KEYS})
@@ -136,7 +136,7 @@ def plain_step(prep, objective: str, accelerate: bool = True):
     from stitching.models import cut_point_activations
     from stitching.objectives.losses import slm_loss
 
-    network, reference, j = prep.network, prep.module.reference, prep.end_layer
+    network, reference, j = prep.network, prep.engine.reference, prep.end_layer
     device = prep.settings.device
     network.to(device).train()
     if accelerate:  # channels_last and compile, as the run applies them

@@ -6,7 +6,7 @@ through the functions here and nothing else reads the raw config for the same va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning as L
@@ -278,10 +278,6 @@ class Run:
     prepared: Prepared
 
     @property
-    def module(self) -> StitchEngine:
-        return self.prepared.engine
-
-    @property
     def engine(self) -> StitchEngine:
         return self.prepared.engine
 
@@ -333,8 +329,6 @@ def make_engine(done: Setup, cells: list[tuple[int, int]], watch: Stopwatch | No
 
 def cell_run(done: Setup, engine: StitchEngine, cell: tuple[int, int]) -> Run:
     """Cell ``cell`` of ``engine`` as one stitching run (its record's settings name its layers)."""
-    from dataclasses import replace
-
     settings = replace(done.settings, stitch=replace(done.settings.stitch, front_layer=cell[0], end_layer=cell[1]))
     return Run(settings, done.datamodule, done.front, done.end, done.front_record, done.end_record, done.inputs,
                Prepared(engine, cell))

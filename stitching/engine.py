@@ -29,8 +29,10 @@ cells go on.
 from __future__ import annotations
 
 import copy
+import tempfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -45,6 +47,7 @@ from stitching.models.language import token_ids
 from stitching.models.layout import as_rows, channels, compatible
 from stitching.objectives.objective import Objective
 from stitching.objectives.tasks import IGNORE, Classification, NextToken, Representation, task_of
+from stitching.runtime import Stopwatch, build_trainer, speed_up
 from stitching.settings import StitchSettings, check_capacity
 from stitching.stitch_layers import Stitch, TokenStitch, batches, make_stitch, principal_projection, to_device
 
@@ -528,11 +531,6 @@ def fit_engine(engine: StitchEngine, train, test, trainer: dict | None = None, l
     ``accelerator``, ``precision``, ``limit_*_batches``, ``max_steps``…), the same for one cell
     as for a grid.
     """
-    import tempfile
-    from pathlib import Path
-
-    from stitching.runtime import Stopwatch, build_trainer, speed_up
-
     watch = watch or Stopwatch()
     options = {"accelerator": "auto", "devices": 1, "max_epochs": 1, **(trainer or {})}
     engine.configure_steps(**{key: options.pop(key, None) for key in ENGINE_KEYS})

@@ -56,7 +56,7 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict |
     logger = build_logger(logger_options, run_dir, run_name=f"{objective}_f{i}_e{j}", config=config)
     try:
         init_metrics = initial_metrics(cfg, prep, watch)
-        results = fit_engine(prep.module, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(),
+        results = fit_engine(prep.engine, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(),
                              settings.trainer, logger=logger, run_dir=run_dir, watch=watch)
         if not prep.engine.primary:  # another process of a DDP run: the first one writes the record
             return None

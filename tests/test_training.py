@@ -39,7 +39,7 @@ def test_dm_self_stitch_reproduces_the_model(tiny_config, tmp_path, layer):
     # the stitch is (numerically) the identity, so hint and fula losses vanish
     x = prep.datamodule.sample_train_images(64, seed=5)
     with torch.no_grad():
-        _, targets = cut_point_activations(prep.module.reference, x)
+        _, targets = cut_point_activations(prep.engine.reference, x)
         targets = targets[layer - 1:]
         logits, stitched = prep.network.eval()(x, return_features=True)
     assert hint_loss(stitched[0], targets[0]).item() < 1e-3
@@ -59,11 +59,11 @@ def test_front_and_end_stay_frozen_while_the_stitch_trains(tiny_config, tmp_path
     prep = prepare(cfg)
     network = prep.network
     front, end, stitch = _snapshot(network.front), _snapshot(network.end), _snapshot(network.stitch)
-    reference = _snapshot(prep.module.reference)
-    fit_engine(prep.module, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(), dict(cfg.trainer),
+    reference = _snapshot(prep.engine.reference)
+    fit_engine(prep.engine, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(), dict(cfg.trainer),
                run_dir=tmp_path)
 
-    for before, part in ((front, network.front), (end, network.end), (reference, prep.module.reference)):
+    for before, part in ((front, network.front), (end, network.end), (reference, prep.engine.reference)):
         for name, tensor in part.named_parameters():
             assert torch.equal(tensor, before[name]), f"parameter {name} changed"
     buffers_changed = [name for part, before in ((network.front, front), (network.end, end))
@@ -73,24 +73,24 @@ def test_front_and_end_stay_frozen_while_the_stitch_trains(tiny_config, tmp_path
         assert buffers_changed, "running statistics should follow the stitching data"
     else:
         assert not buffers_changed
-    for name, tensor in prep.module.reference.named_buffers():
+    for name, tensor in prep.engine.reference.named_buffers():
         assert torch.equal(tensor, reference[name]), "the reference end model must stay untouched"
     assert any(not torch.equal(t, stitch[n]) for n, t in network.stitch.state_dict().items())
-    optimizer = prep.module.configure_optimizers()
+    optimizer = prep.engine.configure_optimizers()
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in network.stitch.parameters()}
 
 
 def test_fula_targets_are_the_end_models_own_activations(tiny_config, monkeypatch):
     prep = prepare(tiny_config("objective=fula", "stitch.layer=6"))
     x = prep.datamodule.sample_train_images(8)
-    seen, real = [], prep.module.objective.loss
+    seen, real = [], prep.engine.objective.loss
 
     def spy(stitched, logits, targets, *rest, **kwargs):
         seen.append(targets)
         return real(stitched, logits, targets, *rest, **kwargs)
 
-    monkeypatch.setattr(prep.module.objective, "loss", spy)
-    for _ in prep.module._passes(x, torch.zeros(len(x), dtype=torch.long), train=True):
+    monkeypatch.setattr(prep.engine.objective, "loss", spy)
+    for _ in prep.engine._passes(x, torch.zeros(len(x), dtype=torch.long), train=True):
         pass
     targets = seen[0]
     with torch.no_grad():

@@ -78,11 +78,11 @@ def test_every_objective_stitches_two_vits(tiny_config, objective):
     before = stitch.linear.weight.detach().clone()
     from stitching.engine import fit_engine
 
-    fit_engine(prep.module, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(), dict(cfg.trainer),
+    fit_engine(prep.engine, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(), dict(cfg.trainer),
                run_dir=cfg.paths.output_dir)
     assert not torch.equal(before, stitch.linear.weight)
     if objective == "fula":  # hints at the end block and every later one
-        assert len(prep.module.hint_weights_3) == 2
+        assert len(prep.engine.hint_weights_3) == 2
 
 
 def test_a_vit_cannot_be_stitched_to_a_resnet(tiny_config):
