@@ -29,6 +29,7 @@ from stitching.engine import StitchedNetwork, StitchEngine, cell_key, fit_engine
 from stitching.errors import StitchingError
 from stitching.models import Cut, as_cuttable, cut, cut_points
 from stitching.objectives.objective import make_objective
+from stitching.objectives.tasks import NextToken, adjusted_penalty
 from stitching.runtime import Stopwatch
 from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
 
@@ -124,7 +125,7 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
            lr: float = 1e-3, weight_decay: float = 1e-4, dm_samples: int = 100, update_bn: bool = True,
            class_token: str = "shared", weights="uniform", seed: int = 0, trainer: dict | None = None,
            progress: bool = True, init: str = "dm", kind: str = "affine", rank: int | None = None,
-           hidden: int | None = None, front_rank: int | None = None) -> StitchResult:
+           hidden: int | None = None, front_rank: int | None = None, self_baseline: bool | None = None) -> StitchResult:
     """Stitch ``front`` (cut after ``front_layer``) into ``end`` (entered after ``end_layer``).
 
     Args:
@@ -142,24 +143,45 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
             ``stitch.update_bn``, ``stitch.class_token``, ``objective.weights``, ``stitch.init``,
             ``stitch.kind``… of the command line.
         trainer: extra Lightning Trainer settings (``accelerator``, ``precision``…).
+        self_baseline: language models: also stitch ``end`` into itself at ``end_layer``,
+            trained the same way, and report ``test/baseline_loss`` and ``test/adjusted_penalty``
+            (stitched − self-stitched loss) beside the raw ``test/penalty``; ``None``: whenever a
+            next-token penalty is measured.
 
     Returns:
         :class:`StitchResult` with the trained ``stitch``, the stitched ``network`` and the
-        ``metrics`` (``test/acc``, ``test/loss``, ``train/loss``…).
+        ``metrics`` (``test/acc``, ``test/loss``, ``train/loss``; for a language model
+        ``test/end_loss``, ``test/penalty`` and the adjusted penalty…).
     """
     if train is None:
         raise StitchingError("stitch() needs training data: train=(images, labels), token ids, a Dataset or a DataLoader")
-    watch = Stopwatch()
-    L.seed_everything(seed, workers=True, verbose=False)
+    if self_baseline not in (None, True, False):
+        raise StitchingError(f"self_baseline={self_baseline!r}: give None (auto), True or False")
     train_loader = as_loader(train, batch_size, shuffle=True)
     test_loader = as_loader(test if test is not None else train, batch_size, shuffle=False)
-    with watch.section("dm_init_s"):
-        prepared = prepare_stitch(front, end, front_layer, end_layer, first_inputs(train_loader, dm_samples),
-                                  objective, lr=lr, weight_decay=weight_decay, update_bn=update_bn,
-                                  class_token=class_token, weights=weights, init=init, kind=kind, rank=rank,
-                                  hidden=hidden, front_rank=front_rank, seed=seed)
     options = {"max_epochs": epochs, "enable_progress_bar": progress, **(trainer or {})}
+    settings = dict(objective=objective, lr=lr, weight_decay=weight_decay, update_bn=update_bn, class_token=class_token,
+                    weights=weights, init=init, kind=kind, rank=rank, hidden=hidden, front_rank=front_rank, seed=seed)
+
+    def trained(front_model, front_cut, watch):  # the same data order, start and budget for every call
+        L.seed_everything(seed, workers=True, verbose=False)
+        with watch.section("dm_init_s"):
+            prepared = prepare_stitch(front_model, end, front_cut, end_layer, first_inputs(train_loader, dm_samples),
+                                      **settings)
+        return prepared
+
+    watch = Stopwatch()
+    prepared = trained(front, front_layer, watch)
+    next_token = isinstance(prepared.engine.task, NextToken)
+    if self_baseline and not next_token:
+        raise StitchingError("self_baseline=True applies to language models scored by their next-token penalty; "
+                             "leave it None")
     metrics = train_stitch(prepared, train_loader, test_loader, options, watch=watch)
+    if next_token and self_baseline is not False:  # the end model into itself, trained the same way
+        with watch.section("baseline_s"):
+            own = trained(end, end_layer, Stopwatch())
+            mine = train_stitch(own, train_loader, test_loader, options)
+        metrics.update(adjusted_penalty(metrics, {"test_loss": mine["test/loss"]}))
     return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.engine, watch.report(),
                         list(prepared.engine.curves[cell_key(*prepared.cell)]))
 

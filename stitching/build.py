@@ -26,6 +26,7 @@ from stitching.stitch_layers import batches
 from stitching.models.adapters import check_name
 from stitching.engine import StitchEngine
 from stitching.objectives import OBJECTIVES, make_objective
+from stitching.objectives.tasks import NextToken, task_of
 from stitching.runtime import Stopwatch
 from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
 from stitching.validation import check_config
@@ -97,6 +98,7 @@ def read_settings(cfg: DictConfig) -> Settings:
     check_init(str(stitch.get("init", "dm")), objective)
     check_capacity(str(stitch.get("kind", "affine")), stitch.get("rank"), stitch.get("front_rank"))
     weights = cfg.objective.get("weights", "uniform")
+    check_self_baseline(cfg)
     for side in ("front", "end"):  # a misspelt model name is one line before any base model is trained
         arch, name = cfg[side].arch, cfg[side].get("name")
         text = dataset_config(cfg, cfg[side].dataset).get("kind") == "text"
@@ -123,6 +125,32 @@ def read_settings(cfg: DictConfig) -> Settings:
         shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True),
         trainer=OmegaConf.to_container(cfg.trainer, resolve=True), dataset=cfg.dataset.name,
     )
+
+
+def check_self_baseline(cfg: DictConfig) -> None:
+    """``evaluation.self_baseline`` applies to a next-token penalty, and trains its baselines in
+    one process."""
+    wanted = cfg.evaluation.get("self_baseline", "auto")
+    data = dataset_config(cfg, cfg.dataset.name)
+    next_token = data.get("kind") == "text" and not data.get("pairs")
+    if wanted is True and not next_token:
+        raise StitchingError(f"evaluation.self_baseline=true applies to language models scored by their next-token "
+                             f"penalty, not to {cfg.dataset.name}; leave it auto")
+    trainer = cfg.trainer
+    if wanted is not False and next_token and several_processes(OmegaConf.to_container(trainer, resolve=True)):
+        raise StitchingError(f"evaluation.self_baseline trains the self-stitch baselines in one process, not on "
+                             f"trainer.devices={trainer.get('devices')} / strategy={trainer.get('strategy')}: set "
+                             f"evaluation.self_baseline=false (records keep the raw penalty only) or use one device")
+
+
+def several_processes(trainer: dict) -> bool:
+    """Whether these Lightning Trainer settings may run more than one process (DDP)."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    many = (isinstance(devices, list) and len(devices) > 1) or (isinstance(devices, int) and devices not in (0, 1)) \
+        or (devices == "auto" and trainer.get("accelerator") != "cpu")
+    return many or str(trainer.get("strategy", "auto")).startswith("ddp") or int(trainer.get("num_nodes") or 1) > 1
 
 
 # -- builders ------------------------------------------------------------------------------
@@ -312,6 +340,9 @@ def setup(cfg: DictConfig, watch: Stopwatch | None = None, layers: tuple[list, l
                                                            datamodule=datamodule)
     inputs = reconcile_inputs(front, end, datamodule)
     check_compatible(front, end, datamodule, batches(samples, 2)[0])
+    if cfg.evaluation.get("self_baseline") is True and not isinstance(task_of(end), NextToken):
+        raise StitchingError(f"evaluation.self_baseline=true applies to language models scored by their next-token "
+                             f"penalty; the end model is scored by its {task_of(end).name} loss: leave it auto")
     return Setup(settings, datamodule, front, end, front_record, end_record, inputs, samples)
 
 

@@ -5,20 +5,19 @@ trained by one engine and recorded cell by cell, and a ``-m`` sweep planned as w
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from stitching import CONF_DIR, LAYER_KEYS
-from stitching.build import cell_run, make_engine, setup
-from stitching.engine import cell_key, fit_engine
+from stitching.build import setup
 from stitching.errors import StitchingError
 from stitching.models import cut_point_names
-from stitching.runs import config_hash, failure_record, finish_run, finished_record, initial_metrics
+from stitching.runs import cell_config, record_cells
 from stitching.runtime import Stopwatch
+
+__all__ = ["PAIRS", "cell_config", "grid_pairs", "preset_sweep", "run_grid", "sweep_grids", "tail_chunk"]
 
 PAIRS = ("all", "diagonal")
 
@@ -40,15 +39,6 @@ def grid_pairs(spec, front_count: int, end_count: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(pairs))
 
 
-# -- the command line ----------------------------------------------------------------------
-def cell_config(cfg: DictConfig, i: int, j: int) -> DictConfig:
-    """``cfg`` as the single run of cell ``(i, j)`` would have it."""
-    cell = copy.deepcopy(cfg)
-    OmegaConf.update(cell, "stitch.front_layer", i, merge=False)
-    OmegaConf.update(cell, "stitch.end_layer", j, merge=False)
-    return cell
-
-
 def tail_chunk(tail_samples, batch_size: int, device) -> int | None:
     """Stitches per tail pass from ``grid.tail_samples`` (``auto``: 256 samples on a CPU, where a
     larger batch falls out of the caches and each sample costs more; all of them on a GPU)."""
@@ -61,47 +51,12 @@ def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     """Train and record every cell of ``grid.pairs`` in one engine; returns ``{"done",
     "skipped", "failed", "cells", "timings"}``."""
     watch = Stopwatch()
-    out = Path(out)
     done = setup(cfg, watch, layers=([1], [1]), stitched=False)
-    settings = done.settings
     pairs = grid_pairs(OmegaConf.to_container(cfg.grid, resolve=True).get("pairs"),
                        len(cut_point_names(done.front)), len(cut_point_names(done.end)))
-    folder = lambda i, j: out / settings.objective / cell_key(i, j)  # noqa: E731
-    todo, skipped = [], []
-    for i, j in pairs:  # a rerun keeps what it finished
-        (skipped if finished_record(folder(i, j), config_hash(cell_config(cfg, i, j))) else todo).append((i, j))
-    summary = {"done": [], "skipped": skipped, "failed": [], "cells": len(pairs), "primary": True}
-    if not todo:
-        summary["timings"] = watch.report()
-        return summary
-    engine = make_engine(done, todo, watch,
-                         tail_chunk=tail_chunk(cfg.grid.get("tail_samples", "auto"), done.datamodule.batch_size,
-                                               settings.device))
-    runs = {cell: cell_run(done, engine, cell) for cell in todo}
-    initial = {cell: initial_metrics(cell_config(cfg, *cell), prep, watch) for cell, prep in runs.items()}
-    trainer = {**settings.trainer, "enable_progress_bar": progress and settings.trainer.get("enable_progress_bar", True)}
-    results = fit_engine(engine, done.datamodule.train_dataloader(), done.datamodule.test_dataloader(), trainer,
-                         run_dir=out / settings.objective, watch=watch)
-    if not engine.primary:  # another process of a DDP run: the first one writes the cells
-        summary.update(primary=False, timings=watch.report())
-        return summary
-    shared = watch.report()
-    share = {k: round(v / len(todo), 3) for k, v in shared.items()}
-    for (i, j), prep in tqdm(runs.items(), desc="cells", disable=not progress, leave=False):
-        cell, run_dir, result = cell_config(cfg, i, j), folder(i, j), results[cell_key(i, j)]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if result["error"] is not None:
-            failure_record(cell, run_dir, result["error"])
-            summary["failed"].append(((i, j), str(result["error"])))
-            continue
-        cell_watch = Stopwatch()
-        finish_run(cell, prep, {**result["metrics"], **initial[(i, j)]}, cell_watch, run_dir,
-                   timings={**{f"grid_{k}": v for k, v in share.items()}, "total_s": share["total_s"]
-                            + cell_watch.report()["total_s"], "fused_cells": len(todo)},
-                   curve={"train/loss": result["curve"]} if result["curve"] else None)
-        summary["done"].append((i, j))
-    summary["timings"] = watch.report()
-    return summary
+    return record_cells(cfg, done, pairs, Path(out), watch, progress=progress,
+                        tail_chunk=tail_chunk(cfg.grid.get("tail_samples", "auto"), done.datamodule.batch_size,
+                                              done.settings.device))
 
 
 def preset_sweep(overrides: list[str]) -> dict:

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         print(spread_table(frame[frame.test_acc.notna()]).to_string())
         print("\nfigures: " + ", ".join(str(p) for p in made["plots"]))
     if "penalty" in made:
-        print("\nstitching penalty (nats/token), mean ± std over seed pairs (runs)")
+        print("\nstitching penalty (nats/token), mean ± std over seed pairs (runs): adjusted = stitched − "
+              "self-stitched loss [raw = stitched − end model's loss, self = self-stitched − end model's loss]")
         print(made["penalty_table"].to_string())
         print(f"figure: {made['penalty']}")
     if "subsets" in made:

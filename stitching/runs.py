@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
-from stitching.build import Run, is_text, outlier_arrays, prepare
+from stitching.build import Run, Setup, cell_run, is_text, make_engine, outlier_arrays, prepare, setup
 from stitching.data import save_examples
 from stitching.data.text import PairDataModule
 from stitching.evaluate import (
@@ -36,7 +37,12 @@ from stitching.evaluate import (
 from stitching.engine import cell_key, fit_engine
 from stitching.errors import NonFiniteError, StitchingError
 from stitching.models import cut_point_names
+from stitching.objectives.tasks import adjusted_penalty
 from stitching.runtime import Stopwatch, build_logger, cache_warning, versions, write_json_atomic
+
+#: how far the end model's own test loss may differ between a run and its self-stitch baseline
+#: (the same model on the same tokens: only float summation order differs)
+END_LOSS_TOLERANCE = 1e-4
 
 
 def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict | None:
@@ -63,8 +69,12 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict |
         cell = results[cell_key(i, j)]
         if cell["error"] is not None:
             raise cell["error"]
+        with watch.section("baseline_s"):
+            baseline = self_baselines(cfg, {(i, j): cell["metrics"]}, None, progress=False).get((i, j))
+        if isinstance(baseline, BaseException):
+            raise baseline
         record = finish_run(cfg, prep, {**cell["metrics"], **init_metrics}, watch, run_dir,
-                            curve={"train/loss": cell["curve"]} if cell["curve"] else None)
+                            curve={"train/loss": cell["curve"]} if cell["curve"] else None, baseline=baseline)
         if logger:
             logger.log_metrics({f"final/{k}": v for k, v in record["metrics"].items()})
     finally:  # a W&B run is closed whether the stitching run finished or failed
@@ -85,10 +95,11 @@ def initial_metrics(cfg: DictConfig, prep: Run, watch: Stopwatch) -> dict:
 
 
 def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_dir: Path,
-               timings: dict | None = None, curve: dict | None = None) -> dict:
+               timings: dict | None = None, curve: dict | None = None, baseline: dict | None = None) -> dict:
     """Save the trained stitch, evaluate the testbeds and write ``results.json`` (the single
     run's and each cell of a fused grid's); return the record. ``curve``: per-epoch values
-    (``{"train/loss": [...]}``), recorded as they are."""
+    (``{"train/loss": [...]}``), recorded as they are; ``baseline``: the language model's
+    self-stitch baseline (:func:`self_baselines`), recorded with the adjusted penalty."""
     settings, network = prep.settings, prep.network
     i, j = prep.front_layer, prep.end_layer
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -100,8 +111,9 @@ def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_
         "objective": settings.objective,
         "front_layer": i, "end_layer": j,
         "front_layer_name": cut_point_names(prep.front)[i - 1], "end_layer_name": cut_point_names(prep.end)[j - 1],
-        "metrics": {**metrics, **extra},
+        "metrics": {**metrics, **extra, **adjusted_penalty(metrics, baseline)},
         **({"curve": curve} if curve else {}),
+        **({"baseline": baseline} if baseline else {}),
         "base": base,
         "evaluation": evaluation,
         "inputs": prep.inputs,
@@ -191,7 +203,8 @@ def summary(record: dict, run_dir: Path) -> str:
         + (f"   train loss {m['train/loss']:.4f}" if "train/loss" in m else ""),
     ]
     extra = {k: v for k, v in m.items() if k.startswith("test/")
-             and k not in ("test/acc", "test/loss", "test/end_loss", "test/penalty")}
+             and k not in ("test/acc", "test/loss", "test/end_loss", "test/penalty", "test/baseline_loss",
+                           "test/adjusted_penalty")}
     if extra:
         lines.append("  " + "   ".join(f"{k.removeprefix('test/')} {v:.4f}" for k, v in extra.items()))
     for side in ("front", "end"):
@@ -204,8 +217,12 @@ def summary(record: dict, run_dir: Path) -> str:
 
 def _stitched_score(m: dict) -> str:
     if "test/penalty" in m:  # a language model
-        return (f"  stitched test loss {m['test/loss']:.4f}   end model's own {m['test/end_loss']:.4f}   "
-                f"penalty {m['test/penalty']:+.4f} nats/token")
+        line = (f"  stitched test loss {m['test/loss']:.4f}   end model's own {m['test/end_loss']:.4f}   "
+                f"raw penalty {m['test/penalty']:+.4f} nats/token")
+        if "test/adjusted_penalty" in m:
+            line += (f"\n  self-stitch baseline {m['test/baseline_loss']:.4f}   "
+                     f"adjusted penalty {m['test/adjusted_penalty']:+.4f} nats/token")
+        return line
     if "test/acc" in m:
         return f"  stitched test acc {m['test/acc']:.4f}   test loss {m['test/loss']:.4f}"
     return f"  stitched output's relative error to the end model's own {m['test/loss']:.4f}"  # a bare encoder
@@ -237,10 +254,13 @@ NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity", "claims")
 
 
 def config_hash(config: DictConfig | dict) -> str:
-    """What decides a run's result: its resolved config, less how it is logged."""
+    """What decides a run's result: its resolved config, less how it is logged (and less
+    ``stitch.layer``, which only gives the two cut points their default)."""
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)
     config = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    if isinstance(config.get("stitch"), dict):  # stitch.layer only defaults front_layer and end_layer, both hashed
+        config["stitch"] = {k: v for k, v in config["stitch"].items() if k != "layer"}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -267,5 +287,148 @@ def finished_record(run_dir: Path, digest: str) -> dict | None:
 
 
 def score(record: dict) -> float | None:
-    """What a cell returns to Hydra's sweeper: accuracy, or a language model's penalty."""
-    return record["metrics"].get("test/acc", record["metrics"].get("test/penalty"))
+    """What a cell returns to Hydra's sweeper: accuracy, or a language model's penalty (adjusted
+    when it has a self-stitch baseline)."""
+    m = record["metrics"]
+    return m.get("test/acc", m.get("test/adjusted_penalty", m.get("test/penalty")))
+
+
+# -- several cells in one engine ---------------------------------------------------------
+def cell_config(cfg: DictConfig, i: int, j: int) -> DictConfig:
+    """``cfg`` as the single run of cell ``(i, j)`` would have it."""
+    cell = copy.deepcopy(cfg)
+    OmegaConf.update(cell, "stitch.front_layer", i, merge=False)
+    OmegaConf.update(cell, "stitch.end_layer", j, merge=False)
+    return cell
+
+
+def record_cells(cfg: DictConfig, done: Setup, cells: list[tuple[int, int]], out: Path, watch: Stopwatch,
+                 progress: bool = True, tail_chunk: int | None = None) -> dict:
+    """Train ``cells`` of ``cfg`` in one engine and record each in ``<out>/<objective>/f<i>-e<j>/``
+    (a finished cell of the same config is kept); returns ``{"done", "skipped", "failed",
+    "cells", "timings", "primary"}``."""
+    settings = done.settings
+    folder = lambda i, j: out / settings.objective / cell_key(i, j)  # noqa: E731
+    todo, skipped = [], []
+    for i, j in cells:  # a rerun keeps what it finished
+        (skipped if finished_record(folder(i, j), config_hash(cell_config(cfg, i, j))) else todo).append((i, j))
+    summary = {"done": [], "skipped": skipped, "failed": [], "cells": len(cells), "primary": True}
+    if not todo:
+        summary["timings"] = watch.report()
+        return summary
+    engine = make_engine(done, todo, watch, tail_chunk=tail_chunk)
+    runs = {cell: cell_run(done, engine, cell) for cell in todo}
+    initial = {cell: initial_metrics(cell_config(cfg, *cell), prep, watch) for cell, prep in runs.items()}
+    trainer = {**settings.trainer, "enable_progress_bar": progress and settings.trainer.get("enable_progress_bar", True)}
+    results = fit_engine(engine, done.datamodule.train_dataloader(), done.datamodule.test_dataloader(), trainer,
+                         run_dir=out / settings.objective, watch=watch)
+    if not engine.primary:  # another process of a DDP run: the first one writes the cells
+        summary.update(primary=False, timings=watch.report())
+        return summary
+    trained = {(i, j): results[cell_key(i, j)]["metrics"] for i, j in todo if results[cell_key(i, j)]["error"] is None}
+    with watch.section("baseline_s"):
+        baselines = self_baselines(cfg, trained, out, progress)
+    shared = watch.report()
+    share = {k: round(v / len(todo), 3) for k, v in shared.items()}
+    for (i, j), prep in tqdm(runs.items(), desc="cells", disable=not progress, leave=False):
+        cell, run_dir, result = cell_config(cfg, i, j), folder(i, j), results[cell_key(i, j)]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        error = result["error"] if result["error"] is not None else baselines.get((i, j))
+        if isinstance(error, BaseException):
+            failure_record(cell, run_dir, error)
+            summary["failed"].append(((i, j), str(error)))
+            continue
+        cell_watch = Stopwatch()
+        finish_run(cell, prep, {**result["metrics"], **initial[(i, j)]}, cell_watch, run_dir,
+                   timings={**{f"grid_{k}": v for k, v in share.items()}, "total_s": share["total_s"]
+                            + cell_watch.report()["total_s"], "fused_cells": len(todo)},
+                   curve={"train/loss": result["curve"]} if result["curve"] else None,
+                   baseline=baselines.get((i, j)))
+        summary["done"].append((i, j))
+    summary["timings"] = watch.report()
+    return summary
+
+
+# -- the self-stitch baseline of a language-model penalty ---------------------------------
+def baseline_config(cfg: DictConfig) -> DictConfig:
+    """The self-stitch baseline of the run ``cfg``: the same run with the end model as its
+    front, cut at the end layer (same objective, stitch, data, budget and seed)."""
+    base = copy.deepcopy(cfg)
+    OmegaConf.update(base, "front", OmegaConf.to_container(cfg.end, resolve=True), merge=False)
+    end_layer = OmegaConf.select(cfg, "stitch.end_layer")
+    return cell_config(base, end_layer, end_layer)
+
+
+def wants_baseline(cfg: DictConfig, metrics: dict) -> bool:
+    """``evaluation.self_baseline``: ``auto`` (a next-token penalty was measured), ``true`` or
+    ``false``."""
+    return cfg.evaluation.get("self_baseline", "auto") is not False and "test/penalty" in metrics
+
+
+def self_baselines(cfg: DictConfig, measured: dict[tuple[int, int], dict], out: Path | None,
+                   progress: bool = True) -> dict[tuple[int, int], dict | BaseException]:
+    """The self-stitch baseline of every cell ``(i, j)`` of ``cfg`` in ``measured`` (its test
+    metrics) that measured a language-model penalty: ``{cell: baseline}`` (or the error that
+    left the cell without one).
+
+    The baseline of cell ``(i, j)`` is the end model stitched into itself at ``j`` by the same
+    objective, data, budget and seed: what training a stitch of this capacity on this corpus
+    gains without any dissimilarity to bridge. One per end layer serves a whole grid: a cell
+    that is its own baseline (front = end, ``i = j``) or whose baseline is another cell of the
+    grid (in ``out``) is read, the others are trained once, together, in a baseline store
+    (``paths.baselines_dir``) shared by every run and sweep of the same settings.
+    """
+    wanted = {cell: metrics for cell, metrics in measured.items() if wants_baseline(cfg, metrics)}
+    if not wanted:
+        return {}
+    fresh = {config_hash(cell_config(cfg, *cell)): (cell, metrics) for cell, metrics in wanted.items()}
+    found, missing = {}, {}
+    for cell, metrics in wanted.items():
+        base = baseline_config(cell_config(cfg, *cell))
+        digest = config_hash(base)
+        j = cell[1]
+        if digest in fresh:  # the cell itself, or another cell of this grid
+            source, values = fresh[digest]
+            found[cell] = _baseline(values, digest, (out / cfg.objective.name / cell_key(*source)) if out else None,
+                                    "this run" if source == cell else "this grid")
+            continue
+        record = _finished(out / cfg.objective.name / cell_key(j, j), digest) if out else None
+        if record is not None:  # a cell of this grid that an earlier run of it finished
+            found[cell] = _baseline(record["metrics"], digest, out / cfg.objective.name / cell_key(j, j), "this grid")
+        else:
+            missing[cell] = digest
+    if missing:
+        base = baseline_config(cfg)
+        store = Path(cfg.paths.baselines_dir) / config_hash(cell_config(base, 0, 0))
+        layers = sorted({j for _, j in missing})
+        try:
+            done = setup(base, layers=(layers, layers))
+            summary = record_cells(base, done, [(j, j) for j in layers], store, Stopwatch(), progress=progress)
+        except (StitchingError, RuntimeError, ValueError) as err:  # every cell waiting on it fails, with why
+            summary = {"failed": [((j, j), str(err)) for j in layers]}
+        failed = {cell: error for cell, error in summary["failed"]}
+        for cell, digest in missing.items():
+            j = cell[1]
+            folder = store / cfg.objective.name / cell_key(j, j)
+            record = _finished(folder, digest)
+            found[cell] = _baseline(record["metrics"], digest, folder, "baseline store") if record else StitchingError(
+                f"the self-stitch baseline at end layer {j} failed ({failed.get((j, j), 'no record')}); see {folder}")
+    for cell, baseline in found.items():  # the same end model on the same tokens, or no baseline at all
+        if isinstance(baseline, dict) and abs(baseline["test_end_loss"] - wanted[cell]["test/end_loss"]) > END_LOSS_TOLERANCE:
+            found[cell] = StitchingError(
+                f"the self-stitch baseline in {baseline['results']} measured the end model's own loss as "
+                f"{baseline['test_end_loss']:.6f} but this run measured {wanted[cell]['test/end_loss']:.6f}: it was "
+                f"made with other weights or data; delete that folder to remake it")
+    return found
+
+
+def _finished(folder: Path, digest: str) -> dict | None:
+    try:
+        return finished_record(folder, digest)
+    except ResultExists:  # that folder holds another config's cell, not this baseline
+        return None
+
+
+def _baseline(metrics: dict, digest: str, folder: Path | None, where: str) -> dict:
+    return {"test_loss": metrics["test/loss"], "test_end_loss": metrics["test/end_loss"], "config_hash": digest,
+            "from": where, "results": str(folder / "results.json") if folder else None}

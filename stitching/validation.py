@@ -180,6 +180,9 @@ def check_config(cfg: DictConfig) -> None:
     if tail not in (None, "auto") and not (isinstance(tail, int) and not isinstance(tail, bool) and tail >= 1):
         raise StitchingError(f"grid.tail_samples={_shown(tail)} is out of range: it must be auto, null or an "
                              "integer ≥ 1")
+    baseline = OmegaConf.select(cfg, "evaluation.self_baseline", default="auto")
+    if baseline not in ("auto", True, False):
+        raise StitchingError(f"evaluation.self_baseline={_shown(baseline)} is out of range: it must be auto, true or false")
     clip = OmegaConf.select(cfg, "trainer.gradient_clip_algorithm", default=None)
     if clip not in (None, "norm", "value"):
         raise StitchingError(f"trainer.gradient_clip_algorithm={_shown(clip)} is out of range: it must be norm or value")

@@ -43,6 +43,8 @@ TRAIN_CASES = [
     ("flag-not-bool", ["stitch.update_bn=maybe"], "stitch.update_bn=maybe is out of range: it must be true or false"),
     ("robust-not-bool", ["front.robust=yes"], "front.robust=yes is out of range"),
     ("zoo-epochs-zero", ["zoo.recipe.epochs=0"], "zoo.recipe.epochs=0 is out of range"),
+    ("self-baseline-word", ["evaluation.self_baseline=maybe"], "evaluation.self_baseline=maybe is out of range"),
+    ("self-baseline-images", ["evaluation.self_baseline=true"], "evaluation.self_baseline=true applies to language models"),
     ("ood-images-zero", ["evaluation.ood.enabled=true", "evaluation.ood.eval_images=0"], "evaluation.ood.eval_images=0"),
     ("accelerator", ["trainer.accelerator=tpu"], "Lightning refuses the trainer settings"),
     ("devices-zero", ["trainer.devices=0"], "Lightning refuses the trainer settings"),

@@ -319,3 +319,35 @@ def test_a_language_model_grid_cell_equals_its_own_run(objective, tmp_path):
                                      fused.stitches[f"f{i}-e{j}"].state_dict().values()):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
         assert {"test/penalty", "test/end_loss", "train/loss"} <= set(alone["metrics"])
+
+
+def _counting(rows: int, generator: torch.Generator, length: int = 24) -> torch.Tensor:
+    """Token ids that count up from a random start: a corpus no random model has seen."""
+    start = torch.randint(1, VOCAB, (rows, 1), generator=generator)
+    return (start + torch.arange(length)) % (VOCAB - 1) + 1
+
+
+def test_the_adjusted_penalty_takes_out_what_a_stitch_learns_of_the_corpus():
+    """A TLM stitch of a model into a copy of itself, trained on a corpus out of its domain,
+    "beats" the model (raw penalty below 0); over the self-stitch baseline it costs nothing.
+    The baseline is the separately trained self-stitch, and one end model's baseline is the
+    same whatever the front."""
+    from stitching.api import stitch
+
+    end = tiny("llama", seed=1)
+    generator = torch.Generator().manual_seed(0)
+    train, test = _counting(64, generator), _counting(16, generator)
+    options = dict(objective="tlm", train=train, test=test, epochs=3, lr=1e-2, batch_size=8, progress=False,
+                   trainer={"accelerator": "cpu"})
+    same = stitch(copy.deepcopy(end), end, 2, 2, **options).metrics
+    assert same["test/penalty"] < -0.05
+    assert same["test/adjusted_penalty"] == pytest.approx(0, abs=1e-5)
+    alone = stitch(end, end, 2, 2, self_baseline=False, **options).metrics
+    assert "test/adjusted_penalty" not in alone
+    other = stitch(tiny("llama", seed=0), end, 2, 2, **options).metrics
+    for metrics in (same, other):
+        assert metrics["test/baseline_loss"] == pytest.approx(alone["test/loss"], abs=1e-6)
+        assert metrics["test/adjusted_penalty"] == pytest.approx(metrics["test/loss"] - alone["test/loss"], abs=1e-6)
+    with pytest.raises(Exception, match="self_baseline=True applies to language models"):
+        stitch(tiny("bert_classifier"), tiny("bert_classifier"), 2, 2, objective="dm", self_baseline=True,
+               train={"input_ids": train, "labels": train[:, 0] % 3}, progress=False)

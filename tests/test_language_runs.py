@@ -76,8 +76,9 @@ def _tokenizer_folder(folder):
     (["dataset.corpus=NeelNanda/pile-10k"], "corpus 'NeelNanda/pile-10k' cannot be loaded"),
     (["front.arch=resnet18", "front.width=8", "front.depth=null"], "the front model is an image model (front.arch=resnet18) but pydoc is text"),
     (["objective=tlm", "attack.alpha=0.5"], "adversarial stitching (attack.alpha > 0) applies to image classifiers only"),
+    (["objective=tlm", "trainer.strategy=ddp"], "evaluation.self_baseline trains the self-stitch baselines in one process"),
 ], ids=["tokenizer-mismatch", "tokenizer-missing", "layer-beyond-depth", "longer-than-context", "corpus-offline",
-        "image-model-on-text", "adversarial-text"])
+        "image-model-on-text", "adversarial-text", "baseline-under-ddp"])
 def test_language_model_bad_input_is_one_line(overrides, expected, lm_config, tmp_path, monkeypatch, capsys):
     from stitching.runs import run
 
@@ -95,6 +96,79 @@ def test_language_model_bad_input_is_one_line(overrides, expected, lm_config, tm
         json.loads((tmp_path / "bad" / "results.json").read_text())["status"] != "ok"
 
 
+def _records(folder: Path) -> dict[str, dict]:
+    return {path.parent.name: json.loads(path.read_text()) for path in sorted(folder.rglob("results.json"))}
+
+
+def test_a_grid_shares_one_self_stitch_baseline_per_end_layer(lm_config, tmp_path):
+    """GeLU → SoLU: every cell's adjusted penalty is its loss minus the SoLU model's own
+    self-stitch (read back from the baseline's record), one baseline per end layer, kept for
+    the next grid; a baseline made on other weights is refused, never subtracted."""
+    from stitching.grids import run_grid
+
+    cells = "grid.pairs=[[1,2],[2,2],[3,2],[2,3]]"
+    cfg = lm_config(tmp_path, "objective=tlm", "end.arch=lm_solu", cells)
+    summary = run_grid(cfg, tmp_path / "grid", progress=False)
+    assert not summary["failed"] and len(summary["done"]) == 4
+    store = tmp_path / "baselines"
+    baselines = _records(store)
+    assert sorted(baselines) == ["f2-e2", "f3-e3"]  # one per end layer, not one per cell
+    for record in baselines.values():
+        assert record["status"] == "ok" and record["base"]["front"]["key"] == record["base"]["end"]["key"]
+    for name, record in _records(tmp_path / "grid").items():
+        m, own = record["metrics"], baselines[f"f{record['end_layer']}-e{record['end_layer']}"]["metrics"]
+        assert record["base"]["front"]["key"] != record["base"]["end"]["key"]
+        assert m["test/baseline_loss"] == pytest.approx(own["test/loss"], abs=1e-7)
+        assert m["test/adjusted_penalty"] == pytest.approx(m["test/loss"] - own["test/loss"], abs=1e-6)
+        assert m["test/penalty"] == pytest.approx(m["test/adjusted_penalty"] + own["test/loss"] - own["test/end_loss"],
+                                                  abs=1e-4)
+        assert record["baseline"]["from"] == "baseline store", name
+    made = {path: path.stat().st_mtime_ns for path in store.rglob("results.json")}
+    again = run_grid(lm_config(tmp_path, "objective=tlm", "end.arch=lm_solu", cells), tmp_path / "again",
+                     progress=False)
+    assert len(again["done"]) == 4 and made == {path: path.stat().st_mtime_ns for path in store.rglob("results.json")}
+    tampered = next(iter(made))  # the same config, other weights or data: its end loss disagrees
+    record = json.loads(tampered.read_text())
+    record["metrics"]["test/end_loss"] += 0.1
+    tampered.write_text(json.dumps(record))
+    third = run_grid(lm_config(tmp_path, "objective=tlm", "end.arch=lm_solu", cells), tmp_path / "third",
+                     progress=False)
+    assert third["failed"] and all("measured the end model's own loss" in error for _, error in third["failed"])
+    status = {name: record["status"] for name, record in _records(tmp_path / "third").items()}
+    assert status == {name: "failed" if name.endswith(tampered.parent.name[-3:]) else "ok" for name in status}
+
+
+def test_a_self_stitching_grid_is_its_own_baseline(lm_config, tmp_path):
+    """Front = end: the diagonal cells are their own baselines (adjusted 0), an off-diagonal
+    cell subtracts its end layer's diagonal cell; nothing goes to the store."""
+    from stitching.grids import run_grid
+
+    cfg = lm_config(tmp_path, "objective=hint", "front.seed=1", "grid.pairs=all")
+    assert not run_grid(cfg, tmp_path / "grid", progress=False)["failed"]
+    records = _records(tmp_path / "grid")
+    assert len(records) == 9 and not (tmp_path / "baselines").exists()
+    for name, record in records.items():
+        i, j, m = record["front_layer"], record["end_layer"], record["metrics"]
+        diagonal = records[f"f{j}-e{j}"]["metrics"]["test/loss"]
+        assert m["test/adjusted_penalty"] == pytest.approx(m["test/loss"] - diagonal, abs=1e-6), name
+        assert record["baseline"]["from"] == ("this run" if i == j else "this grid")
+
+
+def test_a_front_identical_to_the_end_has_no_adjusted_penalty(lm_config, tmp_path):
+    """The end model's own weights given as the front (another config, so the baseline is
+    trained apart): the raw TLM penalty is what training on the corpus gains; adjusted, 0."""
+    from stitching.runs import run
+
+    first = run(lm_config(tmp_path, "objective=tlm", "stitch.layer=2"), tmp_path / "first")
+    weights = first["base"]["end"]["source"]["path"]
+    record = run(lm_config(tmp_path, "objective=tlm", "stitch.layer=2", f"front.checkpoint={weights}", "front.seed=1"),
+                 tmp_path / "same")
+    m = record["metrics"]
+    assert record["baseline"]["from"] == "baseline store"
+    assert m["test/penalty"] < -1e-3  # the stitch adapted the end model to this corpus
+    assert m["test/adjusted_penalty"] == pytest.approx(0, abs=1e-5)
+
+
 def test_a_gelu_solu_sweep_reports_the_penalty_by_direction(lm_config, tmp_path, monkeypatch, capsys):
     """Four directions × two layers, DM: one report with a penalty table and figure."""
     import pandas as pd
@@ -109,6 +183,7 @@ def test_a_gelu_solu_sweep_reports_the_penalty_by_direction(lm_config, tmp_path,
     made = report(sweep)
     table = made["penalty_table"]
     assert list(table.columns) == ["lm_gelu → lm_gelu", "lm_gelu → lm_solu", "lm_solu → lm_gelu", "lm_solu → lm_solu"]
+    assert all("[raw " in cell and "self " in cell for cell in table.to_numpy().ravel())
     assert list(table.index.get_level_values("layer")) == [2, 3]
     assert made["penalty"].is_file() and (sweep / "penalty.md").is_file()
     frame = pd.read_csv(made["csv"])
@@ -181,6 +256,13 @@ def test_a_bare_encoder_folder_stitches_by_dm_and_reports_its_output_error(tmp_p
     assert "stitched output's relative error to the end model's own" in output
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 < record["metrics"]["test/loss"] < 1 and "test/penalty" not in record["metrics"]
+    assert "baseline" not in record  # no penalty, no self-stitch baseline; asking for one is one line
+    code, output = train_cli([*LM_TINY, f"paths.zoo_dir={tmp_path}", f"paths.output_dir={tmp_path}", "objective=dm",
+                              f"dataset.tokenizer={folder}", "model.arch=hf", f"model.name={folder}",
+                              "stitch.layer=2", "evaluation.self_baseline=true", f"hydra.run.dir={tmp_path / 'asked'}"],
+                             monkeypatch, capsys)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "self_baseline=true applies to language models" in errors[0], output[-2000:]
 
 
 def _bert_folder(folder, head, **config):

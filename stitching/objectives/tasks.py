@@ -8,7 +8,9 @@ task, read from the end model itself:
 * :class:`NextToken` — a causal language model (a dict batch of ``input_ids`` and
   ``attention_mask``, or bare ids): next-token cross-entropy over the real tokens that have
   a real successor, in nats per token. Tests also record the end model's own loss on the
-  same tokens and the **stitching penalty** (stitched − end).
+  same tokens and the **stitching penalty** (stitched − end); beside it, the **adjusted
+  penalty** (stitched − self-stitched: :func:`adjusted_penalty`) takes out what a stitch
+  trained on this corpus gains with no dissimilarity to bridge (``docs/protocols.md``).
 * :class:`MaskedToken` — a masked language model (BERT with its MLM head): 15 % of the real
   tokens are replaced by the mask token and predicted; scored like :class:`NextToken`.
 """
@@ -142,3 +144,13 @@ def task_of(end) -> Classification | NextToken | MaskedToken | Representation:
         if end.num_classes is None:
             return Representation()
     return Classification()
+
+
+def adjusted_penalty(metrics: dict, baseline: dict | None) -> dict:
+    """``test/baseline_loss`` (the self-stitch baseline's test loss: the end model stitched into
+    itself at the end layer, trained the same way) and ``test/adjusted_penalty`` = stitched −
+    self-stitched loss; nothing without a baseline."""
+    if not baseline:
+        return {}
+    return {"test/baseline_loss": baseline["test_loss"],
+            "test/adjusted_penalty": metrics["test/loss"] - baseline["test_loss"]}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stitching.results.records import METRIC_LABELS, cost_label
+from stitching.results.records import METRIC_LABELS, cost_label, penalty_metric
 from stitching.results.tables import (
     corresponding_depth, differ_in_depth, directions, facets, layer_grid, objectives_present,
     plotted_metrics, seed_pairs, self_accuracy, spread_note,
@@ -143,22 +143,30 @@ def stitching_plot(frame: pd.DataFrame, path: Path, title: str | None = None) ->
 
 def penalty_plot(frame: pd.DataFrame, path: Path) -> Path:
     """Stitching penalty by layer, one line per direction (mean over seed pairs, ± std), one
-    panel per objective (the representation-dissimilarity paper's Fig. 1)."""
+    panel per objective (the representation-dissimilarity paper's Fig. 1): the adjusted penalty
+    (solid), the raw one (dotted, same colour) beside it."""
     plt = pyplot()
     runs = frame[frame.test_penalty.notna() & (frame.front_layer == frame.end_layer)]
     runs = runs.assign(direction=directions(runs))
+    metric, label = penalty_metric(runs)
     objectives = objectives_present(runs)
     fig, axes = panel_grid(plt, len(objectives), 5.5, 3.8)
     for ax, objective in zip(axes, objectives):
         rows = runs[runs.objective == objective]
         for direction, group in rows.groupby("direction"):
-            stats = group.groupby("front_layer").test_penalty.agg(["mean", "std"])
-            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=direction)
+            stats = group.groupby("front_layer")[metric].agg(["mean", "std"])
+            line = ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                               label=direction)
+            if metric != "test_penalty":
+                raw = group.groupby("front_layer").test_penalty.mean()
+                ax.plot(raw.index, raw.values, ls=":", marker=".", color=line[0].get_color(), alpha=0.7)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(sorted(int(v) for v in rows.front_layer.unique()))
         ax.set_xlabel("layer (cut point: 1 = embeddings)")
-        ax.set_ylabel("stitching penalty (nats/token)")
-        ax.set_title(f"{objective.upper()}: stitched loss − end model's loss", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(f"{objective.upper()}: stitched loss − "
+                     + ("self-stitched loss (dotted: − end model's loss)" if metric != "test_penalty"
+                        else "end model's loss"), fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return save_figure(plt, fig, path)

@@ -87,8 +87,9 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
             failed.append({"run": run, "error": f"non-finite metric(s) {', '.join(bad)}"})
             continue
         rows.append(row)
+    adjusted = all(row.get("test_adjusted_penalty") is not None for row in rows if row.get("test_penalty") is not None)
     for row in rows:
-        row["score"] = stitching_score(row)
+        row["score"] = stitching_score(row, adjusted)
     for path in sorted(sweep_dir.rglob("similarity.csv")):
         try:
             rows += pd.read_csv(path).assign(run=str(path.parent.relative_to(sweep_dir))).to_dict("records")
@@ -103,14 +104,25 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
     return frame.reset_index(drop=True), failed
 
 
-def stitching_score(row: dict) -> float | None:
-    """Higher is more similar: accuracy; for a language model minus its penalty (nats/token);
-    for a bare encoder minus the output's relative error."""
+def stitching_score(row: dict, adjusted: bool = True) -> float | None:
+    """Higher is more similar: accuracy; for a language model minus its penalty (nats/token),
+    the adjusted one (over the self-stitch baseline) when ``adjusted``; for a bare encoder
+    minus the output's relative error."""
     if row.get("test_acc") is not None:
         return row["test_acc"]
     if row.get("test_penalty") is not None:
-        return -row["test_penalty"]
+        return -row["test_adjusted_penalty" if adjusted else "test_penalty"]
     return None if row.get("test_loss") is None else -row["test_loss"]
+
+
+def penalty_metric(rows: pd.DataFrame) -> tuple[str, str]:
+    """The language-model penalty a table or figure of ``rows`` shows, and its label: the
+    adjusted penalty (stitched − self-stitched loss) when every penalty has its baseline, else
+    the raw one (stitched − end model's loss), said so."""
+    penalties = rows[rows.test_penalty.notna()] if "test_penalty" in rows else rows.iloc[:0]
+    if "test_adjusted_penalty" in penalties and penalties.test_adjusted_penalty.notna().all():
+        return "test_adjusted_penalty", "adjusted penalty (nats/token)"
+    return "test_penalty", "raw penalty (nats/token, no self-stitch baseline)"
 
 
 def cost_label(rows: pd.DataFrame) -> str | None:
@@ -118,7 +130,7 @@ def cost_label(rows: pd.DataFrame) -> str | None:
     if "test_acc" in rows and rows.test_acc.notna().any():
         return None
     if "test_penalty" in rows and rows.test_penalty.notna().any():
-        return "penalty (nats/token)"
+        return penalty_metric(rows)[1]
     if "test_loss" in rows and rows.test_loss.notna().any():
         return "output relative error"
     return None

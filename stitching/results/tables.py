@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from stitching.errors import StitchingError
-from stitching.results.records import CONDITIONS, METRIC_LABELS, OBJECTIVE_ORDER, REPLICATES
+from stitching.results.records import CONDITIONS, METRIC_LABELS, OBJECTIVE_ORDER, REPLICATES, penalty_metric
 
 
 def objectives_present(frame: pd.DataFrame) -> list[str]:
@@ -158,14 +158,27 @@ def directions(runs: pd.DataFrame) -> pd.Series:
 
 
 def penalty_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Language-model stitching: mean ± std of the penalty (nats/token) over seed pairs, by
-    layer (rows) and direction ``front arch → end arch`` (columns), per objective."""
+    """Language-model stitching: mean ± std (count) over seed pairs of the adjusted penalty
+    (nats/token; :func:`~stitching.results.records.penalty_metric`), with the mean raw penalty
+    and the self-stitch baseline's own penalty beside it (raw = adjusted + self), by layer (rows)
+    and direction ``front → end`` (columns), per objective."""
     runs = frame[frame.test_penalty.notna() & (frame.front_layer == frame.end_layer)]
-    runs = runs.assign(direction=directions(runs), layer=runs.front_layer.astype(int))
-    stats = runs.groupby(["objective", "layer", "direction"]).test_penalty.agg(["mean", "std", "count"])
-    cells = stats.apply(lambda r: f"{r['mean']:+.3f} ± {0 if pd.isna(r['std']) else r['std']:.3f} ({int(r['count'])})",
-                        axis=1)
+    metric, _ = penalty_metric(runs)
+    runs = runs.assign(direction=directions(runs), layer=runs.front_layer.astype(int), shown=runs[metric])
+    if metric == "test_penalty":
+        return runs.groupby(["objective", "layer", "direction"]).shown.agg(["mean", "std", "count"]).apply(
+            lambda r: f"raw {r['mean']:+.3f} ± {_std(r['std']):.3f} ({int(r['count'])})", axis=1).unstack("direction")
+    runs = runs.assign(own=runs.test_baseline_loss - runs.test_end_loss)
+    stats = runs.groupby(["objective", "layer", "direction"]).agg(
+        mean=("shown", "mean"), std=("shown", "std"), count=("shown", "count"), raw=("test_penalty", "mean"),
+        own=("own", "mean"))
+    cells = stats.apply(lambda r: f"{r['mean']:+.3f} ± {_std(r['std']):.3f} ({int(r['count'])}) "
+                                  f"[raw {r['raw']:+.3f}, self {r['own']:+.3f}]", axis=1)
     return cells.unstack("direction")
+
+
+def _std(value) -> float:
+    return 0.0 if pd.isna(value) else float(value)
 
 
 def differ_in_depth(frame: pd.DataFrame) -> bool:
