@@ -120,6 +120,7 @@ def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_
         "stitch": {"parameters": sum(p.numel() for p in network.stitch.parameters()),
                    "kind": network.stitch.kind,
                    "front_rank": network.stitch.projection.rank if network.stitch.projection is not None else None,
+                   "dm_rows": getattr(network.stitch, "dm_rows", None),  # least-squares rows of the DM start
                    "in_channels": network.stitch.channels[0],
                    "out_channels": network.stitch.channels[1],
                    "out_size": list(network.stitch.out_size) if network.stitch.out_size else None,
@@ -143,7 +144,8 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
                        "dataset": cfg[side].dataset, "source": _provenance(record)}
                 for side, record in (("front", prep.front_record), ("end", prep.end_record))}
         evaluation = {"kind": "text", "corpus": datamodule.corpus, "tokenizer": datamodule.tokenizer_spec,
-                      "context": datamodule.context, "test_sequences": len(datamodule.arrays.test)}
+                      "context": datamodule.context, "test_sequences": len(datamodule.arrays.test),
+                      **({"subsets": datamodule.subsets} if datamodule.subsets else {})}
         if not isinstance(datamodule, PairDataModule):
             return {}, base, evaluation
         # sentence pairs: the classifiers' accuracy on the test split and the challenge set (HANS)
@@ -168,6 +170,8 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
         metrics.update(ood_metrics(network, prep.end, prep.end_layer, prep.end_record["path"], datamodule, options,
                                    device, cfg.seed, outlier_dataset=lambda name: outlier_arrays(cfg, name)))
     evaluation = evaluation_settings(attack, cfg.shortcut, datamodule)
+    if datamodule.subsets:  # how the training subset was drawn
+        evaluation["subsets"] = datamodule.subsets
     if cfg.evaluation.ood.enabled:
         evaluation["ood"] = {**OmegaConf.to_container(cfg.evaluation.ood, resolve=True), "end_layer": prep.end_layer}
     if datamodule.shortcut is not None:

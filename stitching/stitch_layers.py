@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from stitching.errors import StitchingError
 from stitching.models import layout as layouts
 from stitching.models.layout import Layout
 
@@ -211,7 +212,22 @@ class _AffineStitch(nn.Module):
     @torch.no_grad()
     def fit(self, front: torch.Tensor, end: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Least squares from prepared front to end activations over every real position."""
-        self.fit_rows(layouts.as_rows(front, self.front_layout, mask), layouts.as_rows(end, self.end_layout, mask))
+        rows = layouts.as_rows(front, self.front_layout, mask)
+        self.check_rows(len(rows), rows.shape[1], len(front))
+        self.dm_rows = len(rows)  # recorded with the run
+        self.fit_rows(rows, layouts.as_rows(end, self.end_layout, mask))
+
+    def check_rows(self, rows: int, columns: int, samples: int, what: str = "") -> None:
+        """Refuse an underdetermined DM fit in one line: fewer rows (samples × real positions)
+        than unknowns per output channel (the front's channels, or its kept rank, + the bias),
+        where the minimum-norm solution is one of many and not the least-squares map."""
+        unknowns = (self.projection.rank if self.projection is not None else columns) + 1
+        if rows < unknowns:
+            per_sample = max(rows / max(samples, 1), 1e-9)
+            raise StitchingError(
+                f"the DM fit{what} is underdetermined: {rows} rows ({samples} samples × {rows / max(samples, 1):g} "
+                f"positions) for {unknowns} unknowns per output channel; set stitch.dm_samples (dm_samples= in "
+                f"Python) to at least {math.ceil(unknowns / per_sample)}, or start from stitch.init=identity|random")
 
 
 class Stitch(_AffineStitch):
@@ -281,8 +297,11 @@ class TokenStitch(_AffineStitch):
             super().fit(front, end, mask)
             return
         rest = mask[:, 1:] if mask is not None else None
-        self.fit_rows(layouts.as_rows(front[:, 1:], self.front_layout, rest),
-                      layouts.as_rows(end[:, 1:], self.end_layout, rest))
+        rows = layouts.as_rows(front[:, 1:], self.front_layout, rest)
+        self.check_rows(len(rows), rows.shape[1], len(front))
+        self.check_rows(len(front), front.shape[-1], len(front), " of the class token's own map")
+        self.dm_rows = len(rows)
+        self.fit_rows(rows, layouts.as_rows(end[:, 1:], self.end_layout, rest))
         _load_affine(self.class_linear, *dm_solution(front[:, 0], end[:, 0]))
 
 

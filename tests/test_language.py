@@ -184,9 +184,10 @@ def test_tlm_and_slm_refuse_an_end_model_without_a_task_head():
     from stitching.errors import StitchingError
 
     front, end = tiny("bert", seed=0), tiny("bert", seed=1)
+    data = _padded_batch(lengths=(24,) * 4)  # 96 DM rows for 33 unknowns
     with pytest.raises(StitchingError, match="bare encoder: use dm, hint or fula"):
-        prepare_stitch(front, end, 2, 2, _padded_batch(), objective="tlm")
-    prepare_stitch(front, end, 2, 2, _padded_batch(), objective="hint")  # fine
+        prepare_stitch(front, end, 2, 2, data, objective="tlm")
+    prepare_stitch(front, end, 2, 2, data, objective="hint")  # fine
 
 
 def test_cka_over_token_positions_leaves_padding_out():

@@ -122,3 +122,27 @@ def test_a_stitch_starts_from_identity_random_or_dm():
         assert "objective dm is the DM solution itself" in str(err)
     else:
         raise AssertionError("DM started from a random map was accepted")
+
+
+def test_an_underdetermined_dm_fit_is_refused_in_one_line_and_a_determined_one_records_its_rows():
+    """Fewer least-squares rows (samples × real positions) than unknowns per output channel
+    (channels + bias) leave the minimum-norm solution one of many: refused, naming the
+    ``dm_samples`` that would do (ceil(17 unknowns / 4 positions) = 5)."""
+    import pytest
+
+    from stitching.errors import StitchingError
+    from stitching.models.layout import Layout
+    from stitching.stitch_layers import TokenStitch
+
+    torch.manual_seed(0)
+    stitch = Stitch(16, 8)
+    with pytest.raises(StitchingError, match=r"12 rows \(3 samples × 4 positions\) for 17 unknowns .* at least 5"):
+        stitch.fit(torch.randn(3, 16, 2, 2), torch.randn(3, 8, 2, 2))
+    stitch.fit(torch.randn(5, 16, 2, 2), torch.randn(5, 8, 2, 2))
+    assert stitch.dm_rows == 20
+    tokens = Layout("tokens", 1)
+    vit = TokenStitch(6, 4, tokens, tokens, separate_class_token=True)  # the class map: one row per sample
+    with pytest.raises(StitchingError, match="class token's own map is underdetermined: 5 rows"):
+        vit.fit(torch.randn(5, 9, 6), torch.randn(5, 9, 4))
+    vit.fit(torch.randn(7, 9, 6), torch.randn(7, 9, 4))
+    assert vit.dm_rows == 56

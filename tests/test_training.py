@@ -104,6 +104,7 @@ def test_cross_layer_stitch_resizes_front_maps(tiny_config, tmp_path):
     record = run(tiny_config("objective=hint", "stitch.front_layer=2", "stitch.end_layer=8"), tmp_path)
     assert record["stitch"]["out_size"] == [2, 2] and record["stitch"]["in_channels"] == 8
     assert record["stitch"]["out_channels"] == 64
+    assert record["stitch"]["dm_rows"] == 100 * 2 * 2  # 100 DM samples × the end map's 2×2 positions
 
 
 @pytest.mark.parametrize("overrides, message", [
