@@ -171,6 +171,8 @@ def build_datamodule(cfg: DictConfig, name: str | None = None, with_testbeds: bo
     dataset's full clean training split (``with_testbeds=False``: what base models see)."""
     options = dataset_config(cfg, name or cfg.dataset.name)
     if options.get("kind") == "text":  # a corpus of token streams, or labelled sentence pairs
+        if not with_testbeds:  # a base model reads the whole corpus, never a run's subset of it
+            options = {**options, "train_sequences": None, "test_sequences": None}
         return PairDataModule(**options) if options.get("pairs") else TextDataModule(**options)
     options.pop("kind", None)
     options.pop("attack_eps", None)  # read by the attack group and the zoo, not the data

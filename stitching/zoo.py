@@ -305,6 +305,8 @@ class ModelZoo:
         record = {
             "key": path.stem, "source": "trained here", "spec": asdict(spec), "seed": spec.seed, "steps": steps,
             "recipe": recipe, "model_kwargs": model_kwargs, "test_acc": None, "test_loss": float(test_loss),
+            "data": {"corpus": datamodule.corpus, "tokenizer": datamodule.tokenizer_spec, "context": datamodule.context,
+                     "train_sequences": len(datamodule.arrays.train), "test_sequences": len(datamodule.arrays.test)},
             "train_time_s": round(train_time, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
         }
         self._save(model, record, path)

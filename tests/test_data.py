@@ -169,3 +169,31 @@ def test_synthetic_images_are_cifar_sized_seeded_noise_and_compose():
     assert not torch.equal(arrays.train_x, load_source("synthetic", train_images=40, test_images=8, seed=4).train_x)
     cfg = compose_config(["dataset=synthetic"])
     assert cfg.dataset.source.train_images == 50000 and cfg.dataset.source.num_classes == 10
+
+
+def test_subsets_are_spread_over_the_whole_split_not_its_first_items():
+    """One draw per equal block (every block hit once, seeded), classes in their proportions
+    (counted independently), and a topic-ordered corpus sampled from all of its topics."""
+    from collections import Counter
+
+    from stitching.data.sampling import spread_sample, stratified_sample
+    from stitching.data.text import TextDataModule
+
+    picked = spread_sample(10, 103, seed=4)
+    edges = [k * 103 // 10 for k in range(11)]  # one in each tenth
+    assert all(edges[k] <= picked[k] < edges[k + 1] for k in range(10))
+    assert torch.equal(picked, spread_sample(10, 103, seed=4)) and not torch.equal(picked, spread_sample(10, 103, seed=5))
+    assert torch.equal(spread_sample(200, 103), torch.arange(103))
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)  # sorted by class, as many splits are
+    chosen = stratified_sample(labels, 20, seed=1)
+    assert Counter(labels[chosen].tolist()) == {0: 12, 1: 6, 2: 2} and len(set(chosen.tolist())) == 20
+    assert Counter(labels[stratified_sample(labels, 7, seed=1)].tolist()) == {0: 4, 1: 2, 2: 1}  # 4.2, 2.1, 0.7
+    corpus = TextDataModule(train_sequences=40, test_sequences=8)
+    corpus.setup()
+    whole = TextDataModule()
+    whole.setup()
+    rows = {tuple(row.tolist()): k for k, row in enumerate(whole.arrays.train)}
+    where = sorted(rows[tuple(row.tolist())] for row in corpus.arrays.train)
+    assert where[-1] > 0.9 * len(whole.arrays.train) and where[0] < 0.1 * len(whole.arrays.train)
+    assert corpus.subsets["train_sequences"] == {"kept": 40, "of": len(whole.arrays.train),
+                                                 "how": "one per equal block of the split", "seed": 0}

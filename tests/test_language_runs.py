@@ -54,6 +54,9 @@ def test_each_objective_runs_between_gelu_and_solu_models_trained_here(objective
     assert saved["base"]["end"]["source"]["kind"] == "trained here" and saved["base"]["end"]["test_loss"] > 0
     assert saved["inputs"]["front"] == {"tokenizer": "bytes", "context": 64}
     assert record["evaluation"]["kind"] == "text"
+    assert record["evaluation"]["subsets"]["train_sequences"]["kept"] == 64  # the run's sample of the corpus …
+    zoo_record = json.loads((lm_config.zoo / f"{saved['base']['end']['key']}.json").read_text())
+    assert zoo_record["data"]["train_sequences"] == record["evaluation"]["subsets"]["train_sequences"]["of"] > 64  # … never the base model's
 
 
 def _tokenizer_folder(folder):

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from stitching.data.sampling import describe, stratified_sample
 from stitching.data.shortcuts import Shortcut
 from stitching.data.sources import ImageArrays, load_source
 from stitching.errors import StitchingError
@@ -148,7 +149,8 @@ class ImageDataModule(L.LightningDataModule):
         mean, std: per-channel normalisation; ``None`` computes it from the training split.
         num_classes_train: keep only classes ``0..k-1`` in the training split (the test
             split keeps every class).
-        train_subset: keep only this many training images (seeded draw; ``None``: all).
+        train_subset: keep only this many training images, each class in proportion (a seeded
+            stratified draw; ``None``: all).
         source: options passed to the source loader (``data_dir``, ``image_size``, …).
         shortcut: ``{kind, placement, size, seed}`` marks every training image with its
             class's shortcut (see :mod:`stitching.data.shortcuts`); ``None`` or kind null: off.
@@ -180,6 +182,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_classes_train = num_classes_train
         self.train_subset = train_subset
         self.seed = seed
+        self.subsets: dict = {}  # how each subset was drawn, for the record
         self.source = dict(source or {})
         self.shortcut_options = dict(shortcut) if shortcut and shortcut.get("kind") else None
         self.shortcut: Shortcut | None = None
@@ -202,9 +205,10 @@ class ImageDataModule(L.LightningDataModule):
         if self.num_classes_train is not None:
             keep = train_y < self.num_classes_train
             train_x, train_y = train_x[keep], train_y[keep]
-        if self.train_subset is not None and self.train_subset < len(train_y):
-            generator = torch.Generator().manual_seed(self.seed)
-            pick = torch.randperm(len(train_y), generator=generator)[: self.train_subset]
+        if self.train_subset is not None:  # every class in proportion, drawn at random (seeded)
+            self.subsets["train_subset"] = describe(min(self.train_subset, len(train_y)), len(train_y),
+                                                    "stratified by class", self.seed)
+            pick = stratified_sample(train_y, self.train_subset, self.seed)
             train_x, train_y = train_x[pick], train_y[pick]
         self.arrays = ImageArrays(train_x, train_y, arrays.test_x, arrays.test_y)
         if self.shortcut_options:

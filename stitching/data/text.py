@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from stitching.data.sampling import describe, spread_sample, stratified_sample
 from stitching.errors import StitchingError
 
 EMBEDDED = ("pydoc",)
@@ -150,15 +151,18 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: ``bytes`` or a folder with a Hugging Face tokenizer.
         context: tokens per sequence.
         batch_size, num_workers: loader settings.
-        train_sequences, test_sequences: keep only the first N of each split (``None``: all).
+        train_sequences, test_sequences: keep N sequences of each split, one from each of N equal
+            blocks of it (seeded by ``seed``; the corpus runs topic by topic, so its first N
+            sequences would be a few topics); ``None``: all.
     """
 
     kind = "text"
 
     def __init__(self, name: str = "pydoc", corpus: str = "pydoc", tokenizer: str = "bytes", context: int = 64,
                  batch_size: int = 32, num_workers: int = 0, train_sequences: int | None = None,
-                 test_sequences: int | None = None, num_classes: int | None = None, kind: str = "text"):
+                 test_sequences: int | None = None, num_classes: int | None = None, kind: str = "text", seed: int = 0):
         super().__init__()
+        self.seed, self.subsets = int(seed), {}  # how each subset was drawn, for the record
         self.num_classes = num_classes  # None: next-token prediction
         self.name, self.corpus, self.tokenizer_spec, self.context = name, corpus, tokenizer, int(context)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -169,7 +173,15 @@ class TextDataModule(L.LightningDataModule):
         if self.arrays is not None:
             return
         train, test = _cached_sequences(self.corpus, self.tokenizer_spec, self.context)
-        self.arrays = TextArrays(train[: self.train_sequences], test[: self.test_sequences])
+        self.arrays = TextArrays(self._spread(train, "train_sequences"), self._spread(test, "test_sequences"))
+
+    def _spread(self, ids: torch.Tensor, key: str) -> torch.Tensor:
+        """``dataset.<key>`` sequences spread over the whole (topic-ordered) split, not its first N."""
+        count = getattr(self, key)
+        if count is None:
+            return ids
+        self.subsets[key] = describe(min(count, len(ids)), len(ids), "one per equal block of the split", self.seed)
+        return ids[spread_sample(count, len(ids), self.seed)]
 
     @cached_property
     def tokenizer(self):
@@ -275,7 +287,13 @@ class PairDataModule(TextDataModule):
     def _read(self, corpus: str, split: str, subset: str | None, limit: int | None, spec: dict) -> PairDataset:
         rows = pair_rows(corpus, split, subset)
         where = spec.get("where") or {}  # e.g. HANS' lexical-overlap cases only
-        rows = [r for r in rows if all(r.get(k) == v for k, v in where.items())][:limit]
+        rows = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+        if limit is not None and rows:  # every label in proportion, not the split's first rows
+            field = spec.get("label") or self.pairs["label"]
+            names = sorted({str(r.get(field)) for r in rows})
+            labels = torch.tensor([names.index(str(r.get(field))) for r in rows])
+            self.subsets[f"{split}_rows"] = describe(min(limit, len(rows)), len(rows), "stratified by label", self.seed)
+            rows = [rows[i] for i in stratified_sample(labels, limit, self.seed).tolist()]
         if not rows:
             raise StitchingError(f"no sentence pairs in '{corpus}' split '{split}'"
                                  + (f" where {where}" if where else "") + "; check the corpus and its filter")
