@@ -6,6 +6,7 @@ From Python::
     stitching.cut_points(model)                   # where a model can be cut
     result = stitching.stitch(front, end, "layer2.1", "layer3.0", objective="fula",
                               train=(images, labels), test=(test_images, test_labels))
+    result.save("stitched.pt"); stitching.load("stitched.pt", front, end)   # the same network
 """
 
 from pathlib import Path
@@ -17,7 +18,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 #: the config keys that choose a run's cut points (a sweep over them is a grid's cells)
 LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")
 
-__all__ = ["StitchResult", "cut_points", "stitch"]
+__all__ = ["StitchResult", "cut_points", "load", "stitch"]
 
 
 def __getattr__(name):  # the API pulls in Lightning; `import stitching` alone stays light

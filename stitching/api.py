@@ -6,6 +6,7 @@
     result = stitching.stitch(front, end, "layer2.1", "layer3.0", objective="fula",
                               train=(x_train, y_train), test=(x_test, y_test), epochs=3)
     result.metrics["test/acc"], result.stitch, result.network
+    result.save("stitched.pt"); network = stitching.load("stitched.pt", front, end)
 
 ``front`` and ``end`` are any models an adapter supports (timm, torchvision, the built-in
 ones) or networks written against :class:`stitching.models.CuttableModel`; images are in
@@ -31,6 +32,11 @@ from stitching.models import Cut, as_cuttable, cut, cut_points
 from stitching.objectives.objective import make_objective
 from stitching.objectives.tasks import NextToken, adjusted_penalty
 from stitching.runtime import Stopwatch
+from stitching.saving import load
+from stitching.saving import save as save_network
+
+__all__ = ["Prepared", "StitchResult", "TokenBatch", "as_loader", "cut_points", "first_inputs", "load", "prepare_stitch",
+           "stitch", "train_stitch"]
 from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
 
 
@@ -69,10 +75,16 @@ class StitchResult:
     module: StitchEngine
     timings: dict[str, float] = field(default_factory=dict)
     curve: list[float] = field(default_factory=list)
+    given: tuple[nn.Module, nn.Module] | None = field(default=None, repr=False)  # the front and end passed in
 
     @property
     def stitch(self) -> nn.Module:
         return self.network.stitch
+
+    def save(self, path: str | Path) -> Path:
+        """Write the stitched network (stitch, changed BatchNorm statistics, cut points, the given
+        models' SHA-256) to ``path``; :func:`stitching.load` rebuilds it from the same two models."""
+        return save_network(path, self.network, *self.given, provenance={"metrics": self.metrics})
 
 
 def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: int | str,
@@ -183,7 +195,7 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
             mine = train_stitch(own, train_loader, test_loader, options)
         metrics.update(adjusted_penalty(metrics, {"test_loss": mine["test/loss"]}))
     return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.engine, watch.report(),
-                        list(prepared.engine.curves[cell_key(*prepared.cell)]))
+                        list(prepared.engine.curves[cell_key(*prepared.cell)]), given=(front, end))
 
 
 class TokenBatch(Dataset):

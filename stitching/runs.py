@@ -39,6 +39,7 @@ from stitching.errors import NonFiniteError, StitchingError
 from stitching.models import cut_point_names
 from stitching.objectives.tasks import adjusted_penalty
 from stitching.runtime import Stopwatch, build_logger, cache_warning, versions, write_json_atomic
+from stitching.saving import save as save_network
 
 #: how far the end model's own test loss may differ between a run and its self-stitch baseline
 #: (the same model on the same tokens: only float summation order differs)
@@ -104,6 +105,9 @@ def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_
     i, j = prep.front_layer, prep.end_layer
     config = OmegaConf.to_container(cfg, resolve=True)
     torch.save(network.stitch.state_dict(), run_dir / "stitch.pt")
+    save_network(run_dir / "network.pt", network, prep.front, prep.end,
+                 provenance={side: {"key": record["key"], "source": _provenance(record)}
+                             for side, record in (("front", prep.front_record), ("end", prep.end_record))})
     with watch.section("eval_s"):
         extra, base, evaluation = evaluate_testbeds(cfg, prep)
     record = {
