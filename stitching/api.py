@@ -38,6 +38,7 @@ from stitching.saving import save as save_network
 __all__ = ["Prepared", "StitchResult", "TokenBatch", "as_loader", "cut_points", "first_inputs", "load", "prepare_stitch",
            "stitch", "train_stitch"]
 from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
+from stitching.validation import check_arguments
 
 
 @dataclass
@@ -103,6 +104,8 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     capacity. ``front_rank``: project the front activation on its top principal directions
     (fitted on ``dm_inputs``) before the stitch, in DM, training and evaluation.
     """
+    check_arguments(lr=lr, weight_decay=weight_decay, update_bn=update_bn, rank=rank, hidden=hidden,
+                    front_rank=front_rank, seed=seed)
     chosen = make_objective(objective, weights)
     check_class_token(class_token)
     check_init(init, objective)
@@ -169,8 +172,13 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         raise StitchingError("stitch() needs training data: train=(images, labels), token ids, a Dataset or a DataLoader")
     if self_baseline not in (None, True, False):
         raise StitchingError(f"self_baseline={self_baseline!r}: give None (auto), True or False")
+    check_arguments(epochs=epochs, batch_size=batch_size, dm_samples=dm_samples, seed=seed)
+    test = test if test is not None else train
     train_loader = as_loader(train, batch_size, shuffle=True)
-    test_loader = as_loader(test if test is not None else train, batch_size, shuffle=False)
+    test_loader = as_loader(test, batch_size, shuffle=False)
+    for name, loader in (("training", train_loader), ("test", test_loader)):
+        if hasattr(loader.dataset, "__len__") and len(loader.dataset) == 0:
+            raise StitchingError(f"the {name} data are empty")
     options = {"max_epochs": epochs, "enable_progress_bar": progress, **(trainer or {})}
     settings = dict(objective=objective, lr=lr, weight_decay=weight_decay, update_bn=update_bn, class_token=class_token,
                     weights=weights, init=init, kind=kind, rank=rank, hidden=hidden, front_rank=front_rank, seed=seed)
@@ -184,6 +192,9 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
 
     watch = Stopwatch()
     prepared = trained(front, front_layer, watch)
+    for name, data in (("the training data", train), ("the test data", test)):  # given tensors: checked whole, now
+        if isinstance(data, (tuple, list, dict, torch.Tensor)):
+            prepared.engine.check_data(tuple(data) if isinstance(data, list) else data, name)
     next_token = isinstance(prepared.engine.task, NextToken)
     if self_baseline and not next_token:
         raise StitchingError("self_baseline=True applies to language models scored by their next-token penalty; "

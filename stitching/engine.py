@@ -40,6 +40,7 @@ import torchmetrics
 from torch import nn
 
 from stitching.attacks import mix_adversarial, pgd_settings
+from stitching.data.contract import check_batch
 from stitching.errors import NonFiniteError, StitchingError
 from stitching.models.cutting import CuttableModel, Head, Tail, cut, cut_point_activations
 from stitching.models.grouped import deinterleave, group_batchnorms, interleave, load_group
@@ -159,6 +160,8 @@ class StitchEngine(L.LightningModule):
             if problem:
                 raise StitchingError(problem)
         self.num_classes = num_classes if num_classes is not None else end.num_classes
+        check_batch(dm_inputs, vocab_size=getattr(self.reference.input_spec, "vocab_size", None),
+                    where="the DM samples")  # before any copy or fit
         self.clip_val: float | None = None
         self.clip_algorithm = "norm"
         self.accumulate = 1
@@ -342,7 +345,13 @@ class StitchEngine(L.LightningModule):
         if logged:
             self.log_dict(logged, on_step=False, on_epoch=True, rank_zero_only=True)
 
+    def check_data(self, batch, where: str) -> None:
+        """One line if ``batch`` breaks the data contract (:mod:`stitching.data.contract`)."""
+        check_batch(batch, self.num_classes if isinstance(self.task, Classification) else None,
+                    getattr(self.reference.input_spec, "vocab_size", None), isinstance(self.task, Classification), where)
+
     def training_step(self, batch, batch_idx):
+        self.check_data(batch, "the training data")
         x, y = self.task.split(batch, train=True)
         size = self._size(x, y)
         self._batches_seen += 1
@@ -493,6 +502,7 @@ class StitchEngine(L.LightningModule):
                     metric.reset()
 
     def test_step(self, batch, batch_idx):
+        self.check_data(batch, "the test data")
         x, y = self.task.split(batch)
         size = self._size(x, y)
         own = None

@@ -165,6 +165,22 @@ RULES: dict[str, Rule] = {
 }
 
 
+#: the Python API's arguments and the setting of the command line each one is: one contract
+API_SETTINGS = {"lr": "stitch.lr", "weight_decay": "stitch.weight_decay", "dm_samples": "stitch.dm_samples",
+                "update_bn": "stitch.update_bn", "rank": "stitch.rank", "hidden": "stitch.hidden",
+                "front_rank": "stitch.front_rank", "seed": "seed", "epochs": "trainer.max_epochs",
+                "batch_size": "dataset.batch_size"}
+
+
+def check_arguments(**values) -> None:
+    """Raise one line for the first Python API argument outside its setting's range."""
+    for name, value in values.items():
+        key = API_SETTINGS[name]
+        if not RULES[key].allows(value):
+            raise StitchingError(f"{name}={_shown(value)} is out of range: it must be {RULES[key].describe()} "
+                                 f"(the command line's {key})")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise one :class:`StitchingError` line for the first setting outside its range."""
     for key, rule in RULES.items():

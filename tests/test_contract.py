@@ -1,0 +1,108 @@
+"""One input contract for the Python API and the command line: every API argument is its
+command-line setting's rule (cases generated from the rules, not listed), and every batch —
+tensors handed in, a Dataset, the data modules — keeps the data contract or is one line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from sklearn.datasets import load_digits
+
+import stitching
+from stitching.errors import StitchingError
+from stitching.validation import API_SETTINGS, RULES
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.images[:96, None] / 16, dtype=torch.float32)
+    y = torch.tensor(digits.target[:96])
+    return timm.create_model("test_resnet", num_classes=10), timm.create_model("test_resnet", num_classes=10), x, y
+
+
+def _bad_values(rule) -> list:
+    """Values the rule must refuse: wrong types, NaN, just outside each bound, null when not allowed."""
+    values = ["text", float("nan")] + (["maybe", 1] if rule.kind == "bool" else [])
+    if rule.kind == "int":
+        values.append(1.5)
+    if rule.low is not None:
+        values.append(rule.low if rule.low_open else (rule.low - 1 if rule.kind == "int" else rule.low - 1e-3))
+    if rule.high is not None:
+        values.append(rule.high * 10 + 1)
+    if not rule.nullable:
+        values.append(None)
+    return values
+
+
+ARGUMENT_CASES = [(name, value) for name, key in API_SETTINGS.items() for value in _bad_values(RULES[key])]
+
+
+@pytest.mark.parametrize("name, value", ARGUMENT_CASES, ids=[f"{n}={v}" for n, v in ARGUMENT_CASES])
+def test_every_api_argument_outside_its_settings_rule_is_one_line(name, value, pair):
+    front, end, x, y = pair
+    with pytest.raises(StitchingError, match=rf"^{name}=\S+ is out of range: it must be .* \(the command line's "):
+        stitching.stitch(front, end, 2, 2, objective="hint", train=(x, y), progress=False, **{name: value})
+
+
+def _digits_cases(x, y):
+    nan = x.clone()
+    nan[3, 0, 2, 2] = math.nan
+    return {
+        "labels-out-of-range": ((x, y + 1), "labels lie in 1..10, outside the end model's classes 0..9"),
+        "labels-negative": ((x, y - 1), "labels lie in -1..8"),
+        "labels-float": ((x, y.float()), "labels are float32; give integer class indices"),
+        "labels-one-hot": ((x, torch.nn.functional.one_hot(y, 10)), "one-hot? give labels.argmax(1)"),
+        "images-3d": ((x[:, 0], y), "images must be a non-empty [N, C, H, W] tensor"),
+        "images-nan": ((nan, y), "1 image value(s) are NaN or infinite"),
+        "images-255": ((x * 255, y), "images in [0, 255]: divide by 255"),
+        "images-normalised": ((x - 0.5, y), "give unnormalised images in [0, 1]"),
+        "images-uint8": (((x * 255).to(torch.uint8), y), "images are uint8; give floating-point images in [0, 1] (uint8: divide by 255)"),
+        "lengths": ((x, y[:50]), "96 inputs but 50 labels"),
+    }
+
+
+@pytest.mark.parametrize("case", ["labels-out-of-range", "labels-negative", "labels-float", "labels-one-hot", "images-3d",
+                                  "images-nan", "images-255", "images-normalised", "images-uint8", "lengths"])
+def test_data_breaking_the_contract_is_one_line_before_training(case, pair):
+    front, end, x, y = pair
+    data, message = _digits_cases(x, y)[case]
+    with pytest.raises(StitchingError) as caught:
+        stitching.stitch(front, end, 2, 2, objective="hint", train=data, epochs=1, progress=False)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    nan = x.clone()
+    nan[-1, 0, 0, 0] = math.inf
+    with pytest.raises(StitchingError, match="the test data break the input contract: 1 image value"):
+        stitching.stitch(front, end, 2, 2, objective="hint", train=(x, y), test=(nan, y), progress=False)
+    with pytest.raises(StitchingError, match="the test data are empty"):
+        stitching.stitch(front, end, 2, 2, objective="hint", train=(x, y), test=(x[:0], y[:0]), progress=False)
+
+
+def test_a_bad_batch_read_mid_epoch_from_a_dataset_is_one_line(pair):
+    front, end, x, y = pair
+
+    class Late(torch.utils.data.Dataset):  # its last items carry a label the end model does not have
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return x[i], (y[i] if i < 64 else torch.tensor(12))
+
+    with pytest.raises(StitchingError, match="the training data break the input contract: labels lie in .*12"):
+        stitching.stitch(front, end, 2, 2, objective="tlm", train=Late(), test=(x, y), batch_size=32,
+                         progress=False, trainer={"accelerator": "cpu"})
+
+
+def test_token_data_keep_the_vocabulary(pair):
+    from tests.test_language import VOCAB, tiny
+
+    front, end = tiny("llama", seed=0), tiny("llama", seed=1)
+    ids = torch.randint(1, VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(StitchingError, match=rf"token ids lie in \d+\.\.{VOCAB + 4}, outside the vocabulary 0\.\.{VOCAB - 1}"):
+        stitching.stitch(front, end, 2, 2, objective="dm", train=ids + 5, progress=False)
+    with pytest.raises(StitchingError, match="token ids are float32; give integer ids"):
+        stitching.stitch(front, end, 2, 2, objective="dm", train={"input_ids": ids.float()}, progress=False)
