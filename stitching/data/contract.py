@@ -14,6 +14,8 @@ metric computed on it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from stitching.errors import StitchingError
@@ -63,10 +65,10 @@ def _images(x) -> str | None:
                 + (" (uint8: divide by 255)" if x.dtype == torch.uint8 else ""))
     if x.dim() != 4 or 0 in x.shape:
         return f"images must be a non-empty [N, C, H, W] tensor; got shape {tuple(x.shape)}"
-    bad, low, high = torch.stack([(~torch.isfinite(x)).sum().to(x.dtype), x.nan_to_num(0.5).min(),
-                                  x.nan_to_num(0.5).max()]).tolist()
-    if bad:
-        return f"{int(bad)} image value(s) are NaN or infinite"
+    low, high = torch.aminmax(x)
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):  # a NaN or an infinity anywhere shows here
+        return f"{int((~torch.isfinite(x)).sum())} image value(s) are NaN or infinite"
     if low < 0 or high > 1:
         return (f"image values lie in [{low:.4g}, {high:.4g}], not [0, 1]"
                 + ("; images in [0, 255]: divide by 255" if high > 1.5 else "; give unnormalised images in [0, 1]"))
