@@ -106,3 +106,6 @@ def test_token_data_keep_the_vocabulary(pair):
         stitching.stitch(front, end, 2, 2, objective="dm", train=ids + 5, progress=False)
     with pytest.raises(StitchingError, match="token ids are float32; give integer ids"):
         stitching.stitch(front, end, 2, 2, objective="dm", train={"input_ids": ids.float()}, progress=False)
+    with pytest.raises(StitchingError, match=r"the attention mask must hold 0 \(padding\) and 1"):
+        stitching.stitch(front, end, 2, 2, objective="dm", train={"input_ids": ids, "attention_mask": ids % 3},
+                         progress=False)
