@@ -165,6 +165,43 @@ RULES: dict[str, Rule] = {
 }
 
 
+def _text(cfg: DictConfig) -> bool:
+    return OmegaConf.select(cfg, "dataset.kind", default="image") == "text"
+
+
+@dataclass(frozen=True)
+class Applies:
+    """When a setting means something: ``given(value)`` says it was set away from its
+    do-nothing default, ``applies(cfg)`` whether this run reads it (else one line saying so)."""
+
+    key: str
+    given: object
+    applies: object
+    only: str
+    example: str  # how a user sets it (the generated tests set it where it does not apply)
+
+
+#: settings that only some runs read; set anywhere else they are refused, never ignored
+APPLIES: tuple[Applies, ...] = (
+    Applies("stitch.rank", lambda v: v is not None,
+            lambda c: OmegaConf.select(c, "stitch.kind") == "low_rank", "stitch.kind=low_rank", "stitch.rank=4"),
+    Applies("stitch.hidden", lambda v: v is not None,
+            lambda c: OmegaConf.select(c, "stitch.kind") == "mlp", "stitch.kind=mlp", "stitch.hidden=8"),
+    Applies("shortcut.kind", lambda v: v is not None, lambda c: not _text(c), "image datasets", "shortcut=pixels"),
+    *(Applies(key, lambda v: v is True, lambda c: not _text(c), "image classifiers", f"{key}=true")
+      for key in ("attack.eval_pgd", "attack.eval_autoattack", "evaluation.ood.enabled", "evaluation.penultimate_cka")),
+)
+
+
+def check_applies(cfg: DictConfig) -> None:
+    """Raise one line for the first setting given where this run does not read it."""
+    for rule in APPLIES:
+        value = OmegaConf.select(cfg, rule.key, default=None)
+        if rule.given(value) and not rule.applies(cfg):
+            raise StitchingError(f"{rule.key}={_shown(value)} applies to {rule.only} only; this run would ignore it: "
+                                 f"remove it")
+
+
 #: the Python API's arguments and the setting of the command line each one is: one contract
 API_SETTINGS = {"lr": "stitch.lr", "weight_decay": "stitch.weight_decay", "dm_samples": "stitch.dm_samples",
                 "update_bn": "stitch.update_bn", "rank": "stitch.rank", "hidden": "stitch.hidden",
@@ -203,6 +240,7 @@ def check_config(cfg: DictConfig) -> None:
     if clip not in (None, "norm", "value"):
         raise StitchingError(f"trainer.gradient_clip_algorithm={_shown(clip)} is out of range: it must be norm or value")
     _check_claims_layers(cfg)
+    check_applies(cfg)
     weights = OmegaConf.select(cfg, "objective.weights", default=None)
     if OmegaConf.is_list(weights):
         values = list(weights)

@@ -31,6 +31,8 @@ TRAIN_CASES = [
     ("fula-weights-word", ["objective=fula", "objective.weights=most"], "objective.weights='most' is not understood"),
     ("dm-samples-zero", ["stitch.dm_samples=0"], "stitch.dm_samples=0 is out of range: it must be an integer ≥ 1"),
     ("dm-samples-negative", ["stitch.dm_samples=-5"], "stitch.dm_samples=-5 is out of range"),
+    ("dm-samples-above-data", ["stitch.dm_samples=100000"], "stitch.dm_samples=100000 is more than the"),
+    ("train-subset-above-data", ["dataset.train_subset=100000"], "dataset.train_subset=100000 is more than the"),
     ("eps-negative", ["attack=pgd", "attack.eps=-1"], "attack.eps=-1 is out of range: it must be a finite number in [0, 1]"),
     ("alpha-above-one", ["attack.alpha=1.5"], "attack.alpha=1.5 is out of range"),
     ("pgd-steps-zero", ["attack=pgd", "attack.steps=0"], "attack.steps=0 is out of range"),
@@ -173,3 +175,29 @@ def test_rules_accept_the_shipped_presets():
 
     for preset in sorted(Path(__file__).resolve().parent.parent.joinpath("stitching/conf/experiment").glob("*.yaml")):
         check_config(compose_config(f"experiment={preset.stem}"))
+
+
+def _inapplicable_cases():
+    """Every setting of the applicability table, set where the run does not read it: the
+    stitch-kind settings on the default affine stitch, the image-only ones on a language model."""
+    from stitching.validation import APPLIES
+    from tests.test_language_runs import LM_TINY
+
+    cases = []
+    for rule in APPLIES:
+        context = LM_TINY if "image" in rule.only else TINY
+        cases.append(pytest.param([*context, rule.example], rule, id=rule.key))
+    return cases
+
+
+@pytest.mark.parametrize("overrides, rule", _inapplicable_cases())
+def test_a_setting_given_where_it_does_not_apply_is_refused(overrides, rule, tmp_path):
+    from stitching.build import read_settings
+    from stitching.errors import StitchingError
+    from tests.conftest import compose_config
+
+    with pytest.raises(StitchingError, match=rf"^{rule.key}=\S+ applies to {rule.only} only; this run would ignore it"):
+        read_settings(compose_config(*overrides, f"paths.output_dir={tmp_path}"))
+    applicable = {"stitch.rank": ["stitch.kind=low_rank"], "stitch.hidden": ["stitch.kind=mlp"]}.get(rule.key)
+    if applicable:  # and where it applies, it is read
+        read_settings(compose_config(*TINY, rule.example, *applicable, f"paths.output_dir={tmp_path}"))
