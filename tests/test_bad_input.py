@@ -31,8 +31,6 @@ TRAIN_CASES = [
     ("fula-weights-word", ["objective=fula", "objective.weights=most"], "objective.weights='most' is not understood"),
     ("dm-samples-zero", ["stitch.dm_samples=0"], "stitch.dm_samples=0 is out of range: it must be an integer ≥ 1"),
     ("dm-samples-negative", ["stitch.dm_samples=-5"], "stitch.dm_samples=-5 is out of range"),
-    ("dm-samples-above-data", ["stitch.dm_samples=100000"], "stitch.dm_samples=100000 is more than the"),
-    ("train-subset-above-data", ["dataset.train_subset=100000"], "dataset.train_subset=100000 is more than the"),
     ("eps-negative", ["attack=pgd", "attack.eps=-1"], "attack.eps=-1 is out of range: it must be a finite number in [0, 1]"),
     ("alpha-above-one", ["attack.alpha=1.5"], "attack.alpha=1.5 is out of range"),
     ("pgd-steps-zero", ["attack=pgd", "attack.steps=0"], "attack.steps=0 is out of range"),

@@ -80,9 +80,8 @@ def _tokenizer_folder(folder):
     (["front.arch=resnet18", "front.width=8", "front.depth=null"], "the front model is an image model (front.arch=resnet18) but pydoc is text"),
     (["objective=tlm", "attack.alpha=0.5"], "adversarial stitching (attack.alpha > 0) applies to image classifiers only"),
     (["objective=tlm", "trainer.strategy=ddp"], "evaluation.self_baseline trains the self-stitch baselines in one process"),
-    (["dataset.test_sequences=100000"], "dataset.test_sequences=100000 is more than the"),
 ], ids=["tokenizer-mismatch", "tokenizer-missing", "layer-beyond-depth", "longer-than-context", "corpus-offline",
-        "image-model-on-text", "adversarial-text", "baseline-under-ddp", "more-sequences-than-data"])
+        "image-model-on-text", "adversarial-text", "baseline-under-ddp"])
 def test_language_model_bad_input_is_one_line(overrides, expected, lm_config, tmp_path, monkeypatch, capsys):
     from stitching.runs import run
 
