@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from stitching.errors import StitchingError, exit_on_user_error
+from stitching.files import hold_folder
 from stitching.runtime import build_trainer, precision_autocast, release_memory, speed_up, versions, write_json_atomic
 from stitching.build import compose_config, prepare
 from stitching.engine import ENGINE_KEYS
@@ -354,8 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     named = any(arg.startswith("experiment=") for arg in args.overrides)
     overrides = args.overrides if named else ["experiment=demo", *args.overrides]  # overrides refine the demo
     overrides = [*overrides, "logger=none", "trainer.enable_progress_bar=false"]
-    run_dir = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = hold_folder(Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S"), "--out")
     if args.profile is not None and args.profile not in PLAIN_OBJECTIVES:
         raise StitchingError(f"--profile {args.profile}: profile one of {', '.join(PLAIN_OBJECTIVES)}")
     if args.only_profile and args.profile is None:

@@ -187,7 +187,8 @@ def build_zoo(cfg: DictConfig) -> ModelZoo:
     return ModelZoo(cfg.zoo.dir, OmegaConf.to_container(cfg.zoo.recipe, resolve=True),
                     lambda name: build_datamodule(cfg, name, with_testbeds=False),
                     trainer_options=trainer, train_missing=cfg.zoo.train_missing,
-                    attack_eps=lambda name: dataset_config(cfg, name).get("attack_eps"))
+                    attack_eps=lambda name: dataset_config(cfg, name).get("attack_eps"),
+                    data_settings=lambda name: dataset_config(cfg, name))
 
 
 def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] | None = None,

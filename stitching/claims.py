@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from stitching.errors import StitchingError, exit_on_user_error
+from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
+from stitching.files import hold_folder
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
@@ -527,8 +528,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose_config(base)
     check_config(cfg)
     chosen(cfg.claims)
-    out = Path(args.out) if args.out else Path("outputs/claims") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
+    out = hold_folder(Path(args.out) if args.out else Path("outputs/claims") / time.strftime("%Y-%m-%d_%H-%M-%S"),
+                      "--out")
+    on_interrupt(f"every finished run keeps its results.json in {out}; rerun the same command with --out {out} "
+                 f"to run only the rest")
     record = check_claims(cfg, base, out, progress=not args.no_progress)
     print((out / "claims.md").read_text())
     print(f"{record['timings']['total_s']:.0f}s; results in {out.resolve()}")

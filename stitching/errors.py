@@ -6,6 +6,7 @@ input never ends in a stack trace.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
@@ -23,15 +24,43 @@ class NonFiniteError(StitchingError):
         self.what, self.value, self.step = what, value, step
 
 
+#: what a write can fail on that the user can fix: a full disk or quota, a read-only folder
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+#: what an interrupted command keeps and how to resume it, said when Ctrl-C ends it
+_interrupt_note = ["what finished is kept; rerun the same command to resume"]
+
+
+def on_interrupt(note: str) -> None:
+    """Say ``note`` (what is kept, how to resume) if this command is interrupted."""
+    _interrupt_note[0] = note
+
+
+def one_line(err: BaseException) -> str | None:
+    """The one line a user-facing failure ends with, or ``None`` for a bug (kept as a traceback)."""
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted: {_interrupt_note[0]}"
+    if isinstance(err, StitchingError):
+        return f"error: {err}"
+    if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
+        return (f"error: cannot write {err.filename or 'a file'} ({err.strerror}); free some space or choose a "
+                f"writable folder (nothing half-written is kept as a result)")
+    return None
+
+
 def exit_on_user_error(fn):
-    """Turn a :class:`StitchingError` raised by ``fn`` into ``error: …`` and exit code 2."""
+    """End ``fn`` on one line: a :class:`StitchingError` or a failed write as ``error: …`` (exit
+    code 2), an interrupt as ``interrupted: …`` saying what is kept (exit code 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except StitchingError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        except (KeyboardInterrupt, StitchingError, OSError) as err:
+            line = one_line(err)
+            if line is None:
+                raise
+            print(line, file=sys.stderr)
+            sys.exit(130 if isinstance(err, KeyboardInterrupt) else 2)
 
     return wrapper

@@ -28,7 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from stitching import CONF_DIR
-from stitching.errors import StitchingError, exit_on_user_error
+from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
+from stitching.files import hold_folder
 from stitching.grids import preset_sweep, run_grid, sweep_grids
 from stitching.jobs import share_threads
 from stitching.runtime import release_memory
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = args.overrides or ["experiment=demo"]
     launcher = [arg for arg in overrides if arg.startswith(("hydra/launcher", "hydra.launcher"))]
     out = Path(args.out) if args.out else Path("outputs/grids") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    hold_folder(out, "--out")
+    on_interrupt(f"every finished cell keeps its results.json in {out}; rerun the same command with --out {out} "
+                 f"to train only the rest")
     if launcher:
         if not args.multirun:
             raise StitchingError(f"{launcher[0]} launches the jobs of a sweep; add -m (one job per grid)")

@@ -42,7 +42,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from stitching.errors import StitchingError, exit_on_user_error
+from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
+from stitching.files import hold_folder
 from stitching.models import cut
 from stitching.models.layout import channels
 from stitching.runtime import Stopwatch, versions, write_json_atomic
@@ -344,7 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [*(args.overrides or ["experiment=grounding_small"]),
                  *([f"grounding.test={args.test}"] if args.test else [])]
     cfg = compose_config(overrides)
-    out = Path(args.out) if args.out else Path("outputs/grounding") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = hold_folder(Path(args.out) if args.out else Path("outputs/grounding") / time.strftime("%Y-%m-%d_%H-%M-%S"),
+                      "--out")
+    on_interrupt(f"every finished stitching run keeps its results.json in {out}; rerun the same command with "
+                 f"--out {out} to run only the rest")
     record = run_tests(cfg, overrides, out, progress=not args.no_progress)
     print((out / "grounding.md").read_text())
     print(f"{record['timings']['total_s']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in record['timings'].items() if k != 'total_s')}); "

@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from stitching.errors import StitchingError, exit_on_user_error
+from stitching.files import hold_folder
 from stitching.models import cut, cut_point_names
 from stitching.models.layout import channels, pooled
 from stitching.probes import build_prober
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     side = str(cfg.probe.side)
     if side not in ("front", "end"):
         raise StitchingError(f"probe.side={side}: choose front or end")
+    out = hold_folder(Path(args.out) if args.out else Path("outputs/probes") / time.strftime("%Y-%m-%d_%H-%M-%S"),
+                      "--out")
     front, front_record, end, end_record = load_models(cfg, settings, stitched=False)
     model, record = (front, front_record) if side == "front" else (end, end_record)
     layers = cfg.probe.layers
@@ -57,8 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     rank = cfg.probe.rank
     rows = [prober.accuracy(model, record["key"], layer, rank)
             for layer in tqdm(layers, desc="probes", disable=args.no_progress, leave=False)]
-    out = Path(args.out) if args.out else Path("outputs/probes") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([{k: r[k] for k in ("layer", "layer_name", "rank", "features", "train_acc", "test_acc", "cached")}
                           for r in rows]).fillna({"rank": "full"})
     frame.to_csv(out / "probes.csv", index=False)

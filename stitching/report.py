@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from stitching.errors import StitchingError, exit_on_user_error
+from stitching.files import writable_folder
 from stitching.results.records import collect, missing_cells
 from stitching.results.tables import (
     depth_table, differ_in_depth, facets, layer_grid, layer_table, objectives_present, penalty_table,
@@ -35,8 +36,7 @@ from stitching.results.figures import depth_plot, heatmaps, penalty_plot, stitch
 def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     """Write the tidy table and the figures the sweep calls for; return what was made."""
     frame, failed = collect(sweep_dir)
-    out = Path(out_dir or sweep_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir or sweep_dir, "--out")
     if frame.empty:
         first = f"; {failed[0]['run']}: {failed[0]['error']}" if failed else ""
         raise StitchingError(f"no successful run under {sweep_dir} ({len(failed)} failed{first})")

@@ -11,7 +11,6 @@ it finished.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import traceback
 from contextlib import suppress
@@ -38,6 +37,7 @@ from stitching.engine import cell_key, fit_engine
 from stitching.errors import NonFiniteError, StitchingError
 from stitching.models import cut_point_names
 from stitching.objectives.tasks import adjusted_penalty
+from stitching.results.schema import config_hash, problems
 from stitching.runtime import Stopwatch, build_logger, cache_warning, versions, write_json_atomic
 from stitching.saving import save as save_network
 
@@ -135,6 +135,9 @@ def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_
         "config": config,
         "config_hash": config_hash(config),
     }
+    wrong = problems(record)
+    if wrong:  # what the report would refuse is never written as a result
+        raise StitchingError(f"the run's own record is invalid ({'; '.join(wrong[:3])}); it is recorded as failed")
     write_json_atomic(run_dir / "results.json", record)
     return record
 
@@ -195,6 +198,7 @@ def _provenance(record: dict) -> dict:
     if record.get("source", "trained here") == "trained here":
         return {"kind": "trained here", "path": record.get("path"), "seed": record.get("seed", record.get("spec", {}).get("seed")),
                 "epochs": record.get("epochs", record.get("recipe", {}).get("epochs")), "recipe": record.get("recipe"),
+                **({"identity": record["identity"]} if record.get("identity") else {}),
                 **({"sha256": record["sha256"]} if record.get("sha256") else {})}
     return {"kind": record["source"], **{k: record.get(k) for k in ("path", "hub", "sha256", "library", "name")}}
 
@@ -256,22 +260,6 @@ def failure_record(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
     write_json_atomic(run_dir / "results.json", record)
 
 
-#: config groups that never change a stitching run's result: how it is logged, and the settings
-#: of the other tools (a fused grid's cell hashes as its single run)
-NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity", "claims")
-
-
-def config_hash(config: DictConfig | dict) -> str:
-    """What decides a run's result: its resolved config, less how it is logged (and less
-    ``stitch.layer``, which only gives the two cut points their default)."""
-    if OmegaConf.is_config(config):
-        config = OmegaConf.to_container(config, resolve=True)
-    config = {k: v for k, v in config.items() if k not in NOT_HASHED}
-    if isinstance(config.get("stitch"), dict):  # stitch.layer only defaults front_layer and end_layer, both hashed
-        config["stitch"] = {k: v for k, v in config["stitch"].items() if k != "layer"}
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class ResultExists(StitchingError):
     """The run folder holds a finished result of another config; it is left as it is."""
 
@@ -289,6 +277,8 @@ def finished_record(run_dir: Path, digest: str) -> dict | None:
     if config_hash(record.get("config") or {}) != digest:
         raise ResultExists(f"{path} holds a finished result of a different config; it is left untouched: "
                            f"use another hydra.sweep.dir (or hydra.run.dir), or delete that folder to redo it")
+    if problems(record):  # not a result the report would read: the cell runs again
+        return None
     return record
 
 

@@ -150,8 +150,13 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON via a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt leaves nothing half-written behind
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def cache_warning(path: Path, err: BaseException) -> None:

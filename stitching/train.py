@@ -27,25 +27,40 @@ _REFUSED: list[str] = []
 
 
 class OutputFolder(Callback):
-    """Hydra callback: a run or sweep folder that cannot be written is one line before any work."""
+    """Hydra callback: a run or sweep folder that cannot be written, or that another command is
+    writing into, is one line before any work; the folder is then this command's until it ends."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(Path(config.hydra.run.dir), "hydra.run.dir")
+        self._hold(Path(config.hydra.run.dir), "hydra.run.dir",
+                   "a run writes results.json only when it finishes, so this one kept no result; rerun it")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        folder = Path(config.hydra.sweep.dir)
+        self._hold(folder, "hydra.sweep.dir",
+                   f"every finished run of the sweep keeps its results.json in {folder}; rerun the same command "
+                   f"with hydra.sweep.dir={folder} to run only the rest")
+
+    def on_job_end(self, config: DictConfig, **kwargs) -> None:
+        from stitching.files import release_folder
+
+        release_folder(Path(config.hydra.run.dir))  # a sweep holds its sweep folder, not this one
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from stitching.files import release_folder
+
+        release_folder(Path(config.hydra.sweep.dir))
 
     @staticmethod
-    def _check(folder: Path, key: str) -> None:
-        probe = folder / f".write-test-{os.getpid()}"
+    def _hold(folder: Path, key: str, interrupted: str) -> None:
+        from stitching.errors import StitchingError, on_interrupt
+        from stitching.files import hold_folder
+
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            print(f"error: cannot write the run folder {folder} ({err.strerror or type(err).__name__}); "
-                  f"set a writable {key} or paths.output_dir", file=sys.stderr)
+            hold_folder(folder, f"{key} (paths.output_dir)")
+        except StitchingError as err:
+            print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        on_interrupt(interrupted)
 
 
 class SweepStatus(Callback):
@@ -77,7 +92,7 @@ def main(cfg: DictConfig):
         threads = share_threads(n_jobs)
         if threads is not None and hydra_cfg.job.num < abs(int(n_jobs)):
             print(f"[sweep] {threads} torch thread(s) per job, {n_jobs} jobs at once", file=sys.stderr)
-    from stitching.errors import NonFiniteError, StitchingError
+    from stitching.errors import NonFiniteError, one_line
     from stitching.runs import ResultExists, config_hash, failure_record, finished_record, run, score, summary
     from stitching.runtime import release_memory
 
@@ -93,15 +108,19 @@ def main(cfg: DictConfig):
         if isinstance(err, ResultExists):
             _REFUSED.append(str(run_dir))
         else:
-            failure_record(cfg, run_dir, err)
+            try:
+                failure_record(cfg, run_dir, err)
+            except OSError as unwritten:  # the folder took no record: the line below still says why
+                print(f"[run] could not record the failure in {run_dir} ({unwritten.strerror})", file=sys.stderr)
         if sweeping:  # one bad cell must not end the sweep
             print(f"[sweep] run {run_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return None
         if isinstance(err, NonFiniteError):
             print(f"error: {err} ({run_dir / 'results.json'})", file=sys.stderr)
             sys.exit(1)
-        if isinstance(err, StitchingError):
-            print(f"error: {err}", file=sys.stderr)
+        line = one_line(err)
+        if line is not None:  # bad input or a write the disk refused: one line, not a traceback
+            print(line, file=sys.stderr)
             sys.exit(2)
         raise
     if record is None:  # a DDP run's other process: the first one reports
@@ -128,6 +147,17 @@ def with_default_layer_sweep(argv: list[str]) -> list[str]:
     return [*argv, "stitch.layer=range(1,10)"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: an interrupt ends on one line saying what was kept."""
     sys.argv = [sys.argv[0], *with_default_layer_sweep(sys.argv[1:])]
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as err:
+        from stitching.errors import one_line
+
+        print(one_line(err), file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,8 +1,13 @@
 """Base models: trained here once with the paper's recipe, or given; always recorded.
 
-A model trained here is identified by (architecture, width, dataset, seed, robust) and the
-number of training epochs, so a 2-epoch CPU model is never mistaken for a full one; it is
-cached atomically and reused. A *given* model comes from a local weights file (a zoo
+A model trained here is identified by everything that determined its weights: the
+architecture and seed, the data as the model saw it (dataset, split seed, test fraction,
+image size, channels, normalisation, augmentation; for text the corpus, tokenizer and
+context), the recipe it trained with and the numeric precision. The zoo's file name is a
+readable prefix (``resnet18-w16-mnist5k-s0-e8``) and a hash of that identity; the file
+records the identity itself and is checked against it when read, so a model trained on
+other data, or a file copied over another model's name, is never used in its place.
+Models are cached atomically and reused. A *given* model comes from a local weights file (a zoo
 checkpoint, or a timm/torchvision state dict, ``.pt``/``.pth``/``.safetensors``) or from
 the hub by name. Every model's record says where it came from (``source``: ``trained
 here`` with recipe, seed and epochs; ``file`` or ``hub`` with the SHA-256 of the weights).
@@ -10,6 +15,7 @@ here`` with recipe, seed and epochs; ``file`` or ``hub`` with the SHA-256 of the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,7 +38,7 @@ from torch.nn import functional as F
 from stitching.attacks import pgd, pgd_settings
 from stitching.attacks.pgd import DEFAULT_EPS
 from stitching.data import ImageDataModule
-from stitching.files import sha256
+from stitching.files import sha256, writable_folder
 from stitching.errors import StitchingError
 from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, adapt, build_model, is_transformer
 from stitching.objectives.tasks import IGNORE, NextToken
@@ -146,22 +152,72 @@ class ModelZoo:
 
     def __init__(self, root: str | Path, recipe: dict, datamodule_for: Callable[[str], ImageDataModule],
                  trainer_options: dict | None = None, train_missing: bool = True,
-                 attack_eps: Callable[[str], float | None] | None = None):
+                 attack_eps: Callable[[str], float | None] | None = None,
+                 data_settings: Callable[[str], dict] | None = None):
         self.root = Path(root)
         self.recipe = dict(recipe)
         self.datamodule_for = datamodule_for
         self.trainer_options = dict(trainer_options or {})
         self.train_missing = train_missing
         self.attack_eps = attack_eps or (lambda name: None)
+        self.data_settings = data_settings or (lambda name: {"name": name})
+        self._transformer: dict[ModelSpec, bool] = {}
+
+    # -- identity -------------------------------------------------------------------------
+    def recipe_for(self, spec: ModelSpec) -> dict:
+        """The training settings ``spec`` is trained with, exactly those and nothing else."""
+        if spec.arch in LANGUAGE_ARCHITECTURES:  # AdamW, cosine schedule, a budget of tokens
+            flat = {**{k: v for k, v in self.recipe.items() if not isinstance(v, dict)}, **self.recipe["language"]}
+            return {k: flat[k] for k in ("tokens", "batch_size", "lr", "weight_decay")}
+        recipe = {k: v for k, v in self.recipe.items() if not isinstance(v, dict)}
+        recipe.setdefault("batch_size", self.data_settings(spec.dataset).get("batch_size"))
+        if spec.robust:
+            if "robust" not in self.recipe:
+                raise StitchingError("robust=true needs zoo.recipe.robust (alpha, eps, step_size, steps)")
+            recipe["robust"] = self.robust_recipe(spec)
+        if self._trains_as_transformer(spec):  # ViTs do not train with the ResNet recipe's SGD
+            recipe.update(self.recipe.get("transformer") or {})
+        return recipe
+
+    def _trains_as_transformer(self, spec: ModelSpec) -> bool:
+        if spec.arch not in LIBRARIES:
+            return spec.arch.startswith("vit")
+        if spec not in self._transformer:  # a library model declares it: build it once, untrained
+            self._transformer[spec] = is_transformer(self.untrained(spec))
+        return self._transformer[spec]
+
+    def identity(self, spec: ModelSpec) -> dict:
+        """Everything that determines the weights of ``spec`` trained here."""
+        return canonical({"spec": asdict(spec), "data": base_data(self.data_settings(spec.dataset)),
+                          "recipe": self.recipe_for(spec),
+                          "precision": str(self.trainer_options.get("precision", "32-true"))})
 
     def path(self, spec: ModelSpec) -> Path:
+        """``<readable key>-<identity hash>.pt`` in the zoo."""
+        return self.root / f"{self._readable_key(spec)}-{identity_hash(self.identity(spec))}.pt"
+
+    def _readable_key(self, spec: ModelSpec) -> str:
         if spec.arch in LANGUAGE_ARCHITECTURES:  # a language model's budget is tokens, not epochs
-            return self.root / f"{spec.key(int(self.recipe['language']['tokens']), 't')}.pt"
+            return spec.key(int(self.recipe_for(spec)["tokens"]), "t")
         budget = int(self.recipe["epochs"])
-        if spec.robust and "robust" in self.recipe:  # a budget other than 8/255 is part of the name
-            eps = self.robust_recipe(spec)["eps"]
-            return self.root / f"{spec.key(budget, robust_eps=None if math.isclose(eps, DEFAULT_EPS) else eps)}.pt"
-        return self.root / f"{spec.key(budget)}.pt"
+        if spec.robust:  # a budget other than 8/255 is part of the name
+            eps = self.recipe_for(spec)["robust"]["eps"]
+            return spec.key(budget, robust_eps=None if math.isclose(eps, DEFAULT_EPS) else eps)
+        return spec.key(budget)
+
+    def _check_identity(self, spec: ModelSpec, path: Path, record: dict) -> None:
+        """A zoo file must be the model its name says: its recorded identity is the one wanted."""
+        wanted = self.identity(spec)
+        recorded = record.get("identity")
+        if recorded == wanted:
+            return
+        if recorded is None:
+            raise StitchingError(f"zoo file {path} records no identity, so it cannot show it is the model its name "
+                                 f"says; delete it (it is retrained on the next run)")
+        changed = differences(recorded, wanted)
+        raise StitchingError(f"zoo file {path} holds another model than its name says ({'; '.join(changed[:3])}"
+                             f"{f' (+{len(changed) - 3} more)' if len(changed) > 3 else ''}); "
+                             f"delete it (it is retrained on the next run)")
 
     def robust_recipe(self, spec: ModelSpec) -> dict:
         """The adversarial-training settings of a robust ``spec``, the dataset's budget filled in."""
@@ -185,13 +241,18 @@ class ModelZoo:
             return model, record
         path = self.path(spec)
         if path.is_file():
-            return load_checkpoint(path)
+            return self._load(spec, path)
+        legacy = self.root / f"{self._readable_key(spec)}.pt"
+        why = (f" ({legacy.name} was saved before zoo files recorded the data and recipe they were trained with, "
+               f"so it cannot show it matches)") if legacy.is_file() else ""
         if not self.train_missing:
             raise StitchingError(
-                f"no base model {path.name} in {self.root}; train it with "
+                f"no base model {path.name} in {self.root}{why}; train it with "
                 f"`python -m stitching.pretrain` or set zoo.train_missing=true"
             )
-        self.root.mkdir(parents=True, exist_ok=True)
+        if why:
+            print(f"[zoo] training {path.name}{why}", flush=True)
+        writable_folder(self.root, "zoo.dir (paths.zoo_dir)")  # before any epoch is spent
         lock = FileLock(str(path) + ".lock")
         try:
             lock.acquire(timeout=0)
@@ -203,7 +264,12 @@ class ModelZoo:
                 self._train(spec, path)
         finally:
             lock.release()
-        return load_checkpoint(path)
+        return self._load(spec, path)
+
+    def _load(self, spec: ModelSpec, path: Path) -> tuple[CuttableModel, dict]:
+        model, record = load_checkpoint(path)
+        self._check_identity(spec, path, record)
+        return model, record
 
     def needs_training(self, spec: ModelSpec, checkpoint: str | None = None) -> bool:
         """Whether :meth:`get` would train ``spec`` here first."""
@@ -253,19 +319,13 @@ class ModelZoo:
     def _train_seeded(self, spec: ModelSpec, path: Path) -> None:
         if spec.arch in LANGUAGE_ARCHITECTURES:
             return self._train_language_model(spec, path)
-        adversarial = None
-        if spec.robust:
-            if "robust" not in self.recipe:
-                raise StitchingError("robust=true needs zoo.recipe.robust (alpha, eps, step_size, steps)")
-            adversarial = self.robust_recipe(spec)
+        recipe = self.recipe_for(spec)
+        adversarial = recipe.get("robust")
         datamodule = self.datamodule_for(spec.dataset)
-        datamodule.batch_size = int(self.recipe.get("batch_size", datamodule.batch_size))
+        datamodule.batch_size = int(recipe["batch_size"])
         model_kwargs = self._model_kwargs(spec, datamodule)
         L.seed_everything(spec.seed, workers=True, verbose=False)
         model = build_model(**model_kwargs)
-        recipe = dict(self.recipe, **({"robust": adversarial} if adversarial else {}))
-        if is_transformer(model):  # ViTs do not train with the ResNet recipe's SGD
-            recipe.update(recipe.get("transformer") or {})
         epochs = int(recipe["epochs"])
         module = ClassifierModule(model, datamodule.num_classes, epochs, lr=recipe["lr"],
                                   momentum=recipe.get("momentum", 0.9), weight_decay=recipe["weight_decay"],
@@ -279,7 +339,7 @@ class ModelZoo:
         test_acc = test.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
         record = {
             "key": path.stem, "source": "trained here", "spec": asdict(spec), "seed": spec.seed, "epochs": epochs,
-            "recipe": recipe, "model_kwargs": model_kwargs,
+            "recipe": recipe, "identity": self.identity(spec), "model_kwargs": model_kwargs,
             "test_acc": float(test_acc), "train_time_s": round(train_time, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
         }
@@ -289,7 +349,7 @@ class ModelZoo:
     def _train_language_model(self, spec: ModelSpec, path: Path) -> None:
         """A TransformerLens LM on its corpus: AdamW, cosine schedule, a budget of training tokens."""
         datamodule = self.datamodule_for(spec.dataset)
-        recipe = {**{k: v for k, v in self.recipe.items() if not isinstance(v, dict)}, **self.recipe["language"]}
+        recipe = self.recipe_for(spec)
         datamodule.batch_size = int(recipe["batch_size"])
         model_kwargs = self._model_kwargs(spec, datamodule)
         L.seed_everything(spec.seed, workers=True, verbose=False)
@@ -304,7 +364,7 @@ class ModelZoo:
         test_loss = tester.test(module, datamodule=datamodule, verbose=False)[0]["test/loss"]
         record = {
             "key": path.stem, "source": "trained here", "spec": asdict(spec), "seed": spec.seed, "steps": steps,
-            "recipe": recipe, "model_kwargs": model_kwargs, "test_acc": None, "test_loss": float(test_loss),
+            "recipe": recipe, "identity": self.identity(spec), "model_kwargs": model_kwargs, "test_acc": None, "test_loss": float(test_loss),
             "data": {"corpus": datamodule.corpus, "tokenizer": datamodule.tokenizer_spec, "context": datamodule.context,
                      "train_sequences": len(datamodule.arrays.train), "test_sequences": len(datamodule.arrays.test)},
             "train_time_s": round(train_time, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
@@ -315,8 +375,12 @@ class ModelZoo:
     def _save(self, model: nn.Module, record: dict, path: Path) -> None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"record": record, "state_dict": state}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"record": record, "state_dict": state}, tmp)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk or an interrupt leaves no half-written model behind
+            tmp.unlink(missing_ok=True)
+            raise
         write_json_atomic(path.with_suffix(".json"), {**record, "sha256": sha256(path)})
 
     def list(self) -> list[dict]:
@@ -334,6 +398,50 @@ class ModelZoo:
             except json.JSONDecodeError:
                 records.append({"key": "given.json", "path": str(given), "error": "unreadable; delete it"})
         return records
+
+
+# Dataset settings that do not change what a base model learns: where and how the data are
+# read, and what a stitching run selects from them (a base model always sees the whole
+# training split, clean).
+NOT_IDENTITY = frozenset({"num_workers", "batch_size", "data_dir", "download", "kind", "attack_eps",
+                          "num_classes_train", "train_subset", "train_sequences", "test_sequences", "challenge"})
+
+
+def base_data(settings: dict) -> dict:
+    """The dataset settings that determine a base model's weights: all but ``NOT_IDENTITY``."""
+    if isinstance(settings, dict):
+        return {k: base_data(v) for k, v in settings.items() if k not in NOT_IDENTITY}
+    return settings
+
+
+def canonical(value):
+    """One spelling per value: sorted dicts, lists for tuples, 1.0 as 1 (``lr=1`` and ``lr=1.0``
+    train the same model)."""
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+def identity_hash(identity: dict) -> str:
+    """A short, stable hash of an identity (JSON with sorted keys)."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def differences(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """``field: recorded → wanted`` for every leaf where two identities differ."""
+    lines = []
+    for key in sorted(set(recorded) | set(wanted), key=str):
+        a, b = recorded.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} here, {b!r} wanted")
+    return lines
 
 
 class LanguageModelTraining(L.LightningModule):

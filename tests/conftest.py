@@ -54,6 +54,7 @@ def train_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """``python -m stitching.train ARGV`` in this process (Hydra's basic launcher runs a
     sweep's cells here too): (exit code, stderr + stdout)."""
     from stitching import train
+    from stitching.files import release_all
 
     monkeypatch.setattr(train, "_REFUSED", [])
     monkeypatch.setattr(sys, "argv", ["stitching.train", *train.with_default_layer_sweep(argv)])
@@ -62,5 +63,7 @@ def train_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        release_all()  # what the end of a `python -m` process does
     captured = capsys.readouterr()
     return code, captured.err + captured.out

@@ -65,7 +65,7 @@ TRAIN_CASES = [
     ("cifar-offline", ["dataset=cifar10", "dataset.source.download=false"], "CIFAR-10 not found in"),
     ("incompatible-pair", ["front.arch=vit_tiny", "front.width=16", "front.depth=4", "front.seed=7", "stitch.layer=2"],
      "cannot stitch a tokens [N, T, D] (1 prefix, 4×4 patches) to a conv map"),
-    ("output-folder", ["hydra.run.dir=@file/run"], "cannot write the run folder"),
+    ("output-folder", ["hydra.run.dir=@file/run"], "a-file is a file, so the folder"),
 ]
 
 
@@ -117,14 +117,31 @@ def test_similarity_refuses_bad_flags_in_one_line(flags, expected, tmp_path, zoo
     assert not (tmp_path / "sim" / "similarity.json").exists()
 
 
+def _ok(**changes):
+    """A well-formed ``ok`` record with ``changes`` made to it."""
+    record = {"status": "ok", "objective": "dm", "front_layer": 1, "end_layer": 1, "timings": {"total_s": 1},
+              "metrics": {"test/acc": 0.5}, "base": {"front": {"test_acc": 1, "key": "f"}, "end": {"test_acc": 1, "key": "e"}},
+              "config": {"seed": 0}}
+    return {**record, **changes}
+
+
 REPORT_CASES = [
     ("a-list", [1, 2, 3], "malformed results.json (a list, not a record)"),
     ("no-metrics", {"status": "ok", "objective": "dm", "front_layer": 1, "end_layer": 1, "base": {}},
-     "malformed results.json (missing or wrong 'metrics')"),
-    ("nan-metric", {"status": "ok", "objective": "dm", "front_layer": 1, "end_layer": 1, "timings": {"total_s": 1},
-                    "metrics": {"test/acc": float("nan")}, "base": {"front": {"test_acc": 1, "key": "f"},
-                                                                     "end": {"test_acc": 1, "key": "e"}}},
-     "non-finite metric(s) test/acc"),
+     "invalid results.json: no metrics; base.front names no model; base.end names no model (+2 more)"),
+    ("empty-metrics", _ok(metrics={}), "invalid results.json: no metrics"),
+    ("nan-metric", _ok(metrics={"test/acc": float("nan")}), "invalid results.json: metric test/acc = nan is not a finite"),
+    ("accuracy-5", _ok(metrics={"test/acc": 5.0}), "invalid results.json: metric test/acc = 5.0 is a share outside [0, 1]"),
+    ("accuracy-true", _ok(metrics={"test/acc": True}), "invalid results.json: metric test/acc = True is not a finite"),
+    ("accuracy-text", _ok(metrics={"test/acc": "0.9"}), "invalid results.json: metric test/acc = '0.9' is not a finite"),
+    ("base-accuracy-2", _ok(base={"front": {"test_acc": 2, "key": "f"}, "end": {"test_acc": 1, "key": "e"}}),
+     "invalid results.json: metric base.front.test_acc = 2 is a share outside [0, 1]"),
+    ("layer-negative", _ok(front_layer=-1), "invalid results.json: front_layer = -1 is not a cut point"),
+    ("layer-text", _ok(end_layer="3"), "invalid results.json: end_layer = '3' is not a cut point"),
+    ("objective-unknown", _ok(objective="magic"), "invalid results.json: objective 'magic' is not one of dm"),
+    ("no-timings", _ok(timings={}), "invalid results.json: timings.total_s is not a duration"),
+    ("edited-config", _ok(config={"seed": 1}, config_hash="0" * 16),
+     "invalid results.json: its config does not hash to its config_hash"),
     ("not-json", "{", "unreadable results.json"),
 ]
 
@@ -199,3 +216,31 @@ def test_a_setting_given_where_it_does_not_apply_is_refused(overrides, rule, tmp
     applicable = {"stitch.rank": ["stitch.kind=low_rank"], "stitch.hidden": ["stitch.kind=mlp"]}.get(rule.key)
     if applicable:  # and where it applies, it is read
         read_settings(compose_config(*TINY, rule.example, *applicable, f"paths.output_dir={tmp_path}"))
+
+
+def test_a_record_copied_into_another_cells_folder_is_named_not_tabled(tmp_path):
+    from stitching.results.records import collect
+
+    for objective, cell in [("dm", "f1-e2"), ("hint", "f1-e1"), ("dm", "f1-e1")]:
+        (tmp_path / objective / cell).mkdir(parents=True)
+        (tmp_path / objective / cell / "results.json").write_text(json.dumps(_ok()))
+    frame, failed = collect(tmp_path)
+    assert list(frame.run) == ["dm/f1-e1"]
+    assert failed == [
+        {"run": "dm/f1-e2", "error": "invalid results.json: it records layers f1-e1 in the folder of cell f1-e2 "
+                                     "(copied from another cell?)"},
+        {"run": "hint/f1-e1", "error": "invalid results.json: it records objective dm in the hint grid's folder"}]
+
+
+def test_a_sweep_cell_whose_record_is_not_its_own_is_named(tmp_path, capsys):
+    from stitching.results.records import collect
+
+    for cell, layer in (("0", 3), ("1", 5)):
+        folder = tmp_path / cell
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml").write_text(f"seed: 0\nstitch:\n  layer: {layer}\n  lr: ${{oc.env:LR}}\n")
+        (folder / "results.json").write_text(json.dumps(_ok(config={"seed": 0, "stitch": {"layer": 3, "lr": 0.1}})))
+    frame, failed = collect(tmp_path)
+    assert list(frame.run) == ["0"]
+    assert failed == [{"run": "1", "error": "invalid results.json: its config is not its folder's "
+                                            "(stitch.layer: 3 recorded, 5 in 1's config)"}]

@@ -72,7 +72,7 @@ def _record(tmp, name, objective, layer, acc, status="ok"):
     record = {"status": status, "objective": objective, "front_layer": layer, "end_layer": layer,
               "metrics": {"test/acc": acc}, "base": {"front": {"test_acc": 0.9, "key": "f"},
                                                       "end": {"test_acc": 0.8, "key": "e"}},
-              "timings": {"total_s": 1.0}}
+              "timings": {"total_s": 1.0}, "config": {}}
     if status != "ok":
         record = {"status": status, "error": "boom"}
     (folder / "results.json").write_text(json.dumps(record))
@@ -142,7 +142,7 @@ def test_report_draws_heatmaps_for_cross_layer_sweeps(tmp_path):
             acc = 0.9 if front == end else 0.5 + 0.1 * (front > end)
             (folder / "results.json").write_text(json.dumps({
                 "status": "ok", "objective": "hint", "front_layer": front, "end_layer": end,
-                "metrics": {"test/acc": acc}, "timings": {"total_s": 1},
+                "metrics": {"test/acc": acc}, "timings": {"total_s": 1}, "config": {},
                 "base": {"front": {"test_acc": 0.9, "key": "f"}, "end": {"test_acc": 0.9, "key": "e"}}}))
     made = report(tmp_path)
     assert made["heatmap"].is_file()

@@ -75,7 +75,8 @@ def _tokenizer_folder(folder):
     (["dataset.tokenizer=@tokenizer"], "front, end and data must share one tokenizer"),
     (["dataset.tokenizer=/nonexistent/tokenizer"], "no tokenizer can be read from /nonexistent/tokenizer"),
     (["stitch.layer=5"], "layer 5 is out of range: this model has cut points 1..3"),
-    (["dataset.context=128"], "sequences of 128 tokens are longer than the front model's context of 64"),
+    (["dataset.context=128", "front.checkpoint=@front64"],  # a model trained here at 128 is another model
+     "sequences of 128 tokens are longer than the front model's context of 64"),
     (["dataset.corpus=NeelNanda/pile-10k"], "corpus 'NeelNanda/pile-10k' cannot be loaded"),
     (["front.arch=resnet18", "front.width=8", "front.depth=null"], "the front model is an image model (front.arch=resnet18) but pydoc is text"),
     (["objective=tlm", "attack.alpha=0.5"], "adversarial stitching (attack.alpha > 0) applies to image classifiers only"),
@@ -87,7 +88,8 @@ def test_language_model_bad_input_is_one_line(overrides, expected, lm_config, tm
 
     run(lm_config(tmp_path, "objective=dm", "stitch.layer=2"), tmp_path / "warm")  # models trained at context 64
     folder = str(_tokenizer_folder(tmp_path / "tokenizer"))
-    overrides = [o.replace("@tokenizer", folder) for o in overrides]
+    front64 = str(next(Path(lm_config.zoo).glob("lm_gelu-w32-d2-pydoc-s0-t*.pt")))
+    overrides = [o.replace("@tokenizer", folder).replace("@front64", front64) for o in overrides]
     if not any(o.startswith("stitch.layer") for o in overrides):
         overrides.append("stitch.layer=2")
     code, output = train_cli([*LM_TINY, f"paths.zoo_dir={lm_config.zoo}", f"paths.output_dir={tmp_path}",

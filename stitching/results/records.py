@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from stitching.errors import StitchingError
+from stitching.results.schema import problems
 
 
 OBJECTIVE_ORDER = ["dm", "hint", "fula", "slm", "tlm"]
@@ -77,16 +78,12 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
         if record.get("status") != "ok":
             failed.append({"run": run, "error": record.get("error", "unknown failure")})
             continue
-        try:
-            row = record_row(run, record)
-        except (KeyError, TypeError, AttributeError) as err:
-            failed.append({"run": run, "error": f"malformed results.json (missing or wrong {err})"})
+        wrong = problems(record, path.parent)
+        if wrong:  # never a table entry, never averaged into a figure
+            failed.append({"run": run, "error": f"invalid results.json: {'; '.join(wrong[:3])}"
+                                                + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else "")})
             continue
-        bad = [k for k, v in record["metrics"].items() if not (isinstance(v, (int, float)) and np.isfinite(v))]
-        if bad:  # never averaged into a figure
-            failed.append({"run": run, "error": f"non-finite metric(s) {', '.join(bad)}"})
-            continue
-        rows.append(row)
+        rows.append(record_row(run, record))
     adjusted = all(row.get("test_adjusted_penalty") is not None for row in rows if row.get("test_penalty") is not None)
     for row in rows:
         row["score"] = stitching_score(row, adjusted)

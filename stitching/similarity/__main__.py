@@ -22,6 +22,7 @@ import pandas as pd
 
 from stitching.build import compose_config, layer_value
 from stitching.errors import StitchingError, exit_on_user_error
+from stitching.files import hold_folder
 from stitching.similarity.compare import config_grids
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices
 from stitching.validation import check_config
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     layers = args.layers or settings.layers
     if layers is not None:  # indices or names, as in stitch.layer
         layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
-    out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = hold_folder(Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S"),
+                      "--out")
     record = config_grids(overrides, indices, int(settings.images), args.flatten or settings.flatten,
                         int(settings.batch_size), out, layers=layers, progress=not args.no_progress,
                         skip_positions=int(settings.skip_positions), bootstrap=int(settings.bootstrap),
