@@ -80,8 +80,8 @@ run: $(READY) ## main job: MNIST-5k, two narrow ResNet18s, 9 layers × 5 objecti
 test: $(READY) ## fast tests (what CI runs)
 	$(PY) -m pytest -m "not slow"
 
-test-full: $(READY) ## every test, slow ones included
-	$(PY) -m pytest
+test-full: $(READY) ## every test, slow ones included, and many more generated inputs
+	HYPOTHESIS_PROFILE=full STITCHING_CLI_EXAMPLES=200 $(PY) -m pytest
 
 fig4: $(READY) ## FuLA Fig. 4 (paper size, GPU): cross-task stitching under adversarial training
 	$(call sweep,fig4)

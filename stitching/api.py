@@ -38,7 +38,7 @@ from stitching.saving import save as save_network
 __all__ = ["Prepared", "StitchResult", "TokenBatch", "as_loader", "cut_points", "first_inputs", "load", "prepare_stitch",
            "stitch", "train_stitch"]
 from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
-from stitching.validation import check_arguments
+from stitching.validation import check_arguments, check_trainer
 
 
 @dataclass
@@ -106,6 +106,7 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     """
     check_arguments(lr=lr, weight_decay=weight_decay, update_bn=update_bn, rank=rank, hidden=hidden,
                     front_rank=front_rank, seed=seed)
+    check_weights(front=front, end=end)
     chosen = make_objective(objective, weights)
     check_class_token(class_token)
     check_init(init, objective)
@@ -117,6 +118,26 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     engine = StitchEngine(front, end, [cell], chosen, settings, dm_inputs, num_classes=num_classes,
                           adversarial=adversarial, seed=seed)
     return Prepared(engine, cell)
+
+
+def check_weights(**models: nn.Module) -> None:
+    """Each model is a module with real float32 weights on one device (the stitch trains in
+    float32; ``trainer={"precision": "bf16-mixed"}`` gives mixed precision), or one line."""
+    for side, model in models.items():
+        if not isinstance(model, nn.Module):
+            raise StitchingError(f"the {side} model is a {type(model).__name__}, not a torch.nn.Module")
+        tensors = [*model.parameters(), *model.buffers()]
+        if any(t.is_meta for t in tensors):
+            raise StitchingError(f"the {side} model has no weights (it is on the meta device); load its weights "
+                                 f"first (e.g. model.to_empty(device='cpu') and load_state_dict)")
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
+        if dtypes and dtypes != ["float32"]:
+            raise StitchingError(f"the {side} model's weights are {'/'.join(dtypes)}; give a float32 model "
+                                 f"(model.float()) and ask for mixed precision with trainer={{'precision': 'bf16-mixed'}}")
+        devices = {str(t.device) for t in tensors}
+        if len(devices) > 1:
+            raise StitchingError(f"the {side} model's weights lie on several devices ({', '.join(sorted(devices))}); "
+                                 f"move it to one (model.to(device))")
 
 
 def train_stitch(prepared: Prepared, train, test, trainer: dict | None = None, logger=False,
@@ -168,17 +189,16 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         ``metrics`` (``test/acc``, ``test/loss``, ``train/loss``; for a language model
         ``test/end_loss``, ``test/penalty`` and the adjusted penalty…).
     """
+    check_weights(front=front, end=end)
     if train is None:
         raise StitchingError("stitch() needs training data: train=(images, labels), token ids, a Dataset or a DataLoader")
     if self_baseline not in (None, True, False):
         raise StitchingError(f"self_baseline={self_baseline!r}: give None (auto), True or False")
     check_arguments(epochs=epochs, batch_size=batch_size, dm_samples=dm_samples, seed=seed)
+    check_trainer(trainer or {})
     test = test if test is not None else train
-    train_loader = as_loader(train, batch_size, shuffle=True)
-    test_loader = as_loader(test, batch_size, shuffle=False)
-    for name, loader in (("training", train_loader), ("test", test_loader)):
-        if hasattr(loader.dataset, "__len__") and len(loader.dataset) == 0:
-            raise StitchingError(f"the {name} data are empty")
+    train_loader = as_loader(train, batch_size, shuffle=True, name="training")
+    test_loader = as_loader(test, batch_size, shuffle=False, name="test")
     options = {"max_epochs": epochs, "enable_progress_bar": progress, **(trainer or {})}
     settings = dict(objective=objective, lr=lr, weight_decay=weight_decay, update_bn=update_bn, class_token=class_token,
                     weights=weights, init=init, kind=kind, rank=rank, hidden=hidden, front_rank=front_rank, seed=seed)
@@ -225,10 +245,13 @@ class TokenBatch(Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-def as_loader(data, batch_size: int, shuffle: bool) -> DataLoader:
+def as_loader(data, batch_size: int, shuffle: bool, name: str = "given") -> DataLoader:
     """A DataLoader from a DataLoader, a Dataset, an ``(inputs, labels)`` tuple of tensors, or
-    token data: ids ``[N, T]`` or a dict with ``input_ids`` (and ``attention_mask``, ``labels``)."""
+    token data: ids ``[N, T]`` or a dict with ``input_ids`` (and ``attention_mask``, ``labels``);
+    empty data (``name``: which) are one line."""
     if isinstance(data, DataLoader):
+        if hasattr(data.dataset, "__len__") and len(data.dataset) == 0:
+            raise StitchingError(f"the {name} data are empty")
         return data
     if isinstance(data, dict):
         if "input_ids" not in data:
@@ -241,6 +264,8 @@ def as_loader(data, batch_size: int, shuffle: bool) -> DataLoader:
             raise StitchingError(f"{len(data[0])} inputs but {len(data[1])} labels")
         data = TensorDataset(*data)
     if isinstance(data, Dataset):
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise StitchingError(f"the {name} data are empty")
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle)
     raise StitchingError(f"cannot read data of type {type(data).__name__}; give a DataLoader, a Dataset, a tuple "
                          f"(images, labels) of tensors, or token ids / a dict of input_ids")

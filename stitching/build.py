@@ -6,6 +6,7 @@ through the functions here and nothing else reads the raw config for the same va
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -280,14 +281,37 @@ def check_compatible(front: CuttableModel, end: CuttableModel, datamodule: Image
         )
 
 
-def check_sizes(datamodule) -> None:
-    """No empty split: a run on nothing is one line, never a record."""
+def check_sizes(datamodule, settings: Settings | None = None) -> None:
+    """Sizes against the data actually loaded: no empty split, and (with ``settings``) at least
+    one batch per epoch after ``trainer.limit_*_batches``; DM samples or a subset above what
+    there is are said in one line (all there is is used)."""
     arrays = datamodule.arrays
     sizes = {"training": len(arrays.train_y if hasattr(arrays, "train_y") else arrays.train),
              "test": len(arrays.test_y if hasattr(arrays, "test_y") else arrays.test)}
     for split, size in sizes.items():
         if size == 0:
             raise StitchingError(f"the {split} split of {datamodule.name} is empty; check the dataset's settings")
+    subset = datamodule.subsets.get("train_subset") if getattr(datamodule, "subsets", None) else None
+    asked = getattr(datamodule, "train_subset", None)
+    if subset and asked and asked > subset["of"]:
+        print(f"[data] dataset.train_subset={asked} but the training split has {subset['of']} examples: all are "
+              f"used", file=sys.stderr)
+    if settings is None:
+        return
+    if settings.stitch.dm_samples > sizes["training"]:
+        print(f"[data] stitch.dm_samples={settings.stitch.dm_samples} but the training split has {sizes['training']} "
+              f"examples: DM is fitted on all of them", file=sys.stderr)
+    trainer = settings.trainer
+    for split, limit_key, size in (("training", "limit_train_batches", sizes["training"]),
+                                   ("test", "limit_test_batches", sizes["test"])):
+        limit = trainer.get(limit_key)
+        if split == "training" and not trainer.get("max_epochs", 1):
+            continue  # no training: the DM start is tested as it is
+        batches = -(-size // int(datamodule.batch_size))
+        kept = batches if limit is None else min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if kept < 1:
+            raise StitchingError(f"trainer.{limit_key}={limit} leaves none of the {batches} {split} batches; give at "
+                                 f"least {1 / batches:.3g} or a number of batches")
 
 
 @dataclass
@@ -346,7 +370,7 @@ def setup(cfg: DictConfig, watch: Stopwatch | None = None, layers: tuple[list, l
         datamodule = build_datamodule(cfg)
         datamodule.setup()
         datamodule.stream_seed, datamodule.device = settings.seed, settings.device  # batches made on the device
-        check_sizes(datamodule)
+        check_sizes(datamodule, settings)
         sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
         samples = sample(settings.stitch.dm_samples, seed=settings.seed)
     with watch.section("zoo_s"):

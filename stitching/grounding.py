@@ -230,9 +230,17 @@ class Grounding:
         if bad:
             raise StitchingError(f"grounding: cut point {bad[0]} is out of range: this model has cut points 1..{count}")
         if test == "sensitivity":
-            return sensitivity_items(layers, self.g["ranks"], {layer: self.channels(layer) for layer in layers},
-                                     self.end_seed)
-        return specificity_items(layers, self.g["seeds"], self.g["compare_layers"] or list(range(1, count + 1)))
+            channels = {layer: self.channels(layer) for layer in layers}
+            items = sensitivity_items(layers, self.g["ranks"], channels, self.end_seed)
+            advice = (f"give grounding.ranks below the layers' channels "
+                      f"({', '.join(f'layer {k}: {v}' for k, v in channels.items())}) or more grounding.layers")
+        else:
+            items = specificity_items(layers, self.g["seeds"], self.g["compare_layers"] or list(range(1, count + 1)))
+            advice = "give more grounding.layers, grounding.seeds or grounding.compare_layers"
+        if len(items) < 3:  # a rank correlation of fewer items is no correlation
+            raise StitchingError(f"grounding: the {test} test has {len(items)} item(s) and a rank correlation needs at "
+                                 f"least three; {advice}")
+        return items
 
 
 def run_tests(cfg: DictConfig, overrides: list[str], out: Path, progress: bool = True) -> dict:

@@ -14,6 +14,7 @@ import sys
 
 from stitching.errors import exit_on_user_error
 from stitching.build import build_zoo, compose_config, side_spec
+from stitching.validation import check_config
 
 
 def _table(records: list[dict]) -> str:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train")
     args = parser.parse_args(argv)
     cfg = compose_config(args.overrides)
+    check_config(cfg)  # the recipe's settings, before any epoch
     zoo = build_zoo(cfg)
     if not args.list:
         specs = [side_spec(cfg.front), side_spec(cfg.end)]

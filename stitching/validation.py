@@ -27,6 +27,7 @@ class Rule:
     high: float | None = None
     low_open: bool = False
     nullable: bool = False
+    high_open: bool = False
 
     def describe(self) -> str:
         if self.kind == "bool":
@@ -36,8 +37,8 @@ class Rule:
         else:
             noun = "an integer" if self.kind == "int" else "a finite number"
             if self.low is not None and self.high is not None:
-                left = "(" if self.low_open else "["
-                text = f"{noun} in {left}{_num(self.low)}, {_num(self.high)}]"
+                left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+                text = f"{noun} in {left}{_num(self.low)}, {_num(self.high)}{right}"
             elif self.low is not None:
                 text = f"{noun} {'>' if self.low_open else '≥'} {_num(self.low)}"
             else:
@@ -59,7 +60,7 @@ class Rule:
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
-        return self.high is None or value <= self.high
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
 
 def _num(x: float) -> str:
@@ -67,7 +68,8 @@ def _num(x: float) -> str:
 
 
 COUNT = Rule("int", 1)  # at least one
-INDEX = Rule("int", 0)  # seeds, workers, padding
+INDEX = Rule("int", 0)  # workers, padding, positions
+SEED = Rule("int", 0, 2 ** 32 - 1)  # what numpy and every generator accept
 POSITIVE = Rule("float", 0, low_open=True)
 NON_NEGATIVE = Rule("float", 0)
 SHARE = Rule("float", 0, 1)
@@ -75,9 +77,9 @@ FLAG = Rule("bool")
 ANY_NUMBER = Rule("float")
 
 RULES: dict[str, Rule] = {
-    "seed": INDEX,
+    "seed": SEED,
     **{f"{side}.{key}": rule for side in ("front", "end") for key, rule in (
-        ("seed", INDEX), ("width", Rule("int", 1, nullable=True)), ("depth", Rule("int", 1, nullable=True)),
+        ("seed", SEED), ("width", Rule("int", 1, nullable=True)), ("depth", Rule("int", 1, nullable=True)),
         ("robust", FLAG), ("pretrained", FLAG))},
     "stitch.dm_samples": COUNT,
     "stitch.update_bn": FLAG,
@@ -95,6 +97,11 @@ RULES: dict[str, Rule] = {
     "dataset.num_classes_train": Rule("int", 1, nullable=True),
     "dataset.train_subset": Rule("int", 1, nullable=True),
     "dataset.augment.crop_padding": INDEX,
+    "dataset.source.split_seed": SEED,
+    "dataset.source.class_seed": SEED,
+    "dataset.source.test_fraction": Rule("float", 0, 1, low_open=True, high_open=True),  # both splits non-empty
+    "dataset.source.image_size": Rule("int", 4),
+    "dataset.source.channels": Rule("int", 1, 4),
     "dataset.augment.hflip": FLAG,
     "attack.alpha": SHARE,
     "attack.eps": SHARE,
@@ -105,7 +112,7 @@ RULES: dict[str, Rule] = {
     "attack.eval_autoattack": FLAG,
     "attack.eval_images": COUNT,
     "shortcut.size": COUNT,
-    "shortcut.seed": INDEX,
+    "shortcut.seed": SEED,
     "trainer.max_epochs": Rule("int", 0),  # 0: the DM initialisation is tested as it is
     "trainer.log_every_n_steps": COUNT,
     "trainer.deterministic": FLAG,
@@ -190,7 +197,17 @@ APPLIES: tuple[Applies, ...] = (
     Applies("shortcut.kind", lambda v: v is not None, lambda c: not _text(c), "image datasets", "shortcut=pixels"),
     *(Applies(key, lambda v: v is True, lambda c: not _text(c), "image classifiers", f"{key}=true")
       for key in ("attack.eval_pgd", "attack.eval_autoattack", "evaluation.ood.enabled", "evaluation.penultimate_cka")),
+    Applies("dataset.num_classes", lambda v: v is not None,
+            lambda c: not _text(c) or OmegaConf.select(c, "dataset.pairs", default=None) is not None,
+            "classifiers (image datasets and sentence pairs)",
+            "dataset.num_classes=10"),
+    Applies("similarity.skip_positions", lambda v: v not in (None, 0), _text,
+            "token sequences of language models", "similarity.skip_positions=2"),
 )
+
+#: the numeric precisions the stitching engine runs (Lightning's spellings of each)
+PRECISIONS = {"32-true": "32-true", "32": "32-true", "16-mixed": "16-mixed", "16": "16-mixed",
+              "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed"}
 
 
 def check_applies(cfg: DictConfig) -> None:
@@ -236,6 +253,14 @@ def check_config(cfg: DictConfig) -> None:
     baseline = OmegaConf.select(cfg, "evaluation.self_baseline", default="auto")
     if baseline not in ("auto", True, False):
         raise StitchingError(f"evaluation.self_baseline={_shown(baseline)} is out of range: it must be auto, true or false")
+    _check_precision(OmegaConf.select(cfg, "trainer.precision", default=None))
+    models = OmegaConf.select(cfg, "claims.language_models", default=None)
+    if models is not None:
+        values = list(models) if OmegaConf.is_list(models) else models
+        if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, str) and v for v in values)
+                and values[0] != values[1]):
+            raise StitchingError(f"claims.language_models={_shown(values)} must name two different language models: "
+                                 f"the GeLU one, then the SoLU one")
     clip = OmegaConf.select(cfg, "trainer.gradient_clip_algorithm", default=None)
     if clip not in (None, "norm", "value"):
         raise StitchingError(f"trainer.gradient_clip_algorithm={_shown(clip)} is out of range: it must be norm or value")
@@ -248,6 +273,22 @@ def check_config(cfg: DictConfig) -> None:
                    for v in values) or sum(values) <= 0:
             raise StitchingError(f"objective.weights={_shown(values)} is out of range: give finite, non-negative "
                                  f"numbers with a positive sum (or uniform, first, first:N, last)")
+
+
+def _check_precision(precision) -> None:
+    if precision is not None and str(precision) not in PRECISIONS:
+        raise StitchingError(f"trainer.precision={_shown(precision)} is not supported: it must be 32-true, 16-mixed or "
+                             f"bf16-mixed (frozen models and stitch stay in float32; mixed precision autocasts)")
+
+
+def check_trainer(options: dict) -> None:
+    """The Python API's ``trainer`` settings, by the command line's ``trainer.*`` rules."""
+    for key, value in options.items():
+        rule = RULES.get(f"trainer.{key}")
+        if rule is not None and not rule.allows(value):
+            raise StitchingError(f"trainer={{'{key}': {value!r}}} is out of range: it must be {rule.describe()} "
+                                 f"(the command line's trainer.{key})")
+    _check_precision(options.get("precision"))
 
 
 def _check_claims_layers(cfg: DictConfig) -> None:

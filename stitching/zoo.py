@@ -45,6 +45,7 @@ from stitching.objectives.tasks import IGNORE, NextToken
 from stitching.models.adapters import create
 from stitching.models.language import LANGUAGE_LIBRARIES, load_language_model
 from stitching.runtime import build_trainer, versions, write_json_atomic
+from stitching.validation import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class ModelZoo:
         """Everything that determines the weights of ``spec`` trained here."""
         return canonical({"spec": asdict(spec), "data": base_data(self.data_settings(spec.dataset)),
                           "recipe": self.recipe_for(spec),
-                          "precision": str(self.trainer_options.get("precision", "32-true"))})
+                          "precision": PRECISIONS.get(str(self.trainer_options.get("precision") or 32), "32-true")})
 
     def path(self, spec: ModelSpec) -> Path:
         """``<readable key>-<identity hash>.pt`` in the zoo."""

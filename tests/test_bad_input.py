@@ -8,6 +8,7 @@ stays fast; ``tests/test_cli.py`` runs the same entry points as subprocesses.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,19 @@ TRAIN_CASES = [
     ("ood-images-zero", ["evaluation.ood.enabled=true", "evaluation.ood.eval_images=0"], "evaluation.ood.eval_images=0"),
     ("accelerator", ["trainer.accelerator=tpu"], "Lightning refuses the trainer settings"),
     ("devices-zero", ["trainer.devices=0"], "Lightning refuses the trainer settings"),
-    ("precision", ["trainer.precision=13"], "Lightning refuses the trainer settings"),
+    ("precision", ["trainer.precision=13"], "trainer.precision=13 is not supported"),
     ("unknown-trainer-key", ["+trainer.warp_speed=9"], "unknown trainer setting(s) ['warp_speed']"),
+    ("seed-beyond-numpy", ["seed=4294967296"], "seed=4294967296 is out of range: it must be an integer in [0, 4294967295]"),
+    ("split-seed-negative", ["dataset.source.split_seed=-1"], "dataset.source.split_seed=-1 is out of range"),
+    ("test-fraction-one", ["dataset.source.test_fraction=1"], "dataset.source.test_fraction=1 is out of range: it must be "
+                                                              "a finite number in (0, 1)"),
+    ("test-fraction-zero", ["dataset.source.test_fraction=0"], "dataset.source.test_fraction=0 is out of range"),
+    ("test-fraction-negative", ["dataset.source.test_fraction=-0.5"], "dataset.source.test_fraction=-0.5 is out of range"),
+    ("image-size-zero", ["dataset.source.image_size=0"], "dataset.source.image_size=0 is out of range"),
+    ("precision-64", ["trainer.precision=64-true"], "trainer.precision=64-true is not supported"),
+    ("limit-rounds-to-zero", ["trainer.limit_train_batches=0.001"], "trainer.limit_train_batches=0.001 leaves none of the"),
+    ("limit-test-rounds-to-zero", ["trainer.limit_test_batches=0.01"], "trainer.limit_test_batches=0.01 leaves none of"),
+    ("skip-positions-on-images", ["similarity.skip_positions=2"], "similarity.skip_positions=2 applies to token sequences"),
     ("layer-out-of-range", ["stitch.layer=10"], "layer 10 is out of range: this model has cut points 1..9"),
     ("layer-unknown-name", ["stitch.front_layer=layer9.0"], "unknown layer 'layer9.0'"),
     ("class-token", ["stitch.class_token=both"], "unknown stitch.class_token 'both'"),
@@ -172,7 +184,8 @@ def test_every_rule_names_a_key_the_config_has():
     from stitching.validation import RULES
     from tests.conftest import compose_config
 
-    composed = [compose_config(), compose_config("attack=pgd", "shortcut=aruco"), compose_config("dataset=pydoc")]
+    composed = [compose_config(), compose_config("attack=pgd", "shortcut=aruco"), compose_config("dataset=pydoc"),
+                compose_config("dataset=ls_imagenet10")]
     for key in RULES:
         addable = key.startswith("trainer.") and key.removeprefix("trainer.") in _TRAINER_KEYS
         assert addable or any(_has(cfg, key) for cfg in composed), key
@@ -211,7 +224,8 @@ def test_a_setting_given_where_it_does_not_apply_is_refused(overrides, rule, tmp
     from stitching.errors import StitchingError
     from tests.conftest import compose_config
 
-    with pytest.raises(StitchingError, match=rf"^{rule.key}=\S+ applies to {rule.only} only; this run would ignore it"):
+    with pytest.raises(StitchingError, match=rf"^{re.escape(rule.key)}=\S+ applies to {re.escape(rule.only)} only; this run "
+                                             rf"would ignore it"):
         read_settings(compose_config(*overrides, f"paths.output_dir={tmp_path}"))
     applicable = {"stitch.rank": ["stitch.kind=low_rank"], "stitch.hidden": ["stitch.kind=mlp"]}.get(rule.key)
     if applicable:  # and where it applies, it is read

@@ -135,6 +135,10 @@ def test_bad_claims_settings_are_one_line(capsys):
     with pytest.raises(SystemExit):
         claims_main(["claims.grid_layers=[0,5]", "logger=none"])
     assert "claims.grid_layers=[0, 5] is out of range: give a non-empty list of cut points" in capsys.readouterr().err
+    for models in ("[lm_gelu]", "[lm_gelu,lm_gelu]"):
+        with pytest.raises(SystemExit):
+            claims_main([f"claims.language_models={models}", "logger=none"])
+        assert "must name two different language models" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         claims_main(["claims.early_layers=[2]", "logger=none"])
     assert "claims.early_layers=[2] must be among claims.layers=[1, 3, 5, 7, 9]" in capsys.readouterr().err

@@ -5,6 +5,7 @@ tensors handed in, a Dataset, the data modules — keeps the data contract or is
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import timm
@@ -109,3 +110,36 @@ def test_token_data_keep_the_vocabulary(pair):
     with pytest.raises(StitchingError, match=r"the attention mask must hold 0 \(padding\) and 1"):
         stitching.stitch(front, end, 2, 2, objective="dm", train={"input_ids": ids, "attention_mask": ids % 3},
                          progress=False)
+
+
+@pytest.mark.parametrize("trainer, message", [
+    ({"precision": "64-true"}, "trainer.precision=64-true is not supported"),
+    ({"limit_train_batches": 0}, "trainer={'limit_train_batches': 0} is out of range"),
+    ({"max_steps": "many"}, "trainer={'max_steps': 'many'} is out of range"),
+])
+def test_the_apis_trainer_settings_keep_the_command_lines_rules(trainer, message, pair):
+    front, end, x, y = pair
+    with pytest.raises(StitchingError, match=re.escape(message)):
+        stitching.stitch(front, end, 2, 2, objective="hint", train=(x, y), progress=False, trainer=trainer)
+
+
+def test_dm_samples_above_the_data_are_said_and_all_data_used(tiny_config, tmp_path, capsys):
+    from stitching.runs import run
+
+    record = run(tiny_config("objective=dm", "stitch.dm_samples=100000", "dataset.train_subset=200"), tmp_path / "r")
+    err = capsys.readouterr().err
+    assert "[data] stitch.dm_samples=100000 but the training split has 200 examples: DM is fitted on all of them" in err
+    assert record["status"] == "ok"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.double(), "the front model's weights are float64; give a float32 model"),
+    (lambda m: m.half(), "the front model's weights are float16"),
+    (lambda m: m.to("meta"), "the front model has no weights (it is on the meta device)"),
+    (lambda m: "a model", "the front model is a str, not a torch.nn.Module"),
+], ids=["double", "half", "meta", "not-a-module"])
+def test_a_model_off_the_weights_contract_is_one_line(change, message, pair):
+    front, end, x, y = pair
+    with pytest.raises(StitchingError, match=re.escape(message)):
+        stitching.stitch(change(timm.create_model("test_resnet", num_classes=10)), end, 2, 2, objective="hint",
+                         train=(x, y), progress=False)

@@ -83,6 +83,8 @@ def test_grounding_settings_are_checked_before_any_work(tiny_config, tmp_path):
     for override, message in (("grounding.test=both_ways", "choose sensitivity, specificity or both"),
                               ("grounding.objectives=[dm,cka]", "unknown objective cka"),
                               ("grounding.ranks=[0,2]", "ranks start at 1"),
+                              ("grounding.ranks=[4096]", "the sensitivity test has 0 item.s. and a rank correlation "
+                                                         "needs at least three; give grounding.ranks below"),
                               ("grounding.indices=minibatch_cka", "streaming estimator"),
                               ("front.width=16", "models of one family")):
         with pytest.raises(StitchingError, match=message):
