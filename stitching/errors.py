@@ -24,8 +24,10 @@ class NonFiniteError(StitchingError):
         self.what, self.value, self.step = what, value, step
 
 
-#: what a write can fail on that the user can fix: a full disk or quota, a read-only folder
-WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+#: what a write can fail on that the user can fix: a full disk or quota, a read-only folder, a
+#: path through a file or too long
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                          errno.EISDIR, errno.ENAMETOOLONG})
 
 #: what an interrupted command keeps and how to resume it, said when Ctrl-C ends it
 _interrupt_note = ["what finished is kept; rerun the same command to resume"]

@@ -35,6 +35,11 @@ class OutputFolder(Callback):
                    "a run writes results.json only when it finishes, so this one kept no result; rerun it")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
+            print(f"error: hydra.launcher.n_jobs={n_jobs} runs no job; give how many jobs run at once "
+                  f"(-1: one per core)", file=sys.stderr)
+            sys.exit(2)
         folder = Path(config.hydra.sweep.dir)
         self._hold(folder, "hydra.sweep.dir",
                    f"every finished run of the sweep keeps its results.json in {folder}; rerun the same command "

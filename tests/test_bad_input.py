@@ -258,3 +258,10 @@ def test_a_sweep_cell_whose_record_is_not_its_own_is_named(tmp_path, capsys):
     assert list(frame.run) == ["0"]
     assert failed == [{"run": "1", "error": "invalid results.json: its config is not its folder's "
                                             "(stitch.layer: 3 recorded, 5 in 1's config)"}]
+
+
+def test_a_launcher_that_runs_no_job_is_one_line(tmp_path, zoo_dir, monkeypatch, capsys):
+    code, output = train_cli(["-m", *TINY, f"paths.zoo_dir={zoo_dir}", "stitch.layer=2,3", "hydra/launcher=local",
+                              "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"], monkeypatch, capsys)
+    _assert_one_clean_line(code, output, "hydra.launcher.n_jobs=0 runs no job")
+    assert not list(tmp_path.rglob("results.json"))
