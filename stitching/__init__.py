@@ -7,6 +7,7 @@ From Python::
     result = stitching.stitch(front, end, "layer2.1", "layer3.0", objective="fula",
                               train=(images, labels), test=(test_images, test_labels))
     result.save("stitched.pt"); stitching.load("stitched.pt", front, end)   # the same network
+    stitching.load_runs("outputs/grids/…")        # every run under a folder: one tidy DataFrame
 """
 
 from pathlib import Path
@@ -18,12 +19,16 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 #: the config keys that choose a run's cut points (a sweep over them is a grid's cells)
 LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")
 
-__all__ = ["StitchResult", "cut_points", "load", "stitch"]
+__all__ = ["StitchResult", "cut_points", "load", "load_runs", "load_stitch", "stitch"]
 
 
 def __getattr__(name):  # the API pulls in Lightning; `import stitching` alone stays light
+    if name == "load_runs":  # records → pandas, without Lightning
+        from stitching.results.records import load_runs
+
+        return load_runs
     if name in __all__:
         from stitching import api
 
-        return getattr(api, name)
+        return getattr(api, "load" if name == "load_stitch" else name)
     raise AttributeError(f"module 'stitching' has no attribute {name!r}")

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stitching.engine import StitchedNetwork, StitchEngine, cell_key, fit_engine
 from stitching.errors import StitchingError
-from stitching.models import Cut, as_cuttable, cut, cut_points
+from stitching.models import Cut, ImageInputs, as_cuttable, cut, cut_points, with_inputs
 from stitching.objectives.objective import make_objective
 from stitching.objectives.tasks import NextToken, adjusted_penalty
 from stitching.runtime import Stopwatch
@@ -161,7 +161,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
            lr: float = 1e-3, weight_decay: float = 1e-4, dm_samples: int = 100, update_bn: bool = True,
            class_token: str = "shared", weights="uniform", seed: int = 0, trainer: dict | None = None,
            progress: bool = True, init: str = "dm", kind: str = "affine", rank: int | None = None,
-           hidden: int | None = None, front_rank: int | None = None, self_baseline: bool | None = None) -> StitchResult:
+           hidden: int | None = None, front_rank: int | None = None, self_baseline: bool | None = None,
+           front_inputs: dict | ImageInputs | None = None, end_inputs: dict | ImageInputs | None = None) -> StitchResult:
     """Stitch ``front`` (cut after ``front_layer``) into ``end`` (entered after ``end_layer``).
 
     Args:
@@ -179,6 +180,11 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
             ``stitch.update_bn``, ``stitch.class_token``, ``objective.weights``, ``stitch.init``,
             ``stitch.kind``… of the command line.
         trainer: extra Lightning Trainer settings (``accelerator``, ``precision``…).
+        front_inputs, end_inputs: a timm / torchvision model's input convention, when it is not
+            its pretrained config's (weights trained at another size or normalisation): a dict of
+            any of ``size`` (int or ``[h, w]``), ``channels``, ``mean``, ``std``, or an
+            :class:`~stitching.models.ImageInputs`. The images handed in are resized and
+            normalised to it; ``result.network`` records it.
         self_baseline: language models: also stitch ``end`` into itself at ``end_layer``,
             trained the same way, and report ``test/baseline_loss`` and ``test/adjusted_penalty``
             (stitched − self-stitched loss) beside the raw ``test/penalty``; ``None``: whenever a
@@ -190,6 +196,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         ``test/end_loss``, ``test/penalty`` and the adjusted penalty…).
     """
     check_weights(front=front, end=end)
+    front = with_inputs(front, front_inputs, "front") if front_inputs is not None else front
+    end = with_inputs(end, end_inputs, "end") if end_inputs is not None else end
     if train is None:
         raise StitchingError("stitch() needs training data: train=(images, labels), token ids, a Dataset or a DataLoader")
     if self_baseline not in (None, True, False):

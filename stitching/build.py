@@ -19,7 +19,7 @@ from stitching.data import ImageDataModule
 from stitching.data.text import PairDataModule, TextDataModule
 from stitching import CONF_DIR
 from stitching.errors import StitchingError
-from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel
+from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, with_inputs
 from stitching.models.cutting import cut
 from stitching.models.layout import compatible
 from stitching.models.language import LANGUAGE_LIBRARIES, TextInputs
@@ -52,6 +52,7 @@ class Side:
 
     spec: ModelSpec
     checkpoint: str | None
+    inputs: dict | None = None  # a given library model's input convention (``front.input.*`` set)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ def side_spec(side: DictConfig) -> ModelSpec:
     return ModelSpec(arch=side.arch, width=int(width) if width is not None else None, dataset=side.dataset,
                      seed=int(side.seed), robust=bool(side.robust), depth=int(depth) if depth is not None else None,
                      name=side.get("name"), pretrained=bool(side.get("pretrained", False)))
+
+
+def side_inputs(side: DictConfig) -> dict | None:
+    """The input-convention settings given for one side (``None`` when none are)."""
+    given = {k: v for k, v in (OmegaConf.to_container(side.get("input") or {}, resolve=True)).items() if v is not None}
+    return given or None
 
 
 def read_settings(cfg: DictConfig) -> Settings:
@@ -121,7 +128,8 @@ def read_settings(cfg: DictConfig) -> Settings:
                               bool(stitch.update_bn), class_token, float(stitch.lr), float(stitch.weight_decay),
                               str(stitch.get("init", "dm")), str(stitch.get("kind", "affine")), stitch.get("rank"),
                               stitch.get("hidden"), stitch.get("front_rank")),
-        front=Side(side_spec(cfg.front), cfg.front.checkpoint), end=Side(side_spec(cfg.end), cfg.end.checkpoint),
+        front=Side(side_spec(cfg.front), cfg.front.checkpoint, side_inputs(cfg.front)),
+        end=Side(side_spec(cfg.end), cfg.end.checkpoint, side_inputs(cfg.end)),
         attack=OmegaConf.to_container(cfg.attack, resolve=True),
         shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True),
         trainer=OmegaConf.to_container(cfg.trainer, resolve=True), dataset=cfg.dataset.name,
@@ -203,7 +211,15 @@ def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] |
     """
     zoo = build_zoo(cfg)
     sides = {"front": settings.front, "end": settings.end}
-    got = {name: zoo.get(side.spec, side.checkpoint) for name, side in sides.items()
+
+    def fetch(name: str, side: Side) -> tuple[CuttableModel, dict]:
+        model, record = zoo.get(side.spec, side.checkpoint)
+        if side.inputs:  # the convention the user gave for a given library model
+            model = with_inputs(model, side.inputs, name, f"{name}.input")
+            record = {**record, "inputs": model.input_spec.record()}
+        return model, record
+
+    got = {name: fetch(name, side) for name, side in sides.items()
            if not zoo.needs_training(side.spec, side.checkpoint)}
     declared = {name: got[name][0] if name in got else zoo.untrained(side.spec) for name, side in sides.items()}
     front_layers, end_layers = layers or ([settings.stitch.front_layer], [settings.stitch.end_layer])
@@ -212,7 +228,7 @@ def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] |
         reconcile_inputs(declared["front"], declared["end"], datamodule)
     for name, side in sides.items():
         if name not in got:
-            got[name] = zoo.get(side.spec, side.checkpoint)
+            got[name] = fetch(name, side)
     (front, front_record), (end, end_record) = got["front"], got["end"]
     return front, front_record, end, end_record
 
@@ -247,6 +263,22 @@ def reconcile_inputs(front: CuttableModel, end: CuttableModel, datamodule: Image
     size = (datamodule.image_size, datamodule.image_size)
     return {side: model.input_spec.reconcile(datamodule.in_channels, size, side)
             for side, model in (("front", front), ("end", end))}
+
+
+def describe_inputs(inputs: dict) -> list[str]:
+    """One line per image model whose input differs from the data as loaded: what is resized,
+    repeated and renormalised, and where that convention comes from."""
+    lines = []
+    for side, how in inputs.items():
+        if "model" not in how or (not how["resized"] and not how["grey_repeated"] and how["from"] == "training data"):
+            continue
+        data, model = "×".join(map(str, how["data"])), "×".join(map(str, how["model"]))
+        changes = [f"{data} → {model}" if data != model else f"{data}"]
+        changes += ["resized"] if how["resized"] else []
+        changes += ["grey repeated"] if how["grey_repeated"] else []
+        lines.append(f"[inputs] {side}: {', '.join(changes)}; normalised by mean "
+                     f"{[round(v, 4) for v in how['mean']]} std {[round(v, 4) for v in how['std']]} ({how['from']})")
+    return lines
 
 
 def reconcile_text(spec: TextInputs, datamodule: TextDataModule, side: str) -> dict:
@@ -377,6 +409,8 @@ def setup(cfg: DictConfig, watch: Stopwatch | None = None, layers: tuple[list, l
         front, front_record, end, end_record = load_models(cfg, settings, layers, stitched=stitched,
                                                            datamodule=datamodule)
     inputs = reconcile_inputs(front, end, datamodule)
+    for line in describe_inputs(inputs):
+        print(line, flush=True)
     check_compatible(front, end, datamodule, batches(samples, 2)[0])
     if cfg.evaluation.get("self_baseline") is True and not isinstance(task_of(end), NextToken):
         raise StitchingError(f"evaluation.self_baseline=true applies to language models scored by their next-token "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import writable_folder
-from stitching.results.records import collect, missing_cells
+from stitching.results.records import missing_cells, read_runs
 from stitching.results.tables import (
     depth_table, differ_in_depth, facets, layer_grid, layer_table, objectives_present, penalty_table,
     sanity_checks, sanity_table, seed_pairs, self_accuracy, spread_table, varying_conditions,
@@ -33,15 +33,29 @@ from stitching.results.tables import (
 from stitching.results.figures import depth_plot, heatmaps, penalty_plot, stitching_plot, subsets_plot
 
 
-def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Write the tidy table and the figures the sweep calls for; return what was made."""
-    frame, failed = collect(sweep_dir)
+FORMATS = ("csv", "parquet")
+
+
+def report(sweep_dir: str | Path, out_dir: str | Path | None = None, table_format: str = "csv") -> dict:
+    """Write the tidy table of every run (:func:`stitching.load_runs`: failed ones with their
+    status and error) as ``results.csv`` or ``results.parquet``, and the figures the sweep's
+    successful runs call for; return what was made."""
+    if table_format not in FORMATS:
+        raise StitchingError(f"--format {table_format}: choose {' or '.join(FORMATS)}")
+    every, frame, failed = read_runs(sweep_dir)
     out = writable_folder(out_dir or sweep_dir, "--out")
     if frame.empty:
         first = f"; {failed[0]['run']}: {failed[0]['error']}" if failed else ""
         raise StitchingError(f"no successful run under {sweep_dir} ({len(failed)} failed{first})")
-    frame.to_csv(out / "results.csv", index=False)
-    made = {"csv": out / "results.csv", "failed": failed, "frame": frame, "missing": missing_cells(sweep_dir)}
+    table = out / f"results.{table_format}"
+    if table_format == "parquet":
+        try:
+            every.astype({c: str for c in every.columns if every[c].dtype == object}).to_parquet(table, index=False)
+        except ImportError as err:
+            raise StitchingError(f"--format parquet needs pyarrow ({err}); pip install pyarrow, or use --format csv") from None
+    else:
+        every.to_csv(table, index=False)
+    made = {"results": table, "failed": failed, "frame": frame, "runs": every, "missing": missing_cells(sweep_dir)}
     if "test_penalty" in frame and (frame.test_penalty.notna() & (frame.front_layer == frame.end_layer)).any() \
             and not (frame.test_penalty.notna() & (frame.front_layer != frame.end_layer)).any():
         # language models at corresponding layers (a front × end grid is drawn as a heatmap instead)
@@ -109,10 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stitching.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a sweep directory (hydra.sweep.dir) or any folder of runs")
     parser.add_argument("--out", default=None, help="where to write the table and figures (default: SWEEP_DIR)")
+    parser.add_argument("--format", default="csv", choices=FORMATS,
+                        help="the table of every run: results.csv (default) or results.parquet")
     parser.add_argument("--wandb", action="store_true", help="also log table and figures to W&B (offline without a key)")
     parser.add_argument("--wandb-project", default="stitching")
     args = parser.parse_args(argv)
-    made = report(args.sweep_dir, args.out)
+    made = report(args.sweep_dir, args.out, args.format)
     if args.wandb:
         print(f"W&B: {log_to_wandb(made, Path(args.out or args.sweep_dir), args.wandb_project)}")
     frame = made["frame"]
@@ -156,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if made.get("sanity"):
         print("\nsanity checks (share of front layers whose best end layer is the same index)")
         print(made["sanity_table"].round(2).to_string(na_rep="—"))
-    print(f"table:  {made['csv']}")
+    print(f"table:  {made['results']} (every run, with its status)")
     print(f"results in {Path(args.out or args.sweep_dir).resolve()}")
 
 

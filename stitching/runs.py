@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import traceback
 from contextlib import suppress
 from pathlib import Path
@@ -169,6 +170,10 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
                       "source": _provenance(record)}
         if base[side]["test_acc"] is None and getattr(model, "num_classes", None) == datamodule.num_classes:
             base[side]["test_acc"] = base_accuracy(model, datamodule, device)  # a given model, on these data
+            warning = near_chance(side, base[side]["test_acc"], datamodule.num_classes, prep.inputs.get(side))
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+                base[side]["warning"] = warning
         if cfg[side].dataset == cfg.dataset.name and (attack["eval_pgd"] or attack["eval_autoattack"]):
             # base models are attacked on their own task only, once per attack setting
             base[side].update(cached_robust_metrics(model, record["path"], datamodule, attack, device, cfg.seed))
@@ -191,6 +196,21 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
         except OSError as err:  # a picture for people, never worth the run's metrics
             cache_warning(example, err)
     return metrics, base, evaluation
+
+
+def near_chance(side: str, accuracy: float, classes: int, inputs: dict | None) -> str | None:
+    """A warning when a given classifier scores near chance on data of its own classes: most
+    often its input convention is not the one it was trained with."""
+    if accuracy > 1.5 / classes:
+        return None
+    how = ""
+    if inputs and "model" in inputs:
+        how = (f" it was given {'×'.join(map(str, inputs['data']))} images as {'×'.join(map(str, inputs['model']))}, "
+               f"mean {[round(v, 4) for v in inputs['mean']]} std {[round(v, 4) for v in inputs['std']]} "
+               f"({inputs['from']});")
+    return (f"[inputs] warning: the {side} model scores {accuracy:.1%} on the stitching data, near chance for "
+            f"{classes} classes:{how} if it was trained at another size or normalisation, set {side}.input.* "
+            f"(stitch(..., {side}_inputs=...)) to it")
 
 
 def _provenance(record: dict) -> dict:

@@ -203,7 +203,20 @@ APPLIES: tuple[Applies, ...] = (
             "dataset.num_classes=10"),
     Applies("similarity.skip_positions", lambda v: v not in (None, 0), _text,
             "token sequences of language models", "similarity.skip_positions=2"),
+    *(Applies(f"{side}.input.{key}", lambda v: v is not None,
+              lambda c, side=side: _given_library_model(c, side),
+              f"given timm and torchvision models ({side}.checkpoint or {side}.pretrained)",
+              f"{side}.input.{key}={example}")
+      for side in ("front", "end") for key, example in (("size", "32"), ("channels", "3"), ("mean", "0.5"),
+                                                         ("std", "0.25"))),
 )
+
+
+def _given_library_model(cfg: DictConfig, side: str) -> bool:
+    """Whether ``side`` is a library model whose weights come from a file or the hub (a model
+    trained here reads its training data's convention)."""
+    return (OmegaConf.select(cfg, f"{side}.arch") in ("timm", "torchvision")
+            and bool(OmegaConf.select(cfg, f"{side}.checkpoint") or OmegaConf.select(cfg, f"{side}.pretrained")))
 
 #: the numeric precisions the stitching engine runs (Lightning's spellings of each)
 PRECISIONS = {"32-true": "32-true", "32": "32-true", "16-mixed": "16-mixed", "16": "16-mixed",

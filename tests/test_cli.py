@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from stitching.errors import StitchingError
 from stitching.report import report
 from stitching.results.records import collect, missing_cells
 from stitching.results.tables import layer_table
@@ -59,7 +60,7 @@ def test_a_sweep_survives_a_failing_run_and_the_report_names_it(tmp_path, zoo_di
     assert sorted(zip(frame.objective, frame.front_layer)) == [("dm", 2), ("tlm", 2)]
     assert len(failed) == 2 and all("layer 10 is out of range" in f["error"] for f in failed)
     made = report(sweep)
-    assert made["plot"].is_file() and made["csv"].is_file()
+    assert made["plot"].is_file() and made["results"].is_file()
     summary = subprocess.run([sys.executable, "-m", "stitching.report", str(sweep)], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert summary.returncode == 0
@@ -90,6 +91,36 @@ def test_report_table_orders_objectives_and_skips_broken_records(tmp_path):
     table = layer_table(frame)
     assert list(table.columns) == ["dm", "tlm"]
     assert table.loc[1, "dm"] == 25.0 and table.loc[2, "dm"] == 75.0 and table.loc[1, "tlm"] == 50.0
+
+
+def test_load_runs_is_one_tidy_frame_of_every_run_with_its_status(tmp_path):
+    import stitching
+
+    _record(tmp_path, "a", "tlm", 1, 0.5)
+    _record(tmp_path, "b", "dm", 2, 0.25)
+    _record(tmp_path, "d", "dm", 3, 0.0, status="failed")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.json").write_text(json.dumps({"status": "ok", "objective": "dm", "metrics": {}}))
+    pd.DataFrame([{"objective": "cka", "front_layer": 1, "end_layer": 1, "score": 0.9}]).to_csv(
+        tmp_path / "similarity.csv", index=False)
+    frame = stitching.load_runs(tmp_path)
+    assert list(zip(frame.run, frame.status)) == [("b", "ok"), ("a", "ok"), (".", "ok"), ("d", "failed"),
+                                                  ("e", "invalid")]
+    assert frame.loc[frame.run == "d", "error"].item() == "boom" and pd.isna(frame.loc[frame.run == "d", "test_acc"].item())
+    assert frame.loc[frame.run == "e", "error"].item().startswith("invalid results.json: front_layer = None")
+    ok = frame[frame.status == "ok"]
+    assert list(ok.score) == [0.25, 0.5, 0.9] and list(ok.objective) == ["dm", "tlm", "cka"]
+    assert {"front_model", "front_source", "seconds", "config_hash", "front_layer_name"} <= set(frame.columns)
+
+
+def test_the_report_exports_every_run_as_parquet(tmp_path):
+    _record(tmp_path, "a", "tlm", 1, 0.5)
+    _record(tmp_path, "d", "dm", 3, 0.0, status="failed")
+    made = report(tmp_path, table_format="parquet")
+    table = pd.read_parquet(made["results"])
+    assert made["results"].name == "results.parquet" and sorted(table.status) == ["failed", "ok"]
+    with pytest.raises(StitchingError, match="--format xlsx: choose csv or parquet"):
+        report(tmp_path, table_format="xlsx")
 
 
 def test_demo_preset_composes_to_the_documented_job():
@@ -283,7 +314,10 @@ def test_a_diverged_cell_is_failed_listed_and_kept_out_of_the_figures(tmp_path, 
     (diverged,) = [r for r in records if r["status"] == "failed"]
     assert diverged["diverged"] == {"what": "the loss", "value": "nan", "step": 3}
     made = report(sweep)
-    assert list(pd.read_csv(made["csv"]).objective) == ["tlm"]  # never in the table or the figures
+    table = pd.read_csv(made["results"])  # every run, the failed one with its status and error and no metric
+    assert list(table[table.status == "ok"].objective) == ["tlm"] and list(made["frame"].objective) == ["tlm"]
+    failed_row = table[table.status == "failed"].iloc[0]
+    assert "the loss became nan" in failed_row.error and pd.isna(failed_row.test_acc)
     assert made["missing"] == []  # the failed cell ran: it is failed, not missing
 
 

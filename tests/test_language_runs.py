@@ -191,8 +191,8 @@ def test_a_gelu_solu_sweep_reports_the_penalty_by_direction(lm_config, tmp_path,
     assert all("[raw " in cell and "self " in cell for cell in table.to_numpy().ravel())
     assert list(table.index.get_level_values("layer")) == [2, 3]
     assert made["penalty"].is_file() and (sweep / "penalty.md").is_file()
-    frame = pd.read_csv(made["csv"])
-    assert len(frame) == 8 and frame.test_penalty.notna().all()
+    frame = pd.read_csv(made["results"])
+    assert len(frame) == 8 and frame.test_penalty.notna().all() and (frame.status == "ok").all()
 
 
 def _hf_folder(folder):

@@ -117,4 +117,4 @@ def test_cpu_preset_runs_as_a_sweep_and_draws_its_figure(tmp_path, zoo_dir, pres
     assert not failed, failed
     made = report(sweep)
     assert (sweep / figure).is_file(), sorted(p.name for p in sweep.iterdir())
-    assert len(frame) >= 2 and made["csv"].is_file()
+    assert len(frame) >= 2 and made["results"].is_file()

@@ -18,7 +18,7 @@ from stitching.models.cutting import (
 )
 from stitching.models.inputs import ImageInputs, InputTransform
 from stitching.models.layout import Layout
-from stitching.models.adapters import LIBRARIES, AdaptedModel, adapt, as_cuttable, cut_points
+from stitching.models.adapters import LIBRARIES, AdaptedModel, adapt, as_cuttable, cut_points, with_inputs
 from stitching.models.language import LANGUAGE_ARCHITECTURES, LanguageModel, build_language_model
 from stitching.models.resnet import CifarResNet, resnet18, resnet18_nores, resnet34
 from stitching.models.vit import CuttableViT, vit_tiny
@@ -88,6 +88,7 @@ __all__ = [
     "AdaptedModel",
     "adapt",
     "as_cuttable",
+    "with_inputs",
     "CifarResNet",
     "Context",
     "Cut",

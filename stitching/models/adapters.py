@@ -16,6 +16,7 @@ Cut points are the stem and every block, named after the library's own modules
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 
 import torch
@@ -254,6 +255,76 @@ def as_cuttable(model: nn.Module) -> CuttableModel:
     if is_language_model(model):
         return LanguageModel(model)
     return adapt(model)
+
+
+#: what ``front.input.*`` / ``stitch(front_inputs=…)`` may set
+INPUT_KEYS = ("size", "channels", "mean", "std")
+
+
+def with_inputs(model: nn.Module, inputs: dict | ImageInputs | None, side: str = "model",
+                setting: str | None = None) -> CuttableModel:
+    """``model`` (as :func:`as_cuttable`) reading its images by ``inputs``: an
+    :class:`ImageInputs`, or a dict of any of ``size`` (an int or ``[height, width]``),
+    ``channels``, ``mean`` and ``std`` (one value or one per channel) that replace the model's
+    default convention (its pretrained config, or what it was adapted with). Only library
+    (timm / torchvision) models take a convention; a model built here reads its training data's."""
+    if inputs is None or (isinstance(inputs, dict) and all(v is None for v in inputs.values())):
+        return as_cuttable(model)
+    setting = setting or f"{side}_inputs"
+    raw = model.model if isinstance(model, AdaptedModel) else model
+    if isinstance(model, CuttableModel) and not isinstance(model, AdaptedModel):
+        raise StitchingError(f"{setting} applies to timm and torchvision models; this {side} model "
+                             f"({type(model).__name__}) reads the convention it was built with")
+    found = family(raw)
+    if found is None:
+        raise StitchingError(f"{setting}: cannot cut a {type(raw).__module__}.{type(raw).__name__}; stitching cuts "
+                             f"{SUPPORTED}")
+    if isinstance(inputs, ImageInputs):
+        spec = inputs
+    else:
+        if not isinstance(inputs, dict):
+            raise StitchingError(f"{setting} must be a dict of {', '.join(INPUT_KEYS)} or an ImageInputs, "
+                                 f"not a {type(inputs).__name__}")
+        unknown = sorted(set(inputs) - set(INPUT_KEYS))
+        if unknown:
+            raise StitchingError(f"{setting}: unknown key(s) {', '.join(map(str, unknown))}; give {', '.join(INPUT_KEYS)}")
+        base = model.input_spec if isinstance(model, AdaptedModel) else default_input_spec(raw, found[0])
+        spec = _merged_inputs(base, {k: v for k, v in inputs.items() if v is not None}, setting,
+                              _first_conv_channels(raw))
+    fixed = getattr(getattr(raw, "patch_embed", None), "img_size", None) or getattr(raw, "image_size", None)
+    if fixed is not None and spec.size is not None:
+        fixed = (fixed, fixed) if isinstance(fixed, int) else tuple(fixed)
+        if tuple(spec.size) != fixed:
+            raise StitchingError(f"{setting}: size={list(spec.size)} but this {side} model's position embeddings are "
+                                 f"for {list(fixed)} images; leave size unset")
+    return adapt(raw, spec, name=model.name if isinstance(model, AdaptedModel) else None)
+
+
+def _merged_inputs(base: ImageInputs, given: dict, setting: str, conv_channels: int) -> ImageInputs:
+    def bad(key, value, what):
+        return StitchingError(f"{setting}: {key}={value!r} is out of range: it must be {what}")
+
+    channels = given.get("channels", base.channels)
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels != conv_channels:
+        raise bad("channels", channels, f"the {conv_channels} channel(s) the model's first layer reads")
+    size = given.get("size", base.size)
+    if size is not None:
+        size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+            raise bad("size", given.get("size"), "an integer ≥ 1 or [height, width]")
+        size = tuple(size)
+    values = {}
+    for key, positive in (("mean", False), ("std", True)):
+        value = given.get(key, getattr(base, key))
+        value = [value] * channels if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not (isinstance(value, (list, tuple)) and len(value) in (1, channels)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                        and (v > 0 or not positive) for v in value)):
+            raise bad(key, given.get(key), f"{'positive ' if positive else ''}finite number(s), one or one per channel")
+        values[key] = tuple(float(v) for v in (value * channels if len(value) == 1 else value))
+    origin = "given: " + ", ".join(f"{k}" for k in INPUT_KEYS if k in given) + f" ({setting}); the rest {base.origin}"
+    return ImageInputs(channels, size, values["mean"], values["std"], origin=origin)
 
 
 # -- building by name ---------------------------------------------------------------------

@@ -28,6 +28,8 @@ CONDITIONS = {
     "weights": ("objective", "weights"), "class_token": ("stitch", "class_token"),
     "init": ("stitch", "init"), "stitch_kind": ("stitch", "kind"), "stitch_rank": ("stitch", "rank"),
     "front_rank": ("stitch", "front_rank"),
+    "stitch_lr": ("stitch", "lr"), "dm_samples": ("stitch", "dm_samples"), "update_bn": ("stitch", "update_bn"),
+    "epochs": ("trainer", "max_epochs"),
 }
 
 
@@ -54,51 +56,90 @@ def condition_values(config: dict) -> dict:
     return values
 
 
-def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
-    """Return one row per successful run and a list of ``{run, error}`` for the others.
+def load_runs(folder: str | Path) -> pd.DataFrame:
+    """Every run record under ``folder`` (a run, sweep, grid, claims or grounding folder) as one
+    tidy DataFrame, one row per run or grid cell.
 
-    Every ``similarity.csv`` below the folder (from ``python -m stitching.similarity``)
-    joins as rows whose ``objective`` is the index; ``score`` is the test accuracy of a
-    stitching run and the value of a similarity index.
+    Columns: ``run`` (its folder, relative), ``status`` (``ok``, ``failed``, or ``invalid`` for a
+    record the schema refuses) and ``error``; the objective, both layers and their names; the
+    conditions read from the run's config (models, seeds, datasets, stitch settings); every
+    metric (``test_acc``, ``test_penalty``…); the base models' keys, accuracies and where they
+    came from (``front_source``: trained here, file or hub); ``score`` (higher is more similar);
+    ``time_<section>_s`` and ``seconds``; ``config_hash``. Rows of ``similarity.csv`` files
+    (``python -m stitching.similarity``) join with their index as the objective.
     """
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise StitchingError(f"{sweep_dir} is not a folder; pass the sweep directory printed by the run")
-    rows, failed = [], []
-    for path in sorted(sweep_dir.rglob("results.json")):
-        run = str(path.parent.relative_to(sweep_dir))
+    return _frame(_rows(folder))
+
+
+def _rows(folder: str | Path) -> list[dict]:
+    """The rows of :func:`load_runs`, as dicts."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StitchingError(f"{folder} is not a folder; pass the folder a run, sweep or grid wrote")
+    rows = []
+    for path in sorted(folder.rglob("results.json")):
+        run = str(path.parent.relative_to(folder))
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            failed.append({"run": run, "error": f"unreadable results.json ({err})"})
+            rows.append({"run": run, "status": "invalid", "error": f"unreadable results.json ({err})"})
             continue
         if not isinstance(record, dict):
-            failed.append({"run": run, "error": f"malformed results.json (a {type(record).__name__}, not a record)"})
+            rows.append({"run": run, "status": "invalid",
+                         "error": f"malformed results.json (a {type(record).__name__}, not a record)"})
             continue
         if record.get("status") != "ok":
-            failed.append({"run": run, "error": record.get("error", "unknown failure")})
+            rows.append({"run": run, "status": "failed", "error": str(record.get("error", "unknown failure")),
+                         **{k: record.get(k) for k in ("objective", "front_layer", "end_layer") if k in record}})
             continue
         wrong = problems(record, path.parent)
         if wrong:  # never a table entry, never averaged into a figure
-            failed.append({"run": run, "error": f"invalid results.json: {'; '.join(wrong[:3])}"
-                                                + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else "")})
+            rows.append({"run": run, "status": "invalid", "error": f"invalid results.json: {'; '.join(wrong[:3])}"
+                                                                     + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else "")})
             continue
-        rows.append(record_row(run, record))
-    adjusted = all(row.get("test_adjusted_penalty") is not None for row in rows if row.get("test_penalty") is not None)
-    for row in rows:
+        rows.append({**record_row(run, record), "status": "ok", "error": None})
+    ok = [row for row in rows if row["status"] == "ok"]
+    adjusted = all(row.get("test_adjusted_penalty") is not None for row in ok if row.get("test_penalty") is not None)
+    for row in ok:
         row["score"] = stitching_score(row, adjusted)
-    for path in sorted(sweep_dir.rglob("similarity.csv")):
+    for path in sorted(folder.rglob("similarity.csv")):
+        run = str(path.parent.relative_to(folder))
         try:
-            rows += pd.read_csv(path).assign(run=str(path.parent.relative_to(sweep_dir))).to_dict("records")
+            rows += pd.read_csv(path).assign(run=run, status="ok", error=None).to_dict("records")
         except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            failed.append({"run": str(path.parent.relative_to(sweep_dir)), "error": f"unreadable similarity.csv ({err})"})
+            rows.append({"run": run, "status": "invalid", "error": f"unreadable similarity.csv ({err})"})
+    for row in rows:
+        if row.get("front_model") is not None:
+            row["pairing"] = "self" if row["front_model"] == row.get("end_model") else "two models"
+    return rows
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows in reading order: successful runs first, by objective (the papers' order) and layers."""
     frame = pd.DataFrame(rows)
-    if not frame.empty:
-        frame["pairing"] = np.where(frame.front_model == frame.end_model, "self", "two models")
-        order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
-        frame = frame.sort_values(["objective", "front_layer", "end_layer"],
-                                  key=lambda c: c.map(order) if c.name == "objective" else c)
-    return frame.reset_index(drop=True), failed
+    if frame.empty:
+        return frame
+    order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
+    statuses = {"ok": 0, "failed": 1, "invalid": 2}
+    keys = [c for c in ("status", "objective", "front_layer", "end_layer") if c in frame]
+    frame = frame.sort_values(keys, na_position="last", kind="stable", key=lambda c: (
+        c.map(order) if c.name == "objective" else c.map(statuses) if c.name == "status" else c))
+    return frame.reset_index(drop=True)
+
+
+def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
+    """The successful rows of :func:`load_runs` (what tables and figures show) and a list of
+    ``{run, error}`` for the others."""
+    return read_runs(sweep_dir)[1:]
+
+
+def read_runs(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """One reading of ``folder``'s records: :func:`load_runs`'s frame, the successful rows alone
+    (their columns and types as if nothing had failed) and the ``{run, error}`` of the others."""
+    rows = _rows(folder)
+    failed = [{"run": row["run"], "error": row["error"]} for row in rows if row["status"] != "ok"]
+    ok = [{k: v for k, v in row.items() if k not in ("status", "error")} for row in rows if row["status"] == "ok"]
+    return _frame(rows), _frame(ok), failed
 
 
 def stitching_score(row: dict, adjusted: bool = True) -> float | None:
@@ -150,7 +191,13 @@ def record_row(run: str, record: dict) -> dict:
            if k.startswith("robust") or (k.endswith("_acc") and k != "test_acc")},  # robust, challenge-set accuracy
         "front_model": base["front"]["key"],
         "end_model": base["end"]["key"],
+        **{f"{side}_source": (base[side].get("source") or {}).get("kind") for side in ("front", "end")},
+        "front_layer_name": record.get("front_layer_name"),
+        "end_layer_name": record.get("end_layer_name"),
+        "stitch_parameters": (record.get("stitch") or {}).get("parameters"),
+        **{f"time_{k}": v for k, v in record["timings"].items() if k != "total_s"},
         "seconds": record["timings"]["total_s"],
+        "config_hash": record.get("config_hash"),
     }
 
 
