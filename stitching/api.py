@@ -17,6 +17,8 @@ ones) or networks written against :class:`stitching.models.CuttableModel`; image
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from stitching.engine import StitchedNetwork, StitchEngine, cell_key, fit_engine
 from stitching.errors import StitchingError
 from stitching.models import Cut, ImageInputs, as_cuttable, cut, cut_points, with_inputs
+from stitching.models.inputs import near_chance
 from stitching.objectives.objective import make_objective
 from stitching.objectives.tasks import NextToken, adjusted_penalty
 from stitching.runtime import Stopwatch
@@ -77,6 +80,7 @@ class StitchResult:
     timings: dict[str, float] = field(default_factory=dict)
     curve: list[float] = field(default_factory=list)
     given: tuple[nn.Module, nn.Module] | None = field(default=None, repr=False)  # the front and end passed in
+    warnings: list[str] = field(default_factory=list)  # e.g. a given model near chance on these data
 
     @property
     def stitch(self) -> nn.Module:
@@ -223,6 +227,10 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
     for name, data in (("the training data", train), ("the test data", test)):  # given tensors: checked whole, now
         if isinstance(data, (tuple, list, dict, torch.Tensor)):
             prepared.engine.check_data(tuple(data) if isinstance(data, list) else data, name)
+    warnings = [line for side, model in (("front", front), ("end", end))
+                if (line := near_chance_warning(side, model, test_loader, prepared.engine))]
+    for line in warnings:
+        print(line, file=sys.stderr, flush=True)
     next_token = isinstance(prepared.engine.task, NextToken)
     if self_baseline and not next_token:
         raise StitchingError("self_baseline=True applies to language models scored by their next-token penalty; "
@@ -234,7 +242,36 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
             mine = train_stitch(own, train_loader, test_loader, options)
         metrics.update(adjusted_penalty(metrics, {"test_loss": mine["test/loss"]}))
     return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.engine, watch.report(),
-                        list(prepared.engine.curves[cell_key(*prepared.cell)]), given=(front, end))
+                        list(prepared.engine.curves[cell_key(*prepared.cell)]), given=(front, end), warnings=warnings)
+
+
+@torch.no_grad()
+def near_chance_warning(side: str, model: nn.Module, loader: DataLoader, engine: StitchEngine,
+                        images: int = 512) -> str | None:
+    """The given classifier's accuracy on the first ``images`` test images, and a warning when
+    it is near chance while its classes are the data's (most often: its input convention)."""
+    model = as_cuttable(model)
+    if not engine.task.has_accuracy or getattr(model, "num_classes", None) != engine.num_classes \
+            or not isinstance(getattr(model, "input_spec", None), ImageInputs):
+        return None
+    xs, ys = [], []
+    for batch in loader:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return None
+        xs.append(batch[0])
+        ys.append(batch[1])
+        if sum(len(x) for x in xs) >= images:
+            break
+    x, y = torch.cat(xs)[:images], torch.cat(ys)[:images]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        predicted = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in x.split(128)])
+    finally:
+        model.train(was_training)
+    inputs = model.input_spec.reconcile(x.shape[1], tuple(x.shape[2:]), side)
+    return near_chance(side, (predicted == y).float().mean().item(), engine.num_classes, inputs)
 
 
 class TokenBatch(Dataset):

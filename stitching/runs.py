@@ -37,6 +37,7 @@ from stitching.evaluate import (
 from stitching.engine import cell_key, fit_engine
 from stitching.errors import NonFiniteError, StitchingError
 from stitching.models import cut_point_names
+from stitching.models.inputs import near_chance
 from stitching.objectives.tasks import adjusted_penalty
 from stitching.results.schema import config_hash, problems
 from stitching.runtime import Stopwatch, build_logger, cache_warning, versions, write_json_atomic
@@ -196,21 +197,6 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
         except OSError as err:  # a picture for people, never worth the run's metrics
             cache_warning(example, err)
     return metrics, base, evaluation
-
-
-def near_chance(side: str, accuracy: float, classes: int, inputs: dict | None) -> str | None:
-    """A warning when a given classifier scores near chance on data of its own classes: most
-    often its input convention is not the one it was trained with."""
-    if accuracy > 1.5 / classes:
-        return None
-    how = ""
-    if inputs and "model" in inputs:
-        how = (f" it was given {'×'.join(map(str, inputs['data']))} images as {'×'.join(map(str, inputs['model']))}, "
-               f"mean {[round(v, 4) for v in inputs['mean']]} std {[round(v, 4) for v in inputs['std']]} "
-               f"({inputs['from']});")
-    return (f"[inputs] warning: the {side} model scores {accuracy:.1%} on the stitching data, near chance for "
-            f"{classes} classes:{how} if it was trained at another size or normalisation, set {side}.input.* "
-            f"(stitch(..., {side}_inputs=...)) to it")
 
 
 def _provenance(record: dict) -> dict:

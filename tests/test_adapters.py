@@ -258,6 +258,22 @@ def test_a_given_models_input_convention_is_a_setting(tiny_config, tmp_path, cap
           "at their own", told["base"]["front"]["test_acc"])
     if default["base"]["front"]["test_acc"] <= 0.15:  # near chance for 10 classes: said, with the transform
         assert "near chance for 10 classes: it was given 3×16×16 images as" in default["base"]["front"]["warning"]
+    # the Python API: the same weights, the same two conventions
+    import stitching
+    from stitching.build import build_datamodule
+
+    datamodule = build_datamodule(tiny_config(*common))
+    datamodule.setup()
+    images, labels = datamodule.test_tensors()
+    raw = create("timm", "test_resnet", num_classes=10)
+    raw.load_state_dict(torch.load(weights))
+    data = (images[:256], labels[:256])
+    plain = stitching.stitch(raw, trained, 4, 4, objective="dm", train=data, progress=False, dm_samples=256)
+    own = stitching.stitch(raw, trained, 4, 4, objective="dm", train=data, progress=False, dm_samples=256,
+                           front_inputs={"size": 16, "mean": mean, "std": std})
+    assert own.warnings == [] and own.metrics["test/acc"] > plain.metrics["test/acc"]
+    if default["base"]["front"]["test_acc"] <= 0.15:
+        assert len(plain.warnings) == 1 and plain.warnings[0].startswith("[inputs] warning: the front model scores")
 
 
 def test_input_conventions_are_checked_in_one_line():

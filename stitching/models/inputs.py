@@ -65,3 +65,18 @@ class InputTransform(nn.Module):
         if x.shape[1] == 1 and self.channels != 1:
             x = x.expand(-1, self.channels, -1, -1)
         return (x - self.mean) / self.std
+
+
+def near_chance(side: str, accuracy: float, classes: int, inputs: dict | None) -> str | None:
+    """A warning when a given classifier scores near chance on data of its own classes: most
+    often its input convention is not the one it was trained with."""
+    if accuracy > 1.5 / classes:
+        return None
+    how = ""
+    if inputs and "model" in inputs:
+        how = (f" it was given {'×'.join(map(str, inputs['data']))} images as {'×'.join(map(str, inputs['model']))}, "
+               f"mean {[round(v, 4) for v in inputs['mean']]} std {[round(v, 4) for v in inputs['std']]} "
+               f"({inputs['from']});")
+    return (f"[inputs] warning: the {side} model scores {accuracy:.1%} on the stitching data, near chance for "
+            f"{classes} classes:{how} if it was trained at another size or normalisation, set {side}.input.* "
+            f"(stitch(..., {side}_inputs=...)) to it")
