@@ -67,3 +67,17 @@ def train_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
         release_all()  # what the end of a `python -m` process does
     captured = capsys.readouterr()
     return code, captured.err + captured.out
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Two untrained timm ``test_resnet`` classifiers and 96 of scikit-learn's digits in [0, 1]."""
+    import timm
+    import torch
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.images[:96, None] / 16, dtype=torch.float32)
+    y = torch.tensor(digits.target[:96])
+    return timm.create_model("test_resnet", num_classes=10), timm.create_model("test_resnet", num_classes=10), x, y

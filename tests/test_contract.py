@@ -10,20 +10,10 @@ import re
 import pytest
 import timm
 import torch
-from sklearn.datasets import load_digits
 
 import stitching
 from stitching.errors import StitchingError
 from stitching.validation import API_SETTINGS, RULES
-
-
-@pytest.fixture(scope="module")
-def pair():
-    torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.images[:96, None] / 16, dtype=torch.float32)
-    y = torch.tensor(digits.target[:96])
-    return timm.create_model("test_resnet", num_classes=10), timm.create_model("test_resnet", num_classes=10), x, y
 
 
 def _bad_values(rule) -> list:

@@ -136,18 +136,6 @@ def test_the_command_line_refuses_any_bad_setting_in_one_line(data, tmp_path, zo
         assert json.loads(path.read_text())["status"] != "ok"
 
 
-@pytest.fixture(scope="module")
-def pair():
-    import timm
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.images[:64, None] / 16, dtype=torch.float32)
-    y = torch.tensor(digits.target[:64])
-    return timm.create_model("test_resnet", num_classes=10), timm.create_model("test_resnet", num_classes=10), x, y
-
-
 @given(data=st.data())
 def test_the_api_refuses_any_bad_argument(data, pair):
     import stitching
