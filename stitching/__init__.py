@@ -8,6 +8,7 @@ From Python::
                               train=(images, labels), test=(test_images, test_labels))
     result.save("stitched.pt"); stitching.load("stitched.pt", front, end)   # the same network
     stitching.load_runs("outputs/grids/…")        # every run under a folder: one tidy DataFrame
+    stitching.compare(front, end, images, indices=["cka", "pwcca"])   # similarity indices: a DataFrame
 """
 
 from pathlib import Path
@@ -19,7 +20,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 #: the config keys that choose a run's cut points (a sweep over them is a grid's cells)
 LAYER_KEYS = ("stitch.layer", "stitch.front_layer", "stitch.end_layer")
 
-__all__ = ["StitchResult", "cut_points", "load", "load_runs", "load_stitch", "stitch"]
+__all__ = ["StitchResult", "compare", "cut_points", "load", "load_runs", "load_stitch", "stitch"]
 
 
 def __getattr__(name):  # the API pulls in Lightning; `import stitching` alone stays light
@@ -27,6 +28,10 @@ def __getattr__(name):  # the API pulls in Lightning; `import stitching` alone s
         from stitching.results.records import load_runs
 
         return load_runs
+    if name == "compare":
+        from stitching.similarity.frame import compare
+
+        return compare
     if name in __all__:
         from stitching import api
 

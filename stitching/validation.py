@@ -237,12 +237,17 @@ API_SETTINGS = {"lr": "stitch.lr", "weight_decay": "stitch.weight_decay", "dm_sa
                 "update_bn": "stitch.update_bn", "rank": "stitch.rank", "hidden": "stitch.hidden",
                 "front_rank": "stitch.front_rank", "seed": "seed", "epochs": "trainer.max_epochs",
                 "batch_size": "dataset.batch_size"}
+#: ``stitching.compare()``'s arguments and the ``similarity.*`` settings they are
+SIMILARITY_SETTINGS = {"bootstrap": "similarity.bootstrap", "permutations": "similarity.permutations", "seed": "seed",
+                       "batch_size": "similarity.batch_size", "rbf_sigma": "similarity.rbf_sigma",
+                       "skip_positions": "similarity.skip_positions"}
 
 
-def check_arguments(**values) -> None:
-    """Raise one line for the first Python API argument outside its setting's range."""
+def check_arguments(settings: dict[str, str] | None = None, **values) -> None:
+    """Raise one line for the first Python API argument outside its setting's range (``settings``:
+    which setting each argument is, :data:`API_SETTINGS` unless given)."""
     for name, value in values.items():
-        key = API_SETTINGS[name]
+        key = (settings or API_SETTINGS)[name]
         if not RULES[key].allows(value):
             raise StitchingError(f"{name}={_shown(value)} is out of range: it must be {RULES[key].describe()} "
                                  f"(the command line's {key})")

@@ -40,6 +40,12 @@ from stitching.similarity.cka import (
 
 FLATTEN = ("sample", "positions", "pool")
 
+#: transformations of one representation's features (columns) an index may be invariant to:
+#: ``x ↦ xQ`` with Q orthogonal, ``x ↦ cx`` (c > 0), a reordering of the columns, ``x ↦ xA``
+#: with A invertible, ``x ↦ x + b`` (the same vector added to every row)
+TRANSFORMS = ("orthogonal", "isotropic_scaling", "permutation", "invertible_linear", "translation")
+_ROTATIONS = frozenset({"orthogonal", "isotropic_scaling", "permutation", "translation"})
+
 
 @dataclass(frozen=True)
 class Index:
@@ -48,7 +54,13 @@ class Index:
     gram: Callable[[torch.Tensor], torch.Tensor] | None = None  # per-layer kernel, reused across pairs
     unbiased: bool = False
     streaming: bool = False
-    rotation_invariant: bool = True  # unchanged by an orthonormal change of feature basis
+    #: the :data:`TRANSFORMS` of either side that leave the value unchanged (tested numerically)
+    invariant_to: frozenset[str] = _ROTATIONS
+
+    @property
+    def rotation_invariant(self) -> bool:
+        """Unchanged by an orthonormal change of feature basis (so it may be computed on ``US``)."""
+        return "orthogonal" in self.invariant_to
 
 
 def _procrustes_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -62,14 +74,17 @@ INDICES: dict[str, Index] = {
     "unbiased_cka": Index("unbiased linear CKA", unbiased_cka, gram=linear_gram, unbiased=True),
     "rbf_cka": Index("RBF CKA (σ = 0.8 × median distance)", rbf_cka, gram=rbf_gram),
     "minibatch_cka": Index("minibatch linear CKA (mean per-batch unbiased HSIC)", streaming=True),
-    "cca": Index("mean squared CCA", mean_cca),
+    "cca": Index("mean squared CCA", mean_cca, invariant_to=_ROTATIONS | {"invertible_linear"}),
     "svcca": Index("SVCCA (99 % variance)", svcca),
-    "pwcca": Index("PWCCA", pwcca, rotation_invariant=False),
+    "pwcca": Index("PWCCA", pwcca, invariant_to=frozenset({"isotropic_scaling", "permutation", "translation"})),
     "procrustes": Index("Procrustes similarity 1 − d/2", _procrustes_similarity),
-    "mutual_knn": Index("mutual k-NN alignment (k = 10, cosine)", mutual_knn),
-    "cknna": Index("CKNNA (k = 10)", cknna),
-    "rsa": Index("RSA (Spearman ρ of correlation-distance RDMs)", rsa, rotation_invariant=False),
-    "ridge_r2": Index("linear predictivity (5-fold ridge R², front → end)", linear_predictivity),
+    "mutual_knn": Index("mutual k-NN alignment (k = 10, cosine)", mutual_knn,
+                        invariant_to=frozenset({"orthogonal", "isotropic_scaling", "permutation"})),
+    "cknna": Index("CKNNA (k = 10)", cknna, invariant_to=frozenset({"orthogonal", "isotropic_scaling", "permutation"})),
+    "rsa": Index("RSA (Spearman ρ of correlation-distance RDMs)", rsa,
+                 invariant_to=frozenset({"isotropic_scaling", "permutation"})),
+    "ridge_r2": Index("linear predictivity (5-fold ridge R², front → end)", linear_predictivity,
+                      invariant_to=frozenset({"orthogonal", "permutation", "translation"})),
 }
 
 
