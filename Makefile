@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-full bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
+.PHONY: help setup run test test-full docs bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
 	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
 	grounding-small claims claims-small claims-diagnosis
 
@@ -129,7 +129,7 @@ claims-small: $(READY) ## the same claims on MNIST-5k and toy language models, C
 	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims_small/$(STAMP) experiment=claims_small $(ARGS)
 
 DIAGNOSIS := $(PY) -m stitching.claims --no-progress
-claims-diagnosis: $(READY) ## claims-small's extra measurements: one per claim that does not hold, TLM at 12 epochs (README)
+claims-diagnosis: $(READY) ## claims-small's extra measurements: one per claim that does not hold, TLM at 12 epochs (docs/results.md)
 	$(DIAGNOSIS) --only fabricated_robustness --out outputs/claims/diagnosis/robustness_eps0.1 \
 		experiment=claims_small attack.eps=0.1
 	$(DIAGNOSIS) --only shortcut_reliance --out outputs/claims/diagnosis/shortcut_layer1 \
@@ -175,8 +175,12 @@ lm-packaged: models ## real pretrained LMs offline, CPU: DM self-stitching and C
 	$(call packaged,lm_minilm)
 	$(call packaged,lm_smollm2)
 
+docs: $(READY) ## build the documentation site into site/ (any warning, a broken link included, is an error)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	@echo "documentation in $(CURDIR)/site/index.html"
+
 bench: $(READY) ## wall time and peak memory: one epoch per objective + a 9x9 grid (MNIST-5k)
 	$(PY) -m stitching.bench $(ARGS)
 
 clean: ## remove run outputs (keeps .venv, the zoo and downloaded data)
-	rm -rf outputs multirun lightning_logs
+	rm -rf outputs multirun lightning_logs site

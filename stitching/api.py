@@ -170,25 +170,43 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
     """Stitch ``front`` (cut after ``front_layer``) into ``end`` (entered after ``end_layer``).
 
     Args:
-        front, end: any adapter-supported model (timm, torchvision, built-in) or a
+        front: any adapter-supported model (timm, torchvision, built-in, a language model) or a
             :class:`~stitching.models.CuttableModel`; never modified.
-        front_layer, end_layer: cut points, 1-based indices or names (see :func:`cut_points`).
+        end: the same kinds as ``front``; never modified.
+        front_layer: the front's cut point, a 1-based index or a name (see :func:`cut_points`).
+        end_layer: the end's cut point, as ``front_layer``.
         objective: ``dm``, ``hint``, ``fula``, ``slm`` or ``tlm``.
-        train, test: a ``DataLoader``, a ``Dataset`` or a tuple ``(images, labels)`` of
+        train: a ``DataLoader``, a ``Dataset`` or a tuple ``(images, labels)`` of
             tensors (images ``[N, C, H, W]`` in [0, 1]); for language models token ids
             ``[N, T]`` or a dict of ``input_ids``, ``attention_mask`` (1 = real token, padding on
-            the right) and, for a classifier, ``labels``; ``test`` defaults to ``train``.
-        epochs, batch_size, lr, weight_decay: stitch training (Adam on the stitch only).
+            the right) and, for a classifier, ``labels``.
+        test: the same kinds as ``train``; default ``train``.
+        epochs: stitch training epochs (Adam on the stitch only).
+        batch_size: stitch training and test batch size.
+        lr: Adam's learning rate.
+        weight_decay: Adam's weight decay.
         dm_samples: training inputs for the closed-form DM initialisation.
-        update_bn, class_token, weights, init, kind, rank, hidden, front_rank: as
-            ``stitch.update_bn``, ``stitch.class_token``, ``objective.weights``, ``stitch.init``,
-            ``stitch.kind``… of the command line.
+        update_bn: update the copied models' BatchNorm running statistics while stitching
+            (``stitch.update_bn``).
+        class_token: ViT stitches: ``shared`` (one token-wise map) or ``separate``
+            (``stitch.class_token``).
+        weights: FuLA's layer weights: ``uniform``, ``first``, ``last`` or a list
+            (``objective.weights``).
+        seed: data order, the DM sample and random starts.
+        init: the stitch's start: ``dm``, ``identity`` or ``random`` (``stitch.init``).
+        kind: the stitch's capacity: ``affine``, ``low_rank`` or ``mlp`` (``stitch.kind``).
+        rank: a ``low_rank`` stitch's rank (``stitch.rank``).
+        hidden: an ``mlp`` stitch's hidden units (``stitch.hidden``).
+        front_rank: project the front activation on its top principal directions first
+            (``stitch.front_rank``).
+        progress: show Lightning's progress bar.
         trainer: extra Lightning Trainer settings (``accelerator``, ``precision``…).
-        front_inputs, end_inputs: a timm / torchvision model's input convention, when it is not
+        front_inputs: a timm / torchvision front's input convention, when it is not
             its pretrained config's (weights trained at another size or normalisation): a dict of
             any of ``size`` (int or ``[h, w]``), ``channels``, ``mean``, ``std``, or an
             :class:`~stitching.models.ImageInputs`. The images handed in are resized and
             normalised to it; ``result.network`` records it.
+        end_inputs: the same for the end model.
         self_baseline: language models: also stitch ``end`` into itself at ``end_layer``,
             trained the same way, and report ``test/baseline_loss`` and ``test/adjusted_penalty``
             (stitched − self-stitched loss) beside the raw ``test/penalty``; ``None``: whenever a

@@ -24,7 +24,8 @@ class ImageInputs:
     Args:
         channels: colour channels the first layer reads.
         size: ``(height, width)`` the model expects, or ``None`` for any size.
-        mean, std: per-channel normalisation applied to images in [0, 1].
+        mean: per-channel mean subtracted from images in [0, 1].
+        std: per-channel standard deviation they are divided by.
         origin: where these settings come from (``training data``, ``pretrained config``…).
     """
 

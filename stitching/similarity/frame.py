@@ -43,28 +43,32 @@ def compare(front, end, inputs=None, *, indices="cka", front_layers=None, end_la
     """Every chosen similarity index for every (front layer, end layer) pair, as one DataFrame.
 
     Args:
-        front, end: two models (any model :func:`stitching.stitch` takes) and ``inputs`` for both;
-            or two activation tensors of the same inputs (``[n, d]`` rows, ``[n, C, H, W]`` maps or
-            ``[n, T, D]`` token sequences), ``inputs`` then left out.
+        front: a model (any model :func:`stitching.stitch` takes), or an activation tensor of
+            ``n`` inputs (``[n, d]`` rows, ``[n, C, H, W]`` maps or ``[n, T, D]`` token
+            sequences), ``inputs`` then left out.
+        end: a model, or an activation tensor of the same ``n`` inputs, as ``front``.
         inputs: images ``[N, C, H, W]`` in [0, 1]; ``(images, labels)``, a ``Dataset`` or a
             ``DataLoader`` (labels are not used); for language models token ids ``[N, T]`` or a
             dict of ``input_ids`` and ``attention_mask``.
         indices: a name or a list of names from :data:`stitching.similarity.grid.INDICES`
             (``cka``, ``unbiased_cka``, ``rbf_cka``, ``minibatch_cka``, ``cca``, ``svcca``,
             ``pwcca``, ``procrustes``, ``mutual_knn``, ``cknna``, ``rsa``, ``ridge_r2``).
-        front_layers, end_layers: cut points (1-based indices or names, see
+        front_layers: the front's cut points (1-based indices or names, see
             :func:`stitching.cut_points`); default every cut point.
+        end_layers: the end's, as ``front_layers``.
         flatten: ``sample`` (one row per input), ``positions`` (every spatial position or real
             token a row, channels as columns) or ``pool`` (one vector per input).
         bootstrap: resamples of the inputs for a 95 % interval per cell (``low``, ``high``).
         permutations: shuffles of the end rows for a chance level and one-sided p-value per cell
             (``null_mean``, ``null_q95``, ``p_value``).
         seed: the resampling's seed.
-        batch_size, device, progress: forward passes (and minibatch CKA's batches).
+        batch_size: inputs per forward pass (and minibatch CKA's batches).
+        device: where the models run.
+        progress: show progress bars.
         rbf_sigma: RBF CKA's bandwidth as a multiple of the median distance.
         skip_positions: token sequences only: leave each sequence's first positions out.
-        front_inputs, end_inputs: a timm / torchvision model's input convention, as in
-            :func:`stitching.stitch`.
+        front_inputs: a timm / torchvision front's input convention, as in :func:`stitching.stitch`.
+        end_inputs: the same for the end model.
 
     Returns:
         One row per (index, front layer, end layer) with the columns of :data:`COLUMNS`: the
