@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stitching.engine import StitchedNetwork, StitchEngine, cell_key, fit_engine
 from stitching.errors import StitchingError
-from stitching.models import Cut, ImageInputs, as_cuttable, cut, cut_points, with_inputs
+from stitching.models import Cut, ImageInputs, as_cuttable, cut, cut_points, cuttable
 from stitching.models.inputs import near_chance
 from stitching.objectives.objective import make_objective
 from stitching.objectives.tasks import NextToken, adjusted_penalty
@@ -115,7 +115,7 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     check_class_token(class_token)
     check_init(init, objective)
     check_capacity(kind, rank, front_rank)
-    front, end = as_cuttable(front), as_cuttable(end)
+    front, end = cuttable(front, [front_layer], side="front"), cuttable(end, [end_layer], side="end")
     cell = (cut(front, front_layer).index, cut(end, end_layer).index)
     settings = StitchSettings(cell[0], cell[1], 0, update_bn, class_token, lr, weight_decay, init, kind, rank, hidden,
                               front_rank)
@@ -218,8 +218,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         ``test/end_loss``, ``test/penalty`` and the adjusted penalty…).
     """
     check_weights(front=front, end=end)
-    front = with_inputs(front, front_inputs, "front") if front_inputs is not None else front
-    end = with_inputs(end, end_inputs, "end") if end_inputs is not None else end
+    front = cuttable(front, [front_layer], front_inputs, "front")
+    end = cuttable(end, [end_layer], end_inputs, "end")
     if train is None:
         raise StitchingError("stitch() needs training data: train=(images, labels), token ids, a Dataset or a DataLoader")
     if self_baseline not in (None, True, False):
@@ -282,12 +282,13 @@ def near_chance_warning(side: str, model: nn.Module, loader: DataLoader, engine:
             break
     x, y = torch.cat(xs)[:images], torch.cat(ys)[:images]
     device = next(model.parameters()).device
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # the given model's own, restored exactly
     model.eval()
     try:
         predicted = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in x.split(128)])
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     inputs = model.input_spec.reconcile(x.shape[1], tuple(x.shape[2:]), side)
     return near_chance(side, (predicted == y).float().mean().item(), engine.num_classes, inputs)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from stitching.engine import StitchedNetwork
 from stitching.errors import StitchingError
-from stitching.models import as_cuttable, cut
+from stitching.models import AdaptedModel, CuttableModel, ImageInputs, adapt, as_cuttable, cut, cut_at
 
 FORMAT = "stitching.network/1"
 
@@ -78,12 +78,31 @@ def save(path: str | Path, network: StitchedNetwork, front: nn.Module, end: nn.M
         "stitch": stitch,
         "changed": {"front": _changed(network.front.model, front), "end": _changed(network.end.model, end)},
         "sha256": {"front": fingerprint(front), "end": fingerprint(end)},
+        "recipe": {"front": _recipe(front), "end": _recipe(end)},
         "provenance": provenance or {},
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _recipe(model: CuttableModel) -> dict | None:
+    """How the given model was made cuttable: its input convention and the modules it was cut at."""
+    if not isinstance(model, AdaptedModel):
+        return None
+    return {"inputs": model.input_spec.record(), "cut_at": list(getattr(model, "module_cuts", ()) or []) or None}
+
+
+def _rebuilt(model: nn.Module, recipe: dict | None) -> CuttableModel:
+    """The given model made cuttable as it was when saved (convention, named-module cuts)."""
+    if recipe is None:
+        return as_cuttable(model)
+    raw = model.model if isinstance(model, AdaptedModel) else model
+    given = recipe["inputs"]
+    spec = ImageInputs(given["channels"], tuple(given["size"]) if given["size"] is not None else None,
+                       tuple(given["mean"]), tuple(given["std"]), given["origin"])
+    return cut_at(raw, recipe["cut_at"], spec) if recipe["cut_at"] else adapt(raw, spec)
 
 
 def read(path: str | Path) -> dict:
@@ -105,7 +124,8 @@ def load(path: str | Path, front: nn.Module, end: nn.Module) -> StitchedNetwork:
     """The stitched network saved at ``path``, rebuilt on copies of the given ``front`` and
     ``end`` (which stay untouched), in eval mode."""
     payload = read(path)
-    sides = {"front": as_cuttable(front), "end": as_cuttable(end)}
+    recipes = payload.get("recipe", {})
+    sides = {"front": _rebuilt(front, recipes.get("front")), "end": _rebuilt(end, recipes.get("end"))}
     for side, model in sides.items():
         if fingerprint(model) != payload["sha256"][side]:
             raise StitchingError(f"the {side} model given is not the one {path} was trained with (its weights differ); "

@@ -49,8 +49,9 @@ def test_the_api_stitches_two_timm_models_from_a_plain_script(tmp_path):
 
 def test_the_api_leaves_the_given_models_untouched_and_trains_the_stitch():
     torch.manual_seed(1)
-    front = timm.create_model("test_resnet", num_classes=4)
-    end = timm.create_model("test_resnet", num_classes=4)
+    front = timm.create_model("test_resnet", num_classes=4).eval()
+    end = timm.create_model("test_resnet", num_classes=4)  # in train mode, as timm makes it
+    modes = {m: m.training for m in [*front.modules(), *end.modules()]}
     before = {k: v.clone() for k, v in {**front.state_dict(), **{f"end.{k}": v for k, v in end.state_dict().items()}}.items()}
     x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 4, (64,))
     dm = stitching.stitch(front, end, 2, 2, objective="dm", train=(x, y), epochs=1, progress=False)
@@ -58,6 +59,7 @@ def test_the_api_leaves_the_given_models_untouched_and_trains_the_stitch():
                                progress=False)
     after = {**front.state_dict(), **{f"end.{k}": v for k, v in end.state_dict().items()}}
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training == mode for m, mode in modes.items())  # not even a module's mode moves
     assert not torch.equal(dm.stitch.weight, trained.stitch.weight)  # TLM moved away from its DM start
     assert {"test/acc", "test/loss"} <= set(dm.metrics) and "train/loss" in trained.metrics
     assert trained.front.name == "layer1.0" and trained.end.layout.kind == "conv"

@@ -19,6 +19,7 @@ from stitching.models.cutting import (
 from stitching.models.inputs import ImageInputs, InputTransform
 from stitching.models.layout import Layout
 from stitching.models.adapters import LIBRARIES, AdaptedModel, adapt, as_cuttable, cut_points, with_inputs
+from stitching.models.anywhere import cut_at, cuttable, named_cut_points
 from stitching.models.language import LANGUAGE_ARCHITECTURES, LanguageModel, build_language_model
 from stitching.models.resnet import CifarResNet, resnet18, resnet18_nores, resnet34
 from stitching.models.vit import CuttableViT, vit_tiny
@@ -88,6 +89,9 @@ __all__ = [
     "AdaptedModel",
     "adapt",
     "as_cuttable",
+    "cut_at",
+    "cuttable",
+    "named_cut_points",
     "with_inputs",
     "CifarResNet",
     "Context",

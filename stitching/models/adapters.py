@@ -77,6 +77,7 @@ class AdaptedModel(CuttableModel):
         self.input_spec = input_spec
         self.num_classes = num_classes
         self.library, self.name = library, name
+        self.training = model.training  # the wrapper starts in the model's mode (its children keep theirs)
 
     @property
     def blocks(self) -> list[Step]:
@@ -199,8 +200,10 @@ def adapt(model: nn.Module, input_spec: ImageInputs | None = None, name: str | N
     config unless ``input_spec`` says otherwise."""
     found = family(model)
     if found is None:
-        raise StitchingError(f"cannot cut a {type(model).__module__}.{type(model).__name__}; stitching cuts "
-                             f"{SUPPORTED}, or any model written against stitching.models.CuttableModel")
+        raise StitchingError(f"cannot cut a {type(model).__module__}.{type(model).__name__} at its blocks; stitching "
+                             f"cuts {SUPPORTED} there, any model at a named module (give the module's name as the "
+                             f"layer, e.g. 'stages.2'; stitching.models.named_cut_points lists them), or a model "
+                             f"written against stitching.models.CuttableModel")
     library, kind = found
     spec = input_spec or default_input_spec(model, library)
     name = name or _library_name(model, library)
@@ -277,8 +280,33 @@ def with_inputs(model: nn.Module, inputs: dict | ImageInputs | None, side: str =
                              f"({type(model).__name__}) reads the convention it was built with")
     found = family(raw)
     if found is None:
-        raise StitchingError(f"{setting}: cannot cut a {type(raw).__module__}.{type(raw).__name__}; stitching cuts "
-                             f"{SUPPORTED}")
+        raise StitchingError(f"{setting}: cannot cut a {type(raw).__module__}.{type(raw).__name__} at its blocks; "
+                             f"stitching cuts {SUPPORTED}, or any model at a named module "
+                             f"(stitching.models.cut_at)")
+    spec = read_inputs(model, inputs, side, setting)
+    return adapt(raw, spec, name=model.name if isinstance(model, AdaptedModel) else None)
+
+
+def base_inputs(model: nn.Module) -> ImageInputs:
+    """The convention a model reads by default: what it was adapted with, a timm model's pretrained
+    config, torchvision's ImageNet transforms, else images in [0, 1] as they are."""
+    if isinstance(model, AdaptedModel):
+        return model.input_spec
+    package = type(model).__module__.split(".")[0]
+    if package in LIBRARIES:
+        return default_input_spec(model, package)
+    channels = _first_conv_channels(model)
+    return ImageInputs(channels, None, (0.0,) * channels, (1.0,) * channels, origin="none: images in [0, 1] as they are")
+
+
+def read_inputs(model: nn.Module, inputs: dict | ImageInputs | None, side: str = "model",
+                setting: str | None = None) -> ImageInputs:
+    """``inputs`` (an :class:`ImageInputs`, or a dict of any of :data:`INPUT_KEYS` over the model's
+    :func:`base_inputs`) checked against the model, or one line."""
+    setting = setting or f"{side}_inputs"
+    raw = model.model if isinstance(model, AdaptedModel) else model
+    if inputs is None:
+        return base_inputs(model)
     if isinstance(inputs, ImageInputs):
         spec = inputs
     else:
@@ -288,8 +316,7 @@ def with_inputs(model: nn.Module, inputs: dict | ImageInputs | None, side: str =
         unknown = sorted(set(inputs) - set(INPUT_KEYS))
         if unknown:
             raise StitchingError(f"{setting}: unknown key(s) {', '.join(map(str, unknown))}; give {', '.join(INPUT_KEYS)}")
-        base = model.input_spec if isinstance(model, AdaptedModel) else default_input_spec(raw, found[0])
-        spec = _merged_inputs(base, {k: v for k, v in inputs.items() if v is not None}, setting,
+        spec = _merged_inputs(base_inputs(model), {k: v for k, v in inputs.items() if v is not None}, setting,
                               _first_conv_channels(raw))
     fixed = getattr(getattr(raw, "patch_embed", None), "img_size", None) or getattr(raw, "image_size", None)
     if fixed is not None and spec.size is not None:
@@ -297,7 +324,7 @@ def with_inputs(model: nn.Module, inputs: dict | ImageInputs | None, side: str =
         if tuple(spec.size) != fixed:
             raise StitchingError(f"{setting}: size={list(spec.size)} but this {side} model's position embeddings are "
                                  f"for {list(fixed)} images; leave size unset")
-    return adapt(raw, spec, name=model.name if isinstance(model, AdaptedModel) else None)
+    return spec
 
 
 def _merged_inputs(base: ImageInputs, given: dict, setting: str, conv_channels: int) -> ImageInputs:

@@ -89,6 +89,8 @@ def cut_point_names(model: CuttableModel) -> list[str]:
 def resolve_layer(model: CuttableModel, layer: int | str) -> int:
     """Return the 1-based cut-point index for ``layer`` (an index or a cut-point name)."""
     names = cut_point_names(model)
+    if isinstance(layer, str) and layer in names:  # a name first, even one that reads as a number ("3")
+        return names.index(layer) + 1
     if isinstance(layer, str) and not layer.lstrip("-").isdigit():
         if layer in names:
             return names.index(layer) + 1

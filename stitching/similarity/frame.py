@@ -108,15 +108,14 @@ def _indices(indices) -> list[str]:
 def _models(front, end, inputs, names, front_layers, end_layers, flatten, bootstrap, permutations, seed, batch_size,
             device, progress, rbf_sigma, skip_positions, front_inputs, end_inputs) -> pd.DataFrame:
     from stitching.api import check_weights
-    from stitching.models import as_cuttable, cut_point_names, resolve_layer, with_inputs
+    from stitching.models import cut_point_names, cuttable, resolve_layer
 
     check_weights(front=front, end=end)
     if inputs is None:
         raise StitchingError("compare() of two models needs inputs: images [N, C, H, W] in [0, 1], token ids or a "
                              "dict of input_ids")
-    front = with_inputs(front, front_inputs, "front") if front_inputs is not None else front
-    end = with_inputs(end, end_inputs, "end") if end_inputs is not None else end
-    front, end = as_cuttable(front), as_cuttable(end)
+    front = cuttable(front, _layers(front_layers) if front_layers is not None else [], front_inputs, "front")
+    end = cuttable(end, _layers(end_layers) if end_layers is not None else [], end_inputs, "end")
     x = _inputs(inputs)
     rows = [resolve_layer(front, v) for v in _layers(front_layers)] if front_layers is not None else None
     cols = [resolve_layer(end, v) for v in _layers(end_layers)] if end_layers is not None else None
