@@ -93,7 +93,7 @@ class StitchResult:
 
 
 def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: int | str,
-                   dm_inputs, objective: str = "fula", lr: float = 1e-3, weight_decay: float = 1e-4,
+                   dm_inputs, objective: str = "fula", lr: float | None = None, weight_decay: float = 1e-4,
                    update_bn: bool = True, class_token: str = "shared", weights="uniform",
                    adversarial: dict | None = None, num_classes: int | None = None, init: str = "dm",
                    kind: str = "affine", rank: int | None = None, hidden: int | None = None,
@@ -162,7 +162,7 @@ def train_stitch(prepared: Prepared, train, test, trainer: dict | None = None, l
 
 def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: int | str,
            objective: str = "fula", train=None, test=None, epochs: int = 1, batch_size: int = 128,
-           lr: float = 1e-3, weight_decay: float = 1e-4, dm_samples: int = 100, update_bn: bool = True,
+           lr: float | None = None, weight_decay: float = 1e-4, dm_samples: int = 100, update_bn: bool = True,
            class_token: str = "shared", weights="uniform", seed: int = 0, trainer: dict | None = None,
            progress: bool = True, init: str = "dm", kind: str = "affine", rank: int | None = None,
            hidden: int | None = None, front_rank: int | None = None, self_baseline: bool | None = None,
@@ -183,7 +183,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         test: the same kinds as ``train``; default ``train``.
         epochs: stitch training epochs (Adam on the stitch only).
         batch_size: stitch training and test batch size.
-        lr: Adam's learning rate.
+        lr: Adam's learning rate; ``None``: 1e-3 (the papers), 1e-4 for Hint and FuLA between
+            language models (:func:`stitching.settings.default_lr`).
         weight_decay: Adam's weight decay.
         dm_samples: training inputs for the closed-form DM initialisation.
         update_bn: update the copied models' BatchNorm running statistics while stitching

@@ -143,7 +143,7 @@ def plain_step(prep, objective: str, accelerate: bool = True):
     if accelerate:  # channels_last and compile, as the run applies them
         speed_up(network, dict(prep.settings.trainer))
     reference.to(device).eval()
-    optimiser = torch.optim.Adam(network.stitch.parameters(), lr=prep.settings.stitch.lr,
+    optimiser = torch.optim.Adam(network.stitch.parameters(), lr=prep.engine.lr,
                                  weight_decay=prep.settings.stitch.weight_decay)
 
     def relative(a, t):

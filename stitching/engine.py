@@ -44,12 +44,12 @@ from stitching.data.contract import check_batch
 from stitching.errors import NonFiniteError, StitchingError
 from stitching.models.cutting import CuttableModel, Head, Tail, cut, cut_point_activations
 from stitching.models.grouped import deinterleave, group_batchnorms, interleave, load_group
-from stitching.models.language import token_ids
+from stitching.models.language import LanguageModel, token_ids
 from stitching.models.layout import as_rows, channels, compatible
 from stitching.objectives.objective import Objective
 from stitching.objectives.tasks import IGNORE, Classification, NextToken, Representation, task_of
 from stitching.runtime import Stopwatch, build_trainer, speed_up
-from stitching.settings import StitchSettings, check_capacity
+from stitching.settings import StitchSettings, check_capacity, default_lr
 from stitching.stitch_layers import Stitch, TokenStitch, batches, make_stitch, principal_projection, to_device
 
 
@@ -150,6 +150,9 @@ class StitchEngine(L.LightningModule):
         self.alpha = float(self.adversarial.get("alpha", 0.0) or 0.0)
         self.reference = copy.deepcopy(end).to(device).eval().requires_grad_(False)
         self.task = task_of(self.reference)
+        #: Adam's learning rate: ``stitch.lr``, or its default for this objective and these models
+        self.lr = stitch.lr if stitch.lr is not None else \
+            default_lr(objective.name, isinstance(front, LanguageModel) and isinstance(end, LanguageModel))
         if objective.needs_task_head and isinstance(self.task, Representation):
             raise StitchingError(f"objective {objective.name} needs an end model with a task head (a classifier or a "
                                  f"language-model head); this end model is a bare encoder: use dm, hint or fula")
@@ -307,7 +310,7 @@ class StitchEngine(L.LightningModule):
         self.accumulate = accumulate
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.stitches.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        return torch.optim.Adam(self.stitches.parameters(), lr=self.lr, weight_decay=self.settings.weight_decay)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -127,6 +127,7 @@ def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_
                    "kind": network.stitch.kind,
                    "front_rank": network.stitch.projection.rank if network.stitch.projection is not None else None,
                    "dm_rows": getattr(network.stitch, "dm_rows", None),  # least-squares rows of the DM start
+                   "lr": prep.engine.lr,  # the learning rate used (stitch.lr, or its default when null)
                    "in_channels": network.stitch.channels[0],
                    "out_channels": network.stitch.channels[1],
                    "out_size": list(network.stitch.out_size) if network.stitch.out_size else None,

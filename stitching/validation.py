@@ -83,7 +83,7 @@ RULES: dict[str, Rule] = {
         ("robust", FLAG), ("pretrained", FLAG))},
     "stitch.dm_samples": COUNT,
     "stitch.update_bn": FLAG,
-    "stitch.lr": Rule("float", 0, 10, low_open=True),  # Adam: no useful step is larger
+    "stitch.lr": Rule("float", 0, 10, low_open=True, nullable=True),  # Adam: no useful step is larger; null: default_lr
     "stitch.weight_decay": NON_NEGATIVE,
     "stitch.rank": Rule("int", 1, nullable=True),
     "stitch.hidden": Rule("int", 1, nullable=True),

@@ -352,3 +352,20 @@ def test_the_adjusted_penalty_takes_out_what_a_stitch_learns_of_the_corpus():
     with pytest.raises(Exception, match="self_baseline=True applies to language models"):
         stitch(tiny("bert_classifier"), tiny("bert_classifier"), 2, 2, objective="dm", self_baseline=True,
                train={"input_ids": train, "labels": train[:, 0] % 3}, progress=False)
+
+
+def test_the_learning_rate_default_depends_on_the_objective_and_the_models():
+    """``lr=None``: the papers' 1e-3, but 1e-4 for Hint and FuLA between language models; a
+    given rate is used as it is."""
+    from stitching.api import prepare_stitch
+    from stitching.models import build_model
+
+    model = tiny("gpt_neox", seed=0)
+    data = _padded_batch(lengths=(16,) * 8)
+    chosen = {objective: prepare_stitch(model, model, 2, 2, data, objective=objective).engine.lr
+              for objective in ("hint", "fula", "slm", "tlm")}
+    assert chosen == {"hint": 1e-4, "fula": 1e-4, "slm": 1e-3, "tlm": 1e-3}
+    assert prepare_stitch(model, model, 2, 2, data, objective="hint", lr=3e-3).engine.lr == 3e-3
+    images = torch.rand(8, 3, 16, 16)
+    resnet = build_model("resnet18", num_classes=10, width=4)
+    assert prepare_stitch(resnet, resnet, 3, 3, images, objective="hint").engine.lr == 1e-3

