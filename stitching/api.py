@@ -32,6 +32,7 @@ from stitching.engine import StitchedNetwork, StitchEngine, cell_key, fit_engine
 from stitching.errors import StitchingError
 from stitching.models import Cut, ImageInputs, as_cuttable, cut, cut_points, cuttable
 from stitching.models.inputs import near_chance
+from stitching.models.language import with_tokenizer
 from stitching.objectives.objective import make_objective
 from stitching.objectives.tasks import NextToken, adjusted_penalty
 from stitching.runtime import Stopwatch
@@ -166,7 +167,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
            class_token: str = "shared", weights="uniform", seed: int = 0, trainer: dict | None = None,
            progress: bool = True, init: str = "dm", kind: str = "affine", rank: int | None = None,
            hidden: int | None = None, front_rank: int | None = None, self_baseline: bool | None = None,
-           front_inputs: dict | ImageInputs | None = None, end_inputs: dict | ImageInputs | None = None) -> StitchResult:
+           front_inputs: dict | ImageInputs | None = None, end_inputs: dict | ImageInputs | None = None,
+           tokenizer=None) -> StitchResult:
     """Stitch ``front`` (cut after ``front_layer``) into ``end`` (entered after ``end_layer``).
 
     Args:
@@ -208,6 +210,9 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
             :class:`~stitching.models.ImageInputs`. The images handed in are resized and
             normalised to it; ``result.network`` records it.
         end_inputs: the same for the end model.
+        tokenizer: language models: the tokenizer both read (a Hugging Face tokenizer, a folder or
+            a ``pkg:`` name). A masked language model needs it for its mask token; front and
+            end are then checked to share it.
         self_baseline: language models: also stitch ``end`` into itself at ``end_layer``,
             trained the same way, and report ``test/baseline_loss`` and ``test/adjusted_penalty``
             (stitched − self-stitched loss) beside the raw ``test/penalty``; ``None``: whenever a
@@ -221,6 +226,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
     check_weights(front=front, end=end)
     front = cuttable(front, [front_layer], front_inputs, "front")
     end = cuttable(end, [end_layer], end_inputs, "end")
+    if tokenizer is not None:
+        front, end = with_tokenizer(front, tokenizer, "front"), with_tokenizer(end, tokenizer, "end")
     if train is None:
         raise StitchingError("stitch() needs training data: train=(images, labels), token ids, a Dataset or a DataLoader")
     if self_baseline not in (None, True, False):

@@ -369,3 +369,35 @@ def test_the_learning_rate_default_depends_on_the_objective_and_the_models():
     images = torch.rand(8, 3, 16, 16)
     resnet = build_model("resnet18", num_classes=10, width=4)
     assert prepare_stitch(resnet, resnet, 3, 3, images, objective="hint").engine.lr == 1e-3
+
+
+def test_a_masked_language_model_stitches_through_the_api_given_its_tokenizer(tmp_path):
+    """A BERT masked LM needs its tokenizer's [MASK] id: without it one line says how to give it;
+    with ``tokenizer=`` (an object or a folder) it stitches under its own task."""
+    from stitching.api import stitch
+    from stitching.errors import StitchingError
+
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[chr(c) for c in range(97, 123)]]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
+    tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model = tiny("bert_mlm", seed=0)
+    ids = torch.randint(5, len(vocabulary), (12, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(StitchingError, match=r"stitch\(\.\.\., tokenizer=its tokenizer\)"):
+        stitch(model, model, 2, 2, objective="dm", train=ids, progress=False)
+    for given in (tokenizer, str(tmp_path / "tokenizer")):
+        same = stitch(model, model, 2, 2, objective="dm", train=ids, batch_size=4, progress=False, tokenizer=given)
+        assert abs(same.metrics["test/penalty"]) < 1e-3  # DM of a model into itself: nothing lost
+    with pytest.raises(StitchingError, match="tokenizer applies to language models"):
+        stitch(build_resnet(), build_resnet(), 2, 2, train=(torch.rand(4, 3, 8, 8), torch.zeros(4).long()),
+               tokenizer=tokenizer)
+    big = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    big.add_tokens([f"extra{i}" for i in range(100)])
+    with pytest.raises(StitchingError, match="the tokenizer has 131 tokens but the front model's vocabulary 97"):
+        stitch(model, model, 2, 2, objective="dm", train=ids, tokenizer=big)
+
+
+def build_resnet():
+    from stitching.models import build_model
+
+    return build_model("resnet18", num_classes=2, width=4)

@@ -21,7 +21,7 @@ state), and TransformerLens ``HookedTransformer`` (its own ``start_at_layer`` /
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -328,6 +328,31 @@ def build_language_model(arch: str, width: int | None = 64, depth: int | None = 
 #: ``arch=hf name=<folder or hub id>``: a Hugging Face model with its tokenizer;
 #: ``arch=transformer_lens name=<gelu-2l, …>``: TransformerLens' own pretrained models (online)
 LANGUAGE_LIBRARIES = ("hf", "transformer_lens")
+
+
+def with_tokenizer(model: CuttableModel, tokenizer, side: str = "model") -> CuttableModel:
+    """A language model reading ``tokenizer`` (a Hugging Face tokenizer, a folder or a
+    ``pkg:`` name): its vocabulary's fingerprint (front and end must share it) and, for a masked
+    LM, its mask token. ``model`` itself is left as it was (a shallow copy is returned)."""
+    import copy
+
+    if not isinstance(model, LanguageModel):
+        raise StitchingError(f"tokenizer applies to language models; the {side} model is a {type(model).__name__}")
+    if isinstance(tokenizer, (str, Path)):
+        from stitching.data.text import FolderTokenizer
+
+        tokenizer = FolderTokenizer(tokenizer).tokenizer
+    if not callable(getattr(tokenizer, "get_vocab", None)):
+        raise StitchingError(f"tokenizer must be a Hugging Face tokenizer, a folder or a pkg: name, not a "
+                             f"{type(tokenizer).__name__}")
+    size = len(tokenizer.get_vocab())
+    if size > model.input_spec.vocab_size:
+        raise StitchingError(f"the tokenizer has {size} tokens but the {side} model's vocabulary {model.input_spec.vocab_size}; "
+                             f"give the tokenizer the model was trained with")
+    made = copy.copy(model)
+    made.input_spec = replace(model.input_spec, tokenizer=vocabulary_name(tokenizer))
+    made.mask_id = getattr(tokenizer, "mask_token_id", None)
+    return made
 
 
 def vocabulary_name(tokenizer) -> str:

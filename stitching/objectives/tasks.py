@@ -92,7 +92,8 @@ class MaskedToken(NextToken):
     def __init__(self, mask_id: int | None, seed: int = 0):
         if mask_id is None:
             raise StitchingError("the masked language model's tokenizer has no mask token; give the model's folder "
-                                 "with its tokenizer (model.name) so its [MASK] id is known")
+                                 "with its tokenizer (model.name), or in Python stitch(..., tokenizer=its tokenizer), "
+                                 "so its [MASK] id is known")
         self.mask_id = int(mask_id)
         self.generator = torch.Generator().manual_seed(seed)
 
