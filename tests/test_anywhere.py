@@ -130,3 +130,15 @@ def test_a_plain_user_network_is_cut_where_its_output_is_the_only_path(pair):
     result = stitching.stitch(network, network, "1", "3", objective="fula", epochs=1,
                               train=(images[:, :1][:64], labels[:64]), progress=False)
     assert 0.0 <= result.metrics["test/acc"] <= 1.0
+
+
+def test_a_named_module_cut_follows_its_model_when_moved_or_cast():
+    model = _model("timm", "test_efficientnet")
+    cuttable = cut_at(model, "blocks.2")
+    images = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        cuttable(images)  # pieces built for float32
+        cuttable.double()  # every tensor replaced: the pieces are rebuilt on the new ones
+        out = cuttable(images.double())
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, model(cuttable.transform(images.double())))

@@ -91,7 +91,8 @@ class _Runner:
         self.built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        stamp = tuple((t.device, t.dtype) for t in [*model.parameters(), *model.buffers()][:1])
+        first = next(model.parameters(), None)  # moved or cast: the module's tensors are new ones
+        stamp = (first.device, first.dtype) if first is not None else None
         made = self.built.get(model)
         if made is None or made[1] != stamp:
             made = (fx.GraphModule(model, self.graph), stamp)
