@@ -47,17 +47,9 @@ class FolderTokenizer:
     """A Hugging Face tokenizer from a local folder (a given model's own)."""
 
     def __init__(self, folder: str | Path, **kwargs):
-        from transformers import AutoTokenizer
+        from stitching.models.language import read_tokenizer, vocabulary_name
 
-        from stitching.models.language import locate
-
-        where, extra = locate(str(folder))
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(where or folder), **extra, **kwargs)
-        except (OSError, ValueError) as err:
-            raise StitchingError(f"no tokenizer can be read from {folder} ({str(err).splitlines()[0][:120]}); "
-                                 f"point dataset.tokenizer at the model's folder (or its hub name, online)") from None
-        from stitching.models.language import vocabulary_name
+        self.tokenizer = read_tokenizer(folder, **kwargs)
 
         self.vocab_size = len(self.tokenizer.get_vocab())
         self.eos_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0

@@ -339,9 +339,7 @@ def with_tokenizer(model: CuttableModel, tokenizer, side: str = "model") -> Cutt
     if not isinstance(model, LanguageModel):
         raise StitchingError(f"tokenizer applies to language models; the {side} model is a {type(model).__name__}")
     if isinstance(tokenizer, (str, Path)):
-        from stitching.data.text import FolderTokenizer
-
-        tokenizer = FolderTokenizer(tokenizer).tokenizer
+        tokenizer = read_tokenizer(tokenizer, "the tokenizer argument")
     if not callable(getattr(tokenizer, "get_vocab", None)):
         raise StitchingError(f"tokenizer must be a Hugging Face tokenizer, a folder or a pkg: name, not a "
                              f"{type(tokenizer).__name__}")
@@ -353,6 +351,19 @@ def with_tokenizer(model: CuttableModel, tokenizer, side: str = "model") -> Cutt
     made.input_spec = replace(model.input_spec, tokenizer=vocabulary_name(tokenizer))
     made.mask_id = getattr(tokenizer, "mask_token_id", None)
     return made
+
+
+def read_tokenizer(name: str | Path, setting: str = "dataset.tokenizer", **kwargs):
+    """A Hugging Face tokenizer from a folder, a ``pkg:`` name (see :func:`locate`) or, online, a
+    hub name; one line where none can be read."""
+    from transformers import AutoTokenizer
+
+    where, extra = locate(str(name))
+    try:
+        return AutoTokenizer.from_pretrained(str(where or name), **extra, **kwargs)
+    except (OSError, ValueError) as err:
+        raise StitchingError(f"no tokenizer can be read from {name} ({str(err).splitlines()[0][:120]}); "
+                             f"point {setting} at the model's folder (or its hub name, online)") from None
 
 
 def vocabulary_name(tokenizer) -> str:
