@@ -73,8 +73,8 @@ def _piece(graph: fx.Graph, start: fx.Node, stop: fx.Node) -> fx.Graph | None:
         if node.op == "placeholder":
             return None
         stack.extend(node.all_input_nodes)
-    piece, env = fx.Graph(), {start: None}
-    env[start] = piece.placeholder("x")
+    piece = fx.Graph()
+    env = {start: piece.placeholder("x")}
     for node in graph.nodes:
         if node in needed and node is not start:
             env[node] = piece.node_copy(node, lambda n: env[n])
