@@ -163,14 +163,16 @@ def main(argv: list[str] | None = None) -> None:
         print(made["depth_table"].round(3).to_string(na_rep="—"))
         print(f"figure: {made['depth']}")
     if "heatmap" in made:
-        print("\nself-accuracy (directional / non-directional)")
+        print("\nself-accuracy: rows whose diagonal is the unique best (directional / non-directional); "
+              "a tie is not a hit")
         for condition, scores in made["self_accuracy"].items():
             for objective, score in scores.items():
                 print(f"  {condition:<24} {objective:<6} {score['self_accuracy']:.2f} / "
-                      f"{score['self_accuracy_nondirectional']:.2f}")
+                      f"{score['self_accuracy_nondirectional']:.2f}   ties {score['ties']} / "
+                      f"{score['ties_nondirectional']}")
         print(f"heatmaps: {made['heatmap']}")
     if made.get("sanity"):
-        print("\nsanity checks (share of front layers whose best end layer is the same index)")
+        print("\nsanity checks (share of front layers whose unique best end layer is the same index; ties beside)")
         print(made["sanity_table"].round(2).to_string(na_rep="—"))
     print(f"table:  {made['results']} (every run, with its status)")
     print(f"results in {Path(args.out or args.sweep_dir).resolve()}")

@@ -161,8 +161,36 @@ def test_self_accuracy_on_hand_built_grids():
     # averaged directions: (G + Gᵀ)/2 rows → row 1: [1, 5, 1, 4.5] peaks at 1 (diagonal);
     # row 3: [7.5, 4.5, 1.5, 4] peaks at 0 → 3 of 4 rows
     assert self_accuracy(grid, directional=False) == 3 / 4
-    # ties count for the diagonal; empty rows are skipped
-    assert self_accuracy(np.array([[2.0, 2.0], [np.nan, np.nan]])) == 1.0
+    # a tie with the row's best is not a hit; empty rows are skipped
+    assert self_accuracy(np.array([[2.0, 2.0], [np.nan, np.nan]])) == 0.0
+
+
+def test_a_tie_is_counted_apart_from_a_hit():
+    import numpy as np
+
+    from stitching.results.tables import diagonal_wins
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # grids on a coarse scale, so ties are frequent; counted by a plain loop
+        n = int(rng.integers(2, 7))
+        grid = rng.integers(0, 4, size=(n, n)).astype(float)
+        grid[rng.random((n, n)) < 0.1] = np.nan
+        hits = ties = rows = 0
+        for i in range(n):
+            values = [v for v in grid[i] if v == v]
+            if not values:
+                continue
+            rows += 1
+            if grid[i, i] == grid[i, i] and grid[i, i] == max(values):
+                if sum(v == grid[i, i] for v in values) > 1:
+                    ties += 1
+                else:
+                    hits += 1
+        wins = diagonal_wins(grid)
+        assert (wins["rows"], wins["hits"], wins["ties"]) == (rows, hits, ties)
+    saturated = np.full((9, 9), 0.96)  # every layer at the ceiling: nothing is found
+    assert diagonal_wins(saturated) == {"rows": 9, "hits": 0, "ties": 9, "share": 0.0}
+    assert diagonal_wins(saturated + 1e-12 * np.eye(9))["ties"] == 9  # float noise is still a tie
 
 
 def test_report_draws_heatmaps_for_cross_layer_sweeps(tmp_path):
@@ -177,7 +205,8 @@ def test_report_draws_heatmaps_for_cross_layer_sweeps(tmp_path):
                 "base": {"front": {"test_acc": 0.9, "key": "f"}, "end": {"test_acc": 0.9, "key": "e"}}}))
     made = report(tmp_path)
     assert made["heatmap"].is_file()
-    assert made["self_accuracy"]["all"]["hint"] == {"self_accuracy": 1.0, "self_accuracy_nondirectional": 1.0}
+    assert made["self_accuracy"]["all"]["hint"] == {"self_accuracy": 1.0, "self_accuracy_nondirectional": 1.0,
+                                                    "ties": 0, "ties_nondirectional": 0}
     assert (tmp_path / "grid_hint.csv").is_file() and (tmp_path / "self_accuracy.json").is_file()
 
 

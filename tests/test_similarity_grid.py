@@ -119,6 +119,9 @@ def test_sanity_checks_name_the_check_by_the_pair_of_models():
     results = {(r["method"], r["check"]): r["score"] for r in sanity_checks(frame)}
     assert results == {("cka", "a layer is most similar to itself"): 1.0,
                        ("tlm", "corresponding layers"): pytest.approx(2 / 3, abs=1e-4)}  # a cross-arch pair has none
+    tied = [[0.9, 0.9, 0.1], [0.2, 0.8, 0.2], [0.1, 0.2, 0.7]]  # row 1 ties: neither a hit nor a miss hidden
+    (row,) = sanity_checks(pd.DataFrame(_grid_rows("tlm", tied, "m0", "m1")))
+    assert row["score"] == pytest.approx(2 / 3, abs=1e-4) and row["ties"] == 1
 
 
 def test_similarity_cli_writes_the_report_format_and_the_report_joins_it(tmp_path, zoo_dir, capsys):

@@ -12,7 +12,7 @@ import pandas as pd
 from stitching.results.records import METRIC_LABELS, cost_label, penalty_metric
 from stitching.results.tables import (
     corresponding_depth, differ_in_depth, directions, facets, layer_grid, objectives_present,
-    plotted_metrics, seed_pairs, self_accuracy, spread_note,
+    plotted_metrics, seed_pairs, diagonal_wins, spread_note,
 )
 
 
@@ -56,9 +56,10 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
         if not np.isfinite(grid.to_numpy(dtype=float)).any():
             ax.axis("off")
             continue
-        directional, averaged = self_accuracy(grid), self_accuracy(grid, directional=False)
+        directional, averaged = diagonal_wins(grid), diagonal_wins(grid, directional=False)
         scores.setdefault(label or "all", {})[objective] = {
-            "self_accuracy": directional, "self_accuracy_nondirectional": averaged}
+            "self_accuracy": directional["share"], "self_accuracy_nondirectional": averaged["share"],
+            "ties": directional["ties"], "ties_nondirectional": averaged["ties"]}
         # accuracy in percent (higher is better), or a language model's cost as it is (lower is better)
         values, text, dark = (-grid.to_numpy(dtype=float), "{:.2f}", np.greater) if cost else \
             (grid.to_numpy(dtype=float) * 100, "{:.0f}", np.less)
@@ -91,7 +92,9 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
             ax.text(0.5, -0.24, "(value): not above chance (permutation p ≥ 0.05)", transform=ax.transAxes,
                     ha="center", fontsize=6)
         note = spread_note(mine)
-        ax.set_title(f"{objective.upper()}{f' {cost}' if cost else ''}  self-acc {directional:.2f} ({averaged:.2f})"
+        tied = f", {directional['ties']} tied" if directional["ties"] else ""
+        ax.set_title(f"{objective.upper()}{f' {cost}' if cost else ''}  self-acc {directional['share']:.2f}{tied} "
+                     f"({averaged['share']:.2f})"
                      + (f"\n{label}" if label else "") + (f"\n{note}" if note else ""), fontsize=9)
     return save_figure(plt, fig, path), scores
 

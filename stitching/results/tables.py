@@ -69,12 +69,15 @@ def spread_table(frame: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
                              for a, b in zip(mean[c], std[c])] for c in mean.columns}, index=mean.index)
 
 
-def self_accuracy(grid, directional: bool = True) -> float:
-    """How often a layer is most similar to itself: the share of rows whose diagonal cell
-    is (one of) the row's best.
+def diagonal_wins(grid, directional: bool = True, atol: float = 1e-9) -> dict:
+    """How often a layer is most similar to itself, with ties kept apart.
 
-    Non-directional mode first averages both stitching directions, ``(G + Gᵀ) / 2``, as
-    the FuLA paper does. Rows without any value are skipped.
+    Returns ``rows`` (rows with any value), ``hits`` (rows whose diagonal cell is the
+    row's *unique* best), ``ties`` (rows whose diagonal shares the best value, within
+    ``atol``, with another cell) and ``share = hits / rows``. A tie is not a hit: in a
+    saturated row (every layer at the ceiling) the diagonal is not found, it is merely
+    not beaten. Non-directional mode first averages both stitching directions,
+    ``(G + Gᵀ) / 2``, as the FuLA paper does.
     """
     g = np.asarray(grid, dtype=float)
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
@@ -83,13 +86,25 @@ def self_accuracy(grid, directional: bool = True) -> float:
         with warnings.catch_warnings():  # a cell undefined both ways stays NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             g = np.nanmean(np.stack([g, g.T]), axis=0)
-    hits = rows = 0
+    hits = ties = rows = 0
     for i, row in enumerate(g):
         if np.isnan(row).all():
             continue
         rows += 1
-        hits += bool(not np.isnan(row[i]) and row[i] >= np.nanmax(row))
-    return hits / rows if rows else float("nan")
+        if np.isnan(row[i]) or row[i] < np.nanmax(row) - atol:
+            continue
+        others = np.delete(row, i)
+        if (others[~np.isnan(others)] >= row[i] - atol).any():
+            ties += 1
+        else:
+            hits += 1
+    return {"rows": rows, "hits": hits, "ties": ties, "share": hits / rows if rows else float("nan")}
+
+
+def self_accuracy(grid, directional: bool = True) -> float:
+    """The share of rows whose diagonal cell is the row's unique best (a tie is not a hit;
+    :func:`diagonal_wins` counts the ties)."""
+    return diagonal_wins(grid, directional)["share"]
 
 
 SANITY_CHECKS = {"self": "a layer is most similar to itself", "corresponding": "corresponding layers"}
@@ -101,8 +116,9 @@ def sanity_checks(frame: pd.DataFrame, metric: str = "score") -> list[dict]:
     A grid compares model A's layers (rows) with model B's (columns). With A = B it checks
     that *a layer is most similar to itself*; with two models of one architecture and task
     (e.g. two seeds) that *corresponding layers* are found. Either way the score is the
-    share of rows whose best cell is the diagonal (ties count as found). Grids of other
-    pairs, or with only the diagonal, have no sanity check.
+    share of rows whose unique best cell is the diagonal; rows where the diagonal only ties
+    for the best are not found and are counted in ``ties``. Grids of other pairs, or with
+    only the diagonal, have no sanity check.
     """
     results = []
     keys = ["objective", "front_model", "end_model",
@@ -119,24 +135,30 @@ def sanity_checks(frame: pd.DataFrame, metric: str = "score") -> list[dict]:
         if not (rows.front_layer != rows.end_layer).any():
             continue
         grid = layer_grid(rows, key["objective"], metric)
-        score = self_accuracy(grid.to_numpy())
-        if np.isnan(score):
+        wins = diagonal_wins(grid.to_numpy())
+        if np.isnan(wins["share"]):
             continue
-        results.append({"method": key["objective"], "check": SANITY_CHECKS[check], "score": round(score, 4),
-                        "layers": len(grid), "arch": rows.front_arch.iloc[0],
+        results.append({"method": key["objective"], "check": SANITY_CHECKS[check], "score": round(wins["share"], 4),
+                        "ties": wins["ties"], "layers": len(grid), "arch": rows.front_arch.iloc[0],
                         "front": key["front_model"], "end": key["end_model"],
                         **{k: v for k, v in key.items() if k not in ("objective", "front_model", "end_model")}})
     return results
 
 
 def sanity_table(results: list[dict]) -> pd.DataFrame:
-    """Method (and architecture) × the two checks."""
+    """Method (and architecture) × the two checks, each share followed by its tie count."""
     if not results:
         return pd.DataFrame()
     frame = pd.DataFrame(results)
-    conditions = [c for c in frame.columns if c not in ("method", "check", "score", "layers", "arch", "front", "end")]
+    conditions = [c for c in frame.columns
+                  if c not in ("method", "check", "score", "ties", "layers", "arch", "front", "end")]
     frame[conditions] = frame[conditions].astype(str)  # a condition a method lacks reads "nan", not dropped
-    table = frame.pivot_table(index=["arch", *conditions, "method"], columns="check", values="score", aggfunc="mean")
+    index = ["arch", *conditions, "method"]
+    table = frame.pivot_table(index=index, columns="check", values="score", aggfunc="mean")
+    ties = frame.pivot_table(index=index, columns="check", values="ties", aggfunc="sum")
+    for check in list(table.columns):  # a tie is not a hit: the count sits beside each share
+        table.insert(table.columns.get_loc(check) + 1, f"{check}: ties", ties[check])
+    table.columns.name = None
     order = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
     return table.sort_index(key=lambda c: c.map(lambda v: order.get(v, len(order))) if c.name == "method" else c)
 

@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         by_index.setdefault(line.split(":")[0].split()[0], []).append(line)
     for name, lines in by_index.items():
         print(f"undefined {name}: {len(lines)} cell(s), e.g. {lines[0]}")
-    print("\nsanity checks (share of front layers whose most similar end layer is the same index)")
+    print("\nsanity checks (share of front layers whose most similar end layer is the same index, "
+          "alone; a tie is not a hit)")
     for row in record["sanity"]:
-        print(f"  {row['method']:<14} {row['check']:<28} {row['score']:.2f}")
+        print(f"  {row['method']:<14} {row['check']:<34} {row['score']:.2f}   ties {row['ties']}")
     print(f"results in {out.resolve()}")
 
 
