@@ -19,7 +19,7 @@ from stitching.data import ImageDataModule
 from stitching.data.text import PairDataModule, TextDataModule
 from stitching import CONF_DIR
 from stitching.errors import StitchingError
-from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, with_inputs
+from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, cuttable
 from stitching.models.cutting import cut
 from stitching.models.layout import compatible
 from stitching.models.language import LANGUAGE_LIBRARIES, TextInputs
@@ -212,18 +212,21 @@ def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] |
     """
     zoo = build_zoo(cfg)
     sides = {"front": settings.front, "end": settings.end}
+    front_layers, end_layers = layers or ([settings.stitch.front_layer], [settings.stitch.end_layer])
+    wanted = {"front": front_layers, "end": end_layers}
 
     def fetch(name: str, side: Side) -> tuple[CuttableModel, dict]:
         model, record = zoo.get(side.spec, side.checkpoint)
-        if side.inputs:  # the convention the user gave for a given library model
-            model = with_inputs(model, side.inputs, name, f"{name}.input")
+        # cut where the layers say (a named module, an attention/MLP sub-layer), read by the convention given
+        model = cuttable(model, wanted[name], side.inputs, name, f"{name}.input")
+        if side.inputs:
             record = {**record, "inputs": model.input_spec.record()}
         return model, record
 
     got = {name: fetch(name, side) for name, side in sides.items()
            if not zoo.needs_training(side.spec, side.checkpoint)}
-    declared = {name: got[name][0] if name in got else zoo.untrained(side.spec) for name, side in sides.items()}
-    front_layers, end_layers = layers or ([settings.stitch.front_layer], [settings.stitch.end_layer])
+    declared = {name: got[name][0] if name in got else cuttable(zoo.untrained(side.spec), wanted[name], side=name)
+                for name, side in sides.items()}
     check_pair(declared["front"], declared["end"], front_layers, end_layers, stitched)
     if datamodule is not None:
         reconcile_inputs(declared["front"], declared["end"], datamodule)

@@ -88,7 +88,10 @@ def save(path: str | Path, network: StitchedNetwork, front: nn.Module, end: nn.M
 
 
 def _recipe(model: CuttableModel) -> dict | None:
-    """How the given model was made cuttable: its input convention and the modules it was cut at."""
+    """How the given model was made cuttable: its input convention and the modules it was cut at
+    (a language model: whether it was cut between sub-layers)."""
+    if getattr(model, "sublayers", False):
+        return {"sublayers": True}
     if not isinstance(model, AdaptedModel):
         return None
     return {"inputs": model.input_spec.record(), "cut_at": list(getattr(model, "module_cuts", ()) or []) or None}
@@ -98,6 +101,8 @@ def _rebuilt(model: nn.Module, recipe: dict | None) -> CuttableModel:
     """The given model made cuttable as it was when saved (convention, named-module cuts)."""
     if recipe is None:
         return as_cuttable(model)
+    if recipe.get("sublayers"):
+        return as_cuttable(model).with_sublayers()
     raw = model.model if isinstance(model, AdaptedModel) else model
     given = recipe["inputs"]
     spec = ImageInputs(given["channels"], tuple(given["size"]) if given["size"] is not None else None,

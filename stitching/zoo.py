@@ -40,9 +40,9 @@ from stitching.attacks.pgd import DEFAULT_EPS
 from stitching.data import ImageDataModule
 from stitching.files import sha256, writable_folder
 from stitching.errors import StitchingError
-from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, adapt, build_model, is_transformer
+from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, build_model, is_transformer
 from stitching.objectives.tasks import IGNORE, NextToken
-from stitching.models.adapters import create
+from stitching.models.adapters import create, library_model
 from stitching.models.language import LANGUAGE_LIBRARIES, load_language_model
 from stitching.runtime import build_trainer, versions, write_json_atomic
 from stitching.validation import PRECISIONS
@@ -562,7 +562,7 @@ def load_given(spec: ModelSpec, path: Path) -> tuple[CuttableModel, dict]:
     with preserved_rng():
         model = _given_architecture(spec, state)
     _load_state(model, state, path, f"{spec.arch} model '{spec.name}'")
-    adapted = adapt(model.eval(), name=spec.name).eval()
+    adapted = library_model(model.eval(), name=spec.name).eval()
     record = {"key": f"{spec.arch}-{spec.name}-file-{digest[:12]}", "source": "file", "path": str(path),
               "sha256": digest, "library": spec.arch, "name": spec.name, "test_acc": None,
               "inputs": adapted.input_spec.record()}
@@ -595,7 +595,7 @@ def load_pretrained(spec: ModelSpec) -> tuple[CuttableModel, dict]:
     if spec.arch not in LIBRARIES:
         raise StitchingError(f"pretrained=true applies to timm and torchvision models, not '{spec.arch}'")
     model = create(spec.arch, spec.name, pretrained=True)
-    adapted = adapt(model.eval(), name=spec.name).eval()
+    adapted = library_model(model.eval(), name=spec.name).eval()
     hub, cached = _hub_file(spec.arch, spec.name, model)
     record = {"key": f"{spec.arch}-{spec.name}-pretrained", "source": "hub", "hub": hub, "library": spec.arch,
               "name": spec.name, "path": str(cached) if cached else None,

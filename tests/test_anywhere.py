@@ -142,3 +142,33 @@ def test_a_named_module_cut_follows_its_model_when_moved_or_cast():
         out = cuttable(images.double())
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, model(cuttable.transform(images.double())))
+
+
+def test_the_command_line_trains_and_cuts_an_unknown_family_at_a_named_module(tiny_config, tmp_path):
+    """A timm family no block adapter knows, trained in the zoo and DM-stitched into itself at a
+    named module: the stitched network is the model (its accuracy on the stitching data)."""
+    import json
+
+    from stitching.build import read_settings
+    from stitching.runs import run
+
+    family = ["model.arch=timm", "model.name=test_efficientnet", "objective=dm", "end.seed=0", "stitch.update_bn=false",
+              "trainer.limit_train_batches=2"]
+    run(tiny_config(*family, "stitch.layer=blocks.2"), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "ok" and saved["front_layer_name"] == saved["end_layer_name"] == "blocks.2"
+    assert saved["metrics"]["test/acc"] == pytest.approx(saved["base"]["end"]["test_acc"], abs=0.01)
+    network = stitching.load(tmp_path / "run" / "network.pt", *_zoo_pair(tiny_config(*family, "stitch.layer=blocks.2")))
+    assert network.front.point.name == "blocks.2"
+    with pytest.raises(StitchingError, match="no numbered cut points: give the layer as a module name"):
+        from stitching.build import load_models
+
+        cfg = tiny_config(*family, "stitch.layer=3")
+        load_models(cfg, read_settings(cfg))
+
+
+def _zoo_pair(cfg):
+    from stitching.build import load_models, read_settings
+
+    front, _, end, _ = load_models(cfg, read_settings(cfg))
+    return front, end

@@ -401,3 +401,80 @@ def build_resnet():
     from stitching.models import build_model
 
     return build_model("resnet18", num_classes=2, width=4)
+
+
+# -- between the attention and the MLP of a block ---------------------------------------------
+def _sequential_neox():
+    torch.manual_seed(0)
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**SMALL, use_parallel_residual=False)).eval()
+
+
+def _stream_between(model, kind: str, batch: dict, i: int) -> torch.Tensor:
+    """The library's own stream between attention and MLP of block ``i``, read by a hook (or the
+    TransformerLens cache): what the sub-layer cut point must hold."""
+    if kind.startswith("lens"):
+        _, cache = model.run_with_cache(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return cache[f"blocks.{i}.hook_resid_mid"]
+    seen = []
+    if kind.startswith("bert"):
+        layer = (model.bert if hasattr(model, "bert") else model).encoder.layer[i]
+        handle = layer.attention.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+    else:  # pre-norm decoders: the input of the norm before the MLP is the stream after attention
+        norm = {"llama": lambda: model.model.layers[i].post_attention_layernorm,
+                "gpt2": lambda: model.transformer.h[i].ln_2,
+                "neox": lambda: model.gpt_neox.layers[i].post_attention_layernorm}[kind]()
+        handle = norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        _output(model, **batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+SUBLAYER_KINDS = ["llama", "gpt2", "neox", "bert_mlm", "bert", "lens_gelu", "lens_solu"]
+
+
+@pytest.mark.parametrize("kind", SUBLAYER_KINDS)
+def test_a_cut_between_attention_and_mlp_is_exact_and_holds_the_library_stream(kind):
+    model = _sequential_neox() if kind == "neox" else tiny(kind)
+    wrapped = LanguageModel(model).with_sublayers()
+    assert len(wrapped.cut_points) == 7  # embed, then (after attention, after the block) × 3
+    batch = _padded_batch()
+    with torch.no_grad():
+        expected = _output(model, **batch)
+        for point in wrapped.cut_points:
+            head, tail = split(wrapped, point.index)
+            activation, context = head(batch)
+            torch.testing.assert_close(tail(activation, context), expected, rtol=0, atol=1e-6)
+            if point.index % 2 == 0:  # the stream between the sub-layers of block (index - 2) / 2
+                torch.testing.assert_close(activation, _stream_between(model, kind, batch, (point.index - 2) // 2),
+                                           rtol=0, atol=1e-6)
+    attention, block = wrapped.cut_points[3].name, wrapped.cut_points[4].name
+    assert attention.endswith((".self_attn", ".attn", ".attention")) and attention.startswith(block)
+    mlp = {"bert_mlm": "output", "bert": "output"}.get(kind, "mlp")
+    assert split(wrapped, f"{block}.{mlp}")[1].point.name == block  # the MLP's name is the block's own cut point
+
+
+def test_a_parallel_residual_block_has_no_stream_between_its_sublayers():
+    from stitching.errors import StitchingError
+
+    with pytest.raises(StitchingError, match="parallel residual"):
+        LanguageModel(tiny("gpt_neox")).with_sublayers()
+
+
+def test_the_api_cuts_at_an_attention_module_by_name_and_saves_the_network(tmp_path):
+    import stitching
+    from stitching.errors import StitchingError
+
+    model = tiny("llama")
+    ids = torch.randint(1, VOCAB, (24, 16), generator=torch.Generator().manual_seed(3))
+    result = stitching.stitch(model, copy.deepcopy(model), "model.layers.1.self_attn", "model.layers.1.self_attn",
+                              objective="dm", train=ids, epochs=0, dm_samples=24, progress=False)
+    assert result.network.front.point.name == "model.layers.1.self_attn"
+    assert abs(result.metrics["test/penalty"]) < 1e-3  # DM of a stream into itself keeps the loss
+    path = result.save(tmp_path / "net.pt")
+    loaded = stitching.load(path, model, copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[:4]), result.network.eval()(ids[:4]))
+    with pytest.raises(StitchingError, match="give every layer by name"):
+        stitching.compare(model, model, ids[:4], indices="cka", front_layers=[2, "model.layers.1.self_attn"])

@@ -432,3 +432,14 @@ def test_sentence_pairs_that_cannot_be_found_are_one_line(tmp_path, monkeypatch,
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in output, output[-2000:]
     assert "sentence pairs 'nyu-mll/glue' (mnli) split 'train' cannot be loaded" in errors[0]
+
+
+def test_the_command_line_cuts_between_attention_and_mlp(lm_config, tmp_path):
+    from stitching.runs import run
+
+    run(lm_config(tmp_path, "objective=dm", "end.seed=0", "stitch.front_layer=blocks.1.attn",
+                  "stitch.end_layer=blocks.1.hook_resid_mid"), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "ok" and saved["front_layer_name"] == saved["end_layer_name"] == "blocks.1.attn"
+    assert saved["front_layer"] == 4  # embed, blocks.0.attn, blocks.0, blocks.1.attn: numbered anew
+    assert abs(saved["metrics"]["test/penalty"]) < 0.01  # DM of a stream into itself keeps the loss

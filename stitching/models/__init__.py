@@ -31,7 +31,10 @@ DEPTH_KNOB = {"vit_tiny"}
 
 
 def is_transformer(model: CuttableModel) -> bool:
-    """Whether the network's activations are token sequences (it trains with the transformer recipe)."""
+    """Whether the network's activations are token sequences (it trains with the transformer recipe);
+    a library model with no cut points of its own is one when it embeds patches."""
+    if not model.cut_points:
+        return hasattr(getattr(model, "model", model), "patch_embed")
     return model.cut_points[0].layout.kind == "tokens"
 
 
@@ -72,12 +75,13 @@ def build_model(arch: str, num_classes: int | None = None, width: int | None = 6
 def _library_model(library: str, name: str | None, num_classes: int, image_size: int | None,
                    in_channels: int = 3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> AdaptedModel:
     """A timm/torchvision model trained on our data: it reads the data's size and normalisation."""
-    from stitching.models.adapters import create
+    from stitching.models.adapters import create, library_model
 
     model = create(library, name, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     fixed = hasattr(model, "patch_embed") or hasattr(model, "image_size")
     size = (image_size, image_size) if fixed and image_size else None
-    return adapt(model, ImageInputs(in_channels, size, tuple(mean), tuple(std), origin="training data"), name=name)
+    return library_model(model, ImageInputs(in_channels, size, tuple(mean), tuple(std), origin="training data"),
+                         name=name)
 
 
 __all__ = [

@@ -214,6 +214,25 @@ def adapt(model: nn.Module, input_spec: ImageInputs | None = None, name: str | N
     return _timm_vit(model, spec, name) if library == "timm" else _torchvision_vit(model, spec, name)
 
 
+def library_model(model: nn.Module, input_spec: ImageInputs | None = None, name: str | None = None) -> AdaptedModel:
+    """A timm/torchvision model as :func:`adapt` makes it when its family is known; otherwise
+    the whole model with no cut points of its own, to be cut at named modules
+    (:func:`stitching.models.cuttable`): it trains, tests and is stored like any other."""
+    if family(model) is not None:
+        return adapt(model, input_spec, name)
+    library = type(model).__module__.split(".")[0]
+    spec = input_spec or default_input_spec(model, library)
+    classes = getattr(model, "num_classes", None) or _num_outputs(model)
+    return AdaptedModel(model, [Step(lambda m, x: m(x), "model")], [], spec, classes, library,
+                        name or _library_name(model, library))
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    """The width of the last linear layer (a classifier's classes), if there is one."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linear[-1].out_features if linear else None
+
+
 def _library_name(model: nn.Module, library: str) -> str:
     if library == "timm":
         return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__.lower()

@@ -224,11 +224,17 @@ def cuttable(model: nn.Module, layers=(), inputs: dict | ImageInputs | None = No
     A model of a family the block adapters know, cut at its block boundaries, is adapted as
     usual; where a layer names a module that is no cut point of it, or the family is not known,
     the model is cut at the named modules (:func:`cut_at`)."""
-    from stitching.models.language import is_language_model
+    from stitching.models.language import LanguageModel, is_language_model
 
     raw = model.model if isinstance(model, AdaptedModel) else model
     if (isinstance(model, CuttableModel) and not isinstance(model, AdaptedModel)) or is_language_model(raw):
-        return with_inputs(model, inputs, side, setting)
+        made = with_inputs(model, inputs, side, setting)
+        if isinstance(made, LanguageModel) and any(made.sublayer_name(layer) for layer in layers):
+            if any(not isinstance(layer, str) or layer.lstrip("-").isdigit() for layer in layers):
+                raise StitchingError(f"layers {list(layers)} mix numbers with attention/MLP module names; cutting "
+                                     f"between sub-layers numbers the cut points anew, so give every layer by name")
+            return made.with_sublayers()
+        return made
     names = _named(layers, raw)
     if family(raw) is not None:
         standard = with_inputs(model, inputs, side, setting)

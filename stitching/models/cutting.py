@@ -89,11 +89,15 @@ def cut_point_names(model: CuttableModel) -> list[str]:
 def resolve_layer(model: CuttableModel, layer: int | str) -> int:
     """Return the 1-based cut-point index for ``layer`` (an index or a cut-point name)."""
     names = cut_point_names(model)
+    if isinstance(layer, str):
+        layer = getattr(model, "aliases", {}).get(layer, layer)  # another name of a cut point
     if isinstance(layer, str) and layer in names:  # a name first, even one that reads as a number ("3")
         return names.index(layer) + 1
+    if not names:
+        raise StitchingError(f"{getattr(model, 'name', type(model).__name__)} has no numbered cut points: give the "
+                             f"layer as a module name (stitching.models.named_cut_points lists them; on the "
+                             f"command line, stitch.front_layer=NAME, and a sweep over names for a grid)")
     if isinstance(layer, str) and not layer.lstrip("-").isdigit():
-        if layer in names:
-            return names.index(layer) + 1
         raise StitchingError(f"unknown layer '{layer}'; this model's cut points are {_listing(names)}")
     index = int(layer)
     if not 1 <= index <= len(names):

@@ -7,6 +7,17 @@ Cut points are the residual stream after the embeddings (``embed``) and after ev
 (named after the library's module, e.g. ``model.layers.3``, ``gpt_neox.layers.3``,
 ``transformer.h.3``, ``bert.encoder.layer.3``): ``L + 1`` of them.
 
+With ``sublayers=True`` (:meth:`LanguageModel.with_sublayers`; chosen for you when a layer
+names an attention or MLP module) every block is run as its two sub-layers and the stream
+*between* them is a cut point too, named after the attention module (``model.layers.3.self_attn``):
+the residual stream once the attention output is added (``resid_mid``; for BERT's post-norm
+layers, the attention sub-layer's output). The MLP module's name (``model.layers.3.mlp``) names
+the block's own cut point, where the MLP output is added. An attention or MLP output alone is
+never a cut point: the residual stream goes around it, so a stitch there would leave a second
+path unstitched. Blocks whose attention and MLP both read the block's input (GPT-NeoX/Pythia's
+parallel residual) have no stream between them and are refused in one line. The two halves are
+checked once against the block's own forward pass, exactly.
+
 Inputs are token ids ``[N, T]`` or a dict with ``input_ids`` and ``attention_mask`` (1 = a
 real token; padding on the right, so a real token's position is the same with or without
 padding). The mask and the positions travel in the :class:`~stitching.models.Context`;
@@ -54,6 +65,18 @@ class TextInputs:
 
 
 @dataclass(frozen=True)
+class Halves:
+    """A block run as its two sub-layers, with the residual stream between them exposed."""
+
+    attention: str  # the attention sub-layer's module, under the block ("self_attn")
+    mlp: str  # the MLP sub-layer's module, under the block ("mlp")
+    first: Callable  # (model, i, h, context) -> the stream after attention
+    second: Callable  # (model, i, mid, context) -> the block's output
+    between: Callable[[nn.Module, int], bool] = lambda m, i: True  # a stream between them exists
+    aliases: tuple[tuple[str, str], ...] = ()  # (other name under the block, "attention" | "block")
+
+
+@dataclass(frozen=True)
 class Family:
     """How one architecture runs: where its parts are and how each step calls them."""
 
@@ -66,6 +89,7 @@ class Family:
     head: Callable  # (model, h) -> output
     tables: Callable  # (model, ids, attention_mask, position_ids) -> extras
     layout: Layout
+    halves: Halves | None = None
 
 
 def _prefixed(model: nn.Module, attribute: str) -> str:
@@ -91,6 +115,18 @@ def _causal_tables(find_base: Callable, embedding: Callable) -> Callable:
     return tables
 
 
+def _llama_first(m, i, h, c):
+    layer = _llama_base(m).layers[i]
+    out, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=c.extras["mask"],
+                             position_ids=c.position_ids, position_embeddings=c.extras["rope"])
+    return h + out
+
+
+def _llama_second(m, i, h, c):
+    layer = _llama_base(m).layers[i]
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 def _llama_head(m, h):
     h = _llama_base(m).norm(h)
     return m.lm_head(h) if hasattr(m, "lm_head") else h
@@ -99,6 +135,18 @@ def _llama_head(m, h):
 # -- GPT-NeoX --------------------------------------------------------------------------------
 def _neox_base(m):
     return m.gpt_neox if hasattr(m, "gpt_neox") else m
+
+
+def _neox_first(m, i, h, c):
+    layer = _neox_base(m).layers[i]
+    out, _ = layer.attention(layer.input_layernorm(h), attention_mask=c.extras["mask"], position_ids=c.position_ids,
+                             position_embeddings=c.extras["rope"])
+    return layer.post_attention_dropout(out) + h
+
+
+def _neox_second(m, i, h, c):
+    layer = _neox_base(m).layers[i]
+    return layer.post_mlp_dropout(layer.mlp(layer.post_attention_layernorm(h))) + h
 
 
 def _neox_head(m, h):
@@ -127,6 +175,18 @@ def _gpt2_embed(m, ids, c):
     return base.drop(base.wte(ids) + base.wpe(c.position_ids))
 
 
+def _gpt2_first(m, i, h, c):
+    block = _gpt2_base(m).h[i]
+    out, _ = block.attn(block.ln_1(h), past_key_values=None, attention_mask=c.extras["mask"], use_cache=False,
+                        position_ids=c.position_ids)
+    return out + h
+
+
+def _gpt2_second(m, i, h, c):
+    block = _gpt2_base(m).h[i]
+    return h + block.mlp(block.ln_2(h))
+
+
 def _gpt2_head(m, h):
     h = _gpt2_base(m).ln_f(h)
     return m.lm_head(h) if hasattr(m, "lm_head") else h
@@ -150,6 +210,15 @@ def _bert_embed(m, ids, c):
     return _bert_base(m).embeddings(input_ids=ids, token_type_ids=c.extras.get("token_type_ids"))
 
 
+def _bert_first(m, i, h, c):
+    return _bert_base(m).encoder.layer[i].attention(h, c.extras["mask"])[0]
+
+
+def _bert_second(m, i, h, c):
+    layer = _bert_base(m).encoder.layer[i]
+    return layer.output(layer.intermediate(h), h)
+
+
 def _bert_head(m, h):
     if hasattr(m, "cls"):  # masked LM
         return m.cls(h)
@@ -164,33 +233,72 @@ def _lens_run(m, x, c, start=None, stop=None):
     return m(x, start_at_layer=start, stop_at_layer=stop, attention_mask=c.attention_mask)
 
 
+class _Reached(Exception):
+    """Stops a TransformerLens block once the stream between its sub-layers is known."""
+
+
+def _lens_first(m, i, h, c):
+    """Block ``i`` up to ``hook_resid_mid``, by the library's own forward (stopped there)."""
+    seen = []
+
+    def grab(module, args, output):
+        seen.append(output)
+        raise _Reached
+
+    handle = m.blocks[i].hook_resid_mid.register_forward_hook(grab)
+    try:
+        _lens_run(m, h, c, start=i, stop=i + 1)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _lens_second(m, i, h, c):
+    """Block ``i`` from ``hook_resid_mid`` on: the library's forward with that stream replaced by ``h``
+    (the attention it computes before is discarded)."""
+    handle = m.blocks[i].hook_resid_mid.register_forward_hook(lambda module, args, output: h)
+    try:
+        return _lens_run(m, h, c, start=i, stop=i + 1)
+    finally:
+        handle.remove()
+
+
 _FAMILIES: dict[str, Family] = {
     "transformer_lens": Family(
         "transformer_lens", lambda m: m, lambda m: m.blocks, "blocks.{i}",
         lambda m, ids, c: _lens_run(m, ids, c, stop=0),
         lambda m, i, h, c: _lens_run(m, h, c, start=i, stop=i + 1),
-        lambda m, h: m(h, start_at_layer=m.cfg.n_layers), lambda m, ids, mask, positions: {}, CAUSAL),
+        lambda m, h: m(h, start_at_layer=m.cfg.n_layers), lambda m, ids, mask, positions: {}, CAUSAL,
+        Halves("attn", "mlp", _lens_first, _lens_second,
+               lambda m, i: not (m.cfg.attn_only or m.cfg.parallel_attn_mlp),
+               (("hook_resid_mid", "attention"), ("hook_resid_post", "block")))),
     "llama": Family(
         "llama", _llama_base, lambda m: _llama_base(m).layers, "{prefix}layers.{i}",
         lambda m, ids, c: _llama_base(m).embed_tokens(ids),
         lambda m, i, h, c: _llama_base(m).layers[i](h, attention_mask=c.extras["mask"],
                                                     position_embeddings=c.extras["rope"],
                                                     position_ids=c.position_ids),
-        _llama_head, _causal_tables(_llama_base, lambda base: base.embed_tokens), CAUSAL),
+        _llama_head, _causal_tables(_llama_base, lambda base: base.embed_tokens), CAUSAL,
+        Halves("self_attn", "mlp", _llama_first, _llama_second)),
     "gpt_neox": Family(
         "gpt_neox", _neox_base, lambda m: _neox_base(m).layers, "{prefix}layers.{i}",
         lambda m, ids, c: _neox_base(m).emb_dropout(_neox_base(m).embed_in(ids)),
         lambda m, i, h, c: _neox_base(m).layers[i](h, attention_mask=c.extras["mask"], position_ids=c.position_ids,
                                                    position_embeddings=c.extras["rope"]),
-        _neox_head, _causal_tables(_neox_base, lambda base: base.embed_in), CAUSAL),
+        _neox_head, _causal_tables(_neox_base, lambda base: base.embed_in), CAUSAL,
+        Halves("attention", "mlp", _neox_first, _neox_second,
+               lambda m, i: not _neox_base(m).layers[i].use_parallel_residual)),
     "gpt2": Family(
         "gpt2", _gpt2_base, lambda m: _gpt2_base(m).h, "{prefix}h.{i}", _gpt2_embed,
         lambda m, i, h, c: _gpt2_base(m).h[i](h, None, c.extras["mask"], None, position_ids=c.position_ids),
-        _gpt2_head, _gpt2_tables, CAUSAL),
+        _gpt2_head, _gpt2_tables, CAUSAL, Halves("attn", "mlp", _gpt2_first, _gpt2_second)),
     "bert": Family(
         "bert", _bert_base, lambda m: _bert_base(m).encoder.layer, "{prefix}encoder.layer.{i}", _bert_embed,
         lambda m, i, h, c: _bert_base(m).encoder.layer[i](h, c.extras["mask"], None),
-        _bert_head, _bert_tables, ENCODER),
+        _bert_head, _bert_tables, ENCODER,
+        Halves("attention", "output", _bert_first, _bert_second)),
 }
 _PREFIXES = {"llama": "model", "gpt_neox": "gpt_neox", "gpt2": "transformer", "bert": "bert"}
 
@@ -216,22 +324,92 @@ def is_language_model(model: nn.Module) -> bool:
 
 
 class LanguageModel(CuttableModel):
-    """A transformer language model run as embed → blocks → head; cut at its residual stream."""
+    """A transformer language model run as embed → blocks → head; cut at its residual stream
+    (with ``sublayers``: also between each block's attention and MLP sub-layers)."""
 
-    def __init__(self, model: nn.Module, name: str | None = None, tokenizer: str | None = None):
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer: str | None = None,
+                 sublayers: bool = False):
         super().__init__()
         self.model = model
         self.family_name = _family_name(model)
         family = _FAMILIES[self.family_name]
         count = len(family.layers(model))
         prefix = _prefixed(model, _PREFIXES.get(self.family_name, ""))
-        names = ["embed", *(family.layer_path.format(prefix=prefix, i=i) for i in range(count))]
+        layers = [family.layer_path.format(prefix=prefix, i=i) for i in range(count)]
+        self.sublayers = bool(sublayers)
+        self.aliases: dict[str, str] = {}  # another name of a cut point → its name
+        steps, names = [("embed", None)], ["embed"]
+        for i, layer in enumerate(layers):
+            if self.sublayers:
+                halves = self._halves(i, layer)
+                steps += [("attention", i), ("mlp", i)]
+                names += [f"{layer}.{halves.attention}", layer]
+                self.aliases[f"{layer}.{halves.mlp}"] = layer
+                for other, what in halves.aliases:
+                    self.aliases[f"{layer}.{other}"] = names[-2] if what == "attention" else layer
+            else:
+                steps.append(("block", i))
+                names.append(layer)
+        self._steps = steps + [("head", None)]
         self.cut_points = tuple(CutPoint(i + 1, n, i, family.layout) for i, n in enumerate(names))
         self._blocks = names + ["head"]
         self.num_classes = getattr(model.config, "num_labels", None) if hasattr(model, "classifier") else None
         self.input_spec = _text_inputs(model, tokenizer)
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or self.family_name
         self.mask_id: int | None = None  # the tokenizer's mask token (masked language models)
+        if self.sublayers:
+            self._check_halves()
+
+    def _halves(self, i: int, layer: str) -> Halves:
+        halves = self.family.halves
+        if halves is None or not halves.between(self.model, i):
+            raise StitchingError(f"{layer} has no residual stream between its attention and its MLP (both read the "
+                                 f"block's input, a parallel residual); cut it at the block ('{layer}')")
+        return halves
+
+    def with_sublayers(self) -> LanguageModel:
+        """The same model (same modules, tokenizer and mask token) with a cut point between every
+        block's attention and MLP sub-layers; the cut points are numbered anew (``2L + 1``)."""
+        if self.sublayers:
+            return self
+        made = LanguageModel(self.model, self.name, sublayers=True)
+        made.input_spec, made.mask_id, made.training = self.input_spec, self.mask_id, self.training
+        return made
+
+    def sublayer_name(self, name: str) -> bool:
+        """Whether ``name`` is a cut point only the sub-layer view has (an attention or MLP module)."""
+        if self.sublayers or not isinstance(name, str) or name in self._blocks:
+            return False
+        halves = self.family.halves
+        if halves is None:
+            return False
+        suffixes = (halves.attention, halves.mlp, *(other for other, _ in halves.aliases))
+        return any(name == f"{layer}.{suffix}" for layer in self._blocks[1:-1] for suffix in suffixes)
+
+    @torch.no_grad()
+    def _check_halves(self) -> None:
+        """Each block's two halves equal its own forward pass exactly, on a short random sequence."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            length = min(4, self.input_spec.max_length or 4)
+            device = next(self.model.parameters()).device
+            ids = torch.randint(0, self.input_spec.vocab_size, (1, length),
+                                generator=torch.Generator().manual_seed(0)).to(device)
+            context = self.context(ids)
+            family = self.family
+            h = family.embed(self.model, ids, context)
+            for i in range(len(family.layers(self.model))):
+                whole = family.block(self.model, i, h, context)
+                halves = family.halves.second(self.model, i, family.halves.first(self.model, i, h, context), context)
+                if not torch.equal(whole, halves):
+                    gap = (whole - halves).abs().max().item()
+                    raise StitchingError(f"{self.name}: block {i} run as attention then MLP differs from its own "
+                                         f"forward pass (by up to {gap:.2g}); this architecture cannot be cut between "
+                                         f"its sub-layers, cut at its blocks")
+                h = whole
+        finally:
+            self.model.train(was)
 
     @property
     def is_causal_lm(self) -> bool:
@@ -266,11 +444,16 @@ class LanguageModel(CuttableModel):
 
     def run_block(self, position: int, x: torch.Tensor, context: Context) -> torch.Tensor:
         family = self.family
-        if position == 0:
+        kind, i = self._steps[position]
+        if kind == "embed":
             return family.embed(self.model, x, context)
-        if position == len(self._blocks) - 1:
+        if kind == "head":
             return family.head(self.model, x)
-        return family.block(self.model, position - 1, x, context)
+        if kind == "block":
+            return family.block(self.model, i, x, context)
+        if kind == "attention":
+            return family.halves.first(self.model, i, x, context)
+        return family.halves.second(self.model, i, x, context)
 
 
 def _text_inputs(model: nn.Module, tokenizer: str | None) -> TextInputs:
