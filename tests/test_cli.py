@@ -314,7 +314,14 @@ def test_wandb_groups_a_sweep_and_receives_its_figures(tmp_path, zoo_dir, monkey
     from stitching.report import log_to_wandb
 
     log_to_wandb(report(sweep), sweep)
-    report_runs = [r for r in sweep.glob("wandb/offline-run-*/run-*.wandb")]
+    import time
+
+    deadline = time.monotonic() + 60  # W&B's service may still be writing the offline file when finish() returns
+    while True:
+        report_runs = [r for r in sweep.glob("wandb/offline-run-*/run-*.wandb") if r not in runs]
+        if (report_runs and b"stitching_plot" in report_runs[0].read_bytes()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert report_runs and b"stitching_plot" in report_runs[0].read_bytes()
 
 
