@@ -23,7 +23,7 @@ from stitching.data import ImageDataModule
 from stitching.errors import StitchingError
 from stitching.models.cutting import cut_point_activations, split
 from stitching.models.layout import pooled
-from stitching.runtime import cache_lock, write_cache
+from stitching.runtime import cache_lock, tensors_digest, write_cache
 from stitching.similarity import linear_cka
 
 
@@ -233,21 +233,25 @@ def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Pat
         checkpoint = Path(tempfile.mkdtemp(prefix="stitching-ood-")) / "end.pt"
     settings = {k: options[k] for k in ("outliers", "epochs", "lr", "batch_size", "m_in", "m_out", "weight",
                                         "train_images")}
-    digest = hashlib.sha1(json.dumps({**settings, "dataset": datamodule.name, "seed": seed},
-                                     sort_keys=True).encode()).hexdigest()[:10]
+    datamodule.setup()
+    images = datamodule.arrays.train_x.float().div(255)
+    labels = datamodule.arrays.train_y
+    if settings["train_images"]:
+        pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[: settings["train_images"]]
+        images, labels = images[pick], labels[pick]
+    outliers = _outliers_like(images, settings["outliers"], seed, outlier_dataset, test=False)
+    # the key is what the detector is fitted from, not how it was asked for: the settings, the end
+    # model's weights and the very images, labels and outliers (another subset, class split or
+    # outlier set is another detector)
+    data = tensors_digest([("images", images), ("labels", labels), ("outliers", outliers)])
+    key = {**settings, "seed": seed, "end": tensors_digest(sorted(end.state_dict().items())), "data": data}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(checkpoint).with_name(f"{Path(checkpoint).stem}.ood-l{end_layer}-{digest}.pt")
     with cache_lock(path):
         _, tail = split(copy.deepcopy(end), end_layer)
         if path.is_file():
             tail.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return EnergyDetector(tail.eval())
-        datamodule.setup()
-        images = datamodule.arrays.train_x.float().div(255)
-        labels = datamodule.arrays.train_y
-        if settings["train_images"]:
-            pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[: settings["train_images"]]
-            images, labels = images[pick], labels[pick]
-        outliers = _outliers_like(images, settings["outliers"], seed, outlier_dataset, test=False)
         detector = fit_energy_detector(end, end_layer, images, labels, outliers, epochs=int(settings["epochs"]),
                                        lr=float(settings["lr"]), batch_size=int(settings["batch_size"]),
                                        m_in=float(settings["m_in"]), m_out=float(settings["m_out"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -163,6 +164,17 @@ def cache_warning(path: Path, err: BaseException) -> None:
     """A cache that cannot be written costs the cache, never the run's results."""
     print(f"[cache] warning: could not write {path} ({type(err).__name__}: {err}); "
           f"the run keeps its results, the cache stays as it was", file=sys.stderr, flush=True)
+
+
+def tensors_digest(named) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and values, in the order given): what a
+    cache key holds so that a cached result is only reused for exactly the same inputs."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 @contextmanager

@@ -15,7 +15,6 @@ a model whose tensors are not the ones the stitch was trained with.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch import nn
 from stitching.engine import StitchedNetwork
 from stitching.errors import StitchingError
 from stitching.models import AdaptedModel, CuttableModel, ImageInputs, adapt, as_cuttable, cut, cut_at
+from stitching.runtime import tensors_digest
 
 FORMAT = "stitching.network/1"
 
@@ -39,17 +39,8 @@ def fingerprint(model: nn.Module) -> str:
     key = (id(model), tuple((name, t.data_ptr(), t._version) for name, t in state))
     if key not in _FINGERPRINTS:
         _FINGERPRINTS.clear()  # one model pair at a time is enough
-        _FINGERPRINTS[key] = _digest(state)
+        _FINGERPRINTS[key] = tensors_digest(state)
     return _FINGERPRINTS[key]
-
-
-def _digest(state: list[tuple[str, torch.Tensor]]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in state:
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def _changed(copied: nn.Module, given: nn.Module) -> dict[str, torch.Tensor]:

@@ -82,3 +82,7 @@ def test_a_stitching_run_reports_ood_auroc_and_caches_the_detector(tiny_config, 
     again = run(tiny_config(*overrides), tmp_path / "b")
     assert cached[0].stat().st_mtime_ns == stamp  # the second run reused the detector
     assert again["metrics"]["ood/auroc_outliers"] == pytest.approx(metrics["ood/auroc_outliers"])
+    # the same settings on other training data (a subset, a class split): another detector, never the cached one
+    run(tiny_config(*overrides, "dataset.train_subset=300"), tmp_path / "c")
+    run(tiny_config(*overrides, "dataset.num_classes_train=5"), tmp_path / "d")
+    assert len(set(zoo_dir.glob("*.ood-l3-*.pt"))) == 3 and cached[0].stat().st_mtime_ns == stamp
