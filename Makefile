@@ -37,16 +37,19 @@ define sweep
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$status
 endef
 
-# $(call sanity,PRESET): the preset's stitching grids, CKA (per-image) and CCA (pooled) grids
-# of the same model pairs (end seed 0: a model against itself; 1: another seed), one report
+# $(call sanity,PRESET): the preset's stitching grids, and the paper's structural indices on the
+# same model pairs (end seed 0: a model against itself; 1: another seed), flattened as the
+# authors do: CKA per image (c·h·w), PWCCA and the orthogonal Procrustes distance over positions
+# where two maps have one shape, else pooled (flatten=match); one report
 define sanity
 	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)/stitching) experiment=$(1) $(ARGS); \
 	  echo $$? > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status
 	for seed in 0 1; do \
 	  $(PY) -m stitching.similarity --index cka --flatten sample --no-progress \
 	    --out $(SWEEPS)/$(1)/$(STAMP)/cka_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null && \
-	  $(PY) -m stitching.similarity --index cca --flatten pool --no-progress \
-	    --out $(SWEEPS)/$(1)/$(STAMP)/cca_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null || exit 1; \
+	  $(PY) -m stitching.similarity --index pwcca,procrustes --flatten match --no-progress \
+	    --out $(SWEEPS)/$(1)/$(STAMP)/pwcca_opd_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null \
+	    || exit 1; \
 	done
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$(cat $(SWEEPS)/$(1)/$(STAMP)/.stitching_status)
 endef
@@ -140,7 +143,7 @@ claims-diagnosis: $(READY) ## claims-small's extra measurements: one per claim t
 		experiment=claims_small objective=tlm trainer.max_epochs=12 "grid.pairs=[[1,1],[3,3],[5,5],[7,7],[9,9]]" \
 		front.seed=$${p%-*} end.seed=$${p#*-} || exit 1; done
 
-sanity: $(READY) ## TLM-vs-DM paper (paper size, GPU): both sanity checks, DM/Hint/FuLA/TLM/CKA/CCA, ResNet18
+sanity: $(READY) ## TLM-vs-DM paper (paper size, GPU): both sanity checks, DM/Hint/FuLA/TLM/CKA/PWCCA/OPD, ResNet18
 	$(call sanity,sanity)
 sanity-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ResNet18
 	$(call sanity,sanity_small)

@@ -144,3 +144,26 @@ def test_similarity_cli_writes_the_report_format_and_the_report_joins_it(tmp_pat
     with pytest.raises(SystemExit):
         similarity_main(["--index", "rbf_cka", "--rbf-sigma", "0", *overrides])
     assert "--rbf-sigma" in capsys.readouterr().err
+
+
+def test_match_flattening_is_positions_for_one_shape_and_pooled_otherwise():
+    """The TLM-vs-DM authors' PWCCA/Procrustes input, computed here by hand from the raw maps."""
+    from stitching.similarity import procrustes_distance, pwcca
+
+    front, _ = _model(1)
+    end, _ = _model(2)
+    images = torch.rand(80, 3, 16, 16)
+    grids, _ = similarity_grids(front, end, images, ["pwcca", "procrustes"], flatten="match", progress=False)
+    with torch.no_grad():
+        fronts, ends = cut_point_activations(front, images)[1], cut_point_activations(end, images)[1]
+    same, other = (2, 2), (2, 8)  # one stage (equal shapes), and a later stage (other channels and size)
+    assert fronts[same[0]].shape == ends[same[1]].shape and fronts[other[0]].shape != ends[other[1]].shape
+    rows = lambda a: a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).double()  # noqa: E731  every position a sample
+    pool = lambda a: a.mean(dim=(2, 3)).double()  # noqa: E731  one vector per image
+    a, b = fronts[same[0]], ends[same[1]]
+    assert grids["pwcca"][same] == pytest.approx(pwcca(rows(a), rows(b)), rel=1e-6)
+    assert grids["procrustes"][same] == pytest.approx(1 - procrustes_distance(rows(a), rows(b)) / 2, rel=1e-6)
+    a, b = fronts[other[0]], ends[other[1]]
+    assert grids["pwcca"][other] == pytest.approx(pwcca(pool(a), pool(b)), rel=1e-6)
+    with pytest.raises(SimilarityError, match="flatten=match"):
+        similarity_grids(front, end, images, ["minibatch_cka"], flatten="match", progress=False)

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: similarity.index)")
     parser.add_argument("--images", type=int, default=None, help="test images to compare on (default: similarity.images)")
     parser.add_argument("--flatten", default=None, choices=FLATTEN,
-                        help="sample: c·h·w per image; positions: positions as samples; pool: one vector per image")
+                        help="sample: c·h·w per image; positions: positions as samples; pool: one vector per image; "
+                             "match: positions where two layers' maps have one shape, else pooled (the TLM-vs-DM "
+                             "authors' PWCCA and Procrustes)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass and minibatch-CKA batch")
     parser.add_argument("--skip-positions", type=int, default=None,
                         help="token sequences: leave each sequence's first N positions out of the indices "

@@ -178,7 +178,7 @@ def _tensors(x: torch.Tensor, y: torch.Tensor, names, flatten, bootstrap, permut
     uncertainty: dict = {}
     kept = []
     for a, layout in zip((x, y), layouts):
-        raw = a.dim() == 2 or (flatten == "positions" and layout.kind == "conv")
+        raw = a.dim() == 2 or (flatten == "positions" and layout.kind == "conv") or flatten == "match"
         kept.append((a if raw else _flat(a, layout, flatten)).detach().float().cpu())
     for name in names:
         index = index_of(name, rbf_sigma)

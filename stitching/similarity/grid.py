@@ -38,7 +38,11 @@ from stitching.similarity.cka import (
     unbiased_cka,
 )
 
-FLATTEN = ("sample", "positions", "pool")
+FLATTEN = ("sample", "positions", "pool", "match")
+#: ``match``: positions as samples where the two activations have one shape, else one pooled
+#: vector per input: how the TLM-vs-DM authors feed PWCCA and the Procrustes distance
+#: (``resize_for_cca2`` in szegedai/stitching-ood); image models only
+_PAIRWISE = ("positions", "match")
 
 #: transformations of one representation's features (columns) an index may be invariant to:
 #: ``x ↦ xQ`` with Q orthogonal, ``x ↦ cx`` (c > 0), a reordering of the columns, ``x ↦ xA``
@@ -122,6 +126,8 @@ def pair_matrices(a: torch.Tensor, b: torch.Tensor, flatten: str, layout_a: Layo
         if len(a) != len(b):
             raise SimilarityError("flatten=positions needs two conv maps or two token sequences of one length")
         return a, b
+    if flatten == "match":
+        flatten = "positions" if layout_a.kind == layout_b.kind and a.shape[1:] == b.shape[1:] else "pool"
     if flatten != "positions":
         return _flat(a, layout_a, flatten), _flat(b, layout_b, flatten)
     if layout_a.kind == layout_b.kind == "conv" and a.shape[-2:] != b.shape[-2:]:
@@ -166,6 +172,9 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
     if flatten not in FLATTEN:
         raise SimilarityError(f"unknown flatten '{flatten}'; choose one of {', '.join(FLATTEN)}")
     streaming = [name for name in indices if INDICES[name].streaming]
+    if flatten == "match" and (streaming or isinstance(images, dict)):
+        raise SimilarityError("flatten=match pairs whole activations of image models (positions where two have one "
+                              "shape, else pooled); for minibatch_cka or token sequences use sample, positions or pool")
     full = [name for name in indices if not INDICES[name].streaming]
     front_layouts = [front.cut_points[i - 1].layout for i in (front_layers or range(1, len(front.cut_points) + 1))]
     end_layouts = [end.cut_points[j - 1].layout for j in (end_layers or range(1, len(end.cut_points) + 1))]
@@ -194,7 +203,7 @@ def similarity_grids(front: torch.nn.Module, end: torch.nn.Module, images: torch
                           [_flat(a, la, flatten, mask) for a, la in zip(ends, end_layouts)])
         if full:
             def keep(a, layout):  # conv maps keep their positions: pairs of other sizes are pooled later
-                raw = flatten == "positions" and layout.kind == "conv"
+                raw = (flatten == "positions" and layout.kind == "conv") or flatten == "match"
                 return (a if raw else _flat(a, layout, flatten, mask)).float().cpu()
             kept_front.append([keep(a, la) for a, la in zip(fronts, front_layouts)])
             kept_end.append([keep(a, la) for a, la in zip(ends, end_layouts)])
@@ -256,7 +265,7 @@ def _full_grid(index: Index, fronts: list[torch.Tensor], ends: list[torch.Tensor
         return _cell(compute, f"{name} front {labels[0][i]} × end {labels[1][j]}", problems)
 
     grid = np.full((len(fronts), len(ends)), np.nan)
-    if index.gram is not None and flatten != "positions":
+    if index.gram is not None and flatten not in _PAIRWISE:
         # kernel indices: one Gram matrix per layer, shared by every pair it is in
         grams_f = [_gram_or_reason(index, a, f"front layer {i}", problems, name) for i, a in zip(labels[0], fronts)]
         grams_e = [_gram_or_reason(index, a, f"end layer {j}", problems, name) for j, a in zip(labels[1], ends)]
@@ -264,7 +273,7 @@ def _full_grid(index: Index, fronts: list[torch.Tensor], ends: list[torch.Tensor
             if k is not None and l is not None:
                 grid[i, j] = cell(lambda: kernel_cka(k, l, unbiased=index.unbiased), i, j)
         return grid
-    if flatten == "positions":
+    if flatten in _PAIRWISE:  # each pair is flattened by the two shapes it meets
         for i, a in enumerate(fronts):
             for j, b in enumerate(ends):
                 grid[i, j] = cell(lambda: index.pair(*pair_matrices(a, b, flatten, layouts[0][i], layouts[1][j])), i, j)
