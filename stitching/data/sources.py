@@ -1,8 +1,9 @@
 """Where images come from: each source returns uint8 arrays, ``[N, C, H, W]``, in memory.
 
 The embedded sources (``mnist5k``, ``digits``) ship inside installed packages and work
-offline. ``cifar10`` and ``svhn`` go through torchvision (downloading when allowed and
-online); ``ls_imagenet10`` reads the downsampled-ImageNet batch files from a folder;
+offline; ``fmnist`` (Fashion-MNIST) is read from the Debian package ``dataset-fashion-mnist``
+when it is installed. ``fmnist``, ``cifar10`` and ``svhn`` go through torchvision
+(downloading when allowed and online); ``ls_imagenet10`` reads the downsampled-ImageNet batch files from a folder;
 ``synthetic`` is random images for timing.
 """
 
@@ -132,6 +133,58 @@ def load_svhn(data_dir="data", download=True, **_) -> ImageArrays:
     )
 
 
+#: where the Debian package ``dataset-fashion-mnist`` installs the idx files
+FASHION_MNIST_INSTALLED = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_INSTALL = "make data-fmnist (apt-get install dataset-fashion-mnist)"
+
+
+def _unpack_installed(folder: Path, raw: Path, names: list[str]) -> None:
+    """The installed ``.gz`` idx files, decompressed where torchvision reads them (once)."""
+    import gzip
+    import shutil
+
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        target = raw / name.removesuffix(".gz")
+        if target.is_file():
+            continue
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with gzip.open(folder / name, "rb") as source, open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out)
+        os.replace(tmp, target)
+
+
+def load_fmnist(data_dir="data", download=True, installed=FASHION_MNIST_INSTALLED, image_size=32, channels=3,
+                **_) -> ImageArrays:
+    """Fashion-MNIST (Xiao et al. 2017; 60 000 train + 10 000 test 28×28 grey images, 10
+    classes, MIT licence) through torchvision's ``FashionMNIST``: from ``data_dir`` when it is
+    there, else from the files the Debian package ``dataset-fashion-mnist`` installs under
+    ``installed``, else torchvision's own download (when ``download`` and online). Padded to
+    32×32 as MNIST customarily is, ``channels`` copies of the grey channel."""
+    from torchvision.datasets import FashionMNIST
+
+    root = Path(data_dir)
+    raw = root / "FashionMNIST" / "raw"
+    names = [name for name, _ in FashionMNIST.resources]
+    have = all((raw / name.removesuffix(".gz")).is_file() for name in names)
+    source = Path(installed) if installed else None
+    if not have and source is not None and all((source / name).is_file() for name in names):
+        try:
+            _unpack_installed(source, raw, names)
+        except OSError as err:
+            raise StitchingError(f"cannot unpack Fashion-MNIST from {source} into {raw} ({err.strerror or err}); "
+                                 f"set paths.data_dir to a writable folder") from None
+
+    try:
+        train, test = FashionMNIST(root, train=True, download=download), FashionMNIST(root, train=False, download=download)
+    except (RuntimeError, OSError) as err:  # not installed, and offline or download=false
+        failed = f"; the download failed ({str(err).splitlines()[0][:100]})" if download else ""
+        raise StitchingError(f"Fashion-MNIST is neither in {raw} nor installed in {source}{failed}: install it with "
+                             f"{FASHION_MNIST_INSTALL}, or put {', '.join(names)} into {raw}") from None
+    as_images = lambda d: _to_image_tensor(d.data.numpy() / 255.0, image_size, channels)  # noqa: E731
+    return ImageArrays(as_images(train), train.targets.long(), as_images(test), test.targets.long())
+
+
 def _read_imagenet_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if path.suffix == ".npz":
         blob = np.load(path)
@@ -196,6 +249,7 @@ def load_synthetic(train_images=50_000, test_images=10_000, image_size=32, chann
 SOURCES = {
     "mnist5k": load_mnist5k,
     "digits": load_digits,
+    "fmnist": load_fmnist,
     "cifar10": load_cifar10,
     "svhn": load_svhn,
     "ls_imagenet10": load_ls_imagenet10,
