@@ -37,6 +37,17 @@ define sweep
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$status
 endef
 
+# $(call tlm_from_dm,DIR,PRESET): the TLM-vs-DM presets' ablation, TLM started at the DM solution
+# instead of the authors' random map, beside the preset's own grids (the report's `init` column)
+tlm_from_dm = $(call stitch,$(1)) experiment=$(2) objective=tlm stitch.start.tlm=dm $(ARGS)
+
+# $(call with_tlm_from_dm,PRESET): the preset's sweep and its TLM-from-DM ablation, one report
+define with_tlm_from_dm
+	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)) experiment=$(1) $(ARGS); status=$$?; \
+	$(call tlm_from_dm,$(SWEEPS)/$(1)/$(STAMP)/tlm_from_dm,$(1)) || status=1; \
+	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$status
+endef
+
 # $(call sanity,PRESET): the preset's stitching grids, and the paper's structural indices on the
 # same model pairs (end seed 0: a model against itself; 1: another seed), flattened as the
 # authors do: CKA per image (c·h·w), PWCCA and the orthogonal Procrustes distance over positions
@@ -44,6 +55,7 @@ endef
 define sanity
 	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)/stitching) experiment=$(1) $(ARGS); \
 	  echo $$? > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status
+	$(call tlm_from_dm,$(SWEEPS)/$(1)/$(STAMP)/stitching_tlm_from_dm,$(1)) || echo 1 > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status
 	for seed in 0 1; do \
 	  $(PY) -m stitching.similarity --index cka --flatten sample --no-progress \
 	    --out $(SWEEPS)/$(1)/$(STAMP)/cka_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null && \
@@ -116,9 +128,9 @@ fig11-small: $(READY) ## Fig. 11 on MNIST-5k, CPU-sized
 	$(call sweep,fig11_small)
 
 ood: $(READY) ## TLM-vs-DM paper (paper size, GPU): energy-detector AUROC of stitched vs native activations
-	$(call sweep,ood)
+	$(call with_tlm_from_dm,ood)
 ood-small: $(READY) ## OOD diagnosis on MNIST-5k, CPU-sized
-	$(call sweep,ood_small)
+	$(call with_tlm_from_dm,ood_small)
 grounding: $(READY) ## TLM-vs-DM paper (paper size, GPU): sensitivity and specificity tests of every measure, ResNet18
 	$(PY) -m stitching.grounding --no-progress --out outputs/grounding/grounding/$(STAMP) experiment=grounding $(ARGS)
 

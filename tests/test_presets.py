@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from stitching.report import report
 from stitching.results.records import collect
 from stitching.build import CONF_DIR
-from tests.conftest import train_cli
+from tests.conftest import compose_config, train_cli
 from tests.test_cli import _train
 
 #: presets of `python -m stitching.grounding` and `python -m stitching.claims` (not sweeps; their
@@ -118,3 +118,14 @@ def test_cpu_preset_runs_as_a_sweep_and_draws_its_figure(tmp_path, zoo_dir, pres
     made = report(sweep)
     assert (sweep / figure).is_file(), sorted(p.name for p in sweep.iterdir())
     assert len(frame) >= 2 and made["results"].is_file()
+
+
+@pytest.mark.parametrize("preset", ["sanity", "sanity_small", "sanity_vit", "sanity_vit_small", "ood", "ood_small",
+                                    "grounding", "grounding_small"])
+def test_the_tlm_vs_dm_presets_start_tlm_as_the_authors_and_keep_the_dm_start_as_an_ablation(preset):
+    """The authors' code starts TLM from a random map (--init rand); the other objectives start at
+    DM, and stitch.start.tlm=dm is the ablation that `make` runs beside the preset."""
+    starts = {objective: compose_config(f"experiment={preset}", f"objective={objective}").stitch.init
+              for objective in ("dm", "hint", "fula", "tlm")}
+    assert starts == {"dm": "dm", "hint": "dm", "fula": "dm", "tlm": "random"}
+    assert compose_config(f"experiment={preset}", "objective=tlm", "stitch.start.tlm=dm").stitch.init == "dm"
