@@ -30,6 +30,7 @@ from stitching.objectives import OBJECTIVES, make_objective
 from stitching.objectives.tasks import NextToken, task_of
 from stitching.runtime import Stopwatch
 from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
+from stitching.similarity.ood import OUTLIER_KINDS
 from stitching.validation import check_config
 from stitching.zoo import ModelSpec, ModelZoo
 
@@ -97,6 +98,7 @@ def read_settings(cfg: DictConfig) -> Settings:
     """Typed settings of a run; a bad choice or a value out of range is one line here,
     before any work."""
     check_config(cfg)
+    check_outliers(cfg)
     objective = cfg.objective.name
     if objective not in OBJECTIVES:
         raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
@@ -151,6 +153,17 @@ def check_self_baseline(cfg: DictConfig) -> None:
         raise StitchingError(f"evaluation.self_baseline trains the self-stitch baselines in one process, not on "
                              f"trainer.devices={trainer.get('devices')} / strategy={trainer.get('strategy')}: set "
                              f"evaluation.self_baseline=false (records keep the raw penalty only) or use one device")
+
+
+def check_outliers(cfg: DictConfig) -> None:
+    """The OOD detector's outlier families name a kind made from the images or a dataset, checked
+    before any training (the detector itself is fitted after the stitch)."""
+    datasets = sorted(path.stem for path in (CONF_DIR / "dataset").glob("*.yaml"))
+    for key in ("evaluation.ood.outliers", "evaluation.ood.heldout"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in OUTLIER_KINDS and value not in datasets:
+            raise StitchingError(f"{key}={value!r} is neither an outlier kind ({', '.join(OUTLIER_KINDS)}) nor a "
+                                 f"dataset ({', '.join(datasets)})")
 
 
 def several_processes(trainer: dict) -> bool:

@@ -199,7 +199,10 @@ def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: 
     beside its checkpoint) scores ``options["eval_images"]`` test images both ways:
 
     * ``ood/auroc`` — stitched vs native (0.5: indistinguishable; towards 1: stitched looks OOD);
-    * ``ood/auroc_outliers`` — outlier vs native test images, the detector's own quality;
+    * ``ood/auroc_outliers`` — outlier vs native test images, on the outlier family it was
+      fitted against;
+    * ``ood/auroc_heldout`` — with ``options["heldout"]`` (another outlier family, never seen in
+      fitting): the detector's quality on OOD data it was not trained to reject;
     * ``ood/energy_native``, ``ood/energy_stitched`` — mean energies.
 
     ``outlier_dataset(name) -> (train images, test images)`` loads a named outlier dataset.
@@ -216,8 +219,14 @@ def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: 
         stitched = torch.cat([network.stitched_activation(x.to(device)).cpu() for x in images.split(256)])
         foreign = torch.cat([head(x.to(device))[0].cpu() for x in outliers.split(256)])
     e_native, e_stitched, e_out = (detector.score(a) for a in (native, stitched, foreign))
-    return {"ood/auroc": auroc(e_stitched, e_native), "ood/auroc_outliers": auroc(e_out, e_native),
-            "ood/energy_native": float(e_native.mean()), "ood/energy_stitched": float(e_stitched.mean())}
+    metrics = {"ood/auroc": auroc(e_stitched, e_native), "ood/auroc_outliers": auroc(e_out, e_native),
+               "ood/energy_native": float(e_native.mean()), "ood/energy_stitched": float(e_stitched.mean())}
+    if options.get("heldout"):
+        held = _outliers_like(images, options["heldout"], seed + 2, outlier_dataset, test=True)
+        with torch.no_grad():
+            e_held = detector.score(torch.cat([head(x.to(device))[0].cpu() for x in held.split(256)]))
+        metrics["ood/auroc_heldout"] = auroc(e_held, e_native)
+    return metrics
 
 
 def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Path | None,

@@ -85,6 +85,9 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None, table_forma
                 layer_grid(rows, objective, "score").to_csv(out / f"grid_{objective}{suffix}.csv")
                 if seed_pairs(rows[rows.objective == objective]) > 1:
                     layer_grid(rows, objective, "score", aggfunc="std").to_csv(out / f"grid_{objective}{suffix}_std.csv")
+        if "ood_auroc" in frame and frame.ood_auroc.notna().any():  # stitched vs native over the grid
+            made["ood_heatmap"], _ = heatmaps(frame[frame.ood_auroc.notna()], out / "heatmap_ood_auroc.png",
+                                              metric="ood_auroc", diagonal=False)
         made["sanity"] = sanity_checks(frame)
         if made["sanity"]:
             (out / "sanity.json").write_text(json.dumps(made["sanity"], indent=2))
@@ -106,7 +109,7 @@ def log_to_wandb(made: dict, sweep_dir: Path, project: str = "stitching", group:
     for key in ("plots",):
         for path in made.get(key, []):
             payload[f"figures/{Path(path).stem}"] = wandb.Image(str(path))
-    for key in ("heatmap", "subsets", "penalty", "depth"):
+    for key in ("heatmap", "ood_heatmap", "subsets", "penalty", "depth"):
         if key in made:
             payload[f"figures/{key}"] = wandb.Image(str(made[key]))
     for condition, scores in made.get("self_accuracy", {}).items():

@@ -283,6 +283,11 @@ def check_config(cfg: DictConfig) -> None:
     if clip not in (None, "norm", "value"):
         raise StitchingError(f"trainer.gradient_clip_algorithm={_shown(clip)} is out of range: it must be norm or value")
     _check_claims_layers(cfg)
+    heldout = OmegaConf.select(cfg, "evaluation.ood.heldout", default=None)
+    if heldout is not None and heldout == OmegaConf.select(cfg, "evaluation.ood.outliers", default=None):
+        raise StitchingError(f"evaluation.ood.heldout={heldout} is the family the detector is fitted against "
+                             f"(evaluation.ood.outliers); a held-out check needs another one (noise, patch_shuffle or "
+                             f"a dataset name)")
     check_applies(cfg)
     weights = OmegaConf.select(cfg, "objective.weights", default=None)
     if OmegaConf.is_list(weights):

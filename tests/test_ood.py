@@ -71,10 +71,11 @@ def test_the_detector_separates_outliers_and_not_native_from_native(tiny_config)
 
 def test_a_stitching_run_reports_ood_auroc_and_caches_the_detector(tiny_config, tmp_path, zoo_dir):
     overrides = ("objective=tlm", "stitch.layer=3", "evaluation.ood.enabled=true", "evaluation.ood.epochs=1",
-                 "evaluation.ood.eval_images=200")
+                 "evaluation.ood.eval_images=200", "evaluation.ood.heldout=noise")
     record = run(tiny_config(*overrides), tmp_path / "a")
     metrics = json.loads((tmp_path / "a" / "results.json").read_text())["metrics"]
     assert 0.0 <= metrics["ood/auroc"] <= 1.0 and 0.0 <= metrics["ood/auroc_outliers"] <= 1.0
+    assert 0.0 <= metrics["ood/auroc_heldout"] <= 1.0  # a family the detector never saw in fitting
     assert record["evaluation"]["ood"]["end_layer"] == 3
     cached = sorted(zoo_dir.glob("*.ood-l3-*.pt"))
     assert len(cached) == 1
@@ -86,3 +87,20 @@ def test_a_stitching_run_reports_ood_auroc_and_caches_the_detector(tiny_config, 
     run(tiny_config(*overrides, "dataset.train_subset=300"), tmp_path / "c")
     run(tiny_config(*overrides, "dataset.num_classes_train=5"), tmp_path / "d")
     assert len(set(zoo_dir.glob("*.ood-l3-*.pt"))) == 3 and cached[0].stat().st_mtime_ns == stamp
+
+
+def test_the_report_draws_ood_auroc_over_a_front_by_end_grid(tmp_path):
+    from stitching.report import report
+
+    for front in (2, 3):
+        for end in (2, 3):
+            folder = tmp_path / f"f{front}e{end}"
+            folder.mkdir()
+            (folder / "results.json").write_text(json.dumps({
+                "status": "ok", "objective": "tlm", "front_layer": front, "end_layer": end,
+                "metrics": {"test/acc": 0.9, "ood/auroc": 0.5 + 0.1 * abs(front - end)},
+                "timings": {"total_s": 1}, "config": {},
+                "base": {"front": {"test_acc": 0.9, "key": "f"}, "end": {"test_acc": 0.9, "key": "e"}}}))
+    made = report(tmp_path)
+    assert made["ood_heatmap"].is_file() and made["ood_heatmap"].name == "heatmap_ood_auroc.png"
+    assert set(made["self_accuracy"]["all"]) == {"tlm"}  # the accuracy grid's, never the AUROC grid's

@@ -43,8 +43,9 @@ def panel_grid(plt, panels: int, width: float, height: float, columns: int = 4):
     return fig, flat
 
 
-def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple[Path, dict]:
-    """Annotated grids (rows: conditions, columns: objectives), titled with self-accuracy."""
+def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc", diagonal: bool = True) -> tuple[Path, dict]:
+    """Annotated grids (rows: conditions, columns: objectives), titled with self-accuracy
+    (``diagonal=False``: a metric where the diagonal is not expected to win, e.g. OOD AUROC)."""
     plt = pyplot()
     cells = [(label, rows, objective) for label, rows in facets(frame) for objective in objectives_present(frame)]
     columns = len(objectives_present(frame)) if len(objectives_present(frame)) > 1 else 4
@@ -57,9 +58,10 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
             ax.axis("off")
             continue
         directional, averaged = diagonal_wins(grid), diagonal_wins(grid, directional=False)
-        scores.setdefault(label or "all", {})[objective] = {
-            "self_accuracy": directional["share"], "self_accuracy_nondirectional": averaged["share"],
-            "ties": directional["ties"], "ties_nondirectional": averaged["ties"]}
+        if diagonal:
+            scores.setdefault(label or "all", {})[objective] = {
+                "self_accuracy": directional["share"], "self_accuracy_nondirectional": averaged["share"],
+                "ties": directional["ties"], "ties_nondirectional": averaged["ties"]}
         # accuracy in percent (higher is better), or a language model's cost as it is (lower is better)
         values, text, dark = (-grid.to_numpy(dtype=float), "{:.2f}", np.greater) if cost else \
             (grid.to_numpy(dtype=float) * 100, "{:.0f}", np.less)
@@ -93,8 +95,9 @@ def heatmaps(frame: pd.DataFrame, path: Path, metric: str = "test_acc") -> tuple
                     ha="center", fontsize=6)
         note = spread_note(mine)
         tied = f", {directional['ties']} tied" if directional["ties"] else ""
-        ax.set_title(f"{objective.upper()}{f' {cost}' if cost else ''}  self-acc {directional['share']:.2f}{tied} "
-                     f"({averaged['share']:.2f})"
+        ranked = f"  self-acc {directional['share']:.2f}{tied} ({averaged['share']:.2f})" if diagonal else \
+            f"  {METRIC_LABELS.get(metric, metric)}"
+        ax.set_title(f"{objective.upper()}{f' {cost}' if cost else ''}{ranked}"
                      + (f"\n{label}" if label else "") + (f"\n{note}" if note else ""), fontsize=9)
     return save_figure(plt, fig, path), scores
 

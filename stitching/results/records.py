@@ -43,6 +43,7 @@ METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust ac
                  "test_acc_shortcut": "accuracy with shortcut",
                  "init_penultimate_cka": "penultimate CKA at DM init",
                  "ood_auroc": "OOD AUROC, stitched vs native",
+                 "ood_auroc_heldout": "OOD detector AUROC on a held-out family",
                  "test_hans_acc": "HANS lexical-overlap accuracy"}
 
 
