@@ -62,6 +62,10 @@ def hold_folder(folder: str | Path, setting: str) -> Path:
     key = str(folder.resolve())
     if key in _HELD:
         return folder
+    if any(os.environ.get(rank, "0") != "0" for rank in ("LOCAL_RANK", "NODE_RANK")):
+        # a DDP worker the holding command launched itself (Lightning sets the ranks of the processes
+        # it starts): the same command, whose first process writes the results, not another writer
+        return folder
     lock = FileLock(str(folder / ".writer.lock"))
     try:
         lock.acquire(timeout=0)
