@@ -31,7 +31,7 @@ from stitching.objectives.tasks import NextToken, task_of
 from stitching.runtime import Stopwatch
 from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
 from stitching.similarity.ood import OUTLIER_KINDS
-from stitching.validation import check_config
+from stitching.validation import check_config, dataset_names
 from stitching.zoo import ModelSpec, ModelZoo
 
 
@@ -158,7 +158,7 @@ def check_self_baseline(cfg: DictConfig) -> None:
 def check_outliers(cfg: DictConfig) -> None:
     """The OOD detector's outlier families name a kind made from the images or a dataset, checked
     before any training (the detector itself is fitted after the stitch)."""
-    datasets = sorted(path.stem for path in (CONF_DIR / "dataset").glob("*.yaml"))
+    datasets = dataset_names()
     for key in ("evaluation.ood.outliers", "evaluation.ood.heldout"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in OUTLIER_KINDS and value not in datasets:
@@ -178,14 +178,16 @@ def several_processes(trainer: dict) -> bool:
 
 # -- builders ------------------------------------------------------------------------------
 def dataset_config(cfg: DictConfig, name: str) -> dict:
-    """The resolved ``dataset`` group for ``name`` (the run's own one when it matches)."""
+    """The resolved ``dataset`` group for ``name``: the run's own one (``dataset.*``) when it
+    matches, else its preset with ``datasets.<name>.*`` over it (a side's or the outliers' data)."""
     if name == cfg.dataset.name:
         return OmegaConf.to_container(cfg.dataset, resolve=True)
     path = CONF_DIR / "dataset" / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))
+        known = ", ".join(dataset_names())
         raise StitchingError(f"unknown dataset '{name}'; choose one of {known}")
-    merged = OmegaConf.merge({"paths": cfg.paths}, {"dataset": OmegaConf.load(path)})
+    given = OmegaConf.select(cfg, f"datasets.{name}", default=None) or {}  # checked by validation.check_datasets
+    merged = OmegaConf.merge({"paths": cfg.paths}, {"dataset": OmegaConf.load(path)}, {"dataset": given})
     return OmegaConf.to_container(merged.dataset, resolve=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -289,6 +290,7 @@ def check_config(cfg: DictConfig) -> None:
                              f"(evaluation.ood.outliers); a held-out check needs another one (noise, patch_shuffle or "
                              f"a dataset name)")
     check_applies(cfg)
+    check_datasets(cfg)
     weights = OmegaConf.select(cfg, "objective.weights", default=None)
     if OmegaConf.is_list(weights):
         values = list(weights)
@@ -312,6 +314,70 @@ def check_trainer(options: dict) -> None:
             raise StitchingError(f"trainer={{'{key}': {value!r}}} is out of range: it must be {rule.describe()} "
                                  f"(the command line's trainer.{key})")
     _check_precision(options.get("precision"))
+
+
+#: a dataset's settings that choose the stitching data from it (and its batches); a base model
+#: and an OOD detector's outlier set always read the whole clean training split, with the zoo's
+#: own batch size, so these never reach a dataset that only a base model or the outliers read
+STITCHING_ONLY = frozenset({"train_subset", "num_classes_train", "train_sequences", "test_sequences", "challenge",
+                            "batch_size"})
+
+
+#: the dataset presets (``stitching.CONF_DIR / "dataset"``; the package imports this module)
+DATASET_PRESETS = Path(__file__).resolve().parent / "conf" / "dataset"
+
+
+def dataset_names() -> list[str]:
+    return sorted(path.stem for path in DATASET_PRESETS.glob("*.yaml"))
+
+
+def check_datasets(cfg: DictConfig) -> None:
+    """``datasets.<name>.<key>``: a setting of a dataset other than the run's own (a side's
+    dataset in cross-task stitching, an outlier dataset), checked like ``dataset.<key>``: the
+    dataset is one this run reads, the key is one of its settings, the value is in range, and
+    it is a setting the base models (or outliers) read, so none is silently ignored."""
+    given = OmegaConf.select(cfg, "datasets", default=None)
+    if not given:
+        return
+    own = OmegaConf.select(cfg, "dataset.name")
+    used = {OmegaConf.select(cfg, f"{side}.dataset") for side in ("front", "end")}
+    used |= {OmegaConf.select(cfg, key, default=None) for key in ("evaluation.ood.outliers", "evaluation.ood.heldout")}
+    known = dataset_names()
+    for name, options in given.items():
+        if name not in known:
+            raise StitchingError(f"datasets.{name}: unknown dataset '{name}'; choose one of {', '.join(known)}")
+        if name == own:
+            raise StitchingError(f"datasets.{name} names the run's own dataset: set its settings as dataset.<key>=…")
+        if name not in used:
+            raise StitchingError(f"datasets.{name} applies to no dataset this run reads (front.dataset="
+                                 f"{OmegaConf.select(cfg, 'front.dataset')}, end.dataset="
+                                 f"{OmegaConf.select(cfg, 'end.dataset')}, the OOD outliers): remove it")
+        if not OmegaConf.is_dict(options):
+            raise StitchingError(f"datasets.{name}={_shown(options)}: give settings by key, e.g. "
+                                 f"+datasets.{name}.source.download=false")
+        _check_dataset_keys(name, OmegaConf.load(DATASET_PRESETS / f"{name}.yaml"), options, "")
+
+
+def _check_dataset_keys(name: str, defaults, options, prefix: str) -> None:
+    for key, value in options.items():
+        path = f"{prefix}{key}"
+        if key not in defaults or path == "name":
+            settable = ", ".join(k for k in defaults if prefix or k != "name")
+            raise StitchingError(f"datasets.{name}.{path} is not a setting of dataset {name}; its settings: {settable}")
+        if not prefix and key in STITCHING_ONLY:
+            raise StitchingError(f"datasets.{name}.{key} chooses the stitching data, and {name} is not the run's "
+                                 f"stitching data: a base model reads its whole training split (batch size: "
+                                 f"zoo.recipe.batch_size); remove it")
+        if OmegaConf.is_dict(defaults[key]):
+            if not OmegaConf.is_dict(value):
+                raise StitchingError(f"datasets.{name}.{path}={_shown(value)}: give its settings by key "
+                                     f"({', '.join(defaults[key])})")
+            _check_dataset_keys(name, defaults[key], value, f"{path}.")
+            continue
+        rule = RULES.get(f"dataset.{path}")
+        if rule is not None and not rule.allows(value):
+            raise StitchingError(f"datasets.{name}.{path}={_shown(value)} is out of range: it must be "
+                                 f"{rule.describe()}")
 
 
 def _check_claims_layers(cfg: DictConfig) -> None:

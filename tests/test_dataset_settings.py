@@ -1,0 +1,76 @@
+"""``datasets.<name>.*``: the settings of a dataset that is not the run's own (a side's data in
+cross-task stitching, an outlier set) reach that dataset, and a key that would not is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from stitching.build import build_datamodule, build_zoo, dataset_config, read_settings
+from stitching.errors import StitchingError
+from stitching.validation import RULES, STITCHING_ONLY
+
+
+def test_a_side_dataset_override_reaches_its_data_and_its_base_model_identity(tiny_config):
+    plain = tiny_config("front.dataset=mnist5k")
+    given = tiny_config("front.dataset=mnist5k", "+datasets.mnist5k.source.image_size=16",
+                        "+datasets.mnist5k.augment.crop_padding=2")
+    read_settings(given)
+    options = dataset_config(given, "mnist5k")
+    assert options["source"]["image_size"] == 16 and options["augment"]["crop_padding"] == 2
+    assert options["source"]["test_fraction"] == dataset_config(plain, "mnist5k")["source"]["test_fraction"]
+    data = build_datamodule(given, "mnist5k", with_testbeds=False)
+    data.setup()
+    assert tuple(data.arrays.train_x.shape[-2:]) == (16, 16)  # the images the front model trains on
+    # a base model trained on other data is another model: its zoo file is never the plain one's
+    front = read_settings(given).front.spec
+    assert build_zoo(given).path(front) != build_zoo(plain).path(front)
+    # the run's own dataset is untouched
+    assert dataset_config(given, "digits") == dataset_config(plain, "digits")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+datasets.imagenet21k.batch_size=4"], "datasets.imagenet21k: unknown dataset 'imagenet21k'"),
+    (["+datasets.digits.batch_size=4"], "datasets.digits names the run's own dataset: set its settings as dataset."),
+    (["+datasets.cifar10.augment.hflip=false"], "datasets.cifar10 applies to no dataset this run reads"),
+    (["front.dataset=mnist5k", "+datasets.mnist5k.colour=1"], "datasets.mnist5k.colour is not a setting of dataset "
+                                                              "mnist5k"),
+    (["front.dataset=mnist5k", "+datasets.mnist5k.source.size=1"], "datasets.mnist5k.source.size is not a setting"),
+    (["front.dataset=mnist5k", "+datasets.mnist5k.name=cifar10"], "datasets.mnist5k.name is not a setting"),
+    (["front.dataset=mnist5k", "+datasets.mnist5k.source=5"], "datasets.mnist5k.source=5: give its settings by key"),
+    (["front.dataset=mnist5k", "+datasets.mnist5k.source.image_size=2"],
+     "datasets.mnist5k.source.image_size=2 is out of range: it must be an integer ≥ 4"),
+    (["front.dataset=mnist5k", "+datasets.mnist5k.augment.hflip=3"], "datasets.mnist5k.augment.hflip=3 is out of range"),
+    (["evaluation.ood.enabled=true", "evaluation.ood.outliers=mnist5k", "+datasets.mnist5k.train_subset=100"],
+     "datasets.mnist5k.train_subset chooses the stitching data"),
+])
+def test_a_dataset_setting_that_would_not_apply_is_one_line(tiny_config, overrides, message):
+    with pytest.raises(StitchingError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        read_settings(tiny_config(*overrides))
+
+
+@pytest.mark.parametrize("key", sorted(STITCHING_ONLY))
+def test_every_stitching_only_setting_is_refused_for_a_side_dataset(tiny_config, key):
+    # mnist5k has no sequences: a key it lacks is "not a setting"; one it has is "chooses the stitching data"
+    with pytest.raises(StitchingError, match=f"datasets\\.mnist5k\\.{key} (chooses the stitching data|is not a "
+                                             f"setting)"):
+        read_settings(tiny_config("front.dataset=mnist5k", f"+datasets.mnist5k.{key}=4"))
+
+
+def test_every_ranged_dataset_key_is_ranged_for_a_side_dataset_too(tiny_config):
+    # the same rules as dataset.<key>: generated from RULES, one bad value per ranged image-data key
+    checked = 0
+    defaults = dataset_config(tiny_config(), "mnist5k")
+    for key, rule in RULES.items():
+        if not key.startswith("dataset.") or key.split(".")[1] in STITCHING_ONLY:
+            continue
+        path = key.split(".", 1)[1]
+        node = defaults
+        for part in path.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is KeyError:
+            continue
+        bad = "true" if rule.kind != "bool" else "7"
+        with pytest.raises(StitchingError, match=f"datasets\\.mnist5k\\.{path}=.* is out of range"):
+            read_settings(tiny_config("front.dataset=mnist5k", f"+datasets.mnist5k.{path}={bad}"))
+        checked += 1
+    assert checked >= 6
