@@ -31,7 +31,7 @@ import torch
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import hold_folder
 from stitching.runtime import build_trainer, precision_autocast, release_memory, speed_up, versions, write_json_atomic
-from stitching.build import compose_config, prepare
+from stitching.build import compose_config, prepare, read_settings
 from stitching.engine import ENGINE_KEYS
 
 
@@ -77,9 +77,10 @@ def bench_objectives(overrides: list[str], layer: int, run_dir: Path, peak: floa
     where the device's peak is known (or ``peak`` given), the model-FLOPs utilisation."""
     rows = []
     for objective in ("dm", "hint", "fula", "slm", "tlm"):
-        cfg = compose_config([*overrides, f"objective={objective}", f"stitch.layer={layer}", "trainer.max_epochs=1"])
-        prep = prepare(cfg)  # base models come from (or go into) the zoo before timing
-        options = dict(cfg.trainer)
+        settings = read_settings(compose_config([*overrides, f"objective={objective}", f"stitch.layer={layer}",
+                                                 "trainer.max_epochs=1"]))
+        prep = prepare(settings)  # base models come from (or go into) the zoo before timing
+        options = dict(settings.trainer)
         row = {"what": f"{objective} epoch", "layer": layer, "images": len(prep.datamodule.arrays.train_y)}
         engine = prep.engine
         trainable = engine.objective.trainable
@@ -100,12 +101,12 @@ def bench_objectives(overrides: list[str], layer: int, run_dir: Path, peak: floa
             if objective in PLAIN_OBJECTIVES:
                 plain = {}
                 with measure(plain):
-                    plain_loop(prepare(cfg), objective)
+                    plain_loop(prepare(settings), objective)
                 row["plain_loop_images_per_s"] = round(row["images"] / plain["seconds"], 1)
                 extra += f", a plain PyTorch loop {row['plain_loop_images_per_s']:.0f}"
                 row["epoch_tflop"] = round(epoch_flops(prep, objective) / 1e12, 4)
                 device = torch.device(prep.settings.device)
-                row["dtype"] = compute_dtype(cfg.trainer.get("precision"), device.type)
+                row["dtype"] = compute_dtype(settings.trainer.get("precision"), device.type)
                 device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
                 row.update(utilisation(row["epoch_tflop"] * 1e12, row["seconds"],
                                        peak_tflops(device_name, row["dtype"], peak)))
@@ -282,19 +283,19 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
     from stitching.grids import cell_config, run_grid
     from stitching.runs import run
 
-    cfg = compose_config([*overrides, f"objective={objective}", "trainer.max_epochs=1",
-                          f"trainer.limit_train_batches={batches}", "grid.pairs=all"])
-    prepare(cell_config(cfg, 1, 1))  # base models come from (or go into) the zoo before timing
+    settings = read_settings(compose_config([*overrides, f"objective={objective}", "trainer.max_epochs=1",
+                                             f"trainer.limit_train_batches={batches}", "grid.pairs=all"]))
+    prepare(cell_config(settings, 1, 1))  # base models come from (or go into) the zoo before timing
     single = {"what": f"9x9 {objective}: 81 single runs", "layer": "all", "images": f"{batches} batches x 81"}
     with measure(single):
         for front in range(1, 10):
             for end in range(1, 10):
-                run(cell_config(cfg, front, end), run_dir / "single" / objective / f"f{front}-e{end}")
+                run(cell_config(settings, front, end), run_dir / "single" / objective / f"f{front}-e{end}")
                 release_memory()
     print(_line(single), flush=True)
     fused = {"what": f"9x9 {objective}: fused grid", "layer": "all", "images": f"{batches} batches x 81"}
     with measure(fused):
-        run_grid(cfg, run_dir / "fused", progress=False)
+        run_grid(settings, run_dir / "fused", progress=False)
     accuracy = {}
     for kind in ("single", "fused"):
         for path in (run_dir / kind / objective).glob("*/results.json"):

@@ -1,11 +1,15 @@
 """The composition root: config → typed settings (read once) → data, models, cut, module.
 
-Every entry point (``train``, ``similarity``, ``bench``, ``pretrain``) builds what it needs
-through the functions here and nothing else reads the raw config for the same values.
+:func:`read_settings` is the only reader of the Hydra config: it checks every setting (ranges,
+applicability, names) and returns :class:`Settings`. Every builder here, the runs, the grids and
+the tools (``train``, ``grid``, ``similarity``, ``probe``, ``grounding``, ``claims``, ``bench``,
+``pretrain``) take those settings; a builder given a config reads it through the same door
+(:func:`as_settings`). A record's config is ``Settings.config``, the resolved config as a dict.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
@@ -57,8 +61,43 @@ class Side:
 
 
 @dataclass(frozen=True)
+class EvaluationSettings:
+    """What is measured beside the stitched test metrics (``evaluation.*``)."""
+
+    self_baseline: bool | str  # "auto", True or False
+    penultimate_cka: bool
+    ood: dict  # the OOD detector's settings; ``ood["enabled"]``
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    """Where base models live, whether a missing one is trained, and how (``zoo.*``)."""
+
+    dir: str
+    train_missing: bool
+    recipe: dict
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    output_dir: str
+    data_dir: str
+    zoo_dir: str
+    baselines_dir: str
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    pairs: Any  # "all", "diagonal" or [[i, j], …]
+    tail_samples: Any  # "auto", None or a count
+
+
+@dataclass(frozen=True)
 class Settings:
-    """What one stitching run is, read once from the config."""
+    """What one stitching run is, read once from the config: nothing past :func:`read_settings`
+    reads the config itself. ``config`` is the resolved config as a plain dict, what a record
+    keeps and what its ``config_hash`` is taken of; ``datasets`` holds every dataset preset
+    resolved (the run's own with ``dataset.*``, the others with ``datasets.<name>.*``)."""
 
     seed: int
     objective: str
@@ -70,11 +109,44 @@ class Settings:
     shortcut: dict
     trainer: dict
     dataset: str
+    datasets: dict
+    evaluation: EvaluationSettings
+    zoo: ZooSettings
+    paths: PathSettings
+    grid: GridSettings
+    logger: dict
+    config: dict
 
     @property
     def device(self) -> torch.device:
         wants_gpu = self.trainer.get("accelerator") in ("gpu", "cuda", "auto")
         return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+    def data(self, name: str | None = None) -> dict:
+        """The resolved settings of dataset ``name`` (default: the run's own), a copy."""
+        name = name or self.dataset
+        if name not in self.datasets:
+            raise StitchingError(f"unknown dataset '{name}'; choose one of {', '.join(sorted(self.datasets))}")
+        return copy.deepcopy(self.datasets[name])
+
+    def for_cell(self, i: int, j: int) -> "Settings":
+        """These settings as the single run of cell ``(i, j)`` has them."""
+        config = copy.deepcopy(self.config)
+        config["stitch"].update(front_layer=i, end_layer=j)
+        return replace(self, stitch=replace(self.stitch, front_layer=i, end_layer=j), config=config)
+
+    def self_stitch(self) -> "Settings":
+        """The self-stitch baseline of this run: the end model as its own front, cut at the end
+        layer (same objective, stitch, data, budget and seed)."""
+        config = copy.deepcopy(self.config)
+        config["front"] = copy.deepcopy(config["end"])
+        j = self.stitch.end_layer
+        return replace(self, front=self.end, config=config).for_cell(j, j)
+
+
+def as_settings(given: "Settings | DictConfig") -> Settings:
+    """A config read into settings (settings as they are): the one door of every builder."""
+    return given if isinstance(given, Settings) else read_settings(given)
 
 
 def layer_value(value) -> int | str:
@@ -123,6 +195,8 @@ def read_settings(cfg: DictConfig) -> Settings:
                 raise StitchingError(f"{side}.name is required for {arch} models (a folder or a hub name)")
         elif cfg[side].get("pretrained"):
             raise StitchingError(f"{side}.pretrained=true applies to timm and torchvision models, not '{arch}'")
+    evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    grid = OmegaConf.to_container(cfg.grid, resolve=True) if "grid" in cfg else {}
     return Settings(
         seed=int(cfg.seed), objective=objective,
         fula_weights=OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights,
@@ -136,6 +210,15 @@ def read_settings(cfg: DictConfig) -> Settings:
         attack=OmegaConf.to_container(cfg.attack, resolve=True),
         shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True),
         trainer=OmegaConf.to_container(cfg.trainer, resolve=True), dataset=cfg.dataset.name,
+        datasets={name: dataset_config(cfg, name) for name in {*dataset_names(), cfg.dataset.name}},
+        evaluation=EvaluationSettings(evaluation["self_baseline"], bool(evaluation["penultimate_cka"]),
+                                      evaluation["ood"]),
+        zoo=ZooSettings(str(cfg.zoo.dir), bool(cfg.zoo.train_missing),
+                        OmegaConf.to_container(cfg.zoo.recipe, resolve=True)),
+        paths=PathSettings(**{key: str(cfg.paths[key]) for key in ("output_dir", "data_dir", "zoo_dir",
+                                                                   "baselines_dir")}),
+        grid=GridSettings(grid.get("pairs", "all"), grid.get("tail_samples", "auto")),
+        logger=OmegaConf.to_container(cfg.logger, resolve=True), config=OmegaConf.to_container(cfg, resolve=True),
     )
 
 
@@ -191,10 +274,12 @@ def dataset_config(cfg: DictConfig, name: str) -> dict:
     return OmegaConf.to_container(merged.dataset, resolve=True)
 
 
-def build_datamodule(cfg: DictConfig, name: str | None = None, with_testbeds: bool = True) -> ImageDataModule | TextDataModule:
+def build_datamodule(settings: Settings | DictConfig, name: str | None = None,
+                     with_testbeds: bool = True) -> ImageDataModule | TextDataModule:
     """The stitching data (``with_testbeds``: shortcuts, class subsets as configured), or a
     dataset's full clean training split (``with_testbeds=False``: what base models see)."""
-    options = dataset_config(cfg, name or cfg.dataset.name)
+    settings = as_settings(settings)
+    options = settings.data(name)
     if options.get("kind") == "text":  # a corpus of token streams, or labelled sentence pairs
         if not with_testbeds:  # a base model reads the whole corpus, never a run's subset of it
             options = {**options, "train_sequences": None, "test_sequences": None}
@@ -203,20 +288,21 @@ def build_datamodule(cfg: DictConfig, name: str | None = None, with_testbeds: bo
     options.pop("attack_eps", None)  # read by the attack group and the zoo, not the data
     if not with_testbeds:
         return ImageDataModule(**{**options, "num_classes_train": None, "train_subset": None})
-    return ImageDataModule(**options, shortcut=OmegaConf.to_container(cfg.shortcut, resolve=True))
+    return ImageDataModule(**options, shortcut=copy.deepcopy(settings.shortcut))
 
 
-def build_zoo(cfg: DictConfig) -> ModelZoo:
-    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+def build_zoo(settings: Settings | DictConfig) -> ModelZoo:
+    settings = as_settings(settings)
+    trainer = {k: v for k, v in settings.trainer.items()
                if k not in ("max_epochs", "limit_train_batches", "limit_test_batches")}
-    return ModelZoo(cfg.zoo.dir, OmegaConf.to_container(cfg.zoo.recipe, resolve=True),
-                    lambda name: build_datamodule(cfg, name, with_testbeds=False),
-                    trainer_options=trainer, train_missing=cfg.zoo.train_missing,
-                    attack_eps=lambda name: dataset_config(cfg, name).get("attack_eps"),
-                    data_settings=lambda name: dataset_config(cfg, name))
+    return ModelZoo(settings.zoo.dir, copy.deepcopy(settings.zoo.recipe),
+                    lambda name: build_datamodule(settings, name, with_testbeds=False),
+                    trainer_options=trainer, train_missing=settings.zoo.train_missing,
+                    attack_eps=lambda name: settings.data(name).get("attack_eps"),
+                    data_settings=settings.data)
 
 
-def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] | None = None,
+def load_models(settings: Settings | DictConfig, layers: tuple[list, list] | None = None,
                 stitched: bool = True, datamodule=None) -> tuple[CuttableModel, dict, CuttableModel, dict]:
     """Front and end from the zoo (trained on first use), a file or the hub, with their records.
 
@@ -225,7 +311,8 @@ def load_models(cfg: DictConfig, settings: Settings, layers: tuple[list, list] |
     ``stitched`` the two cut points' layouts must be joinable, and both must read
     ``datamodule`` (tokenizer, context, image channels) when one is given.
     """
-    zoo = build_zoo(cfg)
+    settings = as_settings(settings)
+    zoo = build_zoo(settings)
     sides = {"front": settings.front, "end": settings.end}
     front_layers, end_layers = layers or ([settings.stitch.front_layer], [settings.stitch.end_layer])
     wanted = {"front": front_layers, "end": end_layers}
@@ -410,28 +497,27 @@ class Run:
         return self.prepared.cell[1]
 
 
-def setup(cfg: DictConfig, watch: Stopwatch | None = None, layers: tuple[list, list] | None = None,
+def setup(settings: Settings | DictConfig, watch: Stopwatch | None = None, layers: tuple[list, list] | None = None,
           stitched: bool = True) -> Setup:
     """Settings, data, DM samples and base models (checked against ``layers``, default the
     stitch's own cut points, before a missing base model is trained)."""
     watch = watch or Stopwatch()
-    settings = read_settings(cfg)
+    settings = as_settings(settings)
     L.seed_everything(settings.seed, workers=True, verbose=False)
     with watch.section("data_s"):
-        datamodule = build_datamodule(cfg)
+        datamodule = build_datamodule(settings)
         datamodule.setup()
         datamodule.stream_seed, datamodule.device = settings.seed, settings.device  # batches made on the device
         check_sizes(datamodule, settings)
         sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
         samples = sample(settings.stitch.dm_samples, seed=settings.seed)
     with watch.section("zoo_s"):
-        front, front_record, end, end_record = load_models(cfg, settings, layers, stitched=stitched,
-                                                           datamodule=datamodule)
+        front, front_record, end, end_record = load_models(settings, layers, stitched=stitched, datamodule=datamodule)
     inputs = reconcile_inputs(front, end, datamodule)
     for line in describe_inputs(inputs):
         print(line, flush=True)
     check_compatible(front, end, datamodule, batches(samples, 2)[0])
-    if cfg.evaluation.get("self_baseline") is True and not isinstance(task_of(end), NextToken):
+    if settings.evaluation.self_baseline is True and not isinstance(task_of(end), NextToken):
         raise StitchingError(f"evaluation.self_baseline=true applies to language models scored by their next-token "
                              f"penalty; the end model is scored by its {task_of(end).name} loss: leave it auto")
     return Setup(settings, datamodule, front, end, front_record, end_record, inputs, samples)
@@ -456,17 +542,17 @@ def cell_run(done: Setup, engine: StitchEngine, cell: tuple[int, int]) -> Run:
                Prepared(engine, cell))
 
 
-def prepare(cfg: DictConfig, watch: Stopwatch | None = None) -> Run:
+def prepare(settings: Settings | DictConfig, watch: Stopwatch | None = None) -> Run:
     """A single run: settings, data, base models, cut, and its one-cell engine at its start."""
     watch = watch or Stopwatch()
-    done = setup(cfg, watch)
+    done = setup(settings, watch)
     s = done.settings.stitch
     cell = (cut(done.front, s.front_layer).index, cut(done.end, s.end_layer).index)
     return cell_run(done, make_engine(done, [cell], watch), cell)
 
 
-def outlier_arrays(cfg: DictConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def outlier_arrays(settings: Settings, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and test images in [0, 1] of the dataset ``name`` (an OOD detector's outliers)."""
-    datamodule = build_datamodule(cfg, name, with_testbeds=False)
+    datamodule = build_datamodule(settings, name, with_testbeds=False)
     datamodule.setup()
     return datamodule.arrays.train_x.float().div(255), datamodule.arrays.test_x.float().div(255)

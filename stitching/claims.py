@@ -445,12 +445,13 @@ def chosen(settings: DictConfig) -> list[str]:
     return names
 
 
-def check_cut_points(cfg: DictConfig) -> None:
-    """Every cut point the claims name exists in both image models: one line before any run."""
-    from stitching.build import build_zoo, read_settings
+def check_cut_points(run) -> None:
+    """Every cut point the claims name exists in both image models (``run``: the base config's
+    :class:`~stitching.build.Settings`): one line before any run."""
+    from stitching.build import build_zoo
     from stitching.models import cut_point_names
 
-    run, zoo, c = read_settings(cfg), build_zoo(cfg), cfg.claims
+    zoo, c = build_zoo(run), OmegaConf.create(run.config["claims"])
     counts = []
     for side in (run.front, run.end):
         model = zoo.untrained(side.spec) if zoo.needs_training(side.spec, side.checkpoint) else \
@@ -463,14 +464,15 @@ def check_cut_points(cfg: DictConfig) -> None:
                              f"change claims.layers, claims.grid_layers or claims.layer")
 
 
-def check_claims(cfg: DictConfig, base: list[str], out: Path, progress: bool = True) -> dict:
-    """Run every job of the chosen claims (a finished cell is kept), measure, write the report."""
+def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict:
+    """Run every job of the chosen claims (a finished cell is kept), measure, write the report
+    (``run``: the base config's :class:`~stitching.build.Settings`)."""
     from stitching.results.records import collect
 
-    settings = cfg.claims
+    settings = OmegaConf.create(run.config["claims"])
     names = chosen(settings)
     if any(CLAIMS[name].experiment != "language" for name in names):  # the language runs name no image layers
-        check_cut_points(cfg)
+        check_cut_points(run)
     watch = Stopwatch()
     jobs = plan(settings, names)
     failed: list[str] = []
@@ -491,7 +493,7 @@ def check_claims(cfg: DictConfig, base: list[str], out: Path, progress: bool = T
     for side in ("front", "end"):  # every base model of the runs, with its own test accuracy
         if not frame.empty and f"{side}_acc" in frame:
             models.update(frame.dropna(subset=[f"{side}_acc"]).groupby(f"{side}_model")[f"{side}_acc"].first())
-    meta = {"base": base, "epochs": int(cfg.trainer.max_epochs),
+    meta = {"base": base, "epochs": int(run.trainer["max_epochs"]),
             "base_accuracy": ", ".join(f"{k} {v:.3f}" for k, v in sorted(models.items())) or "—"}
     write_report(results, frame, out, settings, meta)
     record = {"claims": results, "failed": failed, "settings": OmegaConf.to_container(settings, resolve=True), **meta,
@@ -514,8 +516,7 @@ def _with_curves(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from stitching.build import compose_config
-    from stitching.validation import check_config
+    from stitching.build import compose_config, read_settings
 
     parser = argparse.ArgumentParser(prog="python -m stitching.claims", description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help=f"comma-separated claims (default: all): {', '.join(CLAIMS)}")
@@ -525,14 +526,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=claims_small)")
     args = parser.parse_args(argv)
     base = [*(args.overrides or ["experiment=claims_small"]), *([f"claims.only={args.only}"] if args.only else [])]
-    cfg = compose_config(base)
-    check_config(cfg)
-    chosen(cfg.claims)
+    run = read_settings(compose_config(base))
+    chosen(OmegaConf.create(run.config["claims"]))
     out = hold_folder(Path(args.out) if args.out else Path("outputs/claims") / time.strftime("%Y-%m-%d_%H-%M-%S"),
                       "--out")
     on_interrupt(f"every finished run keeps its results.json in {out}; rerun the same command with --out {out} "
                  f"to run only the rest")
-    record = check_claims(cfg, base, out, progress=not args.no_progress)
+    record = check_claims(run, base, out, progress=not args.no_progress)
     print((out / "claims.md").read_text())
     print(f"{record['timings']['total_s']:.0f}s; results in {out.resolve()}")
     if record["failed"]:

@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from stitching import CONF_DIR
+from stitching.build import compose_config, read_settings
 from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
 from stitching.files import hold_folder
 from stitching.grids import preset_sweep, run_grid, sweep_grids
@@ -42,8 +43,6 @@ def _folder_name(number: int, overrides: list[str], varying: set[str]) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from stitching.build import compose_config
-
     parser = argparse.ArgumentParser(prog="python -m stitching.grid", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--multirun", action="store_true",
                         help="a sweep: one whole grid per combination of the swept keys other than the layers "
@@ -74,11 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     configs = []
     for rest, cells, folder in plan:  # every grid's config is read (and checked) before any is trained
         extra = [] if cells is None else [f"grid.pairs={_pairs_override(cells)}"]
-        configs.append((compose_config([*rest, *extra]), folder))
+        configs.append((read_settings(compose_config([*rest, *extra])), folder))
     failed = 0
-    for cfg, folder in configs:
-        summary = run_grid(cfg, folder, progress=not args.no_progress)
-        _print_summary(cfg, summary, folder)
+    for settings, folder in configs:
+        summary = run_grid(settings, folder, progress=not args.no_progress)
+        _print_summary(settings.objective, summary, folder)
         failed += len(summary["failed"])
         release_memory()
     if failed:
@@ -120,18 +119,19 @@ def grid_job(cfg: DictConfig) -> int:
     share_threads((hydra_cfg.get("launcher") or {}).get("n_jobs"))
     folder = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = run_grid(cfg, folder, progress=False)
+        settings = read_settings(cfg)
+        summary = run_grid(settings, folder, progress=False)
     except StitchingError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    _print_summary(cfg, summary, folder)
+    _print_summary(settings.objective, summary, folder)
     return len(summary["failed"])
 
 
-def _print_summary(cfg: DictConfig, summary: dict, folder: Path) -> None:
+def _print_summary(objective: str, summary: dict, folder: Path) -> None:
     if not summary.get("primary", True):  # a DDP run's other process: the first one reports
         return
-    print(f"{cfg.objective.name}: {len(summary['done'])} cells trained fused, {len(summary['skipped'])} already "
+    print(f"{objective}: {len(summary['done'])} cells trained fused, {len(summary['skipped'])} already "
           f"finished, {len(summary['failed'])} failed; {summary['timings']['total_s']:.1f}s; cells in "
           f"{folder.resolve()}")
     for (i, j), error in summary["failed"]:

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stitching import CONF_DIR, LAYER_KEYS
-from stitching.build import setup
+from stitching.build import Settings, setup
 from stitching.errors import StitchingError
 from stitching.models import cut_point_names
 from stitching.runs import cell_config, record_cells
@@ -47,16 +47,16 @@ def tail_chunk(tail_samples, batch_size: int, device) -> int | None:
     return None if tail_samples is None else max(1, int(tail_samples) // int(batch_size))
 
 
-def run_grid(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
+def run_grid(settings: Settings | DictConfig, out: Path, progress: bool = True) -> dict:
     """Train and record every cell of ``grid.pairs`` in one engine; returns ``{"done",
     "skipped", "failed", "cells", "timings"}``."""
     watch = Stopwatch()
-    done = setup(cfg, watch, layers=([1], [1]), stitched=False)
-    pairs = grid_pairs(OmegaConf.to_container(cfg.grid, resolve=True).get("pairs"),
-                       len(cut_point_names(done.front)), len(cut_point_names(done.end)))
-    return record_cells(cfg, done, pairs, Path(out), watch, progress=progress,
-                        tail_chunk=tail_chunk(cfg.grid.get("tail_samples", "auto"), done.datamodule.batch_size,
-                                              done.settings.device))
+    done = setup(settings, watch, layers=([1], [1]), stitched=False)
+    settings = done.settings
+    pairs = grid_pairs(settings.grid.pairs, len(cut_point_names(done.front)), len(cut_point_names(done.end)))
+    return record_cells(settings, done, pairs, Path(out), watch, progress=progress,
+                        tail_chunk=tail_chunk(settings.grid.tail_samples, done.datamodule.batch_size,
+                                              settings.device))
 
 
 def preset_sweep(overrides: list[str]) -> dict:

@@ -29,6 +29,7 @@ Example: ``python -m stitching.grounding experiment=grounding_small`` (``make gr
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import time
@@ -39,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
@@ -112,8 +112,9 @@ def rank_correlation(dissimilarity, functional, draws: int = 1000, seed: int = 0
 
 
 # -- the run -------------------------------------------------------------------------------
-def _settings(cfg: DictConfig) -> dict:
-    g = OmegaConf.to_container(cfg.grounding, resolve=True)
+def _settings(settings) -> dict:
+    """The ``grounding.*`` settings of a run's :class:`~stitching.build.Settings`, checked."""
+    g = copy.deepcopy(settings.config["grounding"])
     tests = list(TESTS) if g["test"] == "both" else [g["test"]]
     if any(test not in TESTS for test in tests):
         raise StitchingError(f"grounding.test={g['test']}: choose sensitivity, specificity or both")
@@ -141,13 +142,13 @@ def _settings(cfg: DictConfig) -> dict:
 class Grounding:
     """Models, probes, test features and stitching runs of one grounding test set-up."""
 
-    def __init__(self, cfg: DictConfig, overrides: list[str], out: Path, progress: bool = True):
-        from stitching.build import build_zoo, read_settings
+    def __init__(self, settings, overrides: list[str], out: Path, progress: bool = True):
+        from stitching.build import as_settings, build_zoo
         from stitching.probes import build_prober
 
-        self.cfg, self.overrides, self.out, self.progress = cfg, list(overrides), out, progress
-        self.settings = read_settings(cfg)
-        self.g = _settings(cfg)
+        self.overrides, self.out, self.progress = list(overrides), out, progress
+        self.settings = as_settings(settings)
+        self.g = _settings(self.settings)
         front, end = self.settings.front, self.settings.end
         if front.checkpoint or end.checkpoint:
             raise StitchingError("the grounding tests compare zoo models of one family by seed; leave front/end.checkpoint "
@@ -156,10 +157,10 @@ class Grounding:
             raise StitchingError("the grounding tests compare models of one family (front and end differ only in seed); "
                                  "set front and end to the same architecture, width and dataset")
         self.device = self.settings.device
-        self.zoo = build_zoo(cfg)
+        self.zoo = build_zoo(self.settings)
         self.end_seed = end.spec.seed
         self.models: dict[int, tuple] = {}
-        self.prober = build_prober(cfg, self.device)
+        self.prober = build_prober(self.settings)
         self.test_images = self.prober.test_x[: int(self.g["images"])]
         self._features: dict[tuple, torch.Tensor] = {}
         self.failed: list[str] = []
@@ -203,20 +204,21 @@ class Grounding:
     def stitched_accuracy(self, objective: str, item: Item) -> float:
         """Test accuracy of ``A → B`` stitched under ``objective`` (an ordinary run folder; a
         finished one is read back)."""
-        from stitching.build import compose_config
+        from stitching.build import compose_config, read_settings
         from stitching.runs import ResultExists, config_hash, failure_record, finished_record, run
 
-        cfg = compose_config([*self.overrides, f"objective={objective}", f"front.seed={item.front_seed}",
+        cfg = given = compose_config([*self.overrides, f"objective={objective}", f"front.seed={item.front_seed}",
                               f"stitch.front_layer={item.front_layer}", f"stitch.end_layer={item.end_layer}",
                               f"stitch.front_rank={'null' if item.rank is None else item.rank}"])
         run_dir = self.out / "stitching" / item.test / objective / item.name
         try:
-            record = finished_record(run_dir, config_hash(cfg)) or run(cfg, run_dir)
+            given = read_settings(cfg)
+            record = finished_record(run_dir, config_hash(given.config)) or run(given, run_dir)
         except ResultExists as err:  # another config's finished result: left as it is, never overwritten
             self.failed.append(f"{run_dir}: {err}")
             return float("nan")
         except Exception as err:  # a failed run is a gap in the table, named at the end
-            failure_record(cfg, run_dir, err)
+            failure_record(given, run_dir, err)
             self.failed.append(f"{run_dir}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             if not isinstance(err, (StitchingError, RuntimeError, ValueError)):
                 traceback.print_exc()
@@ -243,10 +245,11 @@ class Grounding:
         return items
 
 
-def run_tests(cfg: DictConfig, overrides: list[str], out: Path, progress: bool = True) -> dict:
-    """Both tests (or the one asked for); writes every output and returns the record."""
+def run_tests(settings, overrides: list[str], out: Path, progress: bool = True) -> dict:
+    """Both tests (or the one asked for); writes every output and returns the record
+    (``settings``: the run's :class:`~stitching.build.Settings`, or its config)."""
     watch = Stopwatch()
-    grounding = Grounding(cfg, overrides, out, progress)
+    grounding = Grounding(settings, overrides, out, progress)
     g = grounding.g
     plan = {test: grounding.items(test) for test in g["tests"]}
     runs = sum(len(items) for items in plan.values()) * len(g["objectives"])
@@ -276,9 +279,9 @@ def run_tests(cfg: DictConfig, overrides: list[str], out: Path, progress: bool =
     frame = pd.DataFrame(rows)
     measures = [*g["objectives"], *g["indices"]]
     table = pd.DataFrame([{"test": test, "measure": measure, **rank_correlation(
-        part[measure], part["functional"], int(g["bootstrap"]), int(cfg.seed))}
+        part[measure], part["functional"], int(g["bootstrap"]), grounding.settings.seed)}
         for test, part in frame.groupby("test", sort=False) for measure in measures])
-    record = _write(out, frame, table, measures, grounding, cfg, watch)
+    record = _write(out, frame, table, measures, grounding, watch)
     return record
 
 
@@ -287,7 +290,7 @@ def measure_label(name: str) -> str:
 
 
 def _write(out: Path, frame: pd.DataFrame, table: pd.DataFrame, measures: list[str], grounding: Grounding,
-           cfg: DictConfig, watch: Stopwatch) -> dict:
+           watch: Stopwatch) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "items.csv", index=False)
     table.to_csv(out / "grounding.csv", index=False)
@@ -309,7 +312,7 @@ def _write(out: Path, frame: pd.DataFrame, table: pd.DataFrame, measures: list[s
               "models": {seed: record["key"] for seed, (_, record) in grounding.models.items()},
               "correlations": table.to_dict(orient="records"), "items": frame.to_dict(orient="records"),
               "failed": grounding.failed, "timings": watch.report(), "versions": versions(),
-              "config": OmegaConf.to_container(cfg, resolve=True)}
+              "config": grounding.settings.config}
     write_json_atomic(out / "grounding.json", record)
     return record
 
@@ -341,7 +344,7 @@ def _plot(table: pd.DataFrame, measures: list[str], path: Path) -> None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from stitching.build import compose_config
+    from stitching.build import compose_config, read_settings
 
     parser = argparse.ArgumentParser(prog="python -m stitching.grounding", description=__doc__.splitlines()[0])
     parser.add_argument("--test", default=None, choices=[*TESTS, "both"], help="default: grounding.test")
@@ -352,12 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = [*(args.overrides or ["experiment=grounding_small"]),
                  *([f"grounding.test={args.test}"] if args.test else [])]
-    cfg = compose_config(overrides)
+    settings = read_settings(compose_config(overrides))
     out = hold_folder(Path(args.out) if args.out else Path("outputs/grounding") / time.strftime("%Y-%m-%d_%H-%M-%S"),
                       "--out")
     on_interrupt(f"every finished stitching run keeps its results.json in {out}; rerun the same command with "
                  f"--out {out} to run only the rest")
-    record = run_tests(cfg, overrides, out, progress=not args.no_progress)
+    record = run_tests(settings, overrides, out, progress=not args.no_progress)
     print((out / "grounding.md").read_text())
     print(f"{record['timings']['total_s']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in record['timings'].items() if k != 'total_s')}); "
           f"results in {out.resolve()}")

@@ -13,8 +13,7 @@ import argparse
 import sys
 
 from stitching.errors import exit_on_user_error
-from stitching.build import build_zoo, compose_config, side_spec
-from stitching.validation import check_config
+from stitching.build import build_zoo, compose_config, read_settings
 
 
 def _table(records: list[dict]) -> str:
@@ -42,13 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="train these seeds of the front model's spec")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train")
     args = parser.parse_args(argv)
-    cfg = compose_config(args.overrides)
-    check_config(cfg)  # the recipe's settings, before any epoch
-    zoo = build_zoo(cfg)
+    settings = read_settings(compose_config(args.overrides))  # the recipe's settings, before any epoch
+    zoo = build_zoo(settings)
     if not args.list:
-        specs = [side_spec(cfg.front), side_spec(cfg.end)]
+        specs = [settings.front.spec, settings.end.spec]
         if args.seeds:
-            base = side_spec(cfg.front)
+            base = settings.front.spec
             specs = [type(base)(**{**base.__dict__, "seed": seed}) for seed in args.seeds]
         for spec in dict.fromkeys(specs):
             zoo.get(spec)

@@ -46,18 +46,19 @@ def main(argv: list[str] | None = None) -> None:
     watch = Stopwatch()
     cfg = compose_config(args.overrides or ["experiment=demo"])
     settings = read_settings(cfg)
-    side = str(cfg.probe.side)
+    options = settings.config["probe"]
+    side = str(options["side"])
     if side not in ("front", "end"):
         raise StitchingError(f"probe.side={side}: choose front or end")
     out = hold_folder(Path(args.out) if args.out else Path("outputs/probes") / time.strftime("%Y-%m-%d_%H-%M-%S"),
                       "--out")
-    front, front_record, end, end_record = load_models(cfg, settings, stitched=False)
+    front, front_record, end, end_record = load_models(settings, stitched=False)
     model, record = (front, front_record) if side == "front" else (end, end_record)
-    layers = cfg.probe.layers
+    layers = options["layers"]
     layers = [resolve_layer(model, v) for v in layers] if layers is not None else \
         list(range(1, len(cut_point_names(model)) + 1))
-    prober = build_prober(cfg, settings.device)
-    rank = cfg.probe.rank
+    prober = build_prober(settings)
+    rank = options["rank"]
     rows = [prober.accuracy(model, record["key"], layer, rank)
             for layer in tqdm(layers, desc="probes", disable=args.no_progress, leave=False)]
     frame = pd.DataFrame([{k: r[k] for k in ("layer", "layer_name", "rank", "features", "train_acc", "test_acc", "cached")}

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from stitching.errors import StitchingError
@@ -35,10 +34,11 @@ class ProbeSettings:
     dm_samples: int = 100  # inputs the rank projection is fitted on (as the stitch's)
 
 
-def probe_settings(cfg: DictConfig) -> ProbeSettings:
-    p = cfg.probe
-    return ProbeSettings(bool(p.pool), int(p.epochs), float(p.lr), int(p.batch_size), int(cfg.seed),
-                         int(cfg.stitch.dm_samples))
+def probe_settings(settings) -> ProbeSettings:
+    """The ``probe.*`` settings of a run's :class:`~stitching.build.Settings`."""
+    p = settings.config["probe"]
+    return ProbeSettings(bool(p["pool"]), int(p["epochs"]), float(p["lr"]), int(p["batch_size"]), settings.seed,
+                         settings.stitch.dm_samples)
 
 
 def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -138,7 +138,9 @@ class Prober:
         return {**record, "cached": False}
 
 
-def build_prober(cfg: DictConfig, device) -> Prober:
+def build_prober(settings) -> Prober:
+    """The prober of a run's :class:`~stitching.build.Settings`: its data, ``probe.*``, its zoo."""
     from stitching.build import build_datamodule
 
-    return Prober(build_datamodule(cfg), probe_settings(cfg), Path(cfg.zoo.dir) / "probes", device)
+    return Prober(build_datamodule(settings), probe_settings(settings), Path(settings.zoo.dir) / "probes",
+                  settings.device)

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from stitching.build import Run, Setup, cell_run, is_text, make_engine, outlier_arrays, prepare, setup
+from stitching.build import Run, Settings, Setup, as_settings, cell_run, is_text, make_engine, outlier_arrays, prepare, setup
 from stitching.data import save_examples
 from stitching.data.text import PairDataModule
 from stitching.evaluate import (
@@ -48,23 +48,23 @@ from stitching.saving import save as save_network
 END_LOSS_TOLERANCE = 1e-4
 
 
-def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict | None:
+def run(settings: Settings | DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict | None:
     """One stitching run (an engine of one cell); returns the record also written to
     ``run_dir/results.json`` (``None`` in a DDP run's other processes, which write nothing). A
     stitch that diverged raises :class:`NonFiniteError`."""
     watch = Stopwatch()
+    settings = as_settings(settings)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    prep = prepare(cfg, watch)
-    settings = prep.settings
+    prep = prepare(settings, watch)
     i, j, objective = prep.front_layer, prep.end_layer, settings.objective
-    config = OmegaConf.to_container(cfg, resolve=True)
-    logger_options = OmegaConf.to_container(cfg.logger, resolve=True)
+    config = settings.config
+    logger_options = copy.deepcopy(settings.logger)
     if logger_options.get("group") is None and sweep_name:
         logger_options["group"] = sweep_name  # the runs of one sweep share a W&B group
     logger = build_logger(logger_options, run_dir, run_name=f"{objective}_f{i}_e{j}", config=config)
     try:
-        init_metrics = initial_metrics(cfg, prep, watch)
+        init_metrics = initial_metrics(settings, prep, watch)
         results = fit_engine(prep.engine, prep.datamodule.train_dataloader(), prep.datamodule.test_dataloader(),
                              settings.trainer, logger=logger, run_dir=run_dir, watch=watch)
         if not prep.engine.primary:  # another process of a DDP run: the first one writes the record
@@ -73,23 +73,23 @@ def run(cfg: DictConfig, run_dir: Path, sweep_name: str | None = None) -> dict |
         if cell["error"] is not None:
             raise cell["error"]
         with watch.section("baseline_s"):
-            baseline = self_baselines(cfg, {(i, j): cell["metrics"]}, None, progress=False).get((i, j))
+            baseline = self_baselines(settings, {(i, j): cell["metrics"]}, None, progress=False).get((i, j))
         if isinstance(baseline, BaseException):
             raise baseline
-        record = finish_run(cfg, prep, {**cell["metrics"], **init_metrics}, watch, run_dir,
+        record = finish_run(settings, prep, {**cell["metrics"], **init_metrics}, watch, run_dir,
                             curve={"train/loss": cell["curve"]} if cell["curve"] else None, baseline=baseline)
         if logger:
             logger.log_metrics({f"final/{k}": v for k, v in record["metrics"].items()})
     finally:  # a W&B run is closed whether the stitching run finished or failed
-        if logger and hasattr(logger, "experiment") and cfg.logger.kind == "wandb":
+        if logger and hasattr(logger, "experiment") and settings.logger.get("kind") == "wandb":
             logger.experiment.finish()
     return record
 
 
-def initial_metrics(cfg: DictConfig, prep: Run, watch: Stopwatch) -> dict:
+def initial_metrics(settings: Settings, prep: Run, watch: Stopwatch) -> dict:
     """What is measured on the stitched network at its start, before training
     (``evaluation.penultimate_cka``: the DM-initialised network against the end model, Fig. 6)."""
-    if not cfg.evaluation.penultimate_cka:
+    if not settings.evaluation.penultimate_cka:
         return {}
     with watch.section("init_eval_s"):
         network = prep.engine.network(*prep.prepared.cell)  # its start; the run's own view is read after training
@@ -97,21 +97,21 @@ def initial_metrics(cfg: DictConfig, prep: Run, watch: Stopwatch) -> dict:
                                                         prep.settings.attack, prep.settings.device, prep.settings.seed)}
 
 
-def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_dir: Path,
+def finish_run(settings: Settings, prep: Run, metrics: dict, watch: Stopwatch, run_dir: Path,
                timings: dict | None = None, curve: dict | None = None, baseline: dict | None = None) -> dict:
     """Save the trained stitch, evaluate the testbeds and write ``results.json`` (the single
     run's and each cell of a fused grid's); return the record. ``curve``: per-epoch values
     (``{"train/loss": [...]}``), recorded as they are; ``baseline``: the language model's
     self-stitch baseline (:func:`self_baselines`), recorded with the adjusted penalty."""
-    settings, network = prep.settings, prep.network
+    network = prep.network
     i, j = prep.front_layer, prep.end_layer
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = settings.config
     torch.save(network.stitch.state_dict(), run_dir / "stitch.pt")
     save_network(run_dir / "network.pt", network, prep.front, prep.end,
                  provenance={side: {"key": record["key"], "source": _provenance(record)}
                              for side, record in (("front", prep.front_record), ("end", prep.end_record))})
     with watch.section("eval_s"):
-        extra, base, evaluation = evaluate_testbeds(cfg, prep)
+        extra, base, evaluation = evaluate_testbeds(settings, prep)
     record = {
         "status": "ok",
         "objective": settings.objective,
@@ -145,13 +145,14 @@ def finish_run(cfg: DictConfig, prep: Run, metrics: dict, watch: Stopwatch, run_
     return record
 
 
-def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
+def evaluate_testbeds(settings: Settings, prep: Run) -> tuple[dict, dict, dict]:
     """Testbed metrics of the stitched network, the base models' own, and what was evaluated."""
-    attack, device = prep.settings.attack, prep.settings.device
+    attack, device, seed = settings.attack, settings.device, settings.seed
+    sides = {"front": settings.front, "end": settings.end}
     datamodule, network = prep.datamodule, prep.network
     if is_text(datamodule):  # language models: the test pass measured the losses and the penalty
         base = {side: {"key": record["key"], "test_acc": record.get("test_acc"), "test_loss": record.get("test_loss"),
-                       "dataset": cfg[side].dataset, "source": _provenance(record)}
+                       "dataset": sides[side].spec.dataset, "source": _provenance(record)}
                 for side, record in (("front", prep.front_record), ("end", prep.end_record))}
         evaluation = {"kind": "text", "corpus": datamodule.corpus, "tokenizer": datamodule.tokenizer_spec,
                       "context": datamodule.context, "test_sequences": len(datamodule.arrays.test),
@@ -165,10 +166,10 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
         evaluation["challenge"] = datamodule.challenge
         return metrics, base, evaluation
     metrics = testbed_metrics(network, datamodule, device)
-    metrics.update({f"test/{k}": v for k, v in robust_metrics(network, datamodule, attack, device, cfg.seed).items()})
+    metrics.update({f"test/{k}": v for k, v in robust_metrics(network, datamodule, attack, device, seed).items()})
     base = {}
     for side, model, record in (("front", prep.front, prep.front_record), ("end", prep.end, prep.end_record)):
-        base[side] = {"key": record["key"], "test_acc": record.get("test_acc"), "dataset": cfg[side].dataset,
+        base[side] = {"key": record["key"], "test_acc": record.get("test_acc"), "dataset": sides[side].spec.dataset,
                       "source": _provenance(record)}
         if base[side]["test_acc"] is None and getattr(model, "num_classes", None) == datamodule.num_classes:
             base[side]["test_acc"] = base_accuracy(model, datamodule, device)  # a given model, on these data
@@ -176,21 +177,23 @@ def evaluate_testbeds(cfg: DictConfig, prep: Run) -> tuple[dict, dict, dict]:
             if warning:
                 print(warning, file=sys.stderr, flush=True)
                 base[side]["warning"] = warning
-        if cfg[side].dataset == cfg.dataset.name and (attack["eval_pgd"] or attack["eval_autoattack"]):
+        if sides[side].spec.dataset == settings.dataset and (attack["eval_pgd"] or attack["eval_autoattack"]):
             # base models are attacked on their own task only, once per attack setting
-            base[side].update(cached_robust_metrics(model, record["path"], datamodule, attack, device, cfg.seed))
-    if cfg.evaluation.ood.enabled:
-        options = OmegaConf.to_container(cfg.evaluation.ood, resolve=True)
-        metrics.update(ood_metrics(network, prep.end, prep.end_layer, prep.end_record["path"], datamodule, options,
-                                   device, cfg.seed, outlier_dataset=lambda name: outlier_arrays(cfg, name)))
-    evaluation = evaluation_settings(attack, cfg.shortcut, datamodule)
+            base[side].update(cached_robust_metrics(model, record["path"], datamodule, attack, device, seed))
+    ood = settings.evaluation.ood
+    if ood["enabled"]:
+        metrics.update(ood_metrics(network, prep.end, prep.end_layer, prep.end_record["path"], datamodule,
+                                   copy.deepcopy(ood), device, seed,
+                                   outlier_dataset=lambda name: outlier_arrays(settings, name)))
+    evaluation = evaluation_settings(attack, settings.shortcut, datamodule)
     if datamodule.subsets:  # how the training subset was drawn
         evaluation["subsets"] = datamodule.subsets
-    if cfg.evaluation.ood.enabled:
-        evaluation["ood"] = {**OmegaConf.to_container(cfg.evaluation.ood, resolve=True), "end_layer": prep.end_layer}
+    if ood["enabled"]:
+        evaluation["ood"] = {**copy.deepcopy(ood), "end_layer": prep.end_layer}
     if datamodule.shortcut is not None:
-        example = Path(cfg.paths.output_dir) / "shortcut_examples" / (
-            f"{datamodule.name}-{cfg.shortcut.kind}-{cfg.shortcut.placement}-s{cfg.shortcut.seed}.png")
+        shortcut = settings.shortcut
+        example = Path(settings.paths.output_dir) / "shortcut_examples" / (
+            f"{datamodule.name}-{shortcut['kind']}-{shortcut['placement']}-s{shortcut['seed']}.png")
         try:
             if not example.is_file():
                 save_examples(datamodule.shortcut, datamodule.arrays.train_x, datamodule.arrays.train_y, example)
@@ -253,15 +256,20 @@ def _base_score(base: dict) -> str:
     return f"test acc {'—' if base.get('test_acc') is None else format(base['test_acc'], '.4f')}"
 
 
-def failure_record(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
+def failure_record(given: Settings | DictConfig, run_dir: Path, err: BaseException) -> None:
+    """``results.json`` of a run that failed: why, and its config (as given when it could not
+    be read into settings)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(given, Settings):
+        objective, config = given.objective, given.config
+    else:
+        objective, config = OmegaConf.select(given, "objective.name"), OmegaConf.to_container(given, resolve=False)
     record = {
         "status": "failed", "error": f"{type(err).__name__}: {err}",
-        "traceback": traceback.format_exc(), "objective": cfg.objective.name,
-        "config": OmegaConf.to_container(cfg, resolve=False),
+        "traceback": traceback.format_exc(), "objective": objective, "config": config,
     }
     with suppress(Exception):  # a config that does not resolve has no hash
-        record["config_hash"] = config_hash(cfg)
+        record["config_hash"] = config_hash(given.config if isinstance(given, Settings) else given)
     if isinstance(err, NonFiniteError):
         record["diverged"] = {"what": err.what, "value": str(err.value), "step": err.step}
     write_json_atomic(run_dir / "results.json", record)
@@ -299,31 +307,27 @@ def score(record: dict) -> float | None:
 
 
 # -- several cells in one engine ---------------------------------------------------------
-def cell_config(cfg: DictConfig, i: int, j: int) -> DictConfig:
-    """``cfg`` as the single run of cell ``(i, j)`` would have it."""
-    cell = copy.deepcopy(cfg)
-    OmegaConf.update(cell, "stitch.front_layer", i, merge=False)
-    OmegaConf.update(cell, "stitch.end_layer", j, merge=False)
-    return cell
+def cell_config(settings: Settings | DictConfig, i: int, j: int) -> Settings:
+    """The settings of the single run of cell ``(i, j)``."""
+    return as_settings(settings).for_cell(i, j)
 
 
-def record_cells(cfg: DictConfig, done: Setup, cells: list[tuple[int, int]], out: Path, watch: Stopwatch,
+def record_cells(settings: Settings, done: Setup, cells: list[tuple[int, int]], out: Path, watch: Stopwatch,
                  progress: bool = True, tail_chunk: int | None = None) -> dict:
-    """Train ``cells`` of ``cfg`` in one engine and record each in ``<out>/<objective>/f<i>-e<j>/``
-    (a finished cell of the same config is kept); returns ``{"done", "skipped", "failed",
-    "cells", "timings", "primary"}``."""
-    settings = done.settings
+    """Train ``cells`` of ``settings`` in one engine and record each in
+    ``<out>/<objective>/f<i>-e<j>/`` (a finished cell of the same config is kept); returns
+    ``{"done", "skipped", "failed", "cells", "timings", "primary"}``."""
     folder = lambda i, j: out / settings.objective / cell_key(i, j)  # noqa: E731
     todo, skipped = [], []
     for i, j in cells:  # a rerun keeps what it finished
-        (skipped if finished_record(folder(i, j), config_hash(cell_config(cfg, i, j))) else todo).append((i, j))
+        (skipped if finished_record(folder(i, j), config_hash(settings.for_cell(i, j).config)) else todo).append((i, j))
     summary = {"done": [], "skipped": skipped, "failed": [], "cells": len(cells), "primary": True}
     if not todo:
         summary["timings"] = watch.report()
         return summary
     engine = make_engine(done, todo, watch, tail_chunk=tail_chunk)
     runs = {cell: cell_run(done, engine, cell) for cell in todo}
-    initial = {cell: initial_metrics(cell_config(cfg, *cell), prep, watch) for cell, prep in runs.items()}
+    initial = {cell: initial_metrics(settings, prep, watch) for cell, prep in runs.items()}
     trainer = {**settings.trainer, "enable_progress_bar": progress and settings.trainer.get("enable_progress_bar", True)}
     results = fit_engine(engine, done.datamodule.train_dataloader(), done.datamodule.test_dataloader(), trainer,
                          run_dir=out / settings.objective, watch=watch)
@@ -332,11 +336,11 @@ def record_cells(cfg: DictConfig, done: Setup, cells: list[tuple[int, int]], out
         return summary
     trained = {(i, j): results[cell_key(i, j)]["metrics"] for i, j in todo if results[cell_key(i, j)]["error"] is None}
     with watch.section("baseline_s"):
-        baselines = self_baselines(cfg, trained, out, progress)
+        baselines = self_baselines(settings, trained, out, progress)
     shared = watch.report()
     share = {k: round(v / len(todo), 3) for k, v in shared.items()}
     for (i, j), prep in tqdm(runs.items(), desc="cells", disable=not progress, leave=False):
-        cell, run_dir, result = cell_config(cfg, i, j), folder(i, j), results[cell_key(i, j)]
+        cell, run_dir, result = settings.for_cell(i, j), folder(i, j), results[cell_key(i, j)]
         run_dir.mkdir(parents=True, exist_ok=True)
         error = result["error"] if result["error"] is not None else baselines.get((i, j))
         if isinstance(error, BaseException):
@@ -355,24 +359,15 @@ def record_cells(cfg: DictConfig, done: Setup, cells: list[tuple[int, int]], out
 
 
 # -- the self-stitch baseline of a language-model penalty ---------------------------------
-def baseline_config(cfg: DictConfig) -> DictConfig:
-    """The self-stitch baseline of the run ``cfg``: the same run with the end model as its
-    front, cut at the end layer (same objective, stitch, data, budget and seed)."""
-    base = copy.deepcopy(cfg)
-    OmegaConf.update(base, "front", OmegaConf.to_container(cfg.end, resolve=True), merge=False)
-    end_layer = OmegaConf.select(cfg, "stitch.end_layer")
-    return cell_config(base, end_layer, end_layer)
-
-
-def wants_baseline(cfg: DictConfig, metrics: dict) -> bool:
+def wants_baseline(settings: Settings, metrics: dict) -> bool:
     """``evaluation.self_baseline``: ``auto`` (a next-token penalty was measured), ``true`` or
     ``false``."""
-    return cfg.evaluation.get("self_baseline", "auto") is not False and "test/penalty" in metrics
+    return settings.evaluation.self_baseline is not False and "test/penalty" in metrics
 
 
-def self_baselines(cfg: DictConfig, measured: dict[tuple[int, int], dict], out: Path | None,
+def self_baselines(settings: Settings, measured: dict[tuple[int, int], dict], out: Path | None,
                    progress: bool = True) -> dict[tuple[int, int], dict | BaseException]:
-    """The self-stitch baseline of every cell ``(i, j)`` of ``cfg`` in ``measured`` (its test
+    """The self-stitch baseline of every cell ``(i, j)`` of ``settings`` in ``measured`` (its test
     metrics) that measured a language-model penalty: ``{cell: baseline}`` (or the error that
     left the cell without one).
 
@@ -383,28 +378,28 @@ def self_baselines(cfg: DictConfig, measured: dict[tuple[int, int], dict], out: 
     grid (in ``out``) is read, the others are trained once, together, in a baseline store
     (``paths.baselines_dir``) shared by every run and sweep of the same settings.
     """
-    wanted = {cell: metrics for cell, metrics in measured.items() if wants_baseline(cfg, metrics)}
+    wanted = {cell: metrics for cell, metrics in measured.items() if wants_baseline(settings, metrics)}
     if not wanted:
         return {}
-    fresh = {config_hash(cell_config(cfg, *cell)): (cell, metrics) for cell, metrics in wanted.items()}
+    fresh = {config_hash(settings.for_cell(*cell).config): (cell, metrics) for cell, metrics in wanted.items()}
     found, missing = {}, {}
+    objective = settings.objective
     for cell, metrics in wanted.items():
-        base = baseline_config(cell_config(cfg, *cell))
-        digest = config_hash(base)
+        digest = config_hash(settings.for_cell(*cell).self_stitch().config)
         j = cell[1]
         if digest in fresh:  # the cell itself, or another cell of this grid
             source, values = fresh[digest]
-            found[cell] = _baseline(values, digest, (out / cfg.objective.name / cell_key(*source)) if out else None,
+            found[cell] = _baseline(values, digest, (out / objective / cell_key(*source)) if out else None,
                                     "this run" if source == cell else "this grid")
             continue
-        record = _finished(out / cfg.objective.name / cell_key(j, j), digest) if out else None
+        record = _finished(out / objective / cell_key(j, j), digest) if out else None
         if record is not None:  # a cell of this grid that an earlier run of it finished
-            found[cell] = _baseline(record["metrics"], digest, out / cfg.objective.name / cell_key(j, j), "this grid")
+            found[cell] = _baseline(record["metrics"], digest, out / objective / cell_key(j, j), "this grid")
         else:
             missing[cell] = digest
     if missing:
-        base = baseline_config(cfg)
-        store = Path(cfg.paths.baselines_dir) / config_hash(cell_config(base, 0, 0))
+        base = settings.self_stitch()
+        store = Path(settings.paths.baselines_dir) / config_hash(base.for_cell(0, 0).config)
         layers = sorted({j for _, j in missing})
         try:
             done = setup(base, layers=(layers, layers))
@@ -414,7 +409,7 @@ def self_baselines(cfg: DictConfig, measured: dict[tuple[int, int], dict], out: 
         failed = {cell: error for cell, error in summary["failed"]}
         for cell, digest in missing.items():
             j = cell[1]
-            folder = store / cfg.objective.name / cell_key(j, j)
+            folder = store / objective / cell_key(j, j)
             record = _finished(folder, digest)
             found[cell] = _baseline(record["metrics"], digest, folder, "baseline store") if record else StitchingError(
                 f"the self-stitch baseline at end layer {j} failed ({failed.get((j, j), 'no record')}); see {folder}")

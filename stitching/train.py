@@ -97,24 +97,27 @@ def main(cfg: DictConfig):
         threads = share_threads(n_jobs)
         if threads is not None and hydra_cfg.job.num < abs(int(n_jobs)):
             print(f"[sweep] {threads} torch thread(s) per job, {n_jobs} jobs at once", file=sys.stderr)
+    from stitching.build import read_settings
     from stitching.errors import NonFiniteError, one_line
     from stitching.runs import ResultExists, config_hash, failure_record, finished_record, run, score, summary
     from stitching.runtime import release_memory
 
+    settings = cfg  # until it is read: a config that cannot be is recorded as given
     try:
-        digest = config_hash(cfg)
+        settings = read_settings(cfg)
+        digest = config_hash(settings.config)
         record = finished_record(run_dir, digest)
         if record is not None:  # a rerun sweep keeps what it finished
             print(f"[resume] {run_dir} is finished for this config; kept as it is")
             return score(record)
-        record = run(cfg, run_dir, sweep_name=Path(hydra_cfg.sweep.dir).name if sweeping else None)
+        record = run(settings, run_dir, sweep_name=Path(hydra_cfg.sweep.dir).name if sweeping else None)
     except Exception as err:
         release_memory()
         if isinstance(err, ResultExists):
             _REFUSED.append(str(run_dir))
         else:
             try:
-                failure_record(cfg, run_dir, err)
+                failure_record(settings, run_dir, err)
             except OSError as unwritten:  # the folder took no record: the line below still says why
                 print(f"[run] could not record the failure in {run_dir} ({unwritten.strerror})", file=sys.stderr)
         if sweeping:  # one bad cell must not end the sweep

@@ -164,11 +164,11 @@ def test_the_command_line_trains_and_cuts_an_unknown_family_at_a_named_module(ti
         from stitching.build import load_models
 
         cfg = tiny_config(*family, "stitch.layer=3")
-        load_models(cfg, read_settings(cfg))
+        load_models(read_settings(cfg))
 
 
 def _zoo_pair(cfg):
     from stitching.build import load_models, read_settings
 
-    front, _, end, _ = load_models(cfg, read_settings(cfg))
+    front, _, end, _ = load_models(read_settings(cfg))
     return front, end

@@ -61,11 +61,12 @@ def test_preset_composes_with_its_sweep(preset):
 
 @pytest.mark.parametrize("preset", GROUNDING)
 def test_grounding_presets_compose_with_valid_settings(preset):
+    from stitching.build import read_settings
     from stitching.grounding import _settings
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={preset}"])
-    settings = _settings(cfg)
+    settings = _settings(read_settings(cfg))
     assert settings["tests"] == ["sensitivity", "specificity"] and settings["objectives"] == ["dm", "hint", "fula", "tlm"]
     assert cfg.front.arch == cfg.end.arch and cfg.logger.kind == "none"
 

@@ -123,7 +123,7 @@ def test_compare_gives_the_numbers_of_the_command_line(tmp_path, zoo_dir):
     datamodule = build_datamodule(cfg, with_testbeds=False)
     datamodule.setup()
     images = datamodule.test_tensors(60)[0]
-    front, _, end, _ = load_models(cfg, read_settings(cfg), ([], []), stitched=False)
+    front, _, end, _ = load_models(read_settings(cfg), ([], []), stitched=False)
     frame = stitching.compare(front, end, images, indices=["cka", "cca"], flatten="pool")
     for name in ("cka", "cca"):
         grid = frame[frame["index"] == name].pivot(index="front_layer", columns="end_layer", values="value")

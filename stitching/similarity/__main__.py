@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from stitching.build import compose_config, layer_value
+from stitching.build import compose_config, layer_value, read_settings
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import hold_folder
 from stitching.similarity.compare import config_grids
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices
-from stitching.validation import check_config
 
 
 @exit_on_user_error
@@ -62,26 +61,25 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [*(args.overrides or ["experiment=demo"]),  # the flags are the similarity.* settings
                  *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None),
                  *([f"stitch.front_rank={args.front_rank}"] if args.front_rank is not None else [])]
-    cfg = compose_config(overrides)
     try:
-        check_config(cfg)
+        run = read_settings(compose_config(overrides))
     except StitchingError as err:  # name the flag the user typed
         for key in flags:
             err = StitchingError(str(err).replace(f"similarity.{key}=", f"--{key.replace('_', '-')} "))
         err = StitchingError(str(err).replace("stitch.front_rank=", "--front-rank "))
         raise err from None
-    settings = cfg.similarity
-    indices = parse_indices(args.index or settings.index)
-    layers = args.layers or settings.layers
+    settings = run.config["similarity"]
+    indices = parse_indices(args.index or settings["index"])
+    layers = args.layers or settings["layers"]
     if layers is not None:  # indices or names, as in stitch.layer
         layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
     out = hold_folder(Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S"),
                       "--out")
-    record = config_grids(overrides, indices, int(settings.images), args.flatten or settings.flatten,
-                        int(settings.batch_size), out, layers=layers, progress=not args.no_progress,
-                        skip_positions=int(settings.skip_positions), bootstrap=int(settings.bootstrap),
-                        permutations=int(settings.permutations), front_rank=cfg.stitch.front_rank,
-                        rbf_sigma=float(settings.rbf_sigma))
+    record = config_grids(overrides, indices, int(settings["images"]), args.flatten or settings["flatten"],
+                        int(settings["batch_size"]), out, layers=layers, progress=not args.no_progress,
+                        skip_positions=int(settings["skip_positions"]), bootstrap=int(settings["bootstrap"]),
+                        permutations=int(settings["permutations"]), front_rank=run.stitch.front_rank,
+                        rbf_sigma=float(settings["rbf_sigma"]))
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
     for name, grid in record["grids"].items():

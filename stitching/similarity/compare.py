@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
 from stitching.build import build_datamodule, compose_config, is_text, load_models, read_settings
 from stitching.errors import StitchingError
@@ -26,9 +25,9 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
                  rbf_sigma: float = 0.8) -> dict:
     """Compute and write the grids; return the record written to ``similarity.json``."""
     watch = Stopwatch()
-    cfg = compose_config(overrides)
+    settings = read_settings(compose_config(overrides))
     with watch.section("data_s"):
-        datamodule = build_datamodule(cfg, with_testbeds=False)
+        datamodule = build_datamodule(settings, with_testbeds=False)
         datamodule.setup()
         # test images, or test token sequences for language models (padding never enters an index)
         x = datamodule.test_inputs(images) if is_text(datamodule) else datamodule.test_tensors(images)[0]
@@ -37,24 +36,23 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
             raise StitchingError(f"--skip-positions {skip_positions} leaves no position of a {x['input_ids'].shape[1]}-token "
                                  f"sequence; skip fewer than dataset.context")
     with watch.section("zoo_s"):
-        settings = read_settings(cfg)
-        front, front_record, end, end_record = load_models(cfg, settings, (layers or [], layers or []), stitched=False)
+        front, front_record, end, end_record = load_models(settings, (layers or [], layers or []), stitched=False)
     device = settings.device
     front_names, end_names = cut_point_names(front), cut_point_names(end)
     chosen_front = [resolve_layer(front, v) for v in layers] if layers else list(range(1, len(front_names) + 1))
     chosen_end = [resolve_layer(end, v) for v in layers] if layers else list(range(1, len(end_names) + 1))
-    intervals = {"bootstrap": bootstrap, "permutations": permutations, "seed": int(cfg.seed)}
+    intervals = {"bootstrap": bootstrap, "permutations": permutations, "seed": settings.seed}
     projections = None
     if front_rank is not None:  # truncated as stitch.front_rank truncates: fitted on the stitch's DM samples
         with watch.section("projections_s"):
-            projections = front_projections(cfg, settings, front, chosen_front, front_rank)
+            projections = front_projections(settings, front, chosen_front, front_rank)
     with watch.section("grids_s"):
         grids, problems = similarity_grids(front, end, x, indices, flatten, batch_size, device, progress,
                                            front_layers=chosen_front, end_layers=chosen_end,
                                            skip_positions=skip_positions if is_text(datamodule) else 0,
                                            uncertainty=intervals, front_projections=projections,
                                            rbf_sigma=rbf_sigma)
-    conditions = condition_values(OmegaConf.to_container(cfg, resolve=True))
+    conditions = condition_values(settings.config)
     depth_front, depth_end = relative_depths(len(front_names)), relative_depths(len(end_names))
     rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
              "front_depth": depth_front[chosen_front[i]], "end_depth": depth_end[chosen_end[j]],
@@ -82,20 +80,20 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
         "intervals": {name: {key: [[_value(v) for v in row] for row in values] for key, values in parts.items()}
                       for name, parts in intervals.items() if isinstance(parts, dict)},
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
-        "timings": watch.report(), "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
+        "timings": watch.report(), "versions": versions(), "config": settings.config,
     }
     write_json_atomic(out / "similarity.json", record)
     return record
 
 
-def front_projections(cfg, settings, front, layers: list[int], rank: int) -> list:
+def front_projections(settings, front, layers: list[int], rank: int) -> list:
     """Per front layer, the top-``rank`` principal projection (``None`` where the layer has at most
     ``rank`` channels), fitted on the DM samples a stitch of this config fits its own on."""
     from stitching.models import cut
     from stitching.models.layout import channels
     from stitching.stitch_layers import batches, head_activations, head_projection
 
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(settings)
     datamodule.setup()
     sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
     inputs = sample(settings.stitch.dm_samples, seed=settings.seed)
