@@ -154,15 +154,15 @@ def layer_value(value) -> int | str:
 
 
 def side_spec(side: DictConfig) -> ModelSpec:
-    depth, width = side.get("depth"), side.get("width")
+    depth, width = side.depth, side.width
     return ModelSpec(arch=side.arch, width=int(width) if width is not None else None, dataset=side.dataset,
                      seed=int(side.seed), robust=bool(side.robust), depth=int(depth) if depth is not None else None,
-                     name=side.get("name"), pretrained=bool(side.get("pretrained", False)))
+                     name=side.name, pretrained=bool(side.pretrained))
 
 
 def side_inputs(side: DictConfig) -> dict | None:
     """The input-convention settings given for one side (``None`` when none are)."""
-    given = {k: v for k, v in (OmegaConf.to_container(side.get("input") or {}, resolve=True)).items() if v is not None}
+    given = {k: v for k, v in (OmegaConf.to_container(side.input, resolve=True)).items() if v is not None}
     return given or None
 
 
@@ -175,14 +175,14 @@ def read_settings(cfg: DictConfig) -> Settings:
     if objective not in OBJECTIVES:
         raise StitchingError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     stitch = cfg.stitch
-    class_token = stitch.get("class_token", "shared")
+    class_token = stitch.class_token
     check_class_token(class_token)
-    check_init(str(stitch.get("init", "dm")), objective)
-    check_capacity(str(stitch.get("kind", "affine")), stitch.get("rank"), stitch.get("front_rank"))
+    check_init(str(stitch.init), objective)
+    check_capacity(str(stitch.kind), stitch.rank, stitch.front_rank)
     weights = cfg.objective.get("weights", "uniform")
     check_self_baseline(cfg)
     for side in ("front", "end"):  # a misspelt model name is one line before any base model is trained
-        arch, name = cfg[side].arch, cfg[side].get("name")
+        arch, name = cfg[side].arch, cfg[side].name
         text = dataset_config(cfg, cfg[side].dataset).get("kind") == "text"
         if (arch in LANGUAGE_ARCHITECTURES or arch in LANGUAGE_LIBRARIES) != text:
             what, data = ("a language model", "images") if not text else ("an image model", "text")
@@ -193,18 +193,17 @@ def read_settings(cfg: DictConfig) -> Settings:
         elif arch in LANGUAGE_LIBRARIES:
             if not name:
                 raise StitchingError(f"{side}.name is required for {arch} models (a folder or a hub name)")
-        elif cfg[side].get("pretrained"):
+        elif cfg[side].pretrained:
             raise StitchingError(f"{side}.pretrained=true applies to timm and torchvision models, not '{arch}'")
     evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
-    grid = OmegaConf.to_container(cfg.grid, resolve=True) if "grid" in cfg else {}
+    grid = OmegaConf.to_container(cfg.grid, resolve=True)
     return Settings(
         seed=int(cfg.seed), objective=objective,
         fula_weights=OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights,
         stitch=StitchSettings(layer_value(stitch.front_layer), layer_value(stitch.end_layer), int(stitch.dm_samples),
                               bool(stitch.update_bn), class_token,
                               None if stitch.lr is None else float(stitch.lr), float(stitch.weight_decay),
-                              str(stitch.get("init", "dm")), str(stitch.get("kind", "affine")), stitch.get("rank"),
-                              stitch.get("hidden"), stitch.get("front_rank")),
+                              str(stitch.init), str(stitch.kind), stitch.rank, stitch.hidden, stitch.front_rank),
         front=Side(side_spec(cfg.front), cfg.front.checkpoint, side_inputs(cfg.front)),
         end=Side(side_spec(cfg.end), cfg.end.checkpoint, side_inputs(cfg.end)),
         attack=OmegaConf.to_container(cfg.attack, resolve=True),
@@ -217,7 +216,7 @@ def read_settings(cfg: DictConfig) -> Settings:
                         OmegaConf.to_container(cfg.zoo.recipe, resolve=True)),
         paths=PathSettings(**{key: str(cfg.paths[key]) for key in ("output_dir", "data_dir", "zoo_dir",
                                                                    "baselines_dir")}),
-        grid=GridSettings(grid.get("pairs", "all"), grid.get("tail_samples", "auto")),
+        grid=GridSettings(grid["pairs"], grid["tail_samples"]),
         logger=OmegaConf.to_container(cfg.logger, resolve=True), config=OmegaConf.to_container(cfg, resolve=True),
     )
 
@@ -225,7 +224,7 @@ def read_settings(cfg: DictConfig) -> Settings:
 def check_self_baseline(cfg: DictConfig) -> None:
     """``evaluation.self_baseline`` applies to a next-token penalty, and trains its baselines in
     one process."""
-    wanted = cfg.evaluation.get("self_baseline", "auto")
+    wanted = cfg.evaluation.self_baseline
     data = dataset_config(cfg, cfg.dataset.name)
     next_token = data.get("kind") == "text" and not data.get("pairs")
     if wanted is True and not next_token:

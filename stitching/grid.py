@@ -18,6 +18,7 @@ with the preset's 25 cells).
 from __future__ import annotations
 
 import argparse
+import gc
 import re
 import sys
 import time
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         extra = [] if cells is None else [f"grid.pairs={_pairs_override(cells)}"]
         configs.append((read_settings(compose_config([*rest, *extra])), folder))
     failed = 0
+    gc.collect()
+    gc.freeze()  # what importing made lives as long as the process: each grid's collection skips it
     for settings, folder in configs:
         summary = run_grid(settings, folder, progress=not args.no_progress)
         _print_summary(settings.objective, summary, folder)

@@ -74,3 +74,14 @@ def test_every_ranged_dataset_key_is_ranged_for_a_side_dataset_too(tiny_config):
             read_settings(tiny_config("front.dataset=mnist5k", f"+datasets.mnist5k.{path}={bad}"))
         checked += 1
     assert checked >= 6
+
+
+def test_an_empty_datasets_group_leaves_every_config_hash_as_it_was(tiny_config):
+    # records written before datasets.* existed stay the finished cells of the same config
+    from stitching.results.schema import config_hash
+
+    config = read_settings(tiny_config()).config
+    assert config["datasets"] == {}
+    assert config_hash(config) == config_hash({k: v for k, v in config.items() if k != "datasets"})
+    given = read_settings(tiny_config("front.dataset=mnist5k", "+datasets.mnist5k.source.image_size=16")).config
+    assert config_hash(given) != config_hash(read_settings(tiny_config("front.dataset=mnist5k")).config)

@@ -34,6 +34,8 @@ def config_hash(config: DictConfig | dict) -> str:
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)
     config = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    if not config.get("datasets", True):  # no dataset but the run's own is given settings: as before the key existed
+        config.pop("datasets")
     if isinstance(config.get("stitch"), dict):  # stitch.layer only defaults front_layer and end_layer, both hashed
         config["stitch"] = {k: v for k, v in config["stitch"].items() if k != "layer"}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
