@@ -1,14 +1,20 @@
 """``python -m stitching.claims`` — the papers' qualitative claims, each checked by one experiment.
 
 Every claim is measured once per seed pair (``claims.seed_pairs`` replicates: a model against
-itself, ``(s, s)``, or two models, ``(s, s + 1)``) as a signed *effect*, positive in the claim's
-direction. Its verdict (:func:`verdict`) reads the mean effect against the spread over the pairs:
+itself, ``(s, s)``, or two models, ``(2s, 2s + 1)``: disjoint pairs, every model trained from its
+own seed, so the replicates are independent) as a signed *effect*, positive in the claim's
+direction. Its verdict (:func:`verdict`) is a one-sided one-sample t-test of the mean effect at
+level ``claims.alpha`` (0.05), with the two-sided 95 % confidence interval beside it:
 
-* **holds** — at least ``claims.min_pairs`` pairs and the mean effect exceeds one standard
-  deviation over them;
-* **does not hold** — at least that many pairs and the mean effect is at or below minus one
-  standard deviation (absent, or reversed, beyond the spread);
-* **inconclusive** — otherwise (the effect is within its spread, or too few pairs were measured).
+* **holds** — at least ``claims.min_pairs`` pairs and the mean effect is above zero (p < alpha);
+* **does not hold** — at least that many pairs and the mean effect is below zero (the reverse
+  test, p < alpha), or no pair shows any effect at all (every effect ≤ 0 and all equal);
+* **inconclusive** — otherwise: the interval holds zero, too few pairs were measured, or every
+  pair gave the same positive effect (no spread: the replicates are not independent, so there
+  is nothing to test).
+
+Claims about the instrument itself (a DM stitch of a model into itself keeps its accuracy) are
+checked the same way but reported apart, as instrument checks, never counted as paper claims.
 
 Each claim's setting is fixed before any outcome is seen and written next to it
 (``claims.md``); a claim whose runs failed or are missing is inconclusive with the reason.
@@ -48,21 +54,39 @@ TRAINED = ("hint", "fula", "slm", "tlm")
 
 
 # -- the verdict ---------------------------------------------------------------------------
-def verdict(effects: list[float], min_pairs: int = 3) -> dict:
-    """``{"verdict", "mean", "std", "pairs", "why"}`` of one claim's effects (one per seed pair,
-    positive in the claim's direction); ``std`` is the sample standard deviation over pairs."""
+#: the level of the claims' one-sided test (``claims.alpha``)
+ALPHA = 0.05
+
+
+def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA) -> dict:
+    """``{"verdict", "mean", "std", "pairs", "p_value", "ci95", "why"}`` of one claim's effects
+    (one per seed pair, positive in the claim's direction): a one-sided one-sample t-test of
+    mean > 0 (``p_value``) and the two-sided 95 % t interval of the mean (``ci95``); ``std`` is the
+    sample standard deviation over pairs."""
+    from scipy import stats
+
     values = np.asarray([e for e in effects if e is not None and np.isfinite(e)], dtype=float)
     n = len(values)
     mean = float(values.mean()) if n else float("nan")
     std = float(values.std(ddof=1)) if n > 1 else float("nan")
-    out = {"mean": mean, "std": std, "pairs": n}
+    out = {"mean": mean, "std": std, "pairs": n, "p_value": float("nan"), "ci95": [float("nan"), float("nan")]}
     if n < min_pairs:
         return {**out, "verdict": UNSURE, "why": f"{n} seed pair(s) measured, {min_pairs} needed"}
-    if mean > std:
-        return {**out, "verdict": HOLDS, "why": "mean effect above its spread"}
-    if mean <= -std:
-        return {**out, "verdict": FAILS, "why": "effect absent or reversed beyond its spread"}
-    return {**out, "verdict": UNSURE, "why": "effect within its spread over seed pairs"}
+    if np.ptp(values) <= 1e-9 * max(1.0, abs(mean)):  # every replicate the same (to rounding): nothing to test
+        if mean <= 0:
+            return {**out, "verdict": FAILS, "why": "no pair shows the effect"}
+        return {**out, "verdict": UNSURE, "why": "every pair gave the same effect: the replicates are not "
+                                                 "independent (the same models?), so there is nothing to test"}
+    error = std / np.sqrt(n)
+    t = mean / error
+    half = float(stats.t.ppf(0.975, n - 1) * error)
+    out.update(p_value=float(stats.t.sf(t, n - 1)), ci95=[mean - half, mean + half])
+    where = f"one-sided t-test p = {out['p_value']:.3g}, 95 % CI [{mean - half:+.3f}, {mean + half:+.3f}]"
+    if out["p_value"] < alpha:
+        return {**out, "verdict": HOLDS, "why": f"mean effect above zero ({where})"}
+    if float(stats.t.cdf(t, n - 1)) < alpha:
+        return {**out, "verdict": FAILS, "why": f"mean effect below zero ({where})"}
+    return {**out, "verdict": UNSURE, "why": f"the interval holds zero ({where})"}
 
 
 # -- experiments ---------------------------------------------------------------------------
@@ -81,10 +105,11 @@ class Job:
 
 
 def seed_pairs(count: int, pairing: str) -> list[tuple[int, int]]:
-    """``count`` replicate pairs: ``(s, s)`` for a model against itself, else ``(s, s + 1)`` cyclic."""
+    """``count`` independent replicate pairs: ``(s, s)`` for a model against itself, else
+    ``(2s, 2s + 1)``: disjoint pairs, no model in two of them."""
     if pairing == "self":
         return [(s, s) for s in range(count)]
-    return [(s, (s + 1) % max(count, 2)) for s in range(count)]
+    return [(2 * s, 2 * s + 1) for s in range(count)]
 
 
 def _pairs(cells: list[tuple[int, int]]) -> str:
@@ -123,9 +148,10 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
     "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
                               for o in ("dm", "tlm")]),
     "similarity": ("two", lambda c: [("cka_cca", [], "similarity")]),
-    "language": ("self", lambda c: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
-                                                  f"end.{c.language_key}={b}", "grid.pairs=diagonal"], "grid")
-                                    for a, b in (tuple(c.language_models), tuple(c.language_models)[::-1])]),
+    # all four directions, fronts of seed 2s into ends of seed 2s + 1: a SoLU and a GeLU front into the same end
+    "language": ("two", lambda c: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
+                                                 f"end.{c.language_key}={b}", "grid.pairs=diagonal"], "grid")
+                                   for a in c.language_models for b in c.language_models]),
 }
 
 
@@ -185,6 +211,7 @@ class Claim:
     setting: Callable[[DictConfig], str]
     effect: Callable[[pd.DataFrame, DictConfig], tuple[float, str]]  # one seed pair's runs → (effect, what)
     unit: str = "accuracy"
+    instrument: bool = False  # a check of the instrument itself, not a paper's claim
 
 
 def _by(frame: pd.DataFrame, metric: str, *keys: str) -> pd.Series:
@@ -261,10 +288,15 @@ def _similarity(frame, c):
 
 
 def _language(frame, c):
+    """A SoLU front against a GeLU front into the same end, averaged over both ends:
+    [P(S→G) − P(G→G) + P(S→S) − P(G→S)] / 2 (comparing S→G with G→S alone compares two end models
+    whose own losses differ)."""
     gelu, solu = c.language_models
     penalty = _by(frame, "test_adjusted_penalty", f"front_{c.language_key}", f"end_{c.language_key}")
-    solu_gelu, gelu_solu = penalty[(solu, gelu)], penalty[(gelu, solu)]
-    return solu_gelu - gelu_solu, f"SoLU→GeLU {solu_gelu:.3f}, GeLU→SoLU {gelu_solu:.3f} nats/token"
+    p = {(a, b): penalty[(front, end)] for a, front in (("S", solu), ("G", gelu)) for b, end in (("S", solu), ("G", gelu))}
+    effect = (p["S", "G"] - p["G", "G"] + p["S", "S"] - p["G", "S"]) / 2
+    return effect, (f"into GeLU: SoLU {p['S', 'G']:.3f} vs GeLU {p['G', 'G']:.3f}; into SoLU: SoLU {p['S', 'S']:.3f} vs "
+                    f"GeLU {p['G', 'S']:.3f} nats/token")
 
 
 def _layers(c, grid: bool = False) -> str:
@@ -273,10 +305,10 @@ def _layers(c, grid: bool = False) -> str:
 
 CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
     Claim("dm_self_stitch", "A DM stitch of a model to itself at the same layer keeps the model's accuracy.",
-          "all three papers", "dm_self",
+          "the instrument (least squares of a layer onto itself is the identity)", "dm_self",
           lambda c: f"DM only (no training), a model against itself at layers {_layers(c)}; effect = "
                     f"{c.tolerance} − the largest |stitched − model accuracy|",
-          _dm_self),
+          _dm_self, instrument=True),
     Claim("same_task_ordering", "Between two models of one task DM is lowest at early layers; trained "
           "objectives lie above it.", "FuLA Fig. 3", "diagonal",
           lambda c: f"two seeds, corresponding layers {_layers(c)}, early = {list(c.early_layers)}; effect = the "
@@ -313,11 +345,13 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "similarity",
           lambda c: f"pooled activations of {c.similarity_images} test images, layers {_layers(c)}; effect = share "
                     f"of rows whose best cell is the diagonal, CKA − CCA", _similarity, "share of rows"),
-    Claim("solu_gelu_asymmetry", "The SoLU → GeLU stitching penalty is above GeLU → SoLU.",
+    Claim("solu_gelu_asymmetry", "Stitching from a SoLU model costs more than from a GeLU model into the same "
+          "end (the paper: SoLU → GeLU above GeLU → SoLU).",
           "representation-dissimilarity paper", "language",
-          lambda c: f"TLM between the GeLU and SoLU toy models of {' '.join(c.language)}, every layer; effect = "
-                    f"adjusted penalty (over each end model's self-stitch baseline) SoLU→GeLU − GeLU→SoLU "
-                    f"(nats/token)", _language, "nats/token"),
+          lambda c: f"TLM between the GeLU and SoLU toy models of {' '.join(c.language)}, every layer, all four "
+                    f"directions; effect = adjusted penalty (over each end model's self-stitch baseline) of a SoLU "
+                    f"front − a GeLU front into the same end, averaged over both ends (nats/token)", _language,
+          "nats/token"),
 )}
 
 
@@ -335,12 +369,12 @@ def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
             pairs.append({"pair": [a, b], "effect": float(effect), "measured": what})
         except (LookupError, KeyError, ValueError) as err:
             pairs.append({"pair": [a, b], "effect": None, "measured": f"not measured: {err}"})
-    result = verdict([p["effect"] for p in pairs], int(settings.min_pairs))
+    result = verdict([p["effect"] for p in pairs], int(settings.min_pairs), float(settings.alpha))
     missing = [p["measured"] for p in pairs if p["effect"] is None]
     if missing and result["verdict"] == UNSURE and result["pairs"] < int(settings.min_pairs):
         result["why"] += f" ({missing[0]})"
     return {"name": claim.name, "claim": claim.statement, "source": claim.source, "setting": claim.setting(settings),
-            "unit": claim.unit, **result, "per_pair": pairs}
+            "unit": claim.unit, "instrument": claim.instrument, **result, "per_pair": pairs}
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -352,6 +386,9 @@ def claims_table(results: list[dict]) -> str:
     lines = ["| claim | paper, figure | setting | effect (mean ± std over pairs) | verdict |", "|---|---|---|---|---|"]
     for r in results:
         spread = f"{_number(r['mean'])} ± {abs(r['std']):.3f}" if np.isfinite(r["std"]) else _number(r["mean"])
+        low, high = r.get("ci95") or [float("nan")] * 2
+        if np.isfinite(low):
+            spread += f", 95 % CI [{low:+.3f}, {high:+.3f}]"
         example = next((p["measured"] for p in r["per_pair"] if p["effect"] is not None), "")
         lines.append(f"| {r['claim']} | {r['source']} | {r['setting']} | {spread} {r['unit']} ({r['pairs']} pairs; "
                      f"{example}) | **{r['verdict']}**: {r['why']} |")
@@ -409,11 +446,19 @@ def effects_figure(results: list[dict], path: Path) -> Path | None:
 def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: DictConfig, meta: dict) -> None:
     curve = loss_curves(frame, out / "loss_curves.png")
     effects = effects_figure(results, out / "effects.png")
+    papers = [r for r in results if not r.get("instrument")]
+    checks = [r for r in results if r.get("instrument")]
     text = ["# Claims of the three papers, checked", "",
-            f"{len(results)} claims; {int(settings.seed_pairs)} seed pair(s) each; a claim holds when its mean "
-            f"effect exceeds one standard deviation over at least {int(settings.min_pairs)} pairs, does not hold when "
-            "it is at or below minus one, and is inconclusive otherwise. Settings were fixed before the runs.", "",
-            claims_table(results), "", "## Settings", "",
+            f"{len(papers)} paper claims; {int(settings.seed_pairs)} independent seed pair(s) each (no model in two "
+            f"pairs); a claim holds when a one-sided t-test of its mean effect > 0 over at least "
+            f"{int(settings.min_pairs)} pairs gives p < {float(settings.alpha)}, does not hold when the reverse test "
+            "does (or no pair shows the effect), and is inconclusive otherwise. Settings, effects, replicates and the "
+            "test were fixed before the runs.", "",
+            claims_table(papers), ""]
+    if checks:
+        text += ["## Instrument checks", "", "Checks of the instrument itself, tested the same way and not counted "
+                 "as paper claims.", "", claims_table(checks), ""]
+    text += ["## Settings", "",
             f"* base: `{' '.join(meta['base'])}`; stitching epochs {meta['epochs']}; base-model test accuracy "
             f"{meta['base_accuracy']}",
             "* per-pair effects, settings and timings: `claims.json`; the runs: `runs/` (`python -m stitching.report`)",

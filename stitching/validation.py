@@ -166,6 +166,7 @@ RULES: dict[str, Rule] = {
     "similarity.rbf_sigma": POSITIVE,
     "claims.seed_pairs": COUNT,
     "claims.min_pairs": Rule("int", 2),
+    "claims.alpha": Rule("float", 0, 0.5, low_open=True),
     "claims.layer": COUNT,
     "claims.tolerance": Rule("float", 0, 1),
     "claims.classes_train": COUNT,

@@ -13,22 +13,39 @@ from stitching.errors import StitchingError
 from tests.conftest import TINY
 
 
-def test_verdict_holds_only_beyond_the_spread_over_enough_pairs():
-    assert verdict([0.10, 0.12, 0.08])["verdict"] == HOLDS  # mean 0.10, std 0.02
-    assert verdict([0.10, -0.05, 0.01])["verdict"] == UNSURE  # mean 0.02 within std 0.075
+def test_verdict_is_a_one_sided_t_test_over_enough_pairs():
+    assert verdict([0.10, 0.12, 0.08])["verdict"] == HOLDS  # mean 0.10, std 0.02: t = 8.7, p = 0.007
+    assert verdict([0.10, -0.05, 0.01])["verdict"] == UNSURE  # mean 0.02, std 0.075: p = 0.35
+    weak = verdict([0.10, 0.02, 0.05])  # mean 0.057 above one std 0.040 (once a hit), but t = 2.4, p = 0.068
+    assert weak["mean"] > weak["std"] and weak["verdict"] == UNSURE and weak["ci95"][0] < 0 < weak["ci95"][1]
     assert verdict([-0.10, -0.12, -0.08])["verdict"] == FAILS
     assert verdict([0.0, 0.0, 0.0])["verdict"] == FAILS  # no effect at all is not an effect
+    same = verdict([0.2, 0.2, 0.2])  # no spread: the replicates are not independent, there is nothing to test
+    assert same["verdict"] == UNSURE and "not independent" in same["why"]
     assert verdict([0.3, 0.3])["verdict"] == UNSURE and "2 seed pair(s)" in verdict([0.3, 0.3])["why"]
     assert verdict([0.3, None, np.nan, 0.2, 0.25])["pairs"] == 3  # unmeasured pairs do not count
     result = verdict([0.1, 0.2, 0.6])
     assert result["mean"] == pytest.approx(0.3) and result["std"] == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
     assert verdict([0.2, 0.3, 0.25, 0.3], min_pairs=5)["verdict"] == UNSURE
+    assert verdict([0.10, 0.02, 0.05], alpha=0.1)["verdict"] == HOLDS  # the level is the preset's
 
 
-def test_seed_pairs_pair_a_model_with_itself_or_with_the_next_seed():
+@pytest.mark.parametrize("effects", [[0.1, 0.2, 0.6], [0.3, -0.1, 0.05, 0.2], [-0.02, -0.05, 0.01], [1.0, 1.5]])
+def test_verdict_p_value_and_interval_match_scipy(effects):
+    from scipy import stats
+
+    result = verdict(effects, min_pairs=2)
+    assert result["p_value"] == pytest.approx(stats.ttest_1samp(effects, 0.0, alternative="greater").pvalue)
+    low, high = stats.t.interval(0.95, len(effects) - 1, loc=np.mean(effects), scale=stats.sem(effects))
+    assert result["ci95"] == pytest.approx([low, high])
+
+
+def test_seed_pairs_are_independent_replicates():
     assert seed_pairs(3, "self") == [(0, 0), (1, 1), (2, 2)]
-    assert seed_pairs(3, "two") == [(0, 1), (1, 2), (2, 0)]
+    assert seed_pairs(3, "two") == [(0, 1), (2, 3), (4, 5)]  # no model in two pairs
     assert seed_pairs(1, "two") == [(0, 1)]
+    models = [seed for pair in seed_pairs(5, "two") for seed in pair]
+    assert len(models) == len(set(models))
 
 
 def _settings(**extra):
@@ -56,7 +73,7 @@ def test_ordering_claim_from_hand_made_records():
     assert result["verdict"] == HOLDS and result["pairs"] == 3
     assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.2, 0.19, 0.18])
     flipped = pd.DataFrame(rows)
-    flipped.loc[flipped.run.str.contains("seeds2-0") & (flipped.objective == "dm"), "test_acc"] += 0.6
+    flipped.loc[flipped.run.str.contains("seeds4-5") & (flipped.objective == "dm"), "test_acc"] += 0.6
     result = measure(CLAIMS["same_task_ordering"], flipped, settings)
     assert result["verdict"] == UNSURE and result["per_pair"][2]["effect"] == pytest.approx(-0.42)
 
@@ -155,3 +172,33 @@ def test_a_cut_point_the_models_lack_is_one_line_before_any_run(tmp_path, zoo_di
                 f"claims.language=[{','.join(repr(o) for o in TINY_LM)}]"]
     claims_main(["--out", str(tmp_path / "lm"), "--no-progress", *language])
     assert "claims name cut point" not in capsys.readouterr().err
+
+
+def test_the_language_claim_contrasts_fronts_into_the_same_end():
+    """[P(S→G) − P(G→G) + P(S→S) − P(G→S)] / 2 from hand-made records: here S→G exceeds G→S by 0.10,
+    yet a SoLU front costs only 0.06 more than a GeLU front into the same end."""
+    settings = _settings()
+    penalty = {("lm_solu", "lm_gelu"): 0.30, ("lm_gelu", "lm_gelu"): 0.10, ("lm_solu", "lm_solu"): 0.12,
+               ("lm_gelu", "lm_solu"): 0.20}
+    rows = [{"run": f"runs/language/seeds{a}-{b}/{f}_{e}/tlm/f{k}-e{k}", "objective": "tlm", "front_arch": f,
+             "end_arch": e, "front_layer": k, "end_layer": k, "test_adjusted_penalty": value + 0.01 * n + 0.001 * k}
+            for n, (a, b) in enumerate(seed_pairs(3, "two")) for (f, e), value in penalty.items() for k in (1, 2, 3)]
+    result = measure(CLAIMS["solu_gelu_asymmetry"], pd.DataFrame(rows), settings)
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.06] * 3)
+    assert result["pairs"] == 3 and result["verdict"] == UNSURE  # identical replicates: nothing to test
+    jobs = [job for job in plan(settings, ["solu_gelu_asymmetry"]) if job.pair == (0, 1)]
+    assert sorted(job.tag for job in jobs) == ["lm_gelu_lm_gelu", "lm_gelu_lm_solu", "lm_solu_lm_gelu",
+                                               "lm_solu_lm_solu"]
+    assert all({"front.seed=0", "end.seed=1"} <= set(job.overrides) for job in jobs)
+
+
+def test_instrument_checks_are_reported_apart_from_paper_claims(tmp_path):
+    from stitching.claims import write_report
+
+    results = [measure(CLAIMS[name], pd.DataFrame(), _settings()) for name in ("dm_self_stitch", "ood_detectability")]
+    assert [r["instrument"] for r in results] == [True, False]
+    write_report(results, pd.DataFrame(), tmp_path, _settings(), {"base": [], "epochs": 1, "base_accuracy": "—"})
+    text = (tmp_path / "claims.md").read_text()
+    papers, checks = text.split("## Instrument checks")
+    assert "1 paper claims" in papers and "energy-detector" in papers and "DM stitch of a model" not in papers
+    assert "DM stitch of a model" in checks.split("## Settings")[0]

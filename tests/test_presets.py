@@ -1,6 +1,7 @@
 """Every paper preset composes; every CPU-sized preset runs as a (shrunken) sweep and draws its figure."""
 
 import pytest
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 
 from stitching.report import report
@@ -80,6 +81,9 @@ def test_claims_presets_compose_with_valid_settings_and_plan_every_claim(preset)
         cfg = compose("config", overrides=[f"experiment={preset}"])
     check_config(cfg)
     assert cfg.claims.seed_pairs >= cfg.claims.min_pairs == 3 and cfg.logger.kind == "none"
+    # pre-registered in the preset itself, not inherited: replicates and the test's level
+    preset_file = OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml")
+    assert preset_file.claims.seed_pairs == 3 and preset_file.claims.min_pairs == 3 and preset_file.claims.alpha == 0.05
     jobs = plan(cfg.claims, list(ALL_CLAIMS))
     assert {j.experiment for j in jobs} == {claim.experiment for claim in ALL_CLAIMS.values()}
     language = next(j for j in jobs if j.experiment == "language")
