@@ -41,7 +41,8 @@ def stated_settings() -> list[tuple[str, str, str]]:
 def test_the_protocol_tables_state_settings_to_check():
     settings = stated_settings()
     assert len(settings) >= 12 and {preset for preset, _, _ in settings} >= {"sanity", "ood", "grounding", "fig4", "fig5",
-                                                                            "fig6", "fig8", "fig9", "fig10", "fig11"}
+                                                                            "fig6", "fig8", "fig9", "fig10", "fig11",
+                                                                            "lm_solu_gelu", "lm_pythia", "lm_bert_hans"}
 
 
 @pytest.mark.parametrize(("preset", "key", "value"), stated_settings(), ids=lambda v: str(v))
