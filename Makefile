@@ -11,7 +11,7 @@ endif
 DEMO_DIR ?= outputs/demo/$(STAMP)
 SWEEPS ?= outputs/sweeps
 ARGS ?=
-PYTHIA ?= 70m 160m 410m 1b 1.4b 2.8b
+PYTHIA ?= 70m 160m 410m 1b 1.4b 2.8b 6.9b
 LM_DEPTHS ?= 1 2 3 4
 GENERALISING ?= connectivity/feather_berts_0
 HEURISTIC ?= connectivity/feather_berts_1
