@@ -22,7 +22,7 @@ export WANDB_MODE ?= offline
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-full docs bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
 	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
-	grounding-small claims claims-small claims-diagnosis data-fmnist
+	grounding-small claims claims-small claims-diagnosis data-fmnist appendix-b appendix-b-small
 
 # $(call stitch,DIR): the command that trains a sweep into DIR — one grid per combination of the
 # axes other than the layers, every cell a run folder; with ARGS naming a Hydra launcher, one job
@@ -128,6 +128,19 @@ fig11: $(READY) ## FuLA Fig. 11 (paper size): FuLA grids with progressively deep
 	$(call sweep,fig11)
 fig11-small: $(READY) ## Fig. 11 on MNIST-5k, CPU-sized
 	$(call sweep,fig11_small)
+
+# the FuLA paper's Appendix B: its figures again for the ResNet18 without residual connections
+# and for ResNet34 (Figs. 13-30), one sweep and one report per figure and model
+APPENDIX_B_MODELS ?= resnet18_nores resnet34
+APPENDIX_B_FIGURES ?= fig4 fig5 fig8 fig9 fig10
+appendix-b: $(READY) ## FuLA App. B (paper size, GPU): Figs. 4/5/8/9/10 for ResNet18 w/o residuals and ResNet34
+	status=0; for m in $(APPENDIX_B_MODELS); do for f in $(APPENDIX_B_FIGURES); do \
+	  $(call stitch,$(SWEEPS)/appendix_b/$(STAMP)/$$m/$$f) experiment=$$f model=$$m $(ARGS) || status=1; \
+	  $(PY) -m stitching.report $(SWEEPS)/appendix_b/$(STAMP)/$$m/$$f || status=1; done; done; exit $$status
+appendix-b-small: $(READY) ## App. B.4 on MNIST-5k (CPU): self-stitching grids of width-16 ResNet18 w/o residuals and ResNet34
+	status=0; for m in $(APPENDIX_B_MODELS); do \
+	  $(call stitch,$(SWEEPS)/appendix_b_small/$(STAMP)/$$m) experiment=fig10_small model=$$m model.width=16 $(ARGS) \
+	    || status=1; $(PY) -m stitching.report $(SWEEPS)/appendix_b_small/$(STAMP)/$$m || status=1; done; exit $$status
 
 ood: $(READY) ## TLM-vs-DM paper (paper size, GPU): energy-detector AUROC of stitched vs native activations
 	$(call with_tlm_from_dm,ood)

@@ -138,3 +138,31 @@ def test_the_tlm_vs_dm_presets_start_tlm_as_the_authors_and_keep_the_other_start
     assert starts == {"dm": "dm", "hint": "dm", "fula": "dm", "tlm": "dm" if twin else "random"}
     other = "random" if twin else "dm"
     assert compose_config(f"experiment={preset}", "objective=tlm", f"stitch.start.tlm={other}").stitch.init == other
+
+
+def _make_default(name: str) -> list[str]:
+    """A Makefile variable's default list (``NAME ?= a b c``)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    return re.search(rf"^{name} \?= (.+)$", text, re.M).group(1).split()
+
+
+def test_appendix_b_runs_the_papers_figures_for_its_other_architectures():
+    """FuLA App. B (Figs. 13-30): the figures of adversarial, shortcut, class-subset and cross-layer
+    stitching again for "ResNet18 (w/o residuals)" and "ResNet34", width 64, each with "9 stitching
+    locations for all architectures"; the CPU twin (App. B.4's grids) at width 16 on MNIST-5k."""
+    from stitching.models import build_model
+
+    models, figures = _make_default("APPENDIX_B_MODELS"), _make_default("APPENDIX_B_FIGURES")
+    assert set(models) == {"resnet18_nores", "resnet34"}
+    assert set(figures) == {"fig4", "fig5", "fig8", "fig9", "fig10"}
+    for model in models:
+        assert len(build_model(model, num_classes=10, width=8).cut_points) == 9
+        for figure in figures:
+            cfg = compose_config(f"experiment={figure}", f"model={model}")
+            assert cfg.front.arch == cfg.end.arch == model and cfg.front.width == cfg.end.width == 64
+            assert cfg.dataset.name == "cifar10" and cfg.trainer.max_epochs == 30
+        small = compose_config("experiment=fig10_small", f"model={model}", "model.width=16")
+        assert small.front.arch == model and small.front.width == 16 and small.dataset.name == "mnist5k"
