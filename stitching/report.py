@@ -31,6 +31,7 @@ from stitching.results.tables import (
     sanity_checks, sanity_table, seed_pairs, self_accuracy, spread_table, varying_conditions,
 )
 from stitching.results.figures import depth_plot, heatmaps, penalty_plot, stitching_plot, subsets_plot
+from stitching.results.paper import table_1
 
 
 FORMATS = ("csv", "parquet")
@@ -66,6 +67,10 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None, table_forma
         made["depth_table"] = depth_table(frame)
         (out / "depth.md").write_text(made["depth_table"].round(3).to_string(na_rep="—"))
         made["depth"] = depth_plot(frame, out / "depth.png")
+    compared = table_1(frame)
+    if not compared.empty:  # the paper's own base models: their accuracies beside Table 1's
+        made["table_1"] = compared
+        (out / "table1.md").write_text(compared.round(4).to_string(index=False, na_rep="—"))
     runs = frame[frame.test_acc.notna()] if "test_acc" in frame else frame.iloc[:0]  # stitching runs only
     if not runs.empty and "classes_train" in varying_conditions(runs):
         made["subsets"] = subsets_plot(runs, out / "subsets.png")
@@ -161,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"figure: {made['penalty']}")
     if "subsets" in made:
         print(f"figure: {made['subsets']}")
+    if "table_1" in made:
+        print("\nbase models beside the FuLA paper's Table 1 (accuracy; AutoAttack-rand robust accuracy where measured)")
+        print(made["table_1"].round(4).to_string(index=False, na_rep="—"))
     if "depth" in made:
         print("\nsimilarity at corresponding relative depths (mean over front layers; rows: front model)")
         print(made["depth_table"].round(3).to_string(na_rep="—"))

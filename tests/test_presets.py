@@ -166,3 +166,29 @@ def test_appendix_b_runs_the_papers_figures_for_its_other_architectures():
             assert cfg.dataset.name == "cifar10" and cfg.trainer.max_epochs == 30
         small = compose_config("experiment=fig10_small", f"model={model}", "model.width=16")
         assert small.front.arch == model and small.front.width == 16 and small.dataset.name == "mnist5k"
+
+
+def test_the_papers_base_models_are_set_beside_table_1():
+    """FuLA Table 1: cifar10_0 ResNet18 94.51 %, cifar10_1 ResNet34 robust 86.22 % / 42.86 %; a model
+    of another width or one the table does not list is not compared."""
+    import pandas as pd
+
+    from stitching.results.paper import table_1
+
+    def side(prefix, model, dataset, arch, seed, robust, acc, autoattack=None):
+        return {f"{prefix}_model": model, f"{prefix}_dataset": dataset, f"{prefix}_arch": arch, f"{prefix}_seed": seed,
+                f"{prefix}_robust": robust, f"{prefix}_acc": acc, f"{prefix}_robust_acc_autoattack": autoattack}
+
+    frame = pd.DataFrame([
+        {**side("front", "resnet18-w64-cifar10-s0-e200-aa", "cifar10", "resnet18", 0, False, 0.93),
+         **side("end", "resnet34-w64-cifar10-s1-e200-robust-bb", "cifar10", "resnet34", 1, True, 0.86, 0.40)},
+        {**side("front", "resnet18-w16-cifar10-s0-e200-cc", "cifar10", "resnet18", 0, False, 0.90),  # not the paper's width
+         **side("end", "resnet18-w64-mnist5k-s1-e200-dd", "mnist5k", "resnet18", 1, False, 0.99)},  # not in the table
+    ])
+    compared = table_1(frame).set_index("model")
+    assert list(compared.index) == ["resnet18-w64-cifar10-s0-e200-aa", "resnet34-w64-cifar10-s1-e200-robust-bb"]
+    first, robust = compared.iloc[0], compared.iloc[1]
+    assert first.paper_acc == 0.9451 and first.acc_diff == pytest.approx(0.93 - 0.9451) and pd.isna(first.robust_diff)
+    assert (robust.paper_acc, robust.paper_robust_acc) == (0.8622, 0.4286)
+    assert robust.robust_diff == pytest.approx(0.40 - 0.4286)
+    assert table_1(frame.iloc[1:]).empty
