@@ -22,7 +22,7 @@ from stitching.api import Prepared
 from stitching.data import ImageDataModule
 from stitching.data.text import PairDataModule, TextDataModule
 from stitching import CONF_DIR
-from stitching.errors import StitchingError
+from stitching.errors import StitchingError, config_error
 from stitching.models import LANGUAGE_ARCHITECTURES, LIBRARIES, CuttableModel, cuttable
 from stitching.models.cutting import cut
 from stitching.models.layout import compatible
@@ -47,7 +47,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             return compose("config", overrides=list(overrides))
     except Exception as err:  # Hydra's own first line names the bad override
-        raise StitchingError(str(err).splitlines()[0]) from None
+        raise config_error(err) from None
 
 
 # -- typed settings ------------------------------------------------------------------------

@@ -33,6 +33,14 @@ WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
 _interrupt_note = ["what finished is kept; rerun the same command to resume"]
 
 
+def config_error(err: BaseException) -> StitchingError:
+    """Hydra's error as one line: its first line, which names the bad override, with what Hydra
+    says to do about it where it says so (``use +key=value`` for a key the config lacks)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    advice = next((line for line in lines[1:] if line.startswith("To append to your config use")), None)
+    return StitchingError(lines[0] + (f" ({advice[0].lower()}{advice[1:]})" if advice else "") if lines else repr(err))
+
+
 def on_interrupt(note: str) -> None:
     """Say ``note`` (what is kept, how to resume) if this command is interrupted."""
     _interrupt_note[0] = note

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stitching import CONF_DIR, LAYER_KEYS
 from stitching.build import Settings, setup
-from stitching.errors import StitchingError
+from stitching.errors import StitchingError, config_error
 from stitching.models import cut_point_names
 from stitching.runs import cell_config, record_cells
 from stitching.runtime import Stopwatch
@@ -85,7 +85,7 @@ def sweep_grids(overrides: list[str]) -> list[tuple[list[str], list[tuple[int, i
     try:
         combos = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(swept), None)[0]
     except Exception as err:  # Hydra's own first line names the bad override
-        raise StitchingError(str(err).splitlines()[0]) from None
+        raise config_error(err) from None
     grids: dict[tuple, list] = {}
     for combo in combos:
         layers = {key: value for key, value in (item.split("=", 1) for item in combo) if key in LAYER_KEYS}

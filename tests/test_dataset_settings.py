@@ -85,3 +85,14 @@ def test_an_empty_datasets_group_leaves_every_config_hash_as_it_was(tiny_config)
     assert config_hash(config) == config_hash({k: v for k, v in config.items() if k != "datasets"})
     given = read_settings(tiny_config("front.dataset=mnist5k", "+datasets.mnist5k.source.image_size=16")).config
     assert config_hash(given) != config_hash(read_settings(tiny_config("front.dataset=mnist5k")).config)
+
+
+def test_a_settings_key_the_config_lacks_says_how_to_add_it():
+    # a careless user forgets the + before a datasets.<name> key: the one line says to add it
+    from stitching.build import compose_config
+
+    with pytest.raises(StitchingError, match=r"Could not override 'datasets\.mnist5k\.source\.image_size'\. \(to "
+                                             r"append to your config use \+datasets\.mnist5k\.source\.image_size=16\)"):
+        compose_config(["datasets.mnist5k.source.image_size=16"])
+    with pytest.raises(StitchingError, match=r"^Could not override 'stitch\.nope'\. \(to append .* \+stitch\.nope=1\)$"):
+        compose_config(["stitch.nope=1"])
