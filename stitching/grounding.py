@@ -8,8 +8,15 @@ point of the run's end model). Its *functional difference* is ``|probe(A) − pr
 in linear-probe test accuracy (:mod:`stitching.probe`); each measure's *dissimilarity* is
 ``1 − similarity``: one minus the stitched test accuracy of ``A → B`` for an objective, one minus
 the index between the two (test images, ``grounding.flatten``) for a structural index. A measure
-passes a test to the degree its dissimilarity rises with the functional difference: the Spearman
-rank correlation over the test's items, with a bootstrap interval over items.
+passes a test to the degree its dissimilarity rises with the functional difference. As Ding et
+al. score it, that is the Spearman rank correlation over the items of one reference layer,
+averaged over the reference layers (``rho``; the interval resamples items within each reference
+layer); ``rho_pooled`` is one correlation over all items at once, kept beside it.
+
+``grounding.flatten=authors`` feeds each index as the TLM-vs-DM authors' similarity function
+does: CKA on every feature of an image, the CCA family and the Procrustes distance by ``match``
+(positions as samples where the two maps have one shape, else one pooled vector per image).
+``sample``, ``pool``, ``match`` or ``positions`` feed every index the same way.
 
 * **sensitivity** — ``A`` is the reference layer itself truncated to each of ``grounding.ranks``
   (ranks at or above the layer's channels are skipped), for every ``grounding.layers``;
@@ -48,12 +55,19 @@ from stitching.models import cut
 from stitching.models.layout import channels
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.cka import SimilarityError
-from stitching.similarity.grid import INDICES, parse_indices
+from stitching.similarity.grid import FLATTEN, INDICES, pair_matrices, parse_indices
 from stitching.similarity.uncertainty import bootstrap_interval
 from stitching.stitch_layers import head_activations
 
 TESTS = ("sensitivity", "specificity")
 STITCHING_OBJECTIVES = ("dm", "hint", "fula", "slm", "tlm")
+#: how ``grounding.flatten=authors`` feeds each index (``compute_metrics`` in
+#: szegedai/stitching-ood: CKA on ``flatten(a, 1)``, PWCCA and Procrustes through
+#: ``resize_for_cca2``); the kernel and neighbourhood indices follow CKA, the CCA family PWCCA
+AUTHORS_FLATTEN = {"cka": "sample", "unbiased_cka": "sample", "rbf_cka": "sample", "mutual_knn": "sample",
+                   "cknna": "sample", "rsa": "sample", "ridge_r2": "sample",
+                   "cca": "match", "svcca": "match", "pwcca": "match", "procrustes": "match"}
+GROUNDING_FLATTEN = ("authors", *FLATTEN)
 
 
 @dataclass(frozen=True)
@@ -86,13 +100,47 @@ def specificity_items(layers: list[int], seeds: list[int], compare_layers: list[
 
 def spearman(a, b) -> float:
     """Spearman's ρ: Pearson's correlation of the average ranks (ties share their mean rank)."""
+    if len(a) < 3:
+        raise SimilarityError("a rank correlation needs at least three items and values that vary")
     ranks_a = pd.Series(np.asarray(a, dtype=float)).rank(method="average").to_numpy()
     ranks_b = pd.Series(np.asarray(b, dtype=float)).rank(method="average").to_numpy()
     ranks_a, ranks_b = ranks_a - ranks_a.mean(), ranks_b - ranks_b.mean()
     scale = np.sqrt((ranks_a ** 2).sum() * (ranks_b ** 2).sum())
-    if len(ranks_a) < 3 or scale == 0:
+    if scale == 0:
         raise SimilarityError("a rank correlation needs at least three items and values that vary")
     return float((ranks_a * ranks_b).sum() / scale)
+
+
+def layer_correlation(dissimilarity, functional, layers, draws: int = 1000, seed: int = 0) -> dict:
+    """Ding et al.'s score: ρ between dissimilarity and functional difference within each
+    reference layer's items, averaged over the layers where it is defined (``layers``: each
+    item's reference layer); its 95 % percentile bootstrap interval resamples the items within
+    each layer. ``rho_pooled``: one ρ over every item, beside it."""
+    d, f, g = (np.asarray(v, dtype=float) for v in (dissimilarity, functional, layers))
+    keep = np.isfinite(d) & np.isfinite(f)
+    d, f, g = d[keep], f[keep], g[keep]
+    groups = [np.flatnonzero(g == layer) for layer in np.unique(g)]
+
+    def mean_rho(pick):
+        values = []
+        for rows in pick:
+            try:
+                values.append(spearman(d[rows], f[rows]))
+            except SimilarityError:  # a layer whose items do not vary: no correlation there
+                continue
+        return (float(np.mean(values)) if values else float("nan")), len(values)
+
+    rho, scored = mean_rho(groups)
+    out = {"rho": rho, "low": float("nan"), "high": float("nan"), "items": int(keep.sum()), "layers": scored,
+           "rho_pooled": rank_correlation(d, f, draws=0)["rho"]}
+    if draws and np.isfinite(rho):
+        generator = np.random.default_rng(seed)
+        draws_ = [mean_rho([rows[generator.integers(len(rows), size=len(rows))] for rows in groups])[0]
+                  for _ in range(draws)]
+        draws_ = np.asarray([v for v in draws_ if np.isfinite(v)])
+        if len(draws_) >= max(2, draws // 2):
+            out["low"], out["high"] = (float(v) for v in np.percentile(draws_, [2.5, 97.5]))
+    return out
 
 
 def rank_correlation(dissimilarity, functional, draws: int = 1000, seed: int = 0) -> dict:
@@ -122,8 +170,8 @@ def _settings(settings) -> dict:
     if unknown:
         raise StitchingError(f"grounding.objectives: unknown objective {unknown[0]}; choose from "
                              f"{', '.join(STITCHING_OBJECTIVES)}")
-    if g["flatten"] not in ("pool", "sample"):
-        raise StitchingError(f"grounding.flatten={g['flatten']}: choose pool or sample")
+    if g["flatten"] not in GROUNDING_FLATTEN:
+        raise StitchingError(f"grounding.flatten={g['flatten']}: choose {', '.join(GROUNDING_FLATTEN)}")
     indices = g["indices"] if not isinstance(g["indices"], list) else ",".join(g["indices"])
     indices = parse_indices(indices) if indices else []
     streaming = [name for name in indices if INDICES[name].streaming]
@@ -182,24 +230,35 @@ class Grounding:
         model, record = self.model(seed)
         return self.prober.accuracy(model, record["key"], layer, rank)["test_acc"]
 
-    def features(self, seed: int, layer: int, rank: int | None) -> torch.Tensor:
-        from stitching.probes import cut_features
-
+    def activation(self, seed: int, layer: int, rank: int | None) -> tuple[torch.Tensor, object]:
+        """The test images' whole activation at a cut point (projected to ``rank`` directions) and
+        its layout; a reference layer's is kept, an item's own is made when it is scored."""
         key = (seed, layer, rank)
-        if key not in self._features:
-            model = self.model(seed)[0].eval().to(self.device)
-            c = cut(model, layer)
-            self._features[key] = cut_features(c.head, c.layout, self.test_images, self.g["flatten"] == "pool",
-                                               self.device, self.prober.projection(model, layer, rank)).double()
-        return self._features[key]
+        if key in self._features:
+            return self._features[key]
+        model = self.model(seed)[0].eval().to(self.device)
+        c = cut(model, layer)
+        projection = self.prober.projection(model, layer, rank)
+        a = head_activations(c.head, self.test_images, self.device, 250, transform=projection)[0].cpu()
+        if seed == self.end_seed and rank is None:
+            self._features[key] = a, c.layout
+        return a, c.layout
 
-    def index(self, name: str, item: Item) -> float:
-        x = self.features(item.front_seed, item.front_layer, item.rank)
-        y = self.features(self.end_seed, item.end_layer, None)
-        try:
-            return float(INDICES[name].pair(x, y))
-        except SimilarityError:
-            return float("nan")
+    def flatten(self, name: str) -> str:
+        return AUTHORS_FLATTEN[name] if self.g["flatten"] == "authors" else self.g["flatten"]
+
+    def indices(self, item: Item) -> dict[str, float]:
+        """Every structural index of ``A`` and ``B`` (NaN where one cannot be computed)."""
+        (a, layout_a), (b, layout_b) = (self.activation(item.front_seed, item.front_layer, item.rank),
+                                        self.activation(self.end_seed, item.end_layer, None))
+        out = {}
+        for name in self.g["indices"]:
+            try:
+                x, y = pair_matrices(a, b, self.flatten(name), layout_a, layout_b)
+                out[name] = float(INDICES[name].pair(x.double(), y.double()))
+            except SimilarityError:
+                out[name] = float("nan")
+        return out
 
     def stitched_accuracy(self, objective: str, item: Item) -> float:
         """Test accuracy of ``A → B`` stitched under ``objective`` (an ordinary run folder; a
@@ -234,14 +293,16 @@ class Grounding:
         if test == "sensitivity":
             channels = {layer: self.channels(layer) for layer in layers}
             items = sensitivity_items(layers, self.g["ranks"], channels, self.end_seed)
-            advice = (f"give grounding.ranks below the layers' channels "
-                      f"({', '.join(f'layer {k}: {v}' for k, v in channels.items())}) or more grounding.layers")
+            advice = (f"give at least three grounding.ranks below each reference layer's channels "
+                      f"({', '.join(f'layer {k}: {v}' for k, v in channels.items())})")
         else:
             items = specificity_items(layers, self.g["seeds"], self.g["compare_layers"] or list(range(1, count + 1)))
-            advice = "give more grounding.layers, grounding.seeds or grounding.compare_layers"
-        if len(items) < 3:  # a rank correlation of fewer items is no correlation
-            raise StitchingError(f"grounding: the {test} test has {len(items)} item(s) and a rank correlation needs at "
-                                 f"least three; {advice}")
+            advice = "give more grounding.seeds or grounding.compare_layers"
+        short = {layer: n for layer in layers if (n := sum(i.end_layer == layer for i in items)) < 3}
+        if short:  # ρ is taken per reference layer, and a rank correlation of fewer items is none
+            layer, n = next(iter(short.items()))
+            raise StitchingError(f"grounding: the {test} test has {n} item(s) for reference layer {layer} and a rank "
+                                 f"correlation needs at least three per reference layer; {advice}")
         return items
 
 
@@ -262,7 +323,9 @@ def run_tests(settings, overrides: list[str], out: Path, progress: bool = True) 
             probes = [grounding.probe(i.front_seed, i.front_layer, i.rank)
                       for i in tqdm(items, desc=f"{test}: probes", disable=not progress, leave=False)]
         with watch.section("indices_s"):
-            scores = {name: [grounding.index(name, i) for i in items] for name in g["indices"]}
+            values = [grounding.indices(i) for i in tqdm(items, desc=f"{test}: indices", disable=not progress,
+                                                          leave=False)]
+            scores = {name: [v[name] for v in values] for name in g["indices"]}
         with watch.section("stitching_s"):
             bar = tqdm(total=len(items) * len(g["objectives"]), desc=f"{test}: stitching", disable=not progress)
             for objective in g["objectives"]:
@@ -278,8 +341,8 @@ def run_tests(settings, overrides: list[str], out: Path, progress: bool = True) 
                          **{name: 1.0 - values[k] for name, values in scores.items()}})
     frame = pd.DataFrame(rows)
     measures = [*g["objectives"], *g["indices"]]
-    table = pd.DataFrame([{"test": test, "measure": measure, **rank_correlation(
-        part[measure], part["functional"], int(g["bootstrap"]), grounding.settings.seed)}
+    table = pd.DataFrame([{"test": test, "measure": measure, **layer_correlation(
+        part[measure], part["functional"], part["end_layer"], int(g["bootstrap"]), grounding.settings.seed)}
         for test, part in frame.groupby("test", sort=False) for measure in measures])
     record = _write(out, frame, table, measures, grounding, watch)
     return record
@@ -296,13 +359,17 @@ def _write(out: Path, frame: pd.DataFrame, table: pd.DataFrame, measures: list[s
     table.to_csv(out / "grounding.csv", index=False)
     lines = ["# Grounding similarity in function", "",
              f"Reference: {grounding.model(grounding.end_seed)[1]['key']}; functional difference = |Δ linear-probe test "
-             f"accuracy|; ρ = Spearman correlation of each measure's dissimilarity with it over the items "
-             f"(95 % bootstrap interval over items, {grounding.g['bootstrap']} resamples). Higher is better.", ""]
+             f"accuracy|; ρ = Spearman correlation of each measure's dissimilarity with it over the items of one "
+             f"reference layer, averaged over the reference layers (Ding et al.; 95 % bootstrap interval, items "
+             f"resampled within each layer, {grounding.g['bootstrap']} resamples); pooled ρ: one correlation over "
+             f"all items. Indices on {grounding.g['images']} test images, flatten={grounding.g['flatten']}"
+             f"{' (CKA per image, the CCA family and Procrustes by match)' if grounding.g['flatten'] == 'authors' else ''}. "
+             f"Higher is better.", ""]
     for test, part in table.groupby("test", sort=False):
-        lines += [f"## {test} ({int(part['items'].max())} items)", "", "| measure | ρ | 95 % interval | items |",
-                  "|---|---|---|---|"]
-        lines += [f"| {measure_label(r.measure)} | {_fmt(r.rho)} | [{_fmt(r.low)}, {_fmt(r.high)}] | {r.items} |"
-                  for r in part.itertuples()]
+        lines += [f"## {test} ({int(part['items'].max())} items)", "",
+                  "| measure | ρ | 95 % interval | reference layers | pooled ρ | items |", "|---|---|---|---|---|---|"]
+        lines += [f"| {measure_label(r.measure)} | {_fmt(r.rho)} | [{_fmt(r.low)}, {_fmt(r.high)}] | {r.layers} | "
+                  f"{_fmt(r.rho_pooled)} | {r.items} |" for r in part.itertuples()]
         lines.append("")
     if grounding.failed:
         lines += ["## failed stitching runs", "", *[f"* {line}" for line in grounding.failed], ""]
@@ -337,7 +404,8 @@ def _plot(table: pd.DataFrame, measures: list[str], path: Path) -> None:
         ax.errorbar(part["rho"], y, xerr=[low, high], fmt="none", ecolor="grey", capsize=3)
         ax.scatter(part["rho"], y, c=colours, zorder=3)
         ax.axvline(0, color="black", lw=0.6)
-        ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ: dissimilarity vs Δ probe accuracy", title=test)
+        ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ per reference layer, mean:\ndissimilarity vs Δ probe accuracy",
+               title=test)
         ax.set_yticks(y, [measure_label(m) for m in measures])
     save_figure(plt, fig, path)
 

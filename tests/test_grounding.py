@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from stitching.errors import StitchingError
-from stitching.grounding import rank_correlation, run_tests, sensitivity_items, spearman, specificity_items
+from stitching.grounding import layer_correlation, rank_correlation, run_tests, sensitivity_items, spearman, specificity_items
 
 
 def test_spearman_equals_scipy_with_and_without_ties():
@@ -83,9 +83,38 @@ def test_grounding_settings_are_checked_before_any_work(tiny_config, tmp_path):
     for override, message in (("grounding.test=both_ways", "choose sensitivity, specificity or both"),
                               ("grounding.objectives=[dm,cka]", "unknown objective cka"),
                               ("grounding.ranks=[0,2]", "ranks start at 1"),
-                              ("grounding.ranks=[4096]", "the sensitivity test has 0 item.s. and a rank correlation "
-                                                         "needs at least three; give grounding.ranks below"),
+                              ("grounding.ranks=[4096]", "the sensitivity test has 0 item.s. for reference layer 1 and "
+                                                         "a rank correlation needs at least three per reference layer; "
+                                                         "give at least three grounding.ranks below"),
+                              ("grounding.flatten=rows", "choose authors, sample, positions, pool, match"),
                               ("grounding.indices=minibatch_cka", "streaming estimator"),
                               ("front.width=16", "models of one family")):
         with pytest.raises(StitchingError, match=message):
             run_tests(tiny_config(override), [], tmp_path / "g", progress=False)
+
+
+def test_the_layer_score_is_the_mean_of_scipys_rho_within_each_reference_layer():
+    generator = np.random.default_rng(2)
+    layers = np.repeat([3, 5, 7], [6, 8, 5])
+    functional = generator.uniform(size=len(layers))
+    dissimilarity = functional * np.where(layers == 5, -1, 1) + generator.normal(size=len(layers)) * 0.2
+    dissimilarity[0] = np.nan
+    result = layer_correlation(dissimilarity, functional, layers, draws=200, seed=0)
+    keep = np.isfinite(dissimilarity)
+    expected = np.mean([stats.spearmanr(dissimilarity[keep & (layers == k)], functional[keep & (layers == k)]).statistic
+                        for k in (3, 5, 7)])
+    assert result["rho"] == pytest.approx(expected, abs=1e-12) and result["layers"] == 3 and result["items"] == 18
+    assert result["rho_pooled"] == pytest.approx(stats.spearmanr(dissimilarity[keep], functional[keep]).statistic,
+                                                 abs=1e-12)
+    assert result["low"] <= result["rho"] <= result["high"]
+    # a layer whose dissimilarities do not vary has no correlation and is left out of the mean
+    flat = np.where(layers == 7, 0.5, dissimilarity)
+    assert layer_correlation(flat, functional, layers, draws=0)["layers"] == 2
+
+
+def test_every_index_has_the_authors_input():
+    from stitching.grounding import AUTHORS_FLATTEN
+    from stitching.similarity.grid import FLATTEN, INDICES
+
+    assert set(AUTHORS_FLATTEN) == {name for name, index in INDICES.items() if not index.streaming} and set(AUTHORS_FLATTEN.values()) <= set(FLATTEN)
+    assert AUTHORS_FLATTEN["cka"] == "sample" and AUTHORS_FLATTEN["pwcca"] == AUTHORS_FLATTEN["procrustes"] == "match"
