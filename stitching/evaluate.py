@@ -203,14 +203,16 @@ def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: 
       fitted against;
     * ``ood/auroc_heldout`` — with ``options["heldout"]`` (another outlier family, never seen in
       fitting): the detector's quality on OOD data it was not trained to reject;
-    * ``ood/energy_native``, ``ood/energy_stitched`` — mean energies.
+    * ``ood/energy_native``, ``ood/energy_stitched`` — mean energies;
+    * ``ood/detector_acc`` — the detector's own test accuracy as a classifier of native
+      activations (how well it learned the in-distribution activations it guards).
 
     ``outlier_dataset(name) -> (train images, test images)`` loads a named outlier dataset.
     """
-    from stitching.similarity.ood import auroc
+    from stitching.similarity.ood import auroc, energy
 
     detector = cached_energy_detector(end, end_layer, checkpoint, datamodule, options, device, seed, outlier_dataset)
-    images, _ = datamodule.test_tensors(int(options["eval_images"]))
+    images, labels = datamodule.test_tensors(int(options["eval_images"]))
     outliers = _outliers_like(images, options["outliers"], seed + 1, outlier_dataset, test=True)
     head, _ = split(copy.deepcopy(end), end_layer)
     head, network = head.to(device).eval(), network.to(device).eval()
@@ -218,9 +220,12 @@ def ood_metrics(network: nn.Module, end: nn.Module, end_layer: int, checkpoint: 
         native = torch.cat([head(x.to(device))[0].cpu() for x in images.split(256)])
         stitched = torch.cat([network.stitched_activation(x.to(device)).cpu() for x in images.split(256)])
         foreign = torch.cat([head(x.to(device))[0].cpu() for x in outliers.split(256)])
-    e_native, e_stitched, e_out = (detector.score(a) for a in (native, stitched, foreign))
+    logits_native = detector.logits(native)
+    e_native = energy(logits_native, detector.temperature)
+    e_stitched, e_out = (detector.score(a) for a in (stitched, foreign))
     metrics = {"ood/auroc": auroc(e_stitched, e_native), "ood/auroc_outliers": auroc(e_out, e_native),
-               "ood/energy_native": float(e_native.mean()), "ood/energy_stitched": float(e_stitched.mean())}
+               "ood/energy_native": float(e_native.mean()), "ood/energy_stitched": float(e_stitched.mean()),
+               "ood/detector_acc": float((logits_native.argmax(1) == labels.cpu()).float().mean())}
     if options.get("heldout"):
         held = _outliers_like(images, options["heldout"], seed + 2, outlier_dataset, test=True)
         with torch.no_grad():
@@ -236,12 +241,16 @@ def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Pat
     no local file gets a fresh detector per run)."""
     import tempfile
 
-    from stitching.similarity.ood import EnergyDetector, fit_energy_detector
+    from stitching.similarity.ood import EnergyDetector, RepresentationClassifier, fit_energy_detector, \
+        fit_separate_detector
 
     if checkpoint is None:
         checkpoint = Path(tempfile.mkdtemp(prefix="stitching-ood-")) / "end.pt"
     settings = {k: options[k] for k in ("outliers", "epochs", "lr", "batch_size", "m_in", "m_out", "weight",
                                         "train_images")}
+    separate = options["detector"] == "separate"
+    if separate:  # a tail detector's key (and so its cached file) stays what it was before the kinds
+        settings.update({k: options[k] for k in ("detector", "pretrain_epochs", "width")})
     datamodule.setup()
     images = datamodule.arrays.train_x.float().div(255)
     labels = datamodule.arrays.train_y
@@ -256,16 +265,27 @@ def cached_energy_detector(end: nn.Module, end_layer: int, checkpoint: str | Pat
     key = {**settings, "seed": seed, "end": tensors_digest(sorted(end.state_dict().items())), "data": data}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(checkpoint).with_name(f"{Path(checkpoint).stem}.ood-l{end_layer}-{digest}.pt")
+    common = dict(epochs=int(settings["epochs"]), lr=float(settings["lr"]), batch_size=int(settings["batch_size"]),
+                  m_in=float(settings["m_in"]), m_out=float(settings["m_out"]), weight=float(settings["weight"]),
+                  seed=seed, device=device)
     with cache_lock(path):
-        _, tail = split(copy.deepcopy(end), end_layer)
         if path.is_file():
-            tail.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return EnergyDetector(tail.eval())
-        detector = fit_energy_detector(end, end_layer, images, labels, outliers, epochs=int(settings["epochs"]),
-                                       lr=float(settings["lr"]), batch_size=int(settings["batch_size"]),
-                                       m_in=float(settings["m_in"]), m_out=float(settings["m_out"]),
-                                       weight=float(settings["weight"]), seed=seed, device=device)
-        write_cache(path, lambda tmp: torch.save(detector.tail.state_dict(), tmp))
+            if separate:
+                head, _ = split(copy.deepcopy(end), end_layer)
+                with torch.no_grad():
+                    channels = head.eval()(images[:2])[0].shape[1]
+                net = RepresentationClassifier(channels, tuple(images.shape[-2:]), int(datamodule.num_classes),
+                                               int(settings["width"]))
+            else:
+                _, net = split(copy.deepcopy(end), end_layer)
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return EnergyDetector(net.eval())
+        if separate:
+            detector = fit_separate_detector(end, end_layer, images, labels, outliers, int(datamodule.num_classes),
+                                             int(settings["width"]), int(settings["pretrain_epochs"]), **common)
+        else:
+            detector = fit_energy_detector(end, end_layer, images, labels, outliers, **common)
+        write_cache(path, lambda tmp: torch.save(detector.net.state_dict(), tmp))
         return detector
 
 

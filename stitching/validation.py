@@ -144,6 +144,8 @@ RULES: dict[str, Rule] = {
     "evaluation.penultimate_cka": FLAG,
     "evaluation.ood.enabled": FLAG,
     "evaluation.ood.epochs": INDEX,
+    "evaluation.ood.pretrain_epochs": Rule("int", 0, nullable=True),
+    "evaluation.ood.width": Rule("int", 1, nullable=True),
     "evaluation.ood.lr": POSITIVE,
     "evaluation.ood.batch_size": COUNT,
     "evaluation.ood.m_in": ANY_NUMBER,
@@ -190,6 +192,9 @@ class Applies:
     example: str  # how a user sets it (the generated tests set it where it does not apply)
 
 
+#: the OOD detector kinds (:mod:`stitching.similarity.ood`)
+DETECTORS = ("separate", "tail")
+
 #: settings that only some runs read; set anywhere else they are refused, never ignored
 APPLIES: tuple[Applies, ...] = (
     Applies("stitch.rank", lambda v: v is not None,
@@ -199,6 +204,10 @@ APPLIES: tuple[Applies, ...] = (
     Applies("shortcut.kind", lambda v: v is not None, lambda c: not _text(c), "image datasets", "shortcut=pixels"),
     *(Applies(key, lambda v: v is True, lambda c: not _text(c), "image classifiers", f"{key}=true")
       for key in ("attack.eval_pgd", "attack.eval_autoattack", "evaluation.ood.enabled", "evaluation.penultimate_cka")),
+    *(Applies(f"evaluation.ood.{key}", lambda v: v is not None,
+              lambda c: OmegaConf.select(c, "evaluation.ood.detector") == "separate",
+              "evaluation.ood.detector=separate", f"evaluation.ood.{key}={example}")
+      for key, example in (("pretrain_epochs", "5"), ("width", "16"))),
     Applies("dataset.num_classes", lambda v: v is not None,
             lambda c: not _text(c) or OmegaConf.select(c, "dataset.pairs", default=None) is not None,
             "classifiers (image datasets and sentence pairs)",
@@ -285,6 +294,17 @@ def check_config(cfg: DictConfig) -> None:
     if clip not in (None, "norm", "value"):
         raise StitchingError(f"trainer.gradient_clip_algorithm={_shown(clip)} is out of range: it must be norm or value")
     _check_claims_layers(cfg)
+    detector = OmegaConf.select(cfg, "evaluation.ood.detector", default=None)
+    if detector not in DETECTORS:
+        raise StitchingError(f"evaluation.ood.detector={_shown(detector)} is out of range: it must be "
+                             f"{' or '.join(DETECTORS)}")
+    if detector == "separate" and OmegaConf.select(cfg, "evaluation.ood.enabled", default=False):
+        missing = [key for key in ("pretrain_epochs", "width")
+                   if OmegaConf.select(cfg, f"evaluation.ood.{key}", default=None) is None]
+        if missing:
+            raise StitchingError(f"evaluation.ood.detector=separate trains a new network: set "
+                                 f"{' and '.join(f'evaluation.ood.{k}' for k in missing)} (the authors': 100 epochs, "
+                                 f"width 64)")
     heldout = OmegaConf.select(cfg, "evaluation.ood.heldout", default=None)
     if heldout is not None and heldout == OmegaConf.select(cfg, "evaluation.ood.outliers", default=None):
         raise StitchingError(f"evaluation.ood.heldout={heldout} is the family the detector is fitted against "

@@ -76,13 +76,25 @@ def test_every_ranged_dataset_key_is_ranged_for_a_side_dataset_too(tiny_config):
     assert checked >= 6
 
 
-def test_an_empty_datasets_group_leaves_every_config_hash_as_it_was(tiny_config):
-    # records written before datasets.* existed stay the finished cells of the same config
-    from stitching.results.schema import config_hash
+def test_settings_added_later_leave_every_config_hash_as_it_was_at_their_earlier_behaviour(tiny_config):
+    # records written before a setting existed stay the finished cells of the same config
+    import copy
+
+    from stitching.results.schema import ADDED_LATER, config_hash
 
     config = read_settings(tiny_config()).config
-    assert config["datasets"] == {}
-    assert config_hash(config) == config_hash({k: v for k, v in config.items() if k != "datasets"})
+    before = copy.deepcopy(config)
+    for dotted, value in ADDED_LATER.items():
+        *parents, key = dotted.split(".")
+        node = before
+        for part in parents:
+            node = node[part]
+        assert node.pop(key) == value  # the default is the earlier behaviour
+    assert config_hash(config) == config_hash(before)
+    # away from that value a setting is hashed: another result is another cell
+    changed = copy.deepcopy(config)
+    changed["evaluation"]["ood"]["detector"] = "separate"
+    assert config_hash(changed) != config_hash(config)
     given = read_settings(tiny_config("front.dataset=mnist5k", "+datasets.mnist5k.source.image_size=16")).config
     assert config_hash(given) != config_hash(read_settings(tiny_config("front.dataset=mnist5k")).config)
 

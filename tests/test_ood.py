@@ -13,6 +13,7 @@ from stitching.similarity.ood import (
     energy,
     energy_margin_loss,
     fit_energy_detector,
+    fit_separate_detector,
     outlier_images,
 )
 from stitching.build import prepare
@@ -69,6 +70,44 @@ def test_the_detector_separates_outliers_and_not_native_from_native(tiny_config)
     assert abs(auroc(native[:half], native[half:]) - 0.5) < 0.1
 
 
+def test_the_separate_detector_is_a_new_network_that_learns_the_activations_and_rejects_outliers(tiny_config):
+    prep = prepare(tiny_config("objective=dm", "stitch.layer=3"))
+    data = prep.datamodule
+    images, labels = data.arrays.train_x[:800].float().div(255), data.arrays.train_y[:800]
+    before = {k: v.clone() for k, v in prep.end.state_dict().items()}
+    detector = fit_separate_detector(prep.end, 3, images, labels, outlier_images(images, "noise", seed=0),
+                                     num_classes=10, width=8, pretrain_epochs=3, epochs=2, batch_size=64)
+    assert all(torch.equal(before[k], v) for k, v in prep.end.state_dict().items())  # the end model is untouched
+    _, tail = split(prep.end, 3)
+    tail_ids = {id(p) for p in tail.parameters()}
+    assert not tail_ids & {id(p) for p in detector.parameters()}  # its own weights, not the end tail's
+    test, test_labels = data.test_tensors()
+    head, _ = split(prep.end, 3)
+    with torch.no_grad():
+        native = head.eval()(test)[0]
+        outliers = head(outlier_images(test, "noise", seed=5))[0]
+    accuracy = (detector.logits(native).argmax(1) == test_labels).float().mean()
+    assert accuracy > 0.5  # it classifies the activations it guards (10 classes: chance 0.1)
+    assert auroc(detector.score(outliers), detector.score(native)) > 0.9
+    # the same seed gives the same detector (initialisation and batches)
+    again = fit_separate_detector(prep.end, 3, images, labels, outlier_images(images, "noise", seed=0),
+                                  num_classes=10, width=8, pretrain_epochs=3, epochs=2, batch_size=64)
+    assert torch.equal(again.score(native), detector.score(native))
+
+
+def test_a_separate_detector_needs_its_settings_and_they_need_it(tiny_config):
+    from stitching.build import read_settings
+    from stitching.errors import StitchingError
+
+    with pytest.raises(StitchingError, match="detector=separate trains a new network: set evaluation.ood.pretrain_epochs "
+                                             "and evaluation.ood.width"):
+        read_settings(tiny_config("evaluation.ood.enabled=true", "evaluation.ood.detector=separate"))
+    with pytest.raises(StitchingError, match="evaluation.ood.width=16 applies to evaluation.ood.detector=separate only"):
+        read_settings(tiny_config("evaluation.ood.enabled=true", "evaluation.ood.width=16"))
+    with pytest.raises(StitchingError, match="evaluation.ood.detector=energy is out of range: it must be separate or tail"):
+        read_settings(tiny_config("evaluation.ood.detector=energy"))
+
+
 def test_a_stitching_run_reports_ood_auroc_and_caches_the_detector(tiny_config, tmp_path, zoo_dir):
     overrides = ("objective=tlm", "stitch.layer=3", "evaluation.ood.enabled=true", "evaluation.ood.epochs=1",
                  "evaluation.ood.eval_images=200", "evaluation.ood.heldout=noise")
@@ -87,6 +126,14 @@ def test_a_stitching_run_reports_ood_auroc_and_caches_the_detector(tiny_config, 
     run(tiny_config(*overrides, "dataset.train_subset=300"), tmp_path / "c")
     run(tiny_config(*overrides, "dataset.num_classes_train=5"), tmp_path / "d")
     assert len(set(zoo_dir.glob("*.ood-l3-*.pt"))) == 3 and cached[0].stat().st_mtime_ns == stamp
+    # a separate detector is another file, read back by a second run
+    separate = (*overrides, "evaluation.ood.detector=separate", "evaluation.ood.pretrain_epochs=1",
+                "evaluation.ood.width=8")
+    first = run(tiny_config(*separate), tmp_path / "e")
+    assert len(set(zoo_dir.glob("*.ood-l3-*.pt"))) == 4 and 0.0 <= first["metrics"]["ood/detector_acc"] <= 1.0
+    second = run(tiny_config(*separate), tmp_path / "f")
+    assert len(set(zoo_dir.glob("*.ood-l3-*.pt"))) == 4
+    assert second["metrics"]["ood/auroc_outliers"] == pytest.approx(first["metrics"]["ood/auroc_outliers"])
 
 
 def test_the_report_draws_ood_auroc_over_a_front_by_end_grid(tmp_path):

@@ -9,6 +9,7 @@ failure, never a table entry.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -28,14 +29,31 @@ OBJECTIVES = ("dm", "hint", "fula", "slm", "tlm")
 NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity", "claims")
 
 
+#: settings added after records were made, each with the value that does what runs did before
+#: it existed: at that value a setting is left out of the hash, so those records still resume
+#: (``datasets``: no dataset but the run's own is given settings)
+ADDED_LATER = {"datasets": {}, "evaluation.ood.detector": "tail", "evaluation.ood.pretrain_epochs": None,
+               "evaluation.ood.width": None}
+
+
+def _drop_added_later(config: dict) -> dict:
+    for dotted, before in ADDED_LATER.items():
+        *parents, key = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == before:
+            node.pop(key)
+    return config
+
+
 def config_hash(config: DictConfig | dict) -> str:
     """What decides a run's result: its resolved config, less how it is logged (and less
-    ``stitch.layer``, which only gives the two cut points their default)."""
+    ``stitch.layer``, which only gives the two cut points their default, and the
+    :data:`ADDED_LATER` settings at their earlier behaviour)."""
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)
-    config = {k: v for k, v in config.items() if k not in NOT_HASHED}
-    if not config.get("datasets", True):  # no dataset but the run's own is given settings: as before the key existed
-        config.pop("datasets")
+    config = _drop_added_later(copy.deepcopy({k: v for k, v in config.items() if k not in NOT_HASHED}))
     if isinstance(config.get("stitch"), dict):  # stitch.layer only defaults front_layer and end_layer, both hashed
         config["stitch"] = {k: v for k, v in config["stitch"].items() if k != "layer"}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,11 +1,19 @@
 """Energy-based OOD detectors on internal representations (Balogh & Jelasity 2025).
 
-For cut point j of the end model g, the detector is a copy of the tail g_{>j}, fine-tuned
-with the energy-margin loss of Liu et al. (2020) on native activations g_{≤j}(x) of
-in-distribution images versus g_{≤j}(x_out) of outlier images. Its energy
-``E(a) = −T·logsumexp(tail(a)/T)`` is low for activations like the native ones. A stitch
+For cut point j of the end model g, a detector is a classifier of the activations
+g_{≤j}(x), fine-tuned with the energy-margin loss of Liu et al. (2020) on native activations of
+in-distribution images versus g_{≤j}(x_out) of outlier images (outlier exposure). Its energy
+``E(a) = −T·logsumexp(net(a)/T)`` is low for activations like the native ones. A stitch
 T(f_{≤i}(x)) whose activations the detector tells apart from g_{≤j}(x) (AUROC far above
-0.5) has created out-of-distribution representations.
+0.5) has created out-of-distribution representations. Two kinds of classifier:
+
+* ``separate`` — as the TLM-vs-DM authors' ``exec_train_representation_classifier.py``: a
+  separate network (the activation resized to the input images' size, then a freshly
+  initialised ResNet18 whose stem reads the activation's channels), trained on the activations
+  with cross-entropy, then fine-tuned against the outliers; Adam, weight decay 1e-5, the
+  learning rate ×0.1 halfway through the fine-tuning;
+* ``tail`` — a copy of the end tail g_{>j}, fine-tuned against the outliers only (SGD with
+  momentum and a cosine schedule, as Liu et al. fine-tune a trained classifier).
 
 Outliers, on any machine: ``patch_shuffle`` (the in-distribution images with their
 patches permuted: local statistics kept, global structure broken), ``noise`` (uniform
@@ -23,6 +31,7 @@ from tqdm.auto import tqdm
 
 from stitching.errors import StitchingError
 from stitching.models.cutting import split
+from stitching.models.resnet import resnet18
 
 OUTLIER_KINDS = ("patch_shuffle", "noise")
 
@@ -87,18 +96,103 @@ def match_images(images: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return images.contiguous()
 
 
-class EnergyDetector(nn.Module):
-    """Energy scores of activations at one cut point, from a fine-tuned copy of the end tail."""
+class RepresentationClassifier(nn.Module):
+    """A classifier of one cut point's activations: each activation resized (bilinear) to the
+    input images' ``size``, then a freshly initialised width-``width`` ResNet18 whose stem reads
+    the activation's ``channels``."""
 
-    def __init__(self, tail: nn.Module, temperature: float = 1.0):
+    def __init__(self, channels: int, size: tuple[int, int], num_classes: int, width: int):
         super().__init__()
-        self.tail = tail
+        self.size = tuple(size)
+        self.net = resnet18(num_classes=num_classes, width=width, in_channels=channels, mean=(0.0,) * channels,
+                            std=(1.0,) * channels)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if a.dim() != 4:
+            raise StitchingError("a separate OOD detector reads conv activations [N, C, H, W]; use "
+                                 "evaluation.ood.detector=tail for token sequences")
+        if tuple(a.shape[-2:]) != self.size:
+            a = F.interpolate(a, size=self.size, mode="bilinear", align_corners=False)
+        return self.net(a)
+
+
+class EnergyDetector(nn.Module):
+    """Energy scores of activations at one cut point, from ``net`` (activations → logits)."""
+
+    def __init__(self, net: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        self.net = net
         self.temperature = temperature
 
     @torch.no_grad()
-    def score(self, activations: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def logits(self, activations: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         self.eval()
-        return torch.cat([energy(self.tail(a), self.temperature).cpu() for a in activations.split(batch_size)])
+        device = next(self.net.parameters()).device
+        return torch.cat([self.net(a.to(device)).cpu() for a in activations.split(batch_size)])
+
+    def score(self, activations: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        return energy(self.logits(activations, batch_size), self.temperature)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Shuffled index batches of one epoch (the last partial batch dropped when there is a full one)."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+        yield order[start:start + batch_size]
+
+
+def fit_separate_detector(end: nn.Module, layer: int, images: torch.Tensor, labels: torch.Tensor,
+                          outliers: torch.Tensor, num_classes: int, width: int, pretrain_epochs: int,
+                          epochs: int, lr: float = 1e-3, batch_size: int = 128, m_in: float = -25.0,
+                          m_out: float = -7.0, weight: float = 0.1, seed: int = 0,
+                          device: torch.device | str = "cpu", progress: bool = False) -> EnergyDetector:
+    """A :class:`RepresentationClassifier` on ``end``'s cut point ``layer``: ``pretrain_epochs``
+    of cross-entropy on the activations of ``images``, then ``epochs`` of the energy-margin loss
+    against ``outliers`` (the learning rate ×0.1 after half of them). The activations come from
+    ``end``'s frozen, eval-mode head; the classifier's initialisation and batches from ``seed``."""
+    head, _ = split(copy.deepcopy(end).to(device), layer)
+    head.eval().requires_grad_(False)
+    with torch.no_grad():
+        sample = head(images[:2].to(device))[0]
+    if sample.dim() != 4:
+        raise StitchingError(f"cut point {layer} gives token sequences; a separate OOD detector reads conv activations: "
+                             f"use evaluation.ood.detector=tail")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = RepresentationClassifier(sample.shape[1], tuple(images.shape[-2:]), num_classes, width).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, len(images) // batch_size)
+    bar = tqdm(total=(pretrain_epochs + epochs) * per_epoch, desc=f"OOD detector (layer {layer})", disable=not progress,
+               leave=False)
+
+    def activations(x):
+        with torch.no_grad():
+            return head(x.to(device))[0]
+
+    net.train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
+    for _ in range(pretrain_epochs):
+        for pick in _batches(len(images), batch_size, generator):
+            loss = F.cross_entropy(net(activations(images[pick])), labels[pick].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, epochs * per_epoch // 2)], 0.1)
+    for _ in range(epochs):
+        for pick in _batches(len(images), batch_size, generator):
+            out = torch.randint(len(outliers), (len(pick),), generator=generator)
+            logits = net(torch.cat([activations(images[pick]), activations(outliers[out])]))
+            loss = energy_margin_loss(logits[: len(pick)], labels[pick].to(device), logits[len(pick):], m_in, m_out,
+                                      weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update()
+    bar.close()
+    return EnergyDetector(net.eval().requires_grad_(False)).cpu()
 
 
 def fit_energy_detector(end: nn.Module, layer: int, images: torch.Tensor, labels: torch.Tensor,
