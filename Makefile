@@ -15,7 +15,7 @@ PYTHIA ?= 70m 160m 410m 1b 1.4b 2.8b 6.9b
 LM_DEPTHS ?= 1 2 3 4
 GENERALISING ?= connectivity/feather_berts_0
 HEURISTIC ?= connectivity/feather_berts_1
-FIGURES := fig4 fig5 fig6 fig8 fig9 fig10 fig11 ood
+FIGURES := fig3 fig4 fig5 fig6 fig8 fig9 fig10 fig11 ood
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
@@ -41,6 +41,15 @@ endef
 # solution instead of the authors' random map, beside the preset's own grids (the report's `init`
 # column); their CPU twins start TLM at DM already (see their headers) and skip it
 tlm_from_dm = $(call stitch,$(1)) experiment=$(2) objective=tlm stitch.start.tlm=dm $(ARGS)
+
+# $(call with_hint,PRESET): Fig. 3's DM conditions and, beside them, Hint (the DM objective trained
+# on the whole training set with the running statistics updated), one report
+define with_hint
+	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)) experiment=$(1) $(ARGS); status=$$?; \
+	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)/hint) experiment=$(1) objective=hint stitch.dm_samples=100 \
+	  stitch.dm_bn_pass=false $(ARGS) || status=1; \
+	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$status
+endef
 
 # $(call with_tlm_from_dm,PRESET): the preset's sweep and its TLM-from-DM ablation, one report
 define with_tlm_from_dm
@@ -100,6 +109,10 @@ test: $(READY) ## fast tests (what CI runs)
 test-full: $(READY) ## every test, slow ones included, and many more generated inputs
 	HYPOTHESIS_PROFILE=full STITCHING_CLI_EXAMPLES=200 $(PY) -m pytest
 
+fig3: $(READY) ## FuLA Fig. 3 (paper size, GPU): DM's sample count and BN running statistics, Hint beside
+	$(call with_hint,fig3)
+fig3-small: $(READY) ## Fig. 3 on MNIST-5k, CPU-sized
+	$(call with_hint,fig3_small)
 fig4: $(READY) ## FuLA Fig. 4 (paper size, GPU): cross-task stitching under adversarial training
 	$(call sweep,fig4)
 fig4-small: $(READY) ## Fig. 4 on MNIST-5k, CPU-sized

@@ -41,7 +41,7 @@ from stitching.saving import save as save_network
 
 __all__ = ["Prepared", "StitchResult", "TokenBatch", "as_loader", "cut_points", "first_inputs", "load", "prepare_stitch",
            "stitch", "train_stitch"]
-from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
+from stitching.settings import StitchSettings, check_bn_pass, check_capacity, check_class_token, check_init
 from stitching.validation import check_arguments, check_trainer
 
 
@@ -98,7 +98,7 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
                    update_bn: bool = True, class_token: str = "shared", weights="uniform",
                    adversarial: dict | None = None, num_classes: int | None = None, init: str = "dm",
                    kind: str = "affine", rank: int | None = None, hidden: int | None = None,
-                   front_rank: int | None = None, seed: int = 0) -> Prepared:
+                   front_rank: int | None = None, seed: int = 0, dm_bn_pass: bool = False) -> Prepared:
     """Cut copies of ``front`` and ``end``, join them by a stitch started at the DM solution on
     ``dm_inputs`` (or as ``init`` says), in a one-cell :class:`~stitching.engine.StitchEngine`.
 
@@ -107,10 +107,13 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     papers), ``identity`` or ``random`` (seeded by ``seed`` and the cell). ``kind``
     (``affine``, ``low_rank`` with ``rank``, ``mlp`` with ``hidden`` units): the stitch's
     capacity. ``front_rank``: project the front activation on its top principal directions
-    (fitted on ``dm_inputs``) before the stitch, in DM, training and evaluation.
+    (fitted on ``dm_inputs``) before the stitch, in DM, training and evaluation. ``dm_bn_pass``
+    (DM only): one epoch of the training data through the stitched network, no gradient, so the
+    front and end BatchNorm running statistics follow it.
     """
     check_arguments(lr=lr, weight_decay=weight_decay, update_bn=update_bn, rank=rank, hidden=hidden,
-                    front_rank=front_rank, seed=seed)
+                    front_rank=front_rank, seed=seed, dm_bn_pass=dm_bn_pass)
+    check_bn_pass(dm_bn_pass, objective, update_bn)
     check_weights(front=front, end=end)
     chosen = make_objective(objective, weights)
     check_class_token(class_token)
@@ -119,7 +122,7 @@ def prepare_stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end
     front, end = cuttable(front, [front_layer], side="front"), cuttable(end, [end_layer], side="end")
     cell = (cut(front, front_layer).index, cut(end, end_layer).index)
     settings = StitchSettings(cell[0], cell[1], 0, update_bn, class_token, lr, weight_decay, init, kind, rank, hidden,
-                              front_rank)
+                              front_rank, dm_bn_pass)
     engine = StitchEngine(front, end, [cell], chosen, settings, dm_inputs, num_classes=num_classes,
                           adversarial=adversarial, seed=seed)
     return Prepared(engine, cell)
@@ -168,7 +171,7 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
            progress: bool = True, init: str = "dm", kind: str = "affine", rank: int | None = None,
            hidden: int | None = None, front_rank: int | None = None, self_baseline: bool | None = None,
            front_inputs: dict | ImageInputs | None = None, end_inputs: dict | ImageInputs | None = None,
-           tokenizer=None) -> StitchResult:
+           tokenizer=None, dm_bn_pass: bool = False) -> StitchResult:
     """Stitch ``front`` (cut after ``front_layer``) into ``end`` (entered after ``end_layer``).
 
     Args:
@@ -191,6 +194,9 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
         dm_samples: training inputs for the closed-form DM initialisation.
         update_bn: update the copied models' BatchNorm running statistics while stitching
             (``stitch.update_bn``).
+        dm_bn_pass: DM only: after the closed-form fit, one epoch of ``train`` through the
+            stitched network without gradients, so the BatchNorm running statistics follow it
+            (``stitch.dm_bn_pass``; the FuLA paper's Fig. 3).
         class_token: ViT stitches: ``shared`` (one token-wise map) or ``separate``
             (``stitch.class_token``).
         weights: FuLA's layer weights: ``uniform``, ``first``, ``last`` or a list
@@ -239,7 +245,8 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
     test_loader = as_loader(test, batch_size, shuffle=False, name="test")
     options = {"max_epochs": epochs, "enable_progress_bar": progress, **(trainer or {})}
     settings = dict(objective=objective, lr=lr, weight_decay=weight_decay, update_bn=update_bn, class_token=class_token,
-                    weights=weights, init=init, kind=kind, rank=rank, hidden=hidden, front_rank=front_rank, seed=seed)
+                    weights=weights, init=init, kind=kind, rank=rank, hidden=hidden, front_rank=front_rank, seed=seed,
+                    dm_bn_pass=dm_bn_pass)
 
     def trained(front_model, front_cut, watch):  # the same data order, start and budget for every call
         L.seed_everything(seed, workers=True, verbose=False)

@@ -33,7 +33,7 @@ from stitching.engine import StitchEngine
 from stitching.objectives import OBJECTIVES, make_objective
 from stitching.objectives.tasks import NextToken, task_of
 from stitching.runtime import Stopwatch
-from stitching.settings import StitchSettings, check_capacity, check_class_token, check_init
+from stitching.settings import StitchSettings, check_bn_pass, check_capacity, check_class_token, check_init
 from stitching.similarity.ood import OUTLIER_KINDS
 from stitching.validation import check_config, dataset_names
 from stitching.zoo import ModelSpec, ModelZoo
@@ -178,6 +178,7 @@ def read_settings(cfg: DictConfig) -> Settings:
     class_token = stitch.class_token
     check_class_token(class_token)
     check_init(str(stitch.init), objective)
+    check_bn_pass(bool(stitch.dm_bn_pass), objective, bool(stitch.update_bn))
     check_capacity(str(stitch.kind), stitch.rank, stitch.front_rank)
     weights = cfg.objective.get("weights", "uniform")
     check_self_baseline(cfg)
@@ -203,7 +204,8 @@ def read_settings(cfg: DictConfig) -> Settings:
         stitch=StitchSettings(layer_value(stitch.front_layer), layer_value(stitch.end_layer), int(stitch.dm_samples),
                               bool(stitch.update_bn), class_token,
                               None if stitch.lr is None else float(stitch.lr), float(stitch.weight_decay),
-                              str(stitch.init), str(stitch.kind), stitch.rank, stitch.hidden, stitch.front_rank),
+                              str(stitch.init), str(stitch.kind), stitch.rank, stitch.hidden, stitch.front_rank,
+                              bool(stitch.dm_bn_pass)),
         front=Side(side_spec(cfg.front), cfg.front.checkpoint, side_inputs(cfg.front)),
         end=Side(side_spec(cfg.end), cfg.end.checkpoint, side_inputs(cfg.end)),
         attack=OmegaConf.to_container(cfg.attack, resolve=True),

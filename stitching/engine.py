@@ -142,6 +142,7 @@ class StitchEngine(L.LightningModule):
                  seed: int = 0, tail_chunk: int | None = None, device="cpu"):
         super().__init__()
         self.automatic_optimization = False  # per-cell clipping, and one end layer's graph at a time
+        self.statistics_only = False  # True during DM's running-statistics pass (stitch.dm_bn_pass)
         self.cells = list(dict.fromkeys((int(i), int(j)) for i, j in cells))
         if not self.cells:
             raise StitchingError("no cells to train: give at least one (front layer, end layer) pair")
@@ -355,6 +356,11 @@ class StitchEngine(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.check_data(batch, "the training data")
+        if self.statistics_only:  # DM's running-statistics pass: the stitched passes run, nothing trains
+            with torch.no_grad():
+                for _ in self._passes(self.task.split(batch, train=True)[0], train=False):
+                    pass
+            return None
         x, y = self.task.split(batch, train=True)
         size = self._size(x, y)
         self._batches_seen += 1
@@ -555,6 +561,13 @@ def fit_engine(engine: StitchEngine, train, test, trainer: dict | None = None, l
         if engine.objective.trainable and options.get("max_epochs", 0) != 0 and options.get("max_steps", -1) != 0:
             fitter = build_trainer(options, run_dir, logger=logger)
             fitter.fit(engine, train_dataloaders=train)
+        elif engine.settings.dm_bn_pass:  # one epoch of the training data, front and end BN in train mode
+            engine.statistics_only = True
+            try:
+                build_trainer({**options, "max_epochs": 1, "max_steps": -1}, run_dir, logger=logger).fit(
+                    engine, train_dataloaders=train)
+            finally:
+                engine.statistics_only = False
     with watch.section("test_s"):
         # every process tests every batch (no padded shards): the synced metrics are the test set's own
         tester = build_trainer(options, run_dir, logger=logger, enable_progress_bar=False, use_distributed_sampler=False)

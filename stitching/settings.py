@@ -30,6 +30,9 @@ class StitchSettings:
     rank: int | None = None
     hidden: int | None = None
     front_rank: int | None = None
+    #: DM only: after the closed-form fit, one epoch of the training data through the stitched
+    #: network without gradients, so front and end BatchNorm running statistics follow it
+    dm_bn_pass: bool = False
 
 
 #: the stitch's Adam learning rate in the FuLA paper, for every objective
@@ -47,6 +50,16 @@ def default_lr(objective: str, language: bool) -> float:
     relative error *worse* than their own DM start in every cell, at 1e-4 within 0.001 of it
     (``docs/language-models.md``)."""
     return LANGUAGE_MATCHING_LR if language and objective in ("hint", "fula") else PAPER_LR
+
+
+def check_bn_pass(dm_bn_pass: bool, objective: str, update_bn: bool) -> None:
+    """One line when the DM running-statistics pass is asked where it cannot apply."""
+    if dm_bn_pass and objective != "dm":
+        raise StitchingError(f"stitch.dm_bn_pass=true applies to objective dm only (a trained {objective} stitch's "
+                             f"BatchNorm statistics follow its data while it trains, with stitch.update_bn=true)")
+    if dm_bn_pass and not update_bn:
+        raise StitchingError("stitch.dm_bn_pass=true updates BatchNorm running statistics and stitch.update_bn=false "
+                             "keeps them; choose one")
 
 
 def check_init(init: str, objective: str) -> None:

@@ -84,6 +84,7 @@ RULES: dict[str, Rule] = {
         ("robust", FLAG), ("pretrained", FLAG))},
     "stitch.dm_samples": COUNT,
     "stitch.update_bn": FLAG,
+    "stitch.dm_bn_pass": FLAG,
     "stitch.lr": Rule("float", 0, 10, low_open=True, nullable=True),  # Adam: no useful step is larger; null: default_lr
     "stitch.weight_decay": NON_NEGATIVE,
     "stitch.rank": Rule("int", 1, nullable=True),
@@ -201,6 +202,8 @@ APPLIES: tuple[Applies, ...] = (
             lambda c: OmegaConf.select(c, "stitch.kind") == "low_rank", "stitch.kind=low_rank", "stitch.rank=4"),
     Applies("stitch.hidden", lambda v: v is not None,
             lambda c: OmegaConf.select(c, "stitch.kind") == "mlp", "stitch.kind=mlp", "stitch.hidden=8"),
+    Applies("stitch.dm_bn_pass", lambda v: v is True, lambda c: OmegaConf.select(c, "objective.name") == "dm",
+            "objective=dm", "stitch.dm_bn_pass=true"),
     Applies("shortcut.kind", lambda v: v is not None, lambda c: not _text(c), "image datasets", "shortcut=pixels"),
     *(Applies(key, lambda v: v is True, lambda c: not _text(c), "image classifiers", f"{key}=true")
       for key in ("attack.eval_pgd", "attack.eval_autoattack", "evaluation.ood.enabled", "evaluation.penultimate_cka")),
@@ -246,7 +249,8 @@ def check_applies(cfg: DictConfig) -> None:
 #: the Python API's arguments and the setting of the command line each one is: one contract
 API_SETTINGS = {"lr": "stitch.lr", "weight_decay": "stitch.weight_decay", "dm_samples": "stitch.dm_samples",
                 "update_bn": "stitch.update_bn", "rank": "stitch.rank", "hidden": "stitch.hidden",
-                "front_rank": "stitch.front_rank", "seed": "seed", "epochs": "trainer.max_epochs",
+                "front_rank": "stitch.front_rank", "dm_bn_pass": "stitch.dm_bn_pass", "seed": "seed",
+                "epochs": "trainer.max_epochs",
                 "batch_size": "dataset.batch_size"}
 #: ``stitching.compare()``'s arguments and the ``similarity.*`` settings they are
 SIMILARITY_SETTINGS = {"bootstrap": "similarity.bootstrap", "permutations": "similarity.permutations", "seed": "seed",

@@ -19,6 +19,7 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
 
 # tiny stand-ins for each CPU preset's axes: same kinds of sweep, a few cells
 SHRINK = {
+    "fig3_small": (["stitch.layer=1,9", "stitch.dm_samples=16"], "stitching_plot.png"),
     "fig4_small": (["stitch.layer=8", "attack.alpha=0,1", "end.robust=false,true", "objective=fula"],
                    "stitching_plot_robust_acc_pgd.png"),
     "fig5_small": (["stitch.layer=8", "end.robust=false,true", "objective=tlm"], "stitching_plot_robust_acc_pgd.png"),

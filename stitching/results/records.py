@@ -29,6 +29,7 @@ CONDITIONS = {
     "init": ("stitch", "init"), "stitch_kind": ("stitch", "kind"), "stitch_rank": ("stitch", "rank"),
     "front_rank": ("stitch", "front_rank"),
     "stitch_lr": ("stitch", "lr"), "dm_samples": ("stitch", "dm_samples"), "update_bn": ("stitch", "update_bn"),
+    "dm_bn_pass": ("stitch", "dm_bn_pass"),
     "epochs": ("trainer", "max_epochs"),
 }
 
