@@ -141,6 +141,28 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         yield order[start:start + batch_size]
 
 
+def _outlier_exposure(net: nn.Module, head: nn.Module, images, labels, outliers, epochs: int, batch_size: int,
+                      optimizer, scheduler, generator: torch.Generator, device, bar, margins: tuple) -> None:
+    """``epochs`` of the energy-margin loss on ``net``: each batch of in-distribution activations
+    beside as many outlier ones (drawn with replacement), both from the frozen ``head``."""
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        out_order = torch.randint(len(outliers), (len(images),), generator=generator)
+        for start in range(0, len(images) - batch_size + 1 if len(images) >= batch_size else 1, batch_size):
+            pick = order[start:start + batch_size]
+            x_in, y_in = images[pick].to(device), labels[pick].to(device)
+            x_out = outliers[out_order[start:start + batch_size]].to(device)
+            with torch.no_grad():
+                a_in, a_out = head(x_in)[0], head(x_out)[0]
+            logits = net(torch.cat([a_in, a_out]))
+            loss = energy_margin_loss(logits[: len(a_in)], y_in, logits[len(a_in):], *margins)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update()
+
+
 def fit_separate_detector(end: nn.Module, layer: int, images: torch.Tensor, labels: torch.Tensor,
                           outliers: torch.Tensor, num_classes: int, width: int, pretrain_epochs: int,
                           epochs: int, lr: float = 1e-3, batch_size: int = 128, m_in: float = -25.0,
@@ -180,17 +202,8 @@ def fit_separate_detector(end: nn.Module, layer: int, images: torch.Tensor, labe
             bar.update()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, epochs * per_epoch // 2)], 0.1)
-    for _ in range(epochs):
-        for pick in _batches(len(images), batch_size, generator):
-            out = torch.randint(len(outliers), (len(pick),), generator=generator)
-            logits = net(torch.cat([activations(images[pick]), activations(outliers[out])]))
-            loss = energy_margin_loss(logits[: len(pick)], labels[pick].to(device), logits[len(pick):], m_in, m_out,
-                                      weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            bar.update()
+    _outlier_exposure(net, head, images, labels, outliers, epochs, batch_size, optimizer, scheduler, generator, device,
+                      bar, (m_in, m_out, weight))
     bar.close()
     return EnergyDetector(net.eval().requires_grad_(False)).cpu()
 
@@ -213,21 +226,7 @@ def fit_energy_detector(end: nn.Module, layer: int, images: torch.Tensor, labels
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=steps, desc=f"energy detector (layer {layer})", disable=not progress, leave=False)
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        out_order = torch.randint(len(outliers), (len(images),), generator=generator)
-        for start in range(0, len(images) - batch_size + 1 if len(images) >= batch_size else 1, batch_size):
-            pick = order[start:start + batch_size]
-            x_in, y_in = images[pick].to(device), labels[pick].to(device)
-            x_out = outliers[out_order[start:start + batch_size]].to(device)
-            with torch.no_grad():
-                a_in, a_out = head(x_in)[0], head(x_out)[0]
-            logits = tail(torch.cat([a_in, a_out]))
-            loss = energy_margin_loss(logits[: len(a_in)], y_in, logits[len(a_in):], m_in, m_out, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            bar.update()
+    _outlier_exposure(tail, head, images, labels, outliers, epochs, batch_size, optimizer, scheduler, generator, device,
+                      bar, (m_in, m_out, weight))
     bar.close()
     return EnergyDetector(tail.eval().requires_grad_(False)).cpu()
