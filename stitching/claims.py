@@ -136,6 +136,8 @@ def _single(c) -> str:
 EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[str], str]]]]] = {
     "dm_self": ("self", lambda c: [("dm", ["objective=dm", "trainer.max_epochs=0", _diagonal(c)], "grid")]),
     "diagonal": ("two", lambda c: [(o, [f"objective={o}", _diagonal(c)], "grid") for o in ("dm", *TRAINED)]),
+    "dm_stats": ("two", lambda c: [(f"dm_pass_{p}", ["objective=dm", f"stitch.dm_bn_pass={p}", _diagonal(c)], "grid")
+                                   for p in ("false", "true")]),
     "robustness": ("two", lambda c: [(o, [f"objective={o}", "attack=pgd", "attack.alpha=1", _single(c)], "grid")
                                      for o in TRAINED]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
@@ -226,51 +228,96 @@ def _dm_self(frame, c):
     return c.tolerance - gap, f"largest |accuracy − model's| {gap:.4f}"
 
 
+def _mean(values, names) -> float:
+    return float(np.mean([values[name] for name in names]))
+
+
 def _ordering(frame, c):
     early = frame[frame.front_layer.isin(list(c.early_layers))]
     acc = _by(early, "test_acc", "objective")
-    lowest = min(acc[o] for o in TRAINED)
-    return lowest - acc["dm"], f"DM {acc['dm']:.3f}, lowest trained {lowest:.3f}"
+    trained = _mean(acc, TRAINED)
+    return trained - acc["dm"], f"DM {acc['dm']:.3f}, trained mean {trained:.3f}"
 
 
-def _robustness(frame, c):
-    acc = _by(frame, "test_robust_acc_pgd", "objective")
-    task, matching = min(acc["slm"], acc["tlm"]), max(acc["hint"], acc["fula"])
-    return task - matching, f"SLM/TLM ≥ {task:.3f}, Hint/FuLA ≤ {matching:.3f}"
+def _dm_stats(frame, c):
+    acc = _by(frame.assign(passed=frame.dm_bn_pass.astype(str)), "test_acc", "passed")
+    return acc["True"] - acc["False"], f"DM with the pass {acc['True']:.3f}, without {acc['False']:.3f}"
 
 
-def _shortcut(frame, c):
-    marked, clean = _by(frame, "test_acc_shortcut", "objective"), _by(frame, "test_acc", "objective")
-    model = float(frame.end_acc.mean())
-    uses = min(marked[o] - clean[o] for o in ("slm", "tlm"))
-    keeps = min(clean[o] - (model - c.tolerance) for o in ("hint", "fula"))
-    return min(uses, keeps), (f"SLM/TLM marked − clean ≥ {uses:+.3f}; Hint/FuLA clean {clean['hint']:.3f}/"
-                              f"{clean['fula']:.3f} vs model {model:.3f}")
+def _robustness(task: str):
+    def effect(frame, c):
+        acc = _by(frame, "test_robust_acc_pgd", "objective")
+        matching = _mean(acc, ("hint", "fula"))
+        return acc[task] - matching, f"{task.upper()} {acc[task]:.3f}, Hint/FuLA mean {matching:.3f}"
+    return effect
 
 
-def _subset(frame, c):
+def _robustness_cost(frame, c):
+    acc = _by(frame, "test_acc", "objective")
+    matching, task = _mean(acc, ("hint", "fula")), _mean(acc, ("slm", "tlm"))
+    return matching - task, f"clean accuracy Hint/FuLA mean {matching:.3f}, SLM/TLM mean {task:.3f}"
+
+
+def _shortcut(task: str):
+    def effect(frame, c):
+        marked, clean = _by(frame, "test_acc_shortcut", "objective"), _by(frame, "test_acc", "objective")
+        return marked[task] - clean[task], f"{task.upper()} marked {marked[task]:.3f}, clean {clean[task]:.3f}"
+    return effect
+
+
+def _shortcut_clean(frame, c):
+    clean = _by(frame, "test_acc", "objective")
+    model, kept = float(frame.end_acc.mean()), _mean(clean, ("hint", "fula"))
+    return kept - (model - c.tolerance), f"Hint/FuLA clean mean {kept:.3f} vs model {model:.3f}"
+
+
+def _subset_fula(frame, c):
     acc = _by(frame, "test_acc_unseen_classes", "objective")
-    fula_best = acc["fula"] - max(acc["hint"], acc["slm"], acc["tlm"]) + c.tolerance
-    task_worst = min(acc["hint"], acc["fula"]) - max(acc["slm"], acc["tlm"])
-    return min(fula_best, task_worst), " ".join(f"{o} {acc[o]:.3f}" for o in TRAINED)
+    others = _mean(acc, ("hint", "slm", "tlm"))
+    return acc["fula"] - others, f"FuLA {acc['fula']:.3f}, others mean {others:.3f}"
 
 
-def _self_grids(frame, c):
+def _subset_task(frame, c):
+    acc = _by(frame, "test_acc_unseen_classes", "objective")
+    matching, task = _mean(acc, ("hint", "fula")), _mean(acc, ("slm", "tlm"))
+    return matching - task, f"Hint/FuLA mean {matching:.3f}, SLM/TLM mean {task:.3f}"
+
+
+def _self_shares(frame) -> dict:
     from stitching.results.tables import layer_grid, self_accuracy
 
-    share = {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=False) for o in ("hint", "fula", "tlm")}
-    effect = min(share["hint"] - 0.5, share["fula"] - 0.5, min(share["hint"], share["fula"]) - share["tlm"])
-    return effect, " ".join(f"{o} {v:.2f}" for o, v in share.items())
+    return {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=False) for o in ("hint", "fula", "tlm")}
+
+
+def _self_diagonal(objective: str):
+    def effect(frame, c):
+        share = _self_shares(frame)[objective]
+        return share - 0.5, f"{objective} {share:.2f} of rows"
+    return effect
+
+
+def _self_vs_tlm(frame, c):
+    share = _self_shares(frame)
+    matching = (share["hint"] + share["fula"]) / 2
+    return matching - share["tlm"], f"Hint/FuLA mean {matching:.2f}, TLM {share['tlm']:.2f} of rows"
+
+
+def _deeper_gain(frame, c):
+    acc = frame.assign(w=frame.weights.astype(str)).pivot_table(index=["front_layer", "end_layer"], columns="w",
+                                                                  values="test_acc")
+    return acc[str(c.deeper_weights)] - acc["first"]
 
 
 def _deeper_hints(frame, c):
-    acc = frame.assign(w=frame.weights.astype(str)).pivot_table(index=["front_layer", "end_layer"], columns="w",
-                                                                  values="test_acc")
-    gain = acc[str(c.deeper_weights)] - acc["first"]
-    deep_front = gain[[i > j for i, j in gain.index]]
-    rest = gain[[i <= j for i, j in gain.index]]
-    return float(deep_front.mean() - abs(rest.mean())), f"gain front>end {deep_front.mean():+.3f}, " \
-                                                         f"elsewhere {rest.mean():+.3f}"
+    gain = _deeper_gain(frame, c)
+    deep_front = float(gain[[i > j for i, j in gain.index]].mean())
+    return deep_front, f"mean gain where front > end {deep_front:+.3f}"
+
+
+def _deeper_hints_where(frame, c):
+    gain = _deeper_gain(frame, c)
+    deep_front, rest = (float(gain[[(i > j) == side for i, j in gain.index]].mean()) for side in (True, False))
+    return deep_front - rest, f"gain front>end {deep_front:+.3f}, elsewhere {rest:+.3f}"
 
 
 def _ood(frame, c):
@@ -310,33 +357,55 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
                     f"{c.tolerance} − the largest |stitched − model accuracy|",
           _dm_self, instrument=True),
     Claim("same_task_ordering", "Between two models of one task DM is lowest at early layers; trained "
-          "objectives lie above it.", "FuLA Fig. 3", "diagonal",
+          "objectives lie above it.", "FuLA Figs. 4–5 (α = 0)", "diagonal",
           lambda c: f"two seeds, corresponding layers {_layers(c)}, early = {list(c.early_layers)}; effect = the "
-                    f"lowest trained objective's mean early accuracy − DM's", _ordering),
-    Claim("fabricated_robustness", "Stitching two non-robust models with adversarial data (α = 1), SLM/TLM show "
-          "robust accuracy that Hint/FuLA do not.", "FuLA Figs. 4–5", "robustness",
-          lambda c: f"two non-robust seeds, layer {c.layer}, α = 1, PGD at the dataset's standard budget "
-                    f"(attack.eps, 0.3 on digits as Madry et al.); effect = min(SLM, TLM) − max(Hint, FuLA) "
-                    f"robust accuracy", _robustness, "robust accuracy"),
-    Claim("shortcut_reliance", "With shortcut markers in the stitching data, SLM/TLM score higher on marked test "
-          "images than on clean ones, whose accuracy drops; Hint/FuLA keep clean accuracy.", "FuLA Fig. 8",
-          "shortcut",
-          lambda c: f"pixel markers ({c.shortcut}) in the stitching data, two seeds, layer {c.layer}; effect = the "
-                    f"smaller of SLM/TLM's (marked − clean) and Hint/FuLA's clean accuracy above the model's − "
-                    f"{c.tolerance}", _shortcut),
-    Claim("unseen_classes", "Stitched on a subset of classes, FuLA generalises to the unseen classes at least as "
-          "well as the others; TLM/SLM worst.", "FuLA Fig. 9", "subset",
+                    f"trained objectives' mean early accuracy − DM's", _ordering),
+    Claim("dm_running_stats", "DM underperforms for want of updated running batch statistics: the same DM stitch "
+          "with them updated scores higher.", "FuLA Fig. 3", "dm_stats",
+          lambda c: f"DM on the preset's stitch.dm_samples images, two seeds, corresponding layers "
+                    f"{_layers(c)}; effect = accuracy with the running-statistics pass (stitch.dm_bn_pass) − "
+                    f"without", _dm_stats),
+    *(Claim(f"fabricated_robustness_{task}", f"Stitching two non-robust models with adversarial data (α = 1), "
+            f"{task.upper()} shows robust accuracy that Hint/FuLA do not.", "FuLA Figs. 4–5", "robustness",
+            lambda c, task=task: f"two non-robust seeds, layer {c.layer}, α = 1, PGD at the dataset's standard budget "
+                                 f"(attack.eps, 0.3 on digits as Madry et al.); effect = {task.upper()}'s robust "
+                                 f"accuracy − the mean of Hint's and FuLA's", _robustness(task), "robust accuracy")
+      for task in ("slm", "tlm")),
+    Claim("robustness_costs_clean", "SLM/TLM's robust accuracy comes at the cost of clean accuracy.",
+          "FuLA Figs. 4–5", "robustness",
+          lambda c: f"the same runs; effect = mean clean accuracy of Hint/FuLA − of SLM/TLM", _robustness_cost),
+    *(Claim(f"shortcut_reliance_{task}", f"With shortcut markers in the stitching data, {task.upper()} scores higher "
+            f"on marked test images than on clean ones.", "FuLA Fig. 8", "shortcut",
+            lambda c, task=task: f"pixel markers ({c.shortcut}) in the stitching data, two seeds, layer {c.layer}; "
+                                 f"effect = {task.upper()}'s marked − clean test accuracy", _shortcut(task))
+      for task in ("slm", "tlm")),
+    Claim("shortcut_clean_kept", "With shortcut markers in the stitching data, Hint/FuLA keep the model's clean "
+          "accuracy.", "FuLA Fig. 8", "shortcut",
+          lambda c: f"the same runs; effect = Hint/FuLA's mean clean accuracy − (the model's − {c.tolerance})",
+          _shortcut_clean),
+    Claim("unseen_classes_fula", "Stitched on a subset of classes, FuLA generalises to the unseen classes better "
+          "than the others.", "FuLA Fig. 9", "subset",
           lambda c: f"stitching data of classes 0–{c.classes_train - 1}, accuracy on the others, two seeds, layer "
-                    f"{c.layer}; effect = the smaller of FuLA − best other (+{c.tolerance}) and min(Hint, FuLA) − "
-                    f"max(SLM, TLM)", _subset),
-    Claim("self_stitch_diagonal", "Self-stitching grids: Hint/FuLA put most rows' best cell on the diagonal (both "
-          "directions averaged), TLM less often.", "FuLA Fig. 10; TLM-vs-DM sanity checks", "self_grids",
-          lambda c: f"a model against itself, layers {_layers(c, grid=True)} × the same; effect = the smallest of "
-                    f"Hint − ½, FuLA − ½ and min(Hint, FuLA) − TLM (share of rows)", _self_grids, "share of rows"),
-    Claim("deeper_hints", "Deeper FuLA hints raise the deep-front → shallow-end cells only.", "FuLA Fig. 11",
+                    f"{c.layer}; effect = FuLA − the mean of Hint, SLM and TLM", _subset_fula),
+    Claim("unseen_classes_task", "Stitched on a subset of classes, the task-loss objectives (SLM/TLM) generalise "
+          "worst.", "FuLA Fig. 9", "subset",
+          lambda c: f"the same runs; effect = mean of Hint and FuLA − mean of SLM and TLM on the unseen classes",
+          _subset_task),
+    *(Claim(f"self_stitch_diagonal_{o}", f"Self-stitching grids: {o.upper() if o != 'fula' else 'FuLA'} puts most "
+            f"rows' best cell on the diagonal (both directions averaged).",
+            "FuLA Fig. 10; TLM-vs-DM sanity checks", "self_grids",
+            lambda c, o=o: f"a model against itself, layers {_layers(c, grid=True)} × the same; effect = the share of "
+                           f"rows − ½", _self_diagonal(o), "share of rows") for o in ("hint", "fula")),
+    Claim("self_stitch_diagonal_tlm", "Self-stitching grids: TLM finds the diagonal less often than Hint/FuLA.",
+          "FuLA Fig. 10; TLM-vs-DM sanity checks", "self_grids",
+          lambda c: f"the same grids; effect = mean share of Hint and FuLA − TLM's", _self_vs_tlm, "share of rows"),
+    Claim("deeper_hints", "Deeper FuLA hints raise the deep-front → shallow-end cells.", "FuLA Fig. 11",
           "deeper_hints",
           lambda c: f"FuLA with hints first vs {c.deeper_weights}, two seeds, layers {_layers(c, grid=True)} × the "
-                    f"same; effect = mean gain where front > end − |mean gain elsewhere|", _deeper_hints),
+                    f"same; effect = mean gain where front > end", _deeper_hints),
+    Claim("deeper_hints_where", "Deeper FuLA hints help the deep-front → shallow-end cells more than the others.",
+          "FuLA Fig. 11", "deeper_hints",
+          lambda c: f"the same grids; effect = mean gain where front > end − mean gain elsewhere", _deeper_hints_where),
     Claim("ood_detectability", "TLM-stitched activations are easier to tell from native ones (energy-detector "
           "AUROC) than DM's.", "TLM vs DM", "ood",
           lambda c: f"energy detector at the end layer, two seeds, corresponding layers {_layers(c)}; effect = "

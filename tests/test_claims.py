@@ -71,11 +71,34 @@ def test_ordering_claim_from_hand_made_records():
             rows += _rows(pair, objective, lambda k, b=bonus: 0.5 + 0.05 * k + b - 0.01 * n)
     result = measure(CLAIMS["same_task_ordering"], pd.DataFrame(rows), settings)
     assert result["verdict"] == HOLDS and result["pairs"] == 3
-    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.2, 0.19, 0.18])
+    # the trained objectives' mean bonus (0.2 + 0.25 + 0.3 + 0.3) / 4 = 0.2625 over DM, less 0.01 per pair
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.2625, 0.2525, 0.2425])
     flipped = pd.DataFrame(rows)
     flipped.loc[flipped.run.str.contains("seeds4-5") & (flipped.objective == "dm"), "test_acc"] += 0.6
     result = measure(CLAIMS["same_task_ordering"], flipped, settings)
-    assert result["verdict"] == UNSURE and result["per_pair"][2]["effect"] == pytest.approx(-0.42)
+    assert result["verdict"] == UNSURE and result["per_pair"][2]["effect"] == pytest.approx(0.2425 - 0.6)
+
+
+def test_the_running_statistics_claim_compares_the_same_dm_with_and_without_the_pass():
+    rows = []
+    for n, pair in enumerate(seed_pairs(3, "two")):
+        rows += _rows(pair, "dm", lambda k: 0.6, dm_bn_pass=False)
+        rows += _rows(pair, "dm", lambda k, n=n: 0.6 + 0.1 + 0.02 * n + 0.01 * k, dm_bn_pass=True)
+    for row in rows:
+        row["run"] = row["run"].replace("runs/diagonal/", "runs/dm_stats/")
+    result = measure(CLAIMS["dm_running_stats"], pd.DataFrame(rows), _settings())
+    # layers 1, 3, 5: a mean extra of 0.03, so 0.13, 0.15, 0.17
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.13, 0.15, 0.17])
+    assert result["verdict"] == HOLDS and result["source"] == "FuLA Fig. 3"
+
+
+def test_no_claim_is_a_minimum_of_several_effects():
+    # a claim with several parts is several rows: no effect takes the min or max of several terms
+    import inspect
+    import re
+
+    for claim in CLAIMS.values():
+        assert not re.search(r"(?<![.\w])(min|max)\(", inspect.getsource(claim.effect)), claim.name
 
 
 def test_a_claim_without_runs_is_inconclusive_and_says_why():
@@ -84,14 +107,14 @@ def test_a_claim_without_runs_is_inconclusive_and_says_why():
 
 
 def test_plan_runs_each_experiment_once_per_seed_pair():
-    jobs = plan(_settings(seed_pairs=3), ["same_task_ordering", "dm_self_stitch", "self_stitch_diagonal"])
+    jobs = plan(_settings(seed_pairs=3), ["same_task_ordering", "dm_self_stitch", "self_stitch_diagonal_hint"])
     assert {(j.experiment, j.pair) for j in jobs if j.tag == "dm"} == {("diagonal", p) for p in seed_pairs(3, "two")} \
         | {("dm_self", p) for p in seed_pairs(3, "self")}
     self_grid = next(j for j in jobs if j.experiment == "self_grids")
     assert "front.seed=0" in self_grid.overrides and "end.seed=0" in self_grid.overrides
     assert "grid.pairs=[[1,1],[1,3],[1,5],[1,7],[1,9],[3,1]" in next(o for o in self_grid.overrides
                                                                      if o.startswith("grid.pairs"))
-    extra = plan(_settings(extra={"self_grids": ["dataset.train_subset=500"]}), ["self_stitch_diagonal",
+    extra = plan(_settings(extra={"self_grids": ["dataset.train_subset=500"]}), ["self_stitch_diagonal_fula",
                                                                                "same_task_ordering"])
     assert all(("dataset.train_subset=500" in j.overrides) == (j.experiment == "self_grids") for j in extra)
     with pytest.raises(StitchingError, match="claims.extra names unknown experiment 'nope'"):
@@ -99,7 +122,7 @@ def test_plan_runs_each_experiment_once_per_seed_pair():
 
 
 def test_grid_layers_shape_only_the_square_grids():
-    jobs = plan(_settings(seed_pairs=3, grid_layers=[2, 8]), ["self_stitch_diagonal", "deeper_hints",
+    jobs = plan(_settings(seed_pairs=3, grid_layers=[2, 8]), ["self_stitch_diagonal_tlm", "deeper_hints",
                                                              "same_task_ordering"])
     cells = {j.experiment: next(o for o in j.overrides if o.startswith("grid.pairs")) for j in jobs}
     assert cells["self_grids"] == cells["deeper_hints"] == "grid.pairs=[[2,2],[2,8],[8,2],[8,8]]"
