@@ -58,12 +58,12 @@ def _bn_state(module: nn.Module) -> dict:
 
 
 def _engine(front, end, cells, objective, dm, update_bn=True, chunk=None, init="dm", kind="affine", front_rank=None,
-            adversarial=None):
+            adversarial=None, dm_bn_pass=False):
     from stitching.engine import StitchEngine
     from stitching.objectives import make_objective
 
     settings = StitchSettings(1, 1, len(dm), update_bn, "shared", 1e-2, 1e-4, init=init, kind=kind, rank=2, hidden=3,
-                              front_rank=front_rank)
+                              front_rank=front_rank, dm_bn_pass=dm_bn_pass)
     return StitchEngine(front, end, cells, make_objective(objective), settings, dm, num_classes=10,
                         adversarial=adversarial, seed=3, tail_chunk=chunk)
 
@@ -122,21 +122,23 @@ def test_every_fused_cell_equals_its_own_run(objective, update_bn, chunk):
         assert results[f"f{i}-e{j}"]["curve"] == pytest.approx(alone["curve"], rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["random", "identity", "low_rank", "mlp", "front_rank", "dm"])
+@pytest.mark.parametrize("case", ["random", "identity", "low_rank", "mlp", "front_rank", "dm", "dm_bn_pass"])
 def test_every_stitch_kind_and_start_fuses_alike(case):
-    """Random starts are seeded per cell; low-rank, MLP and rank-truncated stitches fuse."""
+    """Random starts are seeded per cell; low-rank, MLP and rank-truncated stitches fuse; so does
+    DM's running-statistics pass (each cell's end statistics its own)."""
     front, end = _models()
     dm, batches, test_x = _data()
     pairs = [(2, 4), (4, 4), (5, 6)]
     options = {"init": case} if case in ("random", "identity") else \
-        {"front_rank": 2} if case == "front_rank" else {"kind": case} if case != "dm" else {"objective": "dm"}
+        {"front_rank": 2} if case == "front_rank" else {"objective": "dm"} if case == "dm" else \
+        {"objective": "dm", "dm_bn_pass": True} if case == "dm_bn_pass" else {"kind": case}
     objective = options.pop("objective", "fula")
     fused = _engine(front, end, pairs, objective, dm, **options)
     _train(fused, batches, test_x)
     for i, j in pairs:
         single = _engine(front, end, [(i, j)], objective, dm, **options)
         _train(single, batches, test_x)
-        _assert_cell_equal(fused, single, i, j, front, end, objective != "dm", test_x, case)
+        _assert_cell_equal(fused, single, i, j, front, end, objective != "dm" or case == "dm_bn_pass", test_x, case)
 
 
 def test_random_starts_differ_between_cells_and_seeds():
