@@ -138,7 +138,8 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
     "diagonal": ("two", lambda c: [(o, [f"objective={o}", _diagonal(c)], "grid") for o in ("dm", *TRAINED)]),
     "dm_stats": ("two", lambda c: [(f"dm_pass_{p}", ["objective=dm", f"stitch.dm_bn_pass={p}", _diagonal(c)], "grid")
                                    for p in ("false", "true")]),
-    "robustness": ("two", lambda c: [(o, [f"objective={o}", "attack=pgd", "attack.alpha=1", _single(c)], "grid")
+    "robustness": ("two", lambda c: [(o, [f"objective={o}", f"attack={c.robust_attack}", "attack.alpha=1", _single(c)],
+                                      "grid")
                                      for o in TRAINED]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
@@ -228,6 +229,10 @@ def _dm_self(frame, c):
     return c.tolerance - gap, f"largest |accuracy − model's| {gap:.4f}"
 
 
+#: how the robustness claims' ``claims.robust_attack`` reads in a claim's setting
+_ATTACKS = {"pgd": "PGD-10", "autoattack": "AutoAttack-rand (the FuLA paper's)"}
+
+
 def _mean(values, names) -> float:
     return float(np.mean([values[name] for name in names]))
 
@@ -246,7 +251,7 @@ def _dm_stats(frame, c):
 
 def _robustness(task: str):
     def effect(frame, c):
-        acc = _by(frame, "test_robust_acc_pgd", "objective")
+        acc = _by(frame, f"test_robust_acc_{c.robust_attack}", "objective")
         matching = _mean(acc, ("hint", "fula"))
         return acc[task] - matching, f"{task.upper()} {acc[task]:.3f}, Hint/FuLA mean {matching:.3f}"
     return effect
@@ -367,9 +372,10 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
                     f"without", _dm_stats),
     *(Claim(f"fabricated_robustness_{task}", f"Stitching two non-robust models with adversarial data (α = 1), "
             f"{task.upper()} shows robust accuracy that Hint/FuLA do not.", "FuLA Figs. 4–5", "robustness",
-            lambda c, task=task: f"two non-robust seeds, layer {c.layer}, α = 1, PGD at the dataset's standard budget "
-                                 f"(attack.eps, 0.3 on digits as Madry et al.); effect = {task.upper()}'s robust "
-                                 f"accuracy − the mean of Hint's and FuLA's", _robustness(task), "robust accuracy")
+            lambda c, task=task: f"two non-robust seeds, layer {c.layer}, α = 1, robust accuracy by "
+                                 f"{_ATTACKS[c.robust_attack]} at the dataset's standard budget (attack.eps, 0.3 on "
+                                 f"digits as Madry et al.); effect = {task.upper()}'s robust accuracy − the mean of "
+                                 f"Hint's and FuLA's", _robustness(task), "robust accuracy")
       for task in ("slm", "tlm")),
     Claim("robustness_costs_clean", "SLM/TLM's robust accuracy comes at the cost of clean accuracy.",
           "FuLA Figs. 4–5", "robustness",

@@ -297,6 +297,9 @@ def check_config(cfg: DictConfig) -> None:
     clip = OmegaConf.select(cfg, "trainer.gradient_clip_algorithm", default=None)
     if clip not in (None, "norm", "value"):
         raise StitchingError(f"trainer.gradient_clip_algorithm={_shown(clip)} is out of range: it must be norm or value")
+    attack = OmegaConf.select(cfg, "claims.robust_attack", default=None)
+    if attack not in ("pgd", "autoattack"):
+        raise StitchingError(f"claims.robust_attack={_shown(attack)} is out of range: it must be pgd or autoattack")
     _check_claims_layers(cfg)
     detector = OmegaConf.select(cfg, "evaluation.ood.detector", default=None)
     if detector not in DETECTORS:

@@ -225,3 +225,20 @@ def test_instrument_checks_are_reported_apart_from_paper_claims(tmp_path):
     papers, checks = text.split("## Instrument checks")
     assert "1 paper claims" in papers and "energy-detector" in papers and "DM stitch of a model" not in papers
     assert "DM stitch of a model" in checks.split("## Settings")[0]
+
+
+def test_the_robustness_claims_score_robust_accuracy_by_the_papers_attack_at_paper_size():
+    from stitching.build import read_settings
+
+    for preset, attack, metric in (("claims", "autoattack", "test_robust_acc_autoattack"),
+                                   ("claims_small", "pgd", "test_robust_acc_pgd")):
+        claims = compose_config([f"experiment={preset}"]).claims
+        jobs = [job for job in plan(claims, ["fabricated_robustness_tlm"]) if job.experiment == "robustness"]
+        assert jobs and all(f"attack={attack}" in job.overrides for job in jobs)
+        rows = [{"run": f"runs/robustness/seeds{a}-{b}/{o}", "objective": o, metric: v}
+                for a, b in seed_pairs(3, "two") for o, v in (("hint", 0.1), ("fula", 0.2), ("slm", 0.5), ("tlm", 0.6))]
+        result = measure(CLAIMS["fabricated_robustness_tlm"], pd.DataFrame(rows), claims)
+        assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.45] * 3)  # 0.6 − (0.1 + 0.2) / 2
+        assert ("AutoAttack-rand" if attack == "autoattack" else "PGD-10") in result["setting"]
+    with pytest.raises(StitchingError, match="claims.robust_attack=fgsm is out of range: it must be pgd or autoattack"):
+        read_settings(compose_config(["logger=none", "claims.robust_attack=fgsm"]))
