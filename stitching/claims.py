@@ -145,7 +145,8 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                         _single(c)], "grid") for o in TRAINED]),
     "subset": ("two", lambda c: [(o, [f"objective={o}", f"dataset.num_classes_train={c.classes_train}", _single(c)],
                                   "grid") for o in TRAINED]),
-    "self_grids": ("self", lambda c: [(o, [f"objective={o}", _square(c)], "grid") for o in ("hint", "fula", "tlm")]),
+    "self_grids": ("self", lambda c: [(o, [f"objective={o}", _square(c)], "grid")
+                                      for o in ("dm", "hint", "fula", "tlm")]),
     "deeper_hints": ("two", lambda c: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
                                         "grid") for w in ("first", c.deeper_weights)]),
     "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
@@ -288,10 +289,28 @@ def _subset_task(frame, c):
     return matching - task, f"Hint/FuLA mean {matching:.3f}, SLM/TLM mean {task:.3f}"
 
 
-def _self_shares(frame) -> dict:
+def _self_shares(frame, directional: bool = False) -> dict:
     from stitching.results.tables import layer_grid, self_accuracy
 
-    return {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=False) for o in ("hint", "fula", "tlm")}
+    return {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=directional) for o in ("hint", "fula", "tlm")
+            if (frame.objective == o).any()} | ({"dm": self_accuracy(layer_grid(frame, "dm").to_numpy(), directional)}
+                                                if (frame.objective == "dm").any() else {})
+
+
+def _dm_vs_tlm_directional(frame, c):
+    share = _self_shares(frame, directional=True)
+    if "dm" not in share:
+        raise LookupError("no DM self-stitching grid")
+    return share["dm"] - share["tlm"], f"directional: DM {share['dm']:.2f}, TLM {share['tlm']:.2f} of rows"
+
+
+def _fula_directional(frame, c):
+    from stitching.results.tables import layer_grid
+
+    grid = layer_grid(frame, "fula")
+    gaps = [grid.loc[i, j] - grid.loc[j, i] for i in grid.index for j in grid.columns if i > j]
+    gap = float(np.nanmean(gaps))
+    return gap, f"FuLA deep front → shallow end − the reverse, mean over {len(gaps)} pairs {gap:+.3f}"
 
 
 def _self_diagonal(objective: str):
@@ -405,6 +424,14 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
     Claim("self_stitch_diagonal_tlm", "Self-stitching grids: TLM finds the diagonal less often than Hint/FuLA.",
           "FuLA Fig. 10; TLM-vs-DM sanity checks", "self_grids",
           lambda c: f"the same grids; effect = mean share of Hint and FuLA − TLM's", _self_vs_tlm, "share of rows"),
+    Claim("dm_vs_tlm_self_directional", "A layer is most similar to itself by DM, not by TLM: on the directional "
+          "self-stitching grid DM's diagonal wins more rows than TLM's.", "TLM vs DM (sanity check 2)", "self_grids",
+          lambda c: f"the same grids, directional (each row on its own); effect = DM's share of rows − TLM's",
+          _dm_vs_tlm_directional, "share of rows"),
+    Claim("fula_directional", "Stitching stays directional under FuLA: a deep front into a shallow end scores "
+          "higher than the reverse (Fig. 10, e.g. [5, 3] > [3, 5]).", "FuLA Fig. 10", "self_grids",
+          lambda c: f"the same grids; effect = FuLA's accuracy of front i → end j − of j → i, mean over the pairs "
+                    f"i > j", _fula_directional),
     Claim("deeper_hints", "Deeper FuLA hints raise the deep-front → shallow-end cells.", "FuLA Fig. 11",
           "deeper_hints",
           lambda c: f"FuLA with hints first vs {c.deeper_weights}, two seeds, layers {_layers(c, grid=True)} × the "

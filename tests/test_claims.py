@@ -109,7 +109,7 @@ def test_a_claim_without_runs_is_inconclusive_and_says_why():
 def test_plan_runs_each_experiment_once_per_seed_pair():
     jobs = plan(_settings(seed_pairs=3), ["same_task_ordering", "dm_self_stitch", "self_stitch_diagonal_hint"])
     assert {(j.experiment, j.pair) for j in jobs if j.tag == "dm"} == {("diagonal", p) for p in seed_pairs(3, "two")} \
-        | {("dm_self", p) for p in seed_pairs(3, "self")}
+        | {(e, p) for p in seed_pairs(3, "self") for e in ("dm_self", "self_grids")}
     self_grid = next(j for j in jobs if j.experiment == "self_grids")
     assert "front.seed=0" in self_grid.overrides and "end.seed=0" in self_grid.overrides
     assert "grid.pairs=[[1,1],[1,3],[1,5],[1,7],[1,9],[3,1]" in next(o for o in self_grid.overrides
@@ -242,3 +242,22 @@ def test_the_robustness_claims_score_robust_accuracy_by_the_papers_attack_at_pap
         assert ("AutoAttack-rand" if attack == "autoattack" else "PGD-10") in result["setting"]
     with pytest.raises(StitchingError, match="claims.robust_attack=fgsm is out of range: it must be pgd or autoattack"):
         read_settings(compose_config(["logger=none", "claims.robust_attack=fgsm"]))
+
+
+def test_the_directional_claims_read_the_self_grid_one_direction_at_a_time():
+    # a 3×3 self grid per objective: DM's diagonal best in every row, TLM's in none (row 1 ties)
+    grids = {"dm": [[0.9, 0.5, 0.4], [0.6, 0.9, 0.5], [0.5, 0.6, 0.9]],
+             "tlm": [[0.8, 0.8, 0.4], [0.9, 0.7, 0.5], [0.8, 0.9, 0.6]],
+             "fula": [[0.9, 0.5, 0.4], [0.7, 0.9, 0.5], [0.6, 0.8, 0.9]],
+             "hint": [[0.9, 0.5, 0.4], [0.6, 0.9, 0.5], [0.5, 0.6, 0.9]]}
+    layers = (1, 5, 9)
+    rows = [{"run": f"runs/self_grids/seeds{a}-{b}/{o}", "objective": o, "front_layer": layers[i], "end_layer": layers[j],
+             "test_acc": grid[i][j] + 0.01 * n}
+            for n, (a, b) in enumerate(seed_pairs(3, "self")) for o, grid in grids.items()
+            for i in range(3) for j in range(3)]
+    frame = pd.DataFrame(rows)
+    dm_vs_tlm = measure(CLAIMS["dm_vs_tlm_self_directional"], frame, _settings())
+    assert [p["effect"] for p in dm_vs_tlm["per_pair"]] == pytest.approx([1.0] * 3)
+    fula = measure(CLAIMS["fula_directional"], frame, _settings())
+    # pairs (5→1, 1→5), (9→1, 1→9), (9→5, 5→9): 0.7 − 0.5, 0.6 − 0.4, 0.8 − 0.5
+    assert [p["effect"] for p in fula["per_pair"]] == pytest.approx([(0.2 + 0.2 + 0.3) / 3] * 3)
