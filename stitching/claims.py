@@ -292,9 +292,8 @@ def _subset_task(frame, c):
 def _self_shares(frame, directional: bool = False) -> dict:
     from stitching.results.tables import layer_grid, self_accuracy
 
-    return {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=directional) for o in ("hint", "fula", "tlm")
-            if (frame.objective == o).any()} | ({"dm": self_accuracy(layer_grid(frame, "dm").to_numpy(), directional)}
-                                                if (frame.objective == "dm").any() else {})
+    return {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=directional)
+            for o in ("dm", "hint", "fula", "tlm") if (frame.objective == o).any()}
 
 
 def _dm_vs_tlm_directional(frame, c):
