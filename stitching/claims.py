@@ -48,6 +48,11 @@ from omegaconf import DictConfig, OmegaConf
 from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
 from stitching.files import hold_folder
 from stitching.runtime import Stopwatch, versions, write_json_atomic
+from stitching.similarity.grid import AUTHORS_FLATTEN, INDICES
+
+#: the CKA claim's structural indices (the TLM-vs-DM paper's sanity checks: CKA, PWCCA, OPD)
+SIMILARITY_INDICES = ("cka", "pwcca", "procrustes")
+SIMILARITY_NAMES = {"cka": "CKA", "pwcca": "PWCCA", "procrustes": "OPD"}
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 TRAINED = ("hint", "fula", "slm", "tlm")
@@ -151,7 +156,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                         "grid") for w in ("first", c.deeper_weights)]),
     "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
                               for o in ("dm", "tlm")]),
-    "similarity": ("two", lambda c: [("cka_cca", [], "similarity")]),
+    "similarity": ("two", lambda c: [("cka_pwcca_opd", [], "similarity")]),
     # all four directions, fronts of seed 2s into ends of seed 2s + 1: a SoLU and a GeLU front into the same end
     "language": ("two", lambda c: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
                                                  f"end.{c.language_key}={b}", "grid.pairs=diagonal"], "grid")
@@ -197,11 +202,14 @@ def _similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[
     from stitching.build import compose_config
     from stitching.similarity.compare import config_grids
 
-    if (folder / "similarity.csv").is_file():
-        return []
     s = compose_config(overrides).claims
-    config_grids(overrides, ["cka", "cca"], int(s.similarity_images), "pool", 250, folder, layers=list(s.layers),
-               progress=progress)
+    by_flatten: dict[str, list[str]] = {}
+    for index in SIMILARITY_INDICES:  # each fed as the authors feed it: CKA per image, PWCCA and OPD by match
+        by_flatten.setdefault(AUTHORS_FLATTEN[index], []).append(index)
+    for flatten, indices in by_flatten.items():
+        if not (folder / flatten / "similarity.csv").is_file():  # a stopped check resumes
+            config_grids(overrides, indices, int(s.similarity_images), flatten, 250, folder / flatten,
+                         layers=list(s.layers), progress=progress)
     return []
 
 
@@ -348,13 +356,17 @@ def _ood(frame, c):
     return auroc["tlm"] - auroc["dm"], f"AUROC TLM {auroc['tlm']:.3f}, DM {auroc['dm']:.3f}"
 
 
-def _similarity(frame, c):
-    from stitching.results.tables import sanity_checks
+def _cka_against(other: str):
+    """CKA's share of rows whose unique best cell is the corresponding layer − ``other``'s."""
+    def effect(frame, c):
+        from stitching.results.tables import sanity_checks
 
-    scores = {r["method"]: r["score"] for r in sanity_checks(frame) if r["check"] == "corresponding layers"}
-    if not {"cka", "cca"} <= set(scores):
-        raise LookupError("no CKA/CCA grids between two seeds")
-    return scores["cka"] - scores["cca"], f"rows found CKA {scores['cka']:.2f}, CCA {scores['cca']:.2f}"
+        scores = {r["method"]: r["score"] for r in sanity_checks(frame) if r["check"] == "corresponding layers"}
+        if not {"cka", other} <= set(scores):
+            raise LookupError(f"no CKA and {INDICES[other].label} grids between two seeds")
+        return (scores["cka"] - scores[other],
+                f"rows found CKA {scores['cka']:.2f}, {SIMILARITY_NAMES[other]} {scores[other]:.2f}")
+    return effect
 
 
 def _language(frame, c):
@@ -442,10 +454,14 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "AUROC) than DM's.", "TLM vs DM", "ood",
           lambda c: f"energy detector at the end layer, two seeds, corresponding layers {_layers(c)}; effect = "
                     f"AUROC TLM − DM", _ood, "AUROC"),
-    Claim("cka_finds_layers", "CKA finds corresponding layers between seeds; CCA less often.", "TLM vs DM",
-          "similarity",
-          lambda c: f"pooled activations of {c.similarity_images} test images, layers {_layers(c)}; effect = share "
-                    f"of rows whose best cell is the diagonal, CKA − CCA", _similarity, "share of rows"),
+    *(Claim(f"cka_finds_layers_{other}", f"Of the structural indices, CKA finds corresponding layers between "
+            f"seeds best; {SIMILARITY_NAMES[other]} less often.", "TLM vs DM", "similarity",
+            lambda c, other=other: f"{c.similarity_images} test images, layers {_layers(c)}, each index fed as the "
+                                   f"authors' code feeds it (CKA every feature of an image, "
+                                   f"{SIMILARITY_NAMES[other]} positions as samples where the maps match); effect = "
+                                   f"share of rows whose unique best cell is the diagonal, CKA − "
+                                   f"{SIMILARITY_NAMES[other]}", _cka_against(other), "share of rows")
+      for other in ("pwcca", "procrustes")),
     Claim("solu_gelu_asymmetry", "Stitching from a SoLU model costs more than from a GeLU model into the same "
           "end (the paper: SoLU → GeLU above GeLU → SoLU).",
           "representation-dissimilarity paper", "language",

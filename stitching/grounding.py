@@ -55,18 +55,12 @@ from stitching.models import cut
 from stitching.models.layout import channels
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.cka import SimilarityError
-from stitching.similarity.grid import FLATTEN, INDICES, pair_matrices, parse_indices
+from stitching.similarity.grid import AUTHORS_FLATTEN, FLATTEN, INDICES, pair_matrices, parse_indices
 from stitching.similarity.uncertainty import bootstrap_interval
 from stitching.stitch_layers import head_activations
 
 TESTS = ("sensitivity", "specificity")
 STITCHING_OBJECTIVES = ("dm", "hint", "fula", "slm", "tlm")
-#: how ``grounding.flatten=authors`` feeds each index (``compute_metrics`` in
-#: szegedai/stitching-ood: CKA on ``flatten(a, 1)``, PWCCA and Procrustes through
-#: ``resize_for_cca2``); the kernel and neighbourhood indices follow CKA, the CCA family PWCCA
-AUTHORS_FLATTEN = {"cka": "sample", "unbiased_cka": "sample", "rbf_cka": "sample", "mutual_knn": "sample",
-                   "cknna": "sample", "rsa": "sample", "ridge_r2": "sample",
-                   "cca": "match", "svcca": "match", "pwcca": "match", "procrustes": "match"}
 GROUNDING_FLATTEN = ("authors", *FLATTEN)
 
 

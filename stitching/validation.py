@@ -132,6 +132,7 @@ RULES: dict[str, Rule] = {
     "zoo.recipe.momentum": Rule("float", 0, 1),
     "zoo.recipe.weight_decay": NON_NEGATIVE,
     "zoo.recipe.batch_size": COUNT,
+    "zoo.recipe.train_images": Rule("int", 1, nullable=True),
     "zoo.recipe.robust.alpha": SHARE,
     "zoo.recipe.robust.eps": Rule("float", 0, 1, nullable=True),
     "zoo.recipe.robust.step_size": Rule("float", 0, 1, nullable=True),
@@ -204,6 +205,8 @@ APPLIES: tuple[Applies, ...] = (
             lambda c: OmegaConf.select(c, "stitch.kind") == "mlp", "stitch.kind=mlp", "stitch.hidden=8"),
     Applies("stitch.dm_bn_pass", lambda v: v is True, lambda c: OmegaConf.select(c, "objective.name") == "dm",
             "objective=dm", "stitch.dm_bn_pass=true"),
+    Applies("zoo.recipe.train_images", lambda v: v is not None, lambda c: not _text(c),
+            "image models (language models train on zoo.recipe.language.tokens)", "zoo.recipe.train_images=10000"),
     Applies("shortcut.kind", lambda v: v is not None, lambda c: not _text(c), "image datasets", "shortcut=pixels"),
     *(Applies(key, lambda v: v is True, lambda c: not _text(c), "image classifiers", f"{key}=true")
       for key in ("attack.eval_pgd", "attack.eval_autoattack", "evaluation.ood.enabled", "evaluation.penultimate_cka")),

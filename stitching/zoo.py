@@ -171,6 +171,8 @@ class ModelZoo:
             flat = {**{k: v for k, v in self.recipe.items() if not isinstance(v, dict)}, **self.recipe["language"]}
             return {k: flat[k] for k in ("tokens", "batch_size", "lr", "weight_decay")}
         recipe = {k: v for k, v in self.recipe.items() if not isinstance(v, dict)}
+        if recipe.get("train_images") is None:  # the whole split, as before the setting existed
+            recipe.pop("train_images", None)
         recipe.setdefault("batch_size", self.data_settings(spec.dataset).get("batch_size"))
         if spec.robust:
             if "robust" not in self.recipe:
@@ -201,10 +203,12 @@ class ModelZoo:
         if spec.arch in LANGUAGE_ARCHITECTURES:  # a language model's budget is tokens, not epochs
             return spec.key(int(self.recipe_for(spec)["tokens"]), "t")
         budget = int(self.recipe["epochs"])
-        if spec.robust:  # a budget other than 8/255 is part of the name
-            eps = self.recipe_for(spec)["robust"]["eps"]
-            return spec.key(budget, robust_eps=None if math.isclose(eps, DEFAULT_EPS) else eps)
-        return spec.key(budget)
+        eps = self.recipe_for(spec)["robust"]["eps"] if spec.robust else DEFAULT_EPS
+        images = self.recipe.get("train_images")
+        if images is not None:  # trained on part of the split: the name says how much (fmnist10000)
+            spec = ModelSpec(**{**asdict(spec), "dataset": f"{spec.dataset}{int(images)}"})
+        # a robust budget other than 8/255 is part of the name
+        return spec.key(budget, robust_eps=None if math.isclose(eps, DEFAULT_EPS) else eps)
 
     def _check_identity(self, spec: ModelSpec, path: Path, record: dict) -> None:
         """A zoo file must be the model its name says: its recorded identity is the one wanted."""
@@ -324,6 +328,8 @@ class ModelZoo:
         adversarial = recipe.get("robust")
         datamodule = self.datamodule_for(spec.dataset)
         datamodule.batch_size = int(recipe["batch_size"])
+        if recipe.get("train_images") is not None:
+            self._subset(datamodule, int(recipe["train_images"]))
         model_kwargs = self._model_kwargs(spec, datamodule)
         L.seed_everything(spec.seed, workers=True, verbose=False)
         model = build_model(**model_kwargs)
@@ -341,11 +347,22 @@ class ModelZoo:
         record = {
             "key": path.stem, "source": "trained here", "spec": asdict(spec), "seed": spec.seed, "epochs": epochs,
             "recipe": recipe, "identity": self.identity(spec), "model_kwargs": model_kwargs,
-            "test_acc": float(test_acc), "train_time_s": round(train_time, 1),
+            "train_images": len(datamodule.arrays.train_y), "test_acc": float(test_acc), "train_time_s": round(train_time, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
         }
         self._save(model, record, path)
         print(f"[zoo] saved {path} (test acc {test_acc:.4f}, {train_time:.0f}s)", flush=True)
+
+    @staticmethod
+    def _subset(datamodule: ImageDataModule, images: int) -> None:
+        """Train on ``images`` of the training split, every class in proportion (seeded)."""
+        datamodule.setup()
+        available = len(datamodule.arrays.train_y)
+        if images >= available:
+            raise StitchingError(f"zoo.recipe.train_images={images} but the {datamodule.name} training split has "
+                                 f"{available} images; set it below {available}, or null to train on all of them")
+        datamodule.arrays, datamodule.train_subset = None, images
+        datamodule.setup()
 
     def _train_language_model(self, spec: ModelSpec, path: Path) -> None:
         """A TransformerLens LM on its corpus: AdamW, cosine schedule, a budget of training tokens."""

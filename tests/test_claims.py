@@ -261,3 +261,23 @@ def test_the_directional_claims_read_the_self_grid_one_direction_at_a_time():
     fula = measure(CLAIMS["fula_directional"], frame, _settings())
     # pairs (5→1, 1→5), (9→1, 1→9), (9→5, 5→9): 0.7 − 0.5, 0.6 − 0.4, 0.8 − 0.5
     assert [p["effect"] for p in fula["per_pair"]] == pytest.approx([(0.2 + 0.2 + 0.3) / 3] * 3)
+
+
+def test_the_cka_claim_feeds_each_index_as_the_authors_do_and_scores_it_against_pwcca_and_opd(tmp_path, zoo_dir):
+    """CKA from every feature of an image, PWCCA and OPD by matching positions (the authors'
+    ``compute_metrics``), read back as two single-contrast claims."""
+    from stitching.claims import Job, run_job
+    from stitching.results.records import collect
+    from stitching.similarity.grid import AUTHORS_FLATTEN
+
+    base = [*TINY, f"paths.zoo_dir={zoo_dir}", "claims.layers=[1,9]", "claims.early_layers=[1]", "claims.similarity_images=64",
+            "front.seed=0", "end.seed=1"]
+    job = Job("similarity", (0, 1), "cka_pwcca_opd", (), "similarity")
+    assert run_job(job, base, tmp_path, progress=False) == []
+    written = {p.parent.name: set(pd.read_csv(p).objective) for p in job.folder(tmp_path).rglob("similarity.csv")}
+    assert written == {"sample": {"cka"}, "match": {"pwcca", "procrustes"}}
+    assert all(AUTHORS_FLATTEN[index] == flatten for flatten, names in written.items() for index in names)
+    frame = collect(tmp_path)[0]
+    for other in ("pwcca", "procrustes"):
+        effect, what = CLAIMS[f"cka_finds_layers_{other}"].effect(frame, _settings())
+        assert -1 <= effect <= 1 and what.startswith("rows found CKA") and ("OPD" if other == "procrustes" else "PWCCA") in what

@@ -113,7 +113,7 @@ def test_the_layer_score_is_the_mean_of_scipys_rho_within_each_reference_layer()
 
 
 def test_every_index_has_the_authors_input():
-    from stitching.grounding import AUTHORS_FLATTEN
+    from stitching.similarity.grid import AUTHORS_FLATTEN
     from stitching.similarity.grid import FLATTEN, INDICES
 
     assert set(AUTHORS_FLATTEN) == {name for name, index in INDICES.items() if not index.streaming} and set(AUTHORS_FLATTEN.values()) <= set(FLATTEN)

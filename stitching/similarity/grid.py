@@ -92,6 +92,15 @@ INDICES: dict[str, Index] = {
 }
 
 
+#: how the TLM-vs-DM authors feed each index (``compute_metrics`` in szegedai/stitching-ood: CKA
+#: on ``flatten(a, 1)``, PWCCA and Procrustes through ``resize_for_cca2``); the kernel and
+#: neighbourhood indices follow CKA, the CCA family PWCCA. Read by ``grounding.flatten=authors``
+#: and the CKA claim.
+AUTHORS_FLATTEN = {"cka": "sample", "unbiased_cka": "sample", "rbf_cka": "sample", "mutual_knn": "sample",
+                   "cknna": "sample", "rsa": "sample", "ridge_r2": "sample",
+                   "cca": "match", "svcca": "match", "pwcca": "match", "procrustes": "match"}
+
+
 def index_of(name: str, rbf_sigma: float = 0.8) -> Index:
     """``INDICES[name]``, RBF CKA with bandwidth ``rbf_sigma`` × the median distance."""
     index = INDICES[name]
