@@ -168,7 +168,7 @@ grounding-small: $(READY) ## the same tests on MNIST-5k, CPU-sized: measure × r
 claims: $(READY) ## every qualitative claim of the three papers, paper size (GPU): claims.md, claims.html
 	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims/$(STAMP) experiment=claims $(ARGS)
 
-claims-small: $(READY) ## the same claims on MNIST-5k and toy language models, CPU-sized, 3 seed pairs each
+claims-small: $(READY) data-fmnist ## the same claims on Fashion-MNIST and toy language models, CPU-sized, 3 seed pairs each
 	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims_small/$(STAMP) experiment=claims_small $(ARGS)
 
 DIAGNOSIS := $(PY) -m stitching.claims --no-progress

@@ -229,6 +229,15 @@ APPLIES: tuple[Applies, ...] = (
 )
 
 
+def applies(key: str, cfg: DictConfig | dict) -> bool:
+    """Whether this run reads ``key`` (a setting with no :data:`APPLIES` rule always applies)."""
+    rules = [rule for rule in APPLIES if rule.key == key]
+    if not rules:
+        return True
+    cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
+    return all(rule.applies(cfg) for rule in rules)
+
+
 def _given_library_model(cfg: DictConfig, side: str) -> bool:
     """Whether ``side`` is a library model whose weights come from a file or the hub (a model
     trained here reads its training data's convention)."""

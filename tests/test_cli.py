@@ -489,3 +489,26 @@ def test_report_averages_seed_pairs_and_shows_their_spread(tmp_path):
     assert mean.loc[1, "1"] == pytest.approx(0.7) and std.loc[1, "1"] == pytest.approx(0.1)
     assert not (tmp_path / "grid_fula_pairingself_std.csv").exists()
     assert "±" in (tmp_path / "table.md").read_text()
+
+
+def test_a_run_that_does_not_read_a_condition_is_drawn_beside_each_value_and_conditions_are_never_averaged(tmp_path):
+    """Fig. 3's layout: DM with and without the running-statistics pass, Hint (which has no such
+    pass) beside both; the layer table gives every condition its own column."""
+    from stitching.results.records import NOT_READ
+    from stitching.results.tables import facets
+
+    runs = [("dm", False, 0.50), ("dm", True, 0.70), ("hint", False, 0.90)]
+    for objective, bn_pass, acc in runs:
+        folder = tmp_path / f"{objective}_{bn_pass}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({
+            "status": "ok", "objective": objective, "front_layer": 3, "end_layer": 3, "metrics": {"test/acc": acc},
+            "timings": {"total_s": 1}, "base": {"front": {"test_acc": 0.9, "key": "f"}, "end": {"test_acc": 0.9, "key": "e"}},
+            "config": {"objective": {"name": objective}, "stitch": {"dm_bn_pass": bn_pass, "dm_samples": 100}}}))
+    frame, _ = collect(tmp_path)
+    assert (frame[frame.objective == "hint"].dm_bn_pass == NOT_READ).all()
+    assert set(frame[frame.objective == "dm"].dm_bn_pass) == {False, True}
+    panels = {label: sorted(rows.objective) for label, rows in facets(frame)}
+    assert panels == {"dm_bn_pass=False": ["dm", "hint"], "dm_bn_pass=True": ["dm", "hint"]}
+    table = layer_table(frame)
+    assert table.loc[3].to_dict() == {"dm (dm_bn_pass=False)": 50.0, "hint": 90.0, "dm (dm_bn_pass=True)": 70.0}

@@ -12,6 +12,7 @@ import pandas as pd
 
 from stitching.errors import StitchingError
 from stitching.results.schema import problems
+from stitching.validation import applies
 
 
 OBJECTIVE_ORDER = ["dm", "hint", "fula", "slm", "tlm"]
@@ -48,10 +49,15 @@ METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust ac
                  "test_hans_acc": "HANS lexical-overlap accuracy"}
 
 
+#: the value of a condition whose setting a run does not read (``stitch.dm_bn_pass`` of a trained
+#: objective): it separates no panel (see :func:`~stitching.results.tables.facets`)
+NOT_READ = "n/a"
+
+
 def condition_values(config: dict) -> dict:
     values = {}
     for column, (group, key) in CONDITIONS.items():
-        value = (config.get(group) or {}).get(key)
+        value = (config.get(group) or {}).get(key) if applies(f"{group}.{key}", config) else NOT_READ
         values[column] = json.dumps(value) if isinstance(value, list) else value
     shortcut = config.get("shortcut") or {}
     values["shortcut"] = f"{shortcut['kind']}/{shortcut['placement']}" if shortcut.get("kind") else "none"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from stitching.errors import StitchingError
-from stitching.results.records import CONDITIONS, METRIC_LABELS, OBJECTIVE_ORDER, REPLICATES, penalty_metric
+from stitching.results.records import CONDITIONS, METRIC_LABELS, NOT_READ, OBJECTIVE_ORDER, REPLICATES, penalty_metric
 
 
 def objectives_present(frame: pd.DataFrame) -> list[str]:
@@ -36,13 +36,26 @@ def spread_note(frame: pd.DataFrame) -> str:
 
 
 def facets(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
-    """``(label, rows)`` per combination of the varying conditions (one facet if none vary)."""
+    """``(label, rows)`` per combination of the varying conditions (one facet if none vary). A
+    run that does not read a condition's setting (its value is missing: Hint has no
+    ``dm_bn_pass``: :data:`~stitching.results.records.NOT_READ`) is drawn in every facet of that
+    condition, beside the runs that do."""
     varying = varying_conditions(frame, exclude)
     if not varying:
         return [("", frame)]
-    groups = frame.groupby([frame[c].astype(str) for c in varying], sort=True)
-    return [(", ".join(f"{c}={v}" for c, v in zip(varying, key if isinstance(key, tuple) else (key,))), rows)
-            for key, rows in groups]
+    text = pd.DataFrame({c: frame[c].astype(str) for c in varying}, index=frame.index)
+    groups, placed = [], pd.Series(False, index=frame.index)
+    for key, rows in text.groupby(varying, sort=True):  # every combination some run realises
+        key = key if isinstance(key, tuple) else (key,)
+        if NOT_READ in key:
+            continue
+        keep = pd.concat([(text[c] == v) | (text[c] == NOT_READ) for c, v in zip(varying, key)], axis=1).all(axis=1)
+        placed |= keep
+        groups.append((", ".join(f"{c}={v}" for c, v in zip(varying, key)), frame[keep]))
+    for key, rows in text[~placed].groupby(varying, sort=True):  # runs no realised combination takes in
+        key = key if isinstance(key, tuple) else (key,)
+        groups.append((", ".join(f"{c}={v}" for c, v in zip(varying, key) if v != NOT_READ), frame.loc[rows.index]))
+    return groups
 
 
 def plotted_metrics(frame: pd.DataFrame) -> list[str]:
@@ -51,10 +64,18 @@ def plotted_metrics(frame: pd.DataFrame) -> list[str]:
 
 def layer_table(frame: pd.DataFrame, metric: str = "test_acc", aggfunc: str = "mean") -> pd.DataFrame:
     """Corresponding-layer runs as a layer × objective table of ``metric`` in percent (the mean
-    over seed pairs and conditions; ``aggfunc="std"``: their spread)."""
+    over seed pairs; ``aggfunc="std"``: their spread). Conditions are never averaged together:
+    where they vary, each objective has one column per condition it reads (``dm (dm_samples=100)``)."""
     same = frame[frame.front_layer == frame.end_layer]
-    table = same.pivot_table(index="front_layer", columns="objective", values=metric, aggfunc=aggfunc) * 100
-    table = table[[o for o in objectives_present(same)]]
+    columns = {}
+    for label, rows in facets(same):
+        for objective in objectives_present(rows):
+            own = rows[rows.objective == objective]
+            read = [part for part in label.split(", ") if part and own[part.split("=", 1)[0]].astype(str).ne(NOT_READ).all()]
+            name = f"{objective} ({', '.join(read)})" if read else objective
+            if name not in columns:
+                columns[name] = own.groupby("front_layer")[metric].agg(aggfunc) * 100
+    table = pd.DataFrame(columns)
     table.index.name = "layer"
     return table.round(2)
 
