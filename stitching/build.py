@@ -287,6 +287,7 @@ def build_datamodule(settings: Settings | DictConfig, name: str | None = None,
         return PairDataModule(**options) if options.get("pairs") else TextDataModule(**options)
     options.pop("kind", None)
     options.pop("attack_eps", None)  # read by the attack group and the zoo, not the data
+    options.pop("base_images", None)  # read by the zoo when it trains a base model
     if not with_testbeds:
         return ImageDataModule(**{**options, "num_classes_train": None, "train_subset": None})
     return ImageDataModule(**options, shortcut=copy.deepcopy(settings.shortcut))

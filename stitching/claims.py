@@ -150,6 +150,10 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                         _single(c)], "grid") for o in TRAINED]),
     "subset": ("two", lambda c: [(o, [f"objective={o}", f"dataset.num_classes_train={c.classes_train}", _single(c)],
                                   "grid") for o in TRAINED]),
+    # Fig. 9 proper: cross-task, a front trained on another dataset (seed 2s) into the end (seed 2s + 1)
+    "subset_cross": ("two", lambda c: [(o, [f"objective={o}", f"front.dataset={c.cross_front}",
+                                            f"dataset.num_classes_train={c.classes_train}", _single(c)], "grid")
+                                       for o in TRAINED]),
     "self_grids": ("self", lambda c: [(o, [f"objective={o}", _square(c)], "grid")
                                       for o in ("dm", "hint", "fula", "tlm")]),
     "deeper_hints": ("two", lambda c: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
@@ -297,6 +301,12 @@ def _subset_task(frame, c):
     return matching - task, f"Hint/FuLA mean {matching:.3f}, SLM/TLM mean {task:.3f}"
 
 
+def _subset_same_tlm(frame, c):
+    acc = _by(frame, "test_acc_unseen_classes", "objective")
+    others = _mean(acc, ("hint", "fula", "slm"))
+    return others - acc["tlm"], f"Hint/FuLA/SLM mean {others:.3f}, TLM {acc['tlm']:.3f}"
+
+
 def _self_shares(frame, directional: bool = False) -> dict:
     from stitching.results.tables import layer_grid, self_accuracy
 
@@ -419,14 +429,19 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "accuracy.", "FuLA Fig. 8", "shortcut",
           lambda c: f"the same runs; effect = Hint/FuLA's mean clean accuracy − (the model's − {c.tolerance})",
           _shortcut_clean),
-    Claim("unseen_classes_fula", "Stitched on a subset of classes, FuLA generalises to the unseen classes better "
-          "than the others.", "FuLA Fig. 9", "subset",
-          lambda c: f"stitching data of classes 0–{c.classes_train - 1}, accuracy on the others, two seeds, layer "
-                    f"{c.layer}; effect = FuLA − the mean of Hint, SLM and TLM", _subset_fula),
-    Claim("unseen_classes_task", "Stitched on a subset of classes, the task-loss objectives (SLM/TLM) generalise "
-          "worst.", "FuLA Fig. 9", "subset",
+    Claim("unseen_classes_fula", "Stitched cross-task on a subset of classes, FuLA generalises to the unseen "
+          "classes better than the others.", "FuLA Fig. 9", "subset_cross",
+          lambda c: f"cross-task: a {c.cross_front} front (seed 2s) into the end (seed 2s + 1), stitching data of "
+                    f"classes 0–{c.classes_train - 1}, accuracy on the others, layer {c.layer}; effect = FuLA − the "
+                    f"mean of Hint, SLM and TLM", _subset_fula),
+    Claim("unseen_classes_task", "Stitched cross-task on a subset of classes, the task-loss objectives (SLM/TLM) "
+          "generalise worst.", "FuLA Fig. 9", "subset_cross",
           lambda c: f"the same runs; effect = mean of Hint and FuLA − mean of SLM and TLM on the unseen classes",
           _subset_task),
+    Claim("unseen_classes_same_tlm", "Stitched same-task on a subset of classes (beyond one class), SLM, Hint and "
+          "FuLA are comparable and TLM generalises worst.", "FuLA Sec. 3.2 on Fig. 9", "subset",
+          lambda c: f"same task, two seeds, stitching data of classes 0–{c.classes_train - 1}, accuracy on the "
+                    f"others, layer {c.layer}; effect = mean of Hint, FuLA and SLM − TLM", _subset_same_tlm),
     *(Claim(f"self_stitch_diagonal_{o}", f"Self-stitching grids: {o.upper() if o != 'fula' else 'FuLA'} puts most "
             f"rows' best cell on the diagonal (both directions averaged).",
             "FuLA Fig. 10; TLM-vs-DM sanity checks", "self_grids",

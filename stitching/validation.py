@@ -98,6 +98,7 @@ RULES: dict[str, Rule] = {
     "dataset.test_sequences": Rule("int", 1, nullable=True),
     "dataset.num_classes_train": Rule("int", 1, nullable=True),
     "dataset.train_subset": Rule("int", 1, nullable=True),
+    "dataset.base_images": Rule("int", 1, nullable=True),
     "dataset.augment.crop_padding": INDEX,
     "dataset.source.split_seed": SEED,
     "dataset.source.class_seed": SEED,
@@ -132,7 +133,6 @@ RULES: dict[str, Rule] = {
     "zoo.recipe.momentum": Rule("float", 0, 1),
     "zoo.recipe.weight_decay": NON_NEGATIVE,
     "zoo.recipe.batch_size": COUNT,
-    "zoo.recipe.train_images": Rule("int", 1, nullable=True),
     "zoo.recipe.robust.alpha": SHARE,
     "zoo.recipe.robust.eps": Rule("float", 0, 1, nullable=True),
     "zoo.recipe.robust.step_size": Rule("float", 0, 1, nullable=True),
@@ -205,8 +205,6 @@ APPLIES: tuple[Applies, ...] = (
             lambda c: OmegaConf.select(c, "stitch.kind") == "mlp", "stitch.kind=mlp", "stitch.hidden=8"),
     Applies("stitch.dm_bn_pass", lambda v: v is True, lambda c: OmegaConf.select(c, "objective.name") == "dm",
             "objective=dm", "stitch.dm_bn_pass=true"),
-    Applies("zoo.recipe.train_images", lambda v: v is not None, lambda c: not _text(c),
-            "image models (language models train on zoo.recipe.language.tokens)", "zoo.recipe.train_images=10000"),
     Applies("shortcut.kind", lambda v: v is not None, lambda c: not _text(c), "image datasets", "shortcut=pixels"),
     *(Applies(key, lambda v: v is True, lambda c: not _text(c), "image classifiers", f"{key}=true")
       for key in ("attack.eval_pgd", "attack.eval_autoattack", "evaluation.ood.enabled", "evaluation.penultimate_cka")),
@@ -313,6 +311,10 @@ def check_config(cfg: DictConfig) -> None:
     if attack not in ("pgd", "autoattack"):
         raise StitchingError(f"claims.robust_attack={_shown(attack)} is out of range: it must be pgd or autoattack")
     _check_claims_layers(cfg)
+    cross = OmegaConf.select(cfg, "claims.cross_front", default=None)
+    if cross not in dataset_names():
+        raise StitchingError(f"claims.cross_front={_shown(cross)} is not a dataset preset: choose from "
+                             f"{', '.join(dataset_names())}")
     detector = OmegaConf.select(cfg, "evaluation.ood.detector", default=None)
     if detector not in DETECTORS:
         raise StitchingError(f"evaluation.ood.detector={_shown(detector)} is out of range: it must be "

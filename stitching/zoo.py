@@ -171,8 +171,6 @@ class ModelZoo:
             flat = {**{k: v for k, v in self.recipe.items() if not isinstance(v, dict)}, **self.recipe["language"]}
             return {k: flat[k] for k in ("tokens", "batch_size", "lr", "weight_decay")}
         recipe = {k: v for k, v in self.recipe.items() if not isinstance(v, dict)}
-        if recipe.get("train_images") is None:  # the whole split, as before the setting existed
-            recipe.pop("train_images", None)
         recipe.setdefault("batch_size", self.data_settings(spec.dataset).get("batch_size"))
         if spec.robust:
             if "robust" not in self.recipe:
@@ -204,7 +202,7 @@ class ModelZoo:
             return spec.key(int(self.recipe_for(spec)["tokens"]), "t")
         budget = int(self.recipe["epochs"])
         eps = self.recipe_for(spec)["robust"]["eps"] if spec.robust else DEFAULT_EPS
-        images = self.recipe.get("train_images")
+        images = self.data_settings(spec.dataset).get("base_images")
         if images is not None:  # trained on part of the split: the name says how much (fmnist10000)
             spec = ModelSpec(**{**asdict(spec), "dataset": f"{spec.dataset}{int(images)}"})
         # a robust budget other than 8/255 is part of the name
@@ -328,8 +326,9 @@ class ModelZoo:
         adversarial = recipe.get("robust")
         datamodule = self.datamodule_for(spec.dataset)
         datamodule.batch_size = int(recipe["batch_size"])
-        if recipe.get("train_images") is not None:
-            self._subset(datamodule, int(recipe["train_images"]))
+        images = self.data_settings(spec.dataset).get("base_images")
+        if images is not None:
+            self._subset(datamodule, int(images))
         model_kwargs = self._model_kwargs(spec, datamodule)
         L.seed_everything(spec.seed, workers=True, verbose=False)
         model = build_model(**model_kwargs)
@@ -359,8 +358,8 @@ class ModelZoo:
         datamodule.setup()
         available = len(datamodule.arrays.train_y)
         if images >= available:
-            raise StitchingError(f"zoo.recipe.train_images={images} but the {datamodule.name} training split has "
-                                 f"{available} images; set it below {available}, or null to train on all of them")
+            raise StitchingError(f"base_images={images} for {datamodule.name}, but its training split has {available} "
+                                 f"images; set it below {available}, or null to train base models on all of them")
         datamodule.arrays, datamodule.train_subset = None, images
         datamodule.setup()
 
@@ -426,9 +425,11 @@ NOT_IDENTITY = frozenset({"num_workers", "batch_size", "data_dir", "download", "
 
 
 def base_data(settings: dict) -> dict:
-    """The dataset settings that determine a base model's weights: all but ``NOT_IDENTITY``."""
+    """The dataset settings that determine a base model's weights: all but ``NOT_IDENTITY``
+    (and ``base_images`` at null, the whole split: models trained before it existed keep their names)."""
     if isinstance(settings, dict):
-        return {k: base_data(v) for k, v in settings.items() if k not in NOT_IDENTITY}
+        return {k: base_data(v) for k, v in settings.items()
+                if k not in NOT_IDENTITY and not (k == "base_images" and v is None)}
     return settings
 
 

@@ -141,7 +141,8 @@ def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, 
     lm = TINY_LM
     overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "dataset.train_subset=200", "attack.steps=2",
                  "attack.eval_images=50", "evaluation.ood.epochs=1", "claims.seed_pairs=1", "claims.layers=[1,5,9]",
-                 "claims.early_layers=[1]", "claims.similarity_images=100",
+                 "claims.early_layers=[1]", "claims.similarity_images=100", "claims.cross_front=mnist5k",
+                 "+claims.extra.subset_cross=['+datasets.mnist5k.source.image_size=16']",
                  f"claims.language=[{','.join(repr(o) for o in lm)}]"]
     out = tmp_path / "claims"
     try:

@@ -148,7 +148,7 @@ WEIGHTS_CHANGE = ["dataset.source.split_seed=1", "dataset.source.image_size=12",
                   "dataset.source.channels=1", "dataset.augment.crop_padding=0", "dataset.augment.hflip=true",
                   "dataset.mean=[0.5,0.5,0.5]", "zoo.recipe.lr=0.5", "zoo.recipe.momentum=0.8",
                   "zoo.recipe.weight_decay=0.001", "zoo.recipe.batch_size=32", "trainer.precision=bf16-mixed",
-                  "zoo.recipe.train_images=100"]
+                  "dataset.base_images=100"]
 WEIGHTS_KEEP = ["dataset.num_workers=2", "dataset.batch_size=16", "dataset.train_subset=100",
                 "dataset.num_classes_train=5", "dataset.attack_eps=0.1", "zoo.recipe.lr=0.1000",
                 "zoo.recipe.robust.steps=3", "zoo.recipe.language.tokens=10", "zoo.recipe.transformer.lr=0.5"]
@@ -162,12 +162,12 @@ def test_every_setting_that_changes_the_weights_changes_the_models_name(tmp_path
 
 def test_a_model_trained_on_part_of_the_split_says_so_and_saw_only_that_part(tmp_path):
     whole = _zoo(tmp_path).get(SPEC)[1]
-    part = _zoo(tmp_path, "zoo.recipe.train_images=200").get(SPEC)[1]
-    assert part["key"].startswith("resnet18-w4-digits200-s3-e1-") and part["recipe"]["train_images"] == 200
-    assert part["train_images"] == 200 and whole["train_images"] > 1000 and "train_images" not in whole["recipe"]
-    with pytest.raises(StitchingError, match=r"zoo.recipe.train_images=5000 but the digits training split has \d+ "
+    part = _zoo(tmp_path, "dataset.base_images=200").get(SPEC)[1]
+    assert part["key"].startswith("resnet18-w4-digits200-s3-e1-") and part["identity"]["data"]["base_images"] == 200
+    assert part["train_images"] == 200 and whole["train_images"] > 1000 and "base_images" not in whole["identity"]["data"]
+    with pytest.raises(StitchingError, match=r"base_images=5000 for digits, but its training split has \d+ "
                                              r"images; set it below"):
-        _zoo(tmp_path, "zoo.recipe.train_images=5000").get(SPEC)
+        _zoo(tmp_path, "dataset.base_images=5000").get(SPEC)
 
 
 @pytest.mark.parametrize("override", WEIGHTS_KEEP)
