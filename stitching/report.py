@@ -12,7 +12,9 @@ stitched to itself (``pairing=self``) stays apart from two different models (``t
   points; one row per metric: clean, robust, shortcut accuracy) and ``table.md``;
 * front ≠ end layers → ``heatmap.png`` (annotated 9×9 grids) and ``self_accuracy.json``
   (how often a row's best cell is on the diagonal, directional and non-directional);
-* class subsets → ``subsets.png`` (accuracy vs number of stitching classes).
+* class subsets → ``subsets.png`` (accuracy vs number of stitching classes);
+* models in groups (``groups.members``) → ``groups.md`` and ``groups.png`` (pairs of models
+  within a group vs between groups, layer by layer, for every objective and index).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import writable_folder
 from stitching.results.records import missing_cells, read_runs
 from stitching.results.tables import (
-    depth_table, differ_in_depth, facets, layer_grid, layer_table, objectives_present, penalty_table,
-    sanity_checks, sanity_table, seed_pairs, self_accuracy, spread_table, varying_conditions,
+    depth_table, differ_in_depth, facets, group_pairs, group_table, layer_grid, layer_table, objectives_present,
+    penalty_table,
+    RELATIONS, sanity_checks, sanity_table, seed_pairs, self_accuracy, spread_table, varying_conditions,
 )
-from stitching.results.figures import depth_plot, heatmaps, penalty_plot, stitching_plot, subsets_plot
+from stitching.results.figures import depth_plot, group_plot, heatmaps, penalty_plot, stitching_plot, subsets_plot
 from stitching.results.paper import table_1
 
 
@@ -63,6 +66,10 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None, table_forma
         made["penalty_table"] = penalty_table(frame)
         (out / "penalty.md").write_text(made["penalty_table"].to_string())
         made["penalty"] = penalty_plot(frame, out / "penalty.png")
+    if set(group_pairs(frame).get("relation", [])) == set(RELATIONS):  # groups.members: within vs between
+        made["group_table"] = group_table(frame)
+        (out / "groups.md").write_text(made["group_table"].to_string(index=False, na_rep="—"))
+        made["groups"] = group_plot(frame, out / "groups.png")
     if differ_in_depth(frame):  # models of different depths: similarity by relative depth
         made["depth_table"] = depth_table(frame)
         (out / "depth.md").write_text(made["depth_table"].round(3).to_string(na_rep="—"))

@@ -311,6 +311,7 @@ def check_config(cfg: DictConfig) -> None:
     if attack not in ("pgd", "autoattack"):
         raise StitchingError(f"claims.robust_attack={_shown(attack)} is out of range: it must be pgd or autoattack")
     _check_claims_layers(cfg)
+    _check_groups(cfg)
     cross = OmegaConf.select(cfg, "claims.cross_front", default=None)
     if cross not in dataset_names():
         raise StitchingError(f"claims.cross_front={_shown(cross)} is not a dataset preset: choose from "
@@ -420,6 +421,36 @@ def _check_dataset_keys(name: str, defaults, options, prefix: str) -> None:
         if rule is not None and not rule.allows(value):
             raise StitchingError(f"datasets.{name}.{path}={_shown(value)} is out of range: it must be "
                                  f"{rule.describe()}")
+
+
+def _check_groups(cfg: DictConfig) -> None:
+    """``groups``: ``by`` a side setting that names a model, and at least two groups of distinct,
+    non-empty model lists, no model in two groups (or no groups at all)."""
+    by = OmegaConf.select(cfg, "groups.by", default="name")
+    if by not in GROUP_KEYS:
+        raise StitchingError(f"groups.by={_shown(by)} is out of range: it must be {' or '.join(GROUP_KEYS)}")
+    members = OmegaConf.select(cfg, "groups.members", default=None) or {}
+    if not OmegaConf.is_dict(members) and not isinstance(members, dict):
+        raise StitchingError(f"groups.members={_shown(members)} must map each group to a list of models "
+                             f"(+groups.members.a=[m1,m2])")
+    if not members:
+        return
+    lists = {name: list(models) if OmegaConf.is_list(models) else models for name, models in members.items()}
+    bad = [name for name, models in lists.items() if not isinstance(models, list) or not models]
+    if bad or len(lists) < 2:
+        raise StitchingError(f"groups.members needs at least two groups, each a non-empty list of models "
+                             f"(got {', '.join(f'{k}={_shown(v)}' for k, v in lists.items()) or 'none'})")
+    seen: dict = {}
+    for name, models in lists.items():
+        for model in models:
+            if model in seen:
+                raise StitchingError(f"groups.members: {model} is in both {seen[model]} and {name}; a model "
+                                     f"belongs to one group")
+            seen[model] = name
+
+
+#: the side settings that can name a model in ``groups.members``
+GROUP_KEYS = ("name", "arch")
 
 
 def _check_claims_layers(cfg: DictConfig) -> None:

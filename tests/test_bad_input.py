@@ -17,6 +17,10 @@ from tests.conftest import TINY, train_cli
 
 # (id, overrides, the start of the expected error)
 TRAIN_CASES = [
+    ("groups-by", ["groups.by=seed"], "groups.by=seed is out of range: it must be name or arch"),
+    ("groups-one", ["groups.members={a:[x]}"], "groups.members needs at least two groups"),
+    ("groups-shared", ["groups.members={a:[x],b:[x]}"], "groups.members: x is in both a and b"),
+    ("cross-front", ["claims.cross_front=nope"], "claims.cross_front=nope is not a dataset preset"),
     ("lr-huge", ["stitch.lr=1e12"], "stitch.lr=1000000000000.0 is out of range: it must be a finite number in (0, 10]"),
     ("accumulate-zero", ["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is out of range"),
     ("clip-negative", ["+trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is out of range"),

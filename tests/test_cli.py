@@ -512,3 +512,39 @@ def test_a_run_that_does_not_read_a_condition_is_drawn_beside_each_value_and_con
     assert panels == {"dm_bn_pass=False": ["dm", "hint"], "dm_bn_pass=True": ["dm", "hint"]}
     table = layer_table(frame)
     assert table.loc[3].to_dict() == {"dm (dm_bn_pass=False)": 50.0, "hint": 90.0, "dm (dm_bn_pass=True)": 70.0}
+
+
+def test_models_in_groups_are_compared_within_and_between_groups_layer_by_layer(tmp_path):
+    """The LM paper's Sec. 4 layout: pairs of different models within a group vs across groups,
+    from stitching records and similarity rows alike; a model stitched to itself is no pair."""
+    import pandas as pd
+
+    from stitching.results.tables import group_table
+
+    groups = {"by": "name", "members": {"g": ["g1", "g2"], "h": ["h1", "h2"]}}
+    penalty = {("g1", "g2"): 0.1, ("g2", "g1"): 0.3, ("h1", "h2"): 0.2, ("g1", "h1"): 0.9, ("h2", "g2"): 0.7,
+               ("g1", "g1"): 0.0}
+    for (front, end), value in penalty.items():
+        for layer, scale in ((1, 1.0), (2, 2.0)):
+            folder = tmp_path / f"{front}_{end}_{layer}"
+            folder.mkdir()
+            (folder / "results.json").write_text(json.dumps({
+                "status": "ok", "objective": "tlm", "front_layer": layer, "end_layer": layer,
+                "metrics": {"test/penalty": value * scale, "test/adjusted_penalty": value * scale,
+                            "test/baseline_loss": 2.0, "test/end_loss": 2.0},
+                "timings": {"total_s": 1}, "config": {"groups": groups, "front": {"name": front}, "end": {"name": end}},
+                "base": {"front": {"test_acc": None, "key": front}, "end": {"test_acc": None, "key": end}}}))
+    cka = pd.DataFrame([{"objective": "cka", "front_layer": 1, "end_layer": 1, "score": s, "front_model": f,
+                         "end_model": e, "front_group": f[0], "end_group": e[0]}
+                        for f, e, s in (("g1", "g2", 0.9), ("h1", "h2", 0.7), ("g1", "h2", 0.4))])
+    (tmp_path / "cka").mkdir()
+    cka.to_csv(tmp_path / "cka" / "similarity.csv", index=False)
+    made = report(tmp_path)
+    table = made["group_table"].set_index(["method", "layer"])
+    within, between = -(0.1 + 0.3 + 0.2) / 3, -(0.9 + 0.7) / 2  # the self pair g1 → g1 is left out
+    assert table.loc[("tlm", 1), "within − between"] == pytest.approx(within - between, abs=1e-4)
+    assert table.loc[("tlm", 2), "within − between"] == pytest.approx(2 * (within - between), abs=1e-4)
+    assert table.loc[("tlm", 1), "within"].endswith("(3)") and table.loc[("tlm", 1), "between"].endswith("(2)")
+    assert table.loc[("cka", 1), "within − between"] == pytest.approx(0.8 - 0.4, abs=1e-4)
+    assert (tmp_path / "groups.png").is_file() and "within − between" in (tmp_path / "groups.md").read_text()
+    assert group_table(made["frame"][made["frame"].objective == "cka"]).shape[0] == 1

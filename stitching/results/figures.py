@@ -11,9 +11,10 @@ import pandas as pd
 
 from stitching.results.records import METRIC_LABELS, cost_label, penalty_metric
 from stitching.results.tables import (
-    corresponding_depth, differ_in_depth, directions, facets, layer_grid, objectives_present,
-    plotted_metrics, seed_pairs, diagonal_wins, spread_note,
+    RELATIONS, corresponding_depth, differ_in_depth, directions, facets, group_pairs, layer_grid,
+    objectives_present, plotted_metrics, seed_pairs, diagonal_wins, spread_note,
 )
+from stitching.similarity.grid import INDICES
 
 
 def save_figure(plt, fig, path: Path) -> Path:
@@ -173,6 +174,31 @@ def penalty_plot(frame: pd.DataFrame, path: Path) -> Path:
         ax.set_title(f"{objective.upper()}: stitched loss − "
                      + ("self-stitched loss (dotted: − end model's loss)" if metric != "test_penalty"
                         else "end model's loss"), fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(plt, fig, path)
+
+
+def group_plot(frame: pd.DataFrame, path: Path) -> Path:
+    """Model pairs within one group and between groups (``groups.members``), layer by layer:
+    one panel per method (stitching objective or index), mean ± std over the pairs (the
+    representation-dissimilarity paper, Sec. 4)."""
+    plt = pyplot()
+    rows = group_pairs(frame)
+    methods = list(dict.fromkeys(rows.objective))
+    fig, axes = panel_grid(plt, len(methods), 5.0, 3.6)
+    for ax, method in zip(axes, methods):
+        own = rows[rows.objective == method]
+        for relation in RELATIONS:
+            stats = own[own.relation == relation].groupby("layer").score.agg(["mean", "std", "count"])
+            if not stats.empty:
+                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                            label=f"{relation} groups ({int(stats['count'].max())} pairs)")
+        ax.set_xticks(sorted(own.layer.unique()))
+        ax.set_xlabel("layer (cut point)")
+        label = INDICES[method].label if method in INDICES else f"{method.upper()} stitching score"
+        ax.set_ylabel("score (higher = more similar)", fontsize=8)
+        ax.set_title(f"{label}: {', '.join(sorted(set(own.front_group) | set(own.end_group)))}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return save_figure(plt, fig, path)

@@ -61,7 +61,15 @@ def condition_values(config: dict) -> dict:
         values[column] = json.dumps(value) if isinstance(value, list) else value
     shortcut = config.get("shortcut") or {}
     values["shortcut"] = f"{shortcut['kind']}/{shortcut['placement']}" if shortcut.get("kind") else "none"
+    values.update({f"{side}_group": group_of(config, side) for side in ("front", "end")})
     return values
+
+
+def group_of(config: dict, side: str) -> str | None:
+    """The group (``groups.members``) of a side's model, named by its ``groups.by`` setting."""
+    groups = config.get("groups") or {}
+    name = (config.get(side) or {}).get(groups.get("by") or "name")
+    return next((group for group, models in (groups.get("members") or {}).items() if name in models), None)
 
 
 def load_runs(folder: str | Path) -> pd.DataFrame:

@@ -26,7 +26,7 @@ OBJECTIVES = ("dm", "hint", "fula", "slm", "tlm")
 
 #: config groups that never change a stitching run's result: how it is logged, and the settings
 #: of the other tools (a fused grid's cell hashes as its single run)
-NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity", "claims")
+NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity", "claims", "groups")
 
 
 #: settings added after records were made, each with the value that does what runs did before

@@ -254,3 +254,34 @@ def depth_table(frame: pd.DataFrame) -> pd.DataFrame:
     cells = corresponding_depth(frame)
     return cells.pivot_table(index=["index", "front_model"], columns="end_model", values="score", aggfunc="mean",
                              sort=False)
+
+
+#: how a pair of different models relates under ``groups.members``
+RELATIONS = ("within", "between")
+
+
+def group_pairs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Corresponding-layer rows of two *different* models whose groups are both known, with
+    ``relation`` (within one group, or between two) and ``layer``."""
+    if "front_group" not in frame or "end_group" not in frame:
+        return frame.iloc[:0]
+    rows = frame[frame.front_group.notna() & frame.end_group.notna() & (frame.front_layer == frame.end_layer)
+                 & (frame.front_model != frame.end_model) & frame.score.notna()]
+    return rows.assign(relation=np.where(rows.front_group == rows.end_group, *RELATIONS),
+                       layer=rows.front_layer.astype(int))
+
+
+def group_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per method (objective or index) and layer: the score (higher = more similar: accuracy,
+    − penalty, the index) of model pairs within a group and between groups, mean ± std (pairs),
+    and the gap within − between (> 0: a group's models are more alike than models across groups)."""
+    rows = group_pairs(frame)
+    table = []
+    for (method, layer), cell in rows.groupby(["objective", "layer"], sort=True):
+        parts = {relation: cell[cell.relation == relation].score for relation in RELATIONS}
+        gap = parts["within"].mean() - parts["between"].mean()
+        table.append({"method": method, "layer": layer,
+                      **{relation: f"{s.mean():+.4f} ± {_std(s.std()):.4f} ({len(s)})" if len(s) else "—"
+                         for relation, s in parts.items()},
+                      "within − between": round(float(gap), 4) if pd.notna(gap) else None})
+    return pd.DataFrame(table)
