@@ -63,18 +63,26 @@ TRAINED = ("hint", "fula", "slm", "tlm")
 ALPHA = 0.05
 
 
-def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA) -> dict:
-    """``{"verdict", "mean", "std", "pairs", "p_value", "ci95", "why"}`` of one claim's effects
-    (one per seed pair, positive in the claim's direction): a one-sided one-sample t-test of
-    mean > 0 (``p_value``) and the two-sided 95 % t interval of the mean (``ci95``); ``std`` is the
-    sample standard deviation over pairs."""
+#: the power at which :func:`verdict` states the smallest effect the design could detect
+POWER = 0.8
+
+
+def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA, margin: float | None = None) -> dict:
+    """``{"verdict", "mean", "std", "pairs", "p_value", "ci95", "detectable", "why"}`` of one
+    claim's effects (one per seed pair, positive in the claim's direction): a one-sided
+    one-sample t-test of mean > 0 (``p_value``) and the two-sided 95 % t interval of the mean
+    (``ci95``); ``std`` is the sample standard deviation over pairs. It does not hold when the
+    reverse test rejects, or when the whole interval lies within ``±margin`` (an effect too small
+    to matter); ``detectable`` is the smallest mean effect this test finds with probability
+    :data:`POWER` at the observed spread, (t₁₋α + t_power) · std / √n."""
     from scipy import stats
 
     values = np.asarray([e for e in effects if e is not None and np.isfinite(e)], dtype=float)
     n = len(values)
     mean = float(values.mean()) if n else float("nan")
     std = float(values.std(ddof=1)) if n > 1 else float("nan")
-    out = {"mean": mean, "std": std, "pairs": n, "p_value": float("nan"), "ci95": [float("nan"), float("nan")]}
+    out = {"mean": mean, "std": std, "pairs": n, "p_value": float("nan"), "ci95": [float("nan"), float("nan")],
+           "detectable": float("nan"), "margin": margin}
     if n < min_pairs:
         return {**out, "verdict": UNSURE, "why": f"{n} seed pair(s) measured, {min_pairs} needed"}
     if np.ptp(values) <= 1e-9 * max(1.0, abs(mean)):  # every replicate the same (to rounding): nothing to test
@@ -85,12 +93,17 @@ def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA) -> d
     error = std / np.sqrt(n)
     t = mean / error
     half = float(stats.t.ppf(0.975, n - 1) * error)
-    out.update(p_value=float(stats.t.sf(t, n - 1)), ci95=[mean - half, mean + half])
-    where = f"one-sided t-test p = {out['p_value']:.3g}, 95 % CI [{mean - half:+.3f}, {mean + half:+.3f}]"
+    detectable = float((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(POWER, n - 1)) * error)
+    out.update(p_value=float(stats.t.sf(t, n - 1)), ci95=[mean - half, mean + half], detectable=detectable)
+    where = (f"one-sided t-test p = {out['p_value']:.3g}, 95 % CI [{mean - half:+.3f}, {mean + half:+.3f}]; "
+             f"detectable: {detectable:.3f}")
     if out["p_value"] < alpha:
         return {**out, "verdict": HOLDS, "why": f"mean effect above zero ({where})"}
     if float(stats.t.cdf(t, n - 1)) < alpha:
         return {**out, "verdict": FAILS, "why": f"mean effect below zero ({where})"}
+    if margin is not None and -margin < mean - half and mean + half < margin:
+        return {**out, "verdict": FAILS, "why": f"the interval lies within ±{margin:g}, the claim's equivalence margin: "
+                                                f"no effect of a size that matters ({where})"}
     return {**out, "verdict": UNSURE, "why": f"the interval holds zero ({where})"}
 
 
@@ -501,7 +514,10 @@ def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
             pairs.append({"pair": [a, b], "effect": float(effect), "measured": what})
         except (LookupError, KeyError, ValueError) as err:
             pairs.append({"pair": [a, b], "effect": None, "measured": f"not measured: {err}"})
-    result = verdict([p["effect"] for p in pairs], int(settings.min_pairs), float(settings.alpha))
+    margins = settings.get("margins") or {}
+    margin = margins.get(claim.unit)
+    result = verdict([p["effect"] for p in pairs], int(settings.min_pairs), float(settings.alpha),
+                     None if margin is None else float(margin))
     missing = [p["measured"] for p in pairs if p["effect"] is None]
     if missing and result["verdict"] == UNSURE and result["pairs"] < int(settings.min_pairs):
         result["why"] += f" ({missing[0]})"
@@ -522,6 +538,8 @@ def claims_table(results: list[dict]) -> str:
         if np.isfinite(low):
             spread += f", 95 % CI [{low:+.3f}, {high:+.3f}]"
         example = next((p["measured"] for p in r["per_pair"] if p["effect"] is not None), "")
+        if np.isfinite(r.get("detectable", float("nan"))):
+            spread += f"; detectable ≥ {r['detectable']:.3f}"
         lines.append(f"| {r['claim']} | {r['source']} | {r['setting']} | {spread} {r['unit']} ({r['pairs']} pairs; "
                      f"{example}) | **{r['verdict']}**: {r['why']} |")
     return "\n".join(lines)

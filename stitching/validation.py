@@ -312,6 +312,10 @@ def check_config(cfg: DictConfig) -> None:
         raise StitchingError(f"claims.robust_attack={_shown(attack)} is out of range: it must be pgd or autoattack")
     _check_claims_layers(cfg)
     _check_groups(cfg)
+    for unit, margin in (OmegaConf.select(cfg, "claims.margins", default=None) or {}).items():
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+            raise StitchingError(f"claims.margins.{unit}={_shown(margin)} is out of range: it must be a finite number "
+                                 f"≥ 0 (the effect size below which a claim does not hold)")
     cross = OmegaConf.select(cfg, "claims.cross_front", default=None)
     if cross not in dataset_names():
         raise StitchingError(f"claims.cross_front={_shown(cross)} is not a dataset preset: choose from "

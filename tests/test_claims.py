@@ -40,6 +40,29 @@ def test_verdict_p_value_and_interval_match_scipy(effects):
     assert result["ci95"] == pytest.approx([low, high])
 
 
+@pytest.mark.parametrize("pairs", [3, 5, 10])
+def test_the_detectable_effect_is_found_with_the_stated_power(pairs):
+    """The smallest detectable effect, checked against the noncentral t distribution: a true mean
+    of that size is found by the one-sided test with probability 0.8 (at the observed spread)."""
+    from scipy import stats
+
+    from stitching.claims import POWER
+
+    effects = np.random.default_rng(pairs).normal(0.01, 0.02, pairs)
+    result = verdict(list(effects))
+    error = effects.std(ddof=1) / np.sqrt(pairs)
+    power = stats.nct.sf(stats.t.ppf(0.95, pairs - 1), pairs - 1, result["detectable"] / error)
+    assert power == pytest.approx(POWER, abs=0.02) and f"detectable: {result['detectable']:.3f}" in result["why"]
+
+
+def test_an_interval_within_the_equivalence_margin_does_not_hold():
+    small = [0.002, -0.003, 0.001]  # 95 % CI ±0.0066 around 0
+    assert verdict(small)["verdict"] == UNSURE
+    assert verdict(small, margin=0.01)["verdict"] == FAILS and "equivalence margin" in verdict(small, margin=0.01)["why"]
+    assert verdict(small, margin=0.005)["verdict"] == UNSURE  # the interval reaches past ±0.005
+    assert verdict([0.10, 0.12, 0.08], margin=1.0)["verdict"] == HOLDS  # a significant effect holds whatever the margin
+
+
 def test_seed_pairs_are_independent_replicates():
     assert seed_pairs(3, "self") == [(0, 0), (1, 1), (2, 2)]
     assert seed_pairs(3, "two") == [(0, 1), (2, 3), (4, 5)]  # no model in two pairs
