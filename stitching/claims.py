@@ -334,6 +334,13 @@ def _dm_vs_tlm_directional(frame, c):
     return share["dm"] - share["tlm"], f"directional: DM {share['dm']:.2f}, TLM {share['tlm']:.2f} of rows"
 
 
+def _dm_directional(frame, c):
+    share = _self_shares(frame, directional=True)
+    if "dm" not in share:
+        raise LookupError("no DM self-stitching grid")
+    return share["dm"] - 0.5, f"directional: DM {share['dm']:.2f} of rows"
+
+
 def _fula_directional(frame, c):
     from stitching.results.tables import layer_grid
 
@@ -467,6 +474,10 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "self-stitching grid DM's diagonal wins more rows than TLM's.", "TLM vs DM (sanity check 2)", "self_grids",
           lambda c: f"the same grids, directional (each row on its own); effect = DM's share of rows − TLM's",
           _dm_vs_tlm_directional, "share of rows"),
+    Claim("dm_self_directional", "DM passes the second sanity check: on the directional self-stitching grid a "
+          "layer is most similar to itself in most rows.", "TLM vs DM (sanity check 2)", "self_grids",
+          lambda c: f"the same grids, directional (each row on its own); effect = DM's share of rows whose unique "
+                    f"best cell is the diagonal − ½", _dm_directional, "share of rows"),
     Claim("fula_directional", "Stitching stays directional under FuLA: a deep front into a shallow end scores "
           "higher than the reverse (Fig. 10, e.g. [5, 3] > [3, 5]).", "FuLA Fig. 10", "self_grids",
           lambda c: f"the same grids; effect = FuLA's accuracy of front i → end j − of j → i, mean over the pairs "
