@@ -44,7 +44,8 @@ SHRINK = {
 TINY_TEXT = ["model.width=16", "model.depth=1", "zoo.recipe.language.tokens=4096", "dataset.train_sequences=32",
              "dataset.test_sequences=8", "logger=none"]
 TINY_PRESET = ["dataset=digits", "model.width=4", "zoo.recipe.epochs=1", "trainer.limit_train_batches=2",
-               "attack.eval_images=16", "front.dataset=digits", "logger=none", "trainer.enable_progress_bar=false"]
+               "attack.eval_images=16", "front.dataset=digits", "dataset.base_images=null", "logger=none",
+               "trainer.enable_progress_bar=false"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
