@@ -532,13 +532,37 @@ def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
     missing = [p["measured"] for p in pairs if p["effect"] is None]
     if missing and result["verdict"] == UNSURE and result["pairs"] < int(settings.min_pairs):
         result["why"] += f" ({missing[0]})"
-    return {"name": claim.name, "claim": claim.statement, "source": claim.source, "setting": claim.setting(settings),
+    return {"name": claim.name, "claim": claim.statement, "source": claim.source, "experiment": claim.experiment,
+            "setting": claim.setting(settings),
             "unit": claim.unit, "instrument": claim.instrument, **result, "per_pair": pairs}
 
 
 # -- the report ----------------------------------------------------------------------------
 def _number(v: float) -> str:
     return "—" if v is None or not np.isfinite(v) else f"{v:+.3f}"
+
+
+#: each experiment in a few words, for the summary table (the full setting is in ``claims.md``)
+EXPERIMENT_LABELS = {
+    "dm_self": "a model against itself, DM, no training", "diagonal": "two seeds, corresponding layers",
+    "dm_stats": "two seeds, DM with and without the statistics pass", "robustness": "two seeds, adversarial stitching",
+    "shortcut": "two seeds, marked stitching data", "subset": "two seeds of one task, classes 0..k−1",
+    "subset_cross": "cross-task front, classes 0..k−1", "self_grids": "a model against itself, square grids",
+    "deeper_hints": "two seeds, square grids, FuLA hints", "ood": "two seeds, energy detector",
+    "similarity": "two seeds, structural indices", "language": "toy GeLU/SoLU models, four directions",
+}
+
+
+def summary_table(results: list[dict]) -> str:
+    """paper claim | setting | effect ± 95 % interval | verdict: one short line per claim."""
+    lines = ["| paper claim | setting | effect, 95 % CI | verdict |", "|---|---|---|---|"]
+    for r in results:
+        low, high = r.get("ci95") or [float("nan")] * 2
+        interval = f" [{low:+.3f}, {high:+.3f}]" if np.isfinite(low) else ""
+        label = EXPERIMENT_LABELS.get(r.get("experiment"), r.get("experiment") or "")
+        lines.append(f"| {r['claim']} ({r['source']}) | {label} | {_number(r['mean'])}{interval} {r['unit']} | "
+                     f"**{r['verdict']}** |")
+    return "\n".join(lines)
 
 
 def claims_table(results: list[dict]) -> str:
@@ -613,8 +637,10 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
             f"{len(papers)} paper claims; {int(settings.seed_pairs)} independent seed pair(s) each (no model in two "
             f"pairs); a claim holds when a one-sided t-test of its mean effect > 0 over at least "
             f"{int(settings.min_pairs)} pairs gives p < {float(settings.alpha)}, does not hold when the reverse test "
-            "does (or no pair shows the effect), and is inconclusive otherwise. Settings, effects, replicates and the "
-            "test were fixed before the runs.", "",
+            "does, when its 95 % interval lies within the unit's equivalence margin (claims.margins) or when no pair "
+            "shows the effect, and is inconclusive otherwise; 'detectable' is the smallest mean effect the test finds "
+            "with probability 0.8 at the observed spread. Settings, effects, replicates and the test were fixed before "
+            "the runs.", "",
             claims_table(papers), ""]
     if checks:
         text += ["## Instrument checks", "", "Checks of the instrument itself, tested the same way and not counted "
@@ -629,6 +655,7 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
     if curve is not None:
         text += ["## Training loss", "", f"![loss curves]({curve.name})", ""]
     (out / "claims.md").write_text("\n".join(text))
+    (out / "summary.md").write_text(summary_table(papers) + "\n")
     images = "".join(f'<h2>{title}</h2><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                      for title, p in (("Effects per seed pair", effects), ("Training loss", curve)) if p is not None)
     rows = "".join(f"<tr><td>{html.escape(r['claim'])}</td><td>{html.escape(r['source'])}</td>"

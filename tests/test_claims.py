@@ -115,6 +115,12 @@ def test_the_running_statistics_claim_compares_the_same_dm_with_and_without_the_
     assert result["verdict"] == HOLDS and result["source"] == "FuLA Fig. 3"
 
 
+def test_every_experiment_has_a_short_label_for_the_summary():
+    from stitching.claims import EXPERIMENT_LABELS, EXPERIMENTS
+
+    assert set(EXPERIMENT_LABELS) == set(EXPERIMENTS)
+
+
 def test_no_claim_is_a_minimum_of_several_effects():
     # a claim with several parts is several rows: no effect takes the min or max of several terms
     import inspect
@@ -180,6 +186,9 @@ def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, 
     table = (out / "claims.md").read_text()
     assert table.count("| **inconclusive**") == len(CLAIMS)
     assert (out / "effects.png").is_file() and "data:image/png;base64" in (out / "claims.html").read_text()
+    papers = [c for c in CLAIMS.values() if not c.instrument]
+    summary = (out / "summary.md").read_text().splitlines()
+    assert len(summary) == 2 + len(papers) and all(line.endswith("| **inconclusive** |") for line in summary[2:])
     written = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     try:  # a second call finds every cell finished: nothing is trained or written again
         claims_main(["--out", str(out), "--no-progress", *overrides])
