@@ -177,15 +177,17 @@ claims-small: $(READY) data-fmnist ## the same claims on Fashion-MNIST and toy l
 	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims_small/$(STAMP) experiment=claims_small $(ARGS)
 
 DIAGNOSIS := $(PY) -m stitching.claims --no-progress
-claims-diagnosis: $(READY) ## claims-small's extra measurements: one per claim that does not hold, TLM at 12 epochs (docs/results.md)
-	$(DIAGNOSIS) --only fabricated_robustness --out outputs/claims/diagnosis/robustness_eps0.1 \
-		experiment=claims_small attack.eps=0.1
-	$(DIAGNOSIS) --only shortcut_reliance --out outputs/claims/diagnosis/shortcut_layer1 \
-		experiment=claims_small claims.layer=1
-	$(DIAGNOSIS) --only self_stitch_diagonal --out outputs/claims/diagnosis/self_grids_adjacent \
-		experiment=claims_small "claims.grid_layers=[4,5,6]"
-	for p in 0-1 1-2 2-0; do $(PY) -m stitching.grid --no-progress --out outputs/claims/diagnosis/tlm_epochs/seeds$$p \
-		experiment=claims_small objective=tlm trainer.max_epochs=12 "grid.pairs=[[1,1],[3,3],[5,5],[7,7],[9,9]]" \
+# the MNIST-5k claims check of 2026-11-25, whose diagnoses docs/results.md reports (claims_small ran on MNIST-5k then)
+MNIST_CLAIMS := experiment=claims_small dataset=mnist5k dataset.base_images=null
+claims-diagnosis: $(READY) ## the extra measurements behind the MNIST-5k claims diagnoses (docs/results.md), on today's rows
+	$(DIAGNOSIS) --only fabricated_robustness_slm,fabricated_robustness_tlm \
+		--out outputs/claims/diagnosis/robustness_eps0.1 $(MNIST_CLAIMS) attack.eps=0.1
+	$(DIAGNOSIS) --only shortcut_reliance_slm,shortcut_reliance_tlm --out outputs/claims/diagnosis/shortcut_layer1 \
+		$(MNIST_CLAIMS) claims.layer=1
+	$(DIAGNOSIS) --only self_stitch_diagonal_hint,self_stitch_diagonal_fula,self_stitch_diagonal_tlm \
+		--out outputs/claims/diagnosis/self_grids_adjacent $(MNIST_CLAIMS) "claims.grid_layers=[4,5,6]"
+	for p in 0-1 2-3 4-5; do $(PY) -m stitching.grid --no-progress --out outputs/claims/diagnosis/tlm_epochs/seeds$$p \
+		$(MNIST_CLAIMS) objective=tlm trainer.max_epochs=12 "grid.pairs=[[1,1],[3,3],[5,5],[7,7],[9,9]]" \
 		front.seed=$${p%-*} end.seed=$${p#*-} || exit 1; done
 
 sanity: $(READY) ## TLM-vs-DM paper (paper size, GPU): both sanity checks, DM/Hint/FuLA/TLM/CKA/PWCCA/OPD, ResNet18
