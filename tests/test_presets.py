@@ -167,8 +167,12 @@ def test_appendix_b_runs_the_papers_figures_for_its_other_architectures():
             cfg = compose_config(f"experiment={figure}", f"model={model}")
             assert cfg.front.arch == cfg.end.arch == model and cfg.front.width == cfg.end.width == 64
             assert cfg.dataset.name == "cifar10" and cfg.trainer.max_epochs == 30
-        small = compose_config("experiment=fig10_small", f"model={model}", "model.width=16")
+        # as make appendix-b-small runs it: fig10_small's self grid on MNIST-5k
+        small = compose_config("experiment=fig10_small", f"model={model}", "model.width=16", "dataset=mnist5k",
+                               "dataset.base_images=null", "front.dataset=mnist5k")
         assert small.front.arch == model and small.front.width == 16 and small.dataset.name == "mnist5k"
+        assert small.front.dataset == "mnist5k" and small.dataset.base_images is None
+    assert "dataset=mnist5k dataset.base_images=null front.dataset=mnist5k" in (CONF_DIR.parents[1] / "Makefile").read_text()
 
 
 def test_the_papers_base_models_are_set_beside_table_1():
