@@ -312,15 +312,20 @@ def cell_config(settings: Settings | DictConfig, i: int, j: int) -> Settings:
     return as_settings(settings).for_cell(i, j)
 
 
+def pending_cells(settings: Settings, cells: list[tuple[int, int]], out: Path) -> list[tuple[int, int]]:
+    """The cells of ``cells`` with no finished record of their own config under ``out``."""
+    return [(i, j) for i, j in cells
+            if not finished_record(out / settings.objective / cell_key(i, j), config_hash(settings.for_cell(i, j).config))]
+
+
 def record_cells(settings: Settings, done: Setup, cells: list[tuple[int, int]], out: Path, watch: Stopwatch,
                  progress: bool = True, tail_chunk: int | None = None) -> dict:
     """Train ``cells`` of ``settings`` in one engine and record each in
     ``<out>/<objective>/f<i>-e<j>/`` (a finished cell of the same config is kept); returns
     ``{"done", "skipped", "failed", "cells", "timings", "primary"}``."""
     folder = lambda i, j: out / settings.objective / cell_key(i, j)  # noqa: E731
-    todo, skipped = [], []
-    for i, j in cells:  # a rerun keeps what it finished
-        (skipped if finished_record(folder(i, j), config_hash(settings.for_cell(i, j).config)) else todo).append((i, j))
+    todo = pending_cells(settings, cells, out)  # a rerun keeps what it finished
+    skipped = [cell for cell in cells if cell not in todo]
     summary = {"done": [], "skipped": skipped, "failed": [], "cells": len(cells), "primary": True}
     if not todo:
         summary["timings"] = watch.report()

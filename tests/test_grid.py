@@ -186,7 +186,7 @@ def test_every_trainer_option_acts_on_a_grid_as_on_its_single_runs(option):
     assert changed, f"{option} changed nothing"
 
 
-def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_config, tmp_path):
+def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_config, tmp_path, monkeypatch):
     """The command-line grid against the same cells as single runs: same accuracies and stitches,
     same report (self-accuracy, heatmap), and a rerun that keeps every finished cell."""
     from stitching.grids import cell_config, run_grid
@@ -214,8 +214,17 @@ def test_a_fused_grid_writes_the_cells_a_sweep_would_and_reports_alike(tiny_conf
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     made_fused, made_single = report(tmp_path / "grid"), report(tmp_path / "single")
     assert made_fused["self_accuracy"] == made_single["self_accuracy"] and made_fused["heatmap"].is_file()
+    import stitching.grids
+
+    def no_setup(*args, **kwargs):
+        raise AssertionError("a finished grid of named cells loads no data and no models")
+
+    monkeypatch.setattr(stitching.grids, "setup", no_setup)
     again = run_grid(cfg, tmp_path / "grid", progress=False)
     assert len(again["skipped"]) == 4 and not again["done"]
+    (tmp_path / "grid" / "fula" / "f5-e5" / "results.json").unlink()  # one cell missing: the grid sets up again
+    with pytest.raises(AssertionError, match="loads no data"):
+        run_grid(cfg, tmp_path / "grid", progress=False)
 
 
 def test_a_sweep_becomes_one_grid_per_combination_of_the_other_axes():
