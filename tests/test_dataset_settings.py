@@ -108,3 +108,27 @@ def test_a_settings_key_the_config_lacks_says_how_to_add_it():
         compose_config(["datasets.mnist5k.source.image_size=16"])
     with pytest.raises(StitchingError, match=r"^Could not override 'stitch\.nope'\. \(to append .* \+stitch\.nope=1\)$"):
         compose_config(["stitch.nope=1"])
+
+
+def test_a_record_hashed_before_groups_left_the_hash_stays_a_finished_result(tiny_config):
+    # `groups` only tells the report how to read runs; records whose hash still kept it are read as
+    # they are, while a record whose config was changed after its hash was taken is still refused
+    import copy
+    import hashlib
+    import json
+
+    from stitching.results.schema import NOT_HASHED, _drop_added_later, config_hash, problems
+
+    config = read_settings(tiny_config()).config
+    assert "groups" in config and "groups" in NOT_HASHED
+    kept = _drop_added_later(copy.deepcopy({k: v for k, v in config.items() if k not in NOT_HASHED or k == "groups"}))
+    kept["stitch"] = {k: v for k, v in kept["stitch"].items() if k != "layer"}
+    older = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert older != config_hash(config)  # written by hand here: the rule of the older records
+    record = {"status": "ok", "objective": "dm", "front_layer": 1, "end_layer": 1, "metrics": {"test/acc": 0.5},
+              "base": {"front": {"key": "a"}, "end": {"key": "b"}}, "timings": {"total_s": 1.0}, "config": config}
+    assert problems({**record, "config_hash": older}) == []
+    assert problems({**record, "config_hash": config_hash(config)}) == []
+    edited = copy.deepcopy(config)
+    edited["seed"] = int(edited["seed"]) + 1
+    assert any("was edited" in p for p in problems({**record, "config": edited, "config_hash": older}))

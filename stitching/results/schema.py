@@ -48,13 +48,20 @@ def _drop_added_later(config: dict) -> dict:
     return config
 
 
-def config_hash(config: DictConfig | dict) -> str:
+#: groups of :data:`NOT_HASHED` that records made before they joined it still hashed (``groups``
+#: only tells the report how to read runs): such a record's hash is checked with them kept
+HASHED_BEFORE = ("groups",)
+
+
+def config_hash(config: DictConfig | dict, hashed: tuple[str, ...] = ()) -> str:
     """What decides a run's result: its resolved config, less how it is logged (and less
     ``stitch.layer``, which only gives the two cut points their default, and the
-    :data:`ADDED_LATER` settings at their earlier behaviour)."""
+    :data:`ADDED_LATER` settings at their earlier behaviour). ``hashed``: groups of
+    :data:`NOT_HASHED` to keep (the hash of an older record, :data:`HASHED_BEFORE`)."""
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)
-    config = _drop_added_later(copy.deepcopy({k: v for k, v in config.items() if k not in NOT_HASHED}))
+    config = _drop_added_later(copy.deepcopy({k: v for k, v in config.items()
+                                              if k not in NOT_HASHED or k in hashed}))
     if isinstance(config.get("stitch"), dict):  # stitch.layer only defaults front_layer and end_layer, both hashed
         config["stitch"] = {k: v for k, v in config["stitch"].items() if k != "layer"}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -108,7 +115,7 @@ def problems(record: dict, folder: Path | None = None) -> list[str]:
         found.append("no config")
     elif record.get("config_hash") is not None:
         try:
-            if config_hash(config) != record["config_hash"]:
+            if record["config_hash"] not in (config_hash(config), config_hash(config, HASHED_BEFORE)):
                 found.append("its config does not hash to its config_hash (the record was edited)")
         except Exception as err:  # noqa: BLE001 - a config that does not even hash is a problem to name
             found.append(f"its config cannot be hashed ({type(err).__name__})")
