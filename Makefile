@@ -130,7 +130,7 @@ fig6-small: $(READY) ## Fig. 6 on MNIST-5k, CPU-sized
 	$(call sweep,fig6_small)
 fig8: $(READY) ## FuLA Fig. 8 (paper size): stitching under shortcuts
 	$(call sweep,fig8)
-fig8-small: $(READY) ## Fig. 8 on MNIST-5k, CPU-sized
+fig8-small: $(READY) data-fmnist ## Fig. 8 on Fashion-MNIST, CPU-sized: same-task and cross-task (MNIST-5k front)
 	$(call sweep,fig8_small)
 fig9: $(READY) ## FuLA Fig. 9 (paper size): stitching on a subset of classes
 	$(call sweep,fig9)
@@ -138,7 +138,7 @@ fig9-small: $(READY) ## Fig. 9 on MNIST-5k, CPU-sized
 	$(call sweep,fig9_small)
 fig10: $(READY) ## FuLA Fig. 10 (paper size): 9x9 cross-layer grids, self and between seeds
 	$(call sweep,fig10)
-fig10-small: $(READY) ## Fig. 10 on MNIST-5k: self-stitching grid, Hint/FuLA/TLM
+fig10-small: $(READY) data-fmnist ## Fig. 10 on Fashion-MNIST: self-stitching and cross-task (MNIST-5k front) grids, Hint/FuLA/TLM
 	$(call sweep,fig10_small)
 fig11: $(READY) ## FuLA Fig. 11 (paper size): FuLA grids with progressively deeper hints
 	$(call sweep,fig11)

@@ -161,6 +161,13 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                      for o in TRAINED]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
+    # Fig. 8's cross-task remark: location markers, Hint/FuLA at the deep layers, a front of another task against
+    # one of the end's own task (the cross-task pair's end), both into the same end
+    "shortcut_cross": ("two", lambda c: [(f"{o}_{task}", [f"objective={o}", "shortcut=pixels",
+                                                          "shortcut.placement=location",
+                                                          *([f"front.dataset={c.cross_front}"] if task == "cross" else []),
+                                                          _pairs([(k, k) for k in c.deep_layers])], "grid")
+                                         for o in ("hint", "fula") for task in ("cross", "same")]),
     "subset": ("two", lambda c: [(o, [f"objective={o}", f"dataset.num_classes_train={c.classes_train}", _single(c)],
                                   "grid") for o in TRAINED]),
     # Fig. 9 proper: cross-task, a front trained on another dataset (seed 2s) into the end (seed 2s + 1)
@@ -183,7 +190,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
 
 def plan(settings: DictConfig, names: list[str]) -> list[Job]:
     """Every job the named claims need, each experiment once (``claims.extra`` adds overrides
-    to one experiment's runs)."""
+    to one experiment's runs: a list for all its jobs, or ``{tag: list}`` for some)."""
     experiments = list(dict.fromkeys(CLAIMS[name].experiment for name in names))
     unknown = sorted(set(settings.get("extra") or {}) - set(EXPERIMENTS))
     if unknown:
@@ -192,9 +199,17 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
     jobs = []
     for experiment in experiments:
         pairing, make = EXPERIMENTS[experiment]
+        given = (settings.get("extra") or {}).get(experiment) or []
+        tags = [tag for tag, _, _ in make(settings)]
+        per_job = OmegaConf.is_dict(given) or isinstance(given, dict)  # {tag: [overrides]}
+        if per_job:
+            unknown = sorted(set(given) - set(tags))
+            if unknown:
+                raise StitchingError(f"claims.extra.{experiment} names unknown job '{', '.join(unknown)}'; its jobs "
+                                     f"are {', '.join(tags)}")
         for a, b in seed_pairs(int(settings.seed_pairs), pairing):
-            extra = list((settings.get("extra") or {}).get(experiment) or [])
             for tag, overrides, kind in make(settings):
+                extra = list((given.get(tag) or []) if per_job else given)
                 jobs.append(Job(experiment, (a, b), tag, (*overrides, *extra, f"front.seed={a}", f"end.seed={b}"),
                                 kind))
     return jobs
@@ -300,6 +315,17 @@ def _shortcut_clean(frame, c):
     clean = _by(frame, "test_acc", "objective")
     model, kept = float(frame.end_acc.mean()), _mean(clean, ("hint", "fula"))
     return kept - (model - c.tolerance), f"Hint/FuLA clean mean {kept:.3f} vs model {model:.3f}"
+
+
+def _shortcut_cross(frame, c):
+    runs = frame[frame.objective.isin(["hint", "fula"])]
+    if "test_acc_shortcut" not in runs or runs.test_acc_shortcut.isna().all():
+        raise LookupError("no test/acc_shortcut in the runs")
+    reliance = (runs.test_acc_shortcut - runs.test_acc).groupby(runs.front_dataset != runs.end_dataset).mean()
+    if set(reliance.index) != {True, False}:
+        raise LookupError("the cross-task or the same-task runs are missing")
+    return reliance[True] - reliance[False], (f"Hint/FuLA marked − clean: cross-task {reliance[True]:+.3f}, "
+                                              f"same-task {reliance[False]:+.3f}")
 
 
 def _subset_fula(frame, c):
@@ -412,7 +438,11 @@ def _language(frame, c):
 
 
 def _layers(c, grid: bool = False) -> str:
-    return ", ".join(str(k) for k in (_grid_layers(c) if grid else c.layers))
+    return _layers_of(_grid_layers(c) if grid else c.layers)
+
+
+def _layers_of(layers) -> str:
+    return ", ".join(str(k) for k in layers)
 
 
 CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
@@ -449,6 +479,13 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "accuracy.", "FuLA Fig. 8", "shortcut",
           lambda c: f"the same runs; effect = Hint/FuLA's mean clean accuracy − (the model's − {c.tolerance})",
           _shortcut_clean),
+    Claim("shortcut_location_cross", "Hint and FuLA exploit location shortcuts when stitching deeper layers of a "
+          "model of another task into the end, but not between two models of the end's task.", "FuLA Fig. 8",
+          "shortcut_cross",
+          lambda c: f"location markers in the stitching data, Hint and FuLA at layers {_layers_of(c.deep_layers)}: a "
+                    f"{c.cross_front} front (seed 2s) and a front of the end's task (seed 2s) into the end (seed "
+                    f"2s + 1); effect = mean marked − clean test accuracy cross-task − the same same-task",
+          _shortcut_cross),
     Claim("unseen_classes_fula", "Stitched cross-task on a subset of classes, FuLA generalises to the unseen "
           "classes better than the others.", "FuLA Fig. 9", "subset_cross",
           lambda c: f"cross-task: a {c.cross_front} front (seed 2s) into the end (seed 2s + 1), stitching data of "
@@ -546,7 +583,8 @@ def _number(v: float) -> str:
 EXPERIMENT_LABELS = {
     "dm_self": "a model against itself, DM, no training", "diagonal": "two seeds, corresponding layers",
     "dm_stats": "two seeds, DM with and without the statistics pass", "robustness": "two seeds, adversarial stitching",
-    "shortcut": "two seeds, marked stitching data", "subset": "two seeds of one task, classes 0..k−1",
+    "shortcut": "two seeds, marked stitching data",
+    "shortcut_cross": "cross-task vs same-task front, location markers", "subset": "two seeds of one task, classes 0..k−1",
     "subset_cross": "cross-task front, classes 0..k−1", "self_grids": "a model against itself, square grids",
     "deeper_hints": "two seeds, square grids, FuLA hints", "ood": "two seeds, energy detector",
     "similarity": "two seeds, structural indices", "language": "toy GeLU/SoLU models, four directions",

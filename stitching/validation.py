@@ -458,10 +458,10 @@ GROUP_KEYS = ("name", "arch")
 
 
 def _check_claims_layers(cfg: DictConfig) -> None:
-    """``claims.layers``, ``grid_layers`` (or null) and ``early_layers``: non-empty lists of cut
-    points, the early ones among ``claims.layers``."""
+    """``claims.layers``, ``grid_layers`` (or null), ``early_layers`` and ``deep_layers``:
+    non-empty lists of cut points, the early and deep ones among ``claims.layers``."""
     lists = {}
-    for key in ("claims.layers", "claims.grid_layers", "claims.early_layers"):
+    for key in ("claims.layers", "claims.grid_layers", "claims.early_layers", "claims.deep_layers"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
@@ -471,9 +471,11 @@ def _check_claims_layers(cfg: DictConfig) -> None:
             raise StitchingError(f"{key}={_shown(values)} is out of range: give a non-empty list of cut points "
                                  f"(integers ≥ 1)")
         lists[key] = values
-    early, layers = lists.get("claims.early_layers"), lists.get("claims.layers")
-    if early and layers and not set(early) <= set(layers):
-        raise StitchingError(f"claims.early_layers={early} must be among claims.layers={layers}")
+    layers = lists.get("claims.layers")
+    for key in ("claims.early_layers", "claims.deep_layers"):
+        chosen = lists.get(key)
+        if chosen and layers and not set(chosen) <= set(layers):
+            raise StitchingError(f"{key}={chosen} must be among claims.layers={layers}")
 
 
 def _shown(value) -> str:

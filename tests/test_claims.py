@@ -170,8 +170,10 @@ def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, 
     lm = TINY_LM
     overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "dataset.train_subset=200", "attack.steps=2",
                  "attack.eval_images=50", "evaluation.ood.epochs=1", "claims.seed_pairs=1", "claims.layers=[1,5,9]",
-                 "claims.early_layers=[1]", "claims.similarity_images=100", "claims.cross_front=mnist5k",
-                 "+claims.extra.subset_cross=['+datasets.mnist5k.source.image_size=16']",
+                 "claims.early_layers=[1]", "claims.deep_layers=[9]", "claims.similarity_images=100",
+                 "claims.cross_front=mnist5k", "+claims.extra.subset_cross=['+datasets.mnist5k.source.image_size=16']",
+                 "+claims.extra.shortcut_cross={hint_cross:['+datasets.mnist5k.source.image_size=16'],"
+                 "fula_cross:['+datasets.mnist5k.source.image_size=16']}",
                  f"claims.language=[{','.join(repr(o) for o in lm)}]"]
     out = tmp_path / "claims"
     try:
@@ -215,6 +217,9 @@ def test_bad_claims_settings_are_one_line(capsys):
     with pytest.raises(SystemExit):
         claims_main(["claims.early_layers=[2]", "logger=none"])
     assert "claims.early_layers=[2] must be among claims.layers=[1, 3, 5, 7, 9]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        claims_main(["claims.deep_layers=[8]", "logger=none"])
+    assert "claims.deep_layers=[8] must be among claims.layers=[1, 3, 5, 7, 9]" in capsys.readouterr().err
 
 
 def test_a_cut_point_the_models_lack_is_one_line_before_any_run(tmp_path, zoo_dir, capsys):
@@ -303,7 +308,8 @@ def test_the_cka_claim_feeds_each_index_as_the_authors_do_and_scores_it_against_
     from stitching.results.records import collect
     from stitching.similarity.grid import AUTHORS_FLATTEN
 
-    base = [*TINY, f"paths.zoo_dir={zoo_dir}", "claims.layers=[1,9]", "claims.early_layers=[1]", "claims.similarity_images=64",
+    base = [*TINY, f"paths.zoo_dir={zoo_dir}", "claims.layers=[1,9]", "claims.early_layers=[1]", "claims.deep_layers=[9]",
+            "claims.similarity_images=64",
             "front.seed=0", "end.seed=1"]
     job = Job("similarity", (0, 1), "cka_pwcca_opd", (), "similarity")
     assert run_job(job, base, tmp_path, progress=False) == []
@@ -314,3 +320,29 @@ def test_the_cka_claim_feeds_each_index_as_the_authors_do_and_scores_it_against_
     for other in ("pwcca", "procrustes"):
         effect, what = CLAIMS[f"cka_finds_layers_{other}"].effect(frame, _settings())
         assert -1 <= effect <= 1 and what.startswith("rows found CKA") and ("OPD" if other == "procrustes" else "PWCCA") in what
+
+
+def test_the_cross_task_shortcut_claim_contrasts_marker_reliance_across_and_within_a_task():
+    """Hand-made records: cross-task Hint/FuLA gain 0.10 and 0.06 from the markers, same-task
+    0.01 and −0.01: the effect is their mean difference, 0.08 − 0.00."""
+    rows = []
+    for objective, cross, same in (("hint", 0.10, 0.01), ("fula", 0.06, -0.01)):
+        for front, gain in (("mnist5k", cross), ("fmnist", same)):
+            for layer in (7, 9):
+                rows.append({"objective": objective, "front_dataset": front, "end_dataset": "fmnist",
+                             "front_layer": layer, "test_acc": 0.7, "test_acc_shortcut": 0.7 + gain})
+    rows.append({"objective": "tlm", "front_dataset": "mnist5k", "end_dataset": "fmnist", "front_layer": 9,
+                 "test_acc": 0.5, "test_acc_shortcut": 1.0})  # another objective is not read
+    effect, what = CLAIMS["shortcut_location_cross"].effect(pd.DataFrame(rows), _settings())
+    assert effect == pytest.approx(0.08) and "cross-task +0.080, same-task +0.000" in what
+    with pytest.raises(LookupError, match="missing"):
+        CLAIMS["shortcut_location_cross"].effect(pd.DataFrame([r for r in rows if r["front_dataset"] == "fmnist"]),
+                                                 _settings())
+    jobs = plan(_settings(seed_pairs=1, extra={"shortcut_cross": {"hint_cross": ["+x=1"]}}), ["shortcut_location_cross"])
+    assert [j.tag for j in jobs if "+x=1" in j.overrides] == ["hint_cross"]  # an extra for one job only
+    with pytest.raises(StitchingError, match="claims.extra.shortcut_cross names unknown job 'nope'; its jobs are"):
+        plan(_settings(extra={"shortcut_cross": {"nope": []}}), ["shortcut_location_cross"])
+    assert sorted(j.tag for j in jobs) == ["fula_cross", "fula_same", "hint_cross", "hint_same"]
+    for job in jobs:
+        assert "shortcut.placement=location" in job.overrides and "grid.pairs=[[7,7],[9,9]]" in job.overrides
+        assert ("front.dataset=ls_imagenet10" in job.overrides) == job.tag.endswith("cross")
