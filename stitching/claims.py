@@ -10,8 +10,9 @@ level ``claims.alpha`` (0.05), with the two-sided 95 % confidence interval besid
 * **does not hold** — at least that many pairs and the mean effect is below zero (the reverse
   test, p < alpha), or no pair shows any effect at all (every effect ≤ 0 and all equal);
 * **inconclusive** — otherwise: the interval holds zero, too few pairs were measured, or every
-  pair gave the same positive effect (no spread: the replicates are not independent, so there
-  is nothing to test).
+  pair gave the same positive effect (no spread: the same models in every pair, or a measure at
+  its bound in every pair, as a share of rows of 1.00; a t-test needs a spread, and an exact
+  sign test of n pairs cannot go below 0.5ⁿ, which three pairs leave at 0.125).
 
 Claims about the instrument itself (a DM stitch of a model into itself keeps its accuracy) are
 checked the same way but reported apart, as instrument checks, never counted as paper claims.
@@ -88,8 +89,9 @@ def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA, marg
     if np.ptp(values) <= 1e-9 * max(1.0, abs(mean)):  # every replicate the same (to rounding): nothing to test
         if mean <= 0:
             return {**out, "verdict": FAILS, "why": "no pair shows the effect"}
-        return {**out, "verdict": UNSURE, "why": "every pair gave the same effect: the replicates are not "
-                                                 "independent (the same models?), so there is nothing to test"}
+        return {**out, "verdict": UNSURE, "why": f"every pair gave the same effect ({mean:+.3f}): no spread to test "
+                                                 "against (the replicates are not independent, the same models, or the "
+                                                 "measure sits at its bound in every pair, a share of 1.00)"}
     error = std / np.sqrt(n)
     t = mean / error
     half = float(stats.t.ppf(0.975, n - 1) * error)

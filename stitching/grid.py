@@ -103,7 +103,7 @@ def launch_grids(overrides: list[str], out: Path) -> int:
     argv = [f"{key}={','.join(values)}" for key, values in axes.items()]
     argv += [f"grid.pairs={_pairs_override(cells)}", f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${hydra.job.num}"]
     if preset_sweep(overrides):  # the preset's own axes are already among the jobs' overrides
-        argv.append("~hydra.sweeper.params")
+        argv.append("hydra.sweeper.params=null")
     saved = sys.argv
     sys.argv = ["stitching.grid", "-m", *argv]
     try:

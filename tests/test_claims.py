@@ -21,7 +21,7 @@ def test_verdict_is_a_one_sided_t_test_over_enough_pairs():
     assert verdict([-0.10, -0.12, -0.08])["verdict"] == FAILS
     assert verdict([0.0, 0.0, 0.0])["verdict"] == FAILS  # no effect at all is not an effect
     same = verdict([0.2, 0.2, 0.2])  # no spread: the replicates are not independent, there is nothing to test
-    assert same["verdict"] == UNSURE and "not independent" in same["why"]
+    assert same["verdict"] == UNSURE and "not independent" in same["why"] and "(+0.200)" in same["why"]
     assert verdict([0.3, 0.3])["verdict"] == UNSURE and "2 seed pair(s)" in verdict([0.3, 0.3])["why"]
     assert verdict([0.3, None, np.nan, 0.2, 0.25])["pairs"] == 3  # unmeasured pairs do not count
     result = verdict([0.1, 0.2, 0.6])

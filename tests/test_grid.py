@@ -334,3 +334,29 @@ def test_ddp_on_two_cpu_processes_trains_the_same_cells_as_one_process(zoo_dir, 
         two = json.loads((tmp_path / "two" / "fula" / cell / "results.json").read_text())
         assert one["status"] == two["status"] == "ok" and one["config_hash"] != two["config_hash"]
         assert 0 < two["metrics"]["test/acc"] <= 1 and abs(two["metrics"]["test/acc"] - one["metrics"]["test/acc"]) < 0.1
+
+
+def test_a_preset_sweep_on_a_launcher_becomes_one_job_per_grid_with_the_presets_axes_spent(monkeypatch, tmp_path):
+    """A preset with its own sweep axes (lm_solu_gelu_small: 16 grids of 3 layers) on a launcher:
+    the jobs' overrides name every grid's axes and compose with the preset's sweep emptied."""
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    import stitching.grid
+    from stitching.build import CONF_DIR
+
+    seen = {}
+
+    def record():
+        seen["argv"] = sys.argv[2:]
+
+    monkeypatch.setattr(stitching.grid, "grid_job", record)
+    assert stitching.grid.launch_grids(["experiment=lm_solu_gelu_small", "hydra/launcher=local"], tmp_path) == 0
+    argv = seen["argv"]
+    assert "front.seed=0,1" in argv and "end.seed=2,3" in argv and "grid.pairs=[[1,1],[2,2],[3,3]]" in argv
+    one = [item.split(",")[0] if not item.split("=", 1)[-1].startswith("[") else item for item in argv]  # one job's
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        job = compose("config", overrides=["experiment=lm_solu_gelu_small", "hydra/launcher=local", *one],
+                      return_hydra_config=True)
+    assert not job.hydra.sweeper.params  # the preset's axes are the jobs' overrides, not swept again inside a job
