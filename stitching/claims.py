@@ -204,6 +204,9 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
         given = (settings.get("extra") or {}).get(experiment) or []
         tags = [tag for tag, _, _ in make(settings)]
         per_job = OmegaConf.is_dict(given) or isinstance(given, dict)  # {tag: [overrides]}
+        if not per_job and not (OmegaConf.is_list(given) or isinstance(given, (list, tuple))):
+            raise StitchingError(f"claims.extra.{experiment}={given}: give a list of overrides "
+                                 f"(+claims.extra.{experiment}=\"['key=value']\") or {{job: [overrides]}}")
         if per_job:
             unknown = sorted(set(given) - set(tags))
             if unknown:

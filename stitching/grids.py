@@ -28,15 +28,20 @@ def grid_pairs(spec, front_count: int, end_count: int) -> list[tuple[int, int]]:
         return [(i, j) for i in range(1, front_count + 1) for j in range(1, end_count + 1)]
     if spec == "diagonal":
         return [(k, k) for k in range(1, min(front_count, end_count) + 1)]
-    try:
-        pairs = [(int(i), int(j)) for i, j in spec]
-    except (TypeError, ValueError):
-        raise StitchingError(f"grid.pairs={spec}: give all, diagonal or a list of [front, end] cut points") from None
+    pairs = listed_pairs(spec)
     bad = [(i, j) for i, j in pairs if not (1 <= i <= front_count and 1 <= j <= end_count)]
     if bad or not pairs:
         raise StitchingError(f"grid.pairs: cell {bad[0] if bad else '[]'} is out of range: the front has cut points "
                              f"1..{front_count}, the end 1..{end_count}")
     return list(dict.fromkeys(pairs))
+
+
+def listed_pairs(spec) -> list[tuple[int, int]]:
+    """The cells a ``grid.pairs`` list names, unchecked against any model."""
+    try:
+        return [(int(i), int(j)) for i, j in spec]
+    except (TypeError, ValueError):
+        raise StitchingError(f"grid.pairs={spec}: give all, diagonal or a list of [front, end] cut points") from None
 
 
 def tail_chunk(tail_samples, batch_size: int, device) -> int | None:
@@ -54,7 +59,7 @@ def run_grid(settings: Settings | DictConfig, out: Path, progress: bool = True) 
     settings = as_settings(settings)
     named = settings.grid.pairs not in (None, *PAIRS)
     if named:  # a rerun of a finished grid reads nothing: no data, no models
-        cells = grid_pairs(settings.grid.pairs, 10 ** 9, 10 ** 9)
+        cells = list(dict.fromkeys(listed_pairs(settings.grid.pairs)))
         if not pending_cells(settings, cells, Path(out)):
             return {"done": [], "skipped": cells, "failed": [], "cells": len(cells), "primary": True,
                     "timings": watch.report()}

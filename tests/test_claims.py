@@ -340,6 +340,8 @@ def test_the_cross_task_shortcut_claim_contrasts_marker_reliance_across_and_with
                                                  _settings())
     jobs = plan(_settings(seed_pairs=1, extra={"shortcut_cross": {"hint_cross": ["+x=1"]}}), ["shortcut_location_cross"])
     assert [j.tag for j in jobs if "+x=1" in j.overrides] == ["hint_cross"]  # an extra for one job only
+    with pytest.raises(StitchingError, match=r"claims.extra.robustness=dataset.train_subset=500: give a list"):
+        plan(_settings(extra={"robustness": "dataset.train_subset=500"}), ["robustness_costs_clean"])  # not one char each
     with pytest.raises(StitchingError, match="claims.extra.shortcut_cross names unknown job 'nope'; its jobs are"):
         plan(_settings(extra={"shortcut_cross": {"nope": []}}), ["shortcut_location_cross"])
     assert sorted(j.tag for j in jobs) == ["fula_cross", "fula_same", "hint_cross", "hint_same"]
