@@ -144,6 +144,11 @@ def _grid_layers(c) -> list[int]:
     return list(c.grid_layers if c.get("grid_layers") is not None else c.layers)
 
 
+def _random_epochs(c) -> list[str]:
+    """A random start's stitching epochs (``claims.random_start_epochs``; null: the preset's)."""
+    return [] if c.get("random_start_epochs") is None else [f"trainer.max_epochs={int(c.random_start_epochs)}"]
+
+
 def _square(c) -> str:
     return _pairs([(i, j) for i in _grid_layers(c) for j in _grid_layers(c)])
 
@@ -176,8 +181,10 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
     "subset_cross": ("two", lambda c: [(o, [f"objective={o}", f"front.dataset={c.cross_front}",
                                             f"dataset.num_classes_train={c.classes_train}", _single(c)], "grid")
                                        for o in TRAINED]),
-    "self_grids": ("self", lambda c: [(o, [f"objective={o}", _square(c)], "grid")
-                                      for o in ("dm", "hint", "fula", "tlm")]),
+    # the FuLA paper's grids start every trained stitch at DM; the TLM-vs-DM paper's TLM starts from a random map
+    "self_grids": ("self", lambda c: [*((o, [f"objective={o}", _square(c)], "grid") for o in ("dm", "hint", "fula", "tlm")),
+                                      ("tlm_random", ["objective=tlm", "stitch.init=random", *_random_epochs(c),
+                                                      _square(c)], "grid")]),
     "deeper_hints": ("two", lambda c: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
                                         "grid") for w in ("first", c.deeper_weights)]),
     "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
@@ -352,17 +359,36 @@ def _subset_same_tlm(frame, c):
 
 
 def _self_shares(frame, directional: bool = False) -> dict:
+    """Each objective's share of rows whose unique best cell is the diagonal: DM, and Hint, FuLA
+    and TLM started at DM (the FuLA paper's grids), and ``tlm_random``, TLM started from a random
+    map (the TLM-vs-DM paper's)."""
     from stitching.results.tables import layer_grid, self_accuracy
 
-    return {o: self_accuracy(layer_grid(frame, o).to_numpy(), directional=directional)
-            for o in ("dm", "hint", "fula", "tlm") if (frame.objective == o).any()}
+    random = _random_start(frame)
+    grids = {o: frame[~random] for o in ("dm", "hint", "fula", "tlm")} | {"tlm_random": frame[random]}
+    return {o: self_accuracy(layer_grid(rows, o.removesuffix("_random")).to_numpy(), directional=directional)
+            for o, rows in grids.items() if (rows.objective == o.removesuffix("_random")).any()}
+
+
+def _random_start(frame) -> pd.Series:
+    """Which runs started their stitch at a random map (the record's ``init``)."""
+    return frame.init.astype(str).eq("random") if "init" in frame else pd.Series(False, index=frame.index)
+
+
+def _diagonal_mean(frame, objective: str, random: bool) -> float:
+    rows = frame[(_random_start(frame) == random) & (frame.objective == objective)
+                 & (frame.front_layer == frame.end_layer)]
+    return float(rows.test_acc.mean())
 
 
 def _dm_vs_tlm_directional(frame, c):
     share = _self_shares(frame, directional=True)
-    if "dm" not in share:
-        raise LookupError("no DM self-stitching grid")
-    return share["dm"] - share["tlm"], f"directional: DM {share['dm']:.2f}, TLM {share['tlm']:.2f} of rows"
+    missing = [name for name, key in (("DM", "dm"), ("random-start TLM", "tlm_random")) if key not in share]
+    if missing:
+        raise LookupError(f"no {' or '.join(missing)} self-stitching grid")
+    return share["dm"] - share["tlm_random"], (
+        f"directional: DM {share['dm']:.2f}, TLM from a random map {share['tlm_random']:.2f} of rows (its diagonal "
+        f"accuracy {_diagonal_mean(frame, 'tlm', True):.3f}, TLM from DM {_diagonal_mean(frame, 'tlm', False):.3f})")
 
 
 def _dm_directional(frame, c):
@@ -442,6 +468,11 @@ def _language(frame, c):
                     f"GeLU {p['G', 'S']:.3f} nats/token")
 
 
+def _random_epochs_text(c) -> str:
+    return ("the preset's stitching epochs" if c.get("random_start_epochs") is None
+            else f"{int(c.random_start_epochs)} stitching epochs")
+
+
 def _layers(c, grid: bool = False) -> str:
     return _layers_of(_grid_layers(c) if grid else c.layers)
 
@@ -514,8 +545,9 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           lambda c: f"the same grids; effect = mean share of Hint and FuLA − TLM's", _self_vs_tlm, "share of rows"),
     Claim("dm_vs_tlm_self_directional", "A layer is most similar to itself by DM, not by TLM: on the directional "
           "self-stitching grid DM's diagonal wins more rows than TLM's.", "TLM vs DM (sanity check 2)", "self_grids",
-          lambda c: f"the same grids, directional (each row on its own); effect = DM's share of rows − TLM's",
-          _dm_vs_tlm_directional, "share of rows"),
+          lambda c: f"the same grids and one more for TLM started from a random map, as the paper's authors run it "
+                    f"({_random_epochs_text(c)}); directional (each row on its own); effect = DM's share of rows − "
+                    f"that TLM's", _dm_vs_tlm_directional, "share of rows"),
     Claim("dm_self_directional", "DM passes the second sanity check: on the directional self-stitching grid a "
           "layer is most similar to itself in most rows.", "TLM vs DM (sanity check 2)", "self_grids",
           lambda c: f"the same grids, directional (each row on its own); effect = DM's share of rows whose unique "
@@ -635,10 +667,13 @@ def loss_curves(frame: pd.DataFrame, path: Path) -> Path | None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for objective, rows in curves.groupby("objective"):
+    lengths = curves.train_curve.map(len)
+    several = curves.assign(epochs=lengths).groupby("objective").epochs.nunique() > 1
+    for (objective, length), rows in curves.groupby(["objective", lengths]):  # runs of other budgets apart
         relative = np.stack([np.asarray(c) / c[0] for c in rows.train_curve if c[0]])
         epochs = np.arange(1, relative.shape[1] + 1)
-        ax.plot(epochs, relative.mean(0), marker="o", label=objective.upper())
+        label = objective.upper() + (f" ({length} epochs)" if several[objective] else "")
+        ax.plot(epochs, relative.mean(0), marker="o", label=label)
         ax.fill_between(epochs, relative.min(0), relative.max(0), alpha=0.15)
     ax.set_xlabel("stitching epoch")
     ax.set_ylabel("training loss / epoch-1 loss")

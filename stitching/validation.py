@@ -174,6 +174,7 @@ RULES: dict[str, Rule] = {
     "claims.layer": COUNT,
     "claims.tolerance": Rule("float", 0, 1),
     "claims.classes_train": COUNT,
+    "claims.random_start_epochs": Rule("int", 1, nullable=True),
     "claims.similarity_images": Rule("int", 4),
 }
 

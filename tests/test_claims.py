@@ -143,6 +143,10 @@ def test_plan_runs_each_experiment_once_per_seed_pair():
     assert "front.seed=0" in self_grid.overrides and "end.seed=0" in self_grid.overrides
     assert "grid.pairs=[[1,1],[1,3],[1,5],[1,7],[1,9],[3,1]" in next(o for o in self_grid.overrides
                                                                      if o.startswith("grid.pairs"))
+    random = next(j for j in plan(_settings(random_start_epochs=7), ["dm_vs_tlm_self_directional"])
+                  if j.tag == "tlm_random")
+    assert {"objective=tlm", "stitch.init=random", "trainer.max_epochs=7"} <= set(random.overrides)
+    assert not any(o.startswith("trainer.") for o in next(j for j in jobs if j.tag == "tlm").overrides)
     extra = plan(_settings(extra={"self_grids": ["dataset.train_subset=500"]}), ["self_stitch_diagonal_fula",
                                                                                "same_task_ordering"])
     assert all(("dataset.train_subset=500" in j.overrides) == (j.experiment == "self_grids") for j in extra)
@@ -283,19 +287,27 @@ def test_the_robustness_claims_score_robust_accuracy_by_the_papers_attack_at_pap
 
 
 def test_the_directional_claims_read_the_self_grid_one_direction_at_a_time():
-    # a 3×3 self grid per objective: DM's diagonal best in every row, TLM's in none (row 1 ties)
-    grids = {"dm": [[0.9, 0.5, 0.4], [0.6, 0.9, 0.5], [0.5, 0.6, 0.9]],
-             "tlm": [[0.8, 0.8, 0.4], [0.9, 0.7, 0.5], [0.8, 0.9, 0.6]],
-             "fula": [[0.9, 0.5, 0.4], [0.7, 0.9, 0.5], [0.6, 0.8, 0.9]],
-             "hint": [[0.9, 0.5, 0.4], [0.6, 0.9, 0.5], [0.5, 0.6, 0.9]]}
+    # a 3×3 self grid per objective: DM's diagonal best in every row; TLM from a random map (the
+    # TLM-vs-DM paper's start) in none (row 1 ties), TLM from DM (the FuLA paper's) in two of three
+    grids = {("dm", "dm"): [[0.9, 0.5, 0.4], [0.6, 0.9, 0.5], [0.5, 0.6, 0.9]],
+             ("tlm", "random"): [[0.8, 0.8, 0.4], [0.9, 0.7, 0.5], [0.8, 0.9, 0.6]],
+             ("tlm", "dm"): [[0.9, 0.8, 0.4], [0.9, 0.7, 0.5], [0.5, 0.6, 0.9]],
+             ("fula", "dm"): [[0.9, 0.5, 0.4], [0.7, 0.9, 0.5], [0.6, 0.8, 0.9]],
+             ("hint", "dm"): [[0.9, 0.5, 0.4], [0.6, 0.9, 0.5], [0.5, 0.6, 0.9]]}
     layers = (1, 5, 9)
-    rows = [{"run": f"runs/self_grids/seeds{a}-{b}/{o}", "objective": o, "front_layer": layers[i], "end_layer": layers[j],
-             "test_acc": grid[i][j] + 0.01 * n}
-            for n, (a, b) in enumerate(seed_pairs(3, "self")) for o, grid in grids.items()
+    rows = [{"run": f"runs/self_grids/seeds{a}-{b}/{o}{'_random' if init == 'random' else ''}", "objective": o,
+             "init": init, "front_layer": layers[i], "end_layer": layers[j], "test_acc": grid[i][j] + 0.01 * n}
+            for n, (a, b) in enumerate(seed_pairs(3, "self")) for (o, init), grid in grids.items()
             for i in range(3) for j in range(3)]
     frame = pd.DataFrame(rows)
     dm_vs_tlm = measure(CLAIMS["dm_vs_tlm_self_directional"], frame, _settings())
     assert [p["effect"] for p in dm_vs_tlm["per_pair"]] == pytest.approx([1.0] * 3)
+    assert "TLM from a random map 0.00" in dm_vs_tlm["per_pair"][0]["measured"]
+    # the FuLA paper's rows read the DM-start TLM grid: Hint/FuLA 1.00 each, TLM 2 of 3 rows
+    fula_rows = measure(CLAIMS["self_stitch_diagonal_tlm"], frame, _settings())
+    assert [p["effect"] for p in fula_rows["per_pair"]] == pytest.approx([1 / 3] * 3)
+    without = measure(CLAIMS["dm_vs_tlm_self_directional"], frame[frame.init != "random"], _settings())
+    assert without["verdict"] == UNSURE and "no random-start TLM self-stitching grid" in without["why"]
     fula = measure(CLAIMS["fula_directional"], frame, _settings())
     # pairs (5→1, 1→5), (9→1, 1→9), (9→5, 5→9): 0.7 − 0.5, 0.6 − 0.4, 0.8 − 0.5
     assert [p["effect"] for p in fula["per_pair"]] == pytest.approx([(0.2 + 0.2 + 0.3) / 3] * 3)
@@ -348,3 +360,19 @@ def test_the_cross_task_shortcut_claim_contrasts_marker_reliance_across_and_with
     for job in jobs:
         assert "shortcut.placement=location" in job.overrides and "grid.pairs=[[7,7],[9,9]]" in job.overrides
         assert ("front.dataset=ls_imagenet10" in job.overrides) == job.tag.endswith("cross")
+
+
+def test_the_loss_figure_keeps_runs_of_other_budgets_apart(tmp_path, monkeypatch):
+    # a TLM grid from a random start trains 10 epochs beside the others' 4: one line per budget
+    from matplotlib.axes import Axes
+
+    from stitching.claims import loss_curves
+
+    frame = pd.DataFrame({"objective": ["tlm", "tlm", "hint"],
+                          "train_curve": [[2.0, 1.0, 0.8, 0.7], [4.0, 2.0, 1.5, 1.2, 1.0, 0.9, 0.9, 0.8, 0.8, 0.8],
+                                          [1.0, 0.5, 0.4, 0.4]]})
+    shown, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *args, **kwargs: shown.append(kwargs.get("label"))
+                        or plot(self, *args, **kwargs))
+    assert loss_curves(frame, tmp_path / "curves.png").is_file()
+    assert sorted(shown) == ["HINT", "TLM (10 epochs)", "TLM (4 epochs)"]

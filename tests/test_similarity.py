@@ -115,6 +115,30 @@ def test_minibatch_cka_matches_the_full_data_computation():
     assert float(grid[1, 0]) == pytest.approx(linear_cka(x[:, :10], y), abs=0.01)
 
 
+def test_minibatch_cka_bounds_its_gram_matrices_and_keeps_its_target():
+    """A batch of more rows than ``max_rows`` (every token of a batch of sequences) is split into
+    minibatches of at most ``max_rows`` rows: no Gram matrix is larger, and the estimate still
+    matches the full-data CKA (tolerance 0.01, as above). The rows arrive sorted by one feature,
+    as tokens arrive grouped by sequence: minibatches of consecutive rows would each see a narrow
+    slice and miss the target, so this also checks the shuffle."""
+    x, y = _related(3000, 20, 30, seed=7, noise=2.0)
+    order = torch.argsort(x[:, 0])
+    x, y = x[order], y[order]
+    stream = MinibatchCKA(max_rows=128)
+    sizes, gram = [], stream._gram
+    stream._gram = lambda a: sizes.append(len(a)) or gram(a)
+    for xb, yb in zip(x.split(1000), y.split(1000)):
+        stream.update([xb], [yb])
+    assert max(sizes) <= 128 and stream.batches == 3 * 8  # 1 000 rows: 8 minibatches of 125
+    assert float(stream.compute()[0, 0]) == pytest.approx(linear_cka(x, y), abs=0.01)
+    consecutive = MinibatchCKA()
+    for xb, yb in zip(x.split(125), y.split(125)):
+        consecutive.update([xb], [yb])
+    assert abs(float(consecutive.compute()[0, 0]) - linear_cka(x, y)) > 0.02  # what the shuffle prevents
+    with pytest.raises(SimilarityError, match="at least 4 rows"):
+        MinibatchCKA(max_rows=3)
+
+
 def _whitened_cross_covariance_correlations(x, y):
     """Canonical correlations as singular values of Σxx^{-1/2} Σxy Σyy^{-1/2}, and x's
     canonical directions, by eigendecompositions."""

@@ -161,17 +161,29 @@ class MinibatchCKA:
 
     ``update(xs, ys)`` takes one batch's activations of each model (lists of tensors, one
     per layer, rows = the same inputs); ``compute()`` returns the ``[len(xs), len(ys)]``
-    grid. Each layer's Gram matrix is formed once per batch, so memory is ``batch²`` per
+    grid. Each layer's Gram matrix is formed once per minibatch, so memory is ``rows²`` per
     layer whatever the layer's width.
 
+    A batch of more than ``max_rows`` rows (every token of a batch of sequences, with positions
+    as samples) is split into near-equal minibatches of at most ``max_rows`` rows, after one
+    seeded shuffle of its rows (the same for both sides), so each minibatch draws tokens from
+    across the batch rather than from one sequence; each minibatch is one term of the average.
+    (Unbiased HSIC has the same expectation at any size, so the bound changes the estimate's
+    variance, not its target; without it 32 000 tokens make 8 GB Gram matrices.)
+
     Args:
-        kernel: ``"linear"`` or ``"rbf"`` (bandwidth ``sigma`` × the batch's median distance).
+        kernel: ``"linear"`` or ``"rbf"`` (bandwidth ``sigma`` × the minibatch's median distance).
+        max_rows: the most rows one minibatch's Gram matrices have.
+        seed: the shuffle's seed.
     """
 
-    def __init__(self, kernel: str = "linear", sigma: float = 0.8):
+    def __init__(self, kernel: str = "linear", sigma: float = 0.8, max_rows: int = 2048, seed: int = 0):
         if kernel not in ("linear", "rbf"):
             raise SimilarityError(f"unknown kernel '{kernel}'; choose linear or rbf")
-        self.kernel, self.sigma = kernel, sigma
+        if max_rows < 4:
+            raise SimilarityError(f"max_rows={max_rows}: unbiased HSIC needs at least 4 rows per minibatch")
+        self.kernel, self.sigma, self.max_rows = kernel, sigma, max_rows
+        self.shuffle = torch.Generator().manual_seed(seed)
         self.cross = self.self_x = self.self_y = None
         self.varied_x: list[bool] = []
         self.varied_y: list[bool] = []
@@ -181,6 +193,14 @@ class MinibatchCKA:
         return linear_gram(a) if self.kernel == "linear" else rbf_gram(a, self.sigma)
 
     def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
+        rows = len(xs[0])
+        if rows <= self.max_rows:
+            return self._add(xs, ys)
+        order = torch.randperm(rows, generator=self.shuffle)
+        for part in torch.tensor_split(order, -(-rows // self.max_rows)):
+            self._add([x[part.to(x.device)] for x in xs], [y[part.to(y.device)] for y in ys])
+
+    def _add(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
         kx = [self._gram(x) for x in xs]
         ky = [self._gram(y) for y in ys]
         cross = torch.tensor([[float(hsic_unbiased(k, l)) for l in ky] for k in kx], dtype=torch.float64)
