@@ -118,18 +118,18 @@ def test_minibatch_cka_matches_the_full_data_computation():
 def test_minibatch_cka_bounds_its_gram_matrices_and_keeps_its_target():
     """A batch of more rows than ``max_rows`` (every token of a batch of sequences) is split into
     minibatches of at most ``max_rows`` rows: no Gram matrix is larger, and the estimate still
-    matches the full-data CKA (tolerance 0.01, as above). The rows arrive sorted by one feature,
-    as tokens arrive grouped by sequence: minibatches of consecutive rows would each see a narrow
-    slice and miss the target, so this also checks the shuffle."""
-    x, y = _related(3000, 20, 30, seed=7, noise=2.0)
-    order = torch.argsort(x[:, 0])
-    x, y = x[order], y[order]
+    matches the full-data CKA (tolerance 0.01, as above). The rows arrive sorted by the factor the
+    two sides share, as tokens arrive grouped by sequence: minibatches of consecutive rows would
+    each see a narrow slice of it and miss the target, so this also checks the shuffle."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.sort(torch.randn(3000, 1, generator=g), dim=0).values  # one shared factor, rows sorted by it
+    x = z @ torch.randn(1, 20, generator=g) + 0.5 * torch.randn(3000, 20, generator=g)
+    y = z @ torch.randn(1, 30, generator=g) + 0.5 * torch.randn(3000, 30, generator=g)
     stream = MinibatchCKA(max_rows=128)
     sizes, gram = [], stream._gram
     stream._gram = lambda a: sizes.append(len(a)) or gram(a)
-    for xb, yb in zip(x.split(1000), y.split(1000)):
-        stream.update([xb], [yb])
-    assert max(sizes) <= 128 and stream.batches == 3 * 8  # 1 000 rows: 8 minibatches of 125
+    stream.update([x], [y])  # one batch of 3 000 rows (tokens): 24 minibatches of 125
+    assert max(sizes) <= 128 and stream.batches == 24
     assert float(stream.compute()[0, 0]) == pytest.approx(linear_cka(x, y), abs=0.01)
     consecutive = MinibatchCKA()
     for xb, yb in zip(x.split(125), y.split(125)):
