@@ -162,7 +162,7 @@ appendix-b-small: $(READY) ## App. B.4 on MNIST-5k (CPU): self-stitching grids o
 
 ood: $(READY) ## TLM-vs-DM paper (paper size, GPU): energy-detector AUROC of stitched vs native activations
 	$(call with_tlm_from_dm,ood)
-ood-small: $(READY) ## OOD diagnosis on MNIST-5k, CPU-sized
+ood-small: $(READY) data-fmnist ## OOD diagnosis on MNIST-5k, CPU-sized (Fashion-MNIST: the detectors' held-out family)
 	$(call sweep,ood_small)
 grounding: $(READY) ## TLM-vs-DM paper (paper size, GPU): sensitivity and specificity tests of every measure, ResNet18
 	$(PY) -m stitching.grounding --no-progress --out outputs/grounding/grounding/$(STAMP) experiment=grounding $(ARGS)
