@@ -836,7 +836,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=claims_small)")
     args = parser.parse_args(argv)
-    base = [*(args.overrides or ["experiment=claims_small"]), *([f"claims.only={args.only}"] if args.only else [])]
+    # quoted: a comma-separated list is one value, not a Hydra sweep
+    base = [*(args.overrides or ["experiment=claims_small"]), *([f"claims.only='{args.only}'"] if args.only else [])]
     run = read_settings(compose_config(base))
     chosen(OmegaConf.create(run.config["claims"]))
     out = hold_folder(Path(args.out) if args.out else Path("outputs/claims") / time.strftime("%Y-%m-%d_%H-%M-%S"),

@@ -208,6 +208,9 @@ def test_bad_claims_settings_are_one_line(capsys):
     with pytest.raises(SystemExit):
         claims_main(["--only", "nope", "logger=none"])
     assert "unknown claim 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # several claims, comma-separated, are one value (not a Hydra sweep)
+        claims_main(["--only", "dm_self_stitch,nope", "logger=none"])
+    assert "unknown claim 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         claims_main(["claims.tolerance=2", "logger=none"])
     assert "claims.tolerance=2 is out of range" in capsys.readouterr().err
