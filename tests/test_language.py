@@ -101,7 +101,7 @@ def test_hugging_face_models_are_cut_by_the_generic_entry_points():
 def _next_token_loss(logits: torch.Tensor, batch: dict) -> float:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     real = (mask[:, 1:] * mask[:, :-1]).bool()
-    return float(F.cross_entropy(logits[:, :-1][real], ids[:, 1:][real]))
+    return float(F.cross_entropy(logits[:, :-1][real], ids[:, 1:][real]).detach())
 
 
 @pytest.mark.parametrize("layer", [1, 2, 4])
