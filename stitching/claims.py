@@ -748,8 +748,12 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
 
 
 def chosen(settings: DictConfig) -> list[str]:
-    """The claims ``claims.only`` names (all by default); an unknown one is one error line."""
-    names = list(CLAIMS) if settings.only is None else [n.strip() for n in str(settings.only).split(",")]
+    """The claims ``claims.only`` names (all by default): comma-separated text or a list
+    (``claims.only=[a,b]``, where ``claims.only=a,b`` would be a Hydra sweep); an unknown one is
+    one error line."""
+    only = settings.only
+    listed = OmegaConf.is_list(only) or isinstance(only, (list, tuple))
+    names = list(CLAIMS) if only is None else [str(n).strip() for n in (only if listed else str(only).split(","))]
     unknown = [n for n in names if n not in CLAIMS]
     if unknown:
         raise StitchingError(f"unknown claim '{', '.join(unknown)}'; choose from {', '.join(CLAIMS)}")

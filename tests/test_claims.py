@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from stitching.build import compose_config
-from stitching.claims import CLAIMS, FAILS, HOLDS, UNSURE, main as claims_main, measure, plan, seed_pairs, verdict
+from stitching.claims import CLAIMS, FAILS, HOLDS, UNSURE, chosen, main as claims_main, measure, plan, seed_pairs, verdict
 from stitching.errors import StitchingError
 from tests.conftest import TINY
 
@@ -211,6 +211,10 @@ def test_bad_claims_settings_are_one_line(capsys):
     with pytest.raises(SystemExit):  # several claims, comma-separated, are one value (not a Hydra sweep)
         claims_main(["--only", "dm_self_stitch,nope", "logger=none"])
     assert "unknown claim 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the list form of the override, read the same way
+        claims_main(["claims.only=[dm_self_stitch,nope]", "logger=none"])
+    assert "unknown claim 'nope'" in capsys.readouterr().err
+    assert chosen(_settings(only=["dm_self_stitch", "deeper_hints"])) == ["dm_self_stitch", "deeper_hints"]
     with pytest.raises(SystemExit):
         claims_main(["claims.tolerance=2", "logger=none"])
     assert "claims.tolerance=2 is out of range" in capsys.readouterr().err
