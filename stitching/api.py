@@ -51,12 +51,18 @@ class Prepared:
 
     engine: StitchEngine
     cell: tuple[int, int]
+    front_name: str = ""  # which of the engine's fronts, in an engine of several
 
     @cached_property
     def network(self) -> StitchedNetwork:
         """The cell as a plain stitched network, made when first read (read it after training: a
         cell trained interleaved with others gets a tail copy holding its statistics of that moment)."""
-        return self.engine.network(*self.cell)
+        return self.engine.network(*self.cell, self.front_name)
+
+    @property
+    def key(self) -> str:
+        """The cell's name among the engine's results."""
+        return cell_key(*self.cell, self.front_name)
 
     @property
     def front(self) -> Cut:
@@ -158,7 +164,7 @@ def train_stitch(prepared: Prepared, train, test, trainer: dict | None = None, l
     :class:`~stitching.errors.NonFiniteError`.
     """
     result = fit_engine(prepared.engine, train, test, trainer, logger=logger, run_dir=run_dir, watch=watch)
-    cell = result[cell_key(*prepared.cell)]
+    cell = result[prepared.key]
     if cell["error"] is not None:
         raise cell["error"]
     return cell["metrics"]
@@ -275,7 +281,7 @@ def stitch(front: nn.Module, end: nn.Module, front_layer: int | str, end_layer: 
             mine = train_stitch(own, train_loader, test_loader, options)
         metrics.update(adjusted_penalty(metrics, {"test_loss": mine["test/loss"]}))
     return StitchResult(prepared.network, metrics, prepared.front, prepared.end, prepared.engine, watch.report(),
-                        list(prepared.engine.curves[cell_key(*prepared.cell)]), given=(front, end), warnings=warnings)
+                        list(prepared.engine.curves[prepared.key]), given=(front, end), warnings=warnings)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ the tools (``train``, ``grid``, ``similarity``, ``probe``, ``grounding``, ``clai
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
@@ -305,8 +306,10 @@ def build_zoo(settings: Settings | DictConfig) -> ModelZoo:
 
 
 def load_models(settings: Settings | DictConfig, layers: tuple[list, list] | None = None,
-                stitched: bool = True, datamodule=None) -> tuple[CuttableModel, dict, CuttableModel, dict]:
-    """Front and end from the zoo (trained on first use), a file or the hub, with their records.
+                stitched: bool = True, datamodule=None,
+                end: tuple[CuttableModel, dict] | None = None) -> tuple[CuttableModel, dict, CuttableModel, dict]:
+    """Front and end from the zoo (trained on first use), a file or the hub, with their records
+    (``end``: the end model and its record, already loaded for these settings).
 
     Before a missing base model is trained, the pair is checked on what the architectures
     declare: every layer in ``layers`` (front, end; default: the stitch's) must exist, when
@@ -327,8 +330,9 @@ def load_models(settings: Settings | DictConfig, layers: tuple[list, list] | Non
             record = {**record, "inputs": model.input_spec.record()}
         return model, record
 
-    got = {name: fetch(name, side) for name, side in sides.items()
-           if not zoo.needs_training(side.spec, side.checkpoint)}
+    got = {} if end is None else {"end": end}
+    got.update({name: fetch(name, side) for name, side in sides.items()
+                if name not in got and not zoo.needs_training(side.spec, side.checkpoint)})
     declared = {name: got[name][0] if name in got else cuttable(zoo.untrained(side.spec), wanted[name], side=name)
                 for name, side in sides.items()}
     check_pair(declared["front"], declared["end"], front_layers, end_layers, stitched)
@@ -500,21 +504,28 @@ class Run:
 
 
 def setup(settings: Settings | DictConfig, watch: Stopwatch | None = None, layers: tuple[list, list] | None = None,
-          stitched: bool = True) -> Setup:
+          stitched: bool = True, like: Setup | None = None) -> Setup:
     """Settings, data, DM samples and base models (checked against ``layers``, default the
-    stitch's own cut points, before a missing base model is trained)."""
+    stitch's own cut points, before a missing base model is trained). ``like``: the setup of
+    settings that differ from these in the front model alone, whose data and end are reused."""
     watch = watch or Stopwatch()
     settings = as_settings(settings)
     L.seed_everything(settings.seed, workers=True, verbose=False)
+    if like is not None and beside_front(settings) != beside_front(like.settings):
+        raise StitchingError("a setup is shared only by settings that differ in their front model alone")
     with watch.section("data_s"):
-        datamodule = build_datamodule(settings)
-        datamodule.setup()
-        datamodule.stream_seed, datamodule.device = settings.seed, settings.device  # batches made on the device
-        check_sizes(datamodule, settings)
-        sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
-        samples = sample(settings.stitch.dm_samples, seed=settings.seed)
+        if like is not None:
+            datamodule, samples = like.datamodule, like.samples
+        else:
+            datamodule = build_datamodule(settings)
+            datamodule.setup()
+            datamodule.stream_seed, datamodule.device = settings.seed, settings.device  # batches made on the device
+            check_sizes(datamodule, settings)
+            sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
+            samples = sample(settings.stitch.dm_samples, seed=settings.seed)
     with watch.section("zoo_s"):
-        front, front_record, end, end_record = load_models(settings, layers, stitched=stitched, datamodule=datamodule)
+        front, front_record, end, end_record = load_models(settings, layers, stitched=stitched, datamodule=datamodule,
+                                                           end=None if like is None else (like.end, like.end_record))
     inputs = reconcile_inputs(front, end, datamodule)
     for line in describe_inputs(inputs):
         print(line, flush=True)
@@ -525,23 +536,35 @@ def setup(settings: Settings | DictConfig, watch: Stopwatch | None = None, layer
     return Setup(settings, datamodule, front, end, front_record, end_record, inputs, samples)
 
 
-def make_engine(done: Setup, cells: list[tuple[int, int]], watch: Stopwatch | None = None,
-                tail_chunk: int | None = None) -> StitchEngine:
-    """The engine that trains ``cells`` (DM solutions, or the configured start, included)."""
+def beside_front(settings: Settings) -> str:
+    """Everything of a run's settings but its front model and cut points (the data, end model,
+    objective, stitch and budget), as one string: runs with the same can share a setup."""
+    config = {key: value for key, value in settings.config.items() if key != "front"}
+    config["stitch"] = {key: value for key, value in config["stitch"].items()
+                        if key not in ("layer", "front_layer", "end_layer")}
+    config["grid"] = {key: value for key, value in config.get("grid", {}).items() if key != "pairs"}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def make_engine(done: Setup, cells: list[tuple], watch: Stopwatch | None = None, tail_chunk: int | None = None,
+                fronts: dict[str, CuttableModel] | None = None) -> StitchEngine:
+    """The engine that trains ``cells`` (DM solutions, or the configured start, included);
+    ``fronts``: several fronts into ``done``'s end, ``cells`` then ``(front name, i, j)``."""
     watch = watch or Stopwatch()
     settings = done.settings
     with watch.section("dm_init_s"):
-        return StitchEngine(done.front, done.end, cells, make_objective(settings.objective, settings.fula_weights),
+        return StitchEngine(fronts or done.front, done.end, cells, make_objective(settings.objective, settings.fula_weights),
                             settings.stitch, done.samples, num_classes=done.datamodule.num_classes,
                             adversarial=settings.attack, seed=settings.seed, tail_chunk=tail_chunk,
                             device=settings.device)
 
 
-def cell_run(done: Setup, engine: StitchEngine, cell: tuple[int, int]) -> Run:
-    """Cell ``cell`` of ``engine`` as one stitching run (its record's settings name its layers)."""
+def cell_run(done: Setup, engine: StitchEngine, cell: tuple[int, int], front_name: str = "") -> Run:
+    """Cell ``cell`` (of front ``front_name`` in an engine of several) of ``engine`` as one
+    stitching run (its record's settings name its layers)."""
     settings = replace(done.settings, stitch=replace(done.settings.stitch, front_layer=cell[0], end_layer=cell[1]))
     return Run(settings, done.datamodule, done.front, done.end, done.front_record, done.end_record, done.inputs,
-               Prepared(engine, cell))
+               Prepared(engine, cell, front_name))
 
 
 def prepare(settings: Settings | DictConfig, watch: Stopwatch | None = None) -> Run:

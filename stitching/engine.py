@@ -1,21 +1,23 @@
 """The one engine: the stitches of a set of cells, trained together under Lightning.
 
 A *cell* is a pair (front cut point i, end cut point j). A single run is an engine of one
-cell; a 9×9 grid is an engine of 81. Lightning owns every loop, so precision, ``limit_*``,
-``max_steps``, progress bars and logging mean the same for one cell or many; gradient clipping
-and accumulation are applied per cell by the engine (each cell as in its own run). Per batch:
+cell; a 9×9 grid is an engine of 81; several fronts into one end (the grids of a sweep that
+differ in their front model alone) are one engine whose cells also name their front.
+Lightning owns every loop, so precision, ``limit_*``, ``max_steps``, progress bars and logging
+mean the same for one cell or many; gradient clipping and accumulation are applied per cell by
+the engine (each cell as in its own run). Per batch:
 
-* the front runs once, to its deepest needed cut point (every cut activation kept, no grad);
+* each front runs once, to its deepest needed cut point (every cut activation kept, no grad);
   its BatchNorm statistics update exactly as each cell's own front copy would (a cell's head
   only reads layers up to its own cut point);
 * the reference end model (an untouched copy in eval mode) runs once, for every cell's
   targets and teacher outputs;
-* the stitched activations go through the end tails. Image models whose end normalises with
-  ``BatchNorm2d`` (or not at all) pass an end layer's stitched batches through one tail copy
-  together, interleaved along the batch, with per-stitch BatchNorm statistics
-  (:mod:`stitching.models.grouped`); other ends (language models, other norms) run each
-  cell's stitched activation through a tail of its own (one shared copy when the end keeps
-  no running statistics) with the end's own context (attention mask, positions);
+* the stitched activations go through the end tails. An end that keeps no running statistics
+  (language models, LayerNorm ViTs) or normalises with ``BatchNorm2d`` passes an end layer's
+  stitched batches through one tail copy together, interleaved along the batch, with the
+  end's context (attention mask, positions) of the inputs repeated to match, and per-stitch
+  BatchNorm statistics (:mod:`stitching.models.grouped`); other ends (other running norms)
+  run each cell's stitched activation through a tail of its own;
 * one Adam over all stitches (Adam is per parameter: the same steps as separate optimisers);
   each end layer's summed loss is backpropagated before the next is computed, so one end
   layer's graph is in memory at a time.
@@ -29,6 +31,7 @@ cells go on.
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -53,9 +56,10 @@ from stitching.settings import StitchSettings, check_capacity, default_lr
 from stitching.stitch_layers import Stitch, TokenStitch, batches, make_stitch, principal_projection, to_device
 
 
-def cell_key(i: int, j: int) -> str:
-    """A cell's name, as its run folder is named: ``f<i>-e<j>``."""
-    return f"f{i}-e{j}"
+def cell_key(i: int, j: int, front: str = "") -> str:
+    """A cell's name, as its run folder is named: ``f<i>-e<j>`` (``<front>/f<i>-e<j>`` in an
+    engine of several fronts)."""
+    return f"{front}/f{i}-e{j}" if front else f"f{i}-e{j}"
 
 
 def cell_seed(seed: int, i: int, j: int) -> int:
@@ -112,20 +116,30 @@ def running_stat_norms(model: nn.Module) -> list[nn.Module]:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Stitches into end layer ``j`` that pass one tail together (``fronts``: their front layers)."""
+    """Stitches into end layer ``j`` that pass one tail together (``fronts``: their ``(front
+    name, front layer)``, in the order they are interleaved)."""
 
     name: str
     j: int
-    fronts: tuple[int, ...]
+    fronts: tuple[tuple[str, int], ...]
     grouped: bool  # interleaved through a tail with grouped BatchNorms
+
+
+def repeat_inputs(inputs, times: int):
+    """Every sample ``times`` times in a row, as :func:`~stitching.models.grouped.interleave` orders stitches."""
+    if isinstance(inputs, dict):
+        return {key: value.repeat_interleave(times, 0) if torch.is_tensor(value) else value
+                for key, value in inputs.items()}
+    return inputs.repeat_interleave(times, 0)
 
 
 class StitchEngine(L.LightningModule):
     """Train the stitches of ``cells`` between copies of ``front`` and ``end`` under ``objective``.
 
     Args:
-        front, end: cuttable models; never changed (the engine works on copies).
-        cells: ``[(i, j), …]`` 1-based cut points (front, end).
+        front, end: cuttable models; never changed (the engine works on copies). ``front`` may
+            be ``{name: model}``: several fronts into the one end (names of letters, digits, ``_``, ``-``).
+        cells: ``[(i, j), …]`` 1-based cut points (front, end); with several fronts ``[(name, i, j), …]``.
         objective: what the stitches minimise (:mod:`stitching.objectives.objective`).
         stitch: how stitches are made, started and trained (:class:`~stitching.settings.StitchSettings`).
         dm_inputs: training inputs for the DM solution (and ``front_rank``'s projection).
@@ -137,15 +151,13 @@ class StitchEngine(L.LightningModule):
         device: where the DM solutions are computed.
     """
 
-    def __init__(self, front: CuttableModel, end: CuttableModel, cells: list[tuple[int, int]], objective: Objective,
-                 stitch: StitchSettings, dm_inputs, num_classes: int | None = None, adversarial: dict | None = None,
-                 seed: int = 0, tail_chunk: int | None = None, device="cpu"):
+    def __init__(self, front: CuttableModel | dict[str, CuttableModel], end: CuttableModel, cells: list[tuple],
+                 objective: Objective, stitch: StitchSettings, dm_inputs, num_classes: int | None = None,
+                 adversarial: dict | None = None, seed: int = 0, tail_chunk: int | None = None, device="cpu"):
         super().__init__()
         self.automatic_optimization = False  # per-cell clipping, and one end layer's graph at a time
         self.statistics_only = False  # True during DM's running-statistics pass (stitch.dm_bn_pass)
-        self.cells = list(dict.fromkeys((int(i), int(j)) for i, j in cells))
-        if not self.cells:
-            raise StitchingError("no cells to train: give at least one (front layer, end layer) pair")
+        fronts, self.cells = _fronts_and_cells(front, cells)
         self.objective, self.settings, self.seed = objective, stitch, int(seed)
         self.adversarial = dict(adversarial or {})
         self.alpha = float(self.adversarial.get("alpha", 0.0) or 0.0)
@@ -153,14 +165,14 @@ class StitchEngine(L.LightningModule):
         self.task = task_of(self.reference)
         #: Adam's learning rate: ``stitch.lr``, or its default for this objective and these models
         self.lr = stitch.lr if stitch.lr is not None else \
-            default_lr(objective.name, isinstance(front, LanguageModel) and isinstance(end, LanguageModel))
+            default_lr(objective.name, all(isinstance(model, LanguageModel) for model in (*fronts.values(), end)))
         if objective.needs_task_head and isinstance(self.task, Representation):
             raise StitchingError(f"objective {objective.name} needs an end model with a task head (a classifier or a "
                                  f"language-model head); this end model is a bare encoder: use dm, hint or fula")
         if self.alpha > 0 and not isinstance(self.task, Classification):
             raise StitchingError("adversarial stitching (attack.alpha > 0) applies to image classifiers only")
-        for i, j in self.cells:  # before any copy: layouts that cannot be joined are one line
-            problem = compatible(cut(front, i).layout, cut(end, j).layout)
+        for f, i, j in self.cells:  # before any copy: layouts that cannot be joined are one line
+            problem = compatible(cut(fronts[f], i).layout, cut(end, j).layout)
             if problem:
                 raise StitchingError(problem)
         self.num_classes = num_classes if num_classes is not None else end.num_classes
@@ -169,19 +181,19 @@ class StitchEngine(L.LightningModule):
         self.clip_val: float | None = None
         self.clip_algorithm = "norm"
         self.accumulate = 1
-        # fronts: one shared copy, or one per cell when each cell attacks its own network
-        front_names = [cell_key(i, j) for i, j in self.cells] if self.alpha > 0 else ["shared"]
-        self.fronts = nn.ModuleDict({name: copy.deepcopy(front).to(device).requires_grad_(False)
-                                     for name in front_names})
+        # fronts: one shared copy of each, or one per cell when each cell attacks its own network
+        slots = {self._front_slot(f, i, j): f for f, i, j in self.cells}
+        self.fronts = nn.ModuleDict({slot: copy.deepcopy(fronts[f]).to(device).requires_grad_(False)
+                                     for slot, f in slots.items()})
         self._build_tails(end, tail_chunk, dm_inputs, device)
-        for j in sorted({j for _, j in self.cells}):
+        for j in sorted({j for _, _, j in self.cells}):
             weights = objective.hint_weights(len(self.reference.cut_points) - j + 1)
             if weights is not None:
                 self.register_buffer(f"hint_weights_{j}", weights.to(device))
         self.stitches = nn.ModuleDict()
         self._initialise(to_device(dm_inputs, device))
-        self.metrics = nn.ModuleDict({cell_key(i, j): self._cell_metrics() for i, j in self.cells})
-        self.curves: dict[str, list[float]] = {cell_key(i, j): [] for i, j in self.cells}
+        self.metrics = nn.ModuleDict({cell_key(i, j, f): self._cell_metrics() for f, i, j in self.cells})
+        self.curves: dict[str, list[float]] = {cell_key(i, j, f): [] for f, i, j in self.cells}
         self.failed: dict[str, NonFiniteError] = {}
         self._last_train: dict[str, dict] = {}
         self._batches_seen = 0  # training batches so far (seeds each cell's adversarial draws)
@@ -191,13 +203,16 @@ class StitchEngine(L.LightningModule):
     def _build_tails(self, end: CuttableModel, tail_chunk: int | None, dm_inputs, device) -> None:
         """Chunks of each end layer's stitches and the tail copies they pass through."""
         norms = running_stat_norms(end)
-        context = self.reference.context(batches(to_device(dm_inputs, device), 2)[0])
-        shares_context = context.attention_mask is None and context.position_ids is None and not context.extras
-        together = self.alpha == 0 and shares_context and all(type(m) is nn.BatchNorm2d for m in norms)
-        groups = {j: [i for i, jj in self.cells if jj == j] for j in sorted({j for _, j in self.cells})}
+        together = self.alpha == 0 and all(type(m) is nn.BatchNorm2d for m in norms)
+        if norms and together:  # grouped BatchNorms see each stitch's batch; a context would need repeating too
+            context = self.reference.context(batches(to_device(dm_inputs, device), 2)[0])
+            together = context.attention_mask is None and context.position_ids is None and not context.extras
+        groups: dict[int, list[tuple[str, int]]] = {}
+        for f, i, j in self.cells:
+            groups.setdefault(j, []).append((f, i))
         size = (tail_chunk or max(len(fronts) for fronts in groups.values())) if together else 1
         self.chunks = [Chunk(f"{j}_{c}", j, tuple(fronts[k:k + size]), bool(norms) and len(fronts[k:k + size]) > 1)
-                       for j, fronts in groups.items() for c, k in enumerate(range(0, len(fronts), size))]
+                       for j, fronts in sorted(groups.items()) for c, k in enumerate(range(0, len(fronts), size))]
         self.tails = nn.ModuleDict()
         shared = None if norms else copy.deepcopy(end).to(device)  # no running statistics: one copy serves all
         for chunk in self.chunks:
@@ -207,11 +222,15 @@ class StitchEngine(L.LightningModule):
             self.tails[chunk.name] = cut(model, chunk.j).tail
         self.tails.requires_grad_(False)
 
-    def front_of(self, i: int, j: int) -> CuttableModel:
-        return self.fronts[cell_key(i, j)] if self.alpha > 0 else self.fronts["shared"]
+    def _front_slot(self, f: str, i: int, j: int) -> str:
+        """The front copy cell ``(f, i, j)`` runs: its front's shared one, or its own when attacked."""
+        return cell_key(i, j, f) if self.alpha > 0 else (f or "shared")
 
-    def _chunk_of(self, i: int, j: int) -> Chunk:
-        return next(chunk for chunk in self.chunks if chunk.j == j and i in chunk.fronts)
+    def front_of(self, i: int, j: int, front: str = "") -> CuttableModel:
+        return self.fronts[self._front_slot(front, i, j)]
+
+    def _chunk_of(self, i: int, j: int, front: str = "") -> Chunk:
+        return next(chunk for chunk in self.chunks if chunk.j == j and (front, i) in chunk.fronts)
 
     @torch.no_grad()
     def _activations(self, model: CuttableModel, inputs, upto: int | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -232,12 +251,15 @@ class StitchEngine(L.LightningModule):
         """Make every stitch, project its front if asked, and fit DM (or start it at the
         identity, or at a random map seeded per cell), from one pass of each model."""
         s = self.settings
-        front = next(iter(self.fronts.values()))  # every front copy is identical before training
-        fronts, _ = self._activations(front, inputs, upto=max(i for i, _ in self.cells))
-        ends, mask = self._activations(self.reference, inputs, upto=max(j for _, j in self.cells))
-        for i, j in self.cells:
+        # every copy of a front is identical before training: one pass of each front
+        copies = {f: self.front_of(i, j, f) for f, i, j in self.cells}
+        fronts = {f: self._activations(model, inputs, upto=max(i for g, i, _ in self.cells if g == f))[0]
+                  for f, model in copies.items()}
+        ends, mask = self._activations(self.reference, inputs, upto=max(j for _, _, j in self.cells))
+        for f, i, j in self.cells:
+            front = copies[f]
             front_layout, end_layout = front.cut_points[i - 1].layout, self.reference.cut_points[j - 1].layout
-            a_front, a_end = fronts[i - 1], ends[j - 1]
+            a_front, a_end = fronts[f][i - 1], ends[j - 1]
             check_capacity(s.kind, s.rank, s.front_rank, (channels(a_front, front_layout), channels(a_end, end_layout)))
             with torch.random.fork_rng(devices=[]):  # every random number of a cell's stitch is its own
                 torch.manual_seed(cell_seed(self.seed, i, j))
@@ -257,7 +279,7 @@ class StitchEngine(L.LightningModule):
                     raise StitchingError(f"stitch.front_rank={s.front_rank}: {err}; use more stitch.dm_samples") from None
             if s.init == "dm":
                 stitch.fit(stitch.prepare(a_front).float(), a_end, mask)
-            self.stitches[cell_key(i, j)] = stitch
+            self.stitches[cell_key(i, j, f)] = stitch
 
     def _cell_metrics(self) -> nn.ModuleDict:
         mean = lambda: torchmetrics.MeanMetric(nan_strategy="disable")  # noqa: E731 — a NaN is kept, never dropped
@@ -270,25 +292,25 @@ class StitchEngine(L.LightningModule):
         return nn.ModuleDict(metrics)
 
     # -- what a user reads -------------------------------------------------------------------
-    def network(self, i: int, j: int) -> StitchedNetwork:
-        """Cell ``(i, j)`` as an ordinary stitched network: its front (shared or its own), its
-        stitch and an end tail carrying the cell's own BatchNorm statistics (a fresh copy when
-        the cell trained interleaved with others)."""
-        chunk = self._chunk_of(i, j)
+    def network(self, i: int, j: int, front: str = "") -> StitchedNetwork:
+        """Cell ``(i, j)`` (of front ``front`` in an engine of several) as an ordinary stitched
+        network: its front (shared or its own), its stitch and an end tail carrying the cell's
+        own BatchNorm statistics (a fresh copy when the cell trained interleaved with others)."""
+        chunk = self._chunk_of(i, j, front)
         tail = self.tails[chunk.name]
         if chunk.grouped:
             plain = copy.deepcopy(self.reference)
-            load_group(tail.model, plain, chunk.fronts.index(i))
+            load_group(tail.model, plain, chunk.fronts.index((front, i)))
             tail = cut(plain, j).tail
-        return StitchedNetwork(cut(self.front_of(i, j), i).head, self.stitches[cell_key(i, j)], tail,
+        return StitchedNetwork(cut(self.front_of(i, j, front), i).head, self.stitches[cell_key(i, j, front)], tail,
                                update_bn=self.settings.update_bn)
 
     def results(self) -> dict[str, dict]:
         """Per cell: ``metrics`` (test metrics and the last epoch's training ones), ``curve``
         (mean training loss per epoch) and ``error`` (the divergence, or ``None``)."""
         out = {}
-        for i, j in self.cells:
-            key = cell_key(i, j)
+        for f, i, j in self.cells:
+            key = cell_key(i, j, f)
             metrics = {name.replace("_", "/", 1): float(metric.compute()) for name, metric in self.metrics[key].items()
                        if name.startswith("test_") and metric.update_count}
             metrics.update({name.replace("_", "/", 1): value for name, value in self._last_train.get(key, {}).items()})
@@ -433,53 +455,55 @@ class StitchEngine(L.LightningModule):
 
     # -- the fused pass ------------------------------------------------------------------------
     def _lanes(self, x, y, train: bool):
-        """``(front, inputs, chunks)``: one lane over the shared front, or (adversarial stitching)
+        """``(inputs, chunks)``: one lane over the shared fronts, or (adversarial stitching)
         one per cell, on that cell's own adversarial batch."""
         if self.alpha == 0 or not train:
-            yield self.fronts["shared"] if "shared" in self.fronts else None, x, self.chunks
+            yield x, self.chunks
             return
         settings = pgd_settings(self.adversarial)
         for chunk in self.chunks:
-            i, j = chunk.fronts[0], chunk.j
-            if cell_key(i, j) in self.failed:
+            (f, i), j = chunk.fronts[0], chunk.j
+            if cell_key(i, j, f) in self.failed:
                 continue
             # the attack's randomness is the cell's own: the same in a grid as in its own run
             generator = torch.Generator().manual_seed(cell_seed(self.seed, i, j) + self._batches_seen)
-            yield self.front_of(i, j), mix_adversarial(self.network_view(i, j), x, y, self.alpha, generator=generator,
-                                                       **settings), [chunk]
+            yield mix_adversarial(self.network_view(i, j, f), x, y, self.alpha, generator=generator, **settings), [chunk]
 
-    def network_view(self, i: int, j: int) -> StitchedNetwork:
+    def network_view(self, i: int, j: int, front: str = "") -> StitchedNetwork:
         """Cell ``(i, j)``'s network over the engine's own modules (a tail of its own: chunks of one)."""
-        return StitchedNetwork(cut(self.front_of(i, j), i).head, self.stitches[cell_key(i, j)],
-                               self.tails[self._chunk_of(i, j).name], update_bn=self.settings.update_bn)
+        return StitchedNetwork(cut(self.front_of(i, j, front), i).head, self.stitches[cell_key(i, j, front)],
+                               self.tails[self._chunk_of(i, j, front).name], update_bn=self.settings.update_bn)
 
     def _passes(self, x, y=None, train: bool = True):
         """Per tail pass, every cell's ``(key, output, loss)`` on one batch (loss ``None`` in
         the test pass), one pass at a time: a caller that backpropagates each group before
         asking for the next keeps one pass's graph in memory, not the grid's."""
         objective = self.objective
-        for front, inputs, chunks in self._lanes(x, y, train):
-            cells_here = [(i, chunk.j) for chunk in chunks for i in chunk.fronts]
+        for inputs, chunks in self._lanes(x, y, train):
+            cells_here = [(f, i, chunk.j) for chunk in chunks for f, i in chunk.fronts]
+            deepest: dict[str, int] = {}  # each front copy runs once, to the deepest cut point read from it
+            for f, i, j in cells_here:
+                slot = self._front_slot(f, i, j)
+                deepest[slot] = max(i, deepest.get(slot, 0))
             with torch.no_grad():
-                if front is None:  # adversarial engine, test pass: each cell's own clean front
-                    fronts_of = {key: cut_point_activations(self.fronts[key], inputs, upto=i)[1]
-                                 for key, i in ((cell_key(i, j), i) for i, j in cells_here)}
-                else:
-                    shared = cut_point_activations(front, inputs, upto=max(i for i, _ in cells_here))[1]
+                activations = {slot: cut_point_activations(self.fronts[slot], inputs, upto=upto)[1]
+                               for slot, upto in deepest.items()}
                 targets_all, teacher = [], None
                 if train and (objective.targets or objective.needs_teacher):
-                    deepest = None if objective.targets == "all" or objective.needs_teacher else \
-                        max(j for _, j in cells_here)
-                    teacher, targets_all = cut_point_activations(self.reference, inputs, upto=deepest)
+                    deepest_end = None if objective.targets == "all" or objective.needs_teacher else \
+                        max(j for _, _, j in cells_here)
+                    teacher, targets_all = cut_point_activations(self.reference, inputs, upto=deepest_end)
             mask = self.reference.context(inputs).attention_mask
             contexts = {}
             for chunk in chunks:
                 tail = self.tails[chunk.name]
-                context = contexts.get(id(tail.model))
-                if context is None:
-                    context = contexts[id(tail.model)] = tail.context(inputs)
-                stitched = [self.stitches[cell_key(i, chunk.j)](
-                    (shared if front is not None else fronts_of[cell_key(i, chunk.j)])[i - 1]) for i in chunk.fronts]
+                together = len(chunk.fronts)
+                context = contexts.get((id(tail.model), together))
+                if context is None:  # interleaved stitches read each input's context as many times in a row
+                    context = contexts[(id(tail.model), together)] = tail.context(
+                        inputs if together == 1 else repeat_inputs(inputs, together))
+                stitched = [self.stitches[cell_key(i, chunk.j, f)](activations[self._front_slot(f, i, chunk.j)][i - 1])
+                            for f, i in chunk.fronts]
                 features = train and objective.needs_features
                 with torch.set_grad_enabled(torch.is_grad_enabled() and objective.tail_grad):
                     # a hint objective still runs the tail, so its BN statistics see stitched data
@@ -492,7 +516,7 @@ class StitchEngine(L.LightningModule):
                 else:
                     logits, later = (logits,), [(part,) for part in later]
                 group = []
-                for g, i in enumerate(chunk.fronts):
+                for g, (f, i) in enumerate(chunk.fronts):
                     loss = None
                     if train:
                         j = chunk.j
@@ -500,7 +524,7 @@ class StitchEngine(L.LightningModule):
                             [targets_all[j - 1]] if objective.targets == "end" else targets_all[j - 1:])
                         loss = objective.loss([stitched[g], *[part[g] for part in later]], logits[g], targets, teacher,
                                               y, mask, self.task, getattr(self, f"hint_weights_{j}", None))
-                    group.append((cell_key(i, chunk.j), logits[g], loss))
+                    group.append((cell_key(i, chunk.j, f), logits[g], loss))
                 yield group
 
     # -- test ----------------------------------------------------------------------------------
@@ -535,6 +559,29 @@ class StitchEngine(L.LightningModule):
                 if end_loss is not None:
                     metrics["test_end_loss"].update(end_loss, size)
                     metrics["test_penalty"].update(loss - end_loss, size)
+
+
+def _fronts_and_cells(front, cells) -> tuple[dict[str, CuttableModel], list[tuple[str, int, int]]]:
+    """``({name: front model}, [(front name, i, j), …])``: one front is named ``""``."""
+    several = isinstance(front, dict)
+    fronts = dict(front) if several else {"": front}
+    if several and (not fronts or not all(isinstance(name, str) and re.fullmatch(r"[\w-]+", name) for name in fronts)):
+        raise StitchingError(f"several fronts are named by letters, digits, _ and -; got {sorted(map(str, fronts))}")
+    try:
+        normal = [(str(c[0]), int(c[1]), int(c[2])) if several else ("", int(c[0]), int(c[1])) for c in cells]
+        wrong = [c for c in cells if len(c) != (3 if several else 2)]
+    except (TypeError, ValueError, IndexError):
+        normal, wrong = [], [None]
+    if wrong:
+        raise StitchingError("cells are (front layer, end layer) pairs" + (
+            ", named by their front: (front name, front layer, end layer)" if several else ""))
+    unknown = sorted({f for f, _, _ in normal} - set(fronts))
+    if unknown:
+        raise StitchingError(f"cells name unknown fronts {unknown}; the fronts are {sorted(fronts)}")
+    normal = list(dict.fromkeys(normal))
+    if not normal:
+        raise StitchingError("no cells to train: give at least one (front layer, end layer) pair")
+    return fronts, normal
 
 
 #: ``trainer`` settings the engine applies per cell (Lightning's own apply to automatic optimisation only)

@@ -5,7 +5,8 @@ front × end cut points (default), ``diagonal`` (the corresponding layers of a s
 or an explicit list ``[[i, j], …]``. The cells train together in one
 :class:`~stitching.engine.StitchEngine` (a single run is the same engine with one cell): the
 front and the reference end model run once per batch for every cell, under the same Lightning
-Trainer settings as a single run. Every cell then gets an ordinary run folder,
+Trainer settings as a single run. In a sweep, the grids that differ in their front model alone
+and enter an end without running statistics (language models, LayerNorm ViTs) share one engine. Every cell then gets an ordinary run folder,
 ``<out>/<objective>/f<i>-e<j>/results.json`` with its stitch and testbed metrics, so
 ``stitching.report`` and the sanity checks read a grid as they read a sweep; a rerun skips
 finished cells.
@@ -32,9 +33,8 @@ from stitching import CONF_DIR
 from stitching.build import compose_config, read_settings
 from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
 from stitching.files import hold_folder
-from stitching.grids import preset_sweep, run_grid, sweep_grids
+from stitching.grids import preset_sweep, run_grid, run_grids, sweep_grids
 from stitching.jobs import share_threads
-from stitching.runtime import release_memory
 
 
 def _folder_name(number: int, overrides: list[str], varying: set[str]) -> str:
@@ -75,16 +75,19 @@ def main(argv: list[str] | None = None) -> None:
     for rest, cells, folder in plan:  # every grid's config is read (and checked) before any is trained
         extra = [] if cells is None else [f"grid.pairs={_pairs_override(cells)}"]
         configs.append((read_settings(compose_config([*rest, *extra])), folder))
-    failed = 0
     gc.collect()
     gc.freeze()  # what importing made lives as long as the process: each grid's collection skips it
-    for settings, folder in configs:
-        summary = run_grid(settings, folder, progress=not args.no_progress)
+    # grids that differ in their front alone, into an end without running statistics, share one engine
+    failed = []
+
+    def report(k: int, summary: dict) -> None:
+        settings, folder = configs[k]
         _print_summary(settings.objective, summary, folder)
-        failed += len(summary["failed"])
-        release_memory()
+        failed.extend(summary["failed"])
+
+    run_grids(configs, progress=not args.no_progress, report=report)
     if failed:
-        print(f"[grid] {failed} cell(s) failed; `python -m stitching.report {out}` lists them", file=sys.stderr)
+        print(f"[grid] {len(failed)} cell(s) failed; `python -m stitching.report {out}` lists them", file=sys.stderr)
         sys.exit(1)
 
 

@@ -5,19 +5,21 @@ trained by one engine and recorded cell by cell, and a ``-m`` sweep planned as w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stitching import CONF_DIR, LAYER_KEYS
-from stitching.build import Settings, as_settings, setup
+from stitching.build import Settings, as_settings, beside_front, setup
+from stitching.engine import running_stat_norms
 from stitching.errors import StitchingError, config_error
 from stitching.models import cut_point_names
-from stitching.runs import cell_config, pending_cells, record_cells
-from stitching.runtime import Stopwatch
+from stitching.runs import Grid, cell_config, pending_cells, record_grids
+from stitching.runtime import Stopwatch, release_memory
 
-__all__ = ["PAIRS", "cell_config", "grid_pairs", "preset_sweep", "run_grid", "sweep_grids", "tail_chunk"]
+__all__ = ["PAIRS", "cell_config", "grid_pairs", "preset_sweep", "run_grid", "run_grids", "sweep_grids", "tail_chunk"]
 
 PAIRS = ("all", "diagonal")
 
@@ -55,20 +57,64 @@ def tail_chunk(tail_samples, batch_size: int, device) -> int | None:
 def run_grid(settings: Settings | DictConfig, out: Path, progress: bool = True) -> dict:
     """Train and record every cell of ``grid.pairs`` in one engine; returns ``{"done",
     "skipped", "failed", "cells", "timings"}``."""
-    watch = Stopwatch()
-    settings = as_settings(settings)
-    named = settings.grid.pairs not in (None, *PAIRS)
-    if named:  # a rerun of a finished grid reads nothing: no data, no models
-        cells = list(dict.fromkeys(listed_pairs(settings.grid.pairs)))
-        if not pending_cells(settings, cells, Path(out)):
-            return {"done": [], "skipped": cells, "failed": [], "cells": len(cells), "primary": True,
-                    "timings": watch.report()}
-    done = setup(settings, watch, layers=([1], [1]), stitched=False)
+    return run_grids([(settings, out)], progress)[0]
+
+
+def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = True,
+              report: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train and record several grids, each in its folder; one summary per grid (as
+    :func:`run_grid`'s), each also handed to ``report(index, summary)`` as soon as it is made.
+
+    Grids whose settings differ in their front model alone, into an end that
+    keeps no running statistics (a language model, a LayerNorm ViT), train in one engine: the
+    data and the end are set up once, and an end layer's tail takes every front's stitches in
+    one pass. Other grids train one engine each, one after another."""
+    summaries: list[dict | None] = [None] * len(grids)
+
+    def finished(k: int, summary: dict) -> None:
+        summaries[k] = summary
+        if report is not None:
+            report(k, summary)
+    grouped: dict[str, list[int]] = {}  # in the order of their first grid
+    for k, (given, _) in enumerate(grids):
+        grouped.setdefault(beside_front(as_settings(given)), []).append(k)
+    groups = list(grouped.values())
+    for group in groups:
+        watch, members, base, together = Stopwatch(), [], None, False
+        for k in group:
+            settings, out = as_settings(grids[k][0]), Path(grids[k][1])
+            if settings.grid.pairs not in (None, *PAIRS):  # a rerun of a finished grid reads no data, no models
+                cells = list(dict.fromkeys(listed_pairs(settings.grid.pairs)))
+                if not pending_cells(settings, cells, out):
+                    finished(k, {"done": [], "skipped": cells, "failed": [], "cells": len(cells), "primary": True,
+                                 "timings": Stopwatch().report()})
+                    continue
+            own = watch if base is None or together else Stopwatch()
+            done = setup(settings, own, layers=([1], [1]), stitched=False, like=base)
+            if base is None:  # an end with running statistics would need a tail copy per front: one engine each
+                base, together = done, not running_stat_norms(done.end)
+            if together:
+                members.append((k, _grid(done, out)))
+            else:
+                finished(k, record_grids([_grid(done, out)], own, progress, _chunk(done))[0])
+                release_memory()
+        if members:
+            for (k, _), summary in zip(members, record_grids([grid for _, grid in members], watch, progress,
+                                                             _chunk(base))):
+                finished(k, summary)
+        del members, base
+        release_memory()
+    return summaries
+
+
+def _grid(done, out: Path) -> Grid:
     settings = done.settings
     pairs = grid_pairs(settings.grid.pairs, len(cut_point_names(done.front)), len(cut_point_names(done.end)))
-    return record_cells(settings, done, pairs, Path(out), watch, progress=progress,
-                        tail_chunk=tail_chunk(settings.grid.tail_samples, done.datamodule.batch_size,
-                                              settings.device))
+    return Grid(settings, done, pairs, out)
+
+
+def _chunk(done) -> int | None:
+    return tail_chunk(done.settings.grid.tail_samples, done.datamodule.batch_size, done.settings.device)
 
 
 def preset_sweep(overrides: list[str]) -> dict:

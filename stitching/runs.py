@@ -15,6 +15,7 @@ import json
 import sys
 import traceback
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -92,7 +93,8 @@ def initial_metrics(settings: Settings, prep: Run, watch: Stopwatch) -> dict:
     if not settings.evaluation.penultimate_cka:
         return {}
     with watch.section("init_eval_s"):
-        network = prep.engine.network(*prep.prepared.cell)  # its start; the run's own view is read after training
+        # its start (a fresh view: the run's own is read after training)
+        network = prep.engine.network(*prep.prepared.cell, prep.prepared.front_name)
         return {"init/penultimate_cka": penultimate_cka(network, copy.deepcopy(prep.end), prep.datamodule,
                                                         prep.settings.attack, prep.settings.device, prep.settings.seed)}
 
@@ -323,44 +325,84 @@ def record_cells(settings: Settings, done: Setup, cells: list[tuple[int, int]], 
     """Train ``cells`` of ``settings`` in one engine and record each in
     ``<out>/<objective>/f<i>-e<j>/`` (a finished cell of the same config is kept); returns
     ``{"done", "skipped", "failed", "cells", "timings", "primary"}``."""
-    folder = lambda i, j: out / settings.objective / cell_key(i, j)  # noqa: E731
-    todo = pending_cells(settings, cells, out)  # a rerun keeps what it finished
-    skipped = [cell for cell in cells if cell not in todo]
-    summary = {"done": [], "skipped": skipped, "failed": [], "cells": len(cells), "primary": True}
-    if not todo:
-        summary["timings"] = watch.report()
-        return summary
-    engine = make_engine(done, todo, watch, tail_chunk=tail_chunk)
-    runs = {cell: cell_run(done, engine, cell) for cell in todo}
-    initial = {cell: initial_metrics(settings, prep, watch) for cell, prep in runs.items()}
+    return record_grids([Grid(settings, done, cells, out)], watch, progress, tail_chunk)[0]
+
+
+@dataclass
+class Grid:
+    """The cells of one grid: its settings, its setup, its cells and its folder."""
+
+    settings: Settings
+    done: Setup
+    cells: list[tuple[int, int]]
+    out: Path
+    todo: list[tuple[int, int]] = field(default_factory=list)  # the cells without a finished record
+    summary: dict = field(default_factory=dict)
+
+
+def record_grids(grids: list[Grid], watch: Stopwatch, progress: bool = True, tail_chunk: int | None = None) -> list[dict]:
+    """Grids whose settings differ in their front model alone, trained in one engine (every
+    front into the one end: its reference pass is shared, its tails take several fronts'
+    stitches at once) and recorded each in its own folder as :func:`record_cells` does; one
+    summary per grid. A cell's record is that of its own single run."""
+    for grid in grids:
+        grid.todo = pending_cells(grid.settings, grid.cells, grid.out)  # a rerun keeps what it finished
+        grid.summary = {"done": [], "skipped": [cell for cell in grid.cells if cell not in grid.todo], "failed": [],
+                        "cells": len(grid.cells), "primary": True}
+    live = [grid for grid in grids if grid.todo]
+    summaries = [grid.summary for grid in grids]
+    if not live:
+        for summary in summaries:
+            summary["timings"] = watch.report()
+        return summaries
+    first = live[0]
+    for grid in live[1:]:
+        if grid.done.end is not first.done.end or grid.done.datamodule is not first.done.datamodule:
+            raise StitchingError("grids trained in one engine share one setup of their data and end model")
+    names = [f"g{k}" for k in range(len(live))] if len(live) > 1 else [""]
+    cells = [(name, i, j) for name, grid in zip(names, live) for i, j in grid.todo]
+    fronts = {name: grid.done.front for name, grid in zip(names, live)} if len(live) > 1 else None
+    engine = make_engine(first.done, cells if fronts else live[0].todo, watch, tail_chunk=tail_chunk, fronts=fronts)
+    of = dict(zip(names, live))
+    runs = {(name, cell): cell_run(grid.done, engine, cell, name) for name, grid in of.items() for cell in grid.todo}
+    initial = {(name, cell): initial_metrics(of[name].settings, prep, watch) for (name, cell), prep in runs.items()}
+    settings = first.settings
     trainer = {**settings.trainer, "enable_progress_bar": progress and settings.trainer.get("enable_progress_bar", True)}
-    results = fit_engine(engine, done.datamodule.train_dataloader(), done.datamodule.test_dataloader(), trainer,
-                         run_dir=out / settings.objective, watch=watch)
+    results = fit_engine(engine, first.done.datamodule.train_dataloader(), first.done.datamodule.test_dataloader(),
+                         trainer, run_dir=first.out / settings.objective, watch=watch)
     if not engine.primary:  # another process of a DDP run: the first one writes the cells
-        summary.update(primary=False, timings=watch.report())
-        return summary
-    trained = {(i, j): results[cell_key(i, j)]["metrics"] for i, j in todo if results[cell_key(i, j)]["error"] is None}
+        for summary in summaries:
+            summary.update(primary=False, timings=watch.report())
+        return summaries
+    baselines = {}
     with watch.section("baseline_s"):
-        baselines = self_baselines(settings, trained, out, progress)
-    shared = watch.report()
-    share = {k: round(v / len(todo), 3) for k, v in shared.items()}
-    for (i, j), prep in tqdm(runs.items(), desc="cells", disable=not progress, leave=False):
-        cell, run_dir, result = settings.for_cell(i, j), folder(i, j), results[cell_key(i, j)]
+        for name, grid in of.items():
+            trained = {(i, j): results[cell_key(i, j, name)]["metrics"] for i, j in grid.todo
+                       if results[cell_key(i, j, name)]["error"] is None}
+            for cell, baseline in self_baselines(grid.settings, trained, grid.out, progress).items():
+                baselines[(name, cell)] = baseline
+    share = {k: round(v / len(runs), 3) for k, v in watch.report().items()}
+    for (name, (i, j)), prep in tqdm(runs.items(), desc="cells", disable=not progress, leave=False):
+        grid = of[name]
+        summary = grid.summary
+        cell, result = grid.settings.for_cell(i, j), results[cell_key(i, j, name)]
+        run_dir = grid.out / grid.settings.objective / cell_key(i, j)
         run_dir.mkdir(parents=True, exist_ok=True)
-        error = result["error"] if result["error"] is not None else baselines.get((i, j))
+        error = result["error"] if result["error"] is not None else baselines.get((name, (i, j)))
         if isinstance(error, BaseException):
             failure_record(cell, run_dir, error)
             summary["failed"].append(((i, j), str(error)))
             continue
         cell_watch = Stopwatch()
-        finish_run(cell, prep, {**result["metrics"], **initial[(i, j)]}, cell_watch, run_dir,
+        finish_run(cell, prep, {**result["metrics"], **initial[(name, (i, j))]}, cell_watch, run_dir,
                    timings={**{f"grid_{k}": v for k, v in share.items()}, "total_s": share["total_s"]
-                            + cell_watch.report()["total_s"], "fused_cells": len(todo)},
+                            + cell_watch.report()["total_s"], "fused_cells": len(runs)},
                    curve={"train/loss": result["curve"]} if result["curve"] else None,
-                   baseline=baselines.get((i, j)))
+                   baseline=baselines.get((name, (i, j))))
         summary["done"].append((i, j))
-    summary["timings"] = watch.report()
-    return summary
+    for summary in summaries:
+        summary["timings"] = watch.report()
+    return summaries
 
 
 # -- the self-stitch baseline of a language-model penalty ---------------------------------

@@ -75,7 +75,8 @@ def test_tail_of_head_is_the_library_forward_at_every_cut_point(kind):
             expected = _output(model, **batch)
             for point in wrapped.cut_points:
                 head, tail = split(wrapped, point.index)
-                torch.testing.assert_close(tail(*head(batch)), expected, rtol=0, atol=1e-6)
+                # a TransformerLens model runs its fused forward on the unpadded batch: equal up to float rounding
+                torch.testing.assert_close(tail(*head(batch)), expected, rtol=1e-5, atol=1e-5 if "lens" in kind else 1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -322,6 +323,44 @@ def test_a_language_model_grid_cell_equals_its_own_run(objective, tmp_path):
         assert {"test/penalty", "test/end_loss", "train/loss"} <= set(alone["metrics"])
 
 
+def test_several_fronts_into_one_end_train_as_their_own_engines(tmp_path):
+    """Two fronts (a Llama and a GPT-NeoX) into one Llama end in one engine: the end layer's
+    tail takes both fronts' stitched sequences at once, interleaved, with the padded batch's
+    mask and positions repeated to match; every cell equals the cell of its own front's engine."""
+    from stitching.api import TokenBatch
+    from stitching.engine import StitchEngine, fit_engine
+    from stitching.errors import StitchingError
+    from stitching.models import as_cuttable
+    from stitching.objectives import make_objective
+    from stitching.settings import StitchSettings
+
+    fronts = {"a": as_cuttable(tiny("llama", seed=0)), "b": as_cuttable(tiny("gpt_neox", seed=2))}
+    end = as_cuttable(tiny("llama", seed=1))
+    data = _padded_batch(seed=5, lengths=(24,) * 12 + (15, 7, 19, 3))
+    loader = torch.utils.data.DataLoader(TokenBatch(data), batch_size=4)
+    settings = StitchSettings(lr=1e-2)
+    options = {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False}
+    cells = {"a": [(1, 2), (3, 3)], "b": [(1, 2), (2, 2)]}
+    fused = StitchEngine(fronts, end, [(f, i, j) for f, pairs in cells.items() for i, j in pairs],
+                         make_objective("fula"), settings, data, num_classes=VOCAB)
+    assert [chunk.fronts for chunk in fused.chunks if chunk.j == 2] == [(("a", 1), ("b", 1), ("b", 2))]
+    results = fit_engine(fused, loader, loader, options, run_dir=tmp_path)
+    for f, pairs in cells.items():
+        own = StitchEngine(fronts[f], end, pairs, make_objective("fula"), settings, data, num_classes=VOCAB)
+        alone = fit_engine(own, loader, loader, options, run_dir=tmp_path)
+        for i, j in pairs:
+            assert results[f"{f}/f{i}-e{j}"]["metrics"] == pytest.approx(alone[f"f{i}-e{j}"]["metrics"], rel=1e-5,
+                                                                         abs=1e-6)
+            for (name, want), got in zip(own.stitches[f"f{i}-e{j}"].state_dict().items(),
+                                         fused.stitches[f"{f}/f{i}-e{j}"].state_dict().values()):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    for given, bad, message in ((fronts, [("a", 1)], "named by their front"), (fronts, [("c", 1, 2)], "unknown fronts"),
+                                (fronts, [(1, 2)], "named by their front"), (fronts["a"], [("a", 1, 2)], "cells are"),
+                                ({"a.b": end}, [("a.b", 1, 2)], "letters, digits")):
+        with pytest.raises(StitchingError, match=message):
+            StitchEngine(given, end, bad, make_objective("dm"), settings, data)
+
+
 def _counting(rows: int, generator: torch.Generator, length: int = 24) -> torch.Tensor:
     """Token ids that count up from a random start: a corpus no random model has seen."""
     start = torch.randint(1, VOCAB, (rows, 1), generator=generator)
@@ -453,6 +492,70 @@ def test_a_cut_between_attention_and_mlp_is_exact_and_holds_the_library_stream(k
     assert attention.endswith((".self_attn", ".attn", ".attention")) and attention.startswith(block)
     mlp = {"bert_mlm": "output", "bert": "output"}.get(kind, "mlp")
     assert split(wrapped, f"{block}.{mlp}")[1].point.name == block  # the MLP's name is the block's own cut point
+
+
+def _cached_stream(cache, index: int) -> torch.Tensor:
+    """The library's residual stream at sub-layer cut point ``index`` (embed, then attention and block of each)."""
+    if index == 1:
+        return cache["blocks.0.hook_resid_pre"]
+    block, attention = (index - 2) // 2, index % 2 == 0
+    return cache[f"blocks.{block}.hook_resid_{'mid' if attention else 'post'}"]
+
+
+@pytest.mark.parametrize("kind", ["lens_gelu", "lens_solu"])
+def test_a_transformer_lens_model_runs_fused_and_equals_the_library(kind):
+    """Unpadded batches of a plain pre-LN TransformerLens model take the fused forward (one QKV
+    product, PyTorch's attention, F.layer_norm): every cut point's stream, the output and the
+    gradient that reaches a stitch equal the library's own forward and backward."""
+    from stitching.models.language import _lens_plain
+
+    model = tiny(kind)
+    wrapped = LanguageModel(model).with_sublayers()
+    ids = torch.randint(1, VOCAB, (3, 20), generator=torch.Generator().manual_seed(4))
+    assert _lens_plain(model)
+    library = copy.deepcopy(model)
+    library.__dict__["_stitching_fused"] = False  # the same model forced through the library's forward
+    slow = LanguageModel(library).with_sublayers()
+    with torch.no_grad():
+        expected, cache = model.run_with_cache(ids)
+    for point in wrapped.cut_points:
+        head, tail = split(wrapped, point.index)
+        with torch.no_grad():
+            activation, context = head(ids)
+        assert context.extras["unpadded"]
+        torch.testing.assert_close(activation, _cached_stream(cache, point.index), rtol=1e-5, atol=1e-5)
+        grads = []
+        for net in (wrapped, slow):
+            start = activation.clone().requires_grad_(True)
+            out = split(net, point.index)[1](start, net.context(ids))
+            torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+            F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+            grads.append(start.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", [{"attn_only": True}, {"parallel_attn_mlp": True}, {"normalization_type": "LNPre"},
+                                    {"positional_embedding_type": "rotary", "rotary_dim": 8}])
+def test_a_transformer_lens_model_the_fused_forward_does_not_know_runs_the_library(change):
+    """Any other TransformerLens configuration, and any padded batch, runs the library's own forward."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from stitching.models.language import _lens_plain
+
+    settings = dict(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=64, d_vocab=VOCAB, act_fn="gelu",
+                    normalization_type="LN", seed=0)
+    model = HookedTransformer(HookedTransformerConfig(**{**settings, **change})).eval()
+    wrapped = LanguageModel(model)
+    ids = torch.randint(1, VOCAB, (3, 20), generator=torch.Generator().manual_seed(4))
+    assert not _lens_plain(model)
+    with torch.no_grad():
+        expected = model(ids)
+        for point in wrapped.cut_points:
+            head, tail = split(wrapped, point.index)
+            torch.testing.assert_close(tail(*head(ids)), expected, rtol=0, atol=1e-6)
+    padded = _padded_batch()
+    plain = LanguageModel(tiny("lens_gelu"))
+    assert not plain.context(padded).extras["unpadded"]
 
 
 def test_a_parallel_residual_block_has_no_stream_between_its_sublayers():

@@ -40,6 +40,24 @@ def test_the_embedded_corpus_is_split_and_cut_into_real_tokens():
     assert ByteTokenizer().decode(ids[0]) == text.encode()[:64].decode("utf-8", errors="replace")
 
 
+def test_a_runs_training_order_is_its_seed_alone():
+    """Whatever was drawn before (models loaded, other runs), a run's batches come in the order
+    its seed gives; another seed, another order; a base model's training keeps the global generator."""
+    import torch
+
+    from stitching.data.text import TextDataModule
+
+    def first_batch(stream_seed, drawn_before):
+        data = TextDataModule(batch_size=8, train_sequences=64)
+        data.stream_seed = stream_seed
+        torch.manual_seed(drawn_before)
+        return next(iter(data.train_dataloader()))["input_ids"]
+
+    assert torch.equal(first_batch(3, 0), first_batch(3, 1))
+    assert not torch.equal(first_batch(3, 0), first_batch(4, 0))
+    assert not torch.equal(first_batch(None, 0), first_batch(None, 1))
+
+
 @pytest.mark.parametrize("objective", ["dm", "hint", "fula", "slm", "tlm"])
 def test_each_objective_runs_between_gelu_and_solu_models_trained_here(objective, lm_config, tmp_path):
     from stitching.runs import run
@@ -141,6 +159,33 @@ def test_a_grid_shares_one_self_stitch_baseline_per_end_layer(lm_config, tmp_pat
     assert third["failed"] and all("measured the end model's own loss" in error for _, error in third["failed"])
     status = {name: record["status"] for name, record in _records(tmp_path / "third").items()}
     assert status == {name: "failed" if name.endswith(tampered.parent.name[-3:]) else "ok" for name in status}
+
+
+def test_grids_that_differ_in_their_front_alone_share_one_engine(lm_config, tmp_path):
+    """A GeLU and a SoLU front into one SoLU end: the two grids train in one engine (data and end
+    set up once, the tails taking both fronts' stitches at once), and every cell's record is the
+    one its own grid writes alone, in its own folder."""
+    from stitching.grids import run_grid, run_grids
+
+    common = ["objective=tlm", "end.arch=lm_solu", "end.seed=1", "evaluation.self_baseline=false"]
+    cells = {"lm_gelu": "grid.pairs=[[1,2],[2,2],[3,3]]", "lm_solu": "grid.pairs=[[2,2],[3,1]]"}
+    configs = [(lm_config(tmp_path, *common, f"front.arch={arch}", pairs), tmp_path / "together" / arch)
+               for arch, pairs in cells.items()]
+    told = []
+    summaries = run_grids(configs, progress=False, report=lambda k, summary: told.append(k))
+    assert sorted(told) == [0, 1] and [len(summary["done"]) for summary in summaries] == [3, 2]
+    for (cfg, folder), arch in zip(configs, cells):
+        alone = tmp_path / "alone" / arch
+        assert not run_grid(cfg, alone, progress=False)["failed"]
+        shared, own = _records(folder), _records(alone)
+        assert sorted(shared) == sorted(own)
+        for name, record in shared.items():
+            assert record["timings"]["fused_cells"] == 5 and own[name]["timings"]["fused_cells"] == len(own)
+            assert record["config_hash"] == own[name]["config_hash"]
+            assert record["base"] == own[name]["base"]
+            assert record["metrics"] == pytest.approx(own[name]["metrics"], rel=1e-5, abs=1e-6), name
+    again = run_grids(configs, progress=False)  # a rerun keeps both grids as they are
+    assert [len(summary["skipped"]) for summary in again] == [3, 2]
 
 
 def test_a_self_stitching_grid_is_its_own_baseline(lm_config, tmp_path):

@@ -160,6 +160,15 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.train_sequences, self.test_sequences = train_sequences, test_sequences
         self.arrays: TextArrays | None = None
+        #: a stitching run's seed, which alone orders its training batches (``None``: the global
+        #: generator, as a base model's training seeds it); the device is the run's
+        self.stream_seed: int | None = None
+        self.device = torch.device("cpu")
+
+    def order(self) -> torch.Generator | None:
+        """The generator of the training order: seeded by ``stream_seed`` alone, so a run's batches
+        come in the same order however much randomness was drawn before it (models loaded, other runs)."""
+        return None if self.stream_seed is None else torch.Generator().manual_seed(int(self.stream_seed))
 
     def setup(self, stage: str | None = None) -> None:
         if self.arrays is not None:
@@ -186,7 +195,7 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(TokenDataset(self.arrays.train), batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, generator=self.order())
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
@@ -313,7 +322,7 @@ class PairDataModule(TextDataModule):
 
     def loader(self, data: PairDataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=data.collate)
+                          collate_fn=data.collate, generator=self.order() if shuffle else None)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -265,13 +265,123 @@ def _lens_second(m, i, h, c):
         handle.remove()
 
 
+# The same computation in a few fused operations (one QKV product, PyTorch's scaled dot-product
+# attention, F.layer_norm): about twice as fast on a CPU as the library's forward, whose hooks,
+# einsums and hand-written LayerNorm dominate a small model's time. It serves a plain pre-LN model
+# (LayerNorm, learned positions, multi-head causal attention, an MLP) on a batch without padding,
+# once a probe has shown that it equals the library's forward on this model; anything else runs the
+# library's own forward.
+def _lens_layer_norm(ln, x):
+    return nn.functional.layer_norm(x, (x.shape[-1],), ln.w, ln.b, ln.eps)
+
+
+def _lens_native_first(m, i, h):
+    block, (n, d) = m.blocks[i], (m.cfg.n_heads, m.cfg.d_head)
+    attn = block.attn
+    x = _lens_layer_norm(block.ln1, h)
+    weights = torch.cat([w.permute(1, 0, 2).flatten(1) for w in (attn.W_Q, attn.W_K, attn.W_V)], 1)
+    biases = torch.cat([b.flatten() for b in (attn.b_Q, attn.b_K, attn.b_V)])
+    q, k, v = (x @ weights + biases).unflatten(-1, (3, n, d)).permute(2, 0, 3, 1, 4)
+    z = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / attn.attn_scale)
+    return h + z.transpose(1, 2).flatten(2) @ attn.W_O.flatten(0, 1) + attn.b_O
+
+
+def _lens_native_second(m, i, h):
+    mlp = m.blocks[i].mlp
+    post = mlp.act_fn(_lens_layer_norm(m.blocks[i].ln2, h) @ mlp.W_in + mlp.b_in)
+    if getattr(mlp, "ln", None) is not None and m.cfg.is_layer_norm_activation():
+        post = _lens_layer_norm(mlp.ln, post)
+    return h + post @ mlp.W_out + mlp.b_out
+
+
+def _lens_native_embed(m, ids):
+    return m.W_E[ids] + m.W_pos[: ids.shape[1]]
+
+
+def _lens_native_head(m, h):
+    return _lens_layer_norm(m.ln_final, h) @ m.W_U + m.b_U
+
+
+def _lens_plain(m) -> bool:
+    """Whether ``m`` is a plain pre-LN model whose fused forward equals the library's (checked once
+    per model on a short probe; the answer travels with the model's copies)."""
+    known = m.__dict__.get("_stitching_fused")
+    if known is None:
+        m.__dict__["_stitching_fused"] = known = _lens_fused_agrees(m)
+    return known
+
+
+@torch.no_grad()
+def _lens_fused_agrees(m) -> bool:
+    from transformer_lens.components import Attention, LayerNorm, TransformerBlock
+    from transformer_lens.components.mlps.mlp import MLP
+
+    cfg = m.cfg
+    plain = (cfg.positional_embedding_type == "standard" and cfg.normalization_type == "LN" and not cfg.attn_only
+             and not cfg.parallel_attn_mlp and getattr(cfg, "original_architecture", None) is None
+             and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False) and getattr(cfg, "attn_types", None) is None
+             and getattr(cfg, "n_key_value_heads", None) is None and (getattr(cfg, "attn_scores_soft_cap", -1) or -1) <= 0
+             and (getattr(cfg, "output_logits_soft_cap", -1) or -1) <= 0
+             and not getattr(cfg, "use_normalization_before_and_after", False)
+             and type(m.ln_final) is LayerNorm
+             and all(type(b) is TransformerBlock and type(b.attn) is Attention and type(b.mlp) is MLP
+                     and type(b.ln1) is LayerNorm and type(b.ln2) is LayerNorm for b in m.blocks))
+    if not plain:
+        return False
+    was = m.training
+    m.eval()
+    try:
+        device = m.W_E.device
+        ids = torch.randint(0, cfg.d_vocab, (2, min(12, cfg.n_ctx)), generator=torch.Generator().manual_seed(0)).to(device)
+        h = _lens_native_embed(m, ids)
+        agree = torch.allclose(h, m(ids, stop_at_layer=0), rtol=1e-4, atol=1e-5)
+        for i in range(cfg.n_layers):
+            mid = _lens_native_first(m, i, h)
+            out = _lens_native_second(m, i, mid)
+            agree = agree and torch.allclose(out, m(h, start_at_layer=i, stop_at_layer=i + 1), rtol=1e-4, atol=1e-5)
+            h = out
+        return bool(agree and torch.allclose(_lens_native_head(m, h), m(h, start_at_layer=cfg.n_layers),
+                                             rtol=1e-4, atol=1e-5))
+    except Exception:  # any shape or attribute the fused forward does not know: the library's own
+        return False
+    finally:
+        m.train(was)
+
+
+def _lens_fused(m, c) -> bool:
+    return c.extras.get("unpadded", False) and _lens_plain(m)
+
+
+def _lens_embed(m, ids, c):
+    return _lens_native_embed(m, ids) if _lens_fused(m, c) else _lens_run(m, ids, c, stop=0)
+
+
+def _lens_block(m, i, h, c):
+    return _lens_native_second(m, i, _lens_native_first(m, i, h)) if _lens_fused(m, c) else \
+        _lens_run(m, h, c, start=i, stop=i + 1)
+
+
+def _lens_attention_half(m, i, h, c):
+    return _lens_native_first(m, i, h) if _lens_fused(m, c) else _lens_first(m, i, h, c)
+
+
+def _lens_mlp_half(m, i, h, c):
+    return _lens_native_second(m, i, h) if _lens_fused(m, c) else _lens_second(m, i, h, c)
+
+
+def _lens_head(m, h):
+    return _lens_native_head(m, h) if _lens_plain(m) else m(h, start_at_layer=m.cfg.n_layers)
+
+
+def _lens_tables(m, ids, mask, positions):
+    return {"unpadded": bool(mask.all())}
+
+
 _FAMILIES: dict[str, Family] = {
     "transformer_lens": Family(
         "transformer_lens", lambda m: m, lambda m: m.blocks, "blocks.{i}",
-        lambda m, ids, c: _lens_run(m, ids, c, stop=0),
-        lambda m, i, h, c: _lens_run(m, h, c, start=i, stop=i + 1),
-        lambda m, h: m(h, start_at_layer=m.cfg.n_layers), lambda m, ids, mask, positions: {}, CAUSAL,
-        Halves("attn", "mlp", _lens_first, _lens_second,
+        _lens_embed, _lens_block, _lens_head, _lens_tables, CAUSAL,
+        Halves("attn", "mlp", _lens_attention_half, _lens_mlp_half,
                lambda m, i: not (m.cfg.attn_only or m.cfg.parallel_attn_mlp),
                (("hook_resid_mid", "attention"), ("hook_resid_post", "block")))),
     "llama": Family(
