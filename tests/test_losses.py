@@ -71,3 +71,20 @@ def test_tlm_is_cross_entropy_against_labels():
     q0 = math.exp(0.5) / (math.exp(1) + math.exp(2) + math.exp(0.5))
     expected = (-math.log(q0) + math.log(3)) / 2
     assert tlm_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_next_token_loss_is_the_mean_over_scored_positions_only():
+    """Padded and unscored positions leave the language-model loss: the mean of −log p(next
+    token) over the real pairs, written out position by position."""
+    from stitching.objectives.tasks import NextToken
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (3, 6), generator=generator)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    logits = torch.randn(3, 6, 11, generator=generator)
+    task = NextToken()
+    _, labels = task.split({"input_ids": ids, "attention_mask": mask})
+    terms = [-torch.log_softmax(logits[n, t], -1)[ids[n, t + 1]] for n in range(3) for t in range(5)
+             if mask[n, t] and mask[n, t + 1]]
+    assert len(terms) == 5 + 3 + 1
+    assert task.loss(logits, labels).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)

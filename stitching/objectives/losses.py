@@ -59,9 +59,9 @@ def slm_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor
     return -(teacher_logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
-def tlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the true labels."""
-    return F.cross_entropy(logits, labels)
+def tlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy against the true labels (the mean over those that are not ``ignore_index``)."""
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
 
 
 def fula_weights(spec, num_terms: int) -> torch.Tensor:

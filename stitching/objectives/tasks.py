@@ -70,7 +70,8 @@ class NextToken:
         return self._predicting(logits)[keep], labels[keep]
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return losses.tlm_loss(*self._rows(logits, labels))
+        # cross-entropy skips the IGNORE labels itself: no copy of the scored rows
+        return losses.tlm_loss(self._predicting(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
     def soft_loss(self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against the end model's predicted distribution, scored tokens only."""
