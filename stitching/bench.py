@@ -12,7 +12,11 @@ Measures, on the configured data and models (default: the `make run` setup on MN
 * a 9×9 cross-layer grid per objective (every front × end layer pair: DM initialisation, a
   few training batches and the test pass), trained as 81 in-process single runs and as one
   fused grid (:mod:`stitching.grid`), with the speed-up and the largest difference in any
-  cell's test accuracy.
+  cell's test accuracy;
+* the GeLU/SoLU language-model preset on CPU (``lm_solu_gelu_small``: 48 TLM cells of 16 model
+  pairs, one epoch, its own data and models whatever the overrides), as 48 in-process single runs
+  and as its sweep of grids (the grids into one end model trained in one engine), with the
+  speed-up and the largest difference in any cell's penalty.
 
 Peak memory is the process's peak resident set size during each measurement on CPU, and
 ``torch.cuda.max_memory_allocated`` on a GPU. Prints a table and writes ``bench.json``.
@@ -307,6 +311,53 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
     return [single, fused]
 
 
+#: the GeLU/SoLU preset as the language-model measurement runs it (no self-stitch baselines: the cells alone)
+LANGUAGE_PRESET = ["experiment=lm_solu_gelu_small", "evaluation.self_baseline=false", "logger=none",
+                   "trainer.enable_progress_bar=false"]
+
+
+def bench_language(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
+    """The GeLU/SoLU CPU preset's 48 cells as single runs and as its sweep of grids: two rows,
+    the second with its speed-up and the largest difference in a cell's penalty. ``overrides``:
+    on the preset (the command line's ``paths.*``, ``zoo.*`` and ``trainer.*`` ones)."""
+    import json
+
+    from stitching.build import setup
+    from stitching.grids import cell_config, grid_pairs, run_grids, sweep_grids
+    from stitching.models import cut_point_names
+    from stitching.runs import run
+
+    configs = []
+    for k, (rest, cells) in enumerate(sweep_grids([*LANGUAGE_PRESET, *overrides])):
+        pairs = "[" + ",".join(f"[{i},{j}]" for i, j in cells) + "]"
+        configs.append((read_settings(compose_config([*rest, f"grid.pairs={pairs}"])), k))
+    cells = {}
+    for settings, k in configs:  # base models come from (or go into) the zoo before timing
+        done = setup(settings, layers=([1], [1]), stitched=False)
+        cells[k] = grid_pairs(settings.grid.pairs, len(cut_point_names(done.front)), len(cut_point_names(done.end)))
+    total = sum(len(pairs) for pairs in cells.values())
+    single = {"what": f"GeLU/SoLU: {total} single runs", "layer": "1-3", "images": f"1 epoch x {total}"}
+    with measure(single):
+        for settings, k in configs:
+            for i, j in cells[k]:
+                run(cell_config(settings, i, j), run_dir / "lm_single" / str(k) / f"f{i}-e{j}")
+                release_memory()
+    print(_line(single), flush=True)
+    fused = {"what": f"GeLU/SoLU: {len(configs)} grids fused", "layer": "1-3", "images": f"1 epoch x {total}"}
+    with measure(fused):
+        run_grids([(settings, run_dir / "lm_fused" / str(k)) for settings, k in configs], progress=False)
+    penalty = {}
+    for kind in ("single", "fused"):
+        for path in (run_dir / f"lm_{kind}").rglob("results.json"):
+            key = (path.relative_to(run_dir / f"lm_{kind}").parts[0], path.parent.name)
+            penalty.setdefault(key, {})[kind] = json.loads(path.read_text())["metrics"]["test/penalty"]
+    fused["speedup"] = round(single["seconds"] / fused["seconds"], 2)
+    fused["max_penalty_difference"] = max(abs(v["single"] - v["fused"]) for v in penalty.values())
+    print(_line(fused) + f"   {fused['speedup']:.2f}x faster, largest cell penalty difference "
+          f"{fused['max_penalty_difference']:.2e} nats/token", flush=True)
+    return [single, fused]
+
+
 def bench_parallel(overrides: list[str], run_dir: Path) -> list[dict]:
     """Four FuLA cells as a sweep run one after another and as a 2-job local sweep (each job
     with half the cores), in subprocesses as ``make`` runs them; base models are in the zoo by then."""
@@ -343,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-batches", type=int, default=4, help="training batches per grid cell")
     parser.add_argument("--no-grid", action="store_true", help="skip the 9x9 grids")
     parser.add_argument("--no-parallel", action="store_true", help="skip the 2-job local sweep against a sequential one")
+    parser.add_argument("--no-lm", action="store_true", help="skip the GeLU/SoLU language-model preset (single runs "
+                        "against its fused grids)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for the dtype used (default: a table of known GPUs; "
                              "none on a CPU): the model-FLOPs utilisation is measured against it")
@@ -372,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
             rows += bench_grid(overrides, objective.strip(), args.grid_batches, run_dir)
     if not args.no_parallel:
         rows += bench_parallel(overrides, run_dir)
+    if not args.no_lm:  # the preset's own data and models, in the given folders
+        rows += bench_language(run_dir, [arg for arg in args.overrides if arg.startswith(("paths.", "zoo.", "trainer."))])
     write_json_atomic(run_dir / "bench.json", {"overrides": overrides, "rows": rows, "versions": versions(),
                                                "threads": torch.get_num_threads()})
     print(f"results in {run_dir.resolve() / 'bench.json'}")

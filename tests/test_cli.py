@@ -239,7 +239,7 @@ def test_parallel_sweep_shares_base_models(tmp_path):
 def test_bench_measures_each_objective(tmp_path, zoo_dir, capsys):
     from stitching.bench import main as bench_main
 
-    bench_main(["--no-grid", "--no-parallel", "--out", str(tmp_path), "--", *TINY, f"paths.zoo_dir={zoo_dir}",
+    bench_main(["--no-grid", "--no-parallel", "--no-lm", "--out", str(tmp_path), "--", *TINY, f"paths.zoo_dir={zoo_dir}",
                 f"paths.output_dir={tmp_path}"])
     out = capsys.readouterr().out
     saved = json.loads(next(tmp_path.rglob("bench.json")).read_text())
@@ -308,15 +308,18 @@ def test_wandb_groups_a_sweep_and_receives_its_figures(tmp_path, zoo_dir, monkey
     from tests.conftest import compose_config
 
     cfg = compose_config(*TINY, "logger=wandb", "objective=dm", f"paths.zoo_dir={zoo_dir}")
+    import time
+
     run(cfg, tmp_path / "single", sweep_name="group-7f3a")
     (single,) = (tmp_path / "single").rglob("run-*.wandb")
+    deadline = time.monotonic() + 60  # W&B's service may still be writing the offline file when finish() returns
+    while b"group-7f3a" not in single.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert b"group-7f3a" in single.read_bytes()
     from stitching.report import log_to_wandb
 
     log_to_wandb(report(sweep), sweep)
-    import time
-
-    deadline = time.monotonic() + 60  # W&B's service may still be writing the offline file when finish() returns
+    deadline = time.monotonic() + 60
     while True:
         report_runs = [r for r in sweep.glob("wandb/offline-run-*/run-*.wandb") if r not in runs]
         if (report_runs and b"stitching_plot" in report_runs[0].read_bytes()) or time.monotonic() > deadline:
@@ -548,3 +551,20 @@ def test_models_in_groups_are_compared_within_and_between_groups_layer_by_layer(
     assert table.loc[("cka", 1), "within − between"] == pytest.approx(0.8 - 0.4, abs=1e-4)
     assert (tmp_path / "groups.png").is_file() and "within − between" in (tmp_path / "groups.md").read_text()
     assert group_table(made["frame"][made["frame"].objective == "cka"]).shape[0] == 1
+
+
+@pytest.mark.slow
+def test_bench_times_the_language_preset_as_single_runs_and_fused_grids(tmp_path):
+    """The GeLU/SoLU preset's 48 cells (here on tiny models) as single runs and as its 16 grids:
+    every cell measured both ways, the same penalty within float rounding."""
+    pytest.importorskip("transformer_lens")
+    from stitching.bench import bench_language
+
+    tiny = ["model.width=32", "zoo.recipe.language.tokens=20000", "dataset.train_sequences=64",
+            "dataset.test_sequences=16", "dataset.batch_size=16", "trainer=cpu", f"paths.zoo_dir={tmp_path / 'zoo'}",
+            f"paths.output_dir={tmp_path}"]
+    single, fused = bench_language(tmp_path / "bench", tiny)
+    assert single["what"] == "GeLU/SoLU: 48 single runs" and fused["what"] == "GeLU/SoLU: 16 grids fused"
+    assert len(list((tmp_path / "bench" / "lm_single").rglob("results.json"))) == 48
+    assert len(list((tmp_path / "bench" / "lm_fused").rglob("results.json"))) == 48
+    assert fused["speedup"] > 0 and fused["max_penalty_difference"] < 1e-4
