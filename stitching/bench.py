@@ -323,14 +323,13 @@ def bench_language(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
     import json
 
     from stitching.build import setup
-    from stitching.grids import cell_config, grid_pairs, run_grids, sweep_grids
+    from stitching.grids import cell_config, grid_pairs, pairs_override, run_grids, sweep_grids
     from stitching.models import cut_point_names
     from stitching.runs import run
 
     configs = []
     for k, (rest, cells) in enumerate(sweep_grids([*LANGUAGE_PRESET, *overrides])):
-        pairs = "[" + ",".join(f"[{i},{j}]" for i, j in cells) + "]"
-        configs.append((read_settings(compose_config([*rest, f"grid.pairs={pairs}"])), k))
+        configs.append((read_settings(compose_config([*rest, f"grid.pairs={pairs_override(cells)}"])), k))
     cells = {}
     for settings, k in configs:  # base models come from (or go into) the zoo before timing
         done = setup(settings, layers=([1], [1]), stitched=False)

@@ -33,7 +33,7 @@ from stitching import CONF_DIR
 from stitching.build import compose_config, read_settings
 from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
 from stitching.files import hold_folder
-from stitching.grids import preset_sweep, run_grid, run_grids, sweep_grids
+from stitching.grids import pairs_override, preset_sweep, run_grid, run_grids, sweep_grids
 from stitching.jobs import share_threads
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = [(overrides, None, out)]
     configs = []
     for rest, cells, folder in plan:  # every grid's config is read (and checked) before any is trained
-        extra = [] if cells is None else [f"grid.pairs={_pairs_override(cells)}"]
+        extra = [] if cells is None else [f"grid.pairs={pairs_override(cells)}"]
         configs.append((read_settings(compose_config([*rest, *extra])), folder))
     gc.collect()
     gc.freeze()  # what importing made lives as long as the process: each grid's collection skips it
@@ -104,7 +104,7 @@ def launch_grids(overrides: list[str], out: Path) -> int:
             if value not in axes.setdefault(key, []):
                 axes[key].append(value)
     argv = [f"{key}={','.join(values)}" for key, values in axes.items()]
-    argv += [f"grid.pairs={_pairs_override(cells)}", f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${hydra.job.num}"]
+    argv += [f"grid.pairs={pairs_override(cells)}", f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${hydra.job.num}"]
     if preset_sweep(overrides):  # the preset's own axes are already among the jobs' overrides
         argv.append("hydra.sweeper.params=null")
     saved = sys.argv
@@ -142,10 +142,6 @@ def _print_summary(objective: str, summary: dict, folder: Path) -> None:
           f"{folder.resolve()}")
     for (i, j), error in summary["failed"]:
         print(f"  FAILED f{i}-e{j}: {error}", file=sys.stderr)
-
-
-def _pairs_override(cells) -> str:
-    return cells if isinstance(cells, str) else "[" + ",".join(f"[{i},{j}]" for i, j in cells) + "]"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from stitching.models import cut_point_names
 from stitching.runs import Grid, cell_config, pending_cells, record_grids
 from stitching.runtime import Stopwatch, release_memory
 
-__all__ = ["PAIRS", "cell_config", "grid_pairs", "preset_sweep", "run_grid", "run_grids", "sweep_grids", "tail_chunk"]
+__all__ = ["PAIRS", "cell_config", "grid_pairs", "preset_sweep", "pairs_override", "run_grid", "run_grids",
+           "sweep_grids", "tail_chunk"]
 
 PAIRS = ("all", "diagonal")
 
@@ -75,14 +76,14 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
         summaries[k] = summary
         if report is not None:
             report(k, summary)
+    read = [(as_settings(given), Path(out)) for given, out in grids]  # each config read once
     grouped: dict[str, list[int]] = {}  # in the order of their first grid
-    for k, (given, _) in enumerate(grids):
-        grouped.setdefault(beside_front(as_settings(given)), []).append(k)
-    groups = list(grouped.values())
-    for group in groups:
+    for k, (settings, _) in enumerate(read):
+        grouped.setdefault(beside_front(settings), []).append(k)
+    for group in grouped.values():
         watch, members, base, together = Stopwatch(), [], None, False
         for k in group:
-            settings, out = as_settings(grids[k][0]), Path(grids[k][1])
+            settings, out = read[k]
             if settings.grid.pairs not in (None, *PAIRS):  # a rerun of a finished grid reads no data, no models
                 cells = list(dict.fromkeys(listed_pairs(settings.grid.pairs)))
                 if not pending_cells(settings, cells, out):
@@ -115,6 +116,11 @@ def _grid(done, out: Path) -> Grid:
 
 def _chunk(done) -> int | None:
     return tail_chunk(done.settings.grid.tail_samples, done.datamodule.batch_size, done.settings.device)
+
+
+def pairs_override(cells) -> str:
+    """``grid.pairs`` as an override value: ``all``/``diagonal`` as they are, cells as ``[[i,j],…]``."""
+    return cells if isinstance(cells, str) else "[" + ",".join(f"[{i},{j}]" for i, j in cells) + "]"
 
 
 def preset_sweep(overrides: list[str]) -> dict:
