@@ -126,9 +126,13 @@ class Job:
 
 def seed_pairs(count: int, pairing: str) -> list[tuple[int, int]]:
     """``count`` independent replicate pairs: ``(s, s)`` for a model against itself, else
-    ``(2s, 2s + 1)``: disjoint pairs, no model in two of them."""
+    ``(2s, 2s + 1)``: disjoint pairs, no model in two of them. ``fresh``: a model against itself,
+    from seeds no other experiment uses (``2·count`` on), for a confirmatory replicate on models
+    whose results were never seen."""
     if pairing == "self":
         return [(s, s) for s in range(count)]
+    if pairing == "fresh":
+        return [(2 * count + s, 2 * count + s) for s in range(count)]
     return [(2 * s, 2 * s + 1) for s in range(count)]
 
 
@@ -149,8 +153,13 @@ def _random_epochs(c) -> list[str]:
     return [] if c.get("random_start_epochs") is None else [f"trainer.max_epochs={int(c.random_start_epochs)}"]
 
 
-def _square(c) -> str:
-    return _pairs([(i, j) for i in _grid_layers(c) for j in _grid_layers(c)])
+def _confirm_layers(c) -> list[int]:
+    return list(c.confirm_layers if c.get("confirm_layers") is not None else _grid_layers(c))
+
+
+def _square(c, layers: list[int] | None = None) -> str:
+    layers = _grid_layers(c) if layers is None else layers
+    return _pairs([(i, j) for i in layers for j in layers])
 
 
 def _single(c) -> str:
@@ -185,6 +194,10 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
     "self_grids": ("self", lambda c: [*((o, [f"objective={o}", _square(c)], "grid") for o in ("dm", "hint", "fula", "tlm")),
                                       ("tlm_random", ["objective=tlm", "stitch.init=random", *_random_epochs(c),
                                                       _square(c)], "grid")]),
+    # the DM-vs-random-start-TLM self grid again, on fresh models and claims.confirm_layers, fixed before it ran
+    "self_grids_fresh": ("fresh", lambda c: [("dm", ["objective=dm", _square(c, _confirm_layers(c))], "grid"),
+                                             ("tlm_random", ["objective=tlm", "stitch.init=random", *_random_epochs(c),
+                                                             _square(c, _confirm_layers(c))], "grid")]),
     "deeper_hints": ("two", lambda c: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
                                         "grid") for w in ("first", c.deeper_weights)]),
     "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
@@ -386,9 +399,11 @@ def _dm_vs_tlm_directional(frame, c):
     missing = [name for name, key in (("DM", "dm"), ("random-start TLM", "tlm_random")) if key not in share]
     if missing:
         raise LookupError(f"no {' or '.join(missing)} self-stitching grid")
+    from_dm = _diagonal_mean(frame, "tlm", False)
     return share["dm"] - share["tlm_random"], (
         f"directional: DM {share['dm']:.2f}, TLM from a random map {share['tlm_random']:.2f} of rows (its diagonal "
-        f"accuracy {_diagonal_mean(frame, 'tlm', True):.3f}, TLM from DM {_diagonal_mean(frame, 'tlm', False):.3f})")
+        f"accuracy {_diagonal_mean(frame, 'tlm', True):.3f}"
+        + ("" if np.isnan(from_dm) else f", TLM from DM {from_dm:.3f}") + ")")
 
 
 def _dm_directional(frame, c):
@@ -396,6 +411,22 @@ def _dm_directional(frame, c):
     if "dm" not in share:
         raise LookupError("no DM self-stitching grid")
     return share["dm"] - 0.5, f"directional: DM {share['dm']:.2f} of rows"
+
+
+def _distant_gap(frame, c):
+    """How much lower DM rates distant layers than corresponding ones, less the same for TLM from a
+    random map: mean accuracy on the diagonal − mean accuracy of the cells at least
+    ``claims.distant_layers`` cut points apart, each objective on its own self grid."""
+    random = _random_start(frame)
+    gaps = {}
+    for name, objective, rows in (("DM", "dm", frame[~random]), ("TLM from a random map", "tlm", frame[random])):
+        rows = rows[rows.objective == objective]
+        far = (rows.front_layer - rows.end_layer).abs() >= int(c.distant_layers)
+        if rows.empty or not far.any():
+            raise LookupError(f"no {name} self-stitching grid with cells {c.distant_layers} cut points apart")
+        gaps[name] = float(rows[rows.front_layer == rows.end_layer].test_acc.mean() - rows[far].test_acc.mean())
+    return gaps["DM"] - gaps["TLM from a random map"], (
+        f"diagonal − distant accuracy: DM {gaps['DM']:+.3f}, TLM from a random map {gaps['TLM from a random map']:+.3f}")
 
 
 def _fula_directional(frame, c):
@@ -441,6 +472,16 @@ def _deeper_hints_where(frame, c):
 def _ood(frame, c):
     auroc = _by(frame, "ood_auroc", "objective")
     return auroc["tlm"] - auroc["dm"], f"AUROC TLM {auroc['tlm']:.3f}, DM {auroc['dm']:.3f}"
+
+
+def _dm_at_chance(frame, c):
+    runs = frame[frame.objective == "dm"]
+    if "ood_auroc" not in runs or runs.ood_auroc.isna().all():
+        raise LookupError("no DM ood/auroc in the runs")
+    auroc = runs.groupby("end_layer").ood_auroc.mean()
+    off = float((auroc - 0.5).abs().mean())
+    return float(c.chance_auroc) - off, (
+        f"DM AUROC by end layer {', '.join(f'{k}: {v:.3f}' for k, v in auroc.items())}; mean |AUROC − ½| {off:.3f}")
 
 
 def _cka_against(other: str):
@@ -552,6 +593,23 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "layer is most similar to itself in most rows.", "TLM vs DM (sanity check 2)", "self_grids",
           lambda c: f"the same grids, directional (each row on its own); effect = DM's share of rows whose unique "
                     f"best cell is the diagonal − ½", _dm_directional, "share of rows"),
+    Claim("dm_vs_tlm_self_directional_fresh", "A layer is most similar to itself by DM, not by TLM, confirmed on "
+          "fresh models: on the directional self-stitching grid DM's diagonal wins more rows than random-start "
+          "TLM's.", "TLM vs DM (sanity check 2)", "self_grids_fresh",
+          lambda c: f"a confirmatory replicate: models from seeds no other claim uses, a model against itself, layers "
+                    f"{_layers_of(_confirm_layers(c))} × the same, DM and TLM from a random map "
+                    f"({_random_epochs_text(c)}), directional; effect = DM's share of rows − that TLM's",
+          _dm_vs_tlm_directional, "share of rows"),
+    Claim("dm_self_directional_fresh", "DM passes the second sanity check, confirmed on fresh models: on the "
+          "directional self-stitching grid a layer is most similar to itself in most rows.",
+          "TLM vs DM (sanity check 2)", "self_grids_fresh",
+          lambda c: f"the same confirmatory grids; effect = DM's share of rows whose unique best cell is the "
+                    f"diagonal − ½", _dm_directional, "share of rows"),
+    Claim("tlm_distant_layers", "TLM rates distant layers nearly as similar as corresponding ones, where DM tells "
+          "them apart.", "TLM vs DM", "self_grids",
+          lambda c: f"the self grids of DM and of TLM from a random map ({_random_epochs_text(c)}), layers "
+                    f"{_layers(c, grid=True)}; distant = at least {c.distant_layers} cut points apart; effect = "
+                    f"(diagonal − distant accuracy) of DM − the same of TLM", _distant_gap),
     Claim("fula_directional", "Stitching stays directional under FuLA: a deep front into a shallow end scores "
           "higher than the reverse (Fig. 10, e.g. [5, 3] > [3, 5]).", "FuLA Fig. 10", "self_grids",
           lambda c: f"the same grids; effect = FuLA's accuracy of front i → end j − of j → i, mean over the pairs "
@@ -567,6 +625,10 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "AUROC) than DM's.", "TLM vs DM", "ood",
           lambda c: f"energy detector at the end layer, two seeds, corresponding layers {_layers(c)}; effect = "
                     f"AUROC TLM − DM", _ood, "AUROC"),
+    Claim("dm_in_distribution", "DM-stitched activations are in-distribution: the energy detector tells them "
+          "from native ones no better than chance.", "TLM vs DM", "ood",
+          lambda c: f"the same runs; effect = {c.chance_auroc} − DM's mean |AUROC − ½| over the end layers (AUROC "
+                    f"within ½ ± {c.chance_auroc} reads as chance)", _dm_at_chance, "AUROC"),
     *(Claim(f"cka_finds_layers_{other}", f"Of the structural indices, CKA finds corresponding layers between "
             f"seeds best; {SIMILARITY_NAMES[other]} less often.", "TLM vs DM", "similarity",
             lambda c, other=other: f"{c.similarity_images} test images, layers {_layers(c)}, each index fed as the "
@@ -623,6 +685,7 @@ EXPERIMENT_LABELS = {
     "shortcut": "two seeds, marked stitching data",
     "shortcut_cross": "cross-task vs same-task front, location markers", "subset": "two seeds of one task, classes 0..k−1",
     "subset_cross": "cross-task front, classes 0..k−1", "self_grids": "a model against itself, square grids",
+    "self_grids_fresh": "fresh models against themselves, confirmatory square grids",
     "deeper_hints": "two seeds, square grids, FuLA hints", "ood": "two seeds, energy detector",
     "similarity": "two seeds, structural indices", "language": "toy GeLU/SoLU models, four directions",
 }
@@ -772,11 +835,11 @@ def check_cut_points(run) -> None:
         model = zoo.untrained(side.spec) if zoo.needs_training(side.spec, side.checkpoint) else \
             zoo.get(side.spec, side.checkpoint)[0]
         counts.append(len(cut_point_names(model)))
-    named = {*map(int, c.layers), *_grid_layers(c), int(c.layer)}
+    named = {*map(int, c.layers), *_grid_layers(c), *_confirm_layers(c), int(c.layer)}
     bad = sorted(k for k in named if k > min(counts))
     if bad:
         raise StitchingError(f"claims name cut point(s) {bad}, but the models have cut points 1..{min(counts)}: "
-                             f"change claims.layers, claims.grid_layers or claims.layer")
+                             f"change claims.layers, claims.grid_layers, claims.confirm_layers or claims.layer")
 
 
 def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict:

@@ -175,6 +175,8 @@ RULES: dict[str, Rule] = {
     "claims.tolerance": Rule("float", 0, 1),
     "claims.classes_train": COUNT,
     "claims.random_start_epochs": Rule("int", 1, nullable=True),
+    "claims.distant_layers": COUNT,
+    "claims.chance_auroc": Rule("float", 0, 0.5, low_open=True),
     "claims.similarity_images": Rule("int", 4),
 }
 
@@ -459,10 +461,11 @@ GROUP_KEYS = ("name", "arch")
 
 
 def _check_claims_layers(cfg: DictConfig) -> None:
-    """``claims.layers``, ``grid_layers`` (or null), ``early_layers`` and ``deep_layers``:
+    """``claims.layers``, ``grid_layers`` and ``confirm_layers`` (or null), ``early_layers`` and ``deep_layers``:
     non-empty lists of cut points, the early and deep ones among ``claims.layers``."""
     lists = {}
-    for key in ("claims.layers", "claims.grid_layers", "claims.early_layers", "claims.deep_layers"):
+    for key in ("claims.layers", "claims.grid_layers", "claims.confirm_layers", "claims.early_layers",
+                "claims.deep_layers"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue

@@ -69,6 +69,11 @@ def test_seed_pairs_are_independent_replicates():
     assert seed_pairs(1, "two") == [(0, 1)]
     models = [seed for pair in seed_pairs(5, "two") for seed in pair]
     assert len(models) == len(set(models))
+    # a confirmatory replicate's models: seeds no other pairing of the same count uses
+    assert seed_pairs(3, "fresh") == [(6, 6), (7, 7), (8, 8)]
+    for count in (1, 3, 5):
+        used = {seed for pairing in ("self", "two") for pair in seed_pairs(count, pairing) for seed in pair}
+        assert not used & {seed for pair in seed_pairs(count, "fresh") for seed in pair}
 
 
 def _settings(**extra):
@@ -152,6 +157,56 @@ def test_plan_runs_each_experiment_once_per_seed_pair():
     assert all(("dataset.train_subset=500" in j.overrides) == (j.experiment == "self_grids") for j in extra)
     with pytest.raises(StitchingError, match="claims.extra names unknown experiment 'nope'"):
         plan(_settings(extra={"nope": []}), ["dm_self_stitch"])
+
+
+def test_the_confirmatory_self_grid_runs_fresh_models_on_its_own_layers():
+    jobs = plan(_settings(seed_pairs=3, grid_layers=[1, 5, 9], confirm_layers=[4, 6], random_start_epochs=7),
+                ["dm_vs_tlm_self_directional_fresh", "dm_self_directional_fresh", "dm_vs_tlm_self_directional"])
+    fresh = [j for j in jobs if j.experiment == "self_grids_fresh"]
+    assert {j.pair for j in fresh} == {(6, 6), (7, 7), (8, 8)} and {j.tag for j in fresh} == {"dm", "tlm_random"}
+    assert all("grid.pairs=[[4,4],[4,6],[6,4],[6,6]]" in j.overrides for j in fresh)
+    assert all("front.seed=6" in j.overrides and "end.seed=6" in j.overrides for j in fresh if j.pair == (6, 6))
+    assert {"stitch.init=random", "trainer.max_epochs=7"} <= set(next(j for j in fresh if j.tag == "tlm_random").overrides)
+    assert all("grid.pairs=[[1,1],[1,5],[1,9],[5,1]" in next(o for o in j.overrides if o.startswith("grid.pairs"))
+               for j in jobs if j.experiment == "self_grids")
+    # null: the square grids' layers
+    unset = plan(_settings(seed_pairs=1, grid_layers=[2, 8]), ["dm_self_directional_fresh"])
+    assert {o for j in unset for o in j.overrides if o.startswith("grid.pairs")} == {"grid.pairs=[[2,2],[2,8],[8,2],[8,8]]"}
+
+
+def _self_grid_rows(grids: dict, layers=(1, 5, 9), experiment="self_grids", pairing="self") -> pd.DataFrame:
+    """``{(objective, init): 3×3 accuracies}`` per model, each pair 0.01 higher than the last."""
+    return pd.DataFrame([{"run": f"runs/{experiment}/seeds{a}-{b}/{o}{'_random' if init == 'random' else ''}",
+                          "objective": o, "init": init, "front_layer": layers[i], "end_layer": layers[j],
+                          "test_acc": grid[i][j] + 0.01 * n}
+                         for n, (a, b) in enumerate(seed_pairs(3, pairing)) for (o, init), grid in grids.items()
+                         for i in range(3) for j in range(3)])
+
+
+def test_the_distant_layer_claim_contrasts_dm_and_random_start_tlm_gaps():
+    grids = {("dm", "dm"): [[0.9, 0.5, 0.4], [0.6, 0.9, 0.5], [0.5, 0.6, 0.9]],
+             ("tlm", "random"): [[0.8, 0.8, 0.4], [0.9, 0.7, 0.5], [0.8, 0.9, 0.6]],
+             ("tlm", "dm"): [[0.0, 0.0, 0.0]] * 3}  # TLM from DM is not this claim's: it must not be read
+    frame = _self_grid_rows(grids)
+    # layers 1, 5, 9 at distance ≥ 4: every off-diagonal cell. DM: 0.9 − 3.1/6; TLM: 2.1/3 − 4.3/6
+    result = measure(CLAIMS["tlm_distant_layers"], frame, _settings(distant_layers=4))
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([(0.9 - 3.1 / 6) - (0.7 - 4.3 / 6)] * 3)
+    # ≥ 8 apart: cells (1, 9) and (9, 1) alone. DM: 0.9 − 0.45; TLM: 0.7 − 0.6
+    result = measure(CLAIMS["tlm_distant_layers"], frame, _settings(distant_layers=8))
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.45 - 0.1] * 3)
+    none = measure(CLAIMS["tlm_distant_layers"], frame, _settings(distant_layers=9))
+    assert none["pairs"] == 0 and "cut points apart" in none["per_pair"][0]["measured"]
+
+
+def test_the_in_distribution_claim_reads_dm_auroc_distance_from_chance():
+    aurocs = {1: [0.55, 0.45, 0.70], 5: [0.50, 0.52, 0.46]}  # per pair: end layers 1 and 5
+    rows = [{"run": f"runs/ood/seeds{a}-{b}/{o}/{o}/f{k}-e{k}", "objective": o, "front_layer": k, "end_layer": k,
+             "ood_auroc": aurocs[k][n] if o == "dm" else 0.99}
+            for n, (a, b) in enumerate(seed_pairs(3, "two")) for o in ("dm", "tlm") for k in (1, 5)]
+    result = measure(CLAIMS["dm_in_distribution"], pd.DataFrame(rows), _settings(chance_auroc=0.1))
+    # mean |AUROC − ½| per pair: (0.05 + 0)/2, (0.05 + 0.02)/2, (0.2 + 0.04)/2
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.1 - 0.025, 0.1 - 0.035, 0.1 - 0.12])
+    assert "1: 0.550, 5: 0.500" in result["per_pair"][0]["measured"]
 
 
 def test_grid_layers_shape_only_the_square_grids():
@@ -301,12 +356,7 @@ def test_the_directional_claims_read_the_self_grid_one_direction_at_a_time():
              ("tlm", "dm"): [[0.9, 0.8, 0.4], [0.9, 0.7, 0.5], [0.5, 0.6, 0.9]],
              ("fula", "dm"): [[0.9, 0.5, 0.4], [0.7, 0.9, 0.5], [0.6, 0.8, 0.9]],
              ("hint", "dm"): [[0.9, 0.5, 0.4], [0.6, 0.9, 0.5], [0.5, 0.6, 0.9]]}
-    layers = (1, 5, 9)
-    rows = [{"run": f"runs/self_grids/seeds{a}-{b}/{o}{'_random' if init == 'random' else ''}", "objective": o,
-             "init": init, "front_layer": layers[i], "end_layer": layers[j], "test_acc": grid[i][j] + 0.01 * n}
-            for n, (a, b) in enumerate(seed_pairs(3, "self")) for (o, init), grid in grids.items()
-            for i in range(3) for j in range(3)]
-    frame = pd.DataFrame(rows)
+    frame = _self_grid_rows(grids)
     dm_vs_tlm = measure(CLAIMS["dm_vs_tlm_self_directional"], frame, _settings())
     assert [p["effect"] for p in dm_vs_tlm["per_pair"]] == pytest.approx([1.0] * 3)
     assert "TLM from a random map 0.00" in dm_vs_tlm["per_pair"][0]["measured"]
@@ -315,6 +365,13 @@ def test_the_directional_claims_read_the_self_grid_one_direction_at_a_time():
     assert [p["effect"] for p in fula_rows["per_pair"]] == pytest.approx([1 / 3] * 3)
     without = measure(CLAIMS["dm_vs_tlm_self_directional"], frame[frame.init != "random"], _settings())
     assert without["verdict"] == UNSURE and "no random-start TLM self-stitching grid" in without["why"]
+    # the confirmatory grids on fresh models read the same way, from their own experiment
+    fresh = _self_grid_rows({k: v for k, v in grids.items() if k in (("dm", "dm"), ("tlm", "random"))},
+                            experiment="self_grids_fresh", pairing="fresh")
+    confirmed = measure(CLAIMS["dm_vs_tlm_self_directional_fresh"], fresh, _settings())
+    assert [p["effect"] for p in confirmed["per_pair"]] == pytest.approx([1.0] * 3)
+    assert "TLM from DM" not in confirmed["per_pair"][0]["measured"]
+    assert measure(CLAIMS["dm_vs_tlm_self_directional_fresh"], frame, _settings())["pairs"] == 0  # not its runs
     fula = measure(CLAIMS["fula_directional"], frame, _settings())
     # pairs (5→1, 1→5), (9→1, 1→9), (9→5, 5→9): 0.7 − 0.5, 0.6 − 0.4, 0.8 − 0.5
     assert [p["effect"] for p in fula["per_pair"]] == pytest.approx([(0.2 + 0.2 + 0.3) / 3] * 3)
