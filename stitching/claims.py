@@ -162,6 +162,11 @@ def _square(c, layers: list[int] | None = None) -> str:
     return _pairs([(i, j) for i in layers for j in layers])
 
 
+def _tlm_random(c, square: str) -> tuple[str, list[str], str]:
+    """The job of TLM started from a random map (the TLM-vs-DM authors' start) on ``square``."""
+    return "tlm_random", ["objective=tlm", "stitch.init=random", *_random_epochs(c), square], "grid"
+
+
 def _single(c) -> str:
     return _pairs([(c.layer, c.layer)])
 
@@ -192,12 +197,10 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                        for o in TRAINED]),
     # the FuLA paper's grids start every trained stitch at DM; the TLM-vs-DM paper's TLM starts from a random map
     "self_grids": ("self", lambda c: [*((o, [f"objective={o}", _square(c)], "grid") for o in ("dm", "hint", "fula", "tlm")),
-                                      ("tlm_random", ["objective=tlm", "stitch.init=random", *_random_epochs(c),
-                                                      _square(c)], "grid")]),
+                                      _tlm_random(c, _square(c))]),
     # the DM-vs-random-start-TLM self grid again, on fresh models and claims.confirm_layers, fixed before it ran
     "self_grids_fresh": ("fresh", lambda c: [("dm", ["objective=dm", _square(c, _confirm_layers(c))], "grid"),
-                                             ("tlm_random", ["objective=tlm", "stitch.init=random", *_random_epochs(c),
-                                                             _square(c, _confirm_layers(c))], "grid")]),
+                                             _tlm_random(c, _square(c, _confirm_layers(c)))]),
     "deeper_hints": ("two", lambda c: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
                                         "grid") for w in ("first", c.deeper_weights)]),
     "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
