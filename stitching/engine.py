@@ -196,6 +196,10 @@ class StitchEngine(L.LightningModule):
         self.curves: dict[str, list[float]] = {cell_key(i, j, f): [] for f, i, j in self.cells}
         self.failed: dict[str, NonFiniteError] = {}
         self._last_train: dict[str, dict] = {}
+        # the test metrics, computed (and, under DDP, synced) while the engine is still on its device:
+        # Lightning moves the module back to the CPU when a stage ends, where a GPU process group cannot sync
+        self._last_test: dict[str, dict] = {}
+        self._backward_pending = False  # a backward pass since the last optimiser step
         self._batches_seen = 0  # training batches so far (seeds each cell's adversarial draws)
         self.primary = True  # False in the other processes of a DDP run: they write nothing
 
@@ -311,8 +315,7 @@ class StitchEngine(L.LightningModule):
         out = {}
         for f, i, j in self.cells:
             key = cell_key(i, j, f)
-            metrics = {name.replace("_", "/", 1): float(metric.compute()) for name, metric in self.metrics[key].items()
-                       if name.startswith("test_") and metric.update_count}
+            metrics = dict(self._last_test.get(key, {}))
             metrics.update({name.replace("_", "/", 1): value for name, value in self._last_train.get(key, {}).items()})
             out[key] = {"metrics": metrics, "curve": list(self.curves[key]), "error": self.failed.get(key)}
         return out
@@ -407,13 +410,18 @@ class StitchEngine(L.LightningModule):
                     pending.extend(total)
                 else:
                     self.manual_backward(torch.stack(total).sum() / self.accumulate)
+                    self._backward_pending = True
                 live.extend(t.detach() for t in total)
         if pending:
             self.manual_backward(torch.stack(pending).sum() / self.accumulate)
-        if self._steps_now(batch_idx):
+            self._backward_pending = True
+        # a window in which every loss was non-finite has no gradient to step on (and a mixed-precision
+        # loss scaler, which never scaled a loss, refuses to step)
+        if self._steps_now(batch_idx) and self._backward_pending:
             optimiser = self.optimizers()
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)
+            self._backward_pending = False
             self._check_weights()
         if live:
             self.log("train/loss", torch.stack(live).mean(), prog_bar=True, on_step=True, on_epoch=False,
@@ -533,6 +541,11 @@ class StitchEngine(L.LightningModule):
             for name, metric in metrics.items():
                 if name.startswith("test_"):
                     metric.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._last_test = {key: {name.replace("_", "/", 1): float(metric.compute()) for name, metric in metrics.items()
+                                 if name.startswith("test_") and metric.update_count}
+                           for key, metrics in self.metrics.items()}
 
     def test_step(self, batch, batch_idx):
         self.check_data(batch, "the test data")

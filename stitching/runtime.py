@@ -26,6 +26,8 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+# Under DDP the engine logs epoch values torchmetrics has already synced across processes
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 from stitching.errors import StitchingError
 

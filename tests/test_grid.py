@@ -122,6 +122,27 @@ def test_every_fused_cell_equals_its_own_run(objective, update_bn, chunk):
         assert results[f"f{i}-e{j}"]["curve"] == pytest.approx(alone["curve"], rel=1e-5)
 
 
+def test_the_results_are_read_while_the_engine_is_on_its_device(monkeypatch):
+    """Lightning moves the module to the CPU when a stage ends; under DDP on GPUs a metric synced
+    there fails (NCCL has no CPU tensors). The test metrics are computed, synced, at the end of
+    the test epoch, and :meth:`results` computes nothing after it."""
+    front, end = _models()
+    dm, batches, test_x = _data()
+    engine = _engine(front, end, [(2, 4), (4, 7)], "fula", dm)
+    results = _train(engine, batches, test_x)
+
+    def no_sync_here(*args, **kwargs):
+        raise AssertionError("a metric computed after the stage ended")
+
+    for metrics in engine.metrics.values():
+        for metric in metrics.values():
+            monkeypatch.setattr(metric, "compute", no_sync_here)
+    again = engine.results()
+    for key in ("f2-e4", "f4-e7"):
+        assert {"test/acc", "test/loss", "train/loss", "train/acc"} <= set(again[key]["metrics"])
+        assert again[key]["metrics"] == results[key]["metrics"]
+
+
 @pytest.mark.parametrize("case", ["random", "identity", "low_rank", "mlp", "front_rank", "dm", "dm_bn_pass"])
 def test_every_stitch_kind_and_start_fuses_alike(case):
     """Random starts are seeded per cell; low-rank, MLP and rank-truncated stitches fuse; so does

@@ -176,6 +176,29 @@ def test_a_loss_that_turns_nan_fails_the_run_at_that_step(tiny_config, tmp_path,
     assert not (tmp_path / "nan" / "results.json").exists()  # never an ok record
 
 
+def test_a_loss_non_finite_from_the_first_step_fails_the_run_under_a_loss_scaler(tiny_config, tmp_path, monkeypatch):
+    """Under fp16 mixed precision on a GPU, Lightning steps through a loss scaler, which refuses a
+    step that no scaled loss preceded; a window whose every loss is non-finite must record the
+    failure, not crash. Lightning's fp16 mixed precision with torch's own scaler, on the CPU
+    (where Lightning itself would pick bf16 and no scaler), takes the GPU's path."""
+    import torch
+    from lightning.pytorch.plugins.precision import amp
+
+    from stitching.errors import NonFiniteError
+    from stitching.objectives import losses
+
+    real_init = amp.MixedPrecision.__init__
+
+    def with_a_scaler(self, precision, device, scaler=None):
+        real_init(self, "16-mixed", device, scaler=torch.amp.GradScaler(device))
+
+    monkeypatch.setattr(amp.MixedPrecision, "__init__", with_a_scaler)
+    monkeypatch.setattr(losses, "hint_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(NonFiniteError, match="the loss became nan at training step 0"):
+        run(tiny_config("objective=hint", "stitch.layer=3", "trainer.precision=bf16-mixed"), tmp_path / "nan")
+    assert not (tmp_path / "nan" / "results.json").exists()
+
+
 def test_a_stitch_weight_that_turns_non_finite_fails_the_run(tiny_config, tmp_path, monkeypatch):
     from stitching.errors import NonFiniteError
     from stitching.engine import StitchEngine
