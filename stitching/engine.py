@@ -31,6 +31,7 @@ cells go on.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import tempfile
 import zlib
@@ -390,29 +391,23 @@ class StitchEngine(L.LightningModule):
         size = self._size(x, y)
         self._batches_seen += 1
         live, pending = [], []
-        # DDP reduces gradients once per step, so a distributed step backpropagates every end layer at once
+        # DDP reduces gradients once per step, so a distributed step backpropagates every end layer at
+        # once, after the processes agree on which losses are finite (each saw its own share of the batch)
         one_backward = self.trainer.world_size > 1
         for group in self._passes(x, y, train=True):
-            total = []
-            for key, logits, loss in group:
-                if key in self.failed:
-                    continue
-                if not torch.isfinite(loss):  # never train on, and never record, a diverged stitch
-                    self.failed[key] = NonFiniteError("the loss", float(loss.detach()), self.global_step)
-                    continue
-                metrics = self.metrics[key]
-                metrics["train_loss"].update(loss.detach(), size)
-                if "train_acc" in metrics:
-                    metrics["train_acc"].update(*self.task.scored(logits.detach(), y))
-                total.append(loss)
+            group = [(key, logits, loss) for key, logits, loss in group if key not in self.failed]
+            if one_backward:
+                pending.extend(group)
+                continue
+            total = self._finite(group, [bool(torch.isfinite(loss)) for _, _, loss in group], y, size)
             if total:  # stitches of different end layers share nothing: gradients accumulate apart
-                if one_backward:
-                    pending.extend(total)
-                else:
-                    self.manual_backward(torch.stack(total).sum() / self.accumulate)
-                    self._backward_pending = True
+                self.manual_backward(torch.stack(total).sum() / self.accumulate)
+                self._backward_pending = True
                 live.extend(t.detach() for t in total)
         if pending:
+            pending = self._finite(pending, agreed_finite([loss for _, _, loss in pending]), y, size)
+            live.extend(t.detach() for t in pending)
+        if pending:  # every process has the same cells left, so all of them backpropagate, or none
             self.manual_backward(torch.stack(pending).sum() / self.accumulate)
             self._backward_pending = True
         # a window in which every loss was non-finite has no gradient to step on (and a mixed-precision
@@ -428,6 +423,24 @@ class StitchEngine(L.LightningModule):
                      batch_size=size, rank_zero_only=True)
         if len(self.failed) == len(self.cells):
             self.trainer.should_stop = True
+
+    def _finite(self, group, finite: list[bool], y, size) -> list[torch.Tensor]:
+        """The losses of ``group`` (``(key, logits, loss)``) that are finite; a cell whose loss is not
+        fails here, never trained on or recorded again; the metrics take the finite ones."""
+        kept = []
+        for (key, logits, loss), ok in zip(group, finite):
+            if not ok:  # never train on, and never record, a diverged stitch
+                value = float(loss.detach())
+                where = "the loss" if not math.isfinite(value) else "the loss in another process"
+                self.failed[key] = NonFiniteError(where, value if not math.isfinite(value) else float("nan"),
+                                                  self.global_step)
+                continue
+            metrics = self.metrics[key]
+            metrics["train_loss"].update(loss.detach(), size)
+            if "train_acc" in metrics:
+                metrics["train_acc"].update(*self.task.scored(logits.detach(), y))
+            kept.append(loss)
+        return kept
 
     def _steps_now(self, batch_idx: int) -> bool:
         """Step after every ``accumulate`` batches and at the end of an epoch (as Lightning's own accumulation)."""
@@ -572,6 +585,15 @@ class StitchEngine(L.LightningModule):
                 if end_loss is not None:
                     metrics["test_end_loss"].update(end_loss, size)
                     metrics["test_penalty"].update(loss - end_loss, size)
+
+
+def agreed_finite(losses: list[torch.Tensor]) -> list[bool]:
+    """Whether each loss is finite in every process of a distributed run (in this one otherwise):
+    a stitch whose loss diverged on one process's share of the batch fails in all of them."""
+    flags = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses]).to(torch.int32)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+    return [bool(flag) for flag in flags.tolist()]
 
 
 def _fronts_and_cells(front, cells) -> tuple[dict[str, CuttableModel], list[tuple[str, int, int]]]:

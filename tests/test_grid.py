@@ -3,6 +3,7 @@ its own single run, and a grid's folder reports like a sweep's."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,6 +356,49 @@ def test_ddp_on_two_cpu_processes_trains_the_same_cells_as_one_process(zoo_dir, 
         two = json.loads((tmp_path / "two" / "fula" / cell / "results.json").read_text())
         assert one["status"] == two["status"] == "ok" and one["config_hash"] != two["config_hash"]
         assert 0 < two["metrics"]["test/acc"] <= 1 and abs(two["metrics"]["test/acc"] - one["metrics"]["test/acc"]) < 0.1
+
+
+def _diverge_in_one_process(rank: int, port: int, out: str) -> None:
+    """One process of a two-process gloo run of a two-cell engine; in process 1 alone, the first
+    loss of the second step turns NaN. Writes which cells failed, as this process saw it."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    front, end = _models()
+    dm, batches, test_x = _data()
+    engine = _engine(front, end, [(2, 4), (4, 7)], "fula", dm)
+    real, calls = engine.objective.loss, []
+
+    def loss(*args, **kwargs):
+        value = real(*args, **kwargs)
+        calls.append(None)
+        return value * float("nan") if rank == 1 and len(calls) == 3 else value  # two cells a step: step 1's first
+
+    engine.objective.loss = loss
+    results = _train(engine, batches, test_x, {"devices": 2, "strategy": "ddp", "max_epochs": 1})
+    Path(out, f"rank{rank}.json").write_text(json.dumps({key: r["error"] is not None for key, r in results.items()}))
+
+
+@pytest.mark.slow
+def test_a_stitch_that_diverges_in_one_ddp_process_fails_in_all_of_them(tmp_path):
+    """Each DDP process sees its own share of a batch, so one can meet a non-finite loss the other
+    does not; the processes agree, and the first, which writes the records, records the failure."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = torch.multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_diverge_in_one_process, args=(rank, port, str(tmp_path))) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(300)
+        assert process.exitcode == 0
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen[0] == seen[1] and sorted(seen[0].values()) == [False, True], seen
 
 
 def test_a_preset_sweep_on_a_launcher_becomes_one_job_per_grid_with_the_presets_axes_spent(monkeypatch, tmp_path):
