@@ -448,6 +448,12 @@ def _self_diagonal(objective: str):
     return effect
 
 
+def _averaging_directions(frame, c):
+    """Hint's share of rows found with both directions averaged − with each row one direction."""
+    averaged, directional = _self_shares(frame)["hint"], _self_shares(frame, directional=True)["hint"]
+    return averaged - directional, f"Hint: averaged {averaged:.2f}, one direction {directional:.2f} of rows"
+
+
 def _self_vs_tlm(frame, c):
     share = _self_shares(frame)
     matching = (share["hint"] + share["fula"]) / 2
@@ -587,6 +593,10 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
     Claim("self_stitch_diagonal_tlm", "Self-stitching grids: TLM finds the diagonal less often than Hint/FuLA.",
           "FuLA Fig. 10; TLM-vs-DM sanity checks", "self_grids",
           lambda c: f"the same grids; effect = mean share of Hint and FuLA − TLM's", _self_vs_tlm, "share of rows"),
+    Claim("averaging_directions", "Averaging both stitching directions finds corresponding layers that Hint's "
+          "directional grid misses.", "FuLA Sec. 4 (Fig. 10)", "self_grids",
+          lambda c: f"the Hint self grid; effect = its share of rows whose unique best cell is the diagonal with "
+                    f"both directions averaged − with each row one direction", _averaging_directions, "share of rows"),
     Claim("dm_vs_tlm_self_directional", "A layer is most similar to itself by DM, not by TLM: on the directional "
           "self-stitching grid DM's diagonal wins more rows than TLM's.", "TLM vs DM (sanity check 2)", "self_grids",
           lambda c: f"the same grids and one more for TLM started from a random map, as the paper's authors run it "

@@ -198,6 +198,16 @@ def test_the_distant_layer_claim_contrasts_dm_and_random_start_tlm_gaps():
     assert none["pairs"] == 0 and "cut points apart" in none["per_pair"][0]["measured"]
 
 
+def test_the_averaging_claim_compares_hints_averaged_and_directional_shares():
+    # Hint's row 2 prefers layer 1 one way (0.95 > 0.9); averaged with the other way (0.5) the
+    # diagonal wins it back: 3 of 3 rows averaged, 2 of 3 directional
+    grids = {("hint", "dm"): [[0.9, 0.5, 0.4], [0.95, 0.9, 0.5], [0.5, 0.6, 0.9]],
+             ("fula", "dm"): [[0.1, 0.9, 0.9]] * 3}  # another objective is not read
+    result = measure(CLAIMS["averaging_directions"], _self_grid_rows(grids), _settings())
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([1 / 3] * 3)
+    assert "averaged 1.00, one direction 0.67" in result["per_pair"][0]["measured"]
+
+
 def test_the_in_distribution_claim_reads_dm_auroc_distance_from_chance():
     aurocs = {1: [0.55, 0.45, 0.70], 5: [0.50, 0.52, 0.46]}  # per pair: end layers 1 and 5
     rows = [{"run": f"runs/ood/seeds{a}-{b}/{o}/{o}/f{k}-e{k}", "objective": o, "front_layer": k, "end_layer": k,
