@@ -399,13 +399,13 @@ class StitchEngine(L.LightningModule):
             if one_backward:
                 pending.extend(group)
                 continue
-            total = self._finite(group, [bool(torch.isfinite(loss)) for _, _, loss in group], y, size)
+            total = self._finite(group, agreed_finite([loss for _, _, loss in group], False), y, size) if group else []
             if total:  # stitches of different end layers share nothing: gradients accumulate apart
                 self.manual_backward(torch.stack(total).sum() / self.accumulate)
                 self._backward_pending = True
                 live.extend(t.detach() for t in total)
         if pending:
-            pending = self._finite(pending, agreed_finite([loss for _, _, loss in pending]), y, size)
+            pending = self._finite(pending, agreed_finite([loss for _, _, loss in pending], True), y, size)
             live.extend(t.detach() for t in pending)
         if pending:  # every process has the same cells left, so all of them backpropagate, or none
             self.manual_backward(torch.stack(pending).sum() / self.accumulate)
@@ -459,14 +459,17 @@ class StitchEngine(L.LightningModule):
                 torch.nn.utils.clip_grad_value_(stitch.parameters(), self.clip_val)
 
     def _check_weights(self) -> None:
-        for key, stitch in self.stitches.items():
-            if key in self.failed:
-                continue
-            for name, parameter in stitch.named_parameters():
-                if not torch.isfinite(parameter).all():
-                    bad = parameter[~torch.isfinite(parameter)].flatten()[0].item()
-                    self.failed[key] = NonFiniteError(f"stitch weight {name}", bad, self.global_step - 1)
-                    break
+        """Fail each live stitch with a non-finite weight: one check for all of them (on a GPU one
+        host synchronisation per step, not one per parameter)."""
+        live = [(key, name, parameter) for key, stitch in self.stitches.items() if key not in self.failed
+                for name, parameter in stitch.named_parameters()]
+        if not live:
+            return
+        finite = torch.stack([torch.isfinite(parameter).all() for _, _, parameter in live]).tolist()
+        for (key, name, parameter), ok in zip(live, finite):
+            if not ok and key not in self.failed:
+                bad = parameter[~torch.isfinite(parameter)].flatten()[0].item()
+                self.failed[key] = NonFiniteError(f"stitch weight {name}", bad, self.global_step - 1)
 
     def _size(self, x, y) -> int:
         """What a batch's mean is over: inputs, or target tokens for a language model."""
@@ -587,11 +590,12 @@ class StitchEngine(L.LightningModule):
                     metrics["test_penalty"].update(loss - end_loss, size)
 
 
-def agreed_finite(losses: list[torch.Tensor]) -> list[bool]:
-    """Whether each loss is finite in every process of a distributed run (in this one otherwise):
-    a stitch whose loss diverged on one process's share of the batch fails in all of them."""
+def agreed_finite(losses: list[torch.Tensor], distributed: bool) -> list[bool]:
+    """Whether each loss is finite (one host synchronisation for all of them); ``distributed``: in
+    every process of the run, so a stitch whose loss diverged on one process's share of the batch
+    fails in all of them."""
     flags = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses]).to(torch.int32)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
     return [bool(flag) for flag in flags.tolist()]
 
