@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from stitching.errors import StitchingError, exit_on_user_error
+from stitching.errors import NonFiniteError, StitchingError, exit_on_user_error
 from stitching.files import hold_folder
 from stitching.runtime import build_trainer, precision_autocast, release_memory, speed_up, versions, write_json_atomic
 from stitching.build import compose_config, prepare, read_settings
@@ -291,23 +291,34 @@ def bench_grid(overrides: list[str], objective: str, batches: int, run_dir: Path
                                              f"trainer.limit_train_batches={batches}", "grid.pairs=all"]))
     prepare(cell_config(settings, 1, 1))  # base models come from (or go into) the zoo before timing
     single = {"what": f"9x9 {objective}: 81 single runs", "layer": "all", "images": f"{batches} batches x 81"}
+    failed = {"single": [], "fused": []}
     with measure(single):
         for front in range(1, 10):
             for end in range(1, 10):
-                run(cell_config(settings, front, end), run_dir / "single" / objective / f"f{front}-e{end}")
+                try:  # a stitch that diverges (an fp16 loss that overflows, say) is a failed cell, timed all the same
+                    run(cell_config(settings, front, end), run_dir / "single" / objective / f"f{front}-e{end}")
+                except NonFiniteError:
+                    failed["single"].append(f"f{front}-e{end}")
                 release_memory()
     print(_line(single), flush=True)
     fused = {"what": f"9x9 {objective}: fused grid", "layer": "all", "images": f"{batches} batches x 81"}
     with measure(fused):
-        run_grid(settings, run_dir / "fused", progress=False)
+        failed["fused"] = [f"f{i}-e{j}" for (i, j), _ in run_grid(settings, run_dir / "fused", progress=False)["failed"]]
     accuracy = {}
     for kind in ("single", "fused"):
         for path in (run_dir / kind / objective).glob("*/results.json"):
-            accuracy.setdefault(path.parent.name, {})[kind] = json.loads(path.read_text())["metrics"]["test/acc"]
+            record = json.loads(path.read_text())
+            if record["status"] == "ok":
+                accuracy.setdefault(path.parent.name, {})[kind] = record["metrics"]["test/acc"]
+    both = [v for v in accuracy.values() if len(v) == 2]
     fused["speedup"] = round(single["seconds"] / fused["seconds"], 2)
-    fused["max_acc_difference"] = max(abs(v["single"] - v["fused"]) for v in accuracy.values())
+    fused["max_acc_difference"] = max((abs(v["single"] - v["fused"]) for v in both), default=float("nan"))
+    fused["failed_cells"] = failed
+    note = "" if not any(failed.values()) else (
+        f"; failed cells: {len(failed['single'])} single ({', '.join(failed['single'])}), "
+        f"{len(failed['fused'])} fused ({', '.join(failed['fused'])})")
     print(_line(fused) + f"   {fused['speedup']:.2f}x faster, largest cell accuracy difference "
-          f"{fused['max_acc_difference']:.4f}", flush=True)
+          f"{fused['max_acc_difference']:.4f} over {len(both)} cells{note}", flush=True)
     return [single, fused]
 
 

@@ -254,6 +254,30 @@ def test_bench_measures_each_objective(tmp_path, zoo_dir, capsys):
     assert all("mfu" not in row for row in trained.values())  # a CPU has no known peak
 
 
+@pytest.mark.slow
+def test_the_bench_grid_times_cells_that_diverge_and_compares_the_rest(tmp_path, zoo_dir, monkeypatch, capsys):
+    """A diverged cell (as an fp16 loss that overflows on a GPU) is a failed cell in both the single
+    runs and the fused grid; the bench finishes, lists them, and compares the cells that ran."""
+    import torch
+
+    from stitching.bench import bench_grid
+    from stitching.objectives import losses
+
+    real = losses.hint_loss
+
+    def diverge_into_the_last_stage(stitched, target, mask=None):  # end layers 8 and 9: 64 channels at width 8
+        loss = real(stitched, target, mask)
+        return loss * float("nan") if target.shape[1] == 64 else loss
+
+    monkeypatch.setattr(losses, "hint_loss", diverge_into_the_last_stage)
+    single, fused = bench_grid([*TINY, f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", "logger=none",
+                                "trainer.enable_progress_bar=false"], "hint", 1, tmp_path)
+    expected = [f"f{i}-e{j}" for i in range(1, 10) for j in (8, 9)]
+    assert sorted(fused["failed_cells"]["single"]) == sorted(fused["failed_cells"]["fused"]) == sorted(expected)
+    assert fused["max_acc_difference"] < 1e-6 and "over 63 cells; failed cells: 18 single" in capsys.readouterr().out
+    assert torch.isfinite(torch.tensor([single["seconds"], fused["seconds"]])).all()
+
+
 def test_the_bench_counts_a_steps_flops_as_the_closed_form_and_knows_gpu_peaks():
     import torch
 
