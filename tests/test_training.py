@@ -179,23 +179,26 @@ def test_a_loss_that_turns_nan_fails_the_run_at_that_step(tiny_config, tmp_path,
 def test_a_loss_non_finite_from_the_first_step_fails_the_run_under_a_loss_scaler(tiny_config, tmp_path, monkeypatch):
     """Under fp16 mixed precision on a GPU, Lightning steps through a loss scaler, which refuses a
     step that no scaled loss preceded; a window whose every loss is non-finite must record the
-    failure, not crash. Lightning's fp16 mixed precision with torch's own scaler, on the CPU
-    (where Lightning itself would pick bf16 and no scaler), takes the GPU's path."""
+    failure, not crash. The stitch trains under Lightning's fp16 mixed precision with torch's own
+    scaler, on the CPU (where Lightning itself would pick bf16 and no scaler): the GPU's path."""
     import torch
-    from lightning.pytorch.plugins.precision import amp
+    from lightning.pytorch.plugins.precision import MixedPrecision
 
+    from stitching import engine
     from stitching.errors import NonFiniteError
     from stitching.objectives import losses
 
-    real_init = amp.MixedPrecision.__init__
+    real_build = engine.build_trainer
 
-    def with_a_scaler(self, precision, device, scaler=None):
-        real_init(self, "16-mixed", device, scaler=torch.amp.GradScaler(device))
+    def with_a_scaler(*args, **kwargs):  # the stitch's trainers only: the base models stay the zoo's
+        trainer = real_build(*args, **kwargs)
+        trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+        return trainer
 
-    monkeypatch.setattr(amp.MixedPrecision, "__init__", with_a_scaler)
+    monkeypatch.setattr(engine, "build_trainer", with_a_scaler)
     monkeypatch.setattr(losses, "hint_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(NonFiniteError, match="the loss became nan at training step 0"):
-        run(tiny_config("objective=hint", "stitch.layer=3", "trainer.precision=bf16-mixed"), tmp_path / "nan")
+        run(tiny_config("objective=hint", "stitch.layer=3", "trainer.limit_test_batches=1"), tmp_path / "nan")
     assert not (tmp_path / "nan" / "results.json").exists()
 
 
