@@ -404,12 +404,12 @@ class StitchEngine(L.LightningModule):
                 self.manual_backward(torch.stack(total).sum() / self.accumulate)
                 self._backward_pending = True
                 live.extend(t.detach() for t in total)
-        if pending:
-            pending = self._finite(pending, agreed_finite([loss for _, _, loss in pending], True), y, size)
-            live.extend(t.detach() for t in pending)
-        if pending:  # every process has the same cells left, so all of them backpropagate, or none
-            self.manual_backward(torch.stack(pending).sum() / self.accumulate)
-            self._backward_pending = True
+        if pending:  # every process keeps the same cells, so all of them backpropagate, or none
+            total = self._finite(pending, agreed_finite([loss for _, _, loss in pending], True), y, size)
+            if total:
+                self.manual_backward(torch.stack(total).sum() / self.accumulate)
+                self._backward_pending = True
+                live.extend(t.detach() for t in total)
         # a window in which every loss was non-finite has no gradient to step on (and a mixed-precision
         # loss scaler, which never scaled a loss, refuses to step)
         if self._steps_now(batch_idx) and self._backward_pending:
@@ -431,9 +431,9 @@ class StitchEngine(L.LightningModule):
         for (key, logits, loss), ok in zip(group, finite):
             if not ok:  # never train on, and never record, a diverged stitch
                 value = float(loss.detach())
-                where = "the loss" if not math.isfinite(value) else "the loss in another process"
-                self.failed[key] = NonFiniteError(where, value if not math.isfinite(value) else float("nan"),
-                                                  self.global_step)
+                here = not math.isfinite(value)  # else it diverged on another process's share of the batch
+                self.failed[key] = NonFiniteError("the loss" if here else "the loss in another process",
+                                                  value if here else float("nan"), self.global_step)
                 continue
             metrics = self.metrics[key]
             metrics["train_loss"].update(loss.detach(), size)
