@@ -17,6 +17,9 @@ LM_DEPTHS ?= 1 2 3 4
 GENERALISING ?= connectivity/feather_berts_0 connectivity/feather_berts_1
 HEURISTIC ?= connectivity/feather_berts_2 connectivity/feather_berts_3
 FIGURES := fig3 fig4 fig5 fig6 fig8 fig9 fig10 fig11 ood
+# `make test` runs one pytest worker per core (at most 4: each holds its own tiny zoo and torch); each worker's torch
+# gets its share of the cores (tests/conftest.py)
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
@@ -107,7 +110,7 @@ run: $(READY) ## main job: MNIST-5k, two narrow ResNet18s, 9 layers × 5 objecti
 	$(PY) -m stitching.report $(DEMO_DIR) && exit $$status
 
 test: $(READY) ## fast tests (what CI runs)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n $(TEST_JOBS) --dist worksteal
 
 test-full: $(READY) ## every test, slow ones included, and many more generated inputs
 	HYPOTHESIS_PROFILE=full STITCHING_CLI_EXAMPLES=200 $(PY) -m pytest

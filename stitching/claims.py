@@ -171,6 +171,21 @@ def _single(c) -> str:
     return _pairs([(c.layer, c.layer)])
 
 
+def _listed(values) -> str:
+    return "null" if values is None else "[" + ",".join(str(v) for v in values) + "]"
+
+
+def _grounding(c) -> list[tuple[str, list[str], str]]:
+    """The Ding et al. tests of one seed pair: DM, and TLM from a random map (the TLM-vs-DM
+    authors' start), each a grounding job of its own (no structural index)."""
+    g = c.grounding
+    common = [*g.stitch, f"grounding.layers={_listed(g.layers)}", f"grounding.ranks={_listed(g.ranks)}",
+              f"grounding.compare_layers={_listed(g.compare_layers)}", "grounding.test=both", "grounding.indices=null"]
+    return [("dm", [*common, "grounding.objectives=[dm]"], "grounding"),
+            ("tlm_random", [*common, "grounding.objectives=[tlm]", "stitch.init=random", *_random_epochs(c)],
+             "grounding")]
+
+
 #: experiment → (pairing, its jobs for one seed pair: ``[(tag, overrides, kind)]``)
 EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[str], str]]]]] = {
     "dm_self": ("self", lambda c: [("dm", ["objective=dm", "trainer.max_epochs=0", _diagonal(c)], "grid")]),
@@ -206,6 +221,8 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
     "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
                               for o in ("dm", "tlm")]),
     "similarity": ("two", lambda c: [("cka_pwcca_opd", [], "similarity")]),
+    # Ding et al.'s sensitivity and specificity tests: the end (seed 2s + 1) is the reference
+    "grounding": ("two", _grounding),
     # all four directions, fronts of seed 2s into ends of seed 2s + 1: a SoLU and a GeLU front into the same end
     "language": ("two", lambda c: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
                                                  f"end.{c.language_key}={b}", "grid.pairs=diagonal"], "grid")
@@ -254,6 +271,8 @@ def run_job(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
     overrides = [*base, *job.overrides]
     if job.kind == "similarity":
         return _similarity_job(overrides, folder, progress)
+    if job.kind == "grounding":  # the pair's two models are the compared ones, the end the reference
+        return _grounding_job([*overrides, f"grounding.seeds={_listed(job.pair)}"], folder, progress)
     summary = run_grid(compose_config(overrides), folder, progress=progress)
     return [f"{job.experiment}/{job.tag} seeds {job.pair}: f{i}-e{j}: {error}" for (i, j), error in summary["failed"]]
 
@@ -271,6 +290,18 @@ def _similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[
             config_grids(overrides, indices, int(s.similarity_images), flatten, 250, folder / flatten,
                          layers=list(s.layers), progress=progress)
     return []
+
+
+def _grounding_job(overrides: list[str], folder: Path, progress: bool) -> list[str]:
+    """One grounding run (a finished one without failures is read back; its stitching runs resume)."""
+    from stitching.build import compose_config
+    from stitching.groundings import run_tests
+
+    done = folder / "grounding.json"
+    if done.is_file() and not json.loads(done.read_text()).get("failed"):
+        return []
+    record = run_tests(compose_config(overrides), overrides, folder, progress)
+    return [f"grounding: {line}" for line in record["failed"]]
 
 
 # -- claims --------------------------------------------------------------------------------
@@ -506,6 +537,39 @@ def _cka_against(other: str):
     return effect
 
 
+def _ding(test: str):
+    """ρ of DM − ρ of random-start TLM in one of Ding et al.'s tests (ρ within each reference
+    layer, averaged over the layers)."""
+    def effect(frame, c):
+        if "grounding_test" not in frame:
+            raise LookupError("no grounding correlations")
+        rows = frame[frame.grounding_test == test]
+        rho = dict(zip(rows.grounding_measure, rows.grounding_rho))
+        pooled = dict(zip(rows.grounding_measure, rows.grounding_rho_pooled))
+        if not {"dm", "tlm"} <= set(rho):
+            raise LookupError(f"no {test} ρ of DM and of TLM")
+        if not (np.isfinite(rho["dm"]) and np.isfinite(rho["tlm"])):
+            raise ValueError(f"the {test} ρ is undefined (items that do not vary)")
+        return rho["dm"] - rho["tlm"], (f"ρ DM {rho['dm']:+.3f}, TLM from a random map {rho['tlm']:+.3f} (pooled over "
+                                        f"layers {pooled['dm']:+.3f}, {pooled['tlm']:+.3f})")
+    return effect
+
+
+def _ding_setting(test: str):
+    def setting(c) -> str:
+        g = c.grounding
+        layers = "every cut point" if g.layers is None else f"cut points {_layers_of(g.layers)}"
+        items = (f"each reference layer truncated to {_layers_of(g.ranks)} principal directions (those below its "
+                 f"channels)" if test == "sensitivity" else
+                 f"{'every cut point' if g.compare_layers is None else 'cut points ' + _layers_of(g.compare_layers)} "
+                 f"of the seed-2s and seed-(2s + 1) models against each reference layer")
+        return (f"Ding et al.'s {test} test: the end (seed 2s + 1) at {layers} the reference, items = {items}; "
+                f"functional difference = |Δ linear-probe accuracy|; dissimilarity = 1 − stitched accuracy; DM, and TLM "
+                f"from a random map ({_random_epochs_text(c)}), front and end in eval mode ({' '.join(g.stitch)}); ρ "
+                f"within each reference layer, averaged; effect = ρ DM − ρ TLM")
+    return setting
+
+
 def _language(frame, c):
     """A SoLU front against a GeLU front into the same end, averaged over both ends:
     [P(S→G) − P(G→G) + P(S→S) − P(G→S)] / 2 (comparing S→G with G→S alone compares two end models
@@ -650,6 +714,11 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
                                    f"share of rows whose unique best cell is the diagonal, CKA − "
                                    f"{SIMILARITY_NAMES[other]}", _cka_against(other), "share of rows")
       for other in ("pwcca", "procrustes")),
+    *(Claim(f"ding_{test}", f"DM's dissimilarity tracks the functional difference more closely than TLM's in "
+            f"Ding et al.'s {test} test ({what}).", "TLM vs DM (Ding et al. tests)", "grounding", _ding_setting(test),
+            _ding(test), "rank correlation")
+      for test, what in (("sensitivity", "a layer against itself truncated to fewer principal directions"),
+                         ("specificity", "other layers and models against a reference layer"))),
     Claim("solu_gelu_asymmetry", "Stitching from a SoLU model costs more than from a GeLU model into the same "
           "end (the paper: SoLU → GeLU above GeLU → SoLU).",
           "representation-dissimilarity paper", "language",
@@ -700,7 +769,8 @@ EXPERIMENT_LABELS = {
     "subset_cross": "cross-task front, classes 0..k−1", "self_grids": "a model against itself, square grids",
     "self_grids_fresh": "fresh models against themselves, confirmatory square grids",
     "deeper_hints": "two seeds, square grids, FuLA hints", "ood": "two seeds, energy detector",
-    "similarity": "two seeds, structural indices", "language": "toy GeLU/SoLU models, four directions",
+    "similarity": "two seeds, structural indices", "grounding": "two seeds, Ding et al.'s tests",
+    "language": "toy GeLU/SoLU models, four directions",
 }
 
 
@@ -848,11 +918,13 @@ def check_cut_points(run) -> None:
         model = zoo.untrained(side.spec) if zoo.needs_training(side.spec, side.checkpoint) else \
             zoo.get(side.spec, side.checkpoint)[0]
         counts.append(len(cut_point_names(model)))
-    named = {*map(int, c.layers), *_grid_layers(c), *_confirm_layers(c), int(c.layer)}
+    named = {*map(int, c.layers), *_grid_layers(c), *_confirm_layers(c), int(c.layer),
+             *(c.grounding.layers or []), *(c.grounding.compare_layers or [])}
     bad = sorted(k for k in named if k > min(counts))
     if bad:
         raise StitchingError(f"claims name cut point(s) {bad}, but the models have cut points 1..{min(counts)}: "
-                             f"change claims.layers, claims.grid_layers, claims.confirm_layers or claims.layer")
+                             f"change claims.layers, claims.grid_layers, claims.confirm_layers, claims.layer or "
+                             f"claims.grounding")
 
 
 def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict:
@@ -878,7 +950,7 @@ def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict
                 traceback.print_exc()
                 failed.append(f"{job.experiment}/{job.tag} seeds {job.pair}: {type(err).__name__}: {err}")
     frame, _ = collect(out) if (out / "runs").is_dir() else (pd.DataFrame(), [])
-    frame = _with_curves(frame, out)
+    frame = _with_grounding(_with_curves(frame, out), out)
     results = [measure(CLAIMS[name], frame, settings) for name in names]
     models = {}
     for side in ("front", "end"):  # every base model of the runs, with its own test accuracy
@@ -903,6 +975,17 @@ def _with_curves(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
         record = json.loads(path.read_text()) if path.is_file() else {}
         curves.append((record.get("curve") or {}).get("train/loss"))
     return frame.assign(train_curve=curves)
+
+
+def _with_grounding(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Each grounding job's correlations (its ``grounding.csv``) as rows of the frame: ``run`` its
+    folder, ``grounding_test``, ``grounding_measure``, ``grounding_rho``, ``grounding_rho_pooled``."""
+    rows = []
+    for path in sorted((root / "runs").glob("*/seeds*/*/grounding.csv")):
+        run = path.parent.relative_to(root).as_posix()
+        rows += [{"run": f"{run}/", "grounding_test": r.test, "grounding_measure": r.measure, "grounding_rho": r.rho,
+                  "grounding_rho_pooled": r.rho_pooled} for r in pd.read_csv(path).itertuples()]
+    return pd.concat([frame, pd.DataFrame(rows)], ignore_index=True) if rows else frame
 
 
 @exit_on_user_error

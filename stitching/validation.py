@@ -461,19 +461,21 @@ GROUP_KEYS = ("name", "arch")
 
 
 def _check_claims_layers(cfg: DictConfig) -> None:
-    """``claims.layers``, ``grid_layers`` and ``confirm_layers`` (or null), ``early_layers`` and ``deep_layers``:
-    non-empty lists of cut points, the early and deep ones among ``claims.layers``."""
+    """``claims.layers``, ``grid_layers`` and ``confirm_layers`` (or null), ``early_layers`` and ``deep_layers``,
+    ``grounding.layers`` and ``grounding.compare_layers`` (or null): non-empty lists of cut points, the early and
+    deep ones among ``claims.layers``; ``claims.grounding.ranks``: a non-empty list of ranks (integers ≥ 1)."""
     lists = {}
     for key in ("claims.layers", "claims.grid_layers", "claims.confirm_layers", "claims.early_layers",
-                "claims.deep_layers"):
+                "claims.deep_layers", "claims.grounding.layers", "claims.grounding.compare_layers",
+                "claims.grounding.ranks"):
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None:
+        if value is None and key != "claims.grounding.ranks":
             continue
         values = list(value) if OmegaConf.is_list(value) else value
         if not (isinstance(values, list) and values
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)):
-            raise StitchingError(f"{key}={_shown(values)} is out of range: give a non-empty list of cut points "
-                                 f"(integers ≥ 1)")
+            raise StitchingError(f"{key}={_shown(values)} is out of range: give a non-empty list of "
+                                 f"{'ranks' if key.endswith('ranks') else 'cut points'} (integers ≥ 1)")
         lists[key] = values
     layers = lists.get("claims.layers")
     for key in ("claims.early_layers", "claims.deep_layers"):

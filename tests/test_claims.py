@@ -208,6 +208,40 @@ def test_the_averaging_claim_compares_hints_averaged_and_directional_shares():
     assert "averaged 1.00, one direction 0.67" in result["per_pair"][0]["measured"]
 
 
+def test_the_ding_claims_contrast_dm_with_random_start_tlm_in_each_test(tmp_path):
+    """Each grounding job's ``grounding.csv`` is read back per pair; the effect is ρ DM − ρ TLM."""
+    from stitching.claims import _with_grounding
+
+    rho = {"sensitivity": {"dm": [0.9, 0.8, 0.7], "tlm": [0.5, 0.9, 0.1]},
+           "specificity": {"dm": [0.6, 0.4, 0.75], "tlm": [0.2, 0.1, 0.7]}}
+    for n, (a, b) in enumerate(seed_pairs(3, "two")):
+        for tag, measure_ in (("dm", "dm"), ("tlm_random", "tlm")):
+            folder = tmp_path / "runs" / "grounding" / f"seeds{a}-{b}" / tag
+            folder.mkdir(parents=True)
+            pd.DataFrame([{"test": test, "measure": measure_, "rho": rho[test][measure_][n], "low": np.nan,
+                           "high": np.nan, "items": 15, "layers": 3, "rho_pooled": 0.5} for test in rho]
+                         ).to_csv(folder / "grounding.csv", index=False)
+    runs = pd.DataFrame([{"run": "runs/diagonal/seeds0-1/dm/dm/f1-e1", "objective": "dm", "test_acc": 0.5}])
+    frame = _with_grounding(runs, tmp_path)
+    assert len(frame) == 1 + 3 * 2 * 2 and frame.run.iloc[0] == runs.run.iloc[0]
+    for test, values in rho.items():
+        result = measure(CLAIMS[f"ding_{test}"], frame, _settings())
+        assert [p["effect"] for p in result["per_pair"]] == pytest.approx(
+            [dm - tlm for dm, tlm in zip(values["dm"], values["tlm"])])
+        assert result["unit"] == "rank correlation" and "TLM from a random map" in result["per_pair"][0]["measured"]
+    jobs = plan(_settings(random_start_epochs=7, grounding={"layers": [3, 5], "ranks": [1, 2, 4]}),
+                ["ding_sensitivity", "ding_specificity"])  # both rows read the same two jobs per pair
+    assert sorted((j.tag, j.pair) for j in jobs) == sorted((t, p) for t in ("dm", "tlm_random")
+                                                           for p in seed_pairs(3, "two"))
+    assert {j.kind for j in jobs} == {"grounding"}
+    tlm, dm = (next(j for j in jobs if j.tag == tag) for tag in ("tlm_random", "dm"))
+    assert {"grounding.objectives=[tlm]", "stitch.init=random", "trainer.max_epochs=7", "stitch.update_bn=false",
+            "grounding.layers=[3,5]", "grounding.ranks=[1,2,4]", "grounding.compare_layers=null",
+            "grounding.indices=null"} <= set(tlm.overrides)
+    assert "grounding.objectives=[dm]" in dm.overrides
+    assert not any(o.startswith(("stitch.init", "trainer.")) for o in dm.overrides)
+
+
 def test_the_in_distribution_claim_reads_dm_auroc_distance_from_chance():
     aurocs = {1: [0.55, 0.45, 0.70], 5: [0.50, 0.52, 0.46]}  # per pair: end layers 1 and 5
     rows = [{"run": f"runs/ood/seeds{a}-{b}/{o}/{o}/f{k}-e{k}", "objective": o, "front_layer": k, "end_layer": k,
@@ -240,7 +274,8 @@ def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, 
     overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "dataset.train_subset=200", "attack.steps=2",
                  "attack.eval_images=50", "evaluation.ood.epochs=1", "claims.seed_pairs=1", "claims.layers=[1,5,9]",
                  "claims.early_layers=[1]", "claims.deep_layers=[9]", "claims.similarity_images=100",
-                 "claims.cross_front=mnist5k", "+claims.extra.subset_cross=['+datasets.mnist5k.source.image_size=16']",
+                 "claims.cross_front=mnist5k", "claims.grounding.layers=[5]", "claims.grounding.ranks=[1,2,4]",
+                 "claims.grounding.compare_layers=[1,5,9]", "+claims.extra.subset_cross=['+datasets.mnist5k.source.image_size=16']",
                  "+claims.extra.shortcut_cross={hint_cross:['+datasets.mnist5k.source.image_size=16'],"
                  "fula_cross:['+datasets.mnist5k.source.image_size=16']}",
                  f"claims.language=[{','.join(repr(o) for o in lm)}]"]

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from stitching.errors import StitchingError
-from stitching.grounding import layer_correlation, rank_correlation, run_tests, sensitivity_items, spearman, specificity_items
+from stitching.groundings import layer_correlation, rank_correlation, run_tests, sensitivity_items, spearman, specificity_items
 
 
 def test_spearman_equals_scipy_with_and_without_ties():

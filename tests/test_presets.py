@@ -66,7 +66,7 @@ def test_preset_composes_with_its_sweep(preset):
 @pytest.mark.parametrize("preset", GROUNDING)
 def test_grounding_presets_compose_with_valid_settings(preset):
     from stitching.build import read_settings
-    from stitching.grounding import _settings
+    from stitching.groundings import _settings
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={preset}"])
@@ -93,6 +93,17 @@ def test_claims_presets_compose_with_valid_settings_and_plan_every_claim(preset)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the language runs compose on their own
         lm = compose("config", overrides=list(language.overrides))
     assert lm.dataset.kind == "text" and {lm.front.arch, lm.front.name} & set(cfg.claims.language_models)
+    # the Ding et al. claims: the grounding preset's protocol (grounding_small's size in the CPU twin), TLM from a
+    # random map and front and end in eval mode, as the TLM-vs-DM authors' stitching script
+    twin = OmegaConf.load(CONF_DIR / "experiment" / ("grounding.yaml" if preset == "claims" else "grounding_small.yaml"))
+    for job in (j for j in jobs if j.experiment == "grounding"):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            run = compose("config", overrides=[f"experiment={preset}", *job.overrides])
+        assert [run.grounding[k] for k in ("layers", "ranks", "compare_layers")] == \
+            [twin.grounding[k] for k in ("layers", "ranks", "compare_layers")]
+        assert run.stitch.update_bn is False and run.stitch.weight_decay == 1e-5
+        assert (run.stitch.init, list(run.grounding.objectives)) == (("random", ["tlm"]) if job.tag == "tlm_random"
+                                                                     else ("dm", ["dm"]))
 
 
 def test_every_cpu_preset_has_a_paper_sized_twin():
