@@ -277,6 +277,51 @@ def run_job(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
     return [f"{job.experiment}/{job.tag} seeds {job.pair}: f{i}-e{j}: {error}" for (i, j), error in summary["failed"]]
 
 
+def _guarded(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
+    """:func:`run_job`, with a crash recorded as a failure: one broken experiment must not stop
+    the others (a user error still ends the check)."""
+    try:
+        return run_job(job, base, root, progress)
+    except StitchingError:
+        raise
+    except Exception as err:
+        traceback.print_exc()
+        return [f"{job.experiment}/{job.tag} seeds {job.pair}: {type(err).__name__}: {err}"]
+
+
+def _start_worker(jobs: int) -> None:
+    from stitching.jobs import share_threads
+
+    share_threads(jobs)
+
+
+def run_jobs(jobs: list[Job], base: list[str], root: Path, workers: int) -> list[str]:
+    """Every job, ``workers`` at once, each worker a process of its own with its share of the
+    cores (``claims.jobs``); what failed. Jobs that need the same base model wait for the one that
+    trains it (the zoo trains a model once)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    failed: list[str] = []
+    print(f"[claims] {len(jobs)} jobs, {workers} at once", flush=True)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(workers,)) as pool:
+        running = {pool.submit(_guarded, job, base, root, False): job for job in jobs}
+        done = 0
+        try:
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    failed += future.result()  # a user error is raised here and ends the check
+                    done += 1
+                    print(f"[claims] {done}/{len(jobs)} done: {job.experiment} seeds {job.pair} {job.tag}", flush=True)
+        except BaseException:  # what is running finishes and keeps its records; nothing new starts
+            pool.shutdown(cancel_futures=True)
+            raise
+    return failed
+
+
 def _similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[str]:
     from stitching.build import compose_config
     from stitching.similarity.compare import config_grids
@@ -939,16 +984,13 @@ def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict
     watch = Stopwatch()
     jobs = plan(settings, names)
     failed: list[str] = []
-    for number, job in enumerate(jobs, 1):
+    if int(settings.jobs) > 1:
+        with watch.section("jobs_s"):
+            failed = run_jobs(jobs, base, out, int(settings.jobs))
+    for number, job in enumerate(jobs if int(settings.jobs) == 1 else [], 1):
         print(f"[claims] {number}/{len(jobs)} {job.experiment} seeds {job.pair} {job.tag}", flush=True)
         with watch.section(f"{job.experiment}_s"):
-            try:
-                failed += run_job(job, base, out, progress)
-            except StitchingError:
-                raise
-            except Exception as err:  # one broken experiment must not stop the others
-                traceback.print_exc()
-                failed.append(f"{job.experiment}/{job.tag} seeds {job.pair}: {type(err).__name__}: {err}")
+            failed += _guarded(job, base, out, progress)
     frame, _ = collect(out) if (out / "runs").is_dir() else (pd.DataFrame(), [])
     frame = _with_grounding(_with_curves(frame, out), out)
     results = [measure(CLAIMS[name], frame, settings) for name in names]

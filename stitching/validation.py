@@ -169,6 +169,7 @@ RULES: dict[str, Rule] = {
     "similarity.permutations": INDEX,
     "similarity.rbf_sigma": POSITIVE,
     "claims.seed_pairs": COUNT,
+    "claims.jobs": COUNT,
     "claims.min_pairs": Rule("int", 2),
     "claims.alpha": Rule("float", 0, 0.5, low_open=True),
     "claims.layer": COUNT,

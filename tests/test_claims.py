@@ -304,6 +304,22 @@ def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, 
     assert json.loads((out / "claims.json").read_text())["claims"] == record["claims"]
 
 
+def test_jobs_at_once_run_the_same_jobs_with_the_same_effects(tmp_path, zoo_dir, capsys):
+    """``claims.jobs=2``: the jobs run in two worker processes and give the serial run's records."""
+    overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "claims.seed_pairs=2", "claims.min_pairs=2", "claims.layers=[1,9]",
+                 "claims.early_layers=[1]", "claims.deep_layers=[9]"]
+    records, runs = {}, {}
+    for jobs in (2, 1):
+        out = tmp_path / f"jobs{jobs}"
+        claims_main(["--only", "dm_self_stitch", "--out", str(out), "--no-progress", *overrides, f"claims.jobs={jobs}"])
+        records[jobs] = json.loads((out / "claims.json").read_text())["claims"][0]
+        runs[jobs] = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("results.json"))
+    assert "[claims] 2 jobs, 2 at once" in capsys.readouterr().out
+    assert runs[2] == runs[1] and len(runs[1]) == 2 * 2  # two models against themselves, layers 1 and 9
+    effects = {jobs: [p["effect"] for p in record["per_pair"]] for jobs, record in records.items()}
+    assert len(effects[1]) == 2 and effects[2] == pytest.approx(effects[1], abs=1e-6)
+
+
 def test_bad_claims_settings_are_one_line(capsys):
     with pytest.raises(SystemExit):
         claims_main(["--only", "nope", "logger=none"])
