@@ -987,10 +987,11 @@ def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict
     if int(settings.jobs) > 1:
         with watch.section("jobs_s"):
             failed = run_jobs(jobs, base, out, int(settings.jobs))
-    for number, job in enumerate(jobs if int(settings.jobs) == 1 else [], 1):
-        print(f"[claims] {number}/{len(jobs)} {job.experiment} seeds {job.pair} {job.tag}", flush=True)
-        with watch.section(f"{job.experiment}_s"):
-            failed += _guarded(job, base, out, progress)
+    else:
+        for number, job in enumerate(jobs, 1):
+            print(f"[claims] {number}/{len(jobs)} {job.experiment} seeds {job.pair} {job.tag}", flush=True)
+            with watch.section(f"{job.experiment}_s"):
+                failed += _guarded(job, base, out, progress)
     frame, _ = collect(out) if (out / "runs").is_dir() else (pd.DataFrame(), [])
     frame = _with_grounding(_with_curves(frame, out), out)
     results = [measure(CLAIMS[name], frame, settings) for name in names]

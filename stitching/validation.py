@@ -314,6 +314,12 @@ def check_config(cfg: DictConfig) -> None:
     attack = OmegaConf.select(cfg, "claims.robust_attack", default=None)
     if attack not in ("pgd", "autoattack"):
         raise StitchingError(f"claims.robust_attack={_shown(attack)} is out of range: it must be pgd or autoattack")
+    for key in ("claims.language", "claims.grounding.stitch"):  # overrides the claims pass on to some of their runs
+        value = OmegaConf.select(cfg, key, default=None)
+        values = list(value) if OmegaConf.is_list(value) else value
+        if not (isinstance(values, list) and all(isinstance(v, str) and "=" in v for v in values)):
+            raise StitchingError(f"{key}={_shown(values)} is out of range: give a list of overrides, "
+                                 f"e.g. {key}=[stitch.update_bn=false]")
     _check_claims_layers(cfg)
     _check_groups(cfg)
     for unit, margin in (OmegaConf.select(cfg, "claims.margins", default=None) or {}).items():

@@ -23,6 +23,9 @@ TRAIN_CASES = [
     ("claims-margin", ["claims.margins.accuracy=-1"], "claims.margins.accuracy=-1 is out of range"),
     ("claims-grounding-rank", ["claims.grounding.ranks=[0,2]"], "claims.grounding.ranks=[0, 2] is out of range: give a "
      "non-empty list of ranks"),
+    ("claims-grounding-stitch", ["claims.grounding.stitch=nope"], "claims.grounding.stitch=nope is out of range: give "
+     "a list of overrides"),
+    ("claims-language", ["claims.language=[experiment]"], "claims.language=['experiment'] is out of range"),
     ("claims-grounding-layers", ["claims.grounding.layers=[]"], "claims.grounding.layers=[] is out of range"),
     ("cross-front", ["claims.cross_front=nope"], "claims.cross_front=nope is not a dataset preset"),
     ("lr-huge", ["stitch.lr=1e12"], "stitch.lr=1000000000000.0 is out of range: it must be a finite number in (0, 10]"),
