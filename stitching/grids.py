@@ -55,16 +55,19 @@ def tail_chunk(tail_samples, batch_size: int, device) -> int | None:
     return None if tail_samples is None else max(1, int(tail_samples) // int(batch_size))
 
 
-def run_grid(settings: Settings | DictConfig, out: Path, progress: bool = True) -> dict:
-    """Train and record every cell of ``grid.pairs`` in one engine; returns ``{"done",
-    "skipped", "failed", "cells", "timings"}``."""
-    return run_grids([(settings, out)], progress)[0]
+def run_grid(settings: Settings | DictConfig, out: Path, progress: bool = True,
+             folders: dict[tuple[int, int], Path] | None = None) -> dict:
+    """Train and record every cell of ``grid.pairs`` in one engine (``folders``: each cell's own
+    folder); returns ``{"done", "skipped", "failed", "cells", "timings"}``."""
+    return run_grids([(settings, out)], progress, folders=[folders])[0]
 
 
 def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = True,
-              report: Callable[[int, dict], None] | None = None) -> list[dict]:
+              report: Callable[[int, dict], None] | None = None,
+              folders: list[dict[tuple[int, int], Path] | None] | None = None) -> list[dict]:
     """Train and record several grids, each in its folder; one summary per grid (as
     :func:`run_grid`'s), each also handed to ``report(index, summary)`` as soon as it is made.
+    ``folders``: per grid, each cell's own folder (``None``: ``<out>/<objective>/f<i>-e<j>``).
 
     Grids whose settings differ in their front model alone, into an end that
     keeps no running statistics (a language model, a LayerNorm ViT), train in one engine: the
@@ -77,6 +80,7 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
         if report is not None:
             report(k, summary)
     read = [(as_settings(given), Path(out)) for given, out in grids]  # each config read once
+    folders = folders or [None] * len(grids)
     grouped: dict[str, list[int]] = {}  # in the order of their first grid
     for k, (settings, _) in enumerate(read):
         grouped.setdefault(beside_front(settings), []).append(k)
@@ -86,7 +90,7 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
             settings, out = read[k]
             if settings.grid.pairs not in (None, *PAIRS):  # a rerun of a finished grid reads no data, no models
                 cells = list(dict.fromkeys(listed_pairs(settings.grid.pairs)))
-                if not pending_cells(settings, cells, out):
+                if not pending_cells(settings, cells, out, folders[k]):
                     finished(k, {"done": [], "skipped": cells, "failed": [], "cells": len(cells), "primary": True,
                                  "timings": Stopwatch().report()})
                     continue
@@ -95,9 +99,9 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
             if base is None:  # an end with running statistics would need a tail copy per front: one engine each
                 base, together = done, not running_stat_norms(done.end)
             if together:
-                members.append((k, _grid(done, out)))
+                members.append((k, _grid(done, out, folders[k])))
             else:
-                finished(k, record_grids([_grid(done, out)], own, progress, _chunk(done))[0])
+                finished(k, record_grids([_grid(done, out, folders[k])], own, progress, _chunk(done))[0])
                 release_memory()
         if members:
             for (k, _), summary in zip(members, record_grids([grid for _, grid in members], watch, progress,
@@ -108,10 +112,13 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
     return summaries
 
 
-def _grid(done, out: Path) -> Grid:
+def _grid(done, out: Path, folders: dict[tuple[int, int], Path] | None = None) -> Grid:
     settings = done.settings
     pairs = grid_pairs(settings.grid.pairs, len(cut_point_names(done.front)), len(cut_point_names(done.end)))
-    return Grid(settings, done, pairs, out)
+    missing = [cell for cell in pairs if folders and cell not in folders]
+    if missing:
+        raise StitchingError(f"grid cell {missing[0]} has no folder of its own among the folders given")
+    return Grid(settings, done, pairs, out, folders)
 
 
 def _chunk(done) -> int | None:

@@ -27,8 +27,9 @@ does: CKA on every feature of an image, the CCA family and the Procrustes distan
 :func:`run_tests` writes to its folder: ``grounding.md`` / ``.csv`` (measure × test: ρ, interval, items),
 ``grounding.png`` (the same with whiskers), ``items.csv`` (every item's functional difference and
 dissimilarities), ``grounding.json`` (all of it, settings, timings) and ``stitching/``, one
-ordinary run folder per stitch (a stopped test resumes without redoing them; probes are cached
-beside the zoo); a failed stitching run is a gap in the table, named in the record.
+ordinary run folder per stitch (the stitches of one front model and rank train as the cells of
+one grid, in one engine, each recorded as its single run; a stopped test resumes without redoing
+them; probes are cached beside the zoo); a failed stitching run is a gap in the table, named in the record.
 
 The command line is ``python -m stitching.grounding`` (:mod:`stitching.grounding`); the claims
 check runs the same tests through :func:`run_tests`.
@@ -251,29 +252,57 @@ class Grounding:
                 out[name] = float("nan")
         return out
 
-    def stitched_accuracy(self, objective: str, item: Item) -> float:
-        """Test accuracy of ``A → B`` stitched under ``objective`` (an ordinary run folder; a
-        finished one is read back)."""
-        from stitching.build import compose_config, read_settings
-        from stitching.runs import ResultExists, config_hash, failure_record, finished_record, run
+    def run_dir(self, objective: str, item: Item) -> Path:
+        return self.out / "stitching" / item.test / objective / item.name
 
-        cfg = given = compose_config([*self.overrides, f"objective={objective}", f"front.seed={item.front_seed}",
-                              f"stitch.front_layer={item.front_layer}", f"stitch.end_layer={item.end_layer}",
-                              f"stitch.front_rank={'null' if item.rank is None else item.rank}"])
-        run_dir = self.out / "stitching" / item.test / objective / item.name
-        try:
-            given = read_settings(cfg)
-            record = finished_record(run_dir, config_hash(given.config)) or run(given, run_dir)
-        except ResultExists as err:  # another config's finished result: left as it is, never overwritten
-            self.failed.append(f"{run_dir}: {err}")
-            return float("nan")
-        except Exception as err:  # a failed run is a gap in the table, named at the end
-            failure_record(given, run_dir, err)
-            self.failed.append(f"{run_dir}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            if not isinstance(err, (StitchingError, RuntimeError, ValueError)):
-                traceback.print_exc()
-            return float("nan")
-        return float(record["metrics"]["test/acc"])
+    def stitched_accuracies(self, objective: str, items: list[Item], done=None) -> list[float]:
+        """Test accuracy of each item's ``A → B`` stitched under ``objective``. The items of one
+        front model and rank are the cells of one grid, trained in one engine (a cell's record is
+        its own single run's), each in its own run folder; a finished one is read back.
+        ``done(count)`` is told as each grid finishes."""
+        from stitching.build import compose_config, read_settings
+        from stitching.grids import pairs_override, run_grid
+        from stitching.runs import ResultExists, config_hash, failure_record, finished_record
+
+        accuracy: dict[Item, float] = {}
+        groups: dict[tuple, list[Item]] = {}
+        for item in items:
+            groups.setdefault((item.front_seed, item.rank), []).append(item)
+        for (seed, rank), group in groups.items():
+            given = [*self.overrides, f"objective={objective}", f"front.seed={seed}",
+                     f"stitch.front_rank={'null' if rank is None else rank}"]
+            base = read_settings(compose_config(given))
+            folder = {item: self.run_dir(objective, item) for item in group}
+            digest = {item: config_hash(base.for_cell(item.front_layer, item.end_layer).config) for item in group}
+            todo: dict[tuple[int, int], Item] = {}
+            for item in group:
+                try:
+                    if finished_record(folder[item], digest[item]) is None:
+                        todo[(item.front_layer, item.end_layer)] = item
+                except ResultExists as err:  # another config's finished result: left as it is, never overwritten
+                    self.failed.append(f"{folder[item]}: {err}")
+            if todo:
+                try:
+                    settings = read_settings(compose_config([*given, f"grid.pairs={pairs_override(list(todo))}"]))
+                    summary = run_grid(settings, self.out / "stitching" / group[0].test, self.progress,
+                                       folders={cell: folder[item] for cell, item in todo.items()})
+                    self.failed += [f"{folder[todo[cell]]}: {error}" for cell, error in summary["failed"]]
+                except Exception as err:  # a grid that could not run: each of its cells is a gap, named at the end
+                    for cell, item in todo.items():
+                        failure_record(base.for_cell(*cell), folder[item], err)
+                        self.failed.append(f"{folder[item]}: {type(err).__name__}: "
+                                           f"{str(err).splitlines()[0] if str(err) else ''}")
+                    if not isinstance(err, (StitchingError, RuntimeError, ValueError)):
+                        traceback.print_exc()
+            for item in group:  # a failed cell is a gap in the table
+                try:
+                    record = finished_record(folder[item], digest[item])
+                except ResultExists:
+                    record = None
+                accuracy[item] = float(record["metrics"]["test/acc"]) if record else float("nan")
+            if done is not None:
+                done(len(group))
+        return [accuracy[item] for item in items]
 
     def items(self, test: str) -> list[Item]:
         count = self.cut_points()
@@ -320,11 +349,7 @@ def run_tests(settings, overrides: list[str], out: Path, progress: bool = True) 
         with watch.section("stitching_s"):
             bar = tqdm(total=len(items) * len(g["objectives"]), desc=f"{test}: stitching", disable=not progress)
             for objective in g["objectives"]:
-                accuracies = []
-                for i in items:
-                    accuracies.append(grounding.stitched_accuracy(objective, i))
-                    bar.update()
-                scores[objective] = accuracies
+                scores[objective] = grounding.stitched_accuracies(objective, items, bar.update)
             bar.close()
         for k, item in enumerate(items):
             rows.append({**dataclasses.asdict(item), "probe": probes[k], "reference_probe": reference[item.end_layer],

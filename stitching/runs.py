@@ -314,10 +314,18 @@ def cell_config(settings: Settings | DictConfig, i: int, j: int) -> Settings:
     return as_settings(settings).for_cell(i, j)
 
 
-def pending_cells(settings: Settings, cells: list[tuple[int, int]], out: Path) -> list[tuple[int, int]]:
-    """The cells of ``cells`` with no finished record of their own config under ``out``."""
+def pending_cells(settings: Settings, cells: list[tuple[int, int]], out: Path,
+                  folders: dict[tuple[int, int], Path] | None = None) -> list[tuple[int, int]]:
+    """The cells of ``cells`` with no finished record of their own config in their folder
+    (``folders[cell]``, else ``<out>/<objective>/f<i>-e<j>``)."""
     return [(i, j) for i, j in cells
-            if not finished_record(out / settings.objective / cell_key(i, j), config_hash(settings.for_cell(i, j).config))]
+            if not finished_record(cell_folder(settings, out, i, j, folders), config_hash(settings.for_cell(i, j).config))]
+
+
+def cell_folder(settings: Settings, out: Path, i: int, j: int, folders: dict[tuple[int, int], Path] | None = None) -> Path:
+    """Where cell ``(i, j)`` is recorded: ``folders[(i, j)]`` when given, else
+    ``<out>/<objective>/f<i>-e<j>``."""
+    return Path(folders[(i, j)]) if folders else out / settings.objective / cell_key(i, j)
 
 
 def record_cells(settings: Settings, done: Setup, cells: list[tuple[int, int]], out: Path, watch: Stopwatch,
@@ -330,14 +338,19 @@ def record_cells(settings: Settings, done: Setup, cells: list[tuple[int, int]], 
 
 @dataclass
 class Grid:
-    """The cells of one grid: its settings, its setup, its cells and its folder."""
+    """The cells of one grid: its settings, its setup, its cells and its folder (``folders``:
+    each cell's own folder instead of ``<out>/<objective>/f<i>-e<j>``)."""
 
     settings: Settings
     done: Setup
     cells: list[tuple[int, int]]
     out: Path
+    folders: dict[tuple[int, int], Path] | None = None
     todo: list[tuple[int, int]] = field(default_factory=list)  # the cells without a finished record
     summary: dict = field(default_factory=dict)
+
+    def folder(self, i: int, j: int) -> Path:
+        return cell_folder(self.settings, self.out, i, j, self.folders)
 
 
 def record_grids(grids: list[Grid], watch: Stopwatch, progress: bool = True, tail_chunk: int | None = None) -> list[dict]:
@@ -346,7 +359,7 @@ def record_grids(grids: list[Grid], watch: Stopwatch, progress: bool = True, tai
     stitches at once) and recorded each in its own folder as :func:`record_cells` does; one
     summary per grid. A cell's record is that of its own single run."""
     for grid in grids:
-        grid.todo = pending_cells(grid.settings, grid.cells, grid.out)  # a rerun keeps what it finished
+        grid.todo = pending_cells(grid.settings, grid.cells, grid.out, grid.folders)  # a rerun keeps what it finished
         grid.summary = {"done": [], "skipped": [cell for cell in grid.cells if cell not in grid.todo], "failed": [],
                         "cells": len(grid.cells), "primary": True}
     live = [grid for grid in grids if grid.todo]
@@ -379,14 +392,16 @@ def record_grids(grids: list[Grid], watch: Stopwatch, progress: bool = True, tai
         for name, grid in of.items():
             trained = {(i, j): results[cell_key(i, j, name)]["metrics"] for i, j in grid.todo
                        if results[cell_key(i, j, name)]["error"] is None}
-            for cell, baseline in self_baselines(grid.settings, trained, grid.out, progress).items():
+            # a baseline is read from a cell of this grid only where cells sit in the usual layout
+            for cell, baseline in self_baselines(grid.settings, trained, None if grid.folders else grid.out,
+                                                 progress).items():
                 baselines[(name, cell)] = baseline
     share = {k: round(v / len(runs), 3) for k, v in watch.report().items()}
     for (name, (i, j)), prep in tqdm(runs.items(), desc="cells", disable=not progress, leave=False):
         grid = of[name]
         summary = grid.summary
         cell, result = grid.settings.for_cell(i, j), results[cell_key(i, j, name)]
-        run_dir = grid.out / grid.settings.objective / cell_key(i, j)
+        run_dir = grid.folder(i, j)
         run_dir.mkdir(parents=True, exist_ok=True)
         error = result["error"] if result["error"] is not None else baselines.get((name, (i, j)))
         if isinstance(error, BaseException):

@@ -1,5 +1,6 @@
 """The sensitivity and specificity tests: the rank correlation against SciPy, its bootstrap
-interval, the items, and a shrunken end-to-end run on digits that writes every output and resumes."""
+interval, the items, and a shrunken end-to-end run on digits that writes every output, trains each
+front model's items as one grid whose cells equal their single runs, and resumes."""
 
 import json
 
@@ -8,8 +9,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from stitching.build import compose_config, read_settings
 from stitching.errors import StitchingError
 from stitching.groundings import layer_correlation, rank_correlation, run_tests, sensitivity_items, spearman, specificity_items
+from stitching.runs import run
 
 
 def test_spearman_equals_scipy_with_and_without_ties():
@@ -67,6 +70,16 @@ def test_a_shrunken_grounding_run_writes_every_output_and_resumes(tiny_config, t
     assert len(runs) == 2 * 7
     truncated = json.loads((out / "stitching/sensitivity/dm/s1-f3-r2_e3/results.json").read_text())
     assert truncated["stitch"]["front_rank"] == 2 and truncated["config"]["front"]["seed"] == 1
+    # the items of one front model and rank train as one grid, and each cell is its own single run
+    for test, name, cells, extra in (("sensitivity", "s1-f3-r2_e3", 1, ["front.seed=1", "stitch.front_rank=2",
+                                                                      "stitch.front_layer=3", "stitch.end_layer=3"]),
+                                     ("specificity", "s0-f5_e3", 4, ["front.seed=0", "stitch.front_layer=5",
+                                                                    "stitch.end_layer=3"])):
+        fused = json.loads((out / f"stitching/{test}/hint/{name}/results.json").read_text())
+        single = run(read_settings(compose_config([*overrides, "objective=hint", *extra])), tmp_path / "single" / name)
+        assert fused["timings"]["fused_cells"] == cells and fused["config_hash"] == single["config_hash"]
+        for metric in ("test/acc", "test/loss"):
+            assert fused["metrics"][metric] == pytest.approx(single["metrics"][metric], abs=1e-5)
     # a finished run is read back, not redone
     stamps = {path: path.stat().st_mtime_ns for path in runs}
     again = run_tests(cfg, overrides, out, progress=False)
