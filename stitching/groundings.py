@@ -241,6 +241,8 @@ class Grounding:
 
     def indices(self, item: Item) -> dict[str, float]:
         """Every structural index of ``A`` and ``B`` (NaN where one cannot be computed)."""
+        if not self.g["indices"]:  # stitching alone: no activation is needed
+            return {}
         (a, layout_a), (b, layout_b) = (self.activation(item.front_seed, item.front_layer, item.rank),
                                         self.activation(self.end_seed, item.end_layer, None))
         out = {}
