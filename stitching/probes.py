@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from stitching.errors import StitchingError
@@ -114,11 +115,16 @@ class Prober:
         """``{"train_acc", "test_acc", ...}`` of a probe on ``model``'s cut point ``layer`` (1-based),
         after truncation to ``rank`` principal directions (``None``: the full activation)."""
         path = self._path(key, layer, rank)
-        if path is not None and path.is_file():
-            try:
-                return {**json.loads(path.read_text()), "cached": True}
-            except (OSError, ValueError):
-                pass  # an unreadable cache entry is recomputed
+        if path is None:
+            return self._fit(model, key, layer, rank, None)
+        cached = _cached(path)
+        if cached is not None:
+            return cached
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):  # jobs asking for one probe at once: the first fits it, the others read it
+            return _cached(path) or self._fit(model, key, layer, rank, path)
+
+    def _fit(self, model: nn.Module, key: str, layer: int, rank: int | None, path: Path | None) -> dict:
         watch = Stopwatch()
         model = model.eval().to(self.device)
         c = cut(model, layer)
@@ -133,9 +139,18 @@ class Prober:
                   "features": train.shape[1], **scores, "settings": asdict(self.settings), "dataset": self.dataset,
                   "train_images": len(self.train_x), "test_images": len(self.test_x), "timings": watch.report()}
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, record)
         return {**record, "cached": False}
+
+
+def _cached(path: Path) -> dict | None:
+    """A cached probe result (``None``: none, or an unreadable entry, which is fitted again)."""
+    if not path.is_file():
+        return None
+    try:
+        return {**json.loads(path.read_text()), "cached": True}
+    except (OSError, ValueError):
+        return None
 
 
 def build_prober(settings) -> Prober:

@@ -1,5 +1,6 @@
 """Linear probes: separable data are read perfectly, shuffled labels at chance; the tool reads a
-zoo model's cut points, truncates them as the stitch does and caches what it measured."""
+zoo model's cut points, truncates them as the stitch does and caches what it measured, once for
+jobs that ask at the same time."""
 
 import json
 
@@ -41,3 +42,36 @@ def test_probes_on_a_zoo_model_are_truncated_like_the_stitch_and_cached(tiny_con
     assert len(files) == 2 and {json.loads(f.read_text())["rank"] for f in files} == {None, 1}
     with pytest.raises(Exception, match="exceeds"):
         prober.accuracy(model, record["key"], 1, rank=10_000)
+
+
+def test_two_jobs_asking_for_one_probe_at_once_fit_it_once(tiny_config, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import stitching.probes as probes
+    from stitching.build import build_datamodule, build_zoo, read_settings
+
+    cfg = tiny_config()
+    model, record = build_zoo(cfg).get(read_settings(cfg).front.spec)
+    fits, real = [], probes.fit_probe
+
+    def slow_fit(*args, **kwargs):  # the real fit, slow enough that both jobs find no cached result first
+        fits.append(1)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "fit_probe", slow_fit)
+    both, results = threading.Barrier(2), []
+
+    def job():
+        prober = Prober(build_datamodule(cfg), ProbeSettings(epochs=2), tmp_path / "probes")
+        both.wait()
+        results.append(prober.accuracy(model, record["key"], 5))
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(fits) == 1 and sorted(r["cached"] for r in results) == [False, True]
+    assert results[0]["test_acc"] == results[1]["test_acc"]
