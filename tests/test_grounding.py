@@ -1,6 +1,7 @@
 """The sensitivity and specificity tests: the rank correlation against SciPy, its bootstrap
 interval, the items, and a shrunken end-to-end run on digits that writes every output, trains each
-front model's items as one grid whose cells equal their single runs, and resumes."""
+front model's items as one grid whose cells equal their single runs, and resumes; a failed stitch
+or grid is a named gap."""
 
 import json
 
@@ -131,3 +132,35 @@ def test_every_index_has_the_authors_input():
 
     assert set(AUTHORS_FLATTEN) == {name for name, index in INDICES.items() if not index.streaming} and set(AUTHORS_FLATTEN.values()) <= set(FLATTEN)
     assert AUTHORS_FLATTEN["cka"] == "sample" and AUTHORS_FLATTEN["pwcca"] == AUTHORS_FLATTEN["procrustes"] == "match"
+
+
+def test_a_stitch_that_fails_is_a_named_gap_and_so_is_a_grid_that_cannot_start(tiny_config, tmp_path, zoo_dir,
+                                                                              monkeypatch):
+    import stitching.grids
+    from stitching.objectives import losses
+
+    overrides = ["dataset=digits", "model=resnet18_narrow", "model.width=8", "zoo.recipe.epochs=4", "trainer=cpu",
+                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
+                 f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
+                 "grounding.objectives=[dm,hint]", "grounding.layers=[3]", "grounding.ranks=[1,2,4]",
+                 "grounding.seeds=[0]", "grounding.compare_layers=[1,3,5]", "grounding.indices=[]",
+                 "grounding.bootstrap=20", "probe.epochs=2"]
+    cfg = tiny_config(*overrides[8:])
+    real = losses.hint_loss
+    monkeypatch.setattr(losses, "hint_loss", lambda *args, **kwargs: real(*args, **kwargs) * float("nan"))
+    record = run_tests(cfg, overrides, tmp_path / "nan", progress=False)
+    items = pd.read_csv(tmp_path / "nan" / "items.csv")
+    assert items["hint"].isna().all() and items["dm"].notna().all()  # every Hint stitch diverged, every DM one ran
+    assert len(record["failed"]) == 6 and all("/hint/" in line and "nan" in line for line in record["failed"])
+    failed = json.loads((tmp_path / "nan/stitching/specificity/hint/s0-f5_e3/results.json").read_text())
+    assert failed["status"] == "failed"  # recorded as a failure, never as a result
+
+    def cannot_start(*args, **kwargs):
+        raise RuntimeError("out of memory while setting up the grid")
+
+    monkeypatch.setattr(losses, "hint_loss", real)
+    monkeypatch.setattr(stitching.grids, "run_grid", cannot_start)
+    record = run_tests(cfg, overrides, tmp_path / "start", progress=False)
+    assert len(record["failed"]) == 12 and all("out of memory" in line for line in record["failed"])
+    statuses = {json.loads(path.read_text())["status"] for path in (tmp_path / "start").rglob("results.json")}
+    assert statuses == {"failed"} and len(list((tmp_path / "start").rglob("results.json"))) == 12
