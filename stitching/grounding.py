@@ -6,8 +6,8 @@ item, a test and a score are).
 Writes to ``--out``: ``grounding.md`` / ``.csv`` (measure × test: ρ, interval, items),
 ``grounding.png`` (the same with whiskers), ``items.csv`` (every item's functional difference and
 dissimilarities), ``grounding.json`` (all of it, settings, timings) and ``stitching/``, one
-ordinary run folder per stitch (those of one front model and rank train as one grid; a stopped test resumes without redoing them; probes are cached
-beside the zoo). Exits non-zero after everything else ran if a stitching run failed.
+ordinary run folder per stitch (those of one front model and rank train as one grid; a stopped
+test resumes without redoing them; probes are cached beside the zoo). Exits non-zero after everything else ran if a stitching run failed.
 
 Example: ``python -m stitching.grounding experiment=grounding_small`` (``make grounding-small``).
 """

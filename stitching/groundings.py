@@ -279,10 +279,14 @@ class Grounding:
             todo: dict[tuple[int, int], Item] = {}
             for item in group:
                 try:
-                    if finished_record(folder[item], digest[item]) is None:
-                        todo[(item.front_layer, item.end_layer)] = item
+                    record = finished_record(folder[item], digest[item])
                 except ResultExists as err:  # another config's finished result: left as it is, never overwritten
                     self.failed.append(f"{folder[item]}: {err}")
+                    record = {"metrics": {"test/acc": float("nan")}}
+                if record is None:
+                    todo[(item.front_layer, item.end_layer)] = item
+                else:
+                    accuracy[item] = float(record["metrics"]["test/acc"])
             if todo:
                 try:
                     settings = read_settings(compose_config([*given, f"grid.pairs={pairs_override(list(todo))}"]))
@@ -296,11 +300,8 @@ class Grounding:
                                            f"{str(err).splitlines()[0] if str(err) else ''}")
                     if not isinstance(err, (StitchingError, RuntimeError, ValueError)):
                         traceback.print_exc()
-            for item in group:  # a failed cell is a gap in the table
-                try:
-                    record = finished_record(folder[item], digest[item])
-                except ResultExists:
-                    record = None
+            for item in todo.values():  # what the grid finished; a failed cell is a gap in the table
+                record = finished_record(folder[item], digest[item])
                 accuracy[item] = float(record["metrics"]["test/acc"]) if record else float("nan")
             if done is not None:
                 done(len(group))

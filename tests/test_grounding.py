@@ -47,13 +47,19 @@ def test_items_skip_ranks_a_layer_does_not_have():
     assert [(i.front_seed, i.front_layer, i.end_layer) for i in pairs] == [(0, 1, 3), (0, 2, 3), (1, 1, 3), (1, 2, 3)]
 
 
+def _shrunken(zoo_dir, tmp_path, *grounding: str) -> list[str]:
+    """The overrides of a shrunken grounding run on digits, as its command line gives them
+    (``tiny_config`` takes them from the ninth on: its own preset sets the model and trainer)."""
+    return ["dataset=digits", "model=resnet18_narrow", "model.width=8", "zoo.recipe.epochs=4", "trainer=cpu",
+            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
+            f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
+            "grounding.objectives=[dm,hint]", "grounding.layers=[3]", "grounding.ranks=[1,2,4]",
+            "grounding.seeds=[0]", *grounding]
+
+
 def test_a_shrunken_grounding_run_writes_every_output_and_resumes(tiny_config, tmp_path, zoo_dir):
-    overrides = ["dataset=digits", "model=resnet18_narrow", "model.width=8", "zoo.recipe.epochs=4", "trainer=cpu",
-                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
-                 f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
-                 "grounding.objectives=[dm,hint]", "grounding.layers=[3]", "grounding.ranks=[1,2,4]",
-                 "grounding.seeds=[0]", "grounding.compare_layers=[1,3,5,7]", "grounding.indices=[cka,cca]",
-                 "grounding.bootstrap=50", "probe.epochs=3"]
+    overrides = _shrunken(zoo_dir, tmp_path, "grounding.compare_layers=[1,3,5,7]", "grounding.indices=[cka,cca]",
+                          "grounding.bootstrap=50", "probe.epochs=3")
     cfg = tiny_config(*overrides[8:])
     out = tmp_path / "grounding"
     record = run_tests(cfg, overrides, out, progress=False)
@@ -139,12 +145,8 @@ def test_a_stitch_that_fails_is_a_named_gap_and_so_is_a_grid_that_cannot_start(t
     import stitching.grids
     from stitching.objectives import losses
 
-    overrides = ["dataset=digits", "model=resnet18_narrow", "model.width=8", "zoo.recipe.epochs=4", "trainer=cpu",
-                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
-                 f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
-                 "grounding.objectives=[dm,hint]", "grounding.layers=[3]", "grounding.ranks=[1,2,4]",
-                 "grounding.seeds=[0]", "grounding.compare_layers=[1,3,5]", "grounding.indices=[]",
-                 "grounding.bootstrap=20", "probe.epochs=2"]
+    overrides = _shrunken(zoo_dir, tmp_path, "grounding.compare_layers=[1,3,5]", "grounding.indices=[]",
+                          "grounding.bootstrap=20", "probe.epochs=2")
     cfg = tiny_config(*overrides[8:])
     real = losses.hint_loss
     monkeypatch.setattr(losses, "hint_loss", lambda *args, **kwargs: real(*args, **kwargs) * float("nan"))
