@@ -39,7 +39,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -260,21 +260,85 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
     return jobs
 
 
+def job_overrides(job: Job, base: list[str]) -> list[str]:
+    """The whole command line of ``job``: the base overrides, then the job's own."""
+    if job.experiment == "language":  # its own preset: of the base only where files go and how to train
+        base = [o for o in base if o.startswith(("paths.", "trainer", "logger", "+trainer"))]
+    overrides = [*base, *job.overrides]
+    if job.kind == "grounding":  # the pair's two models are the compared ones, the end the reference
+        overrides.append(f"grounding.seeds={_listed(job.pair)}")
+    return overrides
+
+
 def run_job(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
     """Train (or read back) one job's cells; return what failed."""
     from stitching.build import compose_config
     from stitching.grids import run_grid
 
-    folder = job.folder(root)
-    if job.experiment == "language":  # its own preset: of the base only where files go and how to train
-        base = [o for o in base if o.startswith(("paths.", "trainer", "logger", "+trainer"))]
-    overrides = [*base, *job.overrides]
+    folder, overrides = job.folder(root), job_overrides(job, base)
     if job.kind == "similarity":
         return _similarity_job(overrides, folder, progress)
-    if job.kind == "grounding":  # the pair's two models are the compared ones, the end the reference
-        return _grounding_job([*overrides, f"grounding.seeds={_listed(job.pair)}"], folder, progress)
+    if job.kind == "grounding":
+        return _grounding_job(overrides, folder, progress)
     summary = run_grid(compose_config(overrides), folder, progress=progress)
     return [f"{job.experiment}/{job.tag} seeds {job.pair}: f{i}-e{j}: {error}" for (i, j), error in summary["failed"]]
+
+
+TEST_IMAGES = 10_000  # a stitch's test set where the data does not say, in the sizes that order the jobs
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a job reads before its first stitch: the base models the zoo would train for it
+    (their file names and, per model, the overrides and side that name it) and its size in
+    stitch-images (cells × epochs × training images × the attack's passes), for the order."""
+
+    models: dict[str, tuple[tuple[str, ...], str, int | None]]
+    cost: float
+
+
+def needs(job: Job, base: list[str]) -> Needs:
+    """The base models ``job`` would train and its estimated size (from its settings alone)."""
+    from stitching.build import build_zoo, compose_config, read_settings
+
+    overrides = job_overrides(job, base)
+    settings = read_settings(compose_config(overrides))
+    zoo = build_zoo(settings)
+    wanted = [("front", None), ("end", None)]
+    if job.kind == "grounding":  # both models of the pair are compared, each as a front
+        wanted += [("front", seed) for seed in job.pair]
+    models = {}
+    for side, seed in wanted:
+        spec = getattr(settings, side).spec
+        spec = spec if seed is None else replace(spec, seed=seed)
+        if zoo.needs_training(spec, getattr(settings, side).checkpoint):
+            models.setdefault(zoo.path(spec).name, (tuple(overrides), side, seed))
+    pairs = settings.grid.pairs
+    cells = 81 if isinstance(pairs, str) else len(pairs)
+    objectives = [settings.objective]
+    if job.kind == "grounding":
+        g = settings.config["grounding"]
+        layers = len(g.get("layers") or [0])
+        cells = layers * (len(g.get("ranks") or []) + len(job.pair) * len(g.get("compare_layers") or [0]))
+        objectives = list(g.get("objectives") or objectives)
+    elif job.kind == "similarity":
+        cells = 1
+    data = settings.data()  # images, or a language model's sequences
+    images = data.get("train_subset") or data.get("train_sequences") or 50_000
+    tests = data.get("test_sequences") or TEST_IMAGES
+    passes = 1 + (int(settings.attack.get("steps") or 0) if float(settings.attack.get("alpha") or 0) > 0 else 0)
+    epochs = sum(0 if objective == "dm" else int(settings.trainer.get("max_epochs") or 0)  # DM: a closed form
+                 for objective in objectives)
+    return Needs(models, float(cells * (epochs * images * passes + len(objectives) * tests / 3)))  # a test: forward
+
+
+def _train_model(overrides: tuple[str, ...], side: str, seed: int | None) -> None:
+    """Train one base model into the zoo (in a worker)."""
+    from stitching.build import build_zoo, compose_config, read_settings
+
+    settings = read_settings(compose_config(list(overrides)))
+    spec = getattr(settings, side).spec
+    build_zoo(settings).get(spec if seed is None else replace(spec, seed=seed))
 
 
 def _guarded(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
@@ -297,21 +361,36 @@ def _start_worker(jobs: int) -> None:
 
 def run_jobs(jobs: list[Job], base: list[str], root: Path, workers: int) -> list[str]:
     """Every job, ``workers`` at once, each worker a process of its own with its share of the
-    cores (``claims.jobs``); what failed. Jobs that need the same base model wait for the one that
-    trains it (the zoo trains a model once)."""
+    cores (``claims.jobs``); what failed. The base models the jobs need start first, side by side
+    (so no job holds a worker waiting for another job to train its model), then the jobs, the
+    longest first (so the last one does not run alone)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     failed: list[str] = []
-    print(f"[claims] {len(jobs)} jobs, {workers} at once", flush=True)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(workers,)) as pool:
-        running = {pool.submit(_guarded, job, base, root, False): job for job in jobs}
-        done = 0
         try:
-            while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            wants = dict(zip(jobs, pool.map(needs, jobs, [base] * len(jobs), chunksize=8)))  # each config read
+            models = {name: how for need in wants.values() for name, how in need.models.items()}
+            jobs = sorted(jobs, key=lambda job: -wants[job].cost)  # the longest first: none is left alone at the end
+            print(f"[claims] {len(models)} base models to train, then {len(jobs)} jobs, {workers} at once", flush=True)
+            # every missing base model first, side by side, then the jobs (the pool starts them in this
+            # order): a job no longer holds a worker while another job trains the model it needs
+            models_left = {pool.submit(_train_model, *how): name for name, how in models.items()}
+            running = {pool.submit(_guarded, job, base, root, False): job for job in jobs}
+            trained = done = 0
+            while models_left or running:
+                finished, _ = wait([*models_left, *running], return_when=FIRST_COMPLETED)
                 for future in finished:
+                    if future in models_left:  # a model that failed fails its jobs, each with the reason
+                        name, error = models_left.pop(future), future.exception()
+                        if isinstance(error, StitchingError):
+                            raise error
+                        trained += 1
+                        print(f"[claims] base model {trained}/{len(models)}: {name}"
+                              + (f" failed: {type(error).__name__}: {error}" if error else ""), flush=True)
+                        continue
                     job = running.pop(future)
                     failed += future.result()  # a user error is raised here and ends the check
                     done += 1

@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from stitching.build import compose_config
-from stitching.claims import CLAIMS, FAILS, HOLDS, UNSURE, chosen, main as claims_main, measure, plan, seed_pairs, verdict
+from stitching.claims import (CLAIMS, FAILS, HOLDS, UNSURE, chosen, main as claims_main, measure, needs, plan, seed_pairs,
+                             verdict)
 from stitching.errors import StitchingError
 from tests.conftest import TINY
 
@@ -304,20 +305,54 @@ def test_the_shrunken_pipeline_writes_every_claims_row_from_real_runs(tmp_path, 
     assert json.loads((out / "claims.json").read_text())["claims"] == record["claims"]
 
 
-def test_jobs_at_once_run_the_same_jobs_with_the_same_effects(tmp_path, zoo_dir, capsys):
-    """``claims.jobs=2``: the jobs run in two worker processes and give the serial run's records."""
-    overrides = [*TINY, f"paths.zoo_dir={zoo_dir}", "claims.seed_pairs=2", "claims.min_pairs=2", "claims.layers=[1,9]",
+def test_jobs_at_once_run_the_same_jobs_with_the_same_effects(tmp_path, capsys):
+    """``claims.jobs=2``: the base models train first, side by side, then the jobs run in two
+    worker processes and give the serial run's records."""
+    zoo = tmp_path / "zoo"  # empty: the two models train in the first phase, not inside a job
+    overrides = [*TINY, f"paths.zoo_dir={zoo}", "claims.seed_pairs=2", "claims.min_pairs=2", "claims.layers=[1,9]",
                  "claims.early_layers=[1]", "claims.deep_layers=[9]"]
+    base = [*overrides, "claims.only='dm_self_stitch'"]
+    jobs = plan(compose_config(base).claims, ["dm_self_stitch"])
+    wanted = {name for job in jobs for name in needs(job, base).models}
+    assert len(wanted) == 2 and all(name.endswith(".pt") for name in wanted)
     records, runs = {}, {}
-    for jobs in (2, 1):
-        out = tmp_path / f"jobs{jobs}"
-        claims_main(["--only", "dm_self_stitch", "--out", str(out), "--no-progress", *overrides, f"claims.jobs={jobs}"])
-        records[jobs] = json.loads((out / "claims.json").read_text())["claims"][0]
-        runs[jobs] = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("results.json"))
-    assert "[claims] 2 jobs, 2 at once" in capsys.readouterr().out
+    for workers in (2, 1):
+        out = tmp_path / f"jobs{workers}"
+        claims_main(["--only", "dm_self_stitch", "--out", str(out), "--no-progress", *overrides,
+                     f"claims.jobs={workers}"])
+        records[workers] = json.loads((out / "claims.json").read_text())["claims"][0]
+        runs[workers] = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("results.json"))
+        if workers == 2:
+            printed = capsys.readouterr().out
+            assert "[claims] 2 base models to train, then 2 jobs, 2 at once" in printed
+            assert {line.rsplit(": ", 1)[1] for line in printed.splitlines()
+                    if line.startswith("[claims] base model ")} == wanted  # each trained by the first phase
+            assert {p.name for p in zoo.glob("*.pt")} == wanted  # what the first phase named is what was trained
+            assert not any(needs(job, base).models for job in jobs)  # and nothing is left for the jobs to train
     assert runs[2] == runs[1] and len(runs[1]) == 2 * 2  # two models against themselves, layers 1 and 9
     effects = {jobs: [p["effect"] for p in record["per_pair"]] for jobs, record in records.items()}
     assert len(effects[1]) == 2 and effects[2] == pytest.approx(effects[1], abs=1e-6)
+
+
+def test_jobs_are_sized_from_their_settings_for_the_longest_first_order(tmp_path):
+    """The order of ``claims.jobs`` > 1 reads each job's size from its own settings: more cells,
+    epochs, images or attack passes is a larger job, and a job names no model the zoo holds."""
+    base = [*TINY, f"paths.zoo_dir={tmp_path / 'zoo'}", "claims.seed_pairs=1", "claims.layers=[1,9]",
+            "claims.early_layers=[1]", "claims.deep_layers=[9]"]
+    c = compose_config(base).claims
+    jobs = {(j.experiment, j.tag): j for j in plan(c, ["fabricated_robustness_slm", "unseen_classes_same_tlm",
+                                                       "same_task_ordering", "ding_specificity"])}
+    size = {key: needs(job, base).cost for key, job in jobs.items()}
+    assert size["diagonal", "slm"] == 2 * size["subset", "slm"]  # two cells against one, each trained and tested
+    assert size["robustness", "slm"] > 5 * size["subset", "slm"]  # the same one cell; PGD-10 adds 10 passes a step
+    assert size["grounding", "tlm_random"] > size["grounding", "dm"] > size["diagonal", "dm"]  # DM: no epochs
+    models = needs(jobs["grounding", "dm"], base).models
+    assert len(models) == 2  # the pair's two models (the end is the second of them), both missing
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for name in models:  # a model the zoo holds is not named again
+        (zoo / name).touch()
+    assert not needs(jobs["grounding", "dm"], base).models
 
 
 def test_bad_claims_settings_are_one_line(capsys):
