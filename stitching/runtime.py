@@ -136,6 +136,9 @@ class Stopwatch:
 
 
 def versions() -> dict[str, str]:
+    """What the numbers were computed with: the packages, the device, and the torch threads (a
+    seed fixes a model only up to the order of its float arithmetic, which the thread count
+    changes; epochs of training amplify the last bits into visibly different weights)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version(), "torch": str(torch.__version__)}
@@ -146,6 +149,7 @@ def versions() -> dict[str, str]:
             pass
     found["cuda"] = str(torch.version.cuda or "none")
     found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    found["threads"] = str(torch.get_num_threads())
     return found
 
 

@@ -28,6 +28,7 @@ def test_each_objective_trains_and_writes_a_complete_record(tiny_config, tmp_pat
     assert 0.0 < saved["base"]["end"]["test_acc"] <= 1.0
     assert {"zoo_s", "dm_init_s", "fit_s", "test_s", "total_s"} <= set(saved["timings"])
     assert saved["config"]["objective"]["name"] == objective and saved["versions"]["torch"]
+    assert saved["versions"]["threads"] == str(torch.get_num_threads())  # the float order the numbers came from
     assert (tmp_path / objective / "stitch.pt").is_file()
     assert record["metrics"] == saved["metrics"]
 
