@@ -332,6 +332,14 @@ def needs(job: Job, base: list[str]) -> Needs:
     return Needs(models, float(cells * (epochs * images * passes + len(objectives) * tests / 3)))  # a test: forward
 
 
+def schedule(jobs: list[Job], sizes: list[Needs]) -> tuple[dict, list[Job]]:
+    """The base models to train first (each named once, however many jobs need it) and the jobs
+    largest first (``sizes``: each job's :func:`needs`), so none is left to run alone at the end."""
+    models = {name: how for need in sizes for name, how in need.models.items()}
+    order = sorted(range(len(jobs)), key=lambda k: -sizes[k].cost)  # stable: equal sizes keep the plan's order
+    return models, [jobs[k] for k in order]
+
+
 def _train_model(overrides: tuple[str, ...], side: str, seed: int | None) -> None:
     """Train one base model into the zoo (in a worker)."""
     from stitching.build import build_zoo, compose_config, read_settings
@@ -371,9 +379,7 @@ def run_jobs(jobs: list[Job], base: list[str], root: Path, workers: int) -> list
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(workers,)) as pool:
         try:
-            wants = dict(zip(jobs, pool.map(needs, jobs, [base] * len(jobs), chunksize=8)))  # each config read
-            models = {name: how for need in wants.values() for name, how in need.models.items()}
-            jobs = sorted(jobs, key=lambda job: -wants[job].cost)  # the longest first: none is left alone at the end
+            models, jobs = schedule(jobs, list(pool.map(needs, jobs, [base] * len(jobs), chunksize=8)))
             print(f"[claims] {len(models)} base models to train, then {len(jobs)} jobs, {workers} at once", flush=True)
             # every missing base model first, side by side, then the jobs (the pool starts them in this
             # order): a job no longer holds a worker while another job trains the model it needs

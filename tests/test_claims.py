@@ -8,8 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from stitching.build import compose_config
-from stitching.claims import (CLAIMS, FAILS, HOLDS, UNSURE, chosen, main as claims_main, measure, needs, plan, seed_pairs,
-                             verdict)
+from stitching.claims import (CLAIMS, FAILS, HOLDS, UNSURE, chosen, main as claims_main, measure, needs, plan, schedule,
+                             seed_pairs, verdict)
 from stitching.errors import StitchingError
 from tests.conftest import TINY
 
@@ -346,6 +346,11 @@ def test_jobs_are_sized_from_their_settings_for_the_longest_first_order(tmp_path
     assert size["diagonal", "slm"] == 2 * size["subset", "slm"]  # two cells against one, each trained and tested
     assert size["robustness", "slm"] > 5 * size["subset", "slm"]  # the same one cell; PGD-10 adds 10 passes a step
     assert size["grounding", "tlm_random"] > size["grounding", "dm"] > size["diagonal", "dm"]  # DM: no epochs
+    listed = list(jobs.values())
+    models, order = schedule(listed, [needs(job, base) for job in listed])
+    assert (order[0].experiment, order[0].tag) == ("grounding", "tlm_random") and order[-1].tag == "dm"
+    assert sorted(order, key=lambda j: -size[j.experiment, j.tag]) == order and len(order) == len(listed)
+    assert len(models) == 2  # the pair's two models, named once for all the jobs that need them
     models = needs(jobs["grounding", "dm"], base).models
     assert len(models) == 2  # the pair's two models (the end is the second of them), both missing
     zoo = tmp_path / "zoo"
