@@ -57,6 +57,7 @@ SIMILARITY_NAMES = {"cka": "CKA", "pwcca": "PWCCA", "procrustes": "OPD"}
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 TRAINED = ("hint", "fula", "slm", "tlm")
+_NAMES = {"dm": "DM", "hint": "Hint", "fula": "FuLA", "slm": "SLM", "tlm": "TLM"}
 
 
 # -- the verdict ---------------------------------------------------------------------------
@@ -195,6 +196,13 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
     "robustness": ("two", lambda c: [(o, [f"objective={o}", f"attack={c.robust_attack}", "attack.alpha=1", _single(c)],
                                       "grid")
                                      for o in TRAINED]),
+    # FuLA Sec. 3.1: a non-robust front (seed 2s) into a robust end (seed 2s + 1, zoo.recipe.robust), robust accuracy
+    # by claims.robust_attack; α = 0 (Fig. 4's first row) at the corresponding layers, α = 1 (Hint, FuLA) at the deep ones
+    "robust_end": ("two", lambda c: [*((f"{o}_alpha0", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
+                                                         "attack.alpha=0", _diagonal(c)], "grid") for o in TRAINED),
+                                     *((f"{o}_alpha1", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
+                                                        "attack.alpha=1", _pairs([(k, k) for k in c.deep_layers])],
+                                        "grid") for o in ("hint", "fula"))]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
     # Fig. 8's cross-task remark: location markers, Hint/FuLA at the deep layers, a front of another task against
@@ -493,6 +501,43 @@ def _robustness_cost(frame, c):
     return matching - task, f"clean accuracy Hint/FuLA mean {matching:.3f}, SLM/TLM mean {task:.3f}"
 
 
+def _interpolation(metric: str):
+    """How far the α = 0 stitches of a non-robust front into a robust end fall outside the range of
+    their two models' own ``metric`` (clean or robust accuracy), on average, below the tolerance."""
+    def effect(frame, c):
+        column = "acc" if metric == "clean" else f"robust_acc_{c.robust_attack}"
+        runs = frame[(frame.alpha == 0) & frame.objective.isin(TRAINED)]
+        stitched = f"test_{column}"
+        for needed in (stitched, f"front_{column}", f"end_{column}"):
+            if needed not in runs or runs[needed].isna().all():
+                raise LookupError(f"no {needed.replace('_', '/')} in the α = 0 runs")
+        low = np.minimum(runs[f"front_{column}"], runs[f"end_{column}"])
+        high = np.maximum(runs[f"front_{column}"], runs[f"end_{column}"])
+        outside = (low - runs[stitched]).clip(lower=0) + (runs[stitched] - high).clip(lower=0)
+        return c.tolerance - float(outside.mean()), (
+            f"mean distance outside the models' {metric} range {float(outside.mean()):.3f} "
+            f"(front {float(runs[f'front_{column}'].mean()):.3f}, end {float(runs[f'end_{column}'].mean()):.3f}, "
+            f"stitched {float(runs[stitched].min()):.3f}–{float(runs[stitched].max()):.3f})")
+    return effect
+
+
+def _robust_chance(objective: str):
+    """Closeness to chance of ``objective``'s α = 1 stitch into the robust end at the penultimate layer."""
+    def effect(frame, c):
+        runs = frame[(frame.alpha == 1) & (frame.objective == objective) & (frame.front_layer == c.penultimate_layer)]
+        if runs.empty:
+            raise LookupError(f"no α = 1 {objective} run at layer {c.penultimate_layer}")
+        acc, chance = float(runs.test_acc.mean()), 1 / float(runs.num_classes.iloc[0])
+        return c.chance_accuracy - abs(acc - chance), f"{_NAMES[objective]} {acc:.3f}, chance {chance:.3f}"
+    return effect
+
+
+def _hint_deep(frame, c):
+    runs = frame[(frame.alpha == 1) & frame.front_layer.isin(list(c.deep_layers))]
+    acc = _by(runs, "test_acc", "objective")
+    return acc["hint"] - acc["fula"], f"Hint {acc['hint']:.3f}, FuLA {acc['fula']:.3f} at layers {list(c.deep_layers)}"
+
+
 def _shortcut(task: str):
     def effect(frame, c):
         marked, clean = _by(frame, "test_acc_shortcut", "objective"), _by(frame, "test_acc", "objective")
@@ -750,6 +795,27 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
     Claim("robustness_costs_clean", "SLM/TLM's robust accuracy comes at the cost of clean accuracy.",
           "FuLA Figs. 4–5", "robustness",
           lambda c: f"the same runs; effect = mean clean accuracy of Hint/FuLA − of SLM/TLM", _robustness_cost),
+    *(Claim(f"robust_interpolation_{metric}", f"Stitching a non-robust front into a robust end without adversarial "
+            f"data (α = 0), every objective's stitched model has {metric} accuracy between its two models'.",
+            "FuLA Fig. 4 (first row), Sec. 3.1", "robust_end",
+            lambda c, metric=metric: f"a non-robust front (seed 2s) into a robust end (seed 2s + 1, adversarially "
+                                     f"trained by zoo.recipe.robust, as its zoo record says), "
+                                     f"Hint/FuLA/SLM/TLM at layers {_layers(c)}, α = 0"
+                                     + (f", robust accuracy by {_ATTACKS[c.robust_attack]}" if metric == "robust" else "")
+                                     + f"; effect = {c.tolerance} − the mean distance of a stitch's {metric} accuracy "
+                                       f"outside the range of its two models'", _interpolation(metric))
+      for metric in ("clean", "robust")),
+    *(Claim(f"robust_penultimate_chance_{o}", f"Stitching a non-robust front into a robust end with adversarial data "
+            f"(α = 1), {_NAMES[o]} reports chance at the penultimate layer.", "FuLA Figs. 4–5, Sec. 3.1", "robust_end",
+            lambda c, o=o: f"the same pairs, {_NAMES[o]} at layer {c.penultimate_layer} (before the classifier), "
+                           f"α = 1; effect = {c.chance_accuracy} − |clean accuracy − chance (1 / classes)|",
+            _robust_chance(o))
+      for o in ("hint", "fula")),
+    Claim("robust_hint_deep", "Stitching a non-robust front into a robust end with adversarial data (α = 1), Hint "
+          "reports higher accuracy than FuLA at the deeper layers (the paper's recurring exception to FuLA ≥ Hint).",
+          "FuLA Figs. 4–5, Sec. 3.1", "robust_end",
+          lambda c: f"the same pairs, Hint and FuLA at layers {list(c.deep_layers)}, α = 1; effect = Hint's mean clean "
+                    f"accuracy − FuLA's", _hint_deep),
     *(Claim(f"shortcut_reliance_{task}", f"With shortcut markers in the stitching data, {task.upper()} scores higher "
             f"on marked test images than on clean ones.", "FuLA Fig. 8", "shortcut",
             lambda c, task=task: f"pixel markers ({c.shortcut}) in the stitching data, two seeds, layer {c.layer}; "
@@ -894,6 +960,7 @@ def _number(v: float) -> str:
 EXPERIMENT_LABELS = {
     "dm_self": "a model against itself, DM, no training", "diagonal": "two seeds, corresponding layers",
     "dm_stats": "two seeds, DM with and without the statistics pass", "robustness": "two seeds, adversarial stitching",
+    "robust_end": "a non-robust front into a robust end",
     "shortcut": "two seeds, marked stitching data",
     "shortcut_cross": "cross-task vs same-task front, location markers", "subset": "two seeds of one task, classes 0..k−1",
     "subset_cross": "cross-task front, classes 0..k−1", "self_grids": "a model against itself, square grids",
@@ -1048,13 +1115,13 @@ def check_cut_points(run) -> None:
         model = zoo.untrained(side.spec) if zoo.needs_training(side.spec, side.checkpoint) else \
             zoo.get(side.spec, side.checkpoint)[0]
         counts.append(len(cut_point_names(model)))
-    named = {*map(int, c.layers), *_grid_layers(c), *_confirm_layers(c), int(c.layer),
+    named = {*map(int, c.layers), *_grid_layers(c), *_confirm_layers(c), int(c.layer), int(c.penultimate_layer),
              *(c.grounding.layers or []), *(c.grounding.compare_layers or [])}
     bad = sorted(k for k in named if k > min(counts))
     if bad:
         raise StitchingError(f"claims name cut point(s) {bad}, but the models have cut points 1..{min(counts)}: "
-                             f"change claims.layers, claims.grid_layers, claims.confirm_layers, claims.layer or "
-                             f"claims.grounding")
+                             f"change claims.layers, claims.grid_layers, claims.confirm_layers, claims.layer, "
+                             f"claims.penultimate_layer or claims.grounding")
 
 
 def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict:

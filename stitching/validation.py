@@ -178,6 +178,8 @@ RULES: dict[str, Rule] = {
     "claims.random_start_epochs": Rule("int", 1, nullable=True),
     "claims.distant_layers": COUNT,
     "claims.chance_auroc": Rule("float", 0, 0.5, low_open=True),
+    "claims.penultimate_layer": COUNT,
+    "claims.chance_accuracy": Rule("float", 0, 0.5, low_open=True),
     "claims.similarity_images": Rule("int", 4),
 }
 

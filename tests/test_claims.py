@@ -8,8 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from stitching.build import compose_config
-from stitching.claims import (CLAIMS, FAILS, HOLDS, UNSURE, chosen, main as claims_main, measure, needs, plan, schedule,
-                             seed_pairs, verdict)
+from stitching.claims import (CLAIMS, FAILS, HOLDS, TRAINED, UNSURE, chosen, main as claims_main, measure, needs, plan,
+                             schedule, seed_pairs, verdict)
 from stitching.errors import StitchingError
 from tests.conftest import TINY
 
@@ -541,3 +541,53 @@ def test_the_loss_figure_keeps_runs_of_other_budgets_apart(tmp_path, monkeypatch
                         or plot(self, *args, **kwargs))
     assert loss_curves(frame, tmp_path / "curves.png").is_file()
     assert sorted(shown) == ["HINT", "TLM (10 epochs)", "TLM (4 epochs)"]
+
+
+def _robust_end_rows(pair, n):
+    """One pair's robust_end runs: α = 0 at layers 1, 5, 9 (clean between the models' 0.70 and 0.80,
+    robust between 0.0 and 0.5, except where noted), α = 1 Hint/FuLA at layers 7 and 9."""
+    a, b = pair
+    base = {"front_acc": 0.80, "end_acc": 0.70, "front_robust_acc_pgd": 0.0, "end_robust_acc_pgd": 0.5,
+            "num_classes": 10}
+    rows = [{"run": f"runs/robust_end/seeds{a}-{b}/{o}_alpha0/{o}/f{k}-e{k}", "objective": o, "alpha": 0,
+             "front_layer": k, "end_layer": k, "test_acc": 0.75, "test_robust_acc_pgd": 0.2, **base}
+            for o in TRAINED for k in (1, 5, 9)]
+    rows[0]["test_acc"] = 0.70 - 0.12 - 0.03 * n  # hint at layer 1 falls below both models by 0.12 + 0.03 n
+    rows[1]["test_robust_acc_pgd"] = 0.6  # above both models' robust accuracy by 0.1
+    rows += [{"run": f"runs/robust_end/seeds{a}-{b}/{o}_alpha1/{o}/f{k}-e{k}", "objective": o, "alpha": 1,
+              "front_layer": k, "end_layer": k, "test_acc": acc, **base}
+             for o, k, acc in (("hint", 7, 0.6), ("hint", 9, 0.11 + 0.01 * n), ("fula", 7, 0.5), ("fula", 9, 0.3))]
+    return rows
+
+
+def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
+    """Against hand computation: the α = 0 rows average each stitch's distance outside its models'
+    range; the α = 1 rows read layer 9 against chance and Hint − FuLA at the deep layers."""
+    settings = _settings(tolerance=0.02, chance_accuracy=0.05, penultimate_layer=9, deep_layers=[7, 9],
+                         robust_attack="pgd")
+    frame = pd.DataFrame([row for n, pair in enumerate(seed_pairs(3, "two")) for row in _robust_end_rows(pair, n)])
+    effects = {name: [p["effect"] for p in measure(CLAIMS[name], frame, settings)["per_pair"]]
+               for name in CLAIMS if name.startswith("robust_")}
+    # twelve α = 0 stitches per pair, one outside the clean range by 0.12 + 0.03 n, one outside the robust by 0.1
+    assert effects["robust_interpolation_clean"] == pytest.approx([0.02 - (0.12 + 0.03 * n) / 12 for n in range(3)])
+    assert effects["robust_interpolation_robust"] == pytest.approx([0.02 - 0.1 / 12] * 3)
+    assert effects["robust_penultimate_chance_hint"] == pytest.approx([0.05 - 0.01 * (1 + n) for n in range(3)])
+    assert effects["robust_penultimate_chance_fula"] == pytest.approx([0.05 - 0.2] * 3)
+    assert effects["robust_hint_deep"] == pytest.approx([(0.6 + 0.11 + 0.01 * n - 0.5 - 0.3) / 2 for n in range(3)])
+    assert measure(CLAIMS["robust_penultimate_chance_hint"], frame, settings)["verdict"] == HOLDS
+    assert measure(CLAIMS["robust_penultimate_chance_fula"], frame, settings)["verdict"] == FAILS
+
+
+def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
+    claims = compose_config(["experiment=claims_small"]).claims
+    jobs = plan(claims, ["robust_interpolation_clean", "robust_hint_deep"])
+    assert {j.tag for j in jobs} == {"hint_alpha0", "fula_alpha0", "slm_alpha0", "tlm_alpha0", "hint_alpha1",
+                                     "fula_alpha1"}
+    for job in jobs:
+        assert {"end.robust=true", "attack=pgd", f"attack.alpha={job.tag[-1]}"} <= set(job.overrides)
+        assert "front.robust=true" not in job.overrides and f"front.seed={job.pair[0]}" in job.overrides
+        assert ("dataset.train_subset=500" in job.overrides) == job.tag.endswith("alpha1")
+    # the robust ends are named apart from the plain ones, with their recipe in the zoo's identity
+    sizes = needs(next(j for j in jobs if j.tag == "hint_alpha1"),
+                  ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
+    assert any("-robust0.1-" in name for name in sizes.models)
