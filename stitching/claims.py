@@ -50,6 +50,7 @@ from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
 from stitching.files import hold_folder
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.grid import AUTHORS_FLATTEN, INDICES
+from stitching.validation import DECAY_ONSET
 
 #: the CKA claim's structural indices (the TLM-vs-DM paper's sanity checks: CKA, PWCCA, OPD)
 SIMILARITY_INDICES = ("cka", "pwcca", "procrustes")
@@ -202,7 +203,13 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                                          "attack.alpha=0", _diagonal(c)], "grid") for o in TRAINED),
                                      *((f"{o}_alpha1", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
                                                         "attack.alpha=1", _pairs([(k, k) for k in c.deep_layers])],
-                                        "grid") for o in ("hint", "fula"))]),
+                                        "grid") for o in ("hint", "fula")),
+                                     # Fig. 6: FuLA with the last hint alone, α = 1, into the robust and the plain end
+                                     *((f"fula_last_{end}", ["objective=fula", "objective.weights=last",
+                                                             f"end.robust={str(end == 'robust').lower()}",
+                                                             f"attack={c.robust_attack}", "attack.alpha=1",
+                                                             _pairs([(k, k) for k in c.decay_layers])], "grid")
+                                       for end in ("robust", "plain"))]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
     # Fig. 8's cross-task remark: location markers, Hint/FuLA at the deep layers, a front of another task against
@@ -501,12 +508,20 @@ def _robustness_cost(frame, c):
     return matching - task, f"clean accuracy Hint/FuLA mean {matching:.3f}, SLM/TLM mean {task:.3f}"
 
 
+def _job(frame: pd.DataFrame, tag: str) -> pd.DataFrame:
+    """The runs of one job of the experiment (``runs/<experiment>/<pair>/<tag>/…``)."""
+    runs = frame[frame.run.str.split("/").str[3] == tag]
+    if runs.empty:
+        raise LookupError(f"no finished {tag} runs")
+    return runs
+
+
 def _interpolation(metric: str):
     """How far the α = 0 stitches of a non-robust front into a robust end fall outside the range of
     their two models' own ``metric`` (clean or robust accuracy), on average, below the tolerance."""
     def effect(frame, c):
         column = "acc" if metric == "clean" else f"robust_acc_{c.robust_attack}"
-        runs = frame[(frame.alpha == 0) & frame.objective.isin(TRAINED)]
+        runs = pd.concat([_job(frame, f"{o}_alpha0") for o in TRAINED])
         stitched = f"test_{column}"
         for needed in (stitched, f"front_{column}", f"end_{column}"):
             if needed not in runs or runs[needed].isna().all():
@@ -524,7 +539,8 @@ def _interpolation(metric: str):
 def _robust_chance(objective: str):
     """Closeness to chance of ``objective``'s α = 1 stitch into the robust end at the penultimate layer."""
     def effect(frame, c):
-        runs = frame[(frame.alpha == 1) & (frame.objective == objective) & (frame.front_layer == c.penultimate_layer)]
+        runs = _job(frame, f"{objective}_alpha1")
+        runs = runs[runs.front_layer == c.penultimate_layer]
         if runs.empty:
             raise LookupError(f"no α = 1 {objective} run at layer {c.penultimate_layer}")
         acc, chance = float(runs.test_acc.mean()), 1 / float(runs.num_classes.iloc[0])
@@ -533,9 +549,22 @@ def _robust_chance(objective: str):
 
 
 def _hint_deep(frame, c):
-    runs = frame[(frame.alpha == 1) & frame.front_layer.isin(list(c.deep_layers))]
-    acc = _by(runs, "test_acc", "objective")
+    acc = {o: float(_job(frame, f"{o}_alpha1").test_acc.mean()) for o in ("hint", "fula")}
     return acc["hint"] - acc["fula"], f"Hint {acc['hint']:.3f}, FuLA {acc['fula']:.3f} at layers {list(c.deep_layers)}"
+
+
+def _decay(frame, c):
+    """How much more last-hint FuLA's accuracy falls past the 6th layer into the robust end than
+    into the plain one: (before − after) robust − (before − after) plain."""
+    drops = {}
+    for end in ("robust", "plain"):
+        acc = _job(frame, f"fula_last_{end}").groupby("front_layer").test_acc.mean()
+        before, after = acc[acc.index < DECAY_ONSET], acc[acc.index > DECAY_ONSET]
+        if before.empty or after.empty:
+            raise LookupError(f"claims.decay_layers need layers before and after {DECAY_ONSET}")
+        drops[end] = float(before.mean() - after.mean())
+    return drops["robust"] - drops["plain"], (f"drop past layer {DECAY_ONSET}: robust end {drops['robust']:+.3f}, "
+                                              f"plain end {drops['plain']:+.3f}")
 
 
 def _shortcut(task: str):
@@ -816,6 +845,12 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "FuLA Figs. 4–5, Sec. 3.1", "robust_end",
           lambda c: f"the same pairs, Hint and FuLA at layers {list(c.deep_layers)}, α = 1; effect = Hint's mean clean "
                     f"accuracy − FuLA's", _hint_deep),
+    Claim("robust_decay", "Stitched by FuLA with the last hint alone (α = 1), a non-robust front's similarity to a "
+          "robust end decays from the 6th layer on, where into a non-robust end it stays steady.",
+          "FuLA Fig. 6, Sec. 3.1", "robust_end",
+          lambda c: f"the same pairs, FuLA with objective.weights=last, α = 1, layers {list(c.decay_layers)}, into the "
+                    f"robust end and into the same seed's plain end; effect = (mean clean accuracy before layer "
+                    f"{DECAY_ONSET} − after it) into the robust end − the same into the plain end", _decay),
     *(Claim(f"shortcut_reliance_{task}", f"With shortcut markers in the stitching data, {task.upper()} scores higher "
             f"on marked test images than on clean ones.", "FuLA Fig. 8", "shortcut",
             lambda c, task=task: f"pixel markers ({c.shortcut}) in the stitching data, two seeds, layer {c.layer}; "
@@ -1116,6 +1151,7 @@ def check_cut_points(run) -> None:
             zoo.get(side.spec, side.checkpoint)[0]
         counts.append(len(cut_point_names(model)))
     named = {*map(int, c.layers), *_grid_layers(c), *_confirm_layers(c), int(c.layer), int(c.penultimate_layer),
+             *c.decay_layers,
              *(c.grounding.layers or []), *(c.grounding.compare_layers or [])}
     bad = sorted(k for k in named if k > min(counts))
     if bad:

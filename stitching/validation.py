@@ -469,13 +469,18 @@ def _check_groups(cfg: DictConfig) -> None:
 GROUP_KEYS = ("name", "arch")
 
 
+#: the FuLA paper's Fig. 6: last-hint similarity into a robust end decays from the 6th layer on
+DECAY_ONSET = 6
+
+
 def _check_claims_layers(cfg: DictConfig) -> None:
-    """``claims.layers``, ``grid_layers`` and ``confirm_layers`` (or null), ``early_layers`` and ``deep_layers``,
+    """``claims.layers``, ``grid_layers`` and ``confirm_layers`` (or null), ``early_layers``, ``deep_layers`` and
+    ``decay_layers`` (before and after :data:`DECAY_ONSET`),
     ``grounding.layers`` and ``grounding.compare_layers`` (or null): non-empty lists of cut points, the early and
     deep ones among ``claims.layers``; ``claims.grounding.ranks``: a non-empty list of ranks (integers ≥ 1)."""
     lists = {}
     for key in ("claims.layers", "claims.grid_layers", "claims.confirm_layers", "claims.early_layers",
-                "claims.deep_layers", "claims.grounding.layers", "claims.grounding.compare_layers",
+                "claims.deep_layers", "claims.decay_layers", "claims.grounding.layers", "claims.grounding.compare_layers",
                 "claims.grounding.ranks"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is None and key != "claims.grounding.ranks":
@@ -491,6 +496,10 @@ def _check_claims_layers(cfg: DictConfig) -> None:
         chosen = lists.get(key)
         if chosen and layers and not set(chosen) <= set(layers):
             raise StitchingError(f"{key}={chosen} must be among claims.layers={layers}")
+    decay = lists.get("claims.decay_layers")
+    if decay and not (min(decay) < DECAY_ONSET < max(decay)):
+        raise StitchingError(f"claims.decay_layers={decay} must hold cut points before and after layer {DECAY_ONSET}, "
+                             f"where Fig. 6's decay starts (e.g. [5, 9])")
 
 
 def _shown(value) -> str:

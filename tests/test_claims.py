@@ -387,6 +387,14 @@ def test_bad_claims_settings_are_one_line(capsys):
     with pytest.raises(SystemExit):
         claims_main(["claims.deep_layers=[8]", "logger=none"])
     assert "claims.deep_layers=[8] must be among claims.layers=[1, 3, 5, 7, 9]" in capsys.readouterr().err
+    for decay in ("[5,6]", "[7,9]"):  # Fig. 6's claim compares layers before and after the 6th
+        with pytest.raises(SystemExit):
+            claims_main([f"claims.decay_layers={decay}", "logger=none"])
+        assert "must hold cut points before and after layer 6" in capsys.readouterr().err
+    for key, value in (("claims.penultimate_layer", 0), ("claims.chance_accuracy", 0.7)):
+        with pytest.raises(SystemExit):
+            claims_main([f"{key}={value}", "logger=none"])
+        assert f"{key}={value} is out of range" in capsys.readouterr().err
 
 
 def test_a_cut_point_the_models_lack_is_one_line_before_any_run(tmp_path, zoo_dir, capsys):
@@ -557,6 +565,12 @@ def _robust_end_rows(pair, n):
     rows += [{"run": f"runs/robust_end/seeds{a}-{b}/{o}_alpha1/{o}/f{k}-e{k}", "objective": o, "alpha": 1,
               "front_layer": k, "end_layer": k, "test_acc": acc, **base}
              for o, k, acc in (("hint", 7, 0.6), ("hint", 9, 0.11 + 0.01 * n), ("fula", 7, 0.5), ("fula", 9, 0.3))]
+    # last-hint FuLA: into the robust end 0.7 at layers 1 and 5, 0.2 at 9; into the plain end 0.8 throughout,
+    # less 0.05 n at layer 9
+    rows += [{"run": f"runs/robust_end/seeds{a}-{b}/fula_last_{end}/fula/f{k}-e{k}", "objective": "fula", "alpha": 1,
+              "front_layer": k, "end_layer": k, "test_acc": acc, **base}
+             for end, k, acc in (("robust", 1, 0.7), ("robust", 5, 0.7), ("robust", 9, 0.2),
+                                 ("plain", 1, 0.8), ("plain", 5, 0.8), ("plain", 9, 0.8 - 0.05 * n))]
     return rows
 
 
@@ -564,7 +578,7 @@ def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
     """Against hand computation: the α = 0 rows average each stitch's distance outside its models'
     range; the α = 1 rows read layer 9 against chance and Hint − FuLA at the deep layers."""
     settings = _settings(tolerance=0.02, chance_accuracy=0.05, penultimate_layer=9, deep_layers=[7, 9],
-                         robust_attack="pgd")
+                         decay_layers=[1, 5, 9], robust_attack="pgd")
     frame = pd.DataFrame([row for n, pair in enumerate(seed_pairs(3, "two")) for row in _robust_end_rows(pair, n)])
     effects = {name: [p["effect"] for p in measure(CLAIMS[name], frame, settings)["per_pair"]]
                for name in CLAIMS if name.startswith("robust_")}
@@ -574,6 +588,7 @@ def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
     assert effects["robust_penultimate_chance_hint"] == pytest.approx([0.05 - 0.01 * (1 + n) for n in range(3)])
     assert effects["robust_penultimate_chance_fula"] == pytest.approx([0.05 - 0.2] * 3)
     assert effects["robust_hint_deep"] == pytest.approx([(0.6 + 0.11 + 0.01 * n - 0.5 - 0.3) / 2 for n in range(3)])
+    assert effects["robust_decay"] == pytest.approx([0.5 - 0.05 * n for n in range(3)])  # 0.7 − 0.2, less the plain drop
     assert measure(CLAIMS["robust_penultimate_chance_hint"], frame, settings)["verdict"] == HOLDS
     assert measure(CLAIMS["robust_penultimate_chance_fula"], frame, settings)["verdict"] == FAILS
 
@@ -582,11 +597,15 @@ def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
     claims = compose_config(["experiment=claims_small"]).claims
     jobs = plan(claims, ["robust_interpolation_clean", "robust_hint_deep"])
     assert {j.tag for j in jobs} == {"hint_alpha0", "fula_alpha0", "slm_alpha0", "tlm_alpha0", "hint_alpha1",
-                                     "fula_alpha1"}
+                                     "fula_alpha1", "fula_last_robust", "fula_last_plain"}
     for job in jobs:
-        assert {"end.robust=true", "attack=pgd", f"attack.alpha={job.tag[-1]}"} <= set(job.overrides)
+        alpha = "1" if job.tag.startswith("fula_last") else job.tag[-1]
+        assert {f"end.robust={str(job.tag != 'fula_last_plain').lower()}", "attack=pgd",
+                f"attack.alpha={alpha}"} <= set(job.overrides)
+        assert ("objective.weights=last" in job.overrides) == job.tag.startswith("fula_last")
+        assert ("grid.pairs=[[5,5],[9,9]]" in job.overrides) == job.tag.startswith("fula_last")
         assert "front.robust=true" not in job.overrides and f"front.seed={job.pair[0]}" in job.overrides
-        assert ("dataset.train_subset=500" in job.overrides) == job.tag.endswith("alpha1")
+        assert ("dataset.train_subset=500" in job.overrides) == (alpha == "1")
     # the robust ends are named apart from the plain ones, with their recipe in the zoo's identity
     sizes = needs(next(j for j in jobs if j.tag == "hint_alpha1"),
                   ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
