@@ -182,12 +182,17 @@ claims-small: $(READY) data-fmnist ## the same claims on Fashion-MNIST and toy l
 DIAGNOSIS := $(PY) -m stitching.claims --no-progress
 # the MNIST-5k claims check of 2026-11-25, whose diagnoses docs/results.md reports (claims_small ran on MNIST-5k then)
 MNIST_CLAIMS := experiment=claims_small dataset=mnist5k dataset.base_images=null
+ROBUST_END_ROWS := robust_penultimate_chance_hint,robust_penultimate_chance_fula,robust_hint_deep,robust_decay
 SELF_ROWS := self_stitch_diagonal_hint,self_stitch_diagonal_fula,self_stitch_diagonal_tlm,dm_vs_tlm_self_directional,$\
 	dm_self_directional,fula_directional
 claims-diagnosis: $(READY) data-fmnist ## the extra measurements behind the claims diagnoses (docs/results.md), on today's rows
 	@# Fashion-MNIST: the self-grid rows on adjacent layers, where the 1-5-9 grid's share of 1.00 can move
 	$(DIAGNOSIS) --only $(SELF_ROWS) --out outputs/claims/diagnosis/fmnist_self_grids_adjacent experiment=claims_small \
 		"claims.grid_layers=[4,5,6]"
+	@# Fashion-MNIST: the α = 1 rows on a robust end (pair (0, 1)) at the paper's 30 stitching epochs instead of 4
+	$(DIAGNOSIS) --only $(ROBUST_END_ROWS) --out outputs/claims/diagnosis/fmnist_robust_end_30_epochs \
+		experiment=claims_small claims.seed_pairs=1 $(foreach job,hint_alpha1 fula_alpha1 fula_last_robust fula_last_plain,\
+		"claims.extra.robust_end.$(job)=['dataset.train_subset=500','trainer.max_epochs=30']")
 	$(DIAGNOSIS) --only fabricated_robustness_slm,fabricated_robustness_tlm \
 		--out outputs/claims/diagnosis/robustness_eps0.1 $(MNIST_CLAIMS) attack.eps=0.1
 	$(DIAGNOSIS) --only shortcut_reliance_slm,shortcut_reliance_tlm --out outputs/claims/diagnosis/shortcut_layer1 \

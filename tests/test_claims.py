@@ -594,6 +594,11 @@ def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
 
 
 def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
+    from stitching.validation import check_config
+
+    for preset in ("claims", "claims_small"):  # every job composes to valid settings at both sizes
+        for job in plan(compose_config([f"experiment={preset}"]).claims, ["robust_decay"]):
+            check_config(compose_config([f"experiment={preset}", *job.overrides]))
     claims = compose_config(["experiment=claims_small"]).claims
     jobs = plan(claims, ["robust_interpolation_clean", "robust_hint_deep"])
     assert {j.tag for j in jobs} == {"hint_alpha0", "fula_alpha0", "slm_alpha0", "tlm_alpha0", "hint_alpha1",
