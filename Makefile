@@ -182,7 +182,7 @@ claims-small: $(READY) data-fmnist ## the same claims on Fashion-MNIST and toy l
 DIAGNOSIS := $(PY) -m stitching.claims --no-progress
 # the MNIST-5k claims check of 2026-11-25, whose diagnoses docs/results.md reports (claims_small ran on MNIST-5k then)
 MNIST_CLAIMS := experiment=claims_small dataset=mnist5k dataset.base_images=null
-ROBUST_END_ROWS := robust_penultimate_chance_hint,robust_penultimate_chance_fula,robust_hint_deep,robust_decay
+ROBUST_END_ROWS := robust_penultimate_chance,robust_hint_deep,robust_decay
 SELF_ROWS := self_stitch_diagonal_hint,self_stitch_diagonal_fula,self_stitch_diagonal_tlm,dm_vs_tlm_self_directional,$\
 	dm_self_directional,fula_directional
 claims-diagnosis: $(READY) data-fmnist ## the extra measurements behind the claims diagnoses (docs/results.md), on today's rows

@@ -169,6 +169,11 @@ def _tlm_random(c, square: str) -> tuple[str, list[str], str]:
     return "tlm_random", ["objective=tlm", "stitch.init=random", *_random_epochs(c), square], "grid"
 
 
+def _alpha1_layers(c) -> list[int]:
+    """The layers of the robust end's α = 1 Hint/FuLA jobs: the deep ones and the penultimate."""
+    return sorted({*map(int, c.deep_layers), int(c.penultimate_layer)})
+
+
 def _single(c) -> str:
     return _pairs([(c.layer, c.layer)])
 
@@ -202,7 +207,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
     "robust_end": ("two", lambda c: [*((f"{o}_alpha0", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
                                                          "attack.alpha=0", _diagonal(c)], "grid") for o in TRAINED),
                                      *((f"{o}_alpha1", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
-                                                        "attack.alpha=1", _pairs([(k, k) for k in c.deep_layers])],
+                                                        "attack.alpha=1", _pairs([(k, k) for k in _alpha1_layers(c)])],
                                         "grid") for o in ("hint", "fula")),
                                      # Fig. 6: FuLA with the last hint alone, α = 1, into the robust and the plain end
                                      *((f"fula_last_{end}", ["objective=fula", "objective.weights=last",
@@ -536,20 +541,29 @@ def _interpolation(metric: str):
     return effect
 
 
-def _robust_chance(objective: str):
-    """Closeness to chance of ``objective``'s α = 1 stitch into the robust end at the penultimate layer."""
-    def effect(frame, c):
+def _robust_chance(frame, c):
+    """Closeness to chance of the α = 1 Hint and FuLA stitches into the robust end at the penultimate
+    layer (the last cut point, where FuLA's one hint is Hint's: the two are one objective there)."""
+    acc = {}
+    for objective in ("hint", "fula"):
         runs = _job(frame, f"{objective}_alpha1")
         runs = runs[runs.front_layer == c.penultimate_layer]
         if runs.empty:
             raise LookupError(f"no α = 1 {objective} run at layer {c.penultimate_layer}")
-        acc, chance = float(runs.test_acc.mean()), 1 / float(runs.num_classes.iloc[0])
-        return c.chance_accuracy - abs(acc - chance), f"{_NAMES[objective]} {acc:.3f}, chance {chance:.3f}"
-    return effect
+        acc[objective] = float(runs.test_acc.mean())
+    chance, mean = 1 / float(runs.num_classes.iloc[0]), _mean(acc, ("hint", "fula"))
+    return c.chance_accuracy - abs(mean - chance), (f"Hint {acc['hint']:.3f}, FuLA {acc['fula']:.3f}, chance "
+                                                   f"{chance:.3f}")
 
 
 def _hint_deep(frame, c):
-    acc = {o: float(_job(frame, f"{o}_alpha1").test_acc.mean()) for o in ("hint", "fula")}
+    acc = {}
+    for objective in ("hint", "fula"):
+        runs = _job(frame, f"{objective}_alpha1")
+        runs = runs[runs.front_layer.isin(list(c.deep_layers))]
+        if runs.empty:
+            raise LookupError(f"no α = 1 {objective} run at layers {list(c.deep_layers)}")
+        acc[objective] = float(runs.test_acc.mean())
     return acc["hint"] - acc["fula"], f"Hint {acc['hint']:.3f}, FuLA {acc['fula']:.3f} at layers {list(c.deep_layers)}"
 
 
@@ -834,12 +848,11 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
                                      + f"; effect = {c.tolerance} − the mean distance of a stitch's {metric} accuracy "
                                        f"outside the range of its two models'", _interpolation(metric))
       for metric in ("clean", "robust")),
-    *(Claim(f"robust_penultimate_chance_{o}", f"Stitching a non-robust front into a robust end with adversarial data "
-            f"(α = 1), {_NAMES[o]} reports chance at the penultimate layer.", "FuLA Figs. 4–5, Sec. 3.1", "robust_end",
-            lambda c, o=o: f"the same pairs, {_NAMES[o]} at layer {c.penultimate_layer} (before the classifier), "
-                           f"α = 1; effect = {c.chance_accuracy} − |clean accuracy − chance (1 / classes)|",
-            _robust_chance(o))
-      for o in ("hint", "fula")),
+    Claim("robust_penultimate_chance", "Stitching a non-robust front into a robust end with adversarial data "
+          "(α = 1), Hint and FuLA report chance at the penultimate layer.", "FuLA Figs. 4–5, Sec. 3.1", "robust_end",
+          lambda c: f"the same pairs, Hint and FuLA at layer {c.penultimate_layer} (before the classifier; the last cut "
+                    f"point, where FuLA's one hint is Hint's), α = 1; effect = {c.chance_accuracy} − |their mean clean "
+                    f"accuracy − chance (1 / classes)|", _robust_chance),
     Claim("robust_hint_deep", "Stitching a non-robust front into a robust end with adversarial data (α = 1), Hint "
           "reports higher accuracy than FuLA at the deeper layers (the paper's recurring exception to FuLA ≥ Hint).",
           "FuLA Figs. 4–5, Sec. 3.1", "robust_end",
@@ -1157,7 +1170,7 @@ def check_cut_points(run) -> None:
     if bad:
         raise StitchingError(f"claims name cut point(s) {bad}, but the models have cut points 1..{min(counts)}: "
                              f"change claims.layers, claims.grid_layers, claims.confirm_layers, claims.layer, "
-                             f"claims.penultimate_layer or claims.grounding")
+                             f"claims.penultimate_layer, claims.decay_layers or claims.grounding")
 
 
 def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict:

@@ -585,12 +585,21 @@ def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
     # twelve α = 0 stitches per pair, one outside the clean range by 0.12 + 0.03 n, one outside the robust by 0.1
     assert effects["robust_interpolation_clean"] == pytest.approx([0.02 - (0.12 + 0.03 * n) / 12 for n in range(3)])
     assert effects["robust_interpolation_robust"] == pytest.approx([0.02 - 0.1 / 12] * 3)
-    assert effects["robust_penultimate_chance_hint"] == pytest.approx([0.05 - 0.01 * (1 + n) for n in range(3)])
-    assert effects["robust_penultimate_chance_fula"] == pytest.approx([0.05 - 0.2] * 3)
+    # Hint 0.11 + 0.01 n and FuLA 0.3 at layer 9: their mean is 0.105 + 0.005 n above chance
+    assert effects["robust_penultimate_chance"] == pytest.approx([0.05 - 0.105 - 0.005 * n for n in range(3)])
     assert effects["robust_hint_deep"] == pytest.approx([(0.6 + 0.11 + 0.01 * n - 0.5 - 0.3) / 2 for n in range(3)])
+    # a run at another layer (here 5) is read by neither the chance row nor the deep-layer row
+    extra = pd.DataFrame([{**row, "front_layer": 5, "end_layer": 5, "test_acc": 0.0,
+                           "run": row["run"].replace("f9-e9", "f5-e5")} for row in frame.to_dict("records")
+                          if "_alpha1/" in row["run"] and row["front_layer"] == 9])
+    again = pd.concat([frame, extra], ignore_index=True)
+    for name in ("robust_hint_deep", "robust_penultimate_chance"):
+        assert [p["effect"] for p in measure(CLAIMS[name], again, settings)["per_pair"]] == pytest.approx(effects[name])
     assert effects["robust_decay"] == pytest.approx([0.5 - 0.05 * n for n in range(3)])  # 0.7 − 0.2, less the plain drop
-    assert measure(CLAIMS["robust_penultimate_chance_hint"], frame, settings)["verdict"] == HOLDS
-    assert measure(CLAIMS["robust_penultimate_chance_fula"], frame, settings)["verdict"] == FAILS
+    assert measure(CLAIMS["robust_penultimate_chance"], frame, settings)["verdict"] == FAILS
+    near = 0.1 + 0.01 * frame.run.str.contains("seeds2-3").astype(float)  # chance, and 0.01 above it in one pair
+    at_chance = frame.assign(test_acc=np.where(frame.front_layer == 9, near, frame.test_acc))
+    assert measure(CLAIMS["robust_penultimate_chance"], at_chance, settings)["verdict"] == HOLDS
 
 
 def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
@@ -611,6 +620,9 @@ def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
         assert ("grid.pairs=[[5,5],[9,9]]" in job.overrides) == job.tag.startswith("fula_last")
         assert "front.robust=true" not in job.overrides and f"front.seed={job.pair[0]}" in job.overrides
         assert ("dataset.train_subset=500" in job.overrides) == (alpha == "1")
+    # the α = 1 jobs run the penultimate layer even where it is not among the deep layers
+    other = plan(_settings(deep_layers=[7], penultimate_layer=9), ["robust_penultimate_chance"])
+    assert all("grid.pairs=[[7,7],[9,9]]" in j.overrides for j in other if j.tag.endswith("alpha1"))
     # the robust ends are named apart from the plain ones, with their recipe in the zoo's identity
     sizes = needs(next(j for j in jobs if j.tag == "hint_alpha1"),
                   ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
