@@ -480,10 +480,10 @@ def _check_claims_layers(cfg: DictConfig) -> None:
     deep ones among ``claims.layers``; ``claims.grounding.ranks``: a non-empty list of ranks (integers ≥ 1)."""
     lists = {}
     for key in ("claims.layers", "claims.grid_layers", "claims.confirm_layers", "claims.early_layers",
-                "claims.deep_layers", "claims.decay_layers", "claims.grounding.layers", "claims.grounding.compare_layers",
-                "claims.grounding.ranks"):
+                "claims.deep_layers", "claims.decay_layers", "claims.grounding.layers",
+                "claims.grounding.compare_layers", "claims.grounding.ranks"):
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None and key != "claims.grounding.ranks":
+        if value is None and key not in ("claims.grounding.ranks", "claims.decay_layers"):
             continue
         values = list(value) if OmegaConf.is_list(value) else value
         if not (isinstance(values, list) and values

@@ -391,6 +391,9 @@ def test_bad_claims_settings_are_one_line(capsys):
         with pytest.raises(SystemExit):
             claims_main([f"claims.decay_layers={decay}", "logger=none"])
         assert "must hold cut points before and after layer 6" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no null: the Fig. 6 row always has layers to stitch
+        claims_main(["claims.decay_layers=null", "logger=none"])
+    assert "claims.decay_layers=null is out of range: give a non-empty list of cut points" in capsys.readouterr().err
     for key, value in (("claims.penultimate_layer", 0), ("claims.chance_accuracy", 0.7)):
         with pytest.raises(SystemExit):
             claims_main([f"{key}={value}", "logger=none"])
