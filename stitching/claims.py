@@ -513,11 +513,14 @@ def _robustness_cost(frame, c):
     return matching - task, f"clean accuracy Hint/FuLA mean {matching:.3f}, SLM/TLM mean {task:.3f}"
 
 
-def _job(frame: pd.DataFrame, tag: str) -> pd.DataFrame:
-    """The runs of one job of the experiment (``runs/<experiment>/<pair>/<tag>/…``)."""
+def _job(frame: pd.DataFrame, tag: str, layers: list[int] | None = None) -> pd.DataFrame:
+    """The runs of one job of the experiment (``runs/<experiment>/<pair>/<tag>/…``), at ``layers``
+    (front layers; all by default)."""
     runs = frame[frame.run.str.split("/").str[3] == tag]
+    if layers is not None:
+        runs = runs[runs.front_layer.isin(list(layers))]
     if runs.empty:
-        raise LookupError(f"no finished {tag} runs")
+        raise LookupError(f"no finished {tag} runs" + (f" at layers {list(layers)}" if layers is not None else ""))
     return runs
 
 
@@ -544,26 +547,15 @@ def _interpolation(metric: str):
 def _robust_chance(frame, c):
     """Closeness to chance of the α = 1 Hint and FuLA stitches into the robust end at the penultimate
     layer (the last cut point, where FuLA's one hint is Hint's: the two are one objective there)."""
-    acc = {}
-    for objective in ("hint", "fula"):
-        runs = _job(frame, f"{objective}_alpha1")
-        runs = runs[runs.front_layer == c.penultimate_layer]
-        if runs.empty:
-            raise LookupError(f"no α = 1 {objective} run at layer {c.penultimate_layer}")
-        acc[objective] = float(runs.test_acc.mean())
-    chance, mean = 1 / float(runs.num_classes.iloc[0]), _mean(acc, ("hint", "fula"))
+    runs = {o: _job(frame, f"{o}_alpha1", [c.penultimate_layer]) for o in ("hint", "fula")}
+    acc = {o: float(r.test_acc.mean()) for o, r in runs.items()}
+    chance, mean = 1 / float(runs["hint"].num_classes.iloc[0]), _mean(acc, ("hint", "fula"))
     return c.chance_accuracy - abs(mean - chance), (f"Hint {acc['hint']:.3f}, FuLA {acc['fula']:.3f}, chance "
                                                    f"{chance:.3f}")
 
 
 def _hint_deep(frame, c):
-    acc = {}
-    for objective in ("hint", "fula"):
-        runs = _job(frame, f"{objective}_alpha1")
-        runs = runs[runs.front_layer.isin(list(c.deep_layers))]
-        if runs.empty:
-            raise LookupError(f"no α = 1 {objective} run at layers {list(c.deep_layers)}")
-        acc[objective] = float(runs.test_acc.mean())
+    acc = {o: float(_job(frame, f"{o}_alpha1", c.deep_layers).test_acc.mean()) for o in ("hint", "fula")}
     return acc["hint"] - acc["fula"], f"Hint {acc['hint']:.3f}, FuLA {acc['fula']:.3f} at layers {list(c.deep_layers)}"
 
 
