@@ -174,6 +174,12 @@ def _alpha1_layers(c) -> list[int]:
     return sorted({*map(int, c.deep_layers), int(c.penultimate_layer)})
 
 
+def _decay_jobs_layers(c) -> list[int]:
+    """The layers of the Fig. 6 jobs (last-hint FuLA into the robust and the plain end): the decay's
+    layers and the penultimate one, where the CKA row looks for the least similar cell."""
+    return sorted({*map(int, c.decay_layers), int(c.penultimate_layer)})
+
+
 def _single(c) -> str:
     return _pairs([(c.layer, c.layer)])
 
@@ -209,11 +215,13 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                      *((f"{o}_alpha1", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
                                                         "attack.alpha=1", _pairs([(k, k) for k in _alpha1_layers(c)])],
                                         "grid") for o in ("hint", "fula")),
-                                     # Fig. 6: FuLA with the last hint alone, α = 1, into the robust and the plain end
+                                     # Fig. 6: FuLA with the last hint alone, α = 1, into the robust and the plain end,
+                                     # and the CKA of its DM start against the end on adversarial examples
                                      *((f"fula_last_{end}", ["objective=fula", "objective.weights=last",
                                                              f"end.robust={str(end == 'robust').lower()}",
                                                              f"attack={c.robust_attack}", "attack.alpha=1",
-                                                             _pairs([(k, k) for k in c.decay_layers])], "grid")
+                                                             "evaluation.penultimate_cka=true",
+                                                             _pairs([(k, k) for k in _decay_jobs_layers(c)])], "grid")
                                        for end in ("robust", "plain"))]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
@@ -564,13 +572,29 @@ def _decay(frame, c):
     into the plain one: (before − after) robust − (before − after) plain."""
     drops = {}
     for end in ("robust", "plain"):
-        acc = _job(frame, f"fula_last_{end}").groupby("front_layer").test_acc.mean()
+        acc = _job(frame, f"fula_last_{end}", c.decay_layers).groupby("front_layer").test_acc.mean()
         before, after = acc[acc.index < DECAY_ONSET], acc[acc.index > DECAY_ONSET]
         if before.empty or after.empty:
             raise LookupError(f"claims.decay_layers need layers before and after {DECAY_ONSET}")
         drops[end] = float(before.mean() - after.mean())
     return drops["robust"] - drops["plain"], (f"drop past layer {DECAY_ONSET}: robust end {drops['robust']:+.3f}, "
                                               f"plain end {drops['plain']:+.3f}")
+
+
+def _cka_least(frame, c):
+    """How far below every other Fig. 6 cell (end × layer) the CKA of the DM start into the robust
+    end at the penultimate layer lies: the next-lowest cell's CKA − its own."""
+    runs = pd.concat([_job(frame, f"fula_last_{end}").assign(end_kind=end) for end in ("robust", "plain")])
+    cka = _by(runs, "init_penultimate_cka", "end_kind", "front_layer")
+    target = ("robust", int(c.penultimate_layer))
+    if target not in cka.index:
+        raise LookupError(f"no finished fula_last_robust run at layer {c.penultimate_layer}")
+    others = cka.drop(target)
+    if others.empty:
+        raise LookupError("no other Fig. 6 cell to compare with")
+    (end, layer), lowest = others.idxmin(), float(others.min())
+    return lowest - float(cka[target]), (f"CKA robust end, layer {target[1]}: {float(cka[target]):.3f}; next lowest "
+                                         f"{lowest:.3f} ({end} end, layer {layer})")
 
 
 def _shortcut(task: str):
@@ -856,6 +880,14 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           lambda c: f"the same pairs, FuLA with objective.weights=last, α = 1, layers {list(c.decay_layers)}, into the "
                     f"robust end and into the same seed's plain end; effect = (mean clean accuracy before layer "
                     f"{DECAY_ONSET} − after it) into the robust end − the same into the plain end", _decay),
+    Claim("robust_cka_least", "CKA, too, finds the penultimate layers of the robust end and of the non-robust "
+          "front stitched into it at the 9th layer the least similar.",
+          "FuLA Fig. 6, Sec. 3.1", "robust_end",
+          lambda c: f"the same Fig. 6 runs at layers {_layers_of(_decay_jobs_layers(c))}, into the robust and the plain "
+                    f"end: linear CKA of the DM-initialised stitched network's penultimate features against the end's "
+                    f"(evaluation.penultimate_cka), on PGD examples (attack.steps, attack.eps) crafted against the "
+                    f"stitched network, as the paper; effect = the next-lowest cell's CKA − that of the "
+                    f"robust end at layer {c.penultimate_layer}", _cka_least, unit="CKA"),
     *(Claim(f"shortcut_reliance_{task}", f"With shortcut markers in the stitching data, {task.upper()} scores higher "
             f"on marked test images than on clean ones.", "FuLA Fig. 8", "shortcut",
             lambda c, task=task: f"pixel markers ({c.shortcut}) in the stitching data, two seeds, layer {c.layer}; "

@@ -570,10 +570,11 @@ def _robust_end_rows(pair, n):
              for o, k, acc in (("hint", 7, 0.6), ("hint", 9, 0.11 + 0.01 * n), ("fula", 7, 0.5), ("fula", 9, 0.3))]
     # last-hint FuLA: into the robust end 0.7 at layers 1 and 5, 0.2 at 9; into the plain end 0.8 throughout,
     # less 0.05 n at layer 9
+    # and the CKA of their DM starts: into the robust end 0.8, 0.7, 0.3 + 0.01 n; into the plain end 0.9, 0.85, 0.6
     rows += [{"run": f"runs/robust_end/seeds{a}-{b}/fula_last_{end}/fula/f{k}-e{k}", "objective": "fula", "alpha": 1,
-              "front_layer": k, "end_layer": k, "test_acc": acc, **base}
-             for end, k, acc in (("robust", 1, 0.7), ("robust", 5, 0.7), ("robust", 9, 0.2),
-                                 ("plain", 1, 0.8), ("plain", 5, 0.8), ("plain", 9, 0.8 - 0.05 * n))]
+              "front_layer": k, "end_layer": k, "test_acc": acc, "init_penultimate_cka": cka, **base}
+             for end, k, acc, cka in (("robust", 1, 0.7, 0.8), ("robust", 5, 0.7, 0.7), ("robust", 9, 0.2, 0.3 + 0.01 * n),
+                                      ("plain", 1, 0.8, 0.9), ("plain", 5, 0.8, 0.85), ("plain", 9, 0.8 - 0.05 * n, 0.6))]
     return rows
 
 
@@ -599,6 +600,18 @@ def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
     for name in ("robust_hint_deep", "robust_penultimate_chance"):
         assert [p["effect"] for p in measure(CLAIMS[name], again, settings)["per_pair"]] == pytest.approx(effects[name])
     assert effects["robust_decay"] == pytest.approx([0.5 - 0.05 * n for n in range(3)])  # 0.7 − 0.2, less the plain drop
+    # CKA into the robust end at layer 9 (0.3 + 0.01 n) lies below the next lowest cell (the plain end's 0.6)
+    assert effects["robust_cka_least"] == pytest.approx([0.3 - 0.01 * n for n in range(3)])
+    assert measure(CLAIMS["robust_cka_least"], frame, settings)["verdict"] == HOLDS
+    # the decay reads claims.decay_layers alone, though its jobs also run the penultimate layer; the CKA row reads
+    # every cell: with the robust end's layer 5 lowest, layer 9 is no longer the least similar
+    assert [p["effect"] for p in measure(CLAIMS["robust_decay"], frame, _settings(**{**settings, "decay_layers": [1, 5]}))[
+        "per_pair"]] == [None] * 3  # no layer after the 6th: not measured, never a value from the other layers
+    lower = frame.assign(init_penultimate_cka=np.where(frame.run.str.contains("fula_last_robust/fula/f5"), 0.1,
+                                                       frame.init_penultimate_cka))
+    assert [p["effect"] for p in measure(CLAIMS["robust_cka_least"], lower, settings)["per_pair"]] == pytest.approx(
+        [0.1 - 0.3 - 0.01 * n for n in range(3)])
+    assert measure(CLAIMS["robust_cka_least"], lower, settings)["verdict"] == FAILS
     assert measure(CLAIMS["robust_penultimate_chance"], frame, settings)["verdict"] == FAILS
     near = 0.1 + 0.01 * frame.run.str.contains("seeds2-3").astype(float)  # chance, and 0.01 above it in one pair
     at_chance = frame.assign(test_acc=np.where(frame.front_layer == 9, near, frame.test_acc))
@@ -621,11 +634,15 @@ def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
                 f"attack.alpha={alpha}"} <= set(job.overrides)
         assert ("objective.weights=last" in job.overrides) == job.tag.startswith("fula_last")
         assert ("grid.pairs=[[5,5],[9,9]]" in job.overrides) == job.tag.startswith("fula_last")
+        assert ("evaluation.penultimate_cka=true" in job.overrides) == job.tag.startswith("fula_last")
         assert "front.robust=true" not in job.overrides and f"front.seed={job.pair[0]}" in job.overrides
         assert ("dataset.train_subset=500" in job.overrides) == (alpha == "1")
     # the α = 1 jobs run the penultimate layer even where it is not among the deep layers
     other = plan(_settings(deep_layers=[7], penultimate_layer=9), ["robust_penultimate_chance"])
     assert all("grid.pairs=[[7,7],[9,9]]" in j.overrides for j in other if j.tag.endswith("alpha1"))
+    # and the Fig. 6 jobs run it beside claims.decay_layers, for the CKA row
+    other = plan(_settings(decay_layers=[5, 8], penultimate_layer=9), ["robust_cka_least"])
+    assert all("grid.pairs=[[5,5],[8,8],[9,9]]" in j.overrides for j in other if j.tag.startswith("fula_last"))
     # the robust ends are named apart from the plain ones, with their recipe in the zoo's identity
     sizes = needs(next(j for j in jobs if j.tag == "hint_alpha1"),
                   ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
