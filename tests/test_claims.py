@@ -460,6 +460,19 @@ def test_the_robustness_claims_score_robust_accuracy_by_the_papers_attack_at_pap
         read_settings(compose_config(["logger=none", "claims.robust_attack=fgsm"]))
 
 
+def test_fula_above_hint_reads_the_clean_accuracy_of_the_adversarial_same_task_runs():
+    claims = _settings()
+    rows = [{"run": f"runs/robustness/seeds{a}-{b}/{o}/{o}/f5-e5", "objective": o, "test_acc": v + 0.01 * n}
+            for n, (a, b) in enumerate(seed_pairs(3, "two"))
+            for o, v in (("hint", 0.70), ("fula", 0.73 + 0.01 * n), ("slm", 0.9), ("tlm", 0.9))]
+    # another experiment's FuLA runs are not read
+    rows += [{"run": f"runs/robust_end/seeds{a}-{b}/fula_alpha1/fula/f9-e9", "objective": "fula", "test_acc": 0.0}
+             for a, b in seed_pairs(3, "two")]
+    result = measure(CLAIMS["fula_above_hint"], pd.DataFrame(rows), claims)
+    assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.03, 0.04, 0.05])
+    assert result["verdict"] == HOLDS and "layer 5" in result["setting"]
+
+
 def test_the_directional_claims_read_the_self_grid_one_direction_at_a_time():
     # a 3×3 self grid per objective: DM's diagonal best in every row; TLM from a random map (the
     # TLM-vs-DM paper's start) in none (row 1 ties), TLM from DM (the FuLA paper's) in two of three
