@@ -130,11 +130,14 @@ def seed_pairs(count: int, pairing: str) -> list[tuple[int, int]]:
     """``count`` independent replicate pairs: ``(s, s)`` for a model against itself, else
     ``(2s, 2s + 1)``: disjoint pairs, no model in two of them. ``fresh``: a model against itself,
     from seeds no other experiment uses (``2·count`` on), for a confirmatory replicate on models
-    whose results were never seen."""
+    whose results were never seen. ``reversed``: the same two models as ``(2s + 1, 2s)``, the
+    front from the odd seed (whose robust model the robust-end claims train)."""
     if pairing == "self":
         return [(s, s) for s in range(count)]
     if pairing == "fresh":
         return [(2 * count + s, 2 * count + s) for s in range(count)]
+    if pairing == "reversed":
+        return [(2 * s + 1, 2 * s) for s in range(count)]
     return [(2 * s, 2 * s + 1) for s in range(count)]
 
 
@@ -223,6 +226,10 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                                              "evaluation.penultimate_cka=true",
                                                              _pairs([(k, k) for k in _decay_jobs_layers(c)])], "grid")
                                        for end in ("robust", "plain"))]),
+    # Sec. 3.1's reverse configuration: a robust front (seed 2s + 1, the robust-end claims' robust model) into a
+    # non-robust end (seed 2s), every objective with adversarial data (α = 1) at claims.layer
+    "robust_front": ("reversed", lambda c: [(o, [f"objective={o}", "front.robust=true", f"attack={c.robust_attack}",
+                                                 "attack.alpha=1", _single(c)], "grid") for o in TRAINED]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
     # Fig. 8's cross-task remark: location markers, Hint/FuLA at the deep layers, a front of another task against
@@ -859,6 +866,18 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
     Claim("robustness_costs_clean", "SLM/TLM's robust accuracy comes at the cost of clean accuracy.",
           "FuLA Figs. 4–5", "robustness",
           lambda c: f"the same runs; effect = mean clean accuracy of Hint/FuLA − of SLM/TLM", _robustness_cost),
+    *(Claim(f"robust_front_robust_{task}", f"Stitching a robust front into a non-robust end with adversarial data "
+            f"(α = 1), {task.upper()} reaches robust accuracy that Hint/FuLA do not (the irregular behaviour of the task "
+            f"losses, \"similar ... when stitching robust to non-robust\").", "FuLA Figs. 4–5, Sec. 3.1", "robust_front",
+            lambda c, task=task: f"a robust front (seed 2s + 1, zoo.recipe.robust) into a non-robust end (seed 2s), "
+                                 f"layer {c.layer}, α = 1, robust accuracy by {_ATTACKS[c.robust_attack]}; effect = "
+                                 f"{task.upper()}'s robust accuracy − the mean of Hint's and FuLA's", _robustness(task),
+            "robust accuracy")
+      for task in ("slm", "tlm")),
+    Claim("robust_front_costs_clean", "Stitching a robust front into a non-robust end with adversarial data (α = 1), "
+          "SLM/TLM's clean accuracy drops (\"clean accuracy drops in an attempt to achieve robust accuracy\").",
+          "FuLA Figs. 4–5, Sec. 3.1", "robust_front",
+          lambda c: "the same runs; effect = mean clean accuracy of Hint/FuLA − of SLM/TLM", _robustness_cost),
     Claim("fula_above_hint", "Stitching with adversarial data, FuLA tends to give better-performing stitched models "
           "than Hint (\"Overall, FuLA tends to produce better-performing stitched models\"), outside the "
           "non-robust → robust configuration, the paper's exception.", "FuLA Figs. 4–5, Sec. 3.1", "robustness",

@@ -473,6 +473,34 @@ def test_fula_above_hint_reads_the_clean_accuracy_of_the_adversarial_same_task_r
     assert result["verdict"] == HOLDS and "layer 5" in result["setting"]
 
 
+def test_the_robust_front_claims_stitch_the_odd_seeds_robust_model_into_the_even_seeds_plain_one():
+    claims = compose_config(["experiment=claims_small"]).claims
+    jobs = plan(claims, ["robust_front_costs_clean"])
+    assert [j.pair for j in jobs] == [(1, 0)] * 4 + [(3, 2)] * 4 + [(5, 4)] * 4  # the same disjoint models, reversed
+    for job in jobs:
+        a, b = job.pair
+        assert {"front.robust=true", "attack=pgd", "attack.alpha=1", "grid.pairs=[[5,5]]", "dataset.train_subset=500",
+                f"front.seed={a}", f"end.seed={b}"} <= set(job.overrides)
+        assert "end.robust=true" not in job.overrides
+    sizes = needs(jobs[0], ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
+    assert sorted(name.split("-e8-")[0] for name in sizes.models) == ["resnet18-w16-fmnist10000-s0",
+                                                                      "resnet18-w16-fmnist10000-s1-robust0.1"]
+    # the effects against hand computation: SLM/TLM robust accuracy above Hint/FuLA's, their clean accuracy below
+    rows = [{"run": f"runs/robust_front/seeds{a}-{b}/{o}/{o}/f5-e5", "objective": o, "test_acc": acc,
+             "test_robust_acc_pgd": robust + 0.01 * n}
+            for n, (a, b) in enumerate(seed_pairs(3, "reversed"))
+            for o, acc, robust in (("hint", 0.8, 0.1), ("fula", 0.82, 0.12), ("slm", 0.6, 0.4), ("tlm", 0.7, 0.3))]
+    frame = pd.DataFrame(rows)
+    effect = {name: [p["effect"] for p in measure(CLAIMS[name], frame, claims)["per_pair"]]
+              for name in ("robust_front_robust_slm", "robust_front_robust_tlm", "robust_front_costs_clean")}
+    assert effect["robust_front_robust_slm"] == pytest.approx([0.4 - 0.11] * 3)
+    assert effect["robust_front_robust_tlm"] == pytest.approx([0.3 - 0.11] * 3)
+    assert effect["robust_front_costs_clean"] == pytest.approx([0.81 - 0.65] * 3)
+    # the plain pairs' folders (seeds0-1, …) are another experiment's: not read
+    assert measure(CLAIMS["robust_front_costs_clean"], frame.assign(run=frame.run.str.replace("seeds1-0", "seeds0-1")),
+                   claims)["per_pair"][0]["effect"] is None
+
+
 def test_the_directional_claims_read_the_self_grid_one_direction_at_a_time():
     # a 3×3 self grid per objective: DM's diagonal best in every row; TLM from a random map (the
     # TLM-vs-DM paper's start) in none (row 1 ties), TLM from DM (the FuLA paper's) in two of three
