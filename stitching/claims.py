@@ -1061,7 +1061,7 @@ def _number(v: float) -> str:
 EXPERIMENT_LABELS = {
     "dm_self": "a model against itself, DM, no training", "diagonal": "two seeds, corresponding layers",
     "dm_stats": "two seeds, DM with and without the statistics pass", "robustness": "two seeds, adversarial stitching",
-    "robust_end": "a non-robust front into a robust end",
+    "robust_end": "a non-robust front into a robust end", "robust_front": "a robust front into a non-robust end",
     "shortcut": "two seeds, marked stitching data",
     "shortcut_cross": "cross-task vs same-task front, location markers", "subset": "two seeds of one task, classes 0..k−1",
     "subset_cross": "cross-task front, classes 0..k−1", "self_grids": "a model against itself, square grids",

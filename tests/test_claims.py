@@ -474,6 +474,11 @@ def test_fula_above_hint_reads_the_clean_accuracy_of_the_adversarial_same_task_r
 
 
 def test_the_robust_front_claims_stitch_the_odd_seeds_robust_model_into_the_even_seeds_plain_one():
+    from stitching.validation import check_config
+
+    for preset in ("claims", "claims_small"):  # every job composes to valid settings at both sizes
+        for job in plan(compose_config([f"experiment={preset}"]).claims, ["robust_front_robust_tlm"]):
+            check_config(compose_config([f"experiment={preset}", *job.overrides]))
     claims = compose_config(["experiment=claims_small"]).claims
     jobs = plan(claims, ["robust_front_costs_clean"])
     assert [j.pair for j in jobs] == [(1, 0)] * 4 + [(3, 2)] * 4 + [(5, 4)] * 4  # the same disjoint models, reversed
