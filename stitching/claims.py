@@ -1,8 +1,8 @@
 """``python -m stitching.claims`` — the papers' qualitative claims, each checked by one experiment.
 
 Every claim is measured once per seed pair (``claims.seed_pairs`` replicates: a model against
-itself, ``(s, s)``, or two models, ``(2s, 2s + 1)``: disjoint pairs, every model trained from its
-own seed, so the replicates are independent) as a signed *effect*, positive in the claim's
+itself, ``(s, s)``, or two models, ``(2s, 2s + 1)`` (``(2s + 1, 2s)`` where the odd seed's model is
+the front): disjoint pairs, every model trained from its own seed, so the replicates are independent) as a signed *effect*, positive in the claim's
 direction. Its verdict (:func:`verdict`) is a one-sided one-sample t-test of the mean effect at
 level ``claims.alpha`` (0.05), with the two-sided 95 % confidence interval beside it:
 
