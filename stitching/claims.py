@@ -227,9 +227,13 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                                              _pairs([(k, k) for k in _decay_jobs_layers(c)])], "grid")
                                        for end in ("robust", "plain"))]),
     # Sec. 3.1's reverse configuration: a robust front (seed 2s + 1, the robust-end claims' robust model) into a
-    # non-robust end (seed 2s), every objective with adversarial data (α = 1) at claims.layer
-    "robust_front": ("reversed", lambda c: [(o, [f"objective={o}", "front.robust=true", f"attack={c.robust_attack}",
-                                                 "attack.alpha=1", _single(c)], "grid") for o in TRAINED]),
+    # non-robust end (seed 2s), every objective with adversarial data (α = 1) at claims.layer, and without it (α = 0)
+    "robust_front": ("reversed", lambda c: [*((o, [f"objective={o}", "front.robust=true", f"attack={c.robust_attack}",
+                                                   "attack.alpha=1", _single(c)], "grid") for o in TRAINED),
+                                            # Fig. 4's first row in this configuration: α = 0 at the corresponding layers
+                                            *((f"{o}_alpha0", [f"objective={o}", "front.robust=true",
+                                                               f"attack={c.robust_attack}", "attack.alpha=0",
+                                                               _diagonal(c)], "grid") for o in TRAINED)]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
     # Fig. 8's cross-task remark: location markers, Hint/FuLA at the deep layers, a front of another task against
@@ -514,22 +518,30 @@ def _dm_stats(frame, c):
     return acc["True"] - acc["False"], f"DM with the pass {acc['True']:.3f}, without {acc['False']:.3f}"
 
 
+def _adversarial(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs stitched with adversarial data alone (α = 1): an experiment may hold α = 0 runs too."""
+    runs = frame[frame.alpha == 1] if "alpha" in frame else frame.iloc[:0]
+    if runs.empty:
+        raise LookupError("no finished runs with attack.alpha=1")
+    return runs
+
+
 def _robustness(task: str):
     def effect(frame, c):
-        acc = _by(frame, f"test_robust_acc_{c.robust_attack}", "objective")
+        acc = _by(_adversarial(frame), f"test_robust_acc_{c.robust_attack}", "objective")
         matching = _mean(acc, ("hint", "fula"))
         return acc[task] - matching, f"{task.upper()} {acc[task]:.3f}, Hint/FuLA mean {matching:.3f}"
     return effect
 
 
 def _robustness_cost(frame, c):
-    acc = _by(frame, "test_acc", "objective")
+    acc = _by(_adversarial(frame), "test_acc", "objective")
     matching, task = _mean(acc, ("hint", "fula")), _mean(acc, ("slm", "tlm"))
     return matching - task, f"clean accuracy Hint/FuLA mean {matching:.3f}, SLM/TLM mean {task:.3f}"
 
 
 def _fula_above_hint(frame, c):
-    acc = _by(frame, "test_acc", "objective")
+    acc = _by(_adversarial(frame), "test_acc", "objective")
     return acc["fula"] - acc["hint"], f"FuLA {acc['fula']:.3f}, Hint {acc['hint']:.3f}"
 
 
@@ -878,6 +890,15 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "SLM/TLM's clean accuracy drops (\"clean accuracy drops in an attempt to achieve robust accuracy\").",
           "FuLA Figs. 4–5, Sec. 3.1", "robust_front",
           lambda c: "the same runs; effect = mean clean accuracy of Hint/FuLA − of SLM/TLM", _robustness_cost),
+    *(Claim(f"robust_front_interpolation_{metric}", f"Stitching a robust front into a non-robust end without "
+            f"adversarial data (α = 0), every objective's stitched model has {metric} accuracy between its two models'.",
+            "FuLA Fig. 4 (first row), Sec. 3.1", "robust_front",
+            lambda c, metric=metric: f"the same pairs as the robust front's other rows, Hint/FuLA/SLM/TLM at layers "
+                                     f"{_layers(c)}, α = 0"
+                                     + (f", robust accuracy by {_ATTACKS[c.robust_attack]}" if metric == "robust" else "")
+                                     + f"; effect = {c.tolerance} − the mean distance of a stitch's {metric} accuracy "
+                                       f"outside the range of its two models'", _interpolation(metric))
+      for metric in ("clean", "robust")),
     Claim("fula_above_hint", "Stitching with adversarial data, FuLA tends to give better-performing stitched models "
           "than Hint (\"Overall, FuLA tends to produce better-performing stitched models\"), outside the "
           "non-robust → robust configuration, the paper's exception.", "FuLA Figs. 4–5, Sec. 3.1", "robustness",

@@ -451,7 +451,7 @@ def test_the_robustness_claims_score_robust_accuracy_by_the_papers_attack_at_pap
         claims = compose_config([f"experiment={preset}"]).claims
         jobs = [job for job in plan(claims, ["fabricated_robustness_tlm"]) if job.experiment == "robustness"]
         assert jobs and all(f"attack={attack}" in job.overrides for job in jobs)
-        rows = [{"run": f"runs/robustness/seeds{a}-{b}/{o}", "objective": o, metric: v}
+        rows = [{"run": f"runs/robustness/seeds{a}-{b}/{o}", "objective": o, "alpha": 1, metric: v}
                 for a, b in seed_pairs(3, "two") for o, v in (("hint", 0.1), ("fula", 0.2), ("slm", 0.5), ("tlm", 0.6))]
         result = measure(CLAIMS["fabricated_robustness_tlm"], pd.DataFrame(rows), claims)
         assert [p["effect"] for p in result["per_pair"]] == pytest.approx([0.45] * 3)  # 0.6 − (0.1 + 0.2) / 2
@@ -462,7 +462,7 @@ def test_the_robustness_claims_score_robust_accuracy_by_the_papers_attack_at_pap
 
 def test_fula_above_hint_reads_the_clean_accuracy_of_the_adversarial_same_task_runs():
     claims = _settings()
-    rows = [{"run": f"runs/robustness/seeds{a}-{b}/{o}/{o}/f5-e5", "objective": o, "test_acc": v + 0.01 * n}
+    rows = [{"run": f"runs/robustness/seeds{a}-{b}/{o}/{o}/f5-e5", "objective": o, "alpha": 1, "test_acc": v + 0.01 * n}
             for n, (a, b) in enumerate(seed_pairs(3, "two"))
             for o, v in (("hint", 0.70), ("fula", 0.73 + 0.01 * n), ("slm", 0.9), ("tlm", 0.9))]
     # another experiment's FuLA runs are not read
@@ -481,23 +481,35 @@ def test_the_robust_front_claims_stitch_the_odd_seeds_robust_model_into_the_even
             check_config(compose_config([f"experiment={preset}", *job.overrides]))
     claims = compose_config(["experiment=claims_small"]).claims
     jobs = plan(claims, ["robust_front_costs_clean"])
-    assert [j.pair for j in jobs] == [(1, 0)] * 4 + [(3, 2)] * 4 + [(5, 4)] * 4  # the same disjoint models, reversed
+    assert [j.pair for j in jobs] == [(1, 0)] * 8 + [(3, 2)] * 8 + [(5, 4)] * 8  # the same disjoint models, reversed
     for job in jobs:
         a, b = job.pair
-        assert {"front.robust=true", "attack=pgd", "attack.alpha=1", "grid.pairs=[[5,5]]", "dataset.train_subset=500",
-                f"front.seed={a}", f"end.seed={b}"} <= set(job.overrides)
-        assert "end.robust=true" not in job.overrides
+        alpha0 = job.tag.endswith("_alpha0")  # α = 0 at the corresponding layers on 1 000 images; α = 1 at layer 5 on 500
+        assert {"front.robust=true", "attack=pgd", f"attack.alpha={0 if alpha0 else 1}", f"front.seed={a}",
+                f"end.seed={b}", "grid.pairs=[[1,1],[3,3],[5,5],[7,7],[9,9]]" if alpha0 else "grid.pairs=[[5,5]]"
+                } <= set(job.overrides)
+        assert "end.robust=true" not in job.overrides and ("dataset.train_subset=500" in job.overrides) != alpha0
     sizes = needs(jobs[0], ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
     assert sorted(name.split("-e8-")[0] for name in sizes.models) == ["resnet18-w16-fmnist10000-s0",
                                                                       "resnet18-w16-fmnist10000-s1-robust0.1"]
     # the effects against hand computation: SLM/TLM robust accuracy above Hint/FuLA's, their clean accuracy below
-    rows = [{"run": f"runs/robust_front/seeds{a}-{b}/{o}/{o}/f5-e5", "objective": o, "test_acc": acc,
+    rows = [{"run": f"runs/robust_front/seeds{a}-{b}/{o}/{o}/f5-e5", "objective": o, "alpha": 1, "test_acc": acc,
              "test_robust_acc_pgd": robust + 0.01 * n}
             for n, (a, b) in enumerate(seed_pairs(3, "reversed"))
             for o, acc, robust in (("hint", 0.8, 0.1), ("fula", 0.82, 0.12), ("slm", 0.6, 0.4), ("tlm", 0.7, 0.3))]
+    # α = 0 runs of the same experiment, between the models (clean 0.77 front, 0.83 end) but far below the α = 1
+    # runs' robust accuracy: the α = 1 rows never read them, the interpolation rows read nothing else
+    base = {"front_acc": 0.77, "end_acc": 0.83, "front_robust_acc_pgd": 0.66, "end_robust_acc_pgd": 0.0}
+    rows += [{"run": f"runs/robust_front/seeds{a}-{b}/{o}_alpha0/{o}/f{k}-e{k}", "objective": o, "alpha": 0,
+              "front_layer": k, "test_acc": 0.8 if k > 1 else 0.75 - 0.01 * n, "test_robust_acc_pgd": 0.0, **base}
+             for n, (a, b) in enumerate(seed_pairs(3, "reversed")) for o in TRAINED for k in (1, 5, 9)]
     frame = pd.DataFrame(rows)
     effect = {name: [p["effect"] for p in measure(CLAIMS[name], frame, claims)["per_pair"]]
-              for name in ("robust_front_robust_slm", "robust_front_robust_tlm", "robust_front_costs_clean")}
+              for name in ("robust_front_robust_slm", "robust_front_robust_tlm", "robust_front_costs_clean",
+                           "robust_front_interpolation_clean", "robust_front_interpolation_robust")}
+    # four of the twelve α = 0 stitches (layer 1) fall 0.02 + 0.01 n below the front's clean accuracy
+    assert effect["robust_front_interpolation_clean"] == pytest.approx([0.02 - (0.02 + 0.01 * n) / 3 for n in range(3)])
+    assert effect["robust_front_interpolation_robust"] == pytest.approx([0.02] * 3)
     assert effect["robust_front_robust_slm"] == pytest.approx([0.4 - 0.11] * 3)
     assert effect["robust_front_robust_tlm"] == pytest.approx([0.3 - 0.11] * 3)
     assert effect["robust_front_costs_clean"] == pytest.approx([0.81 - 0.65] * 3)
