@@ -849,6 +849,20 @@ def _layers(c, grid: bool = False) -> str:
     return _layers_of(_grid_layers(c) if grid else c.layers)
 
 
+def _interpolation_claims(experiment: str, configuration: str, models: str) -> list["Claim"]:
+    """Fig. 4's first row in one configuration of ``experiment``: with α = 0 the stitches' clean and
+    robust accuracy lie between the two models' (two rows)."""
+    prefix = "robust" if experiment == "robust_end" else experiment
+    return [Claim(f"{prefix}_interpolation_{metric}", f"Stitching {configuration} without adversarial data (α = 0), "
+                  f"every objective's stitched model has {metric} accuracy between its two models'.",
+                  "FuLA Fig. 4 (first row), Sec. 3.1", experiment,
+                  lambda c, metric=metric: f"{models}, Hint/FuLA/SLM/TLM at layers {_layers(c)}, α = 0"
+                  + (f", robust accuracy by {_ATTACKS[c.robust_attack]}" if metric == "robust" else "")
+                  + f"; effect = {c.tolerance} − the mean distance of a stitch's {metric} accuracy outside the range "
+                    f"of its two models'", _interpolation(metric))
+            for metric in ("clean", "robust")]
+
+
 def _layers_of(layers) -> str:
     return ", ".join(str(k) for k in layers)
 
@@ -890,30 +904,16 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "SLM/TLM's clean accuracy drops (\"clean accuracy drops in an attempt to achieve robust accuracy\").",
           "FuLA Figs. 4–5, Sec. 3.1", "robust_front",
           lambda c: "the same runs; effect = mean clean accuracy of Hint/FuLA − of SLM/TLM", _robustness_cost),
-    *(Claim(f"robust_front_interpolation_{metric}", f"Stitching a robust front into a non-robust end without "
-            f"adversarial data (α = 0), every objective's stitched model has {metric} accuracy between its two models'.",
-            "FuLA Fig. 4 (first row), Sec. 3.1", "robust_front",
-            lambda c, metric=metric: f"the same pairs as the robust front's other rows, Hint/FuLA/SLM/TLM at layers "
-                                     f"{_layers(c)}, α = 0"
-                                     + (f", robust accuracy by {_ATTACKS[c.robust_attack]}" if metric == "robust" else "")
-                                     + f"; effect = {c.tolerance} − the mean distance of a stitch's {metric} accuracy "
-                                       f"outside the range of its two models'", _interpolation(metric))
-      for metric in ("clean", "robust")),
+    *_interpolation_claims("robust_front", "a robust front into a non-robust end",
+                           "the same pairs as the robust front's other rows"),
     Claim("fula_above_hint", "Stitching with adversarial data, FuLA tends to give better-performing stitched models "
           "than Hint (\"Overall, FuLA tends to produce better-performing stitched models\"), outside the "
           "non-robust → robust configuration, the paper's exception.", "FuLA Figs. 4–5, Sec. 3.1", "robustness",
           lambda c: f"the same runs (two non-robust seeds, layer {c.layer}, α = 1: Fig. 5's same-task adversarial "
                     f"stitching); effect = FuLA's clean accuracy − Hint's", _fula_above_hint),
-    *(Claim(f"robust_interpolation_{metric}", f"Stitching a non-robust front into a robust end without adversarial "
-            f"data (α = 0), every objective's stitched model has {metric} accuracy between its two models'.",
-            "FuLA Fig. 4 (first row), Sec. 3.1", "robust_end",
-            lambda c, metric=metric: f"a non-robust front (seed 2s) into a robust end (seed 2s + 1, adversarially "
-                                     f"trained by zoo.recipe.robust, as its zoo record says), "
-                                     f"Hint/FuLA/SLM/TLM at layers {_layers(c)}, α = 0"
-                                     + (f", robust accuracy by {_ATTACKS[c.robust_attack]}" if metric == "robust" else "")
-                                     + f"; effect = {c.tolerance} − the mean distance of a stitch's {metric} accuracy "
-                                       f"outside the range of its two models'", _interpolation(metric))
-      for metric in ("clean", "robust")),
+    *_interpolation_claims("robust_end", "a non-robust front into a robust end",
+                           "a non-robust front (seed 2s) into a robust end (seed 2s + 1, adversarially trained by "
+                           "zoo.recipe.robust, as its zoo record says)"),
     Claim("robust_penultimate_chance", "Stitching a non-robust front into a robust end with adversarial data "
           "(α = 1), Hint and FuLA report chance at the penultimate layer.", "FuLA Figs. 4–5, Sec. 3.1", "robust_end",
           lambda c: f"the same pairs, Hint and FuLA at layer {c.penultimate_layer} (before the classifier; the last cut "
