@@ -2,9 +2,10 @@
 
 Every claim is measured once per seed pair (``claims.seed_pairs`` replicates: a model against
 itself, ``(s, s)``, or two models, ``(2s, 2s + 1)`` (``(2s + 1, 2s)`` where the odd seed's model is
-the front): disjoint pairs, every model trained from its own seed, so the replicates are independent) as a signed *effect*, positive in the claim's
-direction. Its verdict (:func:`verdict`) is a one-sided one-sample t-test of the mean effect at
-level ``claims.alpha`` (0.05), with the two-sided 95 % confidence interval beside it:
+the front): disjoint pairs, every model trained from its own seed, so the replicates are
+independent) as a signed *effect*, positive in the claim's direction. Its verdict
+(:func:`verdict`) is a one-sided one-sample t-test of the mean effect at level ``claims.alpha``
+(0.05), with the two-sided 95 % confidence interval beside it:
 
 * **holds** — at least ``claims.min_pairs`` pairs and the mean effect is above zero (p < alpha);
 * **does not hold** — at least that many pairs and the mean effect is below zero (the reverse
@@ -849,10 +850,9 @@ def _layers(c, grid: bool = False) -> str:
     return _layers_of(_grid_layers(c) if grid else c.layers)
 
 
-def _interpolation_claims(experiment: str, configuration: str, models: str) -> list["Claim"]:
+def _interpolation_claims(prefix: str, experiment: str, configuration: str, models: str) -> list["Claim"]:
     """Fig. 4's first row in one configuration of ``experiment``: with α = 0 the stitches' clean and
-    robust accuracy lie between the two models' (two rows)."""
-    prefix = "robust" if experiment == "robust_end" else experiment
+    robust accuracy lie between the two models' (two rows, ``<prefix>_interpolation_<metric>``)."""
     return [Claim(f"{prefix}_interpolation_{metric}", f"Stitching {configuration} without adversarial data (α = 0), "
                   f"every objective's stitched model has {metric} accuracy between its two models'.",
                   "FuLA Fig. 4 (first row), Sec. 3.1", experiment,
@@ -904,14 +904,14 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "SLM/TLM's clean accuracy drops (\"clean accuracy drops in an attempt to achieve robust accuracy\").",
           "FuLA Figs. 4–5, Sec. 3.1", "robust_front",
           lambda c: "the same runs; effect = mean clean accuracy of Hint/FuLA − of SLM/TLM", _robustness_cost),
-    *_interpolation_claims("robust_front", "a robust front into a non-robust end",
+    *_interpolation_claims("robust_front", "robust_front", "a robust front into a non-robust end",
                            "the same pairs as the robust front's other rows"),
     Claim("fula_above_hint", "Stitching with adversarial data, FuLA tends to give better-performing stitched models "
           "than Hint (\"Overall, FuLA tends to produce better-performing stitched models\"), outside the "
           "non-robust → robust configuration, the paper's exception.", "FuLA Figs. 4–5, Sec. 3.1", "robustness",
           lambda c: f"the same runs (two non-robust seeds, layer {c.layer}, α = 1: Fig. 5's same-task adversarial "
                     f"stitching); effect = FuLA's clean accuracy − Hint's", _fula_above_hint),
-    *_interpolation_claims("robust_end", "a non-robust front into a robust end",
+    *_interpolation_claims("robust", "robust_end", "a non-robust front into a robust end",
                            "a non-robust front (seed 2s) into a robust end (seed 2s + 1, adversarially trained by "
                            "zoo.recipe.robust, as its zoo record says)"),
     Claim("robust_penultimate_chance", "Stitching a non-robust front into a robust end with adversarial data "
