@@ -184,6 +184,14 @@ def _decay_jobs_layers(c) -> list[int]:
     return sorted({*map(int, c.decay_layers), int(c.penultimate_layer)})
 
 
+def _last_hint(c, front_robust: bool, end_robust: bool) -> tuple[list[str], str]:
+    """A Fig. 6 job: FuLA with the last hint alone, α = 1, at the decay's layers and the penultimate
+    one, with the CKA of its DM start against the end on adversarial examples."""
+    return (["objective=fula", "objective.weights=last", f"front.robust={str(front_robust).lower()}",
+             f"end.robust={str(end_robust).lower()}", f"attack={c.robust_attack}", "attack.alpha=1",
+             "evaluation.penultimate_cka=true", _pairs([(k, k) for k in _decay_jobs_layers(c)])], "grid")
+
+
 def _single(c) -> str:
     return _pairs([(c.layer, c.layer)])
 
@@ -220,13 +228,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                                         "attack.alpha=1", _pairs([(k, k) for k in _alpha1_layers(c)])],
                                         "grid") for o in ("hint", "fula")),
                                      # Fig. 6: FuLA with the last hint alone, α = 1, into the robust and the plain end,
-                                     # and the CKA of its DM start against the end on adversarial examples
-                                     *((f"fula_last_{end}", ["objective=fula", "objective.weights=last",
-                                                             f"end.robust={str(end == 'robust').lower()}",
-                                                             f"attack={c.robust_attack}", "attack.alpha=1",
-                                                             "evaluation.penultimate_cka=true",
-                                                             _pairs([(k, k) for k in _decay_jobs_layers(c)])], "grid")
-                                       for end in ("robust", "plain"))]),
+                                     # and from the robust model of seed 2s into the robust end (both robust)
+                                     *((tag, *_last_hint(c, front_robust, end_robust))
+                                       for tag, front_robust, end_robust in (("fula_last_robust", False, True),
+                                                                             ("fula_last_plain", False, False),
+                                                                             ("fula_last_both", True, True)))]),
     # Sec. 3.1's reverse configuration: a robust front (seed 2s + 1, the robust-end claims' robust model) into a
     # non-robust end (seed 2s), every objective with adversarial data (α = 1) at claims.layer, and without it (α = 0)
     "robust_front": ("reversed", lambda c: [*((o, [f"objective={o}", "front.robust=true", f"attack={c.robust_attack}",
@@ -234,7 +240,9 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                             # Fig. 4's first row in this configuration: α = 0 at the corresponding layers
                                             *((f"{o}_alpha0", [f"objective={o}", "front.robust=true",
                                                                f"attack={c.robust_attack}", "attack.alpha=0",
-                                                               _diagonal(c)], "grid") for o in TRAINED)]),
+                                                               _diagonal(c)], "grid") for o in TRAINED),
+                                            # Fig. 6 in this configuration: last-hint FuLA, robust → plain
+                                            ("fula_last", *_last_hint(c, True, False))]),
     "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
     # Fig. 8's cross-task remark: location markers, Hint/FuLA at the deep layers, a front of another task against
@@ -273,7 +281,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
 def plan(settings: DictConfig, names: list[str]) -> list[Job]:
     """Every job the named claims need, each experiment once (``claims.extra`` adds overrides
     to one experiment's runs: a list for all its jobs, or ``{tag: list}`` for some)."""
-    experiments = list(dict.fromkeys(CLAIMS[name].experiment for name in names))
+    experiments = list(dict.fromkeys(e for name in names for e in CLAIMS[name].experiments))
     unknown = sorted(set(settings.get("extra") or {}) - set(EXPERIMENTS))
     if unknown:
         raise StitchingError(f"claims.extra names unknown experiment '{', '.join(unknown)}'; choose from "
@@ -485,6 +493,11 @@ class Claim:
     effect: Callable[[pd.DataFrame, DictConfig], tuple[float, str]]  # one seed pair's runs → (effect, what)
     unit: str = "accuracy"
     instrument: bool = False  # a check of the instrument itself, not a paper's claim
+    also: tuple[str, ...] = ()  # other experiments whose runs of the same pair (k-th of each) the effect reads
+
+    @property
+    def experiments(self) -> tuple[str, ...]:
+        return (self.experiment, *self.also)
 
 
 def _by(frame: pd.DataFrame, metric: str, *keys: str) -> pd.Series:
@@ -546,10 +559,11 @@ def _fula_above_hint(frame, c):
     return acc["fula"] - acc["hint"], f"FuLA {acc['fula']:.3f}, Hint {acc['hint']:.3f}"
 
 
-def _job(frame: pd.DataFrame, tag: str, layers: list[int] | None = None) -> pd.DataFrame:
-    """The runs of one job of the experiment (``runs/<experiment>/<pair>/<tag>/…``), at ``layers``
-    (front layers; all by default)."""
-    runs = frame[frame.run.str.split("/").str[3] == tag]
+def _job(frame: pd.DataFrame, tag: str, layers: list[int] | None = None, experiment: str | None = None) -> pd.DataFrame:
+    """The runs of one job (``runs/<experiment>/<pair>/<tag>/…``; of ``experiment`` alone when the
+    frame holds several), at ``layers`` (front layers; all by default)."""
+    parts = frame.run.str.split("/")
+    runs = frame[(parts.str[3] == tag) & ((parts.str[1] == experiment) if experiment else True)]
     if layers is not None:
         runs = runs[runs.front_layer.isin(list(layers))]
     if runs.empty:
@@ -592,18 +606,30 @@ def _hint_deep(frame, c):
     return acc["hint"] - acc["fula"], f"Hint {acc['hint']:.3f}, FuLA {acc['fula']:.3f} at layers {list(c.deep_layers)}"
 
 
-def _decay(frame, c):
-    """How much more last-hint FuLA's accuracy falls past the 6th layer into the robust end than
-    into the plain one: (before − after) robust − (before − after) plain."""
-    drops = {}
-    for end in ("robust", "plain"):
-        acc = _job(frame, f"fula_last_{end}", c.decay_layers).groupby("front_layer").test_acc.mean()
-        before, after = acc[acc.index < DECAY_ONSET], acc[acc.index > DECAY_ONSET]
-        if before.empty or after.empty:
-            raise LookupError(f"claims.decay_layers need layers before and after {DECAY_ONSET}")
-        drops[end] = float(before.mean() - after.mean())
-    return drops["robust"] - drops["plain"], (f"drop past layer {DECAY_ONSET}: robust end {drops['robust']:+.3f}, "
-                                              f"plain end {drops['plain']:+.3f}")
+#: Fig. 6's configurations, front → end: the (experiment, job) of their last-hint FuLA runs
+LAST_HINT = {"plain → robust": ("robust_end", "fula_last_robust"), "plain → plain": ("robust_end", "fula_last_plain"),
+             "robust → robust": ("robust_end", "fula_last_both"), "robust → plain": ("robust_front", "fula_last")}
+
+
+def _drop(frame: pd.DataFrame, c, configuration: str) -> float:
+    """How far last-hint FuLA's clean accuracy falls past the 6th layer in ``configuration``: the mean
+    over claims.decay_layers before it − the mean after it."""
+    experiment, tag = LAST_HINT[configuration]
+    acc = _job(frame, tag, c.decay_layers, experiment).groupby("front_layer").test_acc.mean()
+    before, after = acc[acc.index < DECAY_ONSET], acc[acc.index > DECAY_ONSET]
+    if before.empty or after.empty:
+        raise LookupError(f"claims.decay_layers need layers before and after {DECAY_ONSET}")
+    return float(before.mean() - after.mean())
+
+
+def _decay_against(other: str):
+    """How much more last-hint FuLA's accuracy falls past the 6th layer from a non-robust front into a
+    robust end than in the ``other`` configuration: (before − after) − the same in ``other``."""
+    def effect(frame, c):
+        drops = {k: _drop(frame, c, k) for k in ("plain → robust", other)}
+        return drops["plain → robust"] - drops[other], f"drop past layer {DECAY_ONSET}: " + ", ".join(
+            f"{k} {v:+.3f}" for k, v in drops.items())
+    return effect
 
 
 def _cka_least(frame, c):
@@ -929,7 +955,23 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "FuLA Fig. 6, Sec. 3.1", "robust_end",
           lambda c: f"the same pairs, FuLA with objective.weights=last, α = 1, layers {list(c.decay_layers)}, into the "
                     f"robust end and into the same seed's plain end; effect = (mean clean accuracy before layer "
-                    f"{DECAY_ONSET} − after it) into the robust end − the same into the plain end", _decay),
+                    f"{DECAY_ONSET} − after it) into the robust end − the same into the plain end",
+          _decay_against("plain → plain")),
+    # "whereas the others remain relatively steady": Fig. 6's two configurations with a robust front
+    Claim("robust_decay_both", "Stitched by FuLA with the last hint alone (α = 1), a non-robust front's similarity "
+          "to a robust end decays from the 6th layer on more than a robust front's into the same robust end.",
+          "FuLA Fig. 6, Sec. 3.1", "robust_end",
+          lambda c: f"the same pairs and end, FuLA with objective.weights=last, α = 1, layers {list(c.decay_layers)}, "
+                    f"from the plain and from the robust model of seed 2s; effect = (mean clean accuracy before layer "
+                    f"{DECAY_ONSET} − after it) from the plain front − the same from the robust front",
+          _decay_against("robust → robust")),
+    Claim("robust_decay_reverse", "Stitched by FuLA with the last hint alone (α = 1), a non-robust front's "
+          "similarity to a robust end decays from the 6th layer on more than the robust model's, stitched the "
+          "other way, into the non-robust one.", "FuLA Fig. 6, Sec. 3.1", "robust_end",
+          lambda c: f"the same two models each way, FuLA with objective.weights=last, α = 1, layers "
+                    f"{list(c.decay_layers)}: plain 2s → robust 2s + 1 and robust 2s + 1 → plain 2s (the robust-front "
+                    f"pairs); effect = (mean clean accuracy before layer {DECAY_ONSET} − after it) plain → robust − "
+                    f"the same robust → plain", _decay_against("robust → plain"), also=("robust_front",)),
     Claim("robust_cka_least", "CKA, too, finds the penultimate layers of the robust end and of the non-robust "
           "front stitched into it at the 9th layer the least similar.",
           "FuLA Fig. 6, Sec. 3.1", "robust_end",
@@ -1050,10 +1092,12 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
 def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
     """The claim's effect per seed pair and its verdict."""
     pairs = []
-    if not frame.empty:
-        frame = frame[frame.run.str.startswith(f"runs/{claim.experiment}/")]
-    for (a, b) in seed_pairs(int(settings.seed_pairs), EXPERIMENTS[claim.experiment][0]):
-        runs = frame[frame.run.str.startswith(f"runs/{claim.experiment}/seeds{a}-{b}/")] if not frame.empty else frame
+    count = int(settings.seed_pairs)
+    # the k-th pair of each experiment the claim reads (the same models where their pairings agree)
+    pairings = [seed_pairs(count, EXPERIMENTS[e][0]) for e in claim.experiments]
+    for k, (a, b) in enumerate(pairings[0]):
+        folders = tuple(f"runs/{e}/seeds{p[k][0]}-{p[k][1]}/" for e, p in zip(claim.experiments, pairings))
+        runs = frame[frame.run.str.startswith(folders)] if not frame.empty else frame
         try:
             if runs.empty:
                 raise LookupError("no finished runs")

@@ -633,6 +633,14 @@ def _robust_end_rows(pair, n):
               "front_layer": k, "end_layer": k, "test_acc": acc, "init_penultimate_cka": cka, **base}
              for end, k, acc, cka in (("robust", 1, 0.7, 0.8), ("robust", 5, 0.7, 0.7), ("robust", 9, 0.2, 0.3 + 0.01 * n),
                                       ("plain", 1, 0.8, 0.9), ("plain", 5, 0.8, 0.85), ("plain", 9, 0.8 - 0.05 * n, 0.6))]
+    # and from the robust model of seed a into the robust end: 0.6, 0.6, 0.5 − 0.02 n; the robust model of seed b
+    # into the plain model of seed a (the robust_front experiment's pair (b, a)): 0.75, 0.65, 0.6 − 0.03 n
+    rows += [{"run": f"runs/robust_end/seeds{a}-{b}/fula_last_both/fula/f{k}-e{k}", "objective": "fula", "alpha": 1,
+              "front_layer": k, "end_layer": k, "test_acc": acc, **base}
+             for k, acc in ((1, 0.6), (5, 0.6), (9, 0.5 - 0.02 * n))]
+    rows += [{"run": f"runs/robust_front/seeds{b}-{a}/fula_last/fula/f{k}-e{k}", "objective": "fula", "alpha": 1,
+              "front_layer": k, "end_layer": k, "test_acc": acc, **base}
+             for k, acc in ((1, 0.75), (5, 0.65), (9, 0.6 - 0.03 * n))]
     return rows
 
 
@@ -658,6 +666,19 @@ def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
     for name in ("robust_hint_deep", "robust_penultimate_chance"):
         assert [p["effect"] for p in measure(CLAIMS[name], again, settings)["per_pair"]] == pytest.approx(effects[name])
     assert effects["robust_decay"] == pytest.approx([0.5 - 0.05 * n for n in range(3)])  # 0.7 − 0.2, less the plain drop
+    # the robust front's drops: 0.6 − (0.5 − 0.02 n) into the robust end; (0.75 + 0.65) / 2 − (0.6 − 0.03 n) into the
+    # plain model, read from the robust_front experiment's k-th pair (b, a): the same two models the other way
+    assert effects["robust_decay_both"] == pytest.approx([0.5 - 0.1 - 0.02 * n for n in range(3)])
+    assert effects["robust_decay_reverse"] == pytest.approx([0.5 - 0.1 - 0.03 * n for n in range(3)])
+    assert measure(CLAIMS["robust_decay_reverse"], frame, settings)["verdict"] == HOLDS
+    # a pair whose reverse runs are missing is not measured: never the robust end's drop against nothing
+    partial = frame[~frame.run.str.startswith("runs/robust_front/seeds3-2/")]
+    assert [p["effect"] is None for p in measure(CLAIMS["robust_decay_reverse"], partial, settings)["per_pair"]] == [
+        False, True, False]
+    # the robust → plain runs are read from robust_front alone: the same job name in robust_end is not them
+    moved = frame.assign(run=frame.run.str.replace(r"runs/robust_front/seeds(\d)-(\d)/", r"runs/robust_end/seeds\2-\1/",
+                                                   regex=True))
+    assert all(p["effect"] is None for p in measure(CLAIMS["robust_decay_reverse"], moved, settings)["per_pair"])
     # CKA into the robust end at layer 9 (0.3 + 0.01 n) lies below the next lowest cell (the plain end's 0.6)
     assert effects["robust_cka_least"] == pytest.approx([0.3 - 0.01 * n for n in range(3)])
     assert measure(CLAIMS["robust_cka_least"], frame, settings)["verdict"] == HOLDS
@@ -685,7 +706,7 @@ def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
     claims = compose_config(["experiment=claims_small"]).claims
     jobs = plan(claims, ["robust_interpolation_clean", "robust_hint_deep"])
     assert {j.tag for j in jobs} == {"hint_alpha0", "fula_alpha0", "slm_alpha0", "tlm_alpha0", "hint_alpha1",
-                                     "fula_alpha1", "fula_last_robust", "fula_last_plain"}
+                                     "fula_alpha1", "fula_last_robust", "fula_last_plain", "fula_last_both"}
     for job in jobs:
         alpha = "1" if job.tag.startswith("fula_last") else job.tag[-1]
         assert {f"end.robust={str(job.tag != 'fula_last_plain').lower()}", "attack=pgd",
@@ -693,8 +714,16 @@ def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
         assert ("objective.weights=last" in job.overrides) == job.tag.startswith("fula_last")
         assert ("grid.pairs=[[5,5],[9,9]]" in job.overrides) == job.tag.startswith("fula_last")
         assert ("evaluation.penultimate_cka=true" in job.overrides) == job.tag.startswith("fula_last")
-        assert "front.robust=true" not in job.overrides and f"front.seed={job.pair[0]}" in job.overrides
+        assert ("front.robust=true" in job.overrides) == (job.tag == "fula_last_both")
+        assert f"front.seed={job.pair[0]}" in job.overrides and f"end.seed={job.pair[1]}" in job.overrides
         assert ("dataset.train_subset=500" in job.overrides) == (alpha == "1")
+    # the reverse decay row runs both experiments: robust_front's Fig. 6 job is robust 2s + 1 → plain 2s
+    reverse = plan(claims, ["robust_decay_reverse"])
+    assert {j.experiment for j in reverse} == {"robust_end", "robust_front"}
+    for job in (j for j in reverse if j.experiment == "robust_front" and j.tag == "fula_last"):
+        a, b = job.pair
+        assert a == b + 1 and {"front.robust=true", "end.robust=false", "objective.weights=last", "attack.alpha=1",
+                               "dataset.train_subset=500", f"front.seed={a}", f"end.seed={b}"} <= set(job.overrides)
     # the α = 1 jobs run the penultimate layer even where it is not among the deep layers
     other = plan(_settings(deep_layers=[7], penultimate_layer=9), ["robust_penultimate_chance"])
     assert all("grid.pairs=[[7,7],[9,9]]" in j.overrides for j in other if j.tag.endswith("alpha1"))
