@@ -127,6 +127,17 @@ def test_every_experiment_has_a_short_label_for_the_summary():
     assert set(EXPERIMENT_LABELS) == set(EXPERIMENTS)
 
 
+def test_a_claim_reading_several_experiments_reads_the_same_two_models_in_each():
+    # a row that joins the k-th pair of several experiments compares the same models, never two other pairs
+    from stitching.claims import EXPERIMENTS
+
+    for claim in CLAIMS.values():
+        assert set(claim.experiments) <= set(EXPERIMENTS), claim.name
+        pairings = [seed_pairs(5, EXPERIMENTS[e][0]) for e in claim.experiments]
+        for pairs in zip(*pairings):
+            assert len({frozenset(p) for p in pairs}) == 1, (claim.name, pairs)
+
+
 def test_no_claim_is_a_minimum_of_several_effects():
     # a claim with several parts is several rows: no effect takes the min or max of several terms
     import inspect
