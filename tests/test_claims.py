@@ -492,13 +492,13 @@ def test_the_robust_front_claims_stitch_the_odd_seeds_robust_model_into_the_even
             check_config(compose_config([f"experiment={preset}", *job.overrides]))
     claims = compose_config(["experiment=claims_small"]).claims
     jobs = plan(claims, ["robust_front_costs_clean"])
-    assert [j.pair for j in jobs] == [(1, 0)] * 8 + [(3, 2)] * 8 + [(5, 4)] * 8  # the same disjoint models, reversed
+    assert [j.pair for j in jobs] == [(1, 0)] * 9 + [(3, 2)] * 9 + [(5, 4)] * 9  # the same disjoint models, reversed
     for job in jobs:
         a, b = job.pair
         alpha0 = job.tag.endswith("_alpha0")  # α = 0 at the corresponding layers on 1 000 images; α = 1 at layer 5 on 500
+        layers = "[[1,1],[3,3],[5,5],[7,7],[9,9]]" if alpha0 else "[[5,5],[9,9]]" if job.tag == "fula_last" else "[[5,5]]"
         assert {"front.robust=true", "attack=pgd", f"attack.alpha={0 if alpha0 else 1}", f"front.seed={a}",
-                f"end.seed={b}", "grid.pairs=[[1,1],[3,3],[5,5],[7,7],[9,9]]" if alpha0 else "grid.pairs=[[5,5]]"
-                } <= set(job.overrides)
+                f"end.seed={b}", f"grid.pairs={layers}"} <= set(job.overrides)
         assert "end.robust=true" not in job.overrides and ("dataset.train_subset=500" in job.overrides) != alpha0
     sizes = needs(jobs[0], ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
     assert sorted(name.split("-e8-")[0] for name in sizes.models) == ["resnet18-w16-fmnist10000-s0",
