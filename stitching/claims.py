@@ -1102,9 +1102,9 @@ def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
             if runs.empty:
                 raise LookupError("no finished runs")
             effect, what = claim.effect(runs, settings)
-            pairs.append({"pair": [a, b], "effect": float(effect), "measured": what})
+            pairs.append({"pair": [a, b], "effect": float(effect), "measured": what, "read": list(folders)})
         except (LookupError, KeyError, ValueError) as err:
-            pairs.append({"pair": [a, b], "effect": None, "measured": f"not measured: {err}"})
+            pairs.append({"pair": [a, b], "effect": None, "measured": f"not measured: {err}", "read": list(folders)})
     margins = settings.get("margins") or {}
     margin = margins.get(claim.unit)
     result = verdict([p["effect"] for p in pairs], int(settings.min_pairs), float(settings.alpha),

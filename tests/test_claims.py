@@ -682,6 +682,9 @@ def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
     assert effects["robust_decay_both"] == pytest.approx([0.5 - 0.1 - 0.02 * n for n in range(3)])
     assert effects["robust_decay_reverse"] == pytest.approx([0.5 - 0.1 - 0.03 * n for n in range(3)])
     assert measure(CLAIMS["robust_decay_reverse"], frame, settings)["verdict"] == HOLDS
+    # each pair's record names the run folders it read: here the same two models in both experiments
+    assert [p["read"] for p in measure(CLAIMS["robust_decay_reverse"], frame, settings)["per_pair"]] == [
+        [f"runs/robust_end/seeds{a}-{b}/", f"runs/robust_front/seeds{b}-{a}/"] for a, b in seed_pairs(3, "two")]
     # a pair whose reverse runs are missing is not measured: never the robust end's drop against nothing
     partial = frame[~frame.run.str.startswith("runs/robust_front/seeds3-2/")]
     assert [p["effect"] is None for p in measure(CLAIMS["robust_decay_reverse"], partial, settings)["per_pair"]] == [
