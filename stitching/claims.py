@@ -279,14 +279,15 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
 
 
 def plan(settings: DictConfig, names: list[str]) -> list[Job]:
-    """Every job the named claims need, each experiment once (``claims.extra`` adds overrides
-    to one experiment's runs: a list for all its jobs, or ``{tag: list}`` for some)."""
+    """Every job the named claims need, each experiment once. ``claims.adversarial_images`` sets
+    the stitching images of every job with ``attack.alpha=1``; ``claims.extra`` then adds overrides
+    to one experiment's runs: a list for all its jobs, or ``{tag: list}`` for some."""
     experiments = list(dict.fromkeys(e for name in names for e in CLAIMS[name].experiments))
     unknown = sorted(set(settings.get("extra") or {}) - set(EXPERIMENTS))
     if unknown:
         raise StitchingError(f"claims.extra names unknown experiment '{', '.join(unknown)}'; choose from "
                              f"{', '.join(EXPERIMENTS)}")
-    jobs = []
+    jobs, adversarial = [], settings.get("adversarial_images")
     for experiment in experiments:
         pairing, make = EXPERIMENTS[experiment]
         given = (settings.get("extra") or {}).get(experiment) or []
@@ -302,10 +303,15 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
                                      f"are {', '.join(tags)}")
         for a, b in seed_pairs(int(settings.seed_pairs), pairing):
             for tag, overrides, kind in make(settings):
-                extra = list((given.get(tag) or []) if per_job else given)
+                extra = [*_adversarial_subset(overrides, adversarial), *((given.get(tag) or []) if per_job else given)]
                 jobs.append(Job(experiment, (a, b), tag, (*overrides, *extra, f"front.seed={a}", f"end.seed={b}"),
                                 kind))
     return jobs
+
+
+def _adversarial_subset(overrides, images: int | None) -> list[str]:
+    """The stitching-set override of a job that stitches on adversarial examples (``attack.alpha=1``)."""
+    return [f"dataset.train_subset={images}"] if images is not None and "attack.alpha=1" in overrides else []
 
 
 def job_overrides(job: Job, base: list[str]) -> list[str]:

@@ -181,6 +181,7 @@ RULES: dict[str, Rule] = {
     "claims.penultimate_layer": COUNT,
     "claims.chance_accuracy": Rule("float", 0, 0.5, low_open=True),
     "claims.similarity_images": Rule("int", 4),
+    "claims.adversarial_images": Rule("int", 1, nullable=True),
 }
 
 

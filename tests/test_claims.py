@@ -748,3 +748,24 @@ def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
     sizes = needs(next(j for j in jobs if j.tag == "hint_alpha1"),
                   ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
     assert any("-robust0.1-" in name for name in sizes.models)
+
+
+@pytest.mark.parametrize("preset", ["claims", "claims_small"])
+def test_adversarial_images_reach_every_adversarial_job_and_no_other(preset):
+    """``claims.adversarial_images`` is stated once and reaches exactly the jobs that stitch on
+    adversarial examples (``attack.alpha=1``), in every experiment; null leaves them alone, and an
+    explicit ``claims.extra`` for one job still has the last word."""
+    claims = compose_config([f"experiment={preset}", "logger=none"]).claims
+    OmegaConf.set_struct(claims, False)
+    for images in (None, 123):
+        settings = OmegaConf.merge(claims, {"adversarial_images": images, "extra": {}})
+        jobs = plan(settings, list(CLAIMS))
+        adversarial = [j for j in jobs if "attack.alpha=1" in j.overrides]
+        assert {j.experiment for j in adversarial} >= {"robustness", "robust_end", "robust_front"}
+        for job in jobs:
+            assert ("dataset.train_subset=123" in job.overrides) == (images == 123 and job in adversarial), job
+    settings = OmegaConf.merge(claims, {"adversarial_images": 123,
+                                        "extra": {"robust_end": {"fula_alpha1": ["dataset.train_subset=77"]}}})
+    job = next(j for j in plan(settings, ["robust_penultimate_chance"]) if j.tag == "fula_alpha1")
+    subsets = [o for o in job.overrides if o.startswith("dataset.train_subset=")]
+    assert subsets[-1] == "dataset.train_subset=77"  # Hydra keeps the last of two overrides of one key
