@@ -462,10 +462,14 @@ def self_baselines(settings: Settings, measured: dict[tuple[int, int], dict], ou
     if missing:
         base = settings.self_stitch()
         store = Path(settings.paths.baselines_dir) / config_hash(base.for_cell(0, 0).config)
-        layers = sorted({j for _, j in missing})
+        # those an earlier run made are read back with no set-up (no data or model loaded again)
+        layers = sorted({j for (_, j), digest in missing.items()
+                         if _finished(store / objective / cell_key(j, j), digest) is None})
+        summary = {"failed": []}
         try:
-            done = setup(base, layers=(layers, layers))
-            summary = record_cells(base, done, [(j, j) for j in layers], store, Stopwatch(), progress=progress)
+            if layers:
+                done = setup(base, layers=(layers, layers))
+                summary = record_cells(base, done, [(j, j) for j in layers], store, Stopwatch(), progress=progress)
         except (StitchingError, RuntimeError, ValueError) as err:  # every cell waiting on it fails, with why
             summary = {"failed": [((j, j), str(err)) for j in layers]}
         failed = {cell: error for cell, error in summary["failed"]}

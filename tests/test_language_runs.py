@@ -123,10 +123,12 @@ def _records(folder: Path) -> dict[str, dict]:
     return {path.parent.name: json.loads(path.read_text()) for path in sorted(folder.rglob("results.json"))}
 
 
-def test_a_grid_shares_one_self_stitch_baseline_per_end_layer(lm_config, tmp_path):
+def test_a_grid_shares_one_self_stitch_baseline_per_end_layer(lm_config, tmp_path, monkeypatch):
     """GeLU → SoLU: every cell's adjusted penalty is its loss minus the SoLU model's own
     self-stitch (read back from the baseline's record), one baseline per end layer, kept for
-    the next grid; a baseline made on other weights is refused, never subtracted."""
+    the next grid and read back with no set-up; a baseline made on other weights is refused,
+    never subtracted."""
+    import stitching.runs
     from stitching.grids import run_grid
 
     cells = "grid.pairs=[[1,2],[2,2],[3,2],[2,3]]"
@@ -147,6 +149,11 @@ def test_a_grid_shares_one_self_stitch_baseline_per_end_layer(lm_config, tmp_pat
                                                   abs=1e-4)
         assert record["baseline"]["from"] == "baseline store", name
     made = {path: path.stat().st_mtime_ns for path in store.rglob("results.json")}
+
+    def no_setup(*args, **kwargs):
+        raise AssertionError("a stored baseline was set up again")
+
+    monkeypatch.setattr(stitching.runs, "setup", no_setup)  # the store's records are read, no data or model loaded
     again = run_grid(lm_config(tmp_path, "objective=tlm", "end.arch=lm_solu", cells), tmp_path / "again",
                      progress=False)
     assert len(again["done"]) == 4 and made == {path: path.stat().st_mtime_ns for path in store.rglob("results.json")}
