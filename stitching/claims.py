@@ -127,19 +127,31 @@ class Job:
         return root / "runs" / self.experiment / f"seeds{self.pair[0]}-{self.pair[1]}" / self.tag
 
 
-def seed_pairs(count: int, pairing: str) -> list[tuple[int, int]]:
+def seed_pairs(count: int, pairing: str, first: int | None = None) -> list[tuple[int, int]]:
     """``count`` independent replicate pairs: ``(s, s)`` for a model against itself, else
     ``(2s, 2s + 1)``: disjoint pairs, no model in two of them. ``fresh``: a model against itself,
-    from seeds no other experiment uses (``2·count`` on), for a confirmatory replicate on models
-    whose results were never seen. ``reversed``: the same two models as ``(2s + 1, 2s)``, the
-    front from the odd seed (whose robust model the robust-end claims train)."""
+    from seeds no other experiment uses (``first`` on, by default ``2·count``), for a confirmatory
+    replicate on models whose results were never seen. ``reversed``: the same two models as
+    ``(2s + 1, 2s)``, the front from the odd seed (whose robust model the robust-end claims train)."""
     if pairing == "self":
         return [(s, s) for s in range(count)]
     if pairing == "fresh":
-        return [(2 * count + s, 2 * count + s) for s in range(count)]
+        start = 2 * count if first is None else first
+        return [(start + s, start + s) for s in range(count)]
     if pairing == "reversed":
         return [(2 * s + 1, 2 * s) for s in range(count)]
     return [(2 * s, 2 * s + 1) for s in range(count)]
+
+
+def experiment_pairs(settings: DictConfig, pairing: str) -> list[tuple[int, int]]:
+    """The seed pairs of an experiment of this pairing: ``claims.seed_pairs`` of them, or for the
+    confirmatory (``fresh``) ones ``claims.confirm_pairs`` models from seed ``claims.confirm_seed`` on
+    (null: as many as the others, from the first seed they leave unused)."""
+    count = int(settings.seed_pairs)
+    if pairing != "fresh":
+        return seed_pairs(count, pairing)
+    confirm, first = settings.get("confirm_pairs"), settings.get("confirm_seed")
+    return seed_pairs(count if confirm is None else int(confirm), pairing, 2 * count if first is None else int(first))
 
 
 def _pairs(cells: list[tuple[int, int]]) -> str:
@@ -301,7 +313,7 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
             if unknown:
                 raise StitchingError(f"claims.extra.{experiment} names unknown job '{', '.join(unknown)}'; its jobs "
                                      f"are {', '.join(tags)}")
-        for a, b in seed_pairs(int(settings.seed_pairs), pairing):
+        for a, b in experiment_pairs(settings, pairing):
             for tag, overrides, kind in make(settings):
                 extra = [*_adversarial_subset(overrides, adversarial), *((given.get(tag) or []) if per_job else given)]
                 jobs.append(Job(experiment, (a, b), tag, (*overrides, *extra, f"front.seed={a}", f"end.seed={b}"),
@@ -1098,9 +1110,8 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
 def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
     """The claim's effect per seed pair and its verdict."""
     pairs = []
-    count = int(settings.seed_pairs)
     # the k-th pair of each experiment the claim reads (the same models where their pairings agree)
-    pairings = [seed_pairs(count, EXPERIMENTS[e][0]) for e in claim.experiments]
+    pairings = [experiment_pairs(settings, EXPERIMENTS[e][0]) for e in claim.experiments]
     for k, (a, b) in enumerate(pairings[0]):
         folders = tuple(f"runs/{e}/seeds{p[k][0]}-{p[k][1]}/" for e, p in zip(claim.experiments, pairings))
         runs = frame[frame.run.str.startswith(folders)] if not frame.empty else frame
@@ -1228,7 +1239,8 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
     checks = [r for r in results if r.get("instrument")]
     text = ["# Claims of the three papers, checked", "",
             f"{len(papers)} paper claims; {int(settings.seed_pairs)} independent seed pair(s) each (no model in two "
-            f"pairs); a claim holds when a one-sided t-test of its mean effect > 0 over at least "
+            f"pairs; the confirmatory self grids: {len(experiment_pairs(settings, 'fresh'))} fresh models, seeds "
+            f"{', '.join(str(a) for a, _ in experiment_pairs(settings, 'fresh'))}); a claim holds when a one-sided t-test of its mean effect > 0 over at least "
             f"{int(settings.min_pairs)} pairs gives p < {float(settings.alpha)}, does not hold when the reverse test "
             "does, when its 95 % interval lies within the unit's equivalence margin (claims.margins) or when no pair "
             "shows the effect, and is inconclusive otherwise; 'detectable' is the smallest mean effect the test finds "

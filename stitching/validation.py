@@ -169,6 +169,8 @@ RULES: dict[str, Rule] = {
     "similarity.permutations": INDEX,
     "similarity.rbf_sigma": POSITIVE,
     "claims.seed_pairs": COUNT,
+    "claims.confirm_pairs": Rule("int", 1, nullable=True),
+    "claims.confirm_seed": Rule("int", 0, nullable=True),
     "claims.jobs": COUNT,
     "claims.min_pairs": Rule("int", 2),
     "claims.alpha": Rule("float", 0, 0.5, low_open=True),
@@ -324,6 +326,10 @@ def check_config(cfg: DictConfig) -> None:
             raise StitchingError(f"{key}={_shown(values)} is out of range: give a list of overrides, "
                                  f"e.g. {key}=[stitch.update_bn=false]")
     _check_claims_layers(cfg)
+    first, pairs = OmegaConf.select(cfg, "claims.confirm_seed", default=None), OmegaConf.select(cfg, "claims.seed_pairs")
+    if first is not None and first < 2 * pairs:
+        raise StitchingError(f"claims.confirm_seed={first} is a seed the other claims use (0 to {2 * pairs - 1} with "
+                             f"claims.seed_pairs={pairs}): the confirmatory models must be fresh, from {2 * pairs} on")
     _check_groups(cfg)
     for unit, margin in (OmegaConf.select(cfg, "claims.margins", default=None) or {}).items():
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:

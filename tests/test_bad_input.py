@@ -20,6 +20,7 @@ TRAIN_CASES = [
     ("groups-by", ["groups.by=seed"], "groups.by=seed is out of range: it must be name or arch"),
     ("groups-one", ["groups.members={a:[x]}"], "groups.members needs at least two groups"),
     ("groups-shared", ["groups.members={a:[x],b:[x]}"], "groups.members: x is in both a and b"),
+    ("claims-confirm-seed", ["claims.confirm_seed=5"], "claims.confirm_seed=5 is a seed the other claims use (0 to 5"),
     ("claims-adversarial-images", ["claims.adversarial_images=0"], "claims.adversarial_images=0 is out of range"),
     ("claims-margin", ["claims.margins.accuracy=-1"], "claims.margins.accuracy=-1 is out of range"),
     ("claims-grounding-rank", ["claims.grounding.ranks=[0,2]"], "claims.grounding.ranks=[0, 2] is out of range: give a "

@@ -8,8 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from stitching.build import compose_config
-from stitching.claims import (CLAIMS, FAILS, HOLDS, TRAINED, UNSURE, chosen, main as claims_main, measure, needs, plan,
-                             schedule, seed_pairs, verdict)
+from stitching.claims import (CLAIMS, FAILS, HOLDS, TRAINED, UNSURE, chosen, experiment_pairs, main as claims_main,
+                             measure, needs, plan, schedule, seed_pairs, verdict)
 from stitching.errors import StitchingError
 from tests.conftest import TINY
 
@@ -184,6 +184,14 @@ def test_the_confirmatory_self_grid_runs_fresh_models_on_its_own_layers():
     # null: the square grids' layers
     unset = plan(_settings(seed_pairs=1, grid_layers=[2, 8]), ["dm_self_directional_fresh"])
     assert {o for j in unset for o in j.overrides if o.startswith("grid.pairs")} == {"grid.pairs=[[2,2],[2,8],[8,2],[8,8]]"}
+    # claims.confirm_pairs fresh models from claims.confirm_seed: planned and read, none shared with another claim
+    settings = _settings(seed_pairs=3, confirm_pairs=5, confirm_seed=11)
+    more = [j for j in plan(settings, list(CLAIMS)) if j.experiment == "self_grids_fresh"]
+    assert sorted({j.pair for j in more}) == [(s, s) for s in range(11, 16)]
+    others = {seed for j in plan(settings, list(CLAIMS)) if j.experiment != "self_grids_fresh" for seed in j.pair}
+    assert others and not others & set(range(11, 16))
+    assert [a for a, _ in experiment_pairs(_settings(seed_pairs=2, confirm_pairs=4), "fresh")] == [4, 5, 6, 7]
+    assert experiment_pairs(settings, "two") == seed_pairs(3, "two")  # the others keep claims.seed_pairs
 
 
 def _self_grid_rows(grids: dict, layers=(1, 5, 9), experiment="self_grids", pairing="self") -> pd.DataFrame:
@@ -553,6 +561,12 @@ def test_the_directional_claims_read_the_self_grid_one_direction_at_a_time():
     assert [p["effect"] for p in confirmed["per_pair"]] == pytest.approx([1.0] * 3)
     assert "TLM from DM" not in confirmed["per_pair"][0]["measured"]
     assert measure(CLAIMS["dm_vs_tlm_self_directional_fresh"], frame, _settings())["pairs"] == 0  # not its runs
+    # with more confirmatory models, every one of them is a pair of the row, read from its own folder
+    more = pd.concat([fresh, fresh[fresh.run.str.contains("seeds6-6")].assign(
+        run=lambda f: f.run.str.replace("seeds6-6", "seeds9-9"), test_acc=lambda f: f.test_acc * 0)])
+    four = measure(CLAIMS["dm_vs_tlm_self_directional_fresh"], more, _settings(confirm_pairs=4))
+    assert [p["pair"] for p in four["per_pair"]] == [[6, 6], [7, 7], [8, 8], [9, 9]] and four["pairs"] == 4
+    assert four["per_pair"][3]["read"] == ["runs/self_grids_fresh/seeds9-9/"] and four["per_pair"][3]["effect"] == 0
     fula = measure(CLAIMS["fula_directional"], frame, _settings())
     # pairs (5→1, 1→5), (9→1, 1→9), (9→5, 5→9): 0.7 − 0.5, 0.6 − 0.4, 0.8 − 0.5
     assert [p["effect"] for p in fula["per_pair"]] == pytest.approx([(0.2 + 0.2 + 0.3) / 3] * 3)
