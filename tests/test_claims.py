@@ -460,6 +460,11 @@ def test_instrument_checks_are_reported_apart_from_paper_claims(tmp_path):
     papers, checks = text.split("## Instrument checks")
     assert "1 paper claims" in papers and "energy-detector" in papers and "DM stitch of a model" not in papers
     assert "DM stitch of a model" in checks.split("## Settings")[0]
+    assert "confirmatory" not in text  # no confirmatory row among these: their models are not named
+    fresh = [measure(CLAIMS["dm_self_directional_fresh"], pd.DataFrame(), _settings(confirm_pairs=2, confirm_seed=7))]
+    write_report(fresh, pd.DataFrame(), tmp_path, _settings(confirm_pairs=2, confirm_seed=7),
+                 {"base": [], "epochs": 1, "base_accuracy": "—"})
+    assert "the confirmatory self grids: 2 fresh models, seeds 7, 8" in (tmp_path / "claims.md").read_text()
 
 
 def test_the_robustness_claims_score_robust_accuracy_by_the_papers_attack_at_paper_size():
