@@ -292,7 +292,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
 
 def plan(settings: DictConfig, names: list[str]) -> list[Job]:
     """Every job the named claims need, each experiment once. ``claims.adversarial_images`` sets
-    the stitching images of every job with ``attack.alpha=1``; ``claims.extra`` then adds overrides
+    the stitching images of every job that stitches on adversarial examples (``attack.alpha`` > 0); ``claims.extra`` then adds overrides
     to one experiment's runs: a list for all its jobs, or ``{tag: list}`` for some."""
     experiments = list(dict.fromkeys(e for name in names for e in CLAIMS[name].experiments))
     unknown = sorted(set(settings.get("extra") or {}) - set(EXPERIMENTS))
@@ -322,8 +322,10 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
 
 
 def _adversarial_subset(overrides, images: int | None) -> list[str]:
-    """The stitching-set override of a job that stitches on adversarial examples (``attack.alpha=1``)."""
-    return [f"dataset.train_subset={images}"] if images is not None and "attack.alpha=1" in overrides else []
+    """The stitching-set override of a job that stitches on adversarial examples: its last
+    ``attack.alpha`` above 0, however written (``1``, ``1.0``, ``0.5``)."""
+    alphas = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "attack.alpha"]
+    return [f"dataset.train_subset={images}"] if images is not None and alphas and float(alphas[-1]) > 0 else []
 
 
 def job_overrides(job: Job, base: list[str]) -> list[str]:

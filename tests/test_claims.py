@@ -788,3 +788,8 @@ def test_adversarial_images_reach_every_adversarial_job_and_no_other(preset):
     job = next(j for j in plan(settings, ["robust_penultimate_chance"]) if j.tag == "fula_alpha1")
     subsets = [o for o in job.overrides if o.startswith("dataset.train_subset=")]
     assert subsets[-1] == "dataset.train_subset=77"  # Hydra keeps the last of two overrides of one key
+    # α read as a value, the last override winning, however written
+    from stitching.claims import _adversarial_subset
+    assert _adversarial_subset(["attack.alpha=1.0"], 9) == _adversarial_subset(["+attack.alpha=0.5"], 9) == [
+        "dataset.train_subset=9"]
+    assert _adversarial_subset(["attack.alpha=1", "attack.alpha=0.0"], 9) == _adversarial_subset(["attack=pgd"], 9) == []
