@@ -115,6 +115,31 @@ def test_minibatch_cka_matches_the_full_data_computation():
     assert float(grid[1, 0]) == pytest.approx(linear_cka(x[:, :10], y), abs=0.01)
 
 
+@pytest.mark.parametrize("widths", [(6, 9), (40, 9), (40, 50)], ids=["narrow", "mixed", "wide"])
+def test_minibatch_linear_cka_equals_the_gram_form_estimator(widths):
+    """Narrow layers meet in feature space, wide ones through their Gram matrices: either way each
+    minibatch's term is Song et al.'s estimator on the explicit Gram matrices (:func:`hsic_unbiased`,
+    itself checked against the U-statistic above), averaged over minibatches as Nguyen et al. do."""
+    g = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(32, widths[0], generator=g), torch.randn(32, widths[1], generator=g)) for _ in range(3)]
+    batches = [(x, x[:, :1] * 2 + y) if widths[1] > 1 else (x, y) for x, y in batches]  # related, not identical
+    stream = MinibatchCKA()
+    for x, y in batches:
+        stream.update([x, x[:, ::2]], [y])
+
+    def gram(a):
+        a = a.double()
+        return a @ a.T
+
+    def mean_hsic(pick_x, pick_y):
+        return sum(float(hsic_unbiased(gram(pick_x(x, y)), gram(pick_y(x, y)))) for x, y in batches) / len(batches)
+
+    for i, side in enumerate((lambda x, y: x, lambda x, y: x[:, ::2])):
+        expected = mean_hsic(side, lambda x, y: y) / np.sqrt(mean_hsic(side, side) *
+                                                             mean_hsic(lambda x, y: y, lambda x, y: y))
+        assert float(stream.compute()[i, 0]) == pytest.approx(expected, rel=1e-9)
+
+
 def test_minibatch_cka_bounds_its_gram_matrices_and_keeps_its_target():
     """A batch of more rows than ``max_rows`` (every token of a batch of sequences) is split into
     minibatches of at most ``max_rows`` rows: no Gram matrix is larger, and the estimate still
@@ -126,8 +151,8 @@ def test_minibatch_cka_bounds_its_gram_matrices_and_keeps_its_target():
     x = z @ torch.randn(1, 20, generator=g) + 0.5 * torch.randn(3000, 20, generator=g)
     y = z @ torch.randn(1, 30, generator=g) + 0.5 * torch.randn(3000, 30, generator=g)
     stream = MinibatchCKA(max_rows=128)
-    sizes, gram = [], stream._gram
-    stream._gram = lambda a: sizes.append(len(a)) or gram(a)
+    sizes, add = [], stream._add
+    stream._add = lambda xs, ys: sizes.append(len(xs[0])) or add(xs, ys)
     stream.update([x], [y])  # one batch of 3 000 rows (tokens): 24 minibatches of 125
     assert max(sizes) <= 128 and stream.batches == 24
     assert float(stream.compute()[0, 0]) == pytest.approx(linear_cka(x, y), abs=0.01)

@@ -155,6 +155,34 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.8, unbiased: bool
     return kernel_cka(rbf_gram(x, sigma), rbf_gram(y, sigma), unbiased=unbiased)
 
 
+class _LinearKernel:
+    """One layer's linear kernel ``K = XXᵀ`` for :func:`hsic_unbiased`, held as the terms the
+    estimator needs: ``diag(K)``, ``K̃1`` and, only for a layer at least as wide as the batch, ``K``
+    itself. Two narrow layers meet in feature space (``Σ_{i≠j} K_ij L_ij = ‖YᵀX‖²_F − Σ K_ii L_ii``,
+    ``O(n·d₁·d₂)``), so a batch of 2 048 tokens of width 64 never forms a 2 048² matrix."""
+
+    def __init__(self, a: torch.Tensor, gram):
+        self.x = as_matrix(a)
+        n, width = self.x.shape
+        if n < 4:
+            raise SimilarityError(f"the unbiased HSIC needs at least 4 inputs per batch, got {n}")
+        self.gram = gram(a) if width >= n else None
+        self.diag = (self.x * self.x).sum(1)
+        self.rows = self.x @ self.x.sum(0) - self.diag  # K̃1 (zeroed diagonal)
+
+    @staticmethod
+    def hsic(k: "_LinearKernel", l: "_LinearKernel") -> torch.Tensor:
+        n = len(k.x)
+        if k.gram is None and l.gram is None:
+            products = (l.x.T @ k.x).pow(2).sum()
+        else:
+            products = (k.gram if k.gram is not None else k.x @ k.x.T).mul(
+                l.gram if l.gram is not None else l.x @ l.x.T).sum()
+        trace = products - (k.diag * l.diag).sum()  # tr(K̃L̃)
+        return (trace + k.rows.sum() * l.rows.sum() / ((n - 1) * (n - 2)) - 2 * (k.rows @ l.rows) / (n - 2)) \
+            / (n * (n - 3))
+
+
 class MinibatchCKA:
     """Streaming CKA for every (front layer, end layer) pair: the average over batches of
     the unbiased HSIC (Nguyen et al. 2021), normalised at the end.
@@ -201,11 +229,14 @@ class MinibatchCKA:
             self._add([x[part.to(x.device)] for x in xs], [y[part.to(y.device)] for y in ys])
 
     def _add(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
-        kx = [self._gram(x) for x in xs]
-        ky = [self._gram(y) for y in ys]
-        cross = torch.tensor([[float(hsic_unbiased(k, l)) for l in ky] for k in kx], dtype=torch.float64)
-        self_x = torch.tensor([float(hsic_unbiased(k, k)) for k in kx], dtype=torch.float64)
-        self_y = torch.tensor([float(hsic_unbiased(l, l)) for l in ky], dtype=torch.float64)
+        if self.kernel == "linear":
+            kx, ky = [_LinearKernel(x, self._gram) for x in xs], [_LinearKernel(y, self._gram) for y in ys]
+            hsic = _LinearKernel.hsic
+        else:
+            kx, ky, hsic = [self._gram(x) for x in xs], [self._gram(y) for y in ys], hsic_unbiased
+        cross = torch.tensor([[float(hsic(k, l)) for l in ky] for k in kx], dtype=torch.float64)
+        self_x = torch.tensor([float(hsic(k, k)) for k in kx], dtype=torch.float64)
+        self_y = torch.tensor([float(hsic(l, l)) for l in ky], dtype=torch.float64)
         varied_x, varied_y = [not is_constant(x) for x in xs], [not is_constant(y) for y in ys]
         if self.cross is None:
             self.cross, self.self_x, self.self_y = cross, self_x, self_y
