@@ -73,13 +73,10 @@ define sanity
 	  echo $$? > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status
 	$(if $(findstring _small,$(1)),,$(call tlm_from_dm,$(SWEEPS)/$(1)/$(STAMP)/stitching_tlm_from_dm,$(1)) \
 	  || echo 1 > $(SWEEPS)/$(1)/$(STAMP)/.stitching_status)
-	for seed in 0 1; do \
-	  $(PY) -m stitching.similarity --index cka --flatten sample --no-progress \
-	    --out $(SWEEPS)/$(1)/$(STAMP)/cka_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null && \
-	  $(PY) -m stitching.similarity --index pwcca,procrustes --flatten match --no-progress \
-	    --out $(SWEEPS)/$(1)/$(STAMP)/pwcca_opd_end_seed$$seed experiment=$(1) end.seed=$$seed $(ARGS) >/dev/null \
-	    || exit 1; \
-	done
+	$(PY) -m stitching.similarity -m --index cka --flatten sample --no-progress \
+	  --out $(SWEEPS)/$(1)/$(STAMP)/cka experiment=$(1) end.seed=0,1 $(ARGS) >/dev/null
+	$(PY) -m stitching.similarity -m --index pwcca,procrustes --flatten match --no-progress \
+	  --out $(SWEEPS)/$(1)/$(STAMP)/pwcca_opd experiment=$(1) end.seed=0,1 $(ARGS) >/dev/null
 	$(PY) -m stitching.report $(SWEEPS)/$(1)/$(STAMP) && exit $$(cat $(SWEEPS)/$(1)/$(STAMP)/.stitching_status)
 endef
 
@@ -216,12 +213,10 @@ lm-solu-gelu: $(READY) ## LM paper Sec. 3 (paper size, online): TransformerLens 
 	    end.name=gelu-$${d}l,solu-$${d}l "stitch.layer=range(1,$$((d + 2)))" $(ARGS) || status=1; \
 	done; $(PY) -m stitching.report $(SWEEPS)/lm_solu_gelu/$(STAMP) && exit $$status
 lm-solu-gelu-small: $(READY) ## LM paper Secs. 3-4 on CPU: GeLU/SoLU models trained here, 4 directions, penalty and CKA by layer, within vs between groups
+	@# CKA of the preset's 16 front × end models, one process (a pair already computed is kept)
 	$(call stitch,$(SWEEPS)/lm_solu_gelu_small/$(STAMP)) experiment=lm_solu_gelu_small $(ARGS); status=$$?; \
-	for f in lm_gelu:0 lm_gelu:1 lm_solu:0 lm_solu:1; do for e in lm_gelu:2 lm_gelu:3 lm_solu:2 lm_solu:3; do \
-	  out=$(SWEEPS)/lm_solu_gelu_small/$(STAMP)/cka/$${f/:/-s}_$${e/:/-s}; [ -f $$out/similarity.json ] && continue; \
-	  $(PY) -m stitching.similarity --index minibatch_cka --flatten positions --no-progress --out $$out \
-	    experiment=lm_solu_gelu_small front.arch=$${f%:*} front.seed=$${f#*:} end.arch=$${e%:*} end.seed=$${e#*:} \
-	    $(ARGS) >/dev/null || status=1; done; done; \
+	$(PY) -m stitching.similarity -m --index minibatch_cka --flatten positions --no-progress \
+	  --out $(SWEEPS)/lm_solu_gelu_small/$(STAMP)/cka experiment=lm_solu_gelu_small $(ARGS) >/dev/null || status=1; \
 	$(PY) -m stitching.report $(SWEEPS)/lm_solu_gelu_small/$(STAMP) && exit $$status
 sanity-vit-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ViT
 	$(call sanity,sanity_vit_small)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,13 +32,8 @@ from stitching import CONF_DIR
 from stitching.build import compose_config, read_settings
 from stitching.errors import StitchingError, exit_on_user_error, on_interrupt
 from stitching.files import hold_folder
-from stitching.grids import pairs_override, preset_sweep, run_grid, run_grids, sweep_grids
+from stitching.grids import pairs_override, preset_sweep, run_grid, run_grids, sweep_folders, sweep_grids
 from stitching.jobs import share_threads
-
-
-def _folder_name(number: int, overrides: list[str], varying: set[str]) -> str:
-    parts = [item for item in overrides if item.split("=", 1)[0] in varying]
-    return "_".join([str(number), *(re.sub(r"[^\w.=-]+", "-", item) for item in parts)])
 
 
 @exit_on_user_error
@@ -66,9 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(launch_grids(overrides, out))
     if args.multirun:
         grids = sweep_grids(overrides)
-        varying = {key for key in {item.split("=", 1)[0] for rest, _ in grids for item in rest}
-                   if len({item for rest, _ in grids for item in rest if item.split("=", 1)[0] == key}) > 1}
-        plan = [(rest, cells, out / _folder_name(k, rest, varying)) for k, (rest, cells) in enumerate(grids)]
+        plan = [(rest, cells, folder) for (rest, cells), folder in zip(grids, sweep_folders(out, [rest for rest, _ in grids]))]
     else:
         plan = [(overrides, None, out)]
     configs = []

@@ -5,6 +5,7 @@ trained by one engine and recorded cell by cell, and a ``-m`` sweep planned as w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,23 +143,44 @@ def preset_sweep(overrides: list[str]) -> dict:
     return params
 
 
-def sweep_grids(overrides: list[str]) -> list[tuple[list[str], list[tuple[int, int]] | str]]:
-    """A ``-m`` sweep (the command line's and its preset's ``hydra.sweeper.params``) as whole
-    grids: ``(overrides of one grid, its cells)`` for every combination of the axes other than
-    the layer keys; the layer keys' combinations become the grid's cells (none given: the
-    corresponding layers, as ``stitching.train -m``)."""
+def sweep_folders(out: Path, combos: list[list[str]]) -> list[Path]:
+    """One folder per combination of a sweep, ``<out>/<k>_<key=value of every key that varies>``."""
+    values: dict[str, set[str]] = {}
+    for combo in combos:
+        for item in combo:
+            key, _, value = item.partition("=")
+            values.setdefault(key, set()).add(value)
+    varying = {key for key, seen in values.items() if len(seen) > 1}
+    return [out / "_".join([str(k), *(re.sub(r"[^\w.=-]+", "-", item) for item in combo
+                                      if item.split("=", 1)[0] in varying)])
+            for k, combo in enumerate(combos)]
+
+
+def sweep_combos(overrides: list[str], preset_axes: Callable[[str], bool] = lambda key: True) -> list[list[str]]:
+    """A ``-m`` sweep's combinations: the command line's comma-separated values and its preset's
+    ``hydra.sweeper.params`` whose key ``preset_axes`` keeps (a key given on the command line
+    replaces the preset's axis), expanded as Hydra's basic sweeper does."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = preset_sweep(overrides)
     given = {arg.split("=", 1)[0].lstrip("+~") for arg in overrides if "=" in arg}
-    swept = [f"{key}={value}" for key, value in params.items() if key not in given] + list(overrides)
+    swept = [f"{key}={value}" for key, value in params.items() if key not in given and preset_axes(key)] \
+        + list(overrides)
     try:
-        combos = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(swept), None)[0]
+        return [list(combo) for combo in
+                BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(swept), None)[0]]
     except Exception as err:  # Hydra's own first line names the bad override
         raise config_error(err) from None
+
+
+def sweep_grids(overrides: list[str]) -> list[tuple[list[str], list[tuple[int, int]] | str]]:
+    """A ``-m`` sweep (the command line's and its preset's ``hydra.sweeper.params``) as whole
+    grids: ``(overrides of one grid, its cells)`` for every combination of the axes other than
+    the layer keys; the layer keys' combinations become the grid's cells (none given: the
+    corresponding layers, as ``stitching.train -m``)."""
     grids: dict[tuple, list] = {}
-    for combo in combos:
+    for combo in sweep_combos(overrides):
         layers = {key: value for key, value in (item.split("=", 1) for item in combo) if key in LAYER_KEYS}
         rest = tuple(item for item in combo if item.split("=", 1)[0] not in LAYER_KEYS)
         cells = grids.setdefault(rest, [])

@@ -146,6 +146,33 @@ def test_similarity_cli_writes_the_report_format_and_the_report_joins_it(tmp_pat
     assert "--rbf-sigma" in capsys.readouterr().err
 
 
+def test_a_similarity_sweep_is_one_pair_per_combination_in_one_process_and_resumes(tmp_path, zoo_dir, capsys):
+    """``-m``: every combination of the swept keys is one pair of models, each grid the same as its
+    single run; a pair already computed is kept; a layer axis and a bad combination are refused
+    before anything is computed."""
+    overrides = [*TINY, f"paths.zoo_dir={zoo_dir}"]
+    flags = ["--index", "cka", "--images", "40", "--flatten", "pool", "--no-progress"]
+    similarity_main([*flags, "-m", "--out", str(tmp_path / "sweep"), *overrides, "end.seed=0,1"])
+    folders = sorted(f for f in (tmp_path / "sweep").iterdir() if f.is_dir())
+    assert [f.name for f in folders] == ["0_end.seed=0", "1_end.seed=1"]
+    similarity_main([*flags, "--out", str(tmp_path / "alone"), *overrides, "end.seed=1"])
+    alone = json.loads((tmp_path / "alone" / "similarity.json").read_text())
+    swept = [json.loads((f / "similarity.json").read_text()) for f in folders]
+    assert swept[1]["grids"] == alone["grids"] and swept[1]["end"] == alone["end"] != swept[0]["end"]
+    capsys.readouterr()
+    before = (folders[0] / "similarity.json").stat().st_mtime_ns
+    (folders[1] / "similarity.json").unlink()  # a sweep stopped before its second pair
+    similarity_main([*flags, "-m", "--out", str(tmp_path / "sweep"), *overrides, "end.seed=0,1"])
+    assert "0_end.seed=0: already computed, kept" in capsys.readouterr().out
+    assert (folders[0] / "similarity.json").stat().st_mtime_ns == before
+    assert json.loads((folders[1] / "similarity.json").read_text())["grids"] == alone["grids"]
+    for bad, says in ((["stitch.layer=1,2"], "--layers"), (["end.seed=0,1", "similarity.batch_size=8,0"], "--batch-size 0")):
+        with pytest.raises(SystemExit):
+            similarity_main([*flags, "-m", "--out", str(tmp_path / "refused"), *overrides, *bad])
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists() or not any(f.is_dir() for f in (tmp_path / "refused").iterdir())
+
+
 def test_match_flattening_is_positions_for_one_shape_and_pooled_otherwise():
     """The TLM-vs-DM authors' PWCCA/Procrustes input, computed here by hand from the raw maps."""
     from stitching.similarity import procrustes_distance, pwcca

@@ -8,7 +8,16 @@ the dataset), runs the test images through both models once and writes, in ``--o
   columns, so ``python -m stitching.report`` can draw it beside stitching grids;
 * ``heatmap.png`` and ``sanity.json`` — the grids, and the two sanity checks.
 
-Example: ``python -m stitching.similarity --index cka,cca experiment=demo end.seed=0``.
+With ``-m``, every combination of a sweep is one pair of models, computed in one process into
+``<out>/<k>_<the swept values>/``: the command line's comma-separated values, and the preset's
+``hydra.sweeper.params`` over models and data (``front.*``, ``end.*``, ``model.*``, ``dataset.*``;
+its other axes, such as the objective and the layers, are its stitching sweep's). A layer axis on
+the command line is refused: ``--layers`` picks these grids' layers. A pair whose ``similarity.json`` is there is kept, so a
+stopped sweep resumes; a pair that fails is reported and the others still run (exit status 1).
+
+Examples: ``python -m stitching.similarity --index cka,cca experiment=demo end.seed=0``;
+``python -m stitching.similarity -m --index minibatch_cka --flatten positions experiment=lm_solu_gelu_small``
+(the preset's 16 front × end models).
 """
 
 from __future__ import annotations
@@ -20,11 +29,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from stitching import LAYER_KEYS
 from stitching.build import compose_config, layer_value, read_settings
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import hold_folder
+from stitching.grids import sweep_combos, sweep_folders
 from stitching.similarity.compare import config_grids
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices
+
+
+#: the preset sweep axes a similarity sweep takes: which models, on which data
+MODEL_AND_DATA = ("front.", "end.", "model.", "dataset.")
 
 
 @exit_on_user_error
@@ -54,34 +69,69 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default=None, help="comma-separated cut points for both sides (default: all)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/similarity/<time>)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="a sweep: one pair of models per combination of the swept keys (the preset's too), "
+                             "each into its own folder under --out, in one process")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (default: experiment=demo)")
     args = parser.parse_args(argv)
     flags = {"images": args.images, "batch_size": args.batch_size, "skip_positions": args.skip_positions,
              "bootstrap": args.bootstrap, "permutations": args.permutations, "rbf_sigma": args.rbf_sigma}
-    overrides = [*(args.overrides or ["experiment=demo"]),  # the flags are the similarity.* settings
-                 *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None),
-                 *([f"stitch.front_rank={args.front_rank}"] if args.front_rank is not None else [])]
+    given = [*(args.overrides or ["experiment=demo"]),  # the flags are the similarity.* settings
+             *(f"similarity.{key}={value}" for key, value in flags.items() if value is not None),
+             *([f"stitch.front_rank={args.front_rank}"] if args.front_rank is not None else [])]
+    out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if not args.multirun:
+        _check_settings(given, flags)
+        return _pair(args, given, hold_folder(out, "--out"), verbose=True)
+    swept = [arg for arg in given if "=" in arg and arg.split("=", 1)[0].lstrip("+~") in LAYER_KEYS]
+    if swept:
+        raise StitchingError(f"{swept[0]}: a similarity grid compares every layer pair; pick its layers with --layers")
+    combos = sweep_combos(given, preset_axes=lambda key: key.startswith(MODEL_AND_DATA))
+    for combo in combos:  # every pair's settings are read (and checked) before any is computed
+        _check_settings(list(combo), flags)
+    hold_folder(out, "--out")
+    failed = []
+    for combo, folder in zip(combos, sweep_folders(out, [list(combo) for combo in combos])):
+        if (folder / "similarity.json").is_file():
+            print(f"{folder.name}: already computed, kept")
+            continue
+        try:
+            _pair(args, list(combo), folder, verbose=False)
+        except StitchingError as err:
+            print(f"{folder.name}: failed: {str(err).splitlines()[0]}", file=sys.stderr)
+            failed.append(folder.name)
+    if failed:
+        print(f"[similarity] {len(failed)} of {len(combos)} pair(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _check_settings(overrides: list[str], flags: dict) -> None:
     try:
-        run = read_settings(compose_config(overrides))
+        read_settings(compose_config(overrides))
     except StitchingError as err:  # name the flag the user typed
         for key in flags:
             err = StitchingError(str(err).replace(f"similarity.{key}=", f"--{key.replace('_', '-')} "))
         err = StitchingError(str(err).replace("stitch.front_rank=", "--front-rank "))
         raise err from None
+
+
+def _pair(args: argparse.Namespace, overrides: list[str], out: Path, verbose: bool) -> None:
+    """One pair of models' grids into ``out``; ``verbose`` prints every grid and check."""
+    run = read_settings(compose_config(overrides))
     settings = run.config["similarity"]
     indices = parse_indices(args.index or settings["index"])
     layers = args.layers or settings["layers"]
     if layers is not None:  # indices or names, as in stitch.layer
         layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
-    out = hold_folder(Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S"),
-                      "--out")
     record = config_grids(overrides, indices, int(settings["images"]), args.flatten or settings["flatten"],
                         int(settings["batch_size"]), out, layers=layers, progress=not args.no_progress,
                         skip_positions=int(settings["skip_positions"]), bootstrap=int(settings["bootstrap"]),
                         permutations=int(settings["permutations"]), front_rank=run.stitch.front_rank,
                         rbf_sigma=float(settings["rbf_sigma"]))
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
-          f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s")
+          f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s" + ("" if verbose else f"; in {out}"))
+    if not verbose:
+        return
     for name, grid in record["grids"].items():
         print(f"\n{record['indices'][name]} (rows: front layer, columns: end layer)")
         print(pd.DataFrame(grid, index=list(record["front_layers"]), columns=list(record["end_layers"]), dtype=float).round(3)
