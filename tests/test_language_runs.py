@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import compose_config, train_cli
@@ -291,14 +292,25 @@ def test_a_hub_language_model_offline_is_one_line(tmp_path, monkeypatch, capsys)
 
 
 def test_the_similarity_tool_compares_language_models_over_token_positions(lm_config, tmp_path, capsys):
+    """Over the sequences a stitching run tests on (``dataset.test_sequences``, spread across the
+    split), at most ``--images`` of them: the grid equals one computed by hand on that run's data."""
+    from stitching.build import build_datamodule, load_models, read_settings
     from stitching.similarity.__main__ import main
+    from stitching.similarity.grid import similarity_grids
 
-    main(["--index", "cka", "--flatten", "positions", "--images", "8", "--no-progress", "--out", str(tmp_path / "sim"),
-          *LM_TINY, f"paths.zoo_dir={lm_config.zoo}", "end.arch=lm_solu", "end.seed=1"])
-    record = json.loads((tmp_path / "sim" / "similarity.json").read_text())
-    assert record["images"] == 8 and record["flatten"] == "positions"
+    overrides = [*LM_TINY, f"paths.zoo_dir={lm_config.zoo}", "end.arch=lm_solu", "end.seed=1"]
+    for images, sequences in (("8", 8), ("100", 16)):  # LM_TINY's dataset.test_sequences=16
+        main(["--index", "cka", "--flatten", "positions", "--images", images, "--no-progress",
+              "--out", str(tmp_path / images), *overrides])
+        record = json.loads((tmp_path / images / "similarity.json").read_text())
+        assert record["images"] == sequences and record["flatten"] == "positions"
     assert list(record["front_layers"].values()) == ["embed", "blocks.0", "blocks.1"]
     assert "linear CKA" in capsys.readouterr().out
+    settings = read_settings(lm_config(tmp_path, "end.arch=lm_solu", "end.seed=1"))
+    run_data = build_datamodule(settings)  # what a stitching run with these settings tests on
+    front, _, end, _ = load_models(settings, ([], []), stitched=False)
+    grids, _ = similarity_grids(front, end, run_data.test_inputs(), ["cka"], "positions", 250, "cpu", False)
+    assert np.allclose(np.array(record["grids"]["cka"], dtype=float), grids["cka"], atol=1e-9)
 
 
 def test_a_bare_encoder_folder_stitches_by_dm_and_reports_its_output_error(tmp_path, monkeypatch, capsys):
