@@ -166,7 +166,8 @@ def test_a_similarity_sweep_is_one_pair_per_combination_in_one_process_and_resum
     assert "0_end.seed=0: already computed, kept" in capsys.readouterr().out
     assert (folders[0] / "similarity.json").stat().st_mtime_ns == before
     assert json.loads((folders[1] / "similarity.json").read_text())["grids"] == alone["grids"]
-    for bad, says in ((["stitch.layer=1,2"], "--layers"), (["end.seed=0,1", "similarity.batch_size=8,0"], "--batch-size 0")):
+    for bad, says in ((["stitch.layer=1,2"], "--layers"), (["end.seed=0,1", "similarity.batch_size=8,0"], "--batch-size 0"),
+                      (["end.seed=0,1", "--index", "nope"], "unknown index")):
         with pytest.raises(SystemExit):
             similarity_main([*flags, "-m", "--out", str(tmp_path / "refused"), *overrides, *bad])
         assert says in capsys.readouterr().err

@@ -12,8 +12,9 @@ With ``-m``, every combination of a sweep is one pair of models, computed in one
 ``<out>/<k>_<the swept values>/``: the command line's comma-separated values, and the preset's
 ``hydra.sweeper.params`` over models and data (``front.*``, ``end.*``, ``model.*``, ``dataset.*``;
 its other axes, such as the objective and the layers, are its stitching sweep's). A layer axis on
-the command line is refused: ``--layers`` picks these grids' layers. A pair whose ``similarity.json`` is there is kept, so a
-stopped sweep resumes; a pair that fails is reported and the others still run (exit status 1).
+the command line is refused: ``--layers`` picks these grids' layers. Every pair's settings are
+checked before any is computed; a pair whose ``similarity.json`` is there is kept, so a stopped
+sweep resumes; a pair that fails is reported and the others still run (exit status 1).
 
 Examples: ``python -m stitching.similarity --index cka,cca experiment=demo end.seed=0``;
 ``python -m stitching.similarity -m --index minibatch_cka --flatten positions experiment=lm_solu_gelu_small``
@@ -81,22 +82,21 @@ def main(argv: list[str] | None = None) -> None:
              *([f"stitch.front_rank={args.front_rank}"] if args.front_rank is not None else [])]
     out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
     if not args.multirun:
-        _check_settings(given, flags)
-        return _pair(args, given, hold_folder(out, "--out"), verbose=True)
+        plan = _plan(args, given, flags)
+        return _pair(args, given, plan, hold_folder(out, "--out"), verbose=True)
     swept = [arg for arg in given if "=" in arg and arg.split("=", 1)[0].lstrip("+~") in LAYER_KEYS]
     if swept:
         raise StitchingError(f"{swept[0]}: a similarity grid compares every layer pair; pick its layers with --layers")
     combos = sweep_combos(given, preset_axes=lambda key: key.startswith(MODEL_AND_DATA))
-    for combo in combos:  # every pair's settings are read (and checked) before any is computed
-        _check_settings(list(combo), flags)
+    plans = [_plan(args, combo, flags) for combo in combos]  # every pair's settings checked before any is computed
     hold_folder(out, "--out")
     failed = []
-    for combo, folder in zip(combos, sweep_folders(out, [list(combo) for combo in combos])):
+    for combo, plan, folder in zip(combos, plans, sweep_folders(out, combos)):
         if (folder / "similarity.json").is_file():
             print(f"{folder.name}: already computed, kept")
             continue
         try:
-            _pair(args, list(combo), folder, verbose=False)
+            _pair(args, combo, plan, folder, verbose=False)
         except StitchingError as err:
             print(f"{folder.name}: failed: {str(err).splitlines()[0]}", file=sys.stderr)
             failed.append(folder.name)
@@ -105,28 +105,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def _check_settings(overrides: list[str], flags: dict) -> None:
+def _plan(args: argparse.Namespace, overrides: list[str], flags: dict) -> dict:
+    """One pair's settings, read and checked: the ``similarity`` group, the indices and the layers."""
     try:
-        read_settings(compose_config(overrides))
+        run = read_settings(compose_config(overrides))
     except StitchingError as err:  # name the flag the user typed
         for key in flags:
             err = StitchingError(str(err).replace(f"similarity.{key}=", f"--{key.replace('_', '-')} "))
         err = StitchingError(str(err).replace("stitch.front_rank=", "--front-rank "))
         raise err from None
-
-
-def _pair(args: argparse.Namespace, overrides: list[str], out: Path, verbose: bool) -> None:
-    """One pair of models' grids into ``out``; ``verbose`` prints every grid and check."""
-    run = read_settings(compose_config(overrides))
     settings = run.config["similarity"]
-    indices = parse_indices(args.index or settings["index"])
     layers = args.layers or settings["layers"]
     if layers is not None:  # indices or names, as in stitch.layer
         layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
+    return {"settings": settings, "front_rank": run.stitch.front_rank, "layers": layers,
+            "indices": parse_indices(args.index or settings["index"])}
+
+
+def _pair(args: argparse.Namespace, overrides: list[str], plan: dict, out: Path, verbose: bool) -> None:
+    """One pair of models' grids into ``out``; ``verbose`` prints every grid and check."""
+    settings, indices, layers = plan["settings"], plan["indices"], plan["layers"]
     record = config_grids(overrides, indices, int(settings["images"]), args.flatten or settings["flatten"],
                         int(settings["batch_size"]), out, layers=layers, progress=not args.no_progress,
                         skip_positions=int(settings["skip_positions"]), bootstrap=int(settings["bootstrap"]),
-                        permutations=int(settings["permutations"]), front_rank=run.stitch.front_rank,
+                        permutations=int(settings["permutations"]), front_rank=plan["front_rank"],
                         rbf_sigma=float(settings["rbf_sigma"]))
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s" + ("" if verbose else f"; in {out}"))
