@@ -16,7 +16,8 @@ Measures, on the configured data and models (default: the `make run` setup on MN
 * the GeLU/SoLU language-model preset on CPU (``lm_solu_gelu_small``: 48 TLM cells of 16 model
   pairs, one epoch, its own data and models whatever the overrides), as 48 in-process single runs
   and as its sweep of grids (the grids into one end model trained in one engine), with the
-  speed-up and the largest difference in any cell's penalty.
+  speed-up and the largest difference in any cell's penalty; and its CKA step, minibatch CKA of
+  its 16 front × end models in one process (``python -m stitching.similarity -m``).
 
 Peak memory is the process's peak resident set size during each measurement on CPU, and
 ``torch.cuda.max_memory_allocated`` on a GPU. Prints a table and writes ``bench.json``.
@@ -365,7 +366,24 @@ def bench_language(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
     fused["max_penalty_difference"] = max(abs(v["single"] - v["fused"]) for v in penalty.values())
     print(_line(fused) + f"   {fused['speedup']:.2f}x faster, largest cell penalty difference "
           f"{fused['max_penalty_difference']:.2e} nats/token", flush=True)
-    return [single, fused]
+    return [single, fused, bench_language_cka(run_dir, overrides)]
+
+
+def bench_language_cka(run_dir: Path, overrides: list[str] = ()) -> dict:
+    """The GeLU/SoLU preset's CKA step (``make lm-solu-gelu-small``): minibatch CKA of every front ×
+    end model over token positions, as ``python -m stitching.similarity -m`` computes it, in one process."""
+    from stitching.grids import sweep_folders
+    from stitching.similarity.compare import config_grids, sweep_pairs
+
+    pairs = sweep_pairs([*LANGUAGE_PRESET, *overrides])
+    settings = read_settings(compose_config(pairs[0])).config["similarity"]
+    row = {"what": f"GeLU/SoLU: CKA of {len(pairs)} model pairs", "layer": "1-3", "images": "test sequences"}
+    with measure(row):
+        for combo, folder in zip(pairs, sweep_folders(run_dir / "lm_cka", pairs)):
+            config_grids(combo, ["minibatch_cka"], int(settings["images"]), "positions", int(settings["batch_size"]),
+                         folder, progress=False)
+    print(_line(row), flush=True)
+    return row
 
 
 def bench_parallel(overrides: list[str], run_dir: Path) -> list[dict]:

@@ -587,8 +587,11 @@ def test_bench_times_the_language_preset_as_single_runs_and_fused_grids(tmp_path
     tiny = ["model.width=32", "zoo.recipe.language.tokens=20000", "dataset.train_sequences=64",
             "dataset.test_sequences=16", "dataset.batch_size=16", "trainer=cpu", f"paths.zoo_dir={tmp_path / 'zoo'}",
             f"paths.output_dir={tmp_path}"]
-    single, fused = bench_language(tmp_path / "bench", tiny)
+    single, fused, cka = bench_language(tmp_path / "bench", tiny)
     assert single["what"] == "GeLU/SoLU: 48 single runs" and fused["what"] == "GeLU/SoLU: 16 grids fused"
     assert len(list((tmp_path / "bench" / "lm_single").rglob("results.json"))) == 48
     assert len(list((tmp_path / "bench" / "lm_fused").rglob("results.json"))) == 48
     assert fused["speedup"] > 0 and fused["max_penalty_difference"] < 1e-4
+    records = [json.loads(path.read_text()) for path in (tmp_path / "bench" / "lm_cka").rglob("similarity.json")]
+    assert cka["what"] == "GeLU/SoLU: CKA of 16 model pairs" and cka["seconds"] > 0
+    assert len({(r["front"], r["end"]) for r in records}) == 16 and {r["images"] for r in records} == {16}

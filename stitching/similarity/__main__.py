@@ -30,17 +30,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from stitching import LAYER_KEYS
 from stitching.build import compose_config, layer_value, read_settings
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import hold_folder
-from stitching.grids import sweep_combos, sweep_folders
-from stitching.similarity.compare import config_grids
+from stitching.grids import sweep_folders
+from stitching.similarity.compare import config_grids, sweep_pairs
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices
-
-
-#: the preset sweep axes a similarity sweep takes: which models, on which data
-MODEL_AND_DATA = ("front.", "end.", "model.", "dataset.")
 
 
 @exit_on_user_error
@@ -84,10 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.multirun:
         plan = _plan(args, given, flags)
         return _pair(args, given, plan, hold_folder(out, "--out"), verbose=True)
-    swept = [arg for arg in given if "=" in arg and arg.split("=", 1)[0].lstrip("+~") in LAYER_KEYS]
-    if swept:
-        raise StitchingError(f"{swept[0]}: a similarity grid compares every layer pair; pick its layers with --layers")
-    combos = sweep_combos(given, preset_axes=lambda key: key.startswith(MODEL_AND_DATA))
+    combos = sweep_pairs(given)
     plans = [_plan(args, combo, flags) for combo in combos]  # every pair's settings checked before any is computed
     hold_folder(out, "--out")
     failed = []

@@ -9,14 +9,30 @@ from pathlib import Path
 
 import pandas as pd
 
+from stitching import LAYER_KEYS
 from stitching.build import build_datamodule, compose_config, is_text, load_models, read_settings
 from stitching.errors import StitchingError
+from stitching.grids import sweep_combos
 from stitching.models import cut_point_names, resolve_layer
 from stitching.results.figures import heatmaps
 from stitching.results.records import condition_values
 from stitching.results.tables import sanity_checks
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.grid import index_of, similarity_grids
+
+
+#: the preset sweep axes a similarity sweep takes: which models, on which data
+MODEL_AND_DATA = ("front.", "end.", "model.", "dataset.")
+
+
+def sweep_pairs(overrides: list[str]) -> list[list[str]]:
+    """A similarity sweep's pairs of models: every combination of the command line's
+    comma-separated values and of the preset's sweep axes over models and data (its objective and
+    layer axes are its stitching sweep's); a layer axis given here is refused."""
+    swept = [arg for arg in overrides if "=" in arg and arg.split("=", 1)[0].lstrip("+~") in LAYER_KEYS]
+    if swept:
+        raise StitchingError(f"{swept[0]}: a similarity grid compares every layer pair; pick its layers with --layers")
+    return sweep_combos(overrides, preset_axes=lambda key: key.startswith(MODEL_AND_DATA))
 
 
 def config_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
