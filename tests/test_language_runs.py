@@ -305,7 +305,8 @@ def test_the_similarity_tool_compares_language_models_over_token_positions(lm_co
         record = json.loads((tmp_path / images / "similarity.json").read_text())
         assert record["images"] == sequences and record["flatten"] == "positions"
     assert list(record["front_layers"].values()) == ["embed", "blocks.0", "blocks.1"]
-    assert "linear CKA" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "linear CKA" in printed and "16 pydoc test sequences" in printed and record["inputs"] == "sequences"
     settings = read_settings(lm_config(tmp_path, "end.arch=lm_solu", "end.seed=1"))
     run_data = build_datamodule(settings)  # what a stitching run with these settings tests on
     front, _, end, _ = load_models(settings, ([], []), stitched=False)

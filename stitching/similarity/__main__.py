@@ -122,7 +122,7 @@ def _pair(args: argparse.Namespace, overrides: list[str], plan: dict, out: Path,
                         skip_positions=int(settings["skip_positions"]), bootstrap=int(settings["bootstrap"]),
                         permutations=int(settings["permutations"]), front_rank=plan["front_rank"],
                         rbf_sigma=float(settings["rbf_sigma"]))
-    print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test images, "
+    print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test {record['inputs']}, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s" + ("" if verbose else f"; in {out}"))
     if not verbose:
         return

@@ -92,7 +92,8 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
         "end_layers": {j: end_names[j - 1] for j in chosen_end},
         "front_depths": {i: depth_front[i] for i in chosen_front}, "end_depths": {j: depth_end[j] for j in chosen_end},
         "front": front_record["key"], "end": end_record["key"],
-        "dataset": datamodule.name, "images": count, "flatten": flatten, "batch_size": batch_size,
+        "dataset": datamodule.name, "images": count, "inputs": "sequences" if is_text(datamodule) else "images",
+        "flatten": flatten, "batch_size": batch_size,
         "skip_positions": skip_positions, "bootstrap": bootstrap, "permutations": permutations,
         "front_rank": front_rank,
         "intervals": {name: {key: [[_value(v) for v in row] for row in values] for key, values in parts.items()}
