@@ -14,7 +14,8 @@ With ``-m``, every combination of a sweep is one pair of models, computed in one
 its other axes, such as the objective and the layers, are its stitching sweep's). A layer axis on
 the command line is refused: ``--layers`` picks these grids' layers. Every pair's settings are
 checked before any is computed; a pair whose ``similarity.json`` is there is kept, so a stopped
-sweep resumes; a pair that fails is reported and the others still run (exit status 1).
+sweep resumes (grids there that other settings asked for are refused in one line, never kept);
+a pair that fails is reported and the others still run (exit status 1).
 
 Examples: ``python -m stitching.similarity --index cka,cca experiment=demo end.seed=0``;
 ``python -m stitching.similarity -m --index minibatch_cka --flatten positions experiment=lm_solu_gelu_small``
@@ -24,6 +25,7 @@ Examples: ``python -m stitching.similarity --index cka,cca experiment=demo end.s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ import pandas as pd
 from stitching.build import compose_config, layer_value, read_settings
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import hold_folder
+from stitching.results.schema import config_hash
 from stitching.grids import sweep_folders
 from stitching.similarity.compare import config_grids, sweep_pairs
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices
@@ -81,10 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         return _pair(args, given, plan, hold_folder(out, "--out"), verbose=True)
     combos = sweep_pairs(given)
     plans = [_plan(args, combo, flags) for combo in combos]  # every pair's settings checked before any is computed
+    folders = sweep_folders(out, combos)
+    done = [_finished(folder, plan["request"]) for folder, plan in zip(folders, plans)]
     hold_folder(out, "--out")
     failed = []
-    for combo, plan, folder in zip(combos, plans, sweep_folders(out, combos)):
-        if (folder / "similarity.json").is_file():
+    for combo, plan, folder, kept in zip(combos, plans, folders, done):
+        if kept:
             print(f"{folder.name}: already computed, kept")
             continue
         try:
@@ -110,18 +115,39 @@ def _plan(args: argparse.Namespace, overrides: list[str], flags: dict) -> dict:
     layers = args.layers or settings["layers"]
     if layers is not None:  # indices or names, as in stitch.layer
         layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
-    return {"settings": settings, "front_rank": run.stitch.front_rank, "layers": layers,
-            "indices": parse_indices(args.index or settings["index"])}
+    indices, flatten = parse_indices(args.index or settings["index"]), args.flatten or settings["flatten"]
+    return {"settings": settings, "front_rank": run.stitch.front_rank, "layers": layers, "indices": indices,
+            "flatten": flatten, "request": {"config_hash": config_hash(run.config, hashed=("similarity",)),
+                                            "indices": indices, "flatten": flatten, "layers": layers}}
+
+
+def _finished(folder: Path, request: dict) -> bool:
+    """Whether a sweep's ``folder`` holds this pair's grids already; grids asked for with other
+    settings are refused in one line, never kept as this request's."""
+    path = folder / "similarity.json"
+    if not path.is_file():
+        return False
+    try:
+        held = json.loads(path.read_text()).get("request")
+    except (OSError, ValueError):
+        held = None
+    if held != json.loads(json.dumps(request)):
+        names = {"config_hash": "the overrides", "indices": "--index", "flatten": "--flatten", "layers": "--layers"}
+        differ = [names[key] for key in request if isinstance(held, dict) and held.get(key) != request[key]]
+        raise StitchingError(f"{folder} holds similarity grids asked for with other settings "
+                             f"({', '.join(differ) or 'not recorded'}); give another --out, or remove that folder "
+                             f"to compute it again")
+    return True
 
 
 def _pair(args: argparse.Namespace, overrides: list[str], plan: dict, out: Path, verbose: bool) -> None:
     """One pair of models' grids into ``out``; ``verbose`` prints every grid and check."""
     settings, indices, layers = plan["settings"], plan["indices"], plan["layers"]
-    record = config_grids(overrides, indices, int(settings["images"]), args.flatten or settings["flatten"],
+    record = config_grids(overrides, indices, int(settings["images"]), plan["flatten"],
                         int(settings["batch_size"]), out, layers=layers, progress=not args.no_progress,
                         skip_positions=int(settings["skip_positions"]), bootstrap=int(settings["bootstrap"]),
                         permutations=int(settings["permutations"]), front_rank=plan["front_rank"],
-                        rbf_sigma=float(settings["rbf_sigma"]))
+                        rbf_sigma=float(settings["rbf_sigma"]), request=plan["request"])
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test {record['inputs']}, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s" + ("" if verbose else f"; in {out}"))
     if not verbose:

@@ -38,8 +38,9 @@ def sweep_pairs(overrides: list[str]) -> list[list[str]]:
 def config_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
                  out: Path, layers: list[int] | None = None, progress: bool = True, skip_positions: int = 0,
                  bootstrap: int = 0, permutations: int = 0, front_rank: int | None = None,
-                 rbf_sigma: float = 0.8) -> dict:
-    """Compute and write the grids; return the record written to ``similarity.json``."""
+                 rbf_sigma: float = 0.8, request: dict | None = None) -> dict:
+    """Compute and write the grids; return the record written to ``similarity.json`` (with
+    ``request``, what asked for them, so a resumed sweep can tell its own grids)."""
     watch = Stopwatch()
     settings = read_settings(compose_config(overrides))
     with watch.section("data_s"):
@@ -99,7 +100,7 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
         "intervals": {name: {key: [[_value(v) for v in row] for row in values] for key, values in parts.items()}
                       for name, parts in intervals.items() if isinstance(parts, dict)},
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
-        "timings": watch.report(), "versions": versions(), "config": settings.config,
+        "timings": watch.report(), "versions": versions(), "config": settings.config, "request": request,
     }
     write_json_atomic(out / "similarity.json", record)
     return record
