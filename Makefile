@@ -223,8 +223,8 @@ sanity-vit-small: $(READY) ## the sanity checks on MNIST-5k, CPU-sized ViT
 lm-pythia: $(READY) ## LM paper Sec. 5 (online, GPU): minibatch CKA between Pythia sizes per relative depth
 	@# every pair once (CKA is symmetric); a pair already measured is kept, so a stopped run resumes
 	sizes=($(PYTHIA)); for i in $${!sizes[@]}; do for j in $${!sizes[@]}; do [ $$i -lt $$j ] || continue; \
-	  out=$(SWEEPS)/lm_pythia/$(STAMP)/$${sizes[$$i]}_$${sizes[$$j]}; [ -f $$out/similarity.json ] && continue; \
-	  $(PY) -m stitching.similarity --no-progress --out $$out experiment=lm_pythia \
+	  out=$(SWEEPS)/lm_pythia/$(STAMP)/$${sizes[$$i]}_$${sizes[$$j]}; \
+	  $(PY) -m stitching.similarity --resume --no-progress --out $$out experiment=lm_pythia \
 	    front.name=EleutherAI/pythia-$${sizes[$$i]}-deduped end.name=EleutherAI/pythia-$${sizes[$$j]}-deduped \
 	    $(ARGS) >/dev/null || exit 1; done; done
 	$(PY) -m stitching.report $(SWEEPS)/lm_pythia/$(STAMP)
@@ -237,8 +237,8 @@ lm-bert-hans: $(READY) ## LM paper Sec. 4 (online, GPU): groups of generalising 
 	$(call stitch,$(SWEEPS)/lm_bert_hans/$(STAMP)) experiment=lm_bert_hans front.name=$(call listed,$(BERTS)) \
 	  end.name=$(call listed,$(BERTS)) dataset.tokenizer=$(firstword $(BERTS)) "$$groups" $(ARGS); status=$$?; \
 	models=($(BERTS)); for i in $${!models[@]}; do for j in $${!models[@]}; do [ $$i -lt $$j ] || continue; \
-	  out=$(SWEEPS)/lm_bert_hans/$(STAMP)/cka/$$i-$$j; [ -f $$out/similarity.json ] && continue; \
-	  $(PY) -m stitching.similarity --index minibatch_cka --flatten positions --no-progress --out $$out \
+	  out=$(SWEEPS)/lm_bert_hans/$(STAMP)/cka/$$i-$$j; \
+	  $(PY) -m stitching.similarity --resume --index minibatch_cka --flatten positions --no-progress --out $$out \
 	    experiment=lm_bert_hans front.name=$${models[$$i]} end.name=$${models[$$j]} \
 	    dataset.tokenizer=$(firstword $(BERTS)) "$$groups" $(ARGS) >/dev/null || status=1; done; done; \
 	$(PY) -m stitching.report $(SWEEPS)/lm_bert_hans/$(STAMP) && exit $$status

@@ -165,6 +165,13 @@ def test_a_similarity_sweep_is_one_pair_per_combination_in_one_process_and_resum
     similarity_main([*flags, "-m", "--out", str(tmp_path / "sweep"), *overrides, "end.seed=0,1"])
     assert "0_end.seed=0: already computed, kept" in capsys.readouterr().out
     assert (folders[0] / "similarity.json").stat().st_mtime_ns == before
+    one = [*flags, "--resume", "--out", str(folders[0]), *overrides, "end.seed=0"]  # one pair, as make's loops run it
+    similarity_main(one)
+    assert "already computed, kept" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        similarity_main([*one, "similarity.batch_size=7"])
+    assert "other settings (the overrides)" in capsys.readouterr().err
+    assert (folders[0] / "similarity.json").stat().st_mtime_ns == before
     assert json.loads((folders[1] / "similarity.json").read_text())["grids"] == alone["grids"]
     for other, says in ((["--index", "cca"], "(--index)"), (["--images", "30"], "(the overrides)")):
         with pytest.raises(SystemExit):  # a resumed sweep never keeps grids that other settings asked for

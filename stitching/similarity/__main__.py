@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-m", "--multirun", action="store_true",
                         help="a sweep: one pair of models per combination of the swept keys (the preset's too), "
                              "each into its own folder under --out, in one process")
+    parser.add_argument("--resume", action="store_true",
+                        help="one pair: keep the grids already in --out when the same settings asked for them "
+                             "(other settings' grids are refused); a sweep always resumes")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for stitching.train (default: experiment=demo)")
     args = parser.parse_args(argv)
     flags = {"images": args.images, "batch_size": args.batch_size, "skip_positions": args.skip_positions,
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
     if not args.multirun:
         plan = _plan(args, given, flags)
+        if args.resume and _finished(out, plan["request"]):
+            return print(f"{out}: already computed, kept")
         return _pair(args, given, plan, hold_folder(out, "--out"), verbose=True)
     combos = sweep_pairs(given)
     plans = [_plan(args, combo, flags) for combo in combos]  # every pair's settings checked before any is computed
