@@ -476,17 +476,18 @@ def run_jobs(jobs: list[Job], base: list[str], root: Path, workers: int) -> list
 
 
 def _similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[str]:
-    from stitching.build import compose_config
-    from stitching.similarity.compare import config_grids
+    from stitching.build import compose_config, read_settings
+    from stitching.similarity.compare import config_grids, finished_grids, grids_request
 
-    s = compose_config(overrides).claims
+    config = read_settings(compose_config(overrides)).config
+    s = config["claims"]
     by_flatten: dict[str, list[str]] = {}
     for index in SIMILARITY_INDICES:  # each fed as the authors feed it: CKA per image, PWCCA and OPD by match
         by_flatten.setdefault(AUTHORS_FLATTEN[index], []).append(index)
     for flatten, indices in by_flatten.items():
-        if not (folder / flatten / "similarity.csv").is_file():  # a stopped check resumes
-            config_grids(overrides, indices, int(s.similarity_images), flatten, 250, folder / flatten,
-                         layers=list(s.layers), progress=progress)
+        images, layers = int(s["similarity_images"]), list(s["layers"])
+        if not finished_grids(folder / flatten, grids_request(config, indices, flatten, images, 250, layers)):
+            config_grids(overrides, indices, images, flatten, 250, folder / flatten, layers=layers, progress=progress)
     return []
 
 

@@ -592,6 +592,11 @@ def test_the_cka_claim_feeds_each_index_as_the_authors_do_and_scores_it_against_
     written = {p.parent.name: set(pd.read_csv(p).objective) for p in job.folder(tmp_path).rglob("similarity.csv")}
     assert written == {"sample": {"cka"}, "match": {"pwcca", "procrustes"}}
     assert all(AUTHORS_FLATTEN[index] == flatten for flatten, names in written.items() for index in names)
+    records = {p: p.stat().st_mtime_ns for p in job.folder(tmp_path).rglob("similarity.json")}
+    assert run_job(job, base, tmp_path, progress=False) == []  # a stopped check resumes: nothing computed again
+    assert len(records) == 2 and all(p.stat().st_mtime_ns == t for p, t in records.items())
+    with pytest.raises(StitchingError, match=r"other settings \(--images\)"):  # never kept as another size's grids
+        run_job(job, [*base, "claims.similarity_images=32"], tmp_path, progress=False)
     frame = collect(tmp_path)[0]
     for other in ("pwcca", "procrustes"):
         effect, what = CLAIMS[f"cka_finds_layers_{other}"].effect(frame, _settings())

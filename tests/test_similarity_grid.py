@@ -170,10 +170,10 @@ def test_a_similarity_sweep_is_one_pair_per_combination_in_one_process_and_resum
     assert "already computed, kept" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         similarity_main([*one, "similarity.batch_size=7"])
-    assert "other settings (the overrides)" in capsys.readouterr().err
+    assert "other settings (--batch-size)" in capsys.readouterr().err
     assert (folders[0] / "similarity.json").stat().st_mtime_ns == before
     assert json.loads((folders[1] / "similarity.json").read_text())["grids"] == alone["grids"]
-    for other, says in ((["--index", "cca"], "(--index)"), (["--images", "30"], "(the overrides)")):
+    for other, says in ((["--index", "cca"], "(--index)"), (["--images", "30"], "(--images)"), (["--front-rank", "1"], "(the overrides)")):
         with pytest.raises(SystemExit):  # a resumed sweep never keeps grids that other settings asked for
             similarity_main([*flags, *other, "-m", "--out", str(tmp_path / "sweep"), *overrides, "end.seed=0,1"])
         assert f"holds similarity grids asked for with other settings {says}" in capsys.readouterr().err

@@ -25,7 +25,6 @@ Examples: ``python -m stitching.similarity --index cka,cca experiment=demo end.s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,8 @@ import pandas as pd
 from stitching.build import compose_config, layer_value, read_settings
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import hold_folder
-from stitching.results.schema import config_hash
 from stitching.grids import sweep_folders
-from stitching.similarity.compare import config_grids, sweep_pairs
+from stitching.similarity.compare import config_grids, finished_grids, grids_request, sweep_pairs
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices
 
 
@@ -84,13 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
     if not args.multirun:
         plan = _plan(args, given, flags)
-        if args.resume and _finished(out, plan["request"]):
+        if args.resume and finished_grids(out, plan["request"]):
             return print(f"{out}: already computed, kept")
         return _pair(args, given, plan, hold_folder(out, "--out"), verbose=True)
     combos = sweep_pairs(given)
     plans = [_plan(args, combo, flags) for combo in combos]  # every pair's settings checked before any is computed
     folders = sweep_folders(out, combos)
-    done = [_finished(folder, plan["request"]) for folder, plan in zip(folders, plans)]
+    done = [finished_grids(folder, plan["request"]) for folder, plan in zip(folders, plans)]
     hold_folder(out, "--out")
     failed = []
     for combo, plan, folder, kept in zip(combos, plans, folders, done):
@@ -121,28 +119,9 @@ def _plan(args: argparse.Namespace, overrides: list[str], flags: dict) -> dict:
     if layers is not None:  # indices or names, as in stitch.layer
         layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
     indices, flatten = parse_indices(args.index or settings["index"]), args.flatten or settings["flatten"]
+    request = grids_request(run.config, indices, flatten, int(settings["images"]), int(settings["batch_size"]), layers)
     return {"settings": settings, "front_rank": run.stitch.front_rank, "layers": layers, "indices": indices,
-            "flatten": flatten, "request": {"config_hash": config_hash(run.config, hashed=("similarity",)),
-                                            "indices": indices, "flatten": flatten, "layers": layers}}
-
-
-def _finished(folder: Path, request: dict) -> bool:
-    """Whether a sweep's ``folder`` holds this pair's grids already; grids asked for with other
-    settings are refused in one line, never kept as this request's."""
-    path = folder / "similarity.json"
-    if not path.is_file():
-        return False
-    try:
-        held = json.loads(path.read_text()).get("request")
-    except (OSError, ValueError):
-        held = None
-    if held != json.loads(json.dumps(request)):
-        names = {"config_hash": "the overrides", "indices": "--index", "flatten": "--flatten", "layers": "--layers"}
-        differ = [names[key] for key in request if isinstance(held, dict) and held.get(key) != request[key]]
-        raise StitchingError(f"{folder} holds similarity grids asked for with other settings "
-                             f"({', '.join(differ) or 'not recorded'}); give another --out, or remove that folder "
-                             f"to compute it again")
-    return True
+            "flatten": flatten, "request": request}
 
 
 def _pair(args: argparse.Namespace, overrides: list[str], plan: dict, out: Path, verbose: bool) -> None:
@@ -152,7 +131,7 @@ def _pair(args: argparse.Namespace, overrides: list[str], plan: dict, out: Path,
                         int(settings["batch_size"]), out, layers=layers, progress=not args.no_progress,
                         skip_positions=int(settings["skip_positions"]), bootstrap=int(settings["bootstrap"]),
                         permutations=int(settings["permutations"]), front_rank=plan["front_rank"],
-                        rbf_sigma=float(settings["rbf_sigma"]), request=plan["request"])
+                        rbf_sigma=float(settings["rbf_sigma"]))
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test {record['inputs']}, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s" + ("" if verbose else f"; in {out}"))
     if not verbose:

@@ -5,6 +5,7 @@ zoo, the test images through both once, every index's grid (the library behind
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ from stitching.grids import sweep_combos
 from stitching.models import cut_point_names, resolve_layer
 from stitching.results.figures import heatmaps
 from stitching.results.records import condition_values
+from stitching.results.schema import config_hash
 from stitching.results.tables import sanity_checks
 from stitching.runtime import Stopwatch, versions, write_json_atomic
 from stitching.similarity.grid import index_of, similarity_grids
@@ -35,12 +37,42 @@ def sweep_pairs(overrides: list[str]) -> list[list[str]]:
     return sweep_combos(overrides, preset_axes=lambda key: key.startswith(MODEL_AND_DATA))
 
 
+def grids_request(config: dict, indices: list[str], flatten: str, images: int, batch_size: int,
+                  layers: list | None) -> dict:
+    """What asks for a folder's grids: the resolved config (its ``similarity`` group included),
+    the indices, flattening, input count, batch size and layers, as JSON holds them."""
+    return json.loads(json.dumps({"config_hash": config_hash(config, hashed=("similarity",)), "indices": list(indices),
+                                  "flatten": flatten, "images": images, "batch_size": batch_size, "layers": layers}))
+
+
+def finished_grids(folder: Path, request: dict) -> bool:
+    """Whether ``folder`` holds the grids ``request`` asks for (a stopped sweep resumes); grids that
+    other settings asked for, or whose request was not recorded, are refused in one line, never
+    kept as this request's."""
+    path = folder / "similarity.json"
+    if not path.is_file():
+        return False
+    try:
+        held = json.loads(path.read_text()).get("request")
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held != request:
+        names = {"config_hash": "the overrides", "indices": "--index", "flatten": "--flatten", "images": "--images",
+                 "batch_size": "--batch-size", "layers": "--layers"}
+        differ = [names[key] for key in request if isinstance(held, dict) and held.get(key) != request[key]]
+        differ = [name for name in differ if name != names["config_hash"]] or differ  # the setting, where one is named
+        raise StitchingError(f"{folder} holds similarity grids asked for with other settings "
+                             f"({', '.join(differ) or 'not recorded'}); give another output folder, or remove "
+                             f"that one to compute it again")
+    return True
+
+
 def config_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
                  out: Path, layers: list[int] | None = None, progress: bool = True, skip_positions: int = 0,
                  bootstrap: int = 0, permutations: int = 0, front_rank: int | None = None,
-                 rbf_sigma: float = 0.8, request: dict | None = None) -> dict:
-    """Compute and write the grids; return the record written to ``similarity.json`` (with
-    ``request``, what asked for them, so a resumed sweep can tell its own grids)."""
+                 rbf_sigma: float = 0.8) -> dict:
+    """Compute and write the grids; return the record written to ``similarity.json`` (with what
+    asked for them, :func:`grids_request`, so a resumed sweep can tell its own grids)."""
     watch = Stopwatch()
     settings = read_settings(compose_config(overrides))
     with watch.section("data_s"):
@@ -100,7 +132,8 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
         "intervals": {name: {key: [[_value(v) for v in row] for row in values] for key, values in parts.items()}
                       for name, parts in intervals.items() if isinstance(parts, dict)},
         "undefined": problems, "sanity": sanity, "heatmap": str(heatmap),
-        "timings": watch.report(), "versions": versions(), "config": settings.config, "request": request,
+        "timings": watch.report(), "versions": versions(), "config": settings.config,
+        "request": grids_request(settings.config, indices, flatten, images, batch_size, layers),
     }
     write_json_atomic(out / "similarity.json", record)
     return record
