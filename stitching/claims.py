@@ -492,14 +492,22 @@ def _similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[
 
 
 def _grounding_job(overrides: list[str], folder: Path, progress: bool) -> list[str]:
-    """One grounding run (a finished one without failures is read back; its stitching runs resume)."""
-    from stitching.build import compose_config
+    """One grounding run: a finished one without failures is read back when the same settings
+    made it (its grounding settings included); otherwise the tests run again, their stitching
+    runs resuming cell by cell."""
+    from stitching.build import compose_config, read_settings
     from stitching.groundings import run_tests
+    from stitching.results.schema import config_hash
 
+    config = compose_config(overrides)
     done = folder / "grounding.json"
-    if done.is_file() and not json.loads(done.read_text()).get("failed"):
-        return []
-    record = run_tests(compose_config(overrides), overrides, folder, progress)
+    if done.is_file():
+        held = json.loads(done.read_text())
+        same = config_hash(held.get("config") or {}, hashed=("grounding",)) == \
+            config_hash(read_settings(config).config, hashed=("grounding",))
+        if same and not held.get("failed"):
+            return []
+    record = run_tests(config, overrides, folder, progress)
     return [f"grounding: {line}" for line in record["failed"]]
 
 

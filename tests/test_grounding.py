@@ -92,6 +92,14 @@ def test_a_shrunken_grounding_run_writes_every_output_and_resumes(tiny_config, t
     again = run_tests(cfg, overrides, out, progress=False)
     assert {path: path.stat().st_mtime_ns for path in runs} == stamps
     assert again["correlations"] == record["correlations"]
+    # the claims' grounding job reads a finished record back only when the same settings made it
+    from stitching.claims import _grounding_job
+
+    stamp = (out / "grounding.json").stat().st_mtime_ns
+    assert _grounding_job(overrides, out, False) == [] and (out / "grounding.json").stat().st_mtime_ns == stamp
+    assert _grounding_job([*overrides, "grounding.bootstrap=20"], out, False) == []
+    assert json.loads((out / "grounding.json").read_text())["settings"]["bootstrap"] == 20
+    assert {path: path.stat().st_mtime_ns for path in runs} == stamps  # its stitching runs were read back
     # a folder holding another config's finished runs is left untouched: those items are gaps, named
     other = run_tests(tiny_config(*overrides[8:], "stitch.lr=0.002"), [*overrides, "stitch.lr=0.002"], out,
                       progress=False)
