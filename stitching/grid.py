@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(launch_grids(overrides, out))
     if args.multirun:
         grids = sweep_grids(overrides)
-        plan = [(rest, cells, folder) for (rest, cells), folder in zip(grids, sweep_folders(out, [rest for rest, _ in grids]))]
+        folders = sweep_folders(out, [rest for rest, _ in grids])
+        plan = [(rest, cells, folder) for (rest, cells), folder in zip(grids, folders)]
     else:
         plan = [(overrides, None, out)]
     configs = []

@@ -173,12 +173,14 @@ def test_a_similarity_sweep_is_one_pair_per_combination_in_one_process_and_resum
     assert "other settings (--batch-size)" in capsys.readouterr().err
     assert (folders[0] / "similarity.json").stat().st_mtime_ns == before
     assert json.loads((folders[1] / "similarity.json").read_text())["grids"] == alone["grids"]
-    for other, says in ((["--index", "cca"], "(--index)"), (["--images", "30"], "(--images)"), (["--front-rank", "1"], "(the overrides)")):
+    for other, says in ((["--index", "cca"], "(--index)"), (["--images", "30"], "(--images)"),
+                        (["--front-rank", "1"], "(the overrides)")):
         with pytest.raises(SystemExit):  # a resumed sweep never keeps grids that other settings asked for
             similarity_main([*flags, *other, "-m", "--out", str(tmp_path / "sweep"), *overrides, "end.seed=0,1"])
         assert f"holds similarity grids asked for with other settings {says}" in capsys.readouterr().err
     assert (folders[0] / "similarity.json").stat().st_mtime_ns == before
-    for bad, says in ((["stitch.layer=1,2"], "--layers"), (["end.seed=0,1", "similarity.batch_size=8,0"], "--batch-size 0"),
+    for bad, says in ((["stitch.layer=1,2"], "--layers"),
+                      (["end.seed=0,1", "similarity.batch_size=8,0"], "--batch-size 0"),
                       (["end.seed=0,1", "--index", "nope"], "unknown index")):
         with pytest.raises(SystemExit):
             similarity_main([*flags, "-m", "--out", str(tmp_path / "refused"), *overrides, *bad])
