@@ -4,7 +4,8 @@ linearly readable (the library behind ``python -m stitching.probe`` and the grou
 A probe is a linear classifier (softmax regression on standardised features, Adam) trained on
 the training split of the stitching data — un-augmented — and scored on its test split, on a
 cut point's activation, pooled or whole, after the rank truncation a stitch sees with
-``stitch.front_rank``. Results are cached per (model, layer, rank, settings) beside the zoo.
+``stitch.front_rank``. Results are cached per (model, layer, rank, settings, the probe's data
+themselves) beside the zoo.
 """
 
 from __future__ import annotations
@@ -93,11 +94,18 @@ class Prober:
         self.dataset = datamodule.name
         self.projection_inputs = projection_inputs if projection_inputs is not None else \
             datamodule.sample_train_images(settings.dm_samples, seed=settings.seed)
+        # the cache is keyed by the data themselves, so a probe fitted on other images (another
+        # subset of the same size, a shortcut, another seed) is never read back as this one
+        content = hashlib.sha256()
+        for tensor in (self.train_x, self.train_y, self.test_x, self.test_y, self.projection_inputs):
+            content.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            content.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.data_digest = content.hexdigest()[:16]
 
     def _path(self, key: str, layer: int, rank: int | None) -> Path | None:
         if self.cache_dir is None:
             return None
-        what = {"dataset": self.dataset, "train": len(self.train_x), "test": len(self.test_x), **asdict(self.settings)}
+        what = {"dataset": self.dataset, "data": self.data_digest, **asdict(self.settings)}
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
         return self.cache_dir / key.replace("/", "_") / f"layer{layer}-rank{rank or 'full'}-{digest}.json"
 

@@ -38,6 +38,12 @@ def test_probes_on_a_zoo_model_are_truncated_like_the_stitch_and_cached(tiny_con
     assert rank1["test_acc"] < full["test_acc"] - 0.1  # one direction cannot carry ten classes
     again = prober.accuracy(model, record["key"], 9, rank=1)
     assert again["cached"] and again["test_acc"] == rank1["test_acc"]
+    # a subset, or the same images marked with a shortcut: other data, never this cache
+    for other in (["dataset.train_subset=300"], ["shortcut=pixels"]):
+        elsewhere = Prober(build_datamodule(tiny_config(*other)), ProbeSettings(epochs=5), tmp_path / "probes")
+        assert elsewhere._path(record["key"], 9, 1) != prober._path(record["key"], 9, 1)
+    same = Prober(build_datamodule(tiny_config()), ProbeSettings(epochs=5), tmp_path / "probes")
+    assert same.accuracy(model, record["key"], 9, rank=1)["cached"]
     files = list((tmp_path / "probes").rglob("*.json"))
     assert len(files) == 2 and {json.loads(f.read_text())["rank"] for f in files} == {None, 1}
     with pytest.raises(Exception, match="exceeds"):
