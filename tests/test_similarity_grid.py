@@ -144,6 +144,9 @@ def test_similarity_cli_writes_the_report_format_and_the_report_joins_it(tmp_pat
     with pytest.raises(SystemExit):
         similarity_main(["--index", "rbf_cka", "--rbf-sigma", "0", *overrides])
     assert "--rbf-sigma" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a stitch's layer does not apply: every layer pair is compared
+        similarity_main(["--index", "cka", *overrides, "stitch.front_layer=3"])
+    assert "stitch.front_layer=3: a similarity grid compares every layer pair" in capsys.readouterr().err
 
 
 def test_a_similarity_sweep_is_one_pair_per_combination_in_one_process_and_resumes(tmp_path, zoo_dir, capsys):

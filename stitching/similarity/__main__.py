@@ -12,7 +12,7 @@ With ``-m``, every combination of a sweep is one pair of models, computed in one
 ``<out>/<k>_<the swept values>/``: the command line's comma-separated values, and the preset's
 ``hydra.sweeper.params`` over models and data (``front.*``, ``end.*``, ``model.*``, ``dataset.*``;
 its other axes, such as the objective and the layers, are its stitching sweep's). A layer axis on
-the command line is refused: ``--layers`` picks these grids' layers. Every pair's settings are
+the command line is refused (in one pair too): ``--layers`` picks these grids' layers. Every pair's settings are
 checked before any is computed; a pair whose ``similarity.json`` is there is kept, so a stopped
 sweep resumes (grids there that other settings asked for are refused in one line, never kept);
 a pair that fails is reported and the others still run (exit status 1).
@@ -35,7 +35,7 @@ from stitching.build import compose_config, layer_value, read_settings
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import hold_folder
 from stitching.grids import sweep_folders
-from stitching.similarity.compare import config_grids, finished_grids, grids_request, sweep_pairs
+from stitching.similarity.compare import config_grids, finished_grids, grids_request, refuse_layer_keys, sweep_pairs
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices
 
 
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
              *([f"stitch.front_rank={args.front_rank}"] if args.front_rank is not None else [])]
     out = Path(args.out) if args.out else Path("outputs/similarity") / time.strftime("%Y-%m-%d_%H-%M-%S")
     if not args.multirun:
+        refuse_layer_keys(given)
         plan = _plan(args, given, flags)
         if args.resume and finished_grids(out, plan["request"]):
             return print(f"{out}: already computed, kept")

@@ -27,13 +27,18 @@ from stitching.similarity.grid import index_of, similarity_grids
 MODEL_AND_DATA = ("front.", "end.", "model.", "dataset.")
 
 
+def refuse_layer_keys(overrides: list[str]) -> None:
+    """A stitch's layer keys do not apply to a similarity grid, which compares every layer pair."""
+    given = [arg for arg in overrides if "=" in arg and arg.split("=", 1)[0].lstrip("+~") in LAYER_KEYS]
+    if given:
+        raise StitchingError(f"{given[0]}: a similarity grid compares every layer pair; pick its layers with --layers")
+
+
 def sweep_pairs(overrides: list[str]) -> list[list[str]]:
     """A similarity sweep's pairs of models: every combination of the command line's
     comma-separated values and of the preset's sweep axes over models and data (its objective and
-    layer axes are its stitching sweep's); a layer axis given here is refused."""
-    swept = [arg for arg in overrides if "=" in arg and arg.split("=", 1)[0].lstrip("+~") in LAYER_KEYS]
-    if swept:
-        raise StitchingError(f"{swept[0]}: a similarity grid compares every layer pair; pick its layers with --layers")
+    layer axes are its stitching sweep's); a layer key given here is refused."""
+    refuse_layer_keys(overrides)
     return sweep_combos(overrides, preset_axes=lambda key: key.startswith(MODEL_AND_DATA))
 
 
