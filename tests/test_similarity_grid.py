@@ -212,3 +212,20 @@ def test_match_flattening_is_positions_for_one_shape_and_pooled_otherwise():
     assert grids["pwcca"][other] == pytest.approx(pwcca(pool(a), pool(b)), rel=1e-6)
     with pytest.raises(SimilarityError, match="flatten=match"):
         similarity_grids(front, end, images, ["minibatch_cka"], flatten="match", progress=False)
+
+
+def test_a_condition_a_method_lacks_keeps_its_rows_in_the_sanity_table_and_every_facet():
+    """A similarity index has no ``dm_bn_pass``: its rows stay in the sanity table (the condition
+    reads n/a) and are drawn in every facet of that condition, beside the runs that read it."""
+    from stitching.results.tables import facets, sanity_table
+
+    common = {"ties": 0, "layers": 5, "arch": "resnet18", "front": "a", "end": "a", "pairing": "self",
+              "check": "a layer is most similar to itself", "score": 1.0}
+    table = sanity_table([{**common, "method": "dm", "dm_bn_pass": True},
+                          {**common, "method": "dm", "dm_bn_pass": False},
+                          {**common, "method": "cka", "dm_bn_pass": float("nan")}])
+    assert sorted(table.index.get_level_values("method")) == ["cka", "dm", "dm"]
+    frame = pd.DataFrame({"objective": ["dm", "dm", "cka"], "dm_bn_pass": [True, False, np.nan], "score": [1, 2, 3]})
+    drawn = facets(frame)
+    assert [label for label, _ in drawn] == ["dm_bn_pass=False", "dm_bn_pass=True"]
+    assert all("cka" in set(rows.objective) for _, rows in drawn)

@@ -17,11 +17,17 @@ def objectives_present(frame: pd.DataFrame) -> list[str]:
     return [o for o in OBJECTIVE_ORDER if o in present] + [o for o in present if o not in OBJECTIVE_ORDER]
 
 
+def condition_text(values: pd.Series | pd.DataFrame) -> pd.Series | pd.DataFrame:
+    """Conditions as text; a condition a row lacks (a similarity index has no ``dm_bn_pass``)
+    reads :data:`~stitching.results.records.NOT_READ`, so no grouping drops that row."""
+    return values.astype(object).where(values.notna(), NOT_READ).astype(str)
+
+
 def varying_conditions(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
     """Condition columns that take more than one value in this sweep (seeds are replicates:
     ``pairing`` tells a model stitched to itself from two models)."""
     columns = [c for c in [*CONDITIONS, "shortcut", "pairing"] if c in frame and c not in (*exclude, *REPLICATES)]
-    return [c for c in columns if frame[c].astype(str).nunique() > 1]
+    return [c for c in columns if frame[c].dropna().astype(str).nunique() > 1]  # a missing value is no value
 
 
 def seed_pairs(frame: pd.DataFrame) -> int:
@@ -43,7 +49,7 @@ def facets(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str
     varying = varying_conditions(frame, exclude)
     if not varying:
         return [("", frame)]
-    text = pd.DataFrame({c: frame[c].astype(str) for c in varying}, index=frame.index)
+    text = pd.DataFrame({c: condition_text(frame[c]) for c in varying}, index=frame.index)
     groups, placed = [], pd.Series(False, index=frame.index)
     for key, rows in text.groupby(varying, sort=True):  # every combination some run realises
         key = key if isinstance(key, tuple) else (key,)
@@ -173,7 +179,7 @@ def sanity_table(results: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(results)
     conditions = [c for c in frame.columns
                   if c not in ("method", "check", "score", "ties", "layers", "arch", "front", "end")]
-    frame[conditions] = frame[conditions].astype(str)  # a condition a method lacks reads "nan", not dropped
+    frame[conditions] = condition_text(frame[conditions])  # a condition a method lacks reads n/a, not dropped
     index = ["arch", *conditions, "method"]
     table = frame.pivot_table(index=index, columns="check", values="score", aggfunc="mean")
     ties = frame.pivot_table(index=index, columns="check", values="ties", aggfunc="sum")
