@@ -157,8 +157,8 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.8, unbiased: bool
 
 class _LinearKernel:
     """One layer's linear kernel ``K = XXᵀ`` for :func:`hsic_unbiased`, held as the terms the
-    estimator needs: ``diag(K)``, ``K̃1`` and, only for a layer at least as wide as the batch, ``K``
-    itself. Two narrow layers meet in feature space (``Σ_{i≠j} K_ij L_ij = ‖YᵀX‖²_F − Σ K_ii L_ii``,
+    estimator needs: ``diag(K)``, ``K̃1`` and, only where a layer at least as wide as the batch is
+    involved, ``K`` itself (formed once). Two narrow layers meet in feature space (``Σ_{i≠j} K_ij L_ij = ‖YᵀX‖²_F − Σ K_ii L_ii``,
     ``O(n·d₁·d₂)``), so a batch of 2 048 tokens of width 64 never forms a 2 048² matrix."""
 
     def __init__(self, a: torch.Tensor, gram):
@@ -166,18 +166,24 @@ class _LinearKernel:
         n, width = self.x.shape
         if n < 4:
             raise SimilarityError(f"the unbiased HSIC needs at least 4 inputs per batch, got {n}")
-        self.gram = gram(a) if width >= n else None
+        self.wide, self._input, self._form, self._gram = width >= n, a, gram, None
         self.diag = (self.x * self.x).sum(1)
         self.rows = self.x @ self.x.sum(0) - self.diag  # K̃1 (zeroed diagonal)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """``K`` itself, formed once, and only when a wide layer meets this one."""
+        if self._gram is None:
+            self._gram = self._form(self._input)
+        return self._gram
 
     @staticmethod
     def hsic(k: "_LinearKernel", l: "_LinearKernel") -> torch.Tensor:
         n = len(k.x)
-        if k.gram is None and l.gram is None:
-            products = (l.x.T @ k.x).pow(2).sum()
+        if k.wide or l.wide:
+            products = k.gram.mul(l.gram).sum()
         else:
-            products = (k.gram if k.gram is not None else k.x @ k.x.T).mul(
-                l.gram if l.gram is not None else l.x @ l.x.T).sum()
+            products = (l.x.T @ k.x).pow(2).sum()
         trace = products - (k.diag * l.diag).sum()  # tr(K̃L̃)
         return (trace + k.rows.sum() * l.rows.sum() / ((n - 1) * (n - 2)) - 2 * (k.rows @ l.rows) / (n - 2)) \
             / (n * (n - 3))
