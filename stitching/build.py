@@ -290,7 +290,7 @@ def build_datamodule(settings: Settings | DictConfig, name: str | None = None,
     options.pop("attack_eps", None)  # read by the attack group and the zoo, not the data
     options.pop("base_images", None)  # read by the zoo when it trains a base model
     if not with_testbeds:
-        return ImageDataModule(**{**options, "num_classes_train": None, "train_subset": None})
+        return ImageDataModule(**{**options, "num_classes_train": None, "train_subset": None, "test_subset": None})
     return ImageDataModule(**options, shortcut=copy.deepcopy(settings.shortcut))
 
 
@@ -435,11 +435,12 @@ def check_sizes(datamodule, settings: Settings | None = None) -> None:
     for split, size in sizes.items():
         if size == 0:
             raise StitchingError(f"the {split} split of {datamodule.name} is empty; check the dataset's settings")
-    subset = datamodule.subsets.get("train_subset") if getattr(datamodule, "subsets", None) else None
-    asked = getattr(datamodule, "train_subset", None)
-    if subset and asked and asked > subset["of"]:
-        print(f"[data] dataset.train_subset={asked} but the training split has {subset['of']} examples: all are "
-              f"used", file=sys.stderr)
+    for key, split in (("train_subset", "training"), ("test_subset", "test")):
+        subset = (getattr(datamodule, "subsets", None) or {}).get(key)
+        asked = getattr(datamodule, key, None)
+        if subset and asked and asked > subset["of"]:
+            print(f"[data] dataset.{key}={asked} but the {split} split has {subset['of']} examples: all are used",
+                  file=sys.stderr)
     if settings is None:
         return
     if settings.stitch.dm_samples > sizes["training"]:

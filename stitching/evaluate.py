@@ -111,17 +111,34 @@ def cached_robust_metrics(model: nn.Module, checkpoint: str | Path | None, datam
     """
     wanted = {**pgd_settings(attack),
               **{k: attack[k] for k in ("eval_pgd", "eval_autoattack", "autoattack_version", "eval_images")}}
-    key = json.dumps({**wanted, "dataset": datamodule.name, "seed": seed}, sort_keys=True)
+    return _beside(checkpoint, ".robust.json", {**wanted, "seed": seed}, datamodule,
+                   lambda: robust_metrics(copy.deepcopy(model), datamodule, attack, device, seed))
+
+
+def cached_base_accuracy(model: nn.Module, checkpoint: str | Path | None, datamodule: ImageDataModule,
+                         device) -> float:
+    """:func:`base_accuracy` of a base model on the run's test images (``dataset.test_subset``),
+    remembered beside its checkpoint: the stitch and its two models scored on the same images."""
+    return _beside(checkpoint, ".accuracy.json", {}, datamodule, lambda: base_accuracy(model, datamodule, device))
+
+
+def _beside(checkpoint: str | Path | None, suffix: str, settings: dict, datamodule: ImageDataModule,
+            compute: Callable[[], object]):
+    """``compute()``, remembered in ``<checkpoint><suffix>`` under ``settings`` and the test images
+    it reads (the dataset, and how its test subset was drawn when there is one)."""
+    subset = (getattr(datamodule, "subsets", None) or {}).get("test_subset")
+    key = json.dumps({**settings, "dataset": datamodule.name, **({"test_subset": subset} if subset else {})},
+                     sort_keys=True)
     if checkpoint is None:  # a hub model with no local file: nowhere to cache
-        return robust_metrics(copy.deepcopy(model), datamodule, attack, device, seed)
-    cache = Path(checkpoint).with_suffix(".robust.json")
+        return compute()
+    cache = Path(checkpoint).with_suffix(suffix)
     with cache_lock(cache):
         try:
             known = json.loads(cache.read_text()) if cache.is_file() else {}
         except (OSError, ValueError):
             known = {}  # an unreadable cache is recomputed
         if key not in known:
-            known[key] = robust_metrics(copy.deepcopy(model), datamodule, attack, device, seed)
+            known[key] = compute()
             write_cache(cache, lambda tmp: tmp.write_text(json.dumps(known, indent=2)))
     return known[key]
 

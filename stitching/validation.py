@@ -98,6 +98,7 @@ RULES: dict[str, Rule] = {
     "dataset.test_sequences": Rule("int", 1, nullable=True),
     "dataset.num_classes_train": Rule("int", 1, nullable=True),
     "dataset.train_subset": Rule("int", 1, nullable=True),
+    "dataset.test_subset": Rule("int", 1, nullable=True),
     "dataset.base_images": Rule("int", 1, nullable=True),
     "dataset.augment.crop_padding": INDEX,
     "dataset.source.split_seed": SEED,
@@ -385,7 +386,7 @@ def check_trainer(options: dict) -> None:
 #: a dataset's settings that choose the stitching data from it (and its batches); a base model
 #: and an OOD detector's outlier set always read the whole clean training split, with the zoo's
 #: own batch size, so these never reach a dataset that only a base model or the outliers read
-STITCHING_ONLY = frozenset({"train_subset", "num_classes_train", "train_sequences", "test_sequences", "challenge",
+STITCHING_ONLY = frozenset({"train_subset", "test_subset", "num_classes_train", "train_sequences", "test_sequences", "challenge",
                             "batch_size"})
 
 

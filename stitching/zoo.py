@@ -421,7 +421,7 @@ class ModelZoo:
 # read, and what a stitching run selects from them (a base model always sees the whole
 # training split, clean).
 NOT_IDENTITY = frozenset({"num_workers", "batch_size", "data_dir", "download", "installed", "kind", "attack_eps",
-                          "num_classes_train", "train_subset", "train_sequences", "test_sequences", "challenge"})
+                          "num_classes_train", "train_subset", "test_subset", "train_sequences", "test_sequences", "challenge"})
 
 
 def base_data(settings: dict) -> dict:

@@ -4,6 +4,7 @@ cross-task stitching, an outlier set) reach that dataset, and a key that would n
 from __future__ import annotations
 
 import pytest
+import torch
 
 from stitching.build import build_datamodule, build_zoo, dataset_config, read_settings
 from stitching.errors import StitchingError
@@ -132,3 +133,55 @@ def test_a_record_hashed_before_groups_left_the_hash_stays_a_finished_result(tin
     edited = copy.deepcopy(config)
     edited["seed"] = int(edited["seed"]) + 1
     assert any("was edited" in p for p in problems({**record, "config": edited, "config_hash": older}))
+
+
+def test_a_test_subset_scores_the_stitch_and_both_models_on_the_same_stratified_images(tiny_config, tmp_path):
+    # dataset.test_subset: every run tests on the same class-balanced draw, and the base models' accuracies
+    # beside the stitch's are measured on those images (by hand here), not the zoo's whole-split numbers
+    from collections import Counter
+
+    from stitching.data.sampling import stratified_sample
+    from stitching.evaluate import predictions
+    from stitching.runs import run
+
+    record = run(tiny_config("dataset.test_subset=60", "objective=dm", "stitch.layer=3"), tmp_path / "run")
+    whole = build_datamodule(read_settings(tiny_config()))
+    whole.setup()
+    pick = stratified_sample(whole.arrays.test_y, 60, seed=0)
+    assert record["evaluation"]["subsets"]["test_subset"] == {"kept": 60, "of": len(whole.arrays.test_y),
+                                                             "how": "stratified by class", "seed": 0}
+    assert record["evaluation"]["test_images"] == 60
+    labels = whole.arrays.test_y[pick]
+    assert max(Counter(labels.tolist()).values()) - min(Counter(labels.tolist()).values()) <= 1  # digits: balanced
+    assert round(record["metrics"]["test/acc"] * 60, 6) == round(record["metrics"]["test/acc"] * 60)  # k of 60
+    settings = read_settings(tiny_config())
+    zoo = build_zoo(settings)
+    images = whole.test_tensors()[0][pick]
+    for side in ("front", "end"):
+        spec = getattr(settings, side).spec
+        model, zoo_record = zoo.get(spec)
+        by_hand = (predictions(model, images, torch.device("cpu")) == labels).float().mean().item()
+        assert record["base"][side]["test_acc"] == pytest.approx(by_hand, abs=1e-9)
+        assert record["base"][side]["test_images"] == 60
+        assert zoo_record["test_acc"] == pytest.approx(  # the zoo keeps the whole split's accuracy
+            (predictions(model, whole.test_tensors()[0], torch.device("cpu")) == whole.arrays.test_y).float().mean().item())
+    # a base model is the same model with or without a test subset (its name, its weights)
+    assert zoo.path(read_settings(tiny_config("dataset.test_subset=60")).end.spec) == zoo.path(settings.end.spec)
+
+
+def test_a_base_models_cached_scores_are_kept_apart_per_test_subset(tiny_config, tmp_path):
+    # the cache beside a checkpoint is keyed by the test images it read: a score on a subset is never
+    # handed to a run on the whole split (or on another subset), and each equals its own computation
+    from stitching.evaluate import base_accuracy, cached_base_accuracy
+
+    settings = read_settings(tiny_config())
+    model, _ = build_zoo(settings).get(settings.end.spec)
+    checkpoint = tmp_path / "model.pt"
+    for subset in (None, 30, 60, None):
+        datamodule = build_datamodule(read_settings(tiny_config(f"dataset.test_subset={subset or 'null'}")))
+        datamodule.setup()
+        cached = cached_base_accuracy(model, checkpoint, datamodule, torch.device("cpu"))
+        assert cached == base_accuracy(model, datamodule, torch.device("cpu"))
+        assert len(datamodule.arrays.test_y) == (subset or len(datamodule.arrays.test_y))
+    import json
+    assert len(json.loads(checkpoint.with_suffix(".accuracy.json").read_text())) == 3

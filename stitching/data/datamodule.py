@@ -151,6 +151,8 @@ class ImageDataModule(L.LightningDataModule):
             split keeps every class).
         train_subset: keep only this many training images, each class in proportion (a seeded
             stratified draw; ``None``: all).
+        test_subset: test on only this many test images, each class in proportion (a seeded
+            stratified draw, the same for every run of a dataset; ``None``: all).
         source: options passed to the source loader (``data_dir``, ``image_size``, …).
         shortcut: ``{kind, placement, size, seed}`` marks every training image with its
             class's shortcut (see :mod:`stitching.data.shortcuts`); ``None`` or kind null: off.
@@ -167,6 +169,7 @@ class ImageDataModule(L.LightningDataModule):
         std=None,
         num_classes_train: int | None = None,
         train_subset: int | None = None,
+        test_subset: int | None = None,
         seed: int = 0,
         source: dict | None = None,
         shortcut: dict | None = None,
@@ -181,6 +184,7 @@ class ImageDataModule(L.LightningDataModule):
         self._mean, self._std = mean, std
         self.num_classes_train = num_classes_train
         self.train_subset = train_subset
+        self.test_subset = test_subset
         self.seed = seed
         self.subsets: dict = {}  # how each subset was drawn, for the record
         self.source = dict(source or {})
@@ -210,7 +214,13 @@ class ImageDataModule(L.LightningDataModule):
                                                     "stratified by class", self.seed)
             pick = stratified_sample(train_y, self.train_subset, self.seed)
             train_x, train_y = train_x[pick], train_y[pick]
-        self.arrays = ImageArrays(train_x, train_y, arrays.test_x, arrays.test_y)
+        test_x, test_y = arrays.test_x, arrays.test_y
+        if self.test_subset is not None:  # the same stratified draw for every run: paired comparisons
+            self.subsets["test_subset"] = describe(min(self.test_subset, len(test_y)), len(test_y),
+                                                   "stratified by class", self.seed)
+            pick = stratified_sample(test_y, self.test_subset, self.seed)
+            test_x, test_y = test_x[pick], test_y[pick]
+        self.arrays = ImageArrays(train_x, train_y, test_x, test_y)
         if self.shortcut_options:
             self.shortcut = Shortcut(num_classes=self.num_classes, image_size=train_x.shape[-1],
                                      channels=train_x.shape[1], **self.shortcut_options)

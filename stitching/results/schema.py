@@ -34,7 +34,7 @@ NOT_HASHED = ("logger", "grid", "probe", "grounding", "similarity", "claims", "g
 #: (``datasets``: no dataset but the run's own is given settings)
 ADDED_LATER = {"datasets": {}, "evaluation.ood.detector": "tail", "evaluation.ood.pretrain_epochs": None,
                "evaluation.ood.width": None, "stitch.dm_bn_pass": False,
-               "dataset.base_images": None}
+               "dataset.base_images": None, "dataset.test_subset": None}
 
 
 def _drop_added_later(config: dict) -> dict:

@@ -82,8 +82,8 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
     settings = read_settings(compose_config(overrides))
     with watch.section("data_s"):
         # a stitching run's test data: its test sequences (dataset.test_sequences, spread across the
-        # split), or the test images without the run's shortcut testbeds
-        datamodule = build_datamodule(settings, with_testbeds=settings.data().get("kind") == "text")
+        # split), or its test images (dataset.test_subset), clean: test_tensors leaves shortcuts off
+        datamodule = build_datamodule(settings)
         datamodule.setup()
         # test images, or test token sequences for language models (padding never enters an index)
         x = datamodule.test_inputs(images) if is_text(datamodule) else datamodule.test_tensors(images)[0]
