@@ -26,7 +26,7 @@ export WANDB_MODE ?= offline
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-full docs bench clean $(FIGURES) $(FIGURES:=-small) sanity sanity-small sanity-vit \
 	sanity-vit-small lm-solu-gelu lm-solu-gelu-small models lm-packaged lm-pythia lm-bert-hans grounding \
-	grounding-small claims claims-small claims-diagnosis data-fmnist appendix-b appendix-b-small
+	grounding-small claims claims-small claims-cpu claims-diagnosis data-fmnist appendix-b appendix-b-small
 
 # $(call stitch,DIR): the command that trains a sweep into DIR — one grid per combination of the
 # axes other than the layers, every cell a run folder; with ARGS naming a Hydra launcher, one job
@@ -173,22 +173,26 @@ grounding-small: $(READY) ## the same tests on MNIST-5k, CPU-sized: measure × r
 claims: $(READY) ## every qualitative claim of the three papers, paper size (GPU): claims.md, claims.html
 	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims/$(STAMP) experiment=claims $(ARGS)
 
-claims-small: $(READY) data-fmnist ## the same claims on Fashion-MNIST and toy language models, CPU-sized, 3 seed pairs each
+claims-small: $(READY) data-fmnist ## the same claims on Fashion-MNIST and toy language models, CPU-sized (about 90 min)
 	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims_small/$(STAMP) experiment=claims_small $(ARGS)
 
+claims-cpu: $(READY) data-fmnist ## the same claims with width-16 models and every test image (about 5 h 35 min on 2 cores)
+	$(PY) -m stitching.claims --no-progress --out outputs/claims/claims_cpu/$(STAMP) experiment=claims_cpu $(ARGS)
+
 DIAGNOSIS := $(PY) -m stitching.claims --no-progress
-# the MNIST-5k claims check of 2026-11-25, whose diagnoses docs/results.md reports (claims_small ran on MNIST-5k then)
-MNIST_CLAIMS := experiment=claims_small dataset=mnist5k dataset.base_images=null
+# the MNIST-5k claims check of 2026-11-25, whose diagnoses docs/results.md reports (claims_cpu, then called
+# claims_small, ran on MNIST-5k then)
+MNIST_CLAIMS := experiment=claims_cpu dataset=mnist5k dataset.base_images=null
 ROBUST_END_ROWS := robust_penultimate_chance,robust_hint_deep,robust_decay
 SELF_ROWS := self_stitch_diagonal_hint,self_stitch_diagonal_fula,self_stitch_diagonal_tlm,dm_vs_tlm_self_directional,$\
 	dm_self_directional,fula_directional
 claims-diagnosis: $(READY) data-fmnist ## the extra measurements behind the claims diagnoses (docs/results.md), on today's rows
 	@# Fashion-MNIST: the self-grid rows on adjacent layers, where the 1-5-9 grid's share of 1.00 can move
-	$(DIAGNOSIS) --only $(SELF_ROWS) --out outputs/claims/diagnosis/fmnist_self_grids_adjacent experiment=claims_small \
+	$(DIAGNOSIS) --only $(SELF_ROWS) --out outputs/claims/diagnosis/fmnist_self_grids_adjacent experiment=claims_cpu \
 		"claims.grid_layers=[4,5,6]"
 	@# Fashion-MNIST: the α = 1 rows on a robust end (pair (0, 1)) at the paper's 30 stitching epochs instead of 4
 	$(DIAGNOSIS) --only $(ROBUST_END_ROWS) --out outputs/claims/diagnosis/fmnist_robust_end_30_epochs \
-		experiment=claims_small claims.seed_pairs=1 $(foreach job,hint_alpha1 fula_alpha1 fula_last_robust fula_last_plain,\
+		experiment=claims_cpu claims.seed_pairs=1 $(foreach job,hint_alpha1 fula_alpha1 fula_last_robust fula_last_plain,\
 		"claims.extra.robust_end.$(job)=['dataset.train_subset=500','trainer.max_epochs=30']")
 	$(DIAGNOSIS) --only fabricated_robustness_slm,fabricated_robustness_tlm \
 		--out outputs/claims/diagnosis/robustness_eps0.1 $(MNIST_CLAIMS) attack.eps=0.1

@@ -393,7 +393,7 @@ def needs(job: Job, base: list[str]) -> Needs:
         cells = 1
     data = settings.data()  # images, or a language model's sequences
     images = data.get("train_subset") or data.get("train_sequences") or 50_000
-    tests = data.get("test_sequences") or TEST_IMAGES
+    tests = data.get("test_sequences") or data.get("test_subset") or TEST_IMAGES
     passes = 1 + (int(settings.attack.get("steps") or 0) if float(settings.attack.get("alpha") or 0) > 0 else 0)
     epochs = sum(0 if objective == "dm" else int(settings.trainer.get("max_epochs") or 0)  # DM: a closed form
                  for objective in objectives)

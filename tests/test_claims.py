@@ -500,7 +500,7 @@ def test_fula_above_hint_reads_the_clean_accuracy_of_the_adversarial_same_task_r
 def test_the_robust_front_claims_stitch_the_odd_seeds_robust_model_into_the_even_seeds_plain_one():
     from stitching.validation import check_config
 
-    for preset in ("claims", "claims_small"):  # every job composes to valid settings at both sizes
+    for preset in ("claims", "claims_cpu", "claims_small"):  # every job composes to valid settings at every size
         for job in plan(compose_config([f"experiment={preset}"]).claims, ["robust_front_robust_tlm"]):
             check_config(compose_config([f"experiment={preset}", *job.overrides]))
     claims = compose_config(["experiment=claims_small"]).claims
@@ -514,8 +514,8 @@ def test_the_robust_front_claims_stitch_the_odd_seeds_robust_model_into_the_even
                 f"end.seed={b}", f"grid.pairs={layers}"} <= set(job.overrides)
         assert "end.robust=true" not in job.overrides and ("dataset.train_subset=500" in job.overrides) != alpha0
     sizes = needs(jobs[0], ["experiment=claims_small", "paths.zoo_dir=/nonexistent"])
-    assert sorted(name.split("-e8-")[0] for name in sizes.models) == ["resnet18-w16-fmnist10000-s0",
-                                                                      "resnet18-w16-fmnist10000-s1-robust0.1"]
+    assert sorted(name.split("-e8-")[0] for name in sizes.models) == ["resnet18-w8-fmnist5000-s0",
+                                                                      "resnet18-w8-fmnist5000-s1-robust0.1"]
     # the effects against hand computation: SLM/TLM robust accuracy above Hint/FuLA's, their clean accuracy below
     rows = [{"run": f"runs/robust_front/seeds{a}-{b}/{o}/{o}/f5-e5", "objective": o, "alpha": 1, "test_acc": acc,
              "test_robust_acc_pgd": robust + 0.01 * n}
@@ -738,7 +738,7 @@ def test_the_robust_end_claims_read_alpha_0_ranges_and_alpha_1_deep_layers():
 def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
     from stitching.validation import check_config
 
-    for preset in ("claims", "claims_small"):  # every job composes to valid settings at both sizes
+    for preset in ("claims", "claims_cpu", "claims_small"):  # every job composes to valid settings at every size
         for job in plan(compose_config([f"experiment={preset}"]).claims, ["robust_decay"]):
             check_config(compose_config([f"experiment={preset}", *job.overrides]))
     claims = compose_config(["experiment=claims_small"]).claims
@@ -774,7 +774,7 @@ def test_the_robust_end_jobs_stitch_a_non_robust_front_into_a_robust_end():
     assert any("-robust0.1-" in name for name in sizes.models)
 
 
-@pytest.mark.parametrize("preset", ["claims", "claims_small"])
+@pytest.mark.parametrize("preset", ["claims", "claims_cpu", "claims_small"])
 def test_adversarial_images_reach_every_adversarial_job_and_no_other(preset):
     """``claims.adversarial_images`` is stated once and reaches exactly the jobs that stitch on
     adversarial examples (``attack.alpha=1``), in every experiment; null leaves them alone, and an
@@ -798,3 +798,25 @@ def test_adversarial_images_reach_every_adversarial_job_and_no_other(preset):
     assert _adversarial_subset(["attack.alpha=1.0"], 9) == _adversarial_subset(["+attack.alpha=0.5"], 9) == [
         "dataset.train_subset=9"]
     assert _adversarial_subset(["attack.alpha=1", "attack.alpha=0.0"], 9) == _adversarial_subset(["attack=pgd"], 9) == []
+
+
+def test_claims_small_is_claims_cpu_on_smaller_models_and_fewer_test_images():
+    # the 90-minute design (fixed 2026-12-06): every claim, replicate, layer, budget and test of claims_cpu;
+    # only the models' width, their training images and the stitches' test images differ
+    cpu = OmegaConf.to_container(compose_config(["experiment=claims_cpu"]), resolve=True)
+    small = OmegaConf.to_container(compose_config(["experiment=claims_small"]), resolve=True)
+
+    def leaves(tree, prefix=""):
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {k: v for key, value in tree.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+
+    cpu, small = leaves(cpu), leaves(small)
+    differ = {key: (cpu.get(key), small.get(key)) for key in {*cpu, *small} if cpu.get(key) != small.get(key)}
+    assert differ == {"model.width": (16, 8), "front.width": (16, 8), "end.width": (16, 8),
+                      "dataset.base_images": (10000, 5000), "dataset.test_subset": (None, 2000)}
+    # its jobs are claims_cpu's jobs, the same overrides in the same order
+    claims = compose_config(["experiment=claims_small"]).claims
+    assert [(j.experiment, j.pair, j.tag, j.overrides) for j in plan(claims, list(CLAIMS))] == \
+        [(j.experiment, j.pair, j.tag, j.overrides) for j in plan(compose_config(["experiment=claims_cpu"]).claims,
+                                                                     list(CLAIMS))]

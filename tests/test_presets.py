@@ -13,7 +13,7 @@ from tests.test_cli import _train
 #: presets of `python -m stitching.grounding` and `python -m stitching.claims` (not sweeps; their
 #: shrunken pipelines run in test_grounding and test_claims)
 GROUNDING = ("grounding", "grounding_small")
-CLAIMS = ("claims", "claims_small")
+CLAIMS = ("claims", "claims_cpu", "claims_small")
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
                  if p.stem not in ("small", *GROUNDING, *CLAIMS))
 
