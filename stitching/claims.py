@@ -72,10 +72,13 @@ POWER = 0.8
 
 
 def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA, margin: float | None = None) -> dict:
-    """``{"verdict", "mean", "std", "pairs", "p_value", "ci95", "detectable", "why"}`` of one
+    """``{"verdict", "mean", "std", "pairs", "p_value", "ci95", "bound", "detectable", "why"}`` of one
     claim's effects (one per seed pair, positive in the claim's direction): a one-sided
-    one-sample t-test of mean > 0 (``p_value``) and the two-sided 95 % t interval of the mean
-    (``ci95``); ``std`` is the sample standard deviation over pairs. It does not hold when the
+    one-sample t-test of mean > 0 (``p_value``), the two-sided 95 % t interval of the mean
+    (``ci95``), and ``bound``, the one-sided (1 − alpha) bound that decides the verdict: the lower
+    bound when the mean is at or above zero (the claim holds exactly when it is above zero), else
+    the upper one (the reverse test rejects exactly when it is below zero). ``std`` is the sample
+    standard deviation over pairs. It does not hold when the
     reverse test rejects, or when the whole interval lies within ``±margin`` (an effect too small
     to matter); ``detectable`` is the smallest mean effect this test finds with probability
     :data:`POWER` at the observed spread, (t₁₋α + t_power) · std / √n."""
@@ -86,7 +89,7 @@ def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA, marg
     mean = float(values.mean()) if n else float("nan")
     std = float(values.std(ddof=1)) if n > 1 else float("nan")
     out = {"mean": mean, "std": std, "pairs": n, "p_value": float("nan"), "ci95": [float("nan"), float("nan")],
-           "detectable": float("nan"), "margin": margin}
+           "bound": float("nan"), "detectable": float("nan"), "margin": margin}
     if n < min_pairs:
         return {**out, "verdict": UNSURE, "why": f"{n} seed pair(s) measured, {min_pairs} needed"}
     if np.ptp(values) <= 1e-9 * max(1.0, abs(mean)):  # every replicate the same (to rounding): nothing to test
@@ -99,9 +102,12 @@ def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA, marg
     t = mean / error
     half = float(stats.t.ppf(0.975, n - 1) * error)
     detectable = float((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(POWER, n - 1)) * error)
-    out.update(p_value=float(stats.t.sf(t, n - 1)), ci95=[mean - half, mean + half], detectable=detectable)
-    where = (f"one-sided t-test p = {out['p_value']:.3g}, 95 % CI [{mean - half:+.3f}, {mean + half:+.3f}]; "
-             f"detectable: {detectable:.3f}")
+    one_sided = float(stats.t.ppf(1 - alpha, n - 1) * error)
+    bound = mean - one_sided if mean >= 0 else mean + one_sided
+    out.update(p_value=float(stats.t.sf(t, n - 1)), ci95=[mean - half, mean + half], bound=bound,
+               detectable=detectable)
+    where = (f"one-sided t-test p = {out['p_value']:.3g}, one-sided {(1 - alpha) * 100:g} % bound {bound_text(out)}, "
+             f"95 % CI [{mean - half:+.3f}, {mean + half:+.3f}]; detectable: {detectable:.3f}")
     if out["p_value"] < alpha:
         return {**out, "verdict": HOLDS, "why": f"mean effect above zero ({where})"}
     if float(stats.t.cdf(t, n - 1)) < alpha:
@@ -110,6 +116,14 @@ def verdict(effects: list[float], min_pairs: int = 3, alpha: float = ALPHA, marg
         return {**out, "verdict": FAILS, "why": f"the interval lies within ±{margin:g}, the claim's equivalence margin: "
                                                 f"no effect of a size that matters ({where})"}
     return {**out, "verdict": UNSURE, "why": f"the interval holds zero ({where})"}
+
+
+def bound_text(result: dict) -> str:
+    """The one-sided bound of :func:`verdict` as read: ``≥ lower`` or ``≤ upper`` (empty when untested)."""
+    bound = result.get("bound", float("nan"))
+    if bound is None or not np.isfinite(bound):
+        return ""
+    return f"≥ {bound:+.3f}" if result["mean"] >= 0 else f"≤ {bound:+.3f}"
 
 
 # -- experiments ---------------------------------------------------------------------------
@@ -1167,10 +1181,10 @@ EXPERIMENT_LABELS = {
 
 def summary_table(results: list[dict]) -> str:
     """paper claim | setting | effect ± 95 % interval | verdict: one short line per claim."""
-    lines = ["| paper claim | setting | effect, 95 % CI | verdict |", "|---|---|---|---|"]
+    lines = ["| paper claim | setting | effect, 95 % CI; one-sided bound | verdict |", "|---|---|---|---|"]
     for r in results:
         low, high = r.get("ci95") or [float("nan")] * 2
-        interval = f" [{low:+.3f}, {high:+.3f}]" if np.isfinite(low) else ""
+        interval = f" [{low:+.3f}, {high:+.3f}]; {bound_text(r)}" if np.isfinite(low) else ""
         label = EXPERIMENT_LABELS.get(r.get("experiment"), r.get("experiment") or "")
         lines.append(f"| {r['claim']} ({r['source']}) | {label} | {_number(r['mean'])}{interval} {r['unit']} | "
                      f"**{r['verdict']}** |")
@@ -1183,7 +1197,7 @@ def claims_table(results: list[dict]) -> str:
         spread = f"{_number(r['mean'])} ± {abs(r['std']):.3f}" if np.isfinite(r["std"]) else _number(r["mean"])
         low, high = r.get("ci95") or [float("nan")] * 2
         if np.isfinite(low):
-            spread += f", 95 % CI [{low:+.3f}, {high:+.3f}]"
+            spread += f", 95 % CI [{low:+.3f}, {high:+.3f}], one-sided bound {bound_text(r)}"
         example = next((p["measured"] for p in r["per_pair"] if p["effect"] is not None), "")
         if np.isfinite(r.get("detectable", float("nan"))):
             spread += f"; detectable ≥ {r['detectable']:.3f}"
@@ -1254,8 +1268,10 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
     text = ["# Claims of the three papers, checked", "",
             f"{len(papers)} paper claims; {int(settings.seed_pairs)} independent seed pair(s) each (no model in two "
             f"pairs{confirm}); a claim holds when a one-sided t-test of its mean effect > 0 over at least "
-            f"{int(settings.min_pairs)} pairs gives p < {float(settings.alpha)}, does not hold when the reverse test "
-            "does, when its 95 % interval lies within the unit's equivalence margin (claims.margins) or when no pair "
+            f"{int(settings.min_pairs)} pairs gives p < {float(settings.alpha)} (exactly when the one-sided "
+            f"{(1 - float(settings.alpha)) * 100:g} % lower bound of the mean is above zero; the two-sided 95 % "
+            "interval beside it is descriptive), does not hold when the reverse test "
+            "does (the upper bound below zero), when its 95 % interval lies within the unit's equivalence margin (claims.margins) or when no pair "
             "shows the effect, and is inconclusive otherwise; 'detectable' is the smallest mean effect the test finds "
             "with probability 0.8 at the observed spread. Settings, effects, replicates and the test were fixed before "
             "the runs.", "",

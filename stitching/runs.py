@@ -174,13 +174,16 @@ def evaluate_testbeds(settings: Settings, prep: Run) -> tuple[dict, dict, dict]:
     for side, model, record in (("front", prep.front, prep.front_record), ("end", prep.end, prep.end_record)):
         base[side] = {"key": record["key"], "test_acc": record.get("test_acc"), "dataset": sides[side].spec.dataset,
                       "source": _provenance(record)}
-        subset, same_task = datamodule.subsets.get("test_subset"), getattr(model, "num_classes", None) == datamodule.num_classes
-        if subset and subset["how"] != "all" and same_task and sides[side].spec.dataset == settings.dataset:
+        given = base[side]["test_acc"] is None
+        same_task = getattr(model, "num_classes", None) == datamodule.num_classes
+        subset = datamodule.subsets.get("test_subset")
+        if same_task and subset and subset["how"] != "all" and sides[side].spec.dataset == settings.dataset:
             # scored on the run's test images, as the stitch is (the zoo's record holds the whole split's)
             base[side].update(test_acc=cached_base_accuracy(model, record["path"], datamodule, device),
                               test_images=subset["kept"])
-        elif base[side]["test_acc"] is None and same_task:
+        elif given and same_task:
             base[side]["test_acc"] = base_accuracy(model, datamodule, device)  # a given model, on these data
+        if given and base[side]["test_acc"] is not None:
             warning = near_chance(side, base[side]["test_acc"], datamodule.num_classes, prep.inputs.get(side))
             if warning:
                 print(warning, file=sys.stderr, flush=True)

@@ -39,6 +39,12 @@ def test_verdict_p_value_and_interval_match_scipy(effects):
     assert result["p_value"] == pytest.approx(stats.ttest_1samp(effects, 0.0, alternative="greater").pvalue)
     low, high = stats.t.interval(0.95, len(effects) - 1, loc=np.mean(effects), scale=stats.sem(effects))
     assert result["ci95"] == pytest.approx([low, high])
+    # the one-sided bound that decides the verdict: scipy's one-sided interval, on the mean's side of zero
+    side = "greater" if np.mean(effects) >= 0 else "less"
+    interval = stats.ttest_1samp(effects, 0.0, alternative=side).confidence_interval(0.95)
+    assert result["bound"] == pytest.approx(interval.low if side == "greater" else interval.high)
+    assert (result["verdict"] == HOLDS) == (side == "greater" and result["bound"] > 0)
+    assert (result["verdict"] == FAILS) == (side == "less" and result["bound"] < 0)  # no margin given: the reverse test
 
 
 @pytest.mark.parametrize("pairs", [3, 5, 10])
