@@ -1270,8 +1270,8 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
             f"pairs{confirm}); a claim holds when a one-sided t-test of its mean effect > 0 over at least "
             f"{int(settings.min_pairs)} pairs gives p < {float(settings.alpha)} (exactly when the one-sided "
             f"{(1 - float(settings.alpha)) * 100:g} % lower bound of the mean is above zero; the two-sided 95 % "
-            "interval beside it is descriptive), does not hold when the reverse test "
-            "does (the upper bound below zero), when its 95 % interval lies within the unit's equivalence margin (claims.margins) or when no pair "
+            "interval beside it is descriptive), does not hold when the reverse test does (the upper bound below "
+            "zero), when its 95 % interval lies within the unit's equivalence margin (claims.margins) or when no pair "
             "shows the effect, and is inconclusive otherwise; 'detectable' is the smallest mean effect the test finds "
             "with probability 0.8 at the observed spread. Settings, effects, replicates and the test were fixed before "
             "the runs.", "",

@@ -186,3 +186,18 @@ def test_a_base_models_cached_scores_are_kept_apart_per_test_subset(tiny_config,
         assert len(datamodule.arrays.test_y) == (subset or len(datamodule.arrays.test_y))
     import json
     assert len(json.loads(checkpoint.with_suffix(".accuracy.json").read_text())) == 3
+
+
+@pytest.mark.parametrize("key, split", [("train_subset", "training"), ("test_subset", "test")])
+def test_a_subset_larger_than_its_split_is_said_in_one_line_and_all_is_used(tiny_config, capsys, key, split):
+    from stitching.build import check_sizes
+
+    whole = build_datamodule(read_settings(tiny_config()))
+    whole.setup()
+    datamodule = build_datamodule(read_settings(tiny_config(f"dataset.{key}=100000")))
+    datamodule.setup()
+    check_sizes(datamodule)
+    size = len(getattr(whole.arrays, "train_y" if split == "training" else "test_y"))
+    assert len(getattr(datamodule.arrays, "train_y" if split == "training" else "test_y")) == size
+    assert capsys.readouterr().err.strip() == (f"[data] dataset.{key}=100000 but the {split} split has {size} "
+                                               f"examples: all are used")
