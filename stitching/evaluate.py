@@ -122,6 +122,19 @@ def cached_base_accuracy(model: nn.Module, checkpoint: str | Path | None, datamo
     return _beside(checkpoint, ".accuracy.json", {}, datamodule, lambda: base_accuracy(model, datamodule, device))
 
 
+def subset_accuracy(model: nn.Module, record: dict, datamodule, device, own_dataset: bool) -> dict | None:
+    """A base model's clean accuracy on the run's test images, where a stitch beside it is scored on
+    fewer than the whole split (``dataset.test_subset``) and the model is of the run's task
+    (``own_dataset`` and its classes): ``{"test_acc", "test_images"}``, measured once and cached
+    beside its file. ``None`` where the zoo's whole-split accuracy already describes those images."""
+    subset = (getattr(datamodule, "subsets", None) or {}).get("test_subset")
+    if not (subset and subset["how"] != "all" and own_dataset
+            and getattr(model, "num_classes", None) == datamodule.num_classes):
+        return None
+    return {"test_acc": cached_base_accuracy(model, record.get("path"), datamodule, device),
+            "test_images": subset["kept"]}
+
+
 def _beside(checkpoint: str | Path | None, suffix: str, settings: dict, datamodule: ImageDataModule,
             compute: Callable[[], object]):
     """``compute()``, remembered in ``<checkpoint><suffix>`` under ``settings`` and the test images

@@ -27,13 +27,13 @@ from stitching.data import save_examples
 from stitching.data.text import PairDataModule
 from stitching.evaluate import (
     base_accuracy,
-    cached_base_accuracy,
     cached_robust_metrics,
     evaluation_settings,
     ood_metrics,
     pair_metrics,
     penultimate_cka,
     robust_metrics,
+    subset_accuracy,
     testbed_metrics,
 )
 from stitching.engine import cell_key, fit_engine
@@ -175,13 +175,11 @@ def evaluate_testbeds(settings: Settings, prep: Run) -> tuple[dict, dict, dict]:
         base[side] = {"key": record["key"], "test_acc": record.get("test_acc"), "dataset": sides[side].spec.dataset,
                       "source": _provenance(record)}
         given = base[side]["test_acc"] is None
-        same_task = getattr(model, "num_classes", None) == datamodule.num_classes
-        subset = datamodule.subsets.get("test_subset")
-        if same_task and subset and subset["how"] != "all" and sides[side].spec.dataset == settings.dataset:
-            # scored on the run's test images, as the stitch is (the zoo's record holds the whole split's)
-            base[side].update(test_acc=cached_base_accuracy(model, record["path"], datamodule, device),
-                              test_images=subset["kept"])
-        elif given and same_task:
+        # scored on the run's test images, as the stitch is (the zoo's record holds the whole split's)
+        on_subset = subset_accuracy(model, record, datamodule, device, sides[side].spec.dataset == settings.dataset)
+        if on_subset:
+            base[side].update(on_subset)
+        elif given and getattr(model, "num_classes", None) == datamodule.num_classes:
             base[side]["test_acc"] = base_accuracy(model, datamodule, device)  # a given model, on these data
         if given and base[side]["test_acc"] is not None:
             warning = near_chance(side, base[side]["test_acc"], datamodule.num_classes, prep.inputs.get(side))

@@ -135,10 +135,13 @@ def test_a_record_hashed_before_groups_left_the_hash_stays_a_finished_result(tin
     assert any("was edited" in p for p in problems({**record, "config": edited, "config_hash": older}))
 
 
-def test_a_test_subset_scores_the_stitch_and_both_models_on_the_same_stratified_images(tiny_config, tmp_path):
+def test_a_test_subset_scores_the_stitch_and_both_models_on_the_same_stratified_images(tiny_config, zoo_dir,
+                                                                                        tmp_path):
     # dataset.test_subset: every run tests on the same class-balanced draw, and the base models' accuracies
     # beside the stitch's are measured on those images (by hand here), not the zoo's whole-split numbers
     from collections import Counter
+
+    import pandas as pd
 
     from stitching.data.sampling import stratified_sample
     from stitching.evaluate import predictions
@@ -168,6 +171,17 @@ def test_a_test_subset_scores_the_stitch_and_both_models_on_the_same_stratified_
             (predictions(model, whole.test_tensors()[0], torch.device("cpu")) == whole.arrays.test_y).float().mean().item())
     # a base model is the same model with or without a test subset (its name, its weights)
     assert zoo.path(read_settings(tiny_config("dataset.test_subset=60")).end.spec) == zoo.path(settings.end.spec)
+    # a similarity grid of the same models reports their accuracy on the same images as the run beside it
+    from stitching.similarity.compare import config_grids
+
+    from tests.conftest import TINY
+
+    tiny = [*TINY, f"paths.zoo_dir={zoo_dir}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}"]
+    config_grids([*tiny, "dataset.test_subset=60"], ["cka"], 40, "pool", 20,
+                 tmp_path / "similarity", layers=[3], progress=False)
+    rows = pd.read_csv(tmp_path / "similarity" / "similarity.csv")
+    assert rows.front_acc.unique().tolist() == pytest.approx([record["base"]["front"]["test_acc"]])
+    assert rows.end_acc.unique().tolist() == pytest.approx([record["base"]["end"]["test_acc"]])
 
 
 def test_a_base_models_cached_scores_are_kept_apart_per_test_subset(tiny_config, tmp_path):

@@ -13,6 +13,7 @@ import pandas as pd
 from stitching import LAYER_KEYS
 from stitching.build import build_datamodule, compose_config, is_text, load_models, read_settings
 from stitching.errors import StitchingError
+from stitching.evaluate import subset_accuracy
 from stitching.grids import sweep_combos
 from stitching.models import cut_point_names, resolve_layer
 from stitching.results.figures import heatmaps
@@ -109,13 +110,18 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
                                            uncertainty=intervals, front_projections=projections,
                                            rbf_sigma=rbf_sigma)
     conditions = condition_values(settings.config)
+    accuracy = {}  # the models' accuracy on the test images the indices read, as a stitching run reports it
+    for side, model, record in (("front", front, front_record), ("end", end, end_record)):
+        on_subset = None if is_text(datamodule) else subset_accuracy(
+            model, record, datamodule, device, getattr(settings, side).spec.dataset == settings.dataset)
+        accuracy[side] = (on_subset or record)["test_acc"]
     depth_front, depth_end = relative_depths(len(front_names)), relative_depths(len(end_names))
     rows = [{"run": f"similarity/{name}", "objective": name, "front_layer": chosen_front[i], "end_layer": chosen_end[j],
              "front_depth": depth_front[chosen_front[i]], "end_depth": depth_end[chosen_end[j]],
              "score": None if pd.isna(v) else float(v), **conditions,
              **{key: _value(values[i, j]) for key, values in intervals.get(name, {}).items()},
              "front_model": front_record["key"], "end_model": end_record["key"],
-             "front_acc": front_record["test_acc"], "end_acc": end_record["test_acc"]}
+             "front_acc": accuracy["front"], "end_acc": accuracy["end"]}
             for name, grid in grids.items() for (i, j), v in _cells(grid)]
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
