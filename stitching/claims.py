@@ -58,6 +58,8 @@ SIMILARITY_INDICES = ("cka", "pwcca", "procrustes")
 SIMILARITY_NAMES = {"cka": "CKA", "pwcca": "PWCCA", "procrustes": "OPD"}
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
+#: a claim measured on one set of pretrained models (no replicate to test over), and one whose models are not named
+DESCRIBED, NOT_RUN = "one set of models: descriptive only", "not run"
 TRAINED = ("hint", "fula", "slm", "tlm")
 _NAMES = {"dm": "DM", "hint": "Hint", "fula": "FuLA", "slm": "SLM", "tlm": "TLM"}
 
@@ -146,9 +148,12 @@ def seed_pairs(count: int, pairing: str, first: int | None = None) -> list[tuple
     ``(2s, 2s + 1)``: disjoint pairs, no model in two of them. ``fresh``: a model against itself,
     from seeds no other experiment uses (``first`` on, by default ``2·count``), for a confirmatory
     replicate on models whose results were never seen. ``reversed``: the same two models as
-    ``(2s + 1, 2s)``, the front from the odd seed (whose robust model the robust-end claims train)."""
+    ``(2s + 1, 2s)``, the front from the odd seed (whose robust model the robust-end claims train).
+    ``one``: a single set of pretrained models, ``[(0, 0)]``: descriptive, never tested."""
     if pairing == "self":
         return [(s, s) for s in range(count)]
+    if pairing == "one":  # one set of pretrained models: no replicate
+        return [(0, 0)]
     if pairing == "fresh":
         start = 2 * count if first is None else first
         return [(start + s, start + s) for s in range(count)]
@@ -226,7 +231,7 @@ def _listed(values) -> str:
     return "null" if values is None else "[" + ",".join(str(v) for v in values) + "]"
 
 
-def _grounding(c) -> list[tuple[str, list[str], str]]:
+def _grounding(c, pair) -> list[tuple[str, list[str], str]]:
     """The Ding et al. tests of one seed pair: DM, and TLM from a random map (the TLM-vs-DM
     authors' start), each a grounding job of its own (no structural index)."""
     g = c.grounding
@@ -238,17 +243,58 @@ def _grounding(c) -> list[tuple[str, list[str], str]]:
 
 
 #: experiment → (pairing, its jobs for one seed pair: ``[(tag, overrides, kind)]``)
-EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[str], str]]]]] = {
-    "dm_self": ("self", lambda c: [("dm", ["objective=dm", "trainer.max_epochs=0", _diagonal(c)], "grid")]),
-    "diagonal": ("two", lambda c: [(o, [f"objective={o}", _diagonal(c)], "grid") for o in ("dm", *TRAINED)]),
-    "dm_stats": ("two", lambda c: [(f"dm_pass_{p}", ["objective=dm", f"stitch.dm_bn_pass={p}", _diagonal(c)], "grid")
+def _bert_layers(c) -> list[int]:
+    return sorted({*c.bert.early_layers, *c.bert.later_layers})
+
+
+#: the four model pairs of one BERT replicate: (tag, front group, end group); the replicate's two models of
+#: each group are members 2s (a front) and 2s + 1 (an end), so every front and every end is stitched once
+#: within its group and once across (their own losses cancel in between − within)
+BERT_PAIRS = (("within_generalising", "generalising", "generalising"), ("within_heuristic", "heuristic", "heuristic"),
+              ("between_gh", "generalising", "heuristic"), ("between_hg", "heuristic", "generalising"))
+
+
+def _bert(c, pair) -> list[tuple[str, list[str], str]]:
+    """One replicate of the BERT-group claims: the four pairs of :data:`BERT_PAIRS` stitched at every
+    chosen residual stream, and the minibatch CKA of each (token positions as samples)."""
+    a, b = pair
+    b_ = c.bert
+    jobs = []
+    for tag, front, end in BERT_PAIRS:
+        models = [*b_.preset, f"front.name={b_[front][a]}", f"end.name={b_[end][b]}",
+                  f"dataset.tokenizer={b_.generalising[0]}"]  # one tokenizer: the groups are one architecture
+        jobs.append((tag, [*models, _pairs([(k, k) for k in _bert_layers(c)])], "grid"))
+        jobs.append((f"cka_{tag}", [*models, "similarity.index=minibatch_cka", "similarity.flatten=positions",
+                                    f"similarity.layers={_listed(_bert_layers(c))}"], "lm_similarity"))
+    return jobs
+
+
+def _pythia_pairs(c) -> list[tuple[str, str]]:
+    """The model pairs the Pythia claims read, each once: every two models up to 1B, every two of the
+    outlier's neighbours, and the outlier with each neighbour."""
+    p = c.pythia
+    small, near = list(p.up_to_1b), list(p.neighbours)
+    wanted = [*((x, y) for i, x in enumerate(small) for y in small[i + 1:]),
+              *((x, y) for i, x in enumerate(near) for y in near[i + 1:]), *((x, p.outlier) for x in near)]
+    return list(dict.fromkeys(wanted))
+
+
+def _pythia_tag(front: str, end: str) -> str:
+    return f"{front.rsplit('/', 1)[-1]}__{end.rsplit('/', 1)[-1]}"
+
+
+#: experiment → (pairing, its jobs for one seed pair: ``[(tag, overrides, kind)]``)
+EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig, tuple[int, int]], list[tuple[str, list[str], str]]]]] = {
+    "dm_self": ("self", lambda c, pair: [("dm", ["objective=dm", "trainer.max_epochs=0", _diagonal(c)], "grid")]),
+    "diagonal": ("two", lambda c, pair: [(o, [f"objective={o}", _diagonal(c)], "grid") for o in ("dm", *TRAINED)]),
+    "dm_stats": ("two", lambda c, pair: [(f"dm_pass_{p}", ["objective=dm", f"stitch.dm_bn_pass={p}", _diagonal(c)], "grid")
                                    for p in ("false", "true")]),
-    "robustness": ("two", lambda c: [(o, [f"objective={o}", f"attack={c.robust_attack}", "attack.alpha=1", _single(c)],
+    "robustness": ("two", lambda c, pair: [(o, [f"objective={o}", f"attack={c.robust_attack}", "attack.alpha=1", _single(c)],
                                       "grid")
                                      for o in TRAINED]),
     # FuLA Sec. 3.1: a non-robust front (seed 2s) into a robust end (seed 2s + 1, zoo.recipe.robust), robust accuracy
     # by claims.robust_attack; α = 0 (Fig. 4's first row) at the corresponding layers, α = 1 (Hint, FuLA) at the deep ones
-    "robust_end": ("two", lambda c: [*((f"{o}_alpha0", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
+    "robust_end": ("two", lambda c, pair: [*((f"{o}_alpha0", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
                                                          "attack.alpha=0", _diagonal(c)], "grid") for o in TRAINED),
                                      *((f"{o}_alpha1", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
                                                         "attack.alpha=1", _pairs([(k, k) for k in _alpha1_layers(c)])],
@@ -261,7 +307,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                                                              ("fula_last_both", True, True)))]),
     # Sec. 3.1's reverse configuration: a robust front (seed 2s + 1, the robust-end claims' robust model) into a
     # non-robust end (seed 2s), every objective with adversarial data (α = 1) at claims.layer, and without it (α = 0)
-    "robust_front": ("reversed", lambda c: [*((o, [f"objective={o}", "front.robust=true", f"attack={c.robust_attack}",
+    "robust_front": ("reversed", lambda c, pair: [*((o, [f"objective={o}", "front.robust=true", f"attack={c.robust_attack}",
                                                    "attack.alpha=1", _single(c)], "grid") for o in TRAINED),
                                             # Fig. 4's first row in this configuration: α = 0 at the corresponding layers
                                             *((f"{o}_alpha0", [f"objective={o}", "front.robust=true",
@@ -269,46 +315,122 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig], list[tuple[str, list[st
                                                                _diagonal(c)], "grid") for o in TRAINED),
                                             # Fig. 6 in this configuration: last-hint FuLA, robust → plain
                                             ("fula_last", *_last_hint(c, True, False))]),
-    "shortcut": ("two", lambda c: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
+    "shortcut": ("two", lambda c, pair: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
     # Fig. 8's cross-task remark: location markers, Hint/FuLA at the deep layers, a front of another task against
     # one of the end's own task (the cross-task pair's end), both into the same end
-    "shortcut_cross": ("two", lambda c: [(f"{o}_{task}", [f"objective={o}", "shortcut=pixels",
+    "shortcut_cross": ("two", lambda c, pair: [(f"{o}_{task}", [f"objective={o}", "shortcut=pixels",
                                                           "shortcut.placement=location",
                                                           *([f"front.dataset={c.cross_front}"] if task == "cross" else []),
                                                           _pairs([(k, k) for k in c.deep_layers])], "grid")
                                          for o in ("hint", "fula") for task in ("cross", "same")]),
-    "subset": ("two", lambda c: [(o, [f"objective={o}", f"dataset.num_classes_train={c.classes_train}", _single(c)],
+    "subset": ("two", lambda c, pair: [(o, [f"objective={o}", f"dataset.num_classes_train={c.classes_train}", _single(c)],
                                   "grid") for o in TRAINED]),
     # Fig. 9 proper: cross-task, a front trained on another dataset (seed 2s) into the end (seed 2s + 1)
-    "subset_cross": ("two", lambda c: [(o, [f"objective={o}", f"front.dataset={c.cross_front}",
+    "subset_cross": ("two", lambda c, pair: [(o, [f"objective={o}", f"front.dataset={c.cross_front}",
                                             f"dataset.num_classes_train={c.classes_train}", _single(c)], "grid")
                                        for o in TRAINED]),
     # the FuLA paper's grids start every trained stitch at DM; the TLM-vs-DM paper's TLM starts from a random map
-    "self_grids": ("self", lambda c: [*((o, [f"objective={o}", _square(c)], "grid") for o in ("dm", "hint", "fula", "tlm")),
+    "self_grids": ("self", lambda c, pair: [*((o, [f"objective={o}", _square(c)], "grid") for o in ("dm", "hint", "fula", "tlm")),
                                       _tlm_random(c, _square(c))]),
     # the DM-vs-random-start-TLM self grid again, on fresh models and claims.confirm_layers, fixed before it ran
-    "self_grids_fresh": ("fresh", lambda c: [("dm", ["objective=dm", _square(c, _confirm_layers(c))], "grid"),
+    "self_grids_fresh": ("fresh", lambda c, pair: [("dm", ["objective=dm", _square(c, _confirm_layers(c))], "grid"),
                                              _tlm_random(c, _square(c, _confirm_layers(c)))]),
-    "deeper_hints": ("two", lambda c: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
+    "deeper_hints": ("two", lambda c, pair: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
                                         "grid") for w in ("first", c.deeper_weights)]),
-    "ood": ("two", lambda c: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
+    "ood": ("two", lambda c, pair: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
                               for o in ("dm", "tlm")]),
-    "similarity": ("two", lambda c: [("cka_pwcca_opd", [], "similarity")]),
+    "similarity": ("two", lambda c, pair: [("cka_pwcca_opd", [], "similarity")]),
     # Ding et al.'s sensitivity and specificity tests: the end (seed 2s + 1) is the reference
     "grounding": ("two", _grounding),
     # all four directions, fronts of seed 2s into ends of seed 2s + 1: a SoLU and a GeLU front into the same end
-    "language": ("two", lambda c: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
+    "language": ("two", lambda c, pair: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
                                                  f"end.{c.language_key}={b}", "grid.pairs=diagonal"], "grid")
                                    for a in c.language_models for b in c.language_models]),
+    # the LM paper's Sec. 4: generalising vs heuristic MNLI BERTs, replicate s = members 2s, 2s + 1 of each group
+    "bert_groups": ("two", _bert),
+    # its Sec. 5: CKA between Pythia sizes at corresponding relative depths; one model per size, one replicate
+    "pythia": ("one", lambda c, pair: [(_pythia_tag(x, y), [*c.pythia.preset, f"front.name={x}", f"end.name={y}"],
+                                        "lm_similarity") for x, y in _pythia_pairs(c)]),
 }
+
+#: experiments run on their own language-model presets: of the claims' base overrides they take only where files
+#: go and how to train
+LANGUAGE = frozenset({"language", "bert_groups", "pythia"})
+
+
+def rank_berts(c: DictConfig, base: list[str], out: Path, progress: bool = True) -> dict:
+    """The BERT groups by the paper's rule, where ``claims.bert.candidates`` names the models to rank
+    and the groups are not named: every candidate's accuracy on the challenge set (HANS lexical
+    overlap) and the test split; the ``2 · claims.seed_pairs`` most accurate on the challenge set are
+    the generalising group, as many least accurate the heuristic one (ties: the candidates' order),
+    each group in the candidates' order. Kept in ``<out>/bert_ranking.json`` (its request beside it:
+    other candidates or another preset rank again); returns ``{"scores", "generalising", "heuristic"}``."""
+    from tqdm.auto import tqdm
+
+    from stitching.build import build_datamodule, build_zoo, compose_config, read_settings
+    from stitching.evaluate import pair_metrics
+
+    names, count = [str(n) for n in c.bert.candidates], 2 * int(c.seed_pairs)
+    if len(names) < 2 * count:
+        raise StitchingError(f"claims.bert.candidates names {len(names)} models; {2 * count} are needed "
+                             f"({count} per group, two per replicate of claims.seed_pairs={int(c.seed_pairs)})")
+    path = out / "bert_ranking.json"
+    request = {"preset": list(c.bert.preset), "candidates": names, "per_group": count}
+    held = json.loads(path.read_text()) if path.is_file() else {}
+    # a candidate's scores hold for the same preset and tokenizer, whatever else was ranked beside it
+    same = {k: (held.get("request") or {}).get(k) for k in ("preset", "candidates")}
+    scores = dict(held.get("scores") or {}) if same["preset"] == request["preset"] and \
+        (same["candidates"] or [None])[0] == names[0] else {}
+    common = [*(o for o in base if o.startswith(("paths.", "trainer", "+trainer"))), *c.bert.preset,
+              f"dataset.tokenizer={names[0]}"]
+    datamodule = None
+    for name in tqdm(names, desc="ranking the BERTs", disable=not progress):
+        if name in scores:
+            continue
+        settings = read_settings(compose_config([*common, f"model.name={name}", f"front.name={name}",
+                                                 f"end.name={name}"]))
+        if datamodule is None:  # one tokenizer, one set of data for every candidate
+            datamodule = build_datamodule(settings)
+            datamodule.setup()
+        if datamodule.challenge_set() is None:
+            raise StitchingError(f"{' '.join(c.bert.preset)} has no challenge set to rank the BERTs by; set "
+                                 "dataset.challenge")
+        model, _ = build_zoo(settings).get(settings.front.spec, settings.front.checkpoint)
+        _, base_metrics = pair_metrics(model, {"front": model}, datamodule, settings.device)
+        if "front" not in base_metrics:
+            raise StitchingError(f"{name} is not a classifier of the {datamodule.num_classes} labels of "
+                                 f"{' '.join(c.bert.preset)}")
+        challenge = f"{(datamodule.challenge or {}).get('name', 'challenge')}_acc"
+        scores[name] = {"challenge_acc": base_metrics["front"][challenge], "test_acc": base_metrics["front"]["test_acc"]}
+        write_json_atomic(path, {"request": request, "scores": scores})
+    order = sorted(names, key=lambda n: -scores[n]["challenge_acc"])  # stable: ties keep the candidates' order
+    top, bottom = set(order[:count]), set(order[len(order) - count:])
+    ranking = {"request": request, "scores": scores, "generalising": [n for n in names if n in top],
+               "heuristic": [n for n in names if n in bottom]}
+    write_json_atomic(path, ranking)
+    return ranking
+
+
+def unavailable(experiment: str, c: DictConfig) -> str | None:
+    """Why ``experiment`` cannot run under these settings (its models are not named: pretrained hub
+    models the offline presets leave out), or None."""
+    if experiment == "bert_groups" and not (c.bert.generalising and c.bert.heuristic) and c.bert.get("candidates"):
+        return "claims.bert.candidates are not ranked yet (python -m stitching.claims ranks them first)"
+    if experiment == "bert_groups" and not (c.bert.generalising and c.bert.heuristic):
+        return ("claims.bert.generalising and claims.bert.heuristic name no models (MNLI BERTs from the hub; "
+                "`make claims` names them)")
+    if experiment == "pythia" and not (c.pythia.up_to_1b and c.pythia.outlier and c.pythia.neighbours):
+        return "claims.pythia names no models (Pythia from the hub; `make claims` names them)"
+    return None
 
 
 def plan(settings: DictConfig, names: list[str]) -> list[Job]:
     """Every job the named claims need, each experiment once. ``claims.adversarial_images`` sets
     the stitching images of every job that stitches on adversarial examples (``attack.alpha`` > 0); ``claims.extra`` then adds overrides
     to one experiment's runs: a list for all its jobs, or ``{tag: list}`` for some."""
-    experiments = list(dict.fromkeys(e for name in names for e in CLAIMS[name].experiments))
+    experiments = [e for e in dict.fromkeys(e for name in names for e in CLAIMS[name].experiments)
+                   if unavailable(e, settings) is None]
     unknown = sorted(set(settings.get("extra") or {}) - set(EXPERIMENTS))
     if unknown:
         raise StitchingError(f"claims.extra names unknown experiment '{', '.join(unknown)}'; choose from "
@@ -317,7 +439,8 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
     for experiment in experiments:
         pairing, make = EXPERIMENTS[experiment]
         given = (settings.get("extra") or {}).get(experiment) or []
-        tags = [tag for tag, _, _ in make(settings)]
+        pairs = experiment_pairs(settings, pairing)
+        tags = [tag for tag, _, _ in make(settings, pairs[0])]
         per_job = OmegaConf.is_dict(given) or isinstance(given, dict)  # {tag: [overrides]}
         if not per_job and not (OmegaConf.is_list(given) or isinstance(given, (list, tuple))):
             raise StitchingError(f"claims.extra.{experiment}={given}: give a list of overrides "
@@ -327,8 +450,8 @@ def plan(settings: DictConfig, names: list[str]) -> list[Job]:
             if unknown:
                 raise StitchingError(f"claims.extra.{experiment} names unknown job '{', '.join(unknown)}'; its jobs "
                                      f"are {', '.join(tags)}")
-        for a, b in experiment_pairs(settings, pairing):
-            for tag, overrides, kind in make(settings):
+        for a, b in pairs:
+            for tag, overrides, kind in make(settings, (a, b)):
                 extra = [*_adversarial_subset(overrides, adversarial), *((given.get(tag) or []) if per_job else given)]
                 jobs.append(Job(experiment, (a, b), tag, (*overrides, *extra, f"front.seed={a}", f"end.seed={b}"),
                                 kind))
@@ -344,7 +467,7 @@ def _adversarial_subset(overrides, images: int | None) -> list[str]:
 
 def job_overrides(job: Job, base: list[str]) -> list[str]:
     """The whole command line of ``job``: the base overrides, then the job's own."""
-    if job.experiment == "language":  # its own preset: of the base only where files go and how to train
+    if job.experiment in LANGUAGE:  # its own preset: of the base only where files go and how to train
         base = [o for o in base if o.startswith(("paths.", "trainer", "logger", "+trainer"))]
     overrides = [*base, *job.overrides]
     if job.kind == "grounding":  # the pair's two models are the compared ones, the end the reference
@@ -360,6 +483,8 @@ def run_job(job: Job, base: list[str], root: Path, progress: bool) -> list[str]:
     folder, overrides = job.folder(root), job_overrides(job, base)
     if job.kind == "similarity":
         return _similarity_job(overrides, folder, progress)
+    if job.kind == "lm_similarity":
+        return _lm_similarity_job(overrides, folder, progress)
     if job.kind == "grounding":
         return _grounding_job(overrides, folder, progress)
     summary = run_grid(compose_config(overrides), folder, progress=progress)
@@ -403,7 +528,7 @@ def needs(job: Job, base: list[str]) -> Needs:
         layers = len(g.get("layers") or [0])
         cells = layers * (len(g.get("ranks") or []) + len(job.pair) * len(g.get("compare_layers") or [0]))
         objectives = list(g.get("objectives") or objectives)
-    elif job.kind == "similarity":
+    elif job.kind in ("similarity", "lm_similarity"):
         cells = 1
     data = settings.data()  # images, or a language model's sequences
     images = data.get("train_subset") or data.get("train_sequences") or 50_000
@@ -505,6 +630,18 @@ def _similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[
     return []
 
 
+def _lm_similarity_job(overrides: list[str], folder: Path, progress: bool) -> list[str]:
+    """One language-model pair's similarity grids, as its preset's ``similarity`` group asks (index,
+    flattening, sequences, batch, layers); a finished folder of the same request is kept."""
+    from stitching.build import compose_config, read_settings
+    from stitching.similarity.compare import finished_grids, pair_plan, plan_grids
+
+    plan = pair_plan(read_settings(compose_config(overrides)))
+    if not finished_grids(folder, plan["request"]):
+        plan_grids(overrides, plan, folder, progress)
+    return []
+
+
 def _grounding_job(overrides: list[str], folder: Path, progress: bool) -> list[str]:
     """One grounding run: a finished one without failures is read back when the same settings
     made it (its grounding settings included); otherwise the tests run again, their stitching
@@ -537,6 +674,7 @@ class Claim:
     unit: str = "accuracy"
     instrument: bool = False  # a check of the instrument itself, not a paper's claim
     also: tuple[str, ...] = ()  # other experiments whose runs of the same pair (k-th of each) the effect reads
+    replicated: bool = True  # False: one set of pretrained models, no replicate: the effect is described, never tested
 
     @property
     def experiments(self) -> tuple[str, ...]:
@@ -910,6 +1048,83 @@ def _language(frame, c):
                     f"GeLU {p['G', 'S']:.3f} nats/token")
 
 
+def _tagged(frame: pd.DataFrame, tag: str) -> pd.DataFrame:
+    """The rows of one job of a seed pair (its folder ``…/<tag>/``)."""
+    rows = frame[frame.run.str.contains(f"/{tag}/", regex=False)]
+    if rows.empty:
+        raise LookupError(f"no finished runs of {tag}")
+    return rows
+
+
+def _bert_gaps(frame: pd.DataFrame, measure: str) -> pd.Series:
+    """Per residual stream, how much more the two groups differ across than within (positive: more
+    across): the stitched classifiers' MNLI loss between − within (``measure="stitching"``), or the
+    minibatch CKA within − between (``"cka"``), each the mean of the replicate's two pairs of a kind."""
+    by_kind: dict[str, list[pd.Series]] = {"within": [], "between": []}
+    for tag, front, end in BERT_PAIRS:
+        if measure == "cka":
+            rows = _tagged(frame, f"cka_{tag}")
+            rows = rows[(rows.objective == "minibatch_cka") & (rows.front_layer == rows.end_layer)]
+            values = rows.groupby("end_layer").score.mean()
+        else:
+            values = _by(_tagged(frame, tag), "test_loss", "end_layer")
+        by_kind["within" if front == end else "between"].append(values)
+    within, between = (sum(v) / len(v) for v in (by_kind["within"], by_kind["between"]))
+    return (within - between) if measure == "cka" else (between - within)
+
+
+def _bert_across(measure: str):
+    def effect(frame, c):
+        gaps = _bert_gaps(frame, measure)
+        later = gaps.reindex(list(c.bert.later_layers))
+        if later.isna().any():
+            raise LookupError(f"no {measure} at streams {[k for k, v in later.items() if np.isnan(v)]}")
+        return float(later.mean()), f"across − within by stream {', '.join(f'{k}: {v:+.3f}' for k, v in gaps.items())}"
+    return effect
+
+
+def _bert_later(measure: str):
+    def effect(frame, c):
+        gaps = _bert_gaps(frame, measure)
+        early, later = (gaps.reindex(list(layers)) for layers in (c.bert.early_layers, c.bert.later_layers))
+        if early.isna().any() or later.isna().any():
+            raise LookupError(f"no {measure} at every early and later stream")
+        return float(later.mean() - early.mean()), (f"across − within: later streams {later.mean():+.3f}, early "
+                                                    f"{early.mean():+.3f}")
+    return effect
+
+
+def _pythia_cka(frame: pd.DataFrame, c, pairs: list[tuple[str, str]]) -> float:
+    """Mean CKA at corresponding relative depths (each front cut point with the end's nearest) over the
+    intermediate depths ``claims.pythia.intermediate`` of ``pairs``' grids."""
+    from stitching.results.tables import corresponding_depth
+
+    low, high = c.pythia.intermediate
+    scores = []
+    for front, end in pairs:
+        cells = corresponding_depth(_tagged(frame, _pythia_tag(front, end)))
+        cells = cells[cells["index"] == ("minibatch_cka" if (cells["index"] == "minibatch_cka").any() else "cka")]
+        cells = cells[(cells.depth >= low) & (cells.depth <= high)]
+        if cells.empty:
+            raise LookupError(f"no CKA at relative depths {low}–{high} between {front} and {end}")
+        scores.append(float(cells.score.mean()))
+    return float(np.mean(scores))
+
+
+def _pythia_up_to_1b(frame, c):
+    small = list(c.pythia.up_to_1b)
+    value = _pythia_cka(frame, c, [(x, y) for i, x in enumerate(small) for y in small[i + 1:]])
+    return value, f"mean intermediate CKA between the {len(small)} models up to 1B: {value:.3f}"
+
+
+def _pythia_outlier(frame, c):
+    near = list(c.pythia.neighbours)
+    among = _pythia_cka(frame, c, [(x, y) for i, x in enumerate(near) for y in near[i + 1:]])
+    outlier = _pythia_cka(frame, c, [(x, c.pythia.outlier) for x in near])
+    return among - outlier, (f"intermediate CKA among {', '.join(n.rsplit('/', 1)[-1] for n in near)} {among:.3f}; "
+                             f"of {c.pythia.outlier.rsplit('/', 1)[-1]} with them {outlier:.3f}")
+
+
 def _random_epochs_text(c) -> str:
     return ("the preset's stitching epochs" if c.get("random_start_epochs") is None
             else f"{int(c.random_start_epochs)} stitching epochs")
@@ -1129,11 +1344,58 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
                     f"directions; effect = adjusted penalty (over each end model's self-stitch baseline) of a SoLU "
                     f"front − a GeLU front into the same end, averaged over both ends (nats/token)", _language,
           "nats/token"),
+    *(Claim(f"bert_across_{measure}", f"Generalising and heuristic MNLI BERTs differ more across the two groups than "
+            f"within each, by {what}, at the later layers.", "representation-dissimilarity paper, Sec. 4",
+            "bert_groups", lambda c, measure=measure: _bert_setting(c, measure, "the mean over the later streams "
+                                                                    f"{_layers_of(c.bert.later_layers)}"),
+            _bert_across(measure), unit)
+      for measure, what, unit in (("stitching", "stitching", "nats/example"), ("cka", "CKA", "CKA"))),
+    *(Claim(f"bert_later_{measure}", f"The difference between generalising and heuristic BERTs lies in the later "
+            f"layers: the across-minus-within {what} gap is larger there than in the early layers.",
+            "representation-dissimilarity paper, Sec. 4", "bert_groups",
+            lambda c, measure=measure: _bert_setting(c, measure, f"its mean over the later streams "
+                                                    f"{_layers_of(c.bert.later_layers)} − over the early ones "
+                                                    f"{_layers_of(c.bert.early_layers)}"),
+            _bert_later(measure), unit)
+      for measure, what, unit in (("stitching", "stitching", "nats/example"), ("cka", "CKA", "CKA"))),
+    Claim("pythia_up_to_1b", "Pythia models up to 1B parameters have highly similar features (CKA).",
+          "representation-dissimilarity paper, Sec. 5", "pythia",
+          lambda c: f"minibatch CKA (unbiased HSIC per batch, token positions as samples) of {' '.join(c.pythia.preset)} "
+                    f"between every two of {_names(c.pythia.up_to_1b)}, each front cut point with the end's nearest "
+                    f"relative depth, depths {c.pythia.intermediate[0]}–{c.pythia.intermediate[1]}; effect = their mean "
+                    f"CKA (one model per size: described, not tested)", _pythia_up_to_1b, "CKA", replicated=False),
+    Claim("pythia_outlier", "Pythia-2.8B is an outlier: its intermediate features are less similar to those of "
+          "the sizes beside it than theirs are to each other.", "representation-dissimilarity paper, Sec. 5", "pythia",
+          lambda c: f"the same CKA; effect = the mean among {_names(c.pythia.neighbours)} − the mean of "
+                    f"{_names([c.pythia.outlier])} with each of them (one model per size: described, not tested)",
+          _pythia_outlier, "CKA", replicated=False),
 )}
 
 
+def _names(models) -> str:
+    return ", ".join(str(m).rsplit("/", 1)[-1] for m in models or []) or "(none named)"
+
+
+def _bert_setting(c, measure: str, effect: str) -> str:
+    groups = (f"generalising {_names(c.bert.generalising)}, heuristic {_names(c.bert.heuristic)}"
+              if c.bert.generalising and c.bert.heuristic else "the groups claims.bert names")
+    how = ("TLM (the classifier's MNLI cross-entropy), stitched at residual streams "
+           f"{_layers_of(_bert_layers(c))}; the stitched classifier's MNLI test loss" if measure == "stitching" else
+           f"minibatch CKA (token positions as samples) at residual streams {_layers_of(_bert_layers(c))}")
+    return (f"{' '.join(c.bert.preset)}, {groups}; replicate s: members 2s (front) and 2s + 1 (end) of each group, "
+            f"four pairs (within each group, across both ways: every front and end once within and once across); "
+            f"{how}; across − within per stream ({'within CKA − across CKA' if measure == 'cka' else 'loss across − within'}); "
+            f"effect = {effect}")
+
+
 def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
-    """The claim's effect per seed pair and its verdict."""
+    """The claim's effect per seed pair and its verdict (``not run`` where its models are not named;
+    described, never tested, where one set of pretrained models is all there is)."""
+    head = {"name": claim.name, "claim": claim.statement, "source": claim.source, "experiment": claim.experiment,
+            "setting": claim.setting(settings), "unit": claim.unit, "instrument": claim.instrument}
+    missing = [why for why in (unavailable(e, settings) for e in claim.experiments) if why]
+    if missing:
+        return {**head, **verdict([]), "verdict": NOT_RUN, "why": missing[0], "per_pair": []}
     pairs = []
     # the k-th pair of each experiment the claim reads (the same models where their pairings agree)
     pairings = [experiment_pairs(settings, EXPERIMENTS[e][0]) for e in claim.experiments]
@@ -1149,14 +1411,18 @@ def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
             pairs.append({"pair": [a, b], "effect": None, "measured": f"not measured: {err}", "read": list(folders)})
     margins = settings.get("margins") or {}
     margin = margins.get(claim.unit)
-    result = verdict([p["effect"] for p in pairs], int(settings.min_pairs), float(settings.alpha),
-                     None if margin is None else float(margin))
+    effects = [p["effect"] for p in pairs]
     missing = [p["measured"] for p in pairs if p["effect"] is None]
+    if not claim.replicated:  # nothing to test over: the effect is described, never a verdict
+        result = verdict(effects, min_pairs=1)
+        result = ({**result, "verdict": UNSURE, "why": missing[0]} if missing else
+                  {**result, "verdict": DESCRIBED, "why": "one set of pretrained models, no replicate: the effect is "
+                                                          "described, not tested"})
+        return {**head, **result, "per_pair": pairs}
+    result = verdict(effects, int(settings.min_pairs), float(settings.alpha), None if margin is None else float(margin))
     if missing and result["verdict"] == UNSURE and result["pairs"] < int(settings.min_pairs):
         result["why"] += f" ({missing[0]})"
-    return {"name": claim.name, "claim": claim.statement, "source": claim.source, "experiment": claim.experiment,
-            "setting": claim.setting(settings),
-            "unit": claim.unit, "instrument": claim.instrument, **result, "per_pair": pairs}
+    return {**head, **result, "per_pair": pairs}
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -1176,6 +1442,7 @@ EXPERIMENT_LABELS = {
     "deeper_hints": "two seeds, square grids, FuLA hints", "ood": "two seeds, energy detector",
     "similarity": "two seeds, structural indices", "grounding": "two seeds, Ding et al.'s tests",
     "language": "toy GeLU/SoLU models, four directions",
+    "bert_groups": "MNLI BERTs, within vs across groups", "pythia": "Pythia sizes, CKA by relative depth",
 }
 
 
@@ -1242,7 +1509,7 @@ def effects_figure(results: list[dict], path: Path) -> Path | None:
     from stitching.results.figures import panel_grid, pyplot, save_figure
 
     plt = pyplot()
-    colour = {HOLDS: "tab:green", FAILS: "tab:red", UNSURE: "tab:grey"}
+    colour = {HOLDS: "tab:green", FAILS: "tab:red", UNSURE: "tab:grey", DESCRIBED: "tab:blue"}
     fig, axes = panel_grid(plt, len(shown), 2.6, 2.4, columns=5)
     for ax, r in zip(axes, shown):
         values = [p["effect"] for p in r["per_pair"] if p["effect"] is not None]
@@ -1273,8 +1540,9 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
             "interval beside it is descriptive), does not hold when the reverse test does (the upper bound below "
             "zero), when its 95 % interval lies within the unit's equivalence margin (claims.margins) or when no pair "
             "shows the effect, and is inconclusive otherwise; 'detectable' is the smallest mean effect the test finds "
-            "with probability 0.8 at the observed spread. Settings, effects, replicates and the test were fixed before "
-            "the runs.", "",
+            "with probability 0.8 at the observed spread. A claim on one set of pretrained models (one per size) "
+            "is described, never tested; a claim whose models are not named here is listed as not run, with the "
+            "command that runs it. Settings, effects, replicates and the test were fixed before the runs.", "",
             claims_table(papers), ""]
     if checks:
         text += ["## Instrument checks", "", "Checks of the instrument itself, tested the same way and not counted "
@@ -1345,9 +1613,14 @@ def check_claims(run, base: list[str], out: Path, progress: bool = True) -> dict
 
     settings = OmegaConf.create(run.config["claims"])
     names = chosen(settings)
-    if any(CLAIMS[name].experiment != "language" for name in names):  # the language runs name no image layers
+    if any(CLAIMS[name].experiment not in LANGUAGE for name in names):  # the language runs name no image layers
         check_cut_points(run)
     watch = Stopwatch()
+    if any(CLAIMS[name].experiment == "bert_groups" for name in names) and settings.bert.get("candidates") \
+            and not settings.bert.generalising:
+        with watch.section("bert_ranking_s"):  # the groups by the paper's rule, before any stitch
+            ranking = rank_berts(settings, base, out, progress)
+        settings.bert.generalising, settings.bert.heuristic = ranking["generalising"], ranking["heuristic"]
     jobs = plan(settings, names)
     failed: list[str] = []
     if int(settings.jobs) > 1:

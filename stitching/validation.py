@@ -320,7 +320,9 @@ def check_config(cfg: DictConfig) -> None:
     attack = OmegaConf.select(cfg, "claims.robust_attack", default=None)
     if attack not in ("pgd", "autoattack"):
         raise StitchingError(f"claims.robust_attack={_shown(attack)} is out of range: it must be pgd or autoattack")
-    for key in ("claims.language", "claims.grounding.stitch"):  # overrides the claims pass on to some of their runs
+    _check_claims_pretrained(cfg)
+    for key in ("claims.language", "claims.grounding.stitch", "claims.bert.preset", "claims.pythia.preset"):
+        # overrides the claims pass on to some of their runs
         value = OmegaConf.select(cfg, key, default=None)
         values = list(value) if OmegaConf.is_list(value) else value
         if not (isinstance(values, list) and all(isinstance(v, str) and "=" in v for v in values)):
@@ -488,7 +490,8 @@ def _check_claims_layers(cfg: DictConfig) -> None:
     deep ones among ``claims.layers``; ``claims.grounding.ranks``: a non-empty list of ranks (integers ≥ 1)."""
     lists = {}
     for key in ("claims.layers", "claims.grid_layers", "claims.confirm_layers", "claims.early_layers",
-                "claims.deep_layers", "claims.decay_layers", "claims.grounding.layers",
+                "claims.deep_layers", "claims.decay_layers", "claims.bert.early_layers", "claims.bert.later_layers",
+                "claims.grounding.layers",
                 "claims.grounding.compare_layers", "claims.grounding.ranks"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is None and key not in ("claims.grounding.ranks", "claims.decay_layers"):
@@ -508,6 +511,56 @@ def _check_claims_layers(cfg: DictConfig) -> None:
     if decay and not (min(decay) < DECAY_ONSET < max(decay)):
         raise StitchingError(f"claims.decay_layers={decay} must hold cut points before and after layer {DECAY_ONSET}, "
                              f"where Fig. 6's decay starts (e.g. [5, 9])")
+
+
+def _names(cfg: DictConfig, key: str, fewest: int) -> list[str] | None:
+    """``key``: null, or a list of at least ``fewest`` different model names."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return None
+    values = list(value) if OmegaConf.is_list(value) else value
+    if not (isinstance(values, list) and len(values) >= fewest and all(isinstance(v, str) and v for v in values)
+            and len(set(values)) == len(values)):
+        raise StitchingError(f"{key}={_shown(values)} is out of range: give null or a list of at least {fewest} "
+                             f"different model names")
+    return values
+
+
+def _check_claims_pretrained(cfg: DictConfig) -> None:
+    """The LM paper's pretrained-model claims: the BERT groups both named (two models per replicate
+    each, no model in both) or both null; the Pythia models all named or all null, the outlier apart
+    from its neighbours; the intermediate depths an interval within [0, 1]."""
+    if OmegaConf.select(cfg, "claims.bert", default=None) is None:
+        return
+    pairs = OmegaConf.select(cfg, "claims.seed_pairs", default=3)
+    fewest = 2 * pairs if isinstance(pairs, int) and pairs >= 1 else 2
+    groups = [_names(cfg, f"claims.bert.{g}", fewest) for g in ("generalising", "heuristic")]
+    if (groups[0] is None) != (groups[1] is None):
+        raise StitchingError("claims.bert.generalising and claims.bert.heuristic go together: name both groups, "
+                             "or neither")
+    candidates = _names(cfg, "claims.bert.candidates", 2 * fewest)
+    if candidates is not None and groups[0] is not None:
+        raise StitchingError("claims.bert.candidates ranks models into groups that claims.bert.generalising and "
+                             "claims.bert.heuristic already name: give the candidates or the groups, not both")
+    if groups[0] is not None and set(groups[0]) & set(groups[1]):
+        raise StitchingError(f"claims.bert: {sorted(set(groups[0]) & set(groups[1]))} in both groups; a model is "
+                             f"generalising or heuristic, not both")
+    small, near = _names(cfg, "claims.pythia.up_to_1b", 2), _names(cfg, "claims.pythia.neighbours", 2)
+    outlier = OmegaConf.select(cfg, "claims.pythia.outlier", default=None)
+    if outlier is not None and not (isinstance(outlier, str) and outlier):
+        raise StitchingError(f"claims.pythia.outlier={_shown(outlier)} is out of range: give one model name or null")
+    if len({small is None, near is None, outlier is None}) > 1:
+        raise StitchingError("claims.pythia.up_to_1b, claims.pythia.outlier and claims.pythia.neighbours go together: "
+                             "name all three, or none")
+    if near is not None and outlier in near:
+        raise StitchingError(f"claims.pythia.outlier={outlier} is among its neighbours; the claim compares it with them")
+    depths = OmegaConf.select(cfg, "claims.pythia.intermediate", default=None)
+    values = list(depths) if OmegaConf.is_list(depths) else depths
+    if not (isinstance(values, list) and len(values) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            and 0 <= values[0] < values[1] <= 1):
+        raise StitchingError(f"claims.pythia.intermediate={_shown(values)} is out of range: give two relative depths "
+                             f"[low, high] with 0 ≤ low < high ≤ 1")
 
 
 def _shown(value) -> str:

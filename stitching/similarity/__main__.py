@@ -35,7 +35,7 @@ from stitching.build import compose_config, layer_value, read_settings
 from stitching.errors import StitchingError, exit_on_user_error
 from stitching.files import hold_folder
 from stitching.grids import sweep_folders
-from stitching.similarity.compare import config_grids, finished_grids, grids_request, refuse_layer_keys, sweep_pairs
+from stitching.similarity.compare import finished_grids, pair_plan, plan_grids, refuse_layer_keys, sweep_pairs
 from stitching.similarity.grid import FLATTEN, INDICES, parse_indices
 
 
@@ -115,24 +115,12 @@ def _plan(args: argparse.Namespace, overrides: list[str], flags: dict) -> dict:
             err = StitchingError(str(err).replace(f"similarity.{key}=", f"--{key.replace('_', '-')} "))
         err = StitchingError(str(err).replace("stitch.front_rank=", "--front-rank "))
         raise err from None
-    settings = run.config["similarity"]
-    layers = args.layers or settings["layers"]
-    if layers is not None:  # indices or names, as in stitch.layer
-        layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
-    indices, flatten = parse_indices(args.index or settings["index"]), args.flatten or settings["flatten"]
-    request = grids_request(run.config, indices, flatten, int(settings["images"]), int(settings["batch_size"]), layers)
-    return {"settings": settings, "front_rank": run.stitch.front_rank, "layers": layers, "indices": indices,
-            "flatten": flatten, "request": request}
+    return pair_plan(run, args.index, args.flatten, args.layers)
 
 
 def _pair(args: argparse.Namespace, overrides: list[str], plan: dict, out: Path, verbose: bool) -> None:
     """One pair of models' grids into ``out``; ``verbose`` prints every grid and check."""
-    settings, indices, layers = plan["settings"], plan["indices"], plan["layers"]
-    record = config_grids(overrides, indices, int(settings["images"]), plan["flatten"],
-                        int(settings["batch_size"]), out, layers=layers, progress=not args.no_progress,
-                        skip_positions=int(settings["skip_positions"]), bootstrap=int(settings["bootstrap"]),
-                        permutations=int(settings["permutations"]), front_rank=plan["front_rank"],
-                        rbf_sigma=float(settings["rbf_sigma"]))
+    record = plan_grids(overrides, plan, out, progress=not args.no_progress)
     print(f"{record['front']} → {record['end']}: {record['images']} {record['dataset']} test {record['inputs']}, "
           f"flatten={record['flatten']}, {record['timings']['total_s']:.1f}s" + ("" if verbose else f"; in {out}"))
     if not verbose:

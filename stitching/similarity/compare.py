@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from stitching import LAYER_KEYS
-from stitching.build import build_datamodule, compose_config, is_text, load_models, read_settings
+from stitching.build import build_datamodule, compose_config, is_text, layer_value, load_models, read_settings
 from stitching.errors import StitchingError
 from stitching.evaluate import subset_accuracy
 from stitching.grids import sweep_combos
@@ -21,7 +21,7 @@ from stitching.results.records import condition_values
 from stitching.results.schema import config_hash
 from stitching.results.tables import sanity_checks
 from stitching.runtime import Stopwatch, versions, write_json_atomic
-from stitching.similarity.grid import index_of, similarity_grids
+from stitching.similarity.grid import index_of, parse_indices, similarity_grids
 
 
 #: the preset sweep axes a similarity sweep takes: which models, on which data
@@ -71,6 +71,30 @@ def finished_grids(folder: Path, request: dict) -> bool:
                              f"({', '.join(differ) or 'not recorded'}); give another output folder, or remove "
                              f"that one to compute it again")
     return True
+
+
+def pair_plan(run, index: str | None = None, flatten: str | None = None, layers=None) -> dict:
+    """One pair's request from its settings (``run``: :class:`~stitching.build.Settings`): the
+    ``similarity`` group, with ``index``, ``flatten`` and ``layers`` (indices or names, as in
+    ``stitch.layer``) given over it where not None."""
+    settings = run.config["similarity"]
+    layers = layers or settings["layers"]
+    if layers is not None:
+        layers = [layer_value(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
+    indices, flatten = parse_indices(index or settings["index"]), flatten or settings["flatten"]
+    request = grids_request(run.config, indices, flatten, int(settings["images"]), int(settings["batch_size"]), layers)
+    return {"settings": settings, "front_rank": run.stitch.front_rank, "layers": layers, "indices": indices,
+            "flatten": flatten, "request": request}
+
+
+def plan_grids(overrides: list[str], plan: dict, out: Path, progress: bool = True) -> dict:
+    """:func:`config_grids` as :func:`pair_plan` asks: the record written to ``out``."""
+    settings = plan["settings"]
+    return config_grids(overrides, plan["indices"], int(settings["images"]), plan["flatten"],
+                        int(settings["batch_size"]), out, layers=plan["layers"], progress=progress,
+                        skip_positions=int(settings["skip_positions"]), bootstrap=int(settings["bootstrap"]),
+                        permutations=int(settings["permutations"]), front_rank=plan["front_rank"],
+                        rbf_sigma=float(settings["rbf_sigma"]))
 
 
 def config_grids(overrides: list[str], indices: list[str], images: int, flatten: str, batch_size: int,
