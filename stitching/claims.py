@@ -375,6 +375,7 @@ def rank_berts(c: DictConfig, base: list[str], out: Path, progress: bool = True)
     if len(names) < 2 * count:
         raise StitchingError(f"claims.bert.candidates names {len(names)} models; {2 * count} are needed "
                              f"({count} per group, two per replicate of claims.seed_pairs={int(c.seed_pairs)})")
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "bert_ranking.json"
     request = {"preset": list(c.bert.preset), "candidates": names, "per_group": count}
     held = json.loads(path.read_text()) if path.is_file() else {}
@@ -1050,7 +1051,7 @@ def _language(frame, c):
 
 def _tagged(frame: pd.DataFrame, tag: str) -> pd.DataFrame:
     """The rows of one job of a seed pair (its folder ``…/<tag>/``)."""
-    rows = frame[frame.run.str.contains(f"/{tag}/", regex=False)]
+    rows = frame[(frame.run.str.rstrip("/") + "/").str.contains(f"/{tag}/", regex=False)]
     if rows.empty:
         raise LookupError(f"no finished runs of {tag}")
     return rows

@@ -4,6 +4,7 @@ and Pythia sizes (Sec. 5), from hand-made records and from runs on tiny models b
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,111 @@ def test_bad_pretrained_claims_settings_are_one_line(overrides, expected):
 
     with pytest.raises(StitchingError, match=expected.replace("[", r"\[").replace("]", r"\]")):
         read_settings(compose_config("experiment=claims_small", *overrides))
+
+
+def _classifier(folder: Path, seed: int, tokenizer: Path) -> str:
+    """A tiny random 3-class BERT of its own seed, on ``tokenizer``."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    shutil.copytree(tokenizer, folder)
+    torch.manual_seed(seed)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(str(tokenizer)).get_vocab()), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, num_labels=3)).save_pretrained(folder)
+    return str(folder)
+
+
+def _listed(values) -> str:
+    return "[" + ",".join(f"'{v}'" for v in values) + "]"
+
+
+def test_the_bert_claims_rank_their_candidates_then_stitch_and_compare_the_groups_end_to_end(tmp_path, capsys):
+    """Ten tiny BERTs: ranked by challenge-set accuracy (checked against each model scored alone), the best four
+    and the worst four stitched and compared by CKA in two replicates, every claim measured on both."""
+    pytest.importorskip("transformer_lens")
+    from stitching.build import build_datamodule, build_zoo, read_settings
+    from stitching.evaluate import pair_accuracy
+    from tests.test_language_runs import _pairs_folder, _tokenizer_folder
+
+    tokenizer = _tokenizer_folder(tmp_path / "tokenizer")
+    berts = [_classifier(tmp_path / f"bert{i}", i, tokenizer) for i in range(10)]
+    mnli = _pairs_folder(tmp_path / "mnli", {"train": 48, "validation_matched": 24})
+    hans = _pairs_folder(tmp_path / "hans", {"validation": 60}, heuristic=True)
+    preset = ["experiment=lm_bert_hans", f"dataset.corpus={mnli}", f"dataset.challenge.corpus={hans}",
+              "dataset.context=24", "dataset.train_sequences=48", "dataset.test_sequences=24", "dataset.batch_size=16",
+              "stitch.dm_samples=32", "similarity.images=24", "similarity.batch_size=12"]
+    base = ["experiment=claims_small", "trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "logger=none", f"paths.zoo_dir={tmp_path / 'zoo'}", "claims.seed_pairs=2", "claims.min_pairs=2",
+            f"claims.bert.preset={_listed(preset)}", f"claims.bert.candidates={_listed(berts)}",
+            "claims.bert.early_layers=[1]", "claims.bert.later_layers=[2,3]",
+            "claims.only=[bert_across_stitching,bert_across_cka,bert_later_stitching,bert_later_cka]"]
+    run = read_settings(compose_config(*base))
+    record = C.check_claims(run, base, tmp_path / "out", progress=False)
+    assert not record["failed"], record["failed"]
+    ranking = json.loads((tmp_path / "out" / "bert_ranking.json").read_text())
+    # each candidate scored alone on the HANS-shaped lexical-overlap rows, as a stitching run scores a base model
+    one = read_settings(compose_config(*preset, f"model.name={berts[0]}", f"front.name={berts[0]}",
+                                       f"end.name={berts[0]}", f"dataset.tokenizer={berts[0]}", "trainer=cpu",
+                                       f"paths.zoo_dir={tmp_path / 'zoo'}"))
+    data = build_datamodule(one)
+    data.setup()
+    alone = {}
+    for name in berts:
+        model, _ = build_zoo(one).get(one.front.spec.__class__(**{**one.front.spec.__dict__, "name": name}))
+        alone[name] = pair_accuracy(model, data, data.challenge_set(), "cpu", {0: 0, 1: 1, 2: 1})
+    assert {n: s["challenge_acc"] for n, s in ranking["scores"].items()} == pytest.approx(alone)
+    order = sorted(berts, key=lambda n: -alone[n])
+    assert set(ranking["generalising"]) == set(order[:4]) and set(ranking["heuristic"]) == set(order[-4:])
+    assert ranking["generalising"] == [n for n in berts if n in ranking["generalising"]]  # the candidates' order
+    for result in record["claims"]:
+        assert result["pairs"] == 2 and result["verdict"] in (C.HOLDS, C.FAILS, C.UNSURE), result["per_pair"]
+    # the runs read are the groups': replicate 1's across pair (heuristic 3rd → generalising 4th member)
+    replicate = tmp_path / "out" / "runs" / "bert_groups" / "seeds2-3"
+    runs = {p.relative_to(replicate).parts[0] for p in replicate.glob("*/tlm/*/results.json")}
+    assert runs == {"within_generalising", "within_heuristic", "between_gh", "between_hg"}
+    held = json.loads(next((replicate / "between_hg").glob("tlm/*/results.json")).read_text())
+    assert held["config"]["front"]["name"] == ranking["heuristic"][2]
+    assert held["config"]["end"]["name"] == ranking["generalising"][3]
+
+
+def test_the_pythia_claims_run_their_pairs_and_read_the_grids_at_corresponding_depths_end_to_end(tmp_path, capsys):
+    """Five tiny GPT-NeoX models of 2 and 4 blocks in the Pythia roles: every pair the claims read is
+    computed once, and each effect equals the grids' intermediate cells at the nearest relative depth."""
+    from stitching.build import read_settings
+    from tests.test_language_runs import _neox_folder, _tokenizer_folder
+
+    tokenizer = _tokenizer_folder(tmp_path / "tokenizer")
+    depth = {"a": 2, "b": 4, "c": 2, "d": 4, "e": 4}
+    models = {k: _neox_folder(tmp_path / f"neox-{k}", v, tokenizer) for k, v in depth.items()}
+    preset = ["experiment=lm_pythia", "dataset.corpus=pydoc", f"dataset.tokenizer={models['a']}",
+              "dataset.context=32", "similarity.images=8", "similarity.batch_size=4"]
+    base = ["experiment=claims_small", "trainer=cpu", "logger=none", f"paths.zoo_dir={tmp_path / 'zoo'}",
+            f"claims.pythia.preset={_listed(preset)}", f"claims.pythia.up_to_1b={_listed([models['a'], models['b']])}",
+            f"claims.pythia.neighbours={_listed([models['b'], models['c'], models['d']])}",
+            f"claims.pythia.outlier={models['e']}", "claims.only=[pythia_up_to_1b,pythia_outlier]"]
+    record = C.check_claims(read_settings(compose_config(*base)), base, tmp_path / "out", progress=False)
+    assert not record["failed"]
+    folders = sorted(p.name for p in (tmp_path / "out" / "runs" / "pythia" / "seeds0-0").iterdir())
+    assert len(folders) == 1 + 3 + 3  # a–b; b–c, b–d, c–d; b–e, c–e, d–e
+
+    def intermediate(front, end):  # by hand from the record: front cut points at depth ¼…¾, the end's nearest
+        held = json.loads((tmp_path / "out" / "runs" / "pythia" / "seeds0-0" /
+                           C._pythia_tag(models[front], models[end]) / "similarity.json").read_text())
+        grid, fd, ed = held["grids"]["minibatch_cka"], held["front_depths"], held["end_depths"]
+        cells = []
+        for i, a in fd.items():
+            if 0.25 <= a <= 0.75:
+                j = min(ed, key=lambda k: (abs(ed[k] - a), int(k)))
+                cells.append(grid[int(i) - 1][int(j) - 1])
+        return np.mean(cells)
+
+    results = {r["name"]: r for r in record["claims"]}
+    assert results["pythia_up_to_1b"]["mean"] == pytest.approx(intermediate("a", "b"))
+    among = np.mean([intermediate(x, y) for x, y in (("b", "c"), ("b", "d"), ("c", "d"))])
+    outlier = np.mean([intermediate(x, "e") for x in "bcd"])
+    assert results["pythia_outlier"]["mean"] == pytest.approx(among - outlier)
+    assert {r["verdict"] for r in results.values()} == {C.DESCRIBED}
+    assert "descriptive only" in (tmp_path / "out" / "claims.md").read_text()
