@@ -413,11 +413,13 @@ def rank_berts(c: DictConfig, base: list[str], out: Path, progress: bool = True)
     return ranking
 
 
-def unavailable(experiment: str, c: DictConfig) -> str | None:
+def unavailable(experiment: str, c: DictConfig, ranked: bool = True) -> str | None:
     """Why ``experiment`` cannot run under these settings (its models are not named: pretrained hub
-    models the offline presets leave out), or None."""
+    models the offline presets leave out), or None; BERT candidates not yet ranked into groups count
+    as named unless ``ranked`` (the groups themselves) is asked for."""
     if experiment == "bert_groups" and not (c.bert.generalising and c.bert.heuristic) and c.bert.get("candidates"):
-        return "claims.bert.candidates are not ranked yet (python -m stitching.claims ranks them first)"
+        return "claims.bert.candidates are not ranked yet (python -m stitching.claims ranks them first)" if ranked \
+            else None
     if experiment == "bert_groups" and not (c.bert.generalising and c.bert.heuristic):
         return ("claims.bert.generalising and claims.bert.heuristic name no models (MNLI BERTs from the hub; "
                 "`make claims` names them)")
@@ -1582,6 +1584,11 @@ def chosen(settings: DictConfig) -> list[str]:
     unknown = [n for n in names if n not in CLAIMS]
     if unknown:
         raise StitchingError(f"unknown claim '{', '.join(unknown)}'; choose from {', '.join(CLAIMS)}")
+    if only is not None:  # a claim asked for by name that cannot run here is said before any work
+        for name in names:
+            why = next(filter(None, (unavailable(e, settings, ranked=False) for e in CLAIMS[name].experiments)), None)
+            if why:
+                raise StitchingError(f"claim {name} cannot run here: {why}")
     return names
 
 

@@ -251,3 +251,13 @@ def test_the_pythia_claims_run_their_pairs_and_read_the_grids_at_corresponding_d
     assert results["pythia_outlier"]["mean"] == pytest.approx(among - outlier)
     assert {r["verdict"] for r in results.values()} == {C.DESCRIBED}
     assert "descriptive only" in (tmp_path / "out" / "claims.md").read_text()
+
+
+def test_a_hub_claim_asked_for_by_name_offline_is_one_line_before_any_work(tmp_path, capsys):
+    from stitching.claims import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--only", "bert_later_cka", "--out", str(tmp_path / "out"), "experiment=claims_small"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert stop.value.code != 0 and len(errors) == 1 and "claims.bert.generalising" in errors[0]
+    assert not (tmp_path / "out").exists()
