@@ -193,7 +193,11 @@ claims-diagnosis: $(READY) data-fmnist ## the extra measurements behind the clai
 	@# Fashion-MNIST: the α = 1 rows on a robust end (pair (0, 1)) at the paper's 30 stitching epochs instead of 4
 	$(DIAGNOSIS) --only $(ROBUST_END_ROWS) --out outputs/claims/diagnosis/fmnist_robust_end_30_epochs \
 		experiment=claims_cpu claims.seed_pairs=1 $(foreach job,hint_alpha1 fula_alpha1 fula_last_robust fula_last_plain,\
-		"claims.extra.robust_end.$(job)=['dataset.train_subset=500','trainer.max_epochs=30']")
+		"+claims.extra.robust_end.$(job)=['dataset.train_subset=500','trainer.max_epochs=30']")
+	@# the same at claims_small's size (width 8, its 2 000 test images): the rows make claims-small reports
+	$(DIAGNOSIS) --only $(ROBUST_END_ROWS) --out outputs/claims/diagnosis/fmnist_w8_robust_end_30_epochs \
+		experiment=claims_small claims.seed_pairs=1 $(foreach job,hint_alpha1 fula_alpha1 fula_last_robust fula_last_plain,\
+		"+claims.extra.robust_end.$(job)=['dataset.train_subset=500','trainer.max_epochs=30']")
 	$(DIAGNOSIS) --only fabricated_robustness_slm,fabricated_robustness_tlm \
 		--out outputs/claims/diagnosis/robustness_eps0.1 $(MNIST_CLAIMS) attack.eps=0.1
 	$(DIAGNOSIS) --only shortcut_reliance_slm,shortcut_reliance_tlm --out outputs/claims/diagnosis/shortcut_layer1 \

@@ -242,7 +242,6 @@ def _grounding(c, pair) -> list[tuple[str, list[str], str]]:
              "grounding")]
 
 
-#: experiment → (pairing, its jobs for one seed pair: ``[(tag, overrides, kind)]``)
 def _bert_layers(c) -> list[int]:
     return sorted({*c.bert.early_layers, *c.bert.later_layers})
 
@@ -257,12 +256,11 @@ BERT_PAIRS = (("within_generalising", "generalising", "generalising"), ("within_
 def _bert(c, pair) -> list[tuple[str, list[str], str]]:
     """One replicate of the BERT-group claims: the four pairs of :data:`BERT_PAIRS` stitched at every
     chosen residual stream, and the minibatch CKA of each (token positions as samples)."""
-    a, b = pair
-    b_ = c.bert
+    (a, b), groups = pair, c.bert
     jobs = []
     for tag, front, end in BERT_PAIRS:
-        models = [*b_.preset, f"front.name={b_[front][a]}", f"end.name={b_[end][b]}",
-                  f"dataset.tokenizer={b_.generalising[0]}"]  # one tokenizer: the groups are one architecture
+        models = [*groups.preset, f"front.name={groups[front][a]}", f"end.name={groups[end][b]}",
+                  f"dataset.tokenizer={groups.generalising[0]}"]  # one tokenizer: the groups are one architecture
         jobs.append((tag, [*models, _pairs([(k, k) for k in _bert_layers(c)])], "grid"))
         jobs.append((f"cka_{tag}", [*models, "similarity.index=minibatch_cka", "similarity.flatten=positions",
                                     f"similarity.layers={_listed(_bert_layers(c))}"], "lm_similarity"))
@@ -283,18 +281,18 @@ def _pythia_tag(front: str, end: str) -> str:
     return f"{front.rsplit('/', 1)[-1]}__{end.rsplit('/', 1)[-1]}"
 
 
-#: experiment → (pairing, its jobs for one seed pair: ``[(tag, overrides, kind)]``)
+#: experiment → (pairing, its jobs for one seed pair ``(a, b)``: ``[(tag, overrides, kind)]``)
 EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig, tuple[int, int]], list[tuple[str, list[str], str]]]]] = {
-    "dm_self": ("self", lambda c, pair: [("dm", ["objective=dm", "trainer.max_epochs=0", _diagonal(c)], "grid")]),
-    "diagonal": ("two", lambda c, pair: [(o, [f"objective={o}", _diagonal(c)], "grid") for o in ("dm", *TRAINED)]),
-    "dm_stats": ("two", lambda c, pair: [(f"dm_pass_{p}", ["objective=dm", f"stitch.dm_bn_pass={p}", _diagonal(c)], "grid")
+    "dm_self": ("self", lambda c, _: [("dm", ["objective=dm", "trainer.max_epochs=0", _diagonal(c)], "grid")]),
+    "diagonal": ("two", lambda c, _: [(o, [f"objective={o}", _diagonal(c)], "grid") for o in ("dm", *TRAINED)]),
+    "dm_stats": ("two", lambda c, _: [(f"dm_pass_{p}", ["objective=dm", f"stitch.dm_bn_pass={p}", _diagonal(c)], "grid")
                                    for p in ("false", "true")]),
-    "robustness": ("two", lambda c, pair: [(o, [f"objective={o}", f"attack={c.robust_attack}", "attack.alpha=1", _single(c)],
+    "robustness": ("two", lambda c, _: [(o, [f"objective={o}", f"attack={c.robust_attack}", "attack.alpha=1", _single(c)],
                                       "grid")
                                      for o in TRAINED]),
     # FuLA Sec. 3.1: a non-robust front (seed 2s) into a robust end (seed 2s + 1, zoo.recipe.robust), robust accuracy
     # by claims.robust_attack; α = 0 (Fig. 4's first row) at the corresponding layers, α = 1 (Hint, FuLA) at the deep ones
-    "robust_end": ("two", lambda c, pair: [*((f"{o}_alpha0", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
+    "robust_end": ("two", lambda c, _: [*((f"{o}_alpha0", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
                                                          "attack.alpha=0", _diagonal(c)], "grid") for o in TRAINED),
                                      *((f"{o}_alpha1", [f"objective={o}", "end.robust=true", f"attack={c.robust_attack}",
                                                         "attack.alpha=1", _pairs([(k, k) for k in _alpha1_layers(c)])],
@@ -307,7 +305,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig, tuple[int, int]], list[t
                                                                              ("fula_last_both", True, True)))]),
     # Sec. 3.1's reverse configuration: a robust front (seed 2s + 1, the robust-end claims' robust model) into a
     # non-robust end (seed 2s), every objective with adversarial data (α = 1) at claims.layer, and without it (α = 0)
-    "robust_front": ("reversed", lambda c, pair: [*((o, [f"objective={o}", "front.robust=true", f"attack={c.robust_attack}",
+    "robust_front": ("reversed", lambda c, _: [*((o, [f"objective={o}", "front.robust=true", f"attack={c.robust_attack}",
                                                    "attack.alpha=1", _single(c)], "grid") for o in TRAINED),
                                             # Fig. 4's first row in this configuration: α = 0 at the corresponding layers
                                             *((f"{o}_alpha0", [f"objective={o}", "front.robust=true",
@@ -315,42 +313,42 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig, tuple[int, int]], list[t
                                                                _diagonal(c)], "grid") for o in TRAINED),
                                             # Fig. 6 in this configuration: last-hint FuLA, robust → plain
                                             ("fula_last", *_last_hint(c, True, False))]),
-    "shortcut": ("two", lambda c, pair: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
+    "shortcut": ("two", lambda c, _: [(o, [f"objective={o}", "shortcut=pixels", f"shortcut.placement={c.shortcut}",
                                         _single(c)], "grid") for o in TRAINED]),
     # Fig. 8's cross-task remark: location markers, Hint/FuLA at the deep layers, a front of another task against
     # one of the end's own task (the cross-task pair's end), both into the same end
-    "shortcut_cross": ("two", lambda c, pair: [(f"{o}_{task}", [f"objective={o}", "shortcut=pixels",
+    "shortcut_cross": ("two", lambda c, _: [(f"{o}_{task}", [f"objective={o}", "shortcut=pixels",
                                                           "shortcut.placement=location",
                                                           *([f"front.dataset={c.cross_front}"] if task == "cross" else []),
                                                           _pairs([(k, k) for k in c.deep_layers])], "grid")
                                          for o in ("hint", "fula") for task in ("cross", "same")]),
-    "subset": ("two", lambda c, pair: [(o, [f"objective={o}", f"dataset.num_classes_train={c.classes_train}", _single(c)],
+    "subset": ("two", lambda c, _: [(o, [f"objective={o}", f"dataset.num_classes_train={c.classes_train}", _single(c)],
                                   "grid") for o in TRAINED]),
     # Fig. 9 proper: cross-task, a front trained on another dataset (seed 2s) into the end (seed 2s + 1)
-    "subset_cross": ("two", lambda c, pair: [(o, [f"objective={o}", f"front.dataset={c.cross_front}",
+    "subset_cross": ("two", lambda c, _: [(o, [f"objective={o}", f"front.dataset={c.cross_front}",
                                             f"dataset.num_classes_train={c.classes_train}", _single(c)], "grid")
                                        for o in TRAINED]),
     # the FuLA paper's grids start every trained stitch at DM; the TLM-vs-DM paper's TLM starts from a random map
-    "self_grids": ("self", lambda c, pair: [*((o, [f"objective={o}", _square(c)], "grid") for o in ("dm", "hint", "fula", "tlm")),
+    "self_grids": ("self", lambda c, _: [*((o, [f"objective={o}", _square(c)], "grid") for o in ("dm", "hint", "fula", "tlm")),
                                       _tlm_random(c, _square(c))]),
     # the DM-vs-random-start-TLM self grid again, on fresh models and claims.confirm_layers, fixed before it ran
-    "self_grids_fresh": ("fresh", lambda c, pair: [("dm", ["objective=dm", _square(c, _confirm_layers(c))], "grid"),
+    "self_grids_fresh": ("fresh", lambda c, _: [("dm", ["objective=dm", _square(c, _confirm_layers(c))], "grid"),
                                              _tlm_random(c, _square(c, _confirm_layers(c)))]),
-    "deeper_hints": ("two", lambda c, pair: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
+    "deeper_hints": ("two", lambda c, _: [(w.replace(":", ""), ["objective=fula", f"objective.weights={w}", _square(c)],
                                         "grid") for w in ("first", c.deeper_weights)]),
-    "ood": ("two", lambda c, pair: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
+    "ood": ("two", lambda c, _: [(o, [f"objective={o}", "evaluation.ood.enabled=true", _diagonal(c)], "grid")
                               for o in ("dm", "tlm")]),
-    "similarity": ("two", lambda c, pair: [("cka_pwcca_opd", [], "similarity")]),
+    "similarity": ("two", lambda c, _: [("cka_pwcca_opd", [], "similarity")]),
     # Ding et al.'s sensitivity and specificity tests: the end (seed 2s + 1) is the reference
     "grounding": ("two", _grounding),
     # all four directions, fronts of seed 2s into ends of seed 2s + 1: a SoLU and a GeLU front into the same end
-    "language": ("two", lambda c, pair: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
+    "language": ("two", lambda c, _: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
                                                  f"end.{c.language_key}={b}", "grid.pairs=diagonal"], "grid")
                                    for a in c.language_models for b in c.language_models]),
     # the LM paper's Sec. 4: generalising vs heuristic MNLI BERTs, replicate s = members 2s, 2s + 1 of each group
     "bert_groups": ("two", _bert),
     # its Sec. 5: CKA between Pythia sizes at corresponding relative depths; one model per size, one replicate
-    "pythia": ("one", lambda c, pair: [(_pythia_tag(x, y), [*c.pythia.preset, f"front.name={x}", f"end.name={y}"],
+    "pythia": ("one", lambda c, _: [(_pythia_tag(x, y), [*c.pythia.preset, f"front.name={x}", f"end.name={y}"],
                                         "lm_similarity") for x, y in _pythia_pairs(c)]),
 }
 
