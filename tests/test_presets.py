@@ -77,7 +77,7 @@ def test_grounding_presets_compose_with_valid_settings(preset):
 
 @pytest.mark.parametrize("preset", CLAIMS)
 def test_claims_presets_compose_with_valid_settings_and_plan_every_claim(preset):
-    from stitching.claims import CLAIMS as ALL_CLAIMS, plan, unavailable
+    from stitching.claims import BERT_PAIRS, CLAIMS as ALL_CLAIMS, plan, unavailable
     from stitching.validation import check_config
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -101,6 +101,20 @@ def test_claims_presets_compose_with_valid_settings_and_plan_every_claim(preset)
         assert (lm.similarity.index, lm.similarity.flatten, lm.dataset.corpus) == \
             ("minibatch_cka", "positions", "NeelNanda/pile-10k")
         assert len(cfg.claims.bert.candidates) >= 2 * 2 * cfg.claims.seed_pairs
+        # the BERT jobs once ranked (here: any twelve candidates as the two groups) compose as the paper's Sec. 4:
+        # MNLI, the classifier's own loss, every residual stream of BERT-base, minibatch CKA over token positions
+        ranked = OmegaConf.merge(cfg.claims, {"bert": {"generalising": list(cfg.claims.bert.candidates[:6]),
+                                                       "heuristic": list(cfg.claims.bert.candidates[6:12])}})
+        bert = {j.tag: j for j in plan(ranked, ["bert_across_cka", "bert_later_stitching"]) if j.pair == (0, 1)}
+        assert sorted(bert) == sorted([*(t for t, _, _ in BERT_PAIRS), *(f"cka_{t}" for t, _, _ in BERT_PAIRS)])
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            grid = compose("config", overrides=list(bert["between_gh"].overrides))
+            cka = compose("config", overrides=list(bert["cka_between_gh"].overrides))
+        assert (grid.dataset.name, grid.objective.name, grid.dataset.train_sequences) == ("mnli", "tlm", 20000)
+        assert [list(p) for p in grid.grid.pairs] == [[k, k] for k in range(1, 14)]
+        assert (grid.front.name, grid.end.name) == (ranked.bert.generalising[0], ranked.bert.heuristic[1])
+        assert (cka.similarity.index, cka.similarity.flatten, list(cka.similarity.layers)) == \
+            ("minibatch_cka", "positions", list(range(1, 14)))
     language = next(j for j in jobs if j.experiment == "language")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the language runs compose on their own
         lm = compose("config", overrides=list(language.overrides))
