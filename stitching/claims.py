@@ -11,9 +11,13 @@ independent) as a signed *effect*, positive in the claim's direction. Its verdic
 * **does not hold** — at least that many pairs and the mean effect is below zero (the reverse
   test, p < alpha), or no pair shows any effect at all (every effect ≤ 0 and all equal);
 * **inconclusive** — otherwise: the interval holds zero, too few pairs were measured, or every
-  pair gave the same positive effect (no spread: the same models in every pair, or a measure at
-  its bound in every pair, as a share of rows of 1.00; a t-test needs a spread, and an exact
-  sign test of n pairs cannot go below 0.5ⁿ, which three pairs leave at 0.125).
+  pair gave the same positive effect (no spread: a measure at its bound in every pair, as a share
+  of rows of 1.00; a t-test needs a spread, and an exact sign test of n pairs cannot go below
+  0.5ⁿ, which three pairs leave at 0.125);
+* **one set of models: descriptive only** — a claim on pretrained models that exist once (Pythia,
+  one model per size; TransformerLens' own GeLU/SoLU models): run once, its effect described,
+  never tested;
+* **not run** — its pretrained hub models are not named (the offline presets), said with the reason.
 
 Claims about the instrument itself (a DM stitch of a model into itself keeps its accuracy) are
 checked the same way but reported apart, as instrument checks, never counted as paper claims.
@@ -149,11 +153,15 @@ def seed_pairs(count: int, pairing: str, first: int | None = None) -> list[tuple
     from seeds no other experiment uses (``first`` on, by default ``2·count``), for a confirmatory
     replicate on models whose results were never seen. ``reversed``: the same two models as
     ``(2s + 1, 2s)``, the front from the odd seed (whose robust model the robust-end claims train).
-    ``one``: a single set of pretrained models, ``[(0, 0)]``: descriptive, never tested."""
+    ``one``: a single set of pretrained models, ``[(0, 0)]``: descriptive, never tested. ``trained``: as
+    ``two`` here; :func:`experiment_pairs` makes it ``one`` where the models are pretrained ones named
+    by their library (``claims.language_key=name``), which a seed does not change."""
     if pairing == "self":
         return [(s, s) for s in range(count)]
     if pairing == "one":  # one set of pretrained models: no replicate
         return [(0, 0)]
+    if pairing == "trained":
+        pairing = "two"
     if pairing == "fresh":
         start = 2 * count if first is None else first
         return [(start + s, start + s) for s in range(count)]
@@ -165,8 +173,12 @@ def seed_pairs(count: int, pairing: str, first: int | None = None) -> list[tuple
 def experiment_pairs(settings: DictConfig, pairing: str) -> list[tuple[int, int]]:
     """The seed pairs of an experiment of this pairing: ``claims.seed_pairs`` of them, or for the
     confirmatory (``fresh``) ones ``claims.confirm_pairs`` models from seed ``claims.confirm_seed`` on
-    (null: as many as the others, from the first seed they leave unused)."""
+    (null: as many as the others, from the first seed they leave unused). A ``trained`` experiment on
+    pretrained models named by their library (``claims.language_key=name``: the same models whatever
+    the seed) is one set, ``[(0, 0)]``: no replicate, described and never tested."""
     count = int(settings.seed_pairs)
+    if pairing == "trained" and settings.get("language_key") == "name":
+        return seed_pairs(count, "one")
     if pairing != "fresh":
         return seed_pairs(count, pairing)
     confirm, first = settings.get("confirm_pairs"), settings.get("confirm_seed")
@@ -341,8 +353,9 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[DictConfig, tuple[int, int]], list[t
     "similarity": ("two", lambda c, _: [("cka_pwcca_opd", [], "similarity")]),
     # Ding et al.'s sensitivity and specificity tests: the end (seed 2s + 1) is the reference
     "grounding": ("two", _grounding),
-    # all four directions, fronts of seed 2s into ends of seed 2s + 1: a SoLU and a GeLU front into the same end
-    "language": ("two", lambda c, _: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
+    # all four directions, fronts of seed 2s into ends of seed 2s + 1: a SoLU and a GeLU front into the same end;
+    # TransformerLens' own gelu-2l/solu-2l (paper size) are one set of models, whatever the seed
+    "language": ("trained", lambda c, _: [(f"{a}_{b}", [*c.language, f"front.{c.language_key}={a}",
                                                  f"end.{c.language_key}={b}", "grid.pairs=diagonal"], "grid")
                                    for a in c.language_models for b in c.language_models]),
     # the LM paper's Sec. 4: generalising vs heuristic MNLI BERTs, replicate s = members 2s, 2s + 1 of each group
@@ -675,7 +688,6 @@ class Claim:
     unit: str = "accuracy"
     instrument: bool = False  # a check of the instrument itself, not a paper's claim
     also: tuple[str, ...] = ()  # other experiments whose runs of the same pair (k-th of each) the effect reads
-    replicated: bool = True  # False: one set of pretrained models, no replicate: the effect is described, never tested
 
     @property
     def experiments(self) -> tuple[str, ...]:
@@ -1364,12 +1376,12 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           lambda c: f"minibatch CKA (unbiased HSIC per batch, token positions as samples) of {' '.join(c.pythia.preset)} "
                     f"between every two of {_names(c.pythia.up_to_1b)}, each front cut point with the end's nearest "
                     f"relative depth, depths {c.pythia.intermediate[0]}–{c.pythia.intermediate[1]}; effect = their mean "
-                    f"CKA (one model per size: described, not tested)", _pythia_up_to_1b, "CKA", replicated=False),
+                    f"CKA (one model per size: described, not tested)", _pythia_up_to_1b, "CKA"),
     Claim("pythia_outlier", "Pythia-2.8B is an outlier: its intermediate features are less similar to those of "
           "the sizes beside it than theirs are to each other.", "representation-dissimilarity paper, Sec. 5", "pythia",
           lambda c: f"the same CKA; effect = the mean among {_names(c.pythia.neighbours)} − the mean of "
                     f"{_names([c.pythia.outlier])} with each of them (one model per size: described, not tested)",
-          _pythia_outlier, "CKA", replicated=False),
+          _pythia_outlier, "CKA"),
 )}
 
 
@@ -1387,6 +1399,13 @@ def _bert_setting(c, measure: str, effect: str) -> str:
             f"four pairs (within each group, across both ways: every front and end once within and once across); "
             f"{how}; across − within per stream ({'within CKA − across CKA' if measure == 'cka' else 'loss across − within'}); "
             f"effect = {effect}")
+
+
+def replicated(claim: Claim, settings: DictConfig) -> bool:
+    """Whether ``claim`` has replicates to test over: not where an experiment it reads runs one set of
+    pretrained models (Pythia; TransformerLens' own GeLU/SoLU models), whose effect is described."""
+    return not any(EXPERIMENTS[e][0] in ("one", "trained") and experiment_pairs(settings, EXPERIMENTS[e][0]) == [(0, 0)]
+                   for e in claim.experiments)
 
 
 def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
@@ -1414,7 +1433,7 @@ def measure(claim: Claim, frame: pd.DataFrame, settings: DictConfig) -> dict:
     margin = margins.get(claim.unit)
     effects = [p["effect"] for p in pairs]
     missing = [p["measured"] for p in pairs if p["effect"] is None]
-    if not claim.replicated:  # nothing to test over: the effect is described, never a verdict
+    if not replicated(claim, settings):  # one set of pretrained models: described, never a verdict
         result = verdict(effects, min_pairs=1)
         result = ({**result, "verdict": UNSURE, "why": missing[0]} if missing else
                   {**result, "verdict": DESCRIBED, "why": "one set of pretrained models, no replicate: the effect is "

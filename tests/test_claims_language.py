@@ -261,3 +261,20 @@ def test_a_hub_claim_asked_for_by_name_offline_is_one_line_before_any_work(tmp_p
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert stop.value.code != 0 and len(errors) == 1 and "claims.bert.generalising" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_solu_gelu_claim_on_the_librarys_own_models_is_one_set_described_and_on_models_trained_here_tested():
+    """gelu-2l/solu-2l (paper size) are the same models whatever the seed: one set of jobs, a described
+    effect; the toy models trained here from their seeds are three disjoint replicates, tested."""
+    frame = pd.DataFrame([{"run": "runs/language/seeds0-0/x/", "front_name": f, "end_name": e,
+                           "test_adjusted_penalty": p} for f, e, p in
+                          (("solu-2l", "gelu-2l", 0.30), ("gelu-2l", "gelu-2l", 0.10), ("solu-2l", "solu-2l", 0.20),
+                           ("gelu-2l", "solu-2l", 0.15))])
+    paper = _settings("experiment=claims")
+    assert {j.pair for j in C.plan(paper, ["solu_gelu_asymmetry"])} == {(0, 0)}
+    result = C.measure(C.CLAIMS["solu_gelu_asymmetry"], frame, paper)
+    assert result["verdict"] == C.DESCRIBED and result["mean"] == pytest.approx((0.30 - 0.10 + 0.20 - 0.15) / 2)
+    small = _settings()
+    assert {j.pair for j in C.plan(small, ["solu_gelu_asymmetry"])} == {(0, 1), (2, 3), (4, 5)}
+    assert C.replicated(C.CLAIMS["solu_gelu_asymmetry"], small)
+    assert not C.replicated(C.CLAIMS["pythia_outlier"], small)
