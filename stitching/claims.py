@@ -1544,6 +1544,14 @@ def effects_figure(results: list[dict], path: Path) -> Path | None:
     return save_figure(plt, fig, path)
 
 
+def _apart(results: list[dict]) -> str:
+    """How many of ``results`` were not run here, and how many are described rather than tested."""
+    counts = {v: sum(r["verdict"] == v for r in results) for v in (NOT_RUN, DESCRIBED)}
+    parts = [f"{counts[NOT_RUN]} not run here, their pretrained models not named" if counts[NOT_RUN] else "",
+             f"{counts[DESCRIBED]} on one set of pretrained models, described" if counts[DESCRIBED] else ""]
+    return f" ({'; '.join(p for p in parts if p)})" if any(parts) else ""
+
+
 def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: DictConfig, meta: dict) -> None:
     curve = loss_curves(frame, out / "loss_curves.png")
     effects = effects_figure(results, out / "effects.png")
@@ -1553,7 +1561,8 @@ def write_report(results: list[dict], frame: pd.DataFrame, out: Path, settings: 
     confirm = (f"; the confirmatory self grids: {len(fresh)} fresh models, seeds {', '.join(str(a) for a, _ in fresh)}"
                if any(EXPERIMENTS[r["experiment"]][0] == "fresh" for r in results) else "")
     text = ["# Claims of the three papers, checked", "",
-            f"{len(papers)} paper claims; {int(settings.seed_pairs)} independent seed pair(s) each (no model in two "
+            f"{len(papers)} paper claims{_apart(papers)}; {int(settings.seed_pairs)} independent seed pair(s) each "
+            f"(no model in two "
             f"pairs{confirm}); a claim holds when a one-sided t-test of its mean effect > 0 over at least "
             f"{int(settings.min_pairs)} pairs gives p < {float(settings.alpha)} (exactly when the one-sided "
             f"{(1 - float(settings.alpha)) * 100:g} % lower bound of the mean is above zero; the two-sided 95 % "
