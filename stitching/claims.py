@@ -388,14 +388,14 @@ def rank_berts(c: DictConfig, base: list[str], out: Path, progress: bool = True)
                              f"({count} per group, two per replicate of claims.seed_pairs={int(c.seed_pairs)})")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bert_ranking.json"
-    request = {"preset": list(c.bert.preset), "candidates": names, "per_group": count}
+    request = {"preset": list(c.bert.preset), "tokenizer": names[0], "candidates": names, "per_group": count}
     held = json.loads(path.read_text()) if path.is_file() else {}
     # a candidate's scores hold for the same preset and tokenizer, whatever else was ranked beside it
-    same = {k: (held.get("request") or {}).get(k) for k in ("preset", "candidates")}
-    scores = dict(held.get("scores") or {}) if same["preset"] == request["preset"] and \
-        (same["candidates"] or [None])[0] == names[0] else {}
+    was = held.get("request") or {}
+    same = all(was.get(k) == request[k] for k in ("preset", "tokenizer"))
+    scores = dict(held.get("scores") or {}) if same else {}
     common = [*(o for o in base if o.startswith(("paths.", "trainer", "+trainer"))), *c.bert.preset,
-              f"dataset.tokenizer={names[0]}"]
+              f"dataset.tokenizer={request['tokenizer']}"]
     datamodule = None
     for name in tqdm(names, desc="ranking the BERTs", disable=not progress):
         if name in scores:

@@ -164,7 +164,8 @@ def _listed(values) -> str:
     return "[" + ",".join(f"'{v}'" for v in values) + "]"
 
 
-def test_the_bert_claims_rank_their_candidates_then_stitch_and_compare_the_groups_end_to_end(tmp_path, capsys):
+def test_the_bert_claims_rank_their_candidates_then_stitch_and_compare_the_groups_end_to_end(tmp_path, capsys,
+                                                                                            monkeypatch):
     """Ten tiny BERTs: ranked by challenge-set accuracy (checked against each model scored alone), the best four
     and the worst four stitched and compared by CKA in two replicates, every claim measured on both."""
     pytest.importorskip("transformer_lens")
@@ -211,6 +212,18 @@ def test_the_bert_claims_rank_their_candidates_then_stitch_and_compare_the_group
     held = json.loads(next((replicate / "between_hg").glob("tlm/*/results.json")).read_text())
     assert held["config"]["front"]["name"] == ranking["heuristic"][2]
     assert held["config"]["end"]["name"] == ranking["generalising"][3]
+    # a resumed check reads the candidates' scores back; another preset scores them again
+    import stitching.evaluate
+
+    def unscored(*args, **kwargs):
+        raise AssertionError("a candidate was scored again")
+
+    monkeypatch.setattr(stitching.evaluate, "pair_metrics", unscored)
+    settings = OmegaConf.create(run.config["claims"])
+    assert C.rank_berts(settings, base, tmp_path / "out", progress=False) == ranking
+    settings.bert.preset = [*preset, "dataset.test_sequences=12"]
+    with pytest.raises(AssertionError, match="scored again"):
+        C.rank_berts(settings, base, tmp_path / "out", progress=False)
 
 
 def test_the_pythia_claims_run_their_pairs_and_read_the_grids_at_corresponding_depths_end_to_end(tmp_path, capsys):
