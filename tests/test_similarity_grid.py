@@ -9,6 +9,7 @@ import torch
 
 from stitching.models import build_model, cut_point_activations
 from stitching.report import report
+from stitching.results.records import NOT_READ
 from stitching.results.tables import sanity_checks
 from stitching.similarity import SimilarityError, linear_cka, rbf_cka, unbiased_cka
 from stitching.similarity.__main__ import main as similarity_main
@@ -135,6 +136,13 @@ def test_similarity_cli_writes_the_report_format_and_the_report_joins_it(tmp_pat
     assert record["front"] == record["end"] and record["images"] == 60 and record["flatten"] == "pool"
     assert record["sanity"][0]["score"] == 1.0  # CKA(X, X) = 1 on the diagonal
     assert (tmp_path / "sim" / "heatmap.png").is_file()
+    # a structural index reads the models' settings, none of the stitch's: those conditions read n/a, so the
+    # report draws the index beside every stitching condition instead of under the config's defaults
+    rows = pd.read_csv(tmp_path / "sim" / "similarity.csv", keep_default_na=False)
+    assert {column: set(rows[column].astype(str)) for column in ("init", "epochs", "alpha", "stitch_kind", "dm_samples",
+                                                                 "update_bn", "weights")} == \
+        {column: {NOT_READ} for column in ("init", "epochs", "alpha", "stitch_kind", "dm_samples", "update_bn", "weights")}
+    assert set(rows.front_arch) == {"resnet18"} and set(rows.end_seed.astype(int)) == {0}
     made = report(tmp_path)
     assert {"cka", "cca"} <= set(made["frame"].objective)
     assert made["heatmap"].is_file() and (tmp_path / "sanity.md").is_file()
@@ -229,3 +237,24 @@ def test_a_condition_a_method_lacks_keeps_its_rows_in_the_sanity_table_and_every
     drawn = facets(frame)
     assert [label for label, _ in drawn] == ["dm_bn_pass=False", "dm_bn_pass=True"]
     assert all("cka" in set(rows.objective) for _, rows in drawn)
+
+
+def test_a_structural_index_is_drawn_beside_the_authors_tlm_start_and_its_dm_start_ablation():
+    """`make sanity`'s layout: DM and TLM started at DM for one epoch, TLM from a random map for ten
+    (it reads no ``dm_bn_pass``), and CKA, which reads none of the stitch's settings: CKA is drawn
+    beside both TLM starts, and whole-number settings read as set (``epochs=10``, not ``10.0``)."""
+    from stitching.results.tables import facets, sanity_table
+
+    from stitching.results.records import NOT_READ
+
+    nan = np.nan  # as the records read: a stitch's unread setting is n/a, a similarity row's missing
+    frame = pd.DataFrame({"objective": ["dm", "tlm", "tlm", "cka"], "init": ["dm", "dm", "random", nan],
+                          "dm_bn_pass": [False, NOT_READ, NOT_READ, nan], "epochs": [1, 1, 10, nan], "score": [1, 2, 3, 4]})
+    drawn = {label: sorted(rows.objective) for label, rows in facets(frame)}
+    assert drawn == {"init=dm, dm_bn_pass=False, epochs=1": ["cka", "dm", "tlm"],
+                     "init=random, epochs=10": ["cka", "tlm"]}
+    common = {"ties": 0, "layers": 5, "arch": "resnet18", "front": "a", "end": "a", "pairing": "self",
+              "check": "a layer is most similar to itself", "score": 1.0}
+    table = sanity_table([{**common, "method": "tlm", "init": "random", "epochs": 10.0},
+                          {**common, "method": "cka", "init": nan, "epochs": nan}])
+    assert sorted(table.index.get_level_values("epochs")) == ["10", "n/a"]

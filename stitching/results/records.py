@@ -54,10 +54,27 @@ METRIC_LABELS = {"test_acc": "clean accuracy", "test_robust_acc_pgd": "robust ac
 NOT_READ = "n/a"
 
 
-def condition_values(config: dict) -> dict:
+#: settings of how a stitch is made and trained: a structural index (``python -m stitching.similarity``)
+#: reads none of them, except a truncated front's rank and the samples its projection is fitted on
+STITCH_GROUPS = ("attack", "objective", "stitch", "trainer")
+INDEX_READS = ("stitch.front_rank",)
+
+
+def index_reads(setting: str, config: dict) -> bool:
+    """Whether a structural index computed under ``config`` reads ``setting`` (``group.key``)."""
+    if setting == "stitch.dm_samples":  # the front's truncation is fitted on the DM samples
+        return (config.get("stitch") or {}).get("front_rank") is not None
+    return setting in INDEX_READS or not (setting.split(".")[0] in STITCH_GROUPS or setting == "dataset.num_classes_train")
+
+
+def condition_values(config: dict, stitched: bool = True) -> dict:
+    """A run's condition columns from its resolved config; a setting the run does not read reads
+    :data:`NOT_READ` (``stitched=False``: a structural index's row, which reads the models' settings
+    and none of the stitch's)."""
     values = {}
     for column, (group, key) in CONDITIONS.items():
-        value = (config.get(group) or {}).get(key) if applies(f"{group}.{key}", config) else NOT_READ
+        read = applies(f"{group}.{key}", config) and (stitched or index_reads(f"{group}.{key}", config))
+        value = (config.get(group) or {}).get(key) if read else NOT_READ
         values[column] = json.dumps(value) if isinstance(value, list) else value
     shortcut = config.get("shortcut") or {}
     values["shortcut"] = f"{shortcut['kind']}/{shortcut['placement']}" if shortcut.get("kind") else "none"

@@ -19,7 +19,12 @@ def objectives_present(frame: pd.DataFrame) -> list[str]:
 
 def condition_text(values: pd.Series | pd.DataFrame) -> pd.Series | pd.DataFrame:
     """Conditions as text; a condition a row lacks (a similarity index has no ``dm_bn_pass``)
-    reads :data:`~stitching.results.records.NOT_READ`, so no grouping drops that row."""
+    reads :data:`~stitching.results.records.NOT_READ`, so no grouping drops that row. Whole numbers
+    that a missing value turned into floats read as whole numbers (``epochs=1``, not ``1.0``)."""
+    if isinstance(values, pd.DataFrame):
+        return pd.DataFrame({column: condition_text(values[column]) for column in values.columns}, index=values.index)
+    if values.dtype.kind == "f" and values.dropna().map(float.is_integer).all():
+        values = values.astype("Int64")
     return values.astype(object).where(values.notna(), NOT_READ).astype(str)
 
 
@@ -58,9 +63,11 @@ def facets(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str
         keep = pd.concat([(text[c] == v) | (text[c] == NOT_READ) for c, v in zip(varying, key)], axis=1).all(axis=1)
         placed |= keep
         groups.append((", ".join(f"{c}={v}" for c, v in zip(varying, key)), frame[keep]))
-    for key, rows in text[~placed].groupby(varying, sort=True):  # runs no realised combination takes in
-        key = key if isinstance(key, tuple) else (key,)
-        groups.append((", ".join(f"{c}={v}" for c, v in zip(varying, key) if v != NOT_READ), frame.loc[rows.index]))
+    for key, rows in text[~placed].groupby(varying, sort=True):  # runs no realised combination takes in,
+        key = key if isinstance(key, tuple) else (key,)         # beside every run that reads none of their values
+        keep = pd.concat([(text[c] == v) | (text[c] == NOT_READ) | (v == NOT_READ) for c, v in zip(varying, key)],
+                         axis=1).all(axis=1)
+        groups.append((", ".join(f"{c}={v}" for c, v in zip(varying, key) if v != NOT_READ), frame[keep | text.index.isin(rows.index)]))
     return groups
 
 

@@ -133,7 +133,7 @@ def config_grids(overrides: list[str], indices: list[str], images: int, flatten:
                                            skip_positions=skip_positions if is_text(datamodule) else 0,
                                            uncertainty=intervals, front_projections=projections,
                                            rbf_sigma=rbf_sigma)
-    conditions = condition_values(settings.config)
+    conditions = condition_values(settings.config, stitched=False)
     accuracy = {}  # the models' accuracy on the test images the indices read, as a stitching run reports it
     for side, model, record in (("front", front, front_record), ("end", end, end_record)):
         on_subset = None if is_text(datamodule) else subset_accuracy(
