@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning as L
@@ -307,9 +307,9 @@ def build_zoo(settings: Settings | DictConfig) -> ModelZoo:
 
 def load_models(settings: Settings | DictConfig, layers: tuple[list, list] | None = None,
                 stitched: bool = True, datamodule=None,
-                end: tuple[CuttableModel, dict] | None = None) -> tuple[CuttableModel, dict, CuttableModel, dict]:
+                known: dict | None = None) -> tuple[CuttableModel, dict, CuttableModel, dict]:
     """Front and end from the zoo (trained on first use), a file or the hub, with their records
-    (``end``: the end model and its record, already loaded for these settings).
+    (``known``: models already loaded, by :func:`model_identity`; what is loaded here is added).
 
     Before a missing base model is trained, the pair is checked on what the architectures
     declare: every layer in ``layers`` (front, end; default: the stitch's) must exist, when
@@ -330,7 +330,9 @@ def load_models(settings: Settings | DictConfig, layers: tuple[list, list] | Non
             record = {**record, "inputs": model.input_spec.record()}
         return model, record
 
-    got = {} if end is None else {"end": end}
+    known = {} if known is None else known
+    identity = {name: model_identity(name, side, wanted[name]) for name, side in sides.items()}
+    got = {name: known[identity[name]] for name in sides if identity[name] in known}
     got.update({name: fetch(name, side) for name, side in sides.items()
                 if name not in got and not zoo.needs_training(side.spec, side.checkpoint)})
     declared = {name: got[name][0] if name in got else cuttable(zoo.untrained(side.spec), wanted[name], side=name)
@@ -341,8 +343,15 @@ def load_models(settings: Settings | DictConfig, layers: tuple[list, list] | Non
     for name, side in sides.items():
         if name not in got:
             got[name] = fetch(name, side)
+        known[identity[name]] = got[name]
     (front, front_record), (end, end_record) = got["front"], got["end"]
     return front, front_record, end, end_record
+
+
+def model_identity(name: str, side: Side, layers) -> str:
+    """What makes a loaded base model the same object for another setup: its side (it is cut as a
+    front or an end), its zoo spec, checkpoint and input convention, and the cut points it is read at."""
+    return json.dumps([name, repr(side.spec), str(side.checkpoint), repr(side.inputs), [str(v) for v in layers]])
 
 
 def check_pair(front: CuttableModel, end: CuttableModel, front_layers: list, end_layers: list,
@@ -472,6 +481,9 @@ class Setup:
     end_record: dict
     inputs: dict
     samples: Any
+    #: base models loaded so far by the setups that share this one's data (:func:`setup`'s ``like``),
+    #: by side, zoo identity and cut points: a model two grids name is one object
+    models: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -508,12 +520,13 @@ def setup(settings: Settings | DictConfig, watch: Stopwatch | None = None, layer
           stitched: bool = True, like: Setup | None = None) -> Setup:
     """Settings, data, DM samples and base models (checked against ``layers``, default the
     stitch's own cut points, before a missing base model is trained). ``like``: the setup of
-    settings that differ from these in the front model alone, whose data and end are reused."""
+    settings that differ from these in their models alone, whose data are reused, and whose
+    models (and those of every setup sharing them) are reused where these name the same."""
     watch = watch or Stopwatch()
     settings = as_settings(settings)
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    if like is not None and beside_front(settings) != beside_front(like.settings):
-        raise StitchingError("a setup is shared only by settings that differ in their front model alone")
+    if like is not None and beside_models(settings) != beside_models(like.settings):
+        raise StitchingError("a setup is shared only by settings that differ in their models alone")
     with watch.section("data_s"):
         if like is not None:
             datamodule, samples = like.datamodule, like.samples
@@ -525,8 +538,9 @@ def setup(settings: Settings | DictConfig, watch: Stopwatch | None = None, layer
             sample = datamodule.sample_train_inputs if is_text(datamodule) else datamodule.sample_train_images
             samples = sample(settings.stitch.dm_samples, seed=settings.seed)
     with watch.section("zoo_s"):
+        models = {} if like is None else like.models
         front, front_record, end, end_record = load_models(settings, layers, stitched=stitched, datamodule=datamodule,
-                                                           end=None if like is None else (like.end, like.end_record))
+                                                           known=models)
     inputs = reconcile_inputs(front, end, datamodule)
     for line in describe_inputs(inputs):
         print(line, flush=True)
@@ -534,13 +548,24 @@ def setup(settings: Settings | DictConfig, watch: Stopwatch | None = None, layer
     if settings.evaluation.self_baseline is True and not isinstance(task_of(end), NextToken):
         raise StitchingError(f"evaluation.self_baseline=true applies to language models scored by their next-token "
                              f"penalty; the end model is scored by its {task_of(end).name} loss: leave it auto")
-    return Setup(settings, datamodule, front, end, front_record, end_record, inputs, samples)
+    return Setup(settings, datamodule, front, end, front_record, end_record, inputs, samples, models)
 
 
 def beside_front(settings: Settings) -> str:
     """Everything of a run's settings but its front model and cut points (the data, end model,
-    objective, stitch and budget), as one string: runs with the same can share a setup."""
-    config = {key: value for key, value in settings.config.items() if key != "front"}
+    objective, stitch and budget), as one string."""
+    return _beside(settings, ("front",))
+
+
+def beside_models(settings: Settings) -> str:
+    """Everything of a run's settings but its models and cut points (the data, objective, stitch
+    and budget), as one string: runs with the same can share a setup and, where their ends keep no
+    running statistics, an engine."""
+    return _beside(settings, ("front", "end"))
+
+
+def _beside(settings: Settings, left_out: tuple[str, ...]) -> str:
+    config = {key: value for key, value in settings.config.items() if key not in left_out}
     config["stitch"] = {key: value for key, value in config["stitch"].items()
                         if key not in ("layer", "front_layer", "end_layer")}
     config["grid"] = {key: value for key, value in config.get("grid", {}).items() if key != "pairs"}
@@ -548,13 +573,16 @@ def beside_front(settings: Settings) -> str:
 
 
 def make_engine(done: Setup, cells: list[tuple], watch: Stopwatch | None = None, tail_chunk: int | None = None,
-                fronts: dict[str, CuttableModel] | None = None) -> StitchEngine:
+                fronts: dict[str, CuttableModel] | None = None,
+                ends: dict[str, CuttableModel] | None = None) -> StitchEngine:
     """The engine that trains ``cells`` (DM solutions, or the configured start, included);
-    ``fronts``: several fronts into ``done``'s end, ``cells`` then ``(front name, i, j)``."""
+    ``fronts``: several grids' fronts, ``cells`` then ``(grid name, i, j)``, into ``done``'s end
+    or, ``ends``, each into its own."""
     watch = watch or Stopwatch()
     settings = done.settings
     with watch.section("dm_init_s"):
-        return StitchEngine(fronts or done.front, done.end, cells, make_objective(settings.objective, settings.fula_weights),
+        return StitchEngine(fronts or done.front, ends or done.end, cells,
+                            make_objective(settings.objective, settings.fula_weights),
                             settings.stitch, done.samples, num_classes=done.datamodule.num_classes,
                             adversarial=settings.attack, seed=settings.seed, tail_chunk=tail_chunk,
                             device=settings.device)

@@ -1,17 +1,19 @@
 """The one engine: the stitches of a set of cells, trained together under Lightning.
 
 A *cell* is a pair (front cut point i, end cut point j). A single run is an engine of one
-cell; a 9×9 grid is an engine of 81; several fronts into one end (the grids of a sweep that
-differ in their front model alone) are one engine whose cells also name their front.
+cell; a 9×9 grid is an engine of 81; the grids of a sweep that differ in their models alone (several
+fronts into one end, or into several ends that keep no running statistics) are one engine whose
+cells also name their grid.
 Lightning owns every loop, so precision, ``limit_*``, ``max_steps``, progress bars and logging
 mean the same for one cell or many; gradient clipping and accumulation are applied per cell by
 the engine (each cell as in its own run). Per batch:
 
-* each front runs once, to its deepest needed cut point (every cut activation kept, no grad);
+* each front model runs once, to its deepest needed cut point (every cut activation kept, no
+  grad), however many grids and ends read it;
   its BatchNorm statistics update exactly as each cell's own front copy would (a cell's head
   only reads layers up to its own cut point);
-* the reference end model (an untouched copy in eval mode) runs once, for every cell's
-  targets and teacher outputs;
+* each reference end model (an untouched copy in eval mode) runs once, for its cells' targets
+  and teacher outputs;
 * the stitched activations go through the end tails. An end that keeps no running statistics
   (language models, LayerNorm ViTs) or normalises with ``BatchNorm2d`` passes an end layer's
   stitched batches through one tail copy together, interleaved along the batch, with the
@@ -117,13 +119,14 @@ def running_stat_norms(model: nn.Module) -> list[nn.Module]:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Stitches into end layer ``j`` that pass one tail together (``fronts``: their ``(front
-    name, front layer)``, in the order they are interleaved)."""
+    """Stitches into end layer ``j`` of end model ``end`` that pass one tail together (``fronts``:
+    their ``(grid name, front layer)``, in the order they are interleaved)."""
 
     name: str
     j: int
     fronts: tuple[tuple[str, int], ...]
     grouped: bool  # interleaved through a tail with grouped BatchNorms
+    end: str = "end"  # the end model's slot (:attr:`StitchEngine.references`)
 
 
 def repeat_inputs(inputs, times: int):
@@ -139,7 +142,9 @@ class StitchEngine(L.LightningModule):
 
     Args:
         front, end: cuttable models; never changed (the engine works on copies). ``front`` may
-            be ``{name: model}``: several fronts into the one end (names of letters, digits, ``_``, ``-``).
+            be ``{name: model}``: several grids' fronts (names of letters, digits, ``_``, ``-``), into
+            the one ``end`` or, with ``end`` as ``{name: model}`` under the same names, each into its
+            own; a model given under several names is copied and run once.
         cells: ``[(i, j), …]`` 1-based cut points (front, end); with several fronts ``[(name, i, j), …]``.
         objective: what the stitches minimise (:mod:`stitching.objectives.objective`).
         stitch: how stitches are made, started and trained (:class:`~stitching.settings.StitchSettings`).
@@ -159,24 +164,35 @@ class StitchEngine(L.LightningModule):
         self.automatic_optimization = False  # per-cell clipping, and one end layer's graph at a time
         self.statistics_only = False  # True during DM's running-statistics pass (stitch.dm_bn_pass)
         fronts, self.cells = _fronts_and_cells(front, cells)
+        ends = _ends_of(end, fronts)
         self.objective, self.settings, self.seed = objective, stitch, int(seed)
         self.adversarial = dict(adversarial or {})
         self.alpha = float(self.adversarial.get("alpha", 0.0) or 0.0)
-        self.reference = copy.deepcopy(end).to(device).eval().requires_grad_(False)
-        self.task = task_of(self.reference)
+        # one slot per distinct model: grids that name the same front or end share its copy and its pass
+        self._front_canon = _slots(fronts, "shared")
+        self._end_of = _slots(ends, "end")
+        held = {slot: name for name, slot in reversed(list(self._end_of.items()))}  # each slot's first name
+        self.references = nn.ModuleDict({slot: copy.deepcopy(ends[held[slot]]).to(device).eval().requires_grad_(False)
+                                         for slot in dict.fromkeys(self._end_of.values())})
+        tasks = [task_of(model) for model in self.references.values()]
+        self.task = tasks[0]
+        if len({type(task) for task in tasks}) > 1 or len({getattr(m, "num_classes", None)
+                                                            for m in self.references.values()}) > 1:
+            raise StitchingError("grids trained in one engine need end models of one task and one label set; "
+                                 "train these grids apart")
         #: Adam's learning rate: ``stitch.lr``, or its default for this objective and these models
-        self.lr = stitch.lr if stitch.lr is not None else \
-            default_lr(objective.name, all(isinstance(model, LanguageModel) for model in (*fronts.values(), end)))
+        self.lr = stitch.lr if stitch.lr is not None else default_lr(
+            objective.name, all(isinstance(model, LanguageModel) for model in (*fronts.values(), *ends.values())))
         if objective.needs_task_head and isinstance(self.task, Representation):
             raise StitchingError(f"objective {objective.name} needs an end model with a task head (a classifier or a "
                                  f"language-model head); this end model is a bare encoder: use dm, hint or fula")
         if self.alpha > 0 and not isinstance(self.task, Classification):
             raise StitchingError("adversarial stitching (attack.alpha > 0) applies to image classifiers only")
         for f, i, j in self.cells:  # before any copy: layouts that cannot be joined are one line
-            problem = compatible(cut(fronts[f], i).layout, cut(end, j).layout)
+            problem = compatible(cut(fronts[f], i).layout, cut(ends[f], j).layout)
             if problem:
                 raise StitchingError(problem)
-        self.num_classes = num_classes if num_classes is not None else end.num_classes
+        self.num_classes = num_classes if num_classes is not None else self.reference.num_classes
         check_batch(dm_inputs, vocab_size=getattr(self.reference.input_spec, "vocab_size", None),
                     where="the DM samples")  # before any copy or fit
         self.clip_val: float | None = None
@@ -186,11 +202,11 @@ class StitchEngine(L.LightningModule):
         slots = {self._front_slot(f, i, j): f for f, i, j in self.cells}
         self.fronts = nn.ModuleDict({slot: copy.deepcopy(fronts[f]).to(device).requires_grad_(False)
                                      for slot, f in slots.items()})
-        self._build_tails(end, tail_chunk, dm_inputs, device)
-        for j in sorted({j for _, _, j in self.cells}):
-            weights = objective.hint_weights(len(self.reference.cut_points) - j + 1)
+        self._build_tails(ends, tail_chunk, dm_inputs, device)
+        for e, j in sorted({(self._end_of[f], j) for f, _, j in self.cells}):
+            weights = objective.hint_weights(len(self.references[e].cut_points) - j + 1)
             if weights is not None:
-                self.register_buffer(f"hint_weights_{j}", weights.to(device))
+                self.register_buffer(self._hint_name(e, j), weights.to(device))
         self.stitches = nn.ModuleDict()
         self._initialise(to_device(dm_inputs, device))
         self.metrics = nn.ModuleDict({cell_key(i, j, f): self._cell_metrics() for f, i, j in self.cells})
@@ -205,37 +221,53 @@ class StitchEngine(L.LightningModule):
         self.primary = True  # False in the other processes of a DDP run: they write nothing
 
     # -- construction ------------------------------------------------------------------------
-    def _build_tails(self, end: CuttableModel, tail_chunk: int | None, dm_inputs, device) -> None:
-        """Chunks of each end layer's stitches and the tail copies they pass through."""
-        norms = running_stat_norms(end)
-        together = self.alpha == 0 and all(type(m) is nn.BatchNorm2d for m in norms)
-        if norms and together:  # grouped BatchNorms see each stitch's batch; a context would need repeating too
-            context = self.reference.context(batches(to_device(dm_inputs, device), 2)[0])
-            together = context.attention_mask is None and context.position_ids is None and not context.extras
-        groups: dict[int, list[tuple[str, int]]] = {}
+    def _build_tails(self, ends: dict[str, CuttableModel], tail_chunk: int | None, dm_inputs, device) -> None:
+        """Chunks of each end model's end layers' stitches and the tail copies they pass through."""
+        models = {self._end_of[name]: model for name, model in ends.items()}
+        groups: dict[tuple[str, int], list[tuple[str, int]]] = {}
         for f, i, j in self.cells:
-            groups.setdefault(j, []).append((f, i))
-        size = (tail_chunk or max(len(fronts) for fronts in groups.values())) if together else 1
-        self.chunks = [Chunk(f"{j}_{c}", j, tuple(fronts[k:k + size]), bool(norms) and len(fronts[k:k + size]) > 1)
-                       for j, fronts in sorted(groups.items()) for c, k in enumerate(range(0, len(fronts), size))]
-        self.tails = nn.ModuleDict()
-        shared = None if norms else copy.deepcopy(end).to(device)  # no running statistics: one copy serves all
-        for chunk in self.chunks:
-            model = shared if shared is not None else copy.deepcopy(end).to(device)
-            if chunk.grouped:
-                group_batchnorms(model, len(chunk.fronts))
-            self.tails[chunk.name] = cut(model, chunk.j).tail
+            groups.setdefault((self._end_of[f], j), []).append((f, i))
+        order = list(self.references)
+        self.chunks, self.tails = [], nn.ModuleDict()
+        for e in order:
+            norms = running_stat_norms(models[e])
+            together = self.alpha == 0 and all(type(m) is nn.BatchNorm2d for m in norms)
+            if norms and together:  # grouped BatchNorms see each stitch's batch; a context would need repeating too
+                context = self.references[e].context(batches(to_device(dm_inputs, device), 2)[0])
+                together = context.attention_mask is None and context.position_ids is None and not context.extras
+            mine = {j: fronts for (slot, j), fronts in groups.items() if slot == e}
+            size = (tail_chunk or max(len(fronts) for fronts in mine.values())) if together else 1
+            prefix = "" if len(order) == 1 else f"{e}_"
+            chunks = [Chunk(f"{prefix}{j}_{c}", j, tuple(fronts[k:k + size]),
+                            bool(norms) and len(fronts[k:k + size]) > 1, e)
+                      for j, fronts in sorted(mine.items()) for c, k in enumerate(range(0, len(fronts), size))]
+            shared = None if norms else copy.deepcopy(models[e]).to(device)  # no running statistics: one copy serves all
+            for chunk in chunks:
+                model = shared if shared is not None else copy.deepcopy(models[e]).to(device)
+                if chunk.grouped:
+                    group_batchnorms(model, len(chunk.fronts))
+                self.tails[chunk.name] = cut(model, chunk.j).tail
+            self.chunks += chunks
         self.tails.requires_grad_(False)
 
+    @property
+    def reference(self) -> CuttableModel:
+        """The (first) reference end model: an untouched copy in eval mode."""
+        return next(iter(self.references.values()))
+
+    def _hint_name(self, end: str, j: int) -> str:
+        return f"hint_weights_{j}" if len(self.references) == 1 else f"hint_weights_{end}_{j}"
+
     def _front_slot(self, f: str, i: int, j: int) -> str:
-        """The front copy cell ``(f, i, j)`` runs: its front's shared one, or its own when attacked."""
-        return cell_key(i, j, f) if self.alpha > 0 else (f or "shared")
+        """The front copy cell ``(f, i, j)`` runs: its front model's shared one, or its own when attacked."""
+        return cell_key(i, j, f) if self.alpha > 0 else self._front_canon[f]
 
     def front_of(self, i: int, j: int, front: str = "") -> CuttableModel:
         return self.fronts[self._front_slot(front, i, j)]
 
     def _chunk_of(self, i: int, j: int, front: str = "") -> Chunk:
-        return next(chunk for chunk in self.chunks if chunk.j == j and (front, i) in chunk.fronts)
+        return next(chunk for chunk in self.chunks
+                    if chunk.j == j and chunk.end == self._end_of[front] and (front, i) in chunk.fronts)
 
     @torch.no_grad()
     def _activations(self, model: CuttableModel, inputs, upto: int | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -260,11 +292,13 @@ class StitchEngine(L.LightningModule):
         copies = {f: self.front_of(i, j, f) for f, i, j in self.cells}
         fronts = {f: self._activations(model, inputs, upto=max(i for g, i, _ in self.cells if g == f))[0]
                   for f, model in copies.items()}
-        ends, mask = self._activations(self.reference, inputs, upto=max(j for _, _, j in self.cells))
+        ends = {e: self._activations(model, inputs, upto=max(j for g, _, j in self.cells if self._end_of[g] == e))
+                for e, model in self.references.items()}
         for f, i, j in self.cells:
-            front = copies[f]
-            front_layout, end_layout = front.cut_points[i - 1].layout, self.reference.cut_points[j - 1].layout
-            a_front, a_end = fronts[f][i - 1], ends[j - 1]
+            front, end = copies[f], self.references[self._end_of[f]]
+            (end_acts, mask) = ends[self._end_of[f]]
+            front_layout, end_layout = front.cut_points[i - 1].layout, end.cut_points[j - 1].layout
+            a_front, a_end = fronts[f][i - 1], end_acts[j - 1]
             check_capacity(s.kind, s.rank, s.front_rank, (channels(a_front, front_layout), channels(a_end, end_layout)))
             with torch.random.fork_rng(devices=[]):  # every random number of a cell's stitch is its own
                 torch.manual_seed(cell_seed(self.seed, i, j))
@@ -304,7 +338,7 @@ class StitchEngine(L.LightningModule):
         chunk = self._chunk_of(i, j, front)
         tail = self.tails[chunk.name]
         if chunk.grouped:
-            plain = copy.deepcopy(self.reference)
+            plain = copy.deepcopy(self.references[chunk.end])
             load_group(tail.model, plain, chunk.fronts.index((front, i)))
             tail = cut(plain, j).tail
         return StitchedNetwork(cut(self.front_of(i, j, front), i).head, self.stitches[cell_key(i, j, front)], tail,
@@ -341,7 +375,7 @@ class StitchEngine(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.reference.eval()
+        self.references.eval()
         if not self.settings.update_bn:  # BN running statistics stay as they are (eval mode)
             self.fronts.eval()
             self.tails.eval()
@@ -509,17 +543,20 @@ class StitchEngine(L.LightningModule):
             for f, i, j in cells_here:
                 slot = self._front_slot(f, i, j)
                 deepest[slot] = max(i, deepest.get(slot, 0))
+            ends_here = list(dict.fromkeys(chunk.end for chunk in chunks))
             with torch.no_grad():
                 activations = {slot: cut_point_activations(self.fronts[slot], inputs, upto=upto)[1]
                                for slot, upto in deepest.items()}
-                targets_all, teacher = [], None
+                references = {e: (None, []) for e in ends_here}  # each end's (teacher, targets)
                 if train and (objective.targets or objective.needs_teacher):
-                    deepest_end = None if objective.targets == "all" or objective.needs_teacher else \
-                        max(j for _, _, j in cells_here)
-                    teacher, targets_all = cut_point_activations(self.reference, inputs, upto=deepest_end)
-            mask = self.reference.context(inputs).attention_mask
+                    for e in ends_here:
+                        deepest_end = None if objective.targets == "all" or objective.needs_teacher else \
+                            max(chunk.j for chunk in chunks if chunk.end == e)
+                        references[e] = cut_point_activations(self.references[e], inputs, upto=deepest_end)
+            masks = {e: self.references[e].context(inputs).attention_mask for e in ends_here}
             contexts = {}
             for chunk in chunks:
+                (teacher, targets_all), mask = references[chunk.end], masks[chunk.end]
                 tail = self.tails[chunk.name]
                 together = len(chunk.fronts)
                 context = contexts.get((id(tail.model), together))
@@ -547,7 +584,7 @@ class StitchEngine(L.LightningModule):
                         targets = [] if objective.targets is None else (
                             [targets_all[j - 1]] if objective.targets == "end" else targets_all[j - 1:])
                         loss = objective.loss([stitched[g], *[part[g] for part in later]], logits[g], targets, teacher,
-                                              y, mask, self.task, getattr(self, f"hint_weights_{j}", None))
+                                              y, mask, self.task, getattr(self, self._hint_name(chunk.end, j), None))
                     group.append((cell_key(i, chunk.j, f), logits[g], loss))
                 yield group
 
@@ -567,27 +604,28 @@ class StitchEngine(L.LightningModule):
         self.check_data(batch, "the test data")
         x, y = self.task.split(batch)
         size = self._size(x, y)
-        own = None
+        own = {e: None for e in self.references}  # each end model's own output
         if isinstance(self.task, (NextToken, Representation)):
             with torch.no_grad():
-                own = self.reference(x)
-        mask = self.reference.context(x).attention_mask
-        end_loss = self.task.loss(own, y) if isinstance(self.task, NextToken) else None
+                own = {e: model(x) for e, model in self.references.items()}
+        masks = {e: model.context(x).attention_mask for e, model in self.references.items()}
+        end_loss = {e: self.task.loss(out, y) if isinstance(self.task, NextToken) else None for e, out in own.items()}
+        ends = {cell_key(i, j, f): self._end_of[f] for f, i, j in self.cells}
         for group in self._passes(x, train=False):
             for key, output, _ in group:
                 if key in self.failed:
                     continue
-                metrics = self.metrics[key]
+                metrics, e = self.metrics[key], ends[key]
                 if isinstance(self.task, Representation):  # how far the stitched output is from the end's own
-                    loss = self.task.loss(output, own, mask)
+                    loss = self.task.loss(output, own[e], masks[e])
                 else:
                     loss = self.task.loss(output, y)
                 metrics["test_loss"].update(loss, size)
                 if "test_acc" in metrics:
                     metrics["test_acc"].update(*self.task.scored(output, y))
-                if end_loss is not None:
-                    metrics["test_end_loss"].update(end_loss, size)
-                    metrics["test_penalty"].update(loss - end_loss, size)
+                if end_loss[e] is not None:
+                    metrics["test_end_loss"].update(end_loss[e], size)
+                    metrics["test_penalty"].update(loss - end_loss[e], size)
 
 
 def agreed_finite(losses: list[torch.Tensor], distributed: bool) -> list[bool]:
@@ -621,6 +659,27 @@ def _fronts_and_cells(front, cells) -> tuple[dict[str, CuttableModel], list[tupl
     if not normal:
         raise StitchingError("no cells to train: give at least one (front layer, end layer) pair")
     return fronts, normal
+
+
+def _ends_of(end, fronts: dict[str, CuttableModel]) -> dict[str, CuttableModel]:
+    """``{grid name: end model}``: the one end for every front, or ``end`` given per front name."""
+    if not isinstance(end, dict):
+        return {name: end for name in fronts}
+    if set(end) != set(fronts):
+        raise StitchingError(f"several end models are named as the fronts, one per front: fronts {sorted(fronts)}, "
+                             f"ends {sorted(map(str, end))}")
+    return {name: end[name] for name in fronts}
+
+
+def _slots(models: dict[str, nn.Module], single: str) -> dict[str, str]:
+    """Each name's slot: the first name that holds the same model object (``single`` where that
+    name is empty, or where one model serves every name)."""
+    first: dict[int, str] = {}
+    for name, model in models.items():
+        first.setdefault(id(model), name)
+    if len(first) == 1:
+        return {name: single for name in models}
+    return {name: first[id(model)] or single for name, model in models.items()}
 
 
 #: ``trainer`` settings the engine applies per cell (Lightning's own apply to automatic optimisation only)

@@ -5,8 +5,8 @@ front × end cut points (default), ``diagonal`` (the corresponding layers of a s
 or an explicit list ``[[i, j], …]``. The cells train together in one
 :class:`~stitching.engine.StitchEngine` (a single run is the same engine with one cell): the
 front and the reference end model run once per batch for every cell, under the same Lightning
-Trainer settings as a single run. In a sweep, the grids that differ in their front model alone
-and enter an end without running statistics (language models, LayerNorm ViTs) share one engine. Every cell then gets an ordinary run folder,
+Trainer settings as a single run. In a sweep, the grids that differ in their models alone and
+enter ends without running statistics (language models, LayerNorm ViTs) share one engine. Every cell then gets an ordinary run folder,
 ``<out>/<objective>/f<i>-e<j>/results.json`` with its stitch and testbed metrics, so
 ``stitching.report`` and the sanity checks read a grid as they read a sweep; a rerun skips
 finished cells.
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         configs.append((read_settings(compose_config([*rest, *extra])), folder))
     gc.collect()
     gc.freeze()  # what importing made lives as long as the process: each grid's collection skips it
-    # grids that differ in their front alone, into an end without running statistics, share one engine
+    # grids that differ in their models alone, into ends without running statistics, share one engine
     failed = []
 
     def report(k: int, summary: dict) -> None:

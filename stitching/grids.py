@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stitching import CONF_DIR, LAYER_KEYS
-from stitching.build import Settings, as_settings, beside_front, setup
+from stitching.build import Settings, as_settings, beside_front, beside_models, setup
 from stitching.engine import running_stat_norms
 from stitching.errors import StitchingError, config_error
 from stitching.models import cut_point_names
@@ -70,10 +70,11 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
     :func:`run_grid`'s), each also handed to ``report(index, summary)`` as soon as it is made.
     ``folders``: per grid, each cell's own folder (``None``: ``<out>/<objective>/f<i>-e<j>``).
 
-    Grids whose settings differ in their front model alone, into an end that
-    keeps no running statistics (a language model, a LayerNorm ViT), train in one engine: the
-    data and the end are set up once, and an end layer's tail takes every front's stitches in
-    one pass. Other grids train one engine each, one after another."""
+    Grids whose settings differ in their models alone, into ends that keep no running
+    statistics (language models, LayerNorm ViTs), train in one engine: the data are set up once,
+    each model is loaded, copied and run once per batch however many grids name it, and an end
+    layer's tail takes every front's stitches into it in one pass. Other grids train one engine
+    each, one after another (grids that differ in their front alone still share their data and end)."""
     summaries: list[dict | None] = [None] * len(grids)
 
     def finished(k: int, summary: dict) -> None:
@@ -84,7 +85,7 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
     folders = folders or [None] * len(grids)
     grouped: dict[str, list[int]] = {}  # in the order of their first grid
     for k, (settings, _) in enumerate(read):
-        grouped.setdefault(beside_front(settings), []).append(k)
+        grouped.setdefault(beside_models(settings), []).append(k)
     for group in grouped.values():
         watch, members, base, together = Stopwatch(), [], None, False
         for k in group:
@@ -96,10 +97,13 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
                                  "timings": Stopwatch().report()})
                     continue
             own = watch if base is None or together else Stopwatch()
-            done = setup(settings, own, layers=([1], [1]), stitched=False, like=base)
+            # an engine's grids share one setup of the data; so do grids into one end, as before
+            shared = base if base is not None and (together or beside_front(settings) == beside_front(base.settings)) \
+                else None
+            done = setup(settings, own, layers=([1], [1]), stitched=False, like=shared)
             if base is None:  # an end with running statistics would need a tail copy per front: one engine each
                 base, together = done, not running_stat_norms(done.end)
-            if together:
+            if together and not running_stat_norms(done.end):
                 members.append((k, _grid(done, out, folders[k])))
             else:
                 finished(k, record_grids([_grid(done, out, folders[k])], own, progress, _chunk(done))[0])

@@ -361,10 +361,10 @@ class Grid:
 
 
 def record_grids(grids: list[Grid], watch: Stopwatch, progress: bool = True, tail_chunk: int | None = None) -> list[dict]:
-    """Grids whose settings differ in their front model alone, trained in one engine (every
-    front into the one end: its reference pass is shared, its tails take several fronts'
-    stitches at once) and recorded each in its own folder as :func:`record_cells` does; one
-    summary per grid. A cell's record is that of its own single run."""
+    """Grids whose settings differ in their models alone, trained in one engine (each front and
+    end model runs once per batch, an end's tails take several fronts' stitches at once) and
+    recorded each in its own folder as :func:`record_cells` does; one summary per grid. A cell's
+    record is that of its own single run."""
     for grid in grids:
         grid.todo = pending_cells(grid.settings, grid.cells, grid.out, grid.folders)  # a rerun keeps what it finished
         grid.summary = {"done": [], "skipped": [cell for cell in grid.cells if cell not in grid.todo], "failed": [],
@@ -377,12 +377,15 @@ def record_grids(grids: list[Grid], watch: Stopwatch, progress: bool = True, tai
         return summaries
     first = live[0]
     for grid in live[1:]:
-        if grid.done.end is not first.done.end or grid.done.datamodule is not first.done.datamodule:
-            raise StitchingError("grids trained in one engine share one setup of their data and end model")
+        if grid.done.datamodule is not first.done.datamodule:
+            raise StitchingError("grids trained in one engine share one setup of their data")
     names = [f"g{k}" for k in range(len(live))] if len(live) > 1 else [""]
     cells = [(name, i, j) for name, grid in zip(names, live) for i, j in grid.todo]
     fronts = {name: grid.done.front for name, grid in zip(names, live)} if len(live) > 1 else None
-    engine = make_engine(first.done, cells if fronts else live[0].todo, watch, tail_chunk=tail_chunk, fronts=fronts)
+    ends = {name: grid.done.end for name, grid in zip(names, live)} \
+        if any(grid.done.end is not first.done.end for grid in live) else None
+    engine = make_engine(first.done, cells if fronts else live[0].todo, watch, tail_chunk=tail_chunk, fronts=fronts,
+                         ends=ends)
     of = dict(zip(names, live))
     runs = {(name, cell): cell_run(grid.done, engine, cell, name) for name, grid in of.items() for cell in grid.todo}
     initial = {(name, cell): initial_metrics(of[name].settings, prep, watch) for (name, cell), prep in runs.items()}

@@ -361,6 +361,45 @@ def test_several_fronts_into_one_end_train_as_their_own_engines(tmp_path):
             StitchEngine(given, end, bad, make_objective("dm"), settings, data)
 
 
+def test_grids_into_several_ends_train_in_one_engine_each_model_copied_and_run_once(tmp_path):
+    """Three grids, two front models and two end models (a model given under two names is one
+    copy, one pass per batch): every cell equals the cell of its own grid's engine, with its own
+    end's loss and penalty."""
+    from stitching.api import TokenBatch
+    from stitching.engine import StitchEngine, fit_engine
+    from stitching.errors import StitchingError
+    from stitching.models import as_cuttable
+    from stitching.objectives import make_objective
+    from stitching.settings import StitchSettings
+
+    llama, neox = as_cuttable(tiny("llama", seed=0)), as_cuttable(tiny("gpt_neox", seed=2))
+    one, other = as_cuttable(tiny("llama", seed=1)), as_cuttable(tiny("llama", seed=3))
+    fronts, ends = {"a": llama, "b": neox, "c": llama}, {"a": one, "b": one, "c": other}
+    data = _padded_batch(seed=5, lengths=(24,) * 12 + (15, 7, 19, 3))
+    loader = torch.utils.data.DataLoader(TokenBatch(data), batch_size=4)
+    settings = StitchSettings(lr=1e-2)
+    options = {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False}
+    cells = {"a": [(1, 2), (3, 3)], "b": [(1, 2)], "c": [(2, 2), (1, 3)]}
+    fused = StitchEngine(fronts, ends, [(f, i, j) for f, pairs in cells.items() for i, j in pairs],
+                         make_objective("tlm"), settings, data, num_classes=VOCAB)
+    assert len(fused.fronts) == 2 and len(fused.references) == 2
+    assert sorted((chunk.end, chunk.j, chunk.fronts) for chunk in fused.chunks) == [
+        ("a", 2, (("a", 1), ("b", 1))), ("a", 3, (("a", 3),)), ("c", 2, (("c", 2),)), ("c", 3, (("c", 1),))]
+    results = fit_engine(fused, loader, loader, options, run_dir=tmp_path)
+    for f, pairs in cells.items():
+        own = StitchEngine(fronts[f], ends[f], pairs, make_objective("tlm"), settings, data, num_classes=VOCAB)
+        alone = fit_engine(own, loader, loader, options, run_dir=tmp_path)
+        for i, j in pairs:
+            assert results[f"{f}/f{i}-e{j}"]["metrics"] == pytest.approx(alone[f"f{i}-e{j}"]["metrics"], rel=1e-5,
+                                                                         abs=1e-6)
+            for (name, want), got in zip(own.stitches[f"f{i}-e{j}"].state_dict().items(),
+                                         fused.stitches[f"{f}/f{i}-e{j}"].state_dict().values()):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    assert results["a/f3-e3"]["metrics"]["test/end_loss"] != results["c/f1-e3"]["metrics"]["test/end_loss"]
+    with pytest.raises(StitchingError, match="one per front"):
+        StitchEngine(fronts, {"a": one, "b": one}, [("a", 1, 2)], make_objective("tlm"), settings, data)
+
+
 def _counting(rows: int, generator: torch.Generator, length: int = 24) -> torch.Tensor:
     """Token ids that count up from a random start: a corpus no random model has seen."""
     start = torch.randint(1, VOCAB, (rows, 1), generator=generator)

@@ -196,6 +196,32 @@ def test_grids_that_differ_in_their_front_alone_share_one_engine(lm_config, tmp_
     assert [len(summary["skipped"]) for summary in again] == [3, 2]
 
 
+def test_grids_that_differ_in_their_models_share_one_engine(lm_config, tmp_path):
+    """Two fronts × two ends (the GeLU/SoLU preset's layout): the four grids train in one engine,
+    each front model loaded and run once however many ends read it, and every cell's record is the
+    one its own grid writes alone."""
+    from stitching.grids import run_grid, run_grids
+
+    cells = "grid.pairs=[[1,2],[3,3]]"
+    combos = [(arch, seed) for arch in ("lm_gelu", "lm_solu") for seed in (1, 2)]
+    configs = [(lm_config(tmp_path, "objective=tlm", "end.arch=lm_solu", f"end.seed={seed}", f"front.arch={arch}",
+                          "evaluation.self_baseline=false", cells), tmp_path / "together" / f"{arch}_{seed}")
+               for arch, seed in combos]
+    summaries = run_grids(configs, progress=False)
+    assert [len(summary["done"]) for summary in summaries] == [2] * 4
+    for cfg, folder in configs:
+        alone = folder.parent.parent / "alone" / folder.name
+        assert not run_grid(cfg, alone, progress=False)["failed"]
+        shared, own = _records(folder), _records(alone)
+        assert sorted(shared) == sorted(own)
+        for name, record in shared.items():
+            assert record["timings"]["fused_cells"] == 8
+            assert record["config_hash"] == own[name]["config_hash"] and record["base"] == own[name]["base"]
+            assert record["metrics"] == pytest.approx(own[name]["metrics"], rel=1e-5, abs=1e-6), name
+    end_losses = {folder.name: _records(folder)["f3-e3"]["metrics"]["test/end_loss"] for _, folder in configs}
+    assert end_losses["lm_gelu_1"] == end_losses["lm_solu_1"] != end_losses["lm_gelu_2"] == end_losses["lm_solu_2"]
+
+
 def test_a_self_stitching_grid_is_its_own_baseline(lm_config, tmp_path):
     """Front = end: the diagonal cells are their own baselines (adjusted 0), an off-diagonal
     cell subtracts its end layer's diagonal cell; nothing goes to the store."""
