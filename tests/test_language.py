@@ -345,15 +345,8 @@ def test_several_fronts_into_one_end_train_as_their_own_engines(tmp_path):
                          make_objective("fula"), settings, data, num_classes=VOCAB)
     assert [chunk.fronts for chunk in fused.chunks if chunk.j == 2] == [(("a", 1), ("b", 1), ("b", 2))]
     results = fit_engine(fused, loader, loader, options, run_dir=tmp_path)
-    for f, pairs in cells.items():
-        own = StitchEngine(fronts[f], end, pairs, make_objective("fula"), settings, data, num_classes=VOCAB)
-        alone = fit_engine(own, loader, loader, options, run_dir=tmp_path)
-        for i, j in pairs:
-            assert results[f"{f}/f{i}-e{j}"]["metrics"] == pytest.approx(alone[f"f{i}-e{j}"]["metrics"], rel=1e-5,
-                                                                         abs=1e-6)
-            for (name, want), got in zip(own.stitches[f"f{i}-e{j}"].state_dict().items(),
-                                         fused.stitches[f"{f}/f{i}-e{j}"].state_dict().values()):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    _each_cell_as_in_its_own_engine(fused, results, {f: (fronts[f], end, pairs) for f, pairs in cells.items()}, "fula",
+                                    settings, data, loader, options, tmp_path)
     for given, bad, message in ((fronts, [("a", 1)], "named by their front"), (fronts, [("c", 1, 2)], "unknown fronts"),
                                 (fronts, [(1, 2)], "named by their front"), (fronts["a"], [("a", 1, 2)], "cells are"),
                                 ({"a.b": end}, [("a.b", 1, 2)], "letters, digits")):
@@ -386,8 +379,21 @@ def test_grids_into_several_ends_train_in_one_engine_each_model_copied_and_run_o
     assert sorted((chunk.end, chunk.j, chunk.fronts) for chunk in fused.chunks) == [
         ("a", 2, (("a", 1), ("b", 1))), ("a", 3, (("a", 3),)), ("c", 2, (("c", 2),)), ("c", 3, (("c", 1),))]
     results = fit_engine(fused, loader, loader, options, run_dir=tmp_path)
-    for f, pairs in cells.items():
-        own = StitchEngine(fronts[f], ends[f], pairs, make_objective("tlm"), settings, data, num_classes=VOCAB)
+    _each_cell_as_in_its_own_engine(fused, results, {f: (fronts[f], ends[f], pairs) for f, pairs in cells.items()},
+                                    "tlm", settings, data, loader, options, tmp_path)
+    assert results["a/f3-e3"]["metrics"]["test/end_loss"] != results["c/f1-e3"]["metrics"]["test/end_loss"]
+    with pytest.raises(StitchingError, match="one per front"):
+        StitchEngine(fronts, {"a": one, "b": one}, [("a", 1, 2)], make_objective("tlm"), settings, data)
+
+
+def _each_cell_as_in_its_own_engine(fused, results, grids, objective, settings, data, loader, options, tmp_path):
+    """Every cell of an engine of several grids (``grids``: name → (front, end, cells)) has the
+    metrics and stitch weights of the same cell in an engine of its own grid alone."""
+    from stitching.engine import StitchEngine, fit_engine
+    from stitching.objectives import make_objective
+
+    for f, (front, end, pairs) in grids.items():
+        own = StitchEngine(front, end, pairs, make_objective(objective), settings, data, num_classes=VOCAB)
         alone = fit_engine(own, loader, loader, options, run_dir=tmp_path)
         for i, j in pairs:
             assert results[f"{f}/f{i}-e{j}"]["metrics"] == pytest.approx(alone[f"f{i}-e{j}"]["metrics"], rel=1e-5,
@@ -395,9 +401,6 @@ def test_grids_into_several_ends_train_in_one_engine_each_model_copied_and_run_o
             for (name, want), got in zip(own.stitches[f"f{i}-e{j}"].state_dict().items(),
                                          fused.stitches[f"{f}/f{i}-e{j}"].state_dict().values()):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
-    assert results["a/f3-e3"]["metrics"]["test/end_loss"] != results["c/f1-e3"]["metrics"]["test/end_loss"]
-    with pytest.raises(StitchingError, match="one per front"):
-        StitchEngine(fronts, {"a": one, "b": one}, [("a", 1, 2)], make_objective("tlm"), settings, data)
 
 
 def _counting(rows: int, generator: torch.Generator, length: int = 24) -> torch.Tensor:
