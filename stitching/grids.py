@@ -17,6 +17,7 @@ from stitching.build import Settings, as_settings, beside_front, beside_models, 
 from stitching.engine import running_stat_norms
 from stitching.errors import StitchingError, config_error
 from stitching.models import cut_point_names
+from stitching.objectives.tasks import task_of
 from stitching.runs import Grid, cell_config, pending_cells, record_grids
 from stitching.runtime import Stopwatch, release_memory
 
@@ -73,8 +74,9 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
     Grids whose settings differ in their models alone, into ends that keep no running
     statistics (language models, LayerNorm ViTs), train in one engine: the data are set up once,
     each model is loaded, copied and run once per batch however many grids name it, and an end
-    layer's tail takes every front's stitches into it in one pass. Other grids train one engine
-    each, one after another (grids that differ in their front alone still share their data and end)."""
+    layer's tail takes every front's stitches into it in one pass (ends of another task or label
+    set than the first's stay apart). Other grids train one engine each, one after another (grids
+    that differ in their front alone still share their data and end)."""
     summaries: list[dict | None] = [None] * len(grids)
 
     def finished(k: int, summary: dict) -> None:
@@ -103,7 +105,7 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
             done = setup(settings, own, layers=([1], [1]), stitched=False, like=shared)
             if base is None:  # an end with running statistics would need a tail copy per front: one engine each
                 base, together = done, not running_stat_norms(done.end)
-            if together and not running_stat_norms(done.end):
+            if together and not running_stat_norms(done.end) and one_task(done.end, base.end):
                 members.append((k, _grid(done, out, folders[k])))
             else:
                 finished(k, record_grids([_grid(done, out, folders[k])], own, progress, _chunk(done))[0])
@@ -115,6 +117,13 @@ def run_grids(grids: list[tuple[Settings | DictConfig, Path]], progress: bool = 
         del members, base
         release_memory()
     return summaries
+
+
+def one_task(end, other) -> bool:
+    """Whether two end models score their cells alike (one task, one label set): only then can
+    their grids share an engine."""
+    return type(task_of(end)) is type(task_of(other)) and getattr(end, "num_classes", None) == \
+        getattr(other, "num_classes", None)
 
 
 def _grid(done, out: Path, folders: dict[tuple[int, int], Path] | None = None) -> Grid:

@@ -384,6 +384,10 @@ def test_grids_into_several_ends_train_in_one_engine_each_model_copied_and_run_o
     assert results["a/f3-e3"]["metrics"]["test/end_loss"] != results["c/f1-e3"]["metrics"]["test/end_loss"]
     with pytest.raises(StitchingError, match="one per front"):
         StitchEngine(fronts, {"a": one, "b": one}, [("a", 1, 2)], make_objective("tlm"), settings, data)
+    classifier = as_cuttable(tiny("bert_classifier", seed=4))  # another task: its grid cannot share the engine
+    with pytest.raises(StitchingError, match="one task and one label set"):
+        StitchEngine(fronts, {**ends, "c": classifier}, [("a", 1, 2), ("c", 1, 2)], make_objective("dm"), settings,
+                     data)
 
 
 def _each_cell_as_in_its_own_engine(fused, results, grids, objective, settings, data, loader, options, tmp_path):

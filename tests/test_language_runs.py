@@ -222,6 +222,28 @@ def test_grids_that_differ_in_their_models_share_one_engine(lm_config, tmp_path)
     assert end_losses["lm_gelu_1"] == end_losses["lm_solu_1"] != end_losses["lm_gelu_2"] == end_losses["lm_solu_2"]
 
 
+
+def test_grids_into_ends_of_another_task_train_apart(lm_config, tmp_path, monkeypatch):
+    """An end that would score its cells otherwise (another task or label set) never shares the
+    engine of the sweep's first end: its grids train one engine each."""
+    import stitching.grids
+    from stitching.grids import run_grids
+
+    real, seen = stitching.grids.task_of, []
+
+    def task(end):  # every end but the first taken for a model of another task
+        seen.append(end) if not seen else None
+        return real(end) if end is seen[0] else object()
+
+    monkeypatch.setattr(stitching.grids, "task_of", task)
+    configs = [(lm_config(tmp_path, "objective=tlm", "end.arch=lm_solu", f"end.seed={seed}", f"front.arch={arch}",
+                          "evaluation.self_baseline=false", "grid.pairs=[[3,3]]"), tmp_path / f"{arch}_{seed}")
+               for arch in ("lm_gelu", "lm_solu") for seed in (1, 2)]
+    assert all(len(summary["done"]) == 1 for summary in run_grids(configs, progress=False))
+    assert {folder.name: _records(folder)["f3-e3"]["timings"]["fused_cells"] for _, folder in configs} == \
+        {"lm_gelu_1": 2, "lm_gelu_2": 1, "lm_solu_1": 2, "lm_solu_2": 1}
+
+
 def test_a_self_stitching_grid_is_its_own_baseline(lm_config, tmp_path):
     """Front = end: the diagonal cells are their own baselines (adjusted 0), an off-diagonal
     cell subtracts its end layer's diagonal cell; nothing goes to the store."""
