@@ -171,9 +171,12 @@ class StitchEngine(L.LightningModule):
         # one slot per distinct model: grids that name the same front or end share its copy and its pass
         self._front_canon = _slots(fronts, "shared")
         self._end_of = _slots(ends, "end")
-        held = {slot: name for name, slot in reversed(list(self._end_of.items()))}  # each slot's first name
-        self.references = nn.ModuleDict({slot: copy.deepcopy(ends[held[slot]]).to(device).eval().requires_grad_(False)
-                                         for slot in dict.fromkeys(self._end_of.values())})
+        first: dict[str, str] = {}  # each end slot's first name
+        for name, slot in self._end_of.items():
+            first.setdefault(slot, name)
+        self.references = nn.ModuleDict({slot: copy.deepcopy(ends[name]).to(device).eval().requires_grad_(False)
+                                         for slot, name in first.items()})
+        self._cell_end = {cell_key(i, j, f): self._end_of[f] for f, i, j in self.cells}
         tasks = [task_of(model) for model in self.references.values()]
         self.task = tasks[0]
         if len({type(task) for task in tasks}) > 1 or len({getattr(m, "num_classes", None)
@@ -288,17 +291,18 @@ class StitchEngine(L.LightningModule):
         """Make every stitch, project its front if asked, and fit DM (or start it at the
         identity, or at a random map seeded per cell), from one pass of each model."""
         s = self.settings
-        # every copy of a front is identical before training: one pass of each front
-        copies = {f: self.front_of(i, j, f) for f, i, j in self.cells}
-        fronts = {f: self._activations(model, inputs, upto=max(i for g, i, _ in self.cells if g == f))[0]
-                  for f, model in copies.items()}
+        # every copy of a front model is identical before training: one pass of each front model
+        canon = self._front_canon
+        copies = {canon[f]: self.front_of(i, j, f) for f, i, j in self.cells}
+        fronts = {c: self._activations(model, inputs, upto=max(i for g, i, _ in self.cells if canon[g] == c))[0]
+                  for c, model in copies.items()}
         ends = {e: self._activations(model, inputs, upto=max(j for g, _, j in self.cells if self._end_of[g] == e))
                 for e, model in self.references.items()}
         for f, i, j in self.cells:
-            front, end = copies[f], self.references[self._end_of[f]]
+            front, end = copies[canon[f]], self.references[self._end_of[f]]
             (end_acts, mask) = ends[self._end_of[f]]
             front_layout, end_layout = front.cut_points[i - 1].layout, end.cut_points[j - 1].layout
-            a_front, a_end = fronts[f][i - 1], end_acts[j - 1]
+            a_front, a_end = fronts[canon[f]][i - 1], end_acts[j - 1]
             check_capacity(s.kind, s.rank, s.front_rank, (channels(a_front, front_layout), channels(a_end, end_layout)))
             with torch.random.fork_rng(devices=[]):  # every random number of a cell's stitch is its own
                 torch.manual_seed(cell_seed(self.seed, i, j))
@@ -610,12 +614,11 @@ class StitchEngine(L.LightningModule):
                 own = {e: model(x) for e, model in self.references.items()}
         masks = {e: model.context(x).attention_mask for e, model in self.references.items()}
         end_loss = {e: self.task.loss(out, y) if isinstance(self.task, NextToken) else None for e, out in own.items()}
-        ends = {cell_key(i, j, f): self._end_of[f] for f, i, j in self.cells}
         for group in self._passes(x, train=False):
             for key, output, _ in group:
                 if key in self.failed:
                     continue
-                metrics, e = self.metrics[key], ends[key]
+                metrics, e = self.metrics[key], self._cell_end[key]
                 if isinstance(self.task, Representation):  # how far the stitched output is from the end's own
                     loss = self.task.loss(output, own[e], masks[e])
                 else:
